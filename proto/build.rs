@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Keys and values as `bytes::Bytes`: fanning one event out to many watchers clones
+        // reference counts, not payloads.
+        .bytes(".")
         .compile_fds(descriptors)?;
     Ok(())
 }
