@@ -1,0 +1,20 @@
+//! kine-rs: the etcd v3 API over databases operators already run.
+//!
+//! Layers, from the wire down:
+//! * [`server`]: the gRPC services (thin), and [`error`]: the one mapping of errors to gRPC;
+//! * [`keyspace`]: a served keyspace (tenant) and its etcd operations, built from
+//!   [`range`] and [`txn`] (etcd's semantics), [`writer`] (group commit) and [`watch`];
+//! * [`storage`]: the storage model and the trait every backend implements (see its docs).
+
+pub mod config;
+pub mod error;
+pub mod keyspace;
+pub mod metrics;
+pub mod model;
+pub mod range;
+pub mod run;
+pub mod server;
+pub mod storage;
+pub mod txn;
+pub mod watch;
+pub mod writer;

@@ -1,0 +1,198 @@
+//! Command-line flags, compatible with kine's so kine-rs can replace the kine container that
+//! Kamaji and k3s run. Every flag can also be set as a `KINE_*` environment variable.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Serve the etcd v3 API from SQLite (more datastores to come).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kine-rs", version, about)]
+pub struct Config {
+    /// Datastore: `sqlite://PATH` or `memory://` (a throwaway SQLite file). Empty means the
+    /// embedded default, `sqlite://./db/state.db`.
+    #[arg(long, env = "KINE_ENDPOINT", default_value = "")]
+    pub endpoint: String,
+
+    /// Where to serve: `host:port`, `http://host:port` or `unix://PATH`.
+    #[arg(long, env = "KINE_LISTEN_ADDRESS", default_value = "127.0.0.1:2379")]
+    pub listen_address: String,
+
+    /// Serve TLS with this certificate (PEM).
+    #[arg(long, env = "KINE_SERVER_CERT_FILE", requires = "server_key_file")]
+    pub server_cert_file: Option<String>,
+
+    /// The key of `--server-cert-file` (PEM).
+    #[arg(long, env = "KINE_SERVER_KEY_FILE", requires = "server_cert_file")]
+    pub server_key_file: Option<String>,
+
+    /// Require client certificates signed by this CA (mTLS).
+    #[arg(long, env = "KINE_TRUSTED_CA_FILE", requires = "server_cert_file")]
+    pub trusted_ca_file: Option<String>,
+
+    /// CA certificate for TLS to the datastore (PostgreSQL, MySQL).
+    #[arg(long, env = "KINE_CA_FILE")]
+    pub ca_file: Option<String>,
+
+    /// Client certificate for TLS to the datastore.
+    #[arg(long, env = "KINE_CERT_FILE")]
+    pub cert_file: Option<String>,
+
+    /// Client key for TLS to the datastore.
+    #[arg(long, env = "KINE_KEY_FILE")]
+    pub key_file: Option<String>,
+
+    /// Serve Prometheus metrics at `http://ADDRESS/metrics` (e.g. `:8080`); off when empty.
+    #[arg(long, env = "KINE_METRICS_BIND_ADDRESS", default_value = "")]
+    pub metrics_bind_address: String,
+
+    /// Compact history this often (Go duration: `5m`, `30s`); `0` disables.
+    #[arg(long, env = "KINE_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub compact_interval: Duration,
+
+    /// Revisions of history compaction keeps.
+    #[arg(long, env = "KINE_COMPACT_MIN_RETAIN", default_value_t = 1000)]
+    pub compact_min_retain: i64,
+
+    /// How often watchers that asked for progress notifications get one when idle.
+    #[arg(long, env = "KINE_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub watch_progress_notify_interval: Duration,
+
+    /// The etcd version reported by Status (kube-apiserver checks it).
+    #[arg(long, env = "KINE_EMULATED_ETCD_VERSION", default_value = "3.5.13")]
+    pub emulated_etcd_version: String,
+
+    /// Largest write request accepted, in bytes (etcd's `--max-request-bytes`).
+    #[arg(long, env = "KINE_MAX_REQUEST_BYTES", default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Most operations in one transaction level (etcd's `--max-txn-ops`).
+    #[arg(long, env = "KINE_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: usize,
+
+    /// Log at debug level.
+    #[arg(long, env = "KINE_DEBUG")]
+    pub debug: bool,
+
+    /// Log format.
+    #[arg(long, env = "KINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+impl Config {
+    /// The datastore endpoint, with the embedded default filled in.
+    pub fn endpoint(&self) -> String {
+        if self.endpoint.is_empty() {
+            "sqlite://./db/state.db".to_string()
+        } else {
+            self.endpoint.clone()
+        }
+    }
+}
+
+/// kine flags that kine-rs knows of but does not support yet; they are refused with a clear
+/// message instead of clap's generic "unexpected argument".
+pub const UNSUPPORTED_KINE_FLAGS: &[&str] = &[
+    "--datastore-max-idle-connections",
+    "--datastore-max-open-connections",
+    "--datastore-connection-max-lifetime",
+    "--datastore-connection-max-idle-time",
+    "--slow-sql-threshold",
+    "--metrics-enable-profiling",
+    "--table-name",
+    "--skip-verify",
+    "--watch-query-timeout",
+    "--emulated-etcd-version-check",
+];
+
+/// Names the first unsupported kine flag in `args`, if any.
+pub fn unsupported_flag(args: &[String]) -> Option<&'static str> {
+    args.iter().find_map(|arg| {
+        let name = arg.split('=').next().unwrap_or(arg);
+        UNSUPPORTED_KINE_FLAGS.iter().copied().find(|f| *f == name)
+    })
+}
+
+/// Parses a Go-style duration: `0`, `500ms`, `10s`, `5m`, `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{text:?}: missing unit (use ms, s, m or h)"))?;
+        if digits == 0 {
+            return Err(format!("{text:?}: expected a number"));
+        }
+        let number: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: bad number"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => number / 1e9,
+            "us" | "µs" => number / 1e6,
+            "ms" => number / 1e3,
+            "s" => number,
+            "m" => number * 60.0,
+            "h" => number * 3600.0,
+            unit => return Err(format!("{text:?}: unknown unit {unit:?}")),
+        };
+        total += Duration::from_secs_f64(seconds);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_go_durations() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn names_unsupported_kine_flags() {
+        let args = vec!["kine-rs".into(), "--table-name=kine".into()];
+        assert_eq!(unsupported_flag(&args), Some("--table-name"));
+        assert_eq!(unsupported_flag(&["--endpoint".into()]), None);
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let command = <Config as clap::CommandFactory>::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let expected = format!("KINE_{}", id.to_uppercase());
+            assert_eq!(env.as_deref(), Some(expected.as_str()), "flag {id}");
+        }
+    }
+}

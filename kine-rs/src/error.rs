@@ -1,0 +1,222 @@
+//! Every error kine-rs can answer a request with, and its one mapping to `tonic::Status`.
+//!
+//! etcd clients (client-go, etcdctl, the `etcd-client` crate) recognise errors by their gRPC
+//! code and exact message, so the `etcdserver: …` messages below are etcd's, word for word.
+
+use tonic::{Code, Status};
+
+/// A failure of a request, as the client will see it.
+#[derive(Debug, thiserror::Error)]
+pub enum KineError {
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// The keyspace refuses writes while a maintenance (migration) holds it frozen.
+    #[error("kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen")]
+    Frozen { tenant: String },
+    /// A request option or RPC that kine-rs does not implement.
+    #[error("kine-rs: {0} is not supported")]
+    Unsupported(&'static str),
+    /// The datastore cannot be reached; the request may be retried.
+    #[error("kine-rs: datastore unavailable: {0}")]
+    Unavailable(String),
+    /// The datastore answered with an error that is not the client's fault.
+    #[error("kine-rs: datastore error: {0}")]
+    Storage(String),
+    /// kine-rs is shutting down.
+    #[error("etcdserver: server stopped")]
+    Stopped,
+}
+
+impl KineError {
+    /// The gRPC code etcd uses for the same condition.
+    pub fn code(&self) -> Code {
+        match self {
+            KineError::Compacted | KineError::FutureRevision | KineError::LeaseTtlTooLarge => {
+                Code::OutOfRange
+            }
+            KineError::EmptyKey
+            | KineError::KeyNotFound
+            | KineError::ValueProvided
+            | KineError::LeaseProvided
+            | KineError::TooManyOps
+            | KineError::DuplicateKey
+            | KineError::RequestTooLarge => Code::InvalidArgument,
+            KineError::LeaseNotFound => Code::NotFound,
+            KineError::LeaseExists | KineError::Frozen { .. } => Code::FailedPrecondition,
+            KineError::NoSpace => Code::ResourceExhausted,
+            KineError::Unsupported(_) => Code::Unimplemented,
+            KineError::Unavailable(_) | KineError::Stopped => Code::Unavailable,
+            KineError::Storage(_) => Code::Internal,
+        }
+    }
+
+    /// Whether the error comes from the datastore rather than from the request: such an error
+    /// aborts the whole database transaction it happened in.
+    pub fn is_datastore_failure(&self) -> bool {
+        matches!(
+            self,
+            KineError::Unavailable(_) | KineError::Storage(_) | KineError::Stopped
+        )
+    }
+}
+
+impl From<KineError> for Status {
+    fn from(error: KineError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+impl From<sqlx::Error> for KineError {
+    fn from(error: sqlx::Error) -> Self {
+        // Classify by kind, never by message text; messages never carry credentials because
+        // sqlx does not echo connection strings in its errors.
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => KineError::Unavailable(error.to_string()),
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("5") => {
+                // SQLITE_BUSY: another writer holds the file longer than the busy timeout.
+                KineError::Unavailable(error.to_string())
+            }
+            _ => KineError::Storage(error.to_string()),
+        }
+    }
+}
+
+/// Results of kine-rs operations.
+pub type Result<T, E = KineError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Walks every variant: each maps to etcd's code and message.
+    #[test]
+    fn every_variant_maps_to_etcds_code_and_message() {
+        let cases: Vec<(KineError, Code, &str)> = vec![
+            (
+                KineError::Compacted,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            (
+                KineError::FutureRevision,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+            ),
+            (
+                KineError::EmptyKey,
+                Code::InvalidArgument,
+                "etcdserver: key is not provided",
+            ),
+            (
+                KineError::KeyNotFound,
+                Code::InvalidArgument,
+                "etcdserver: key not found",
+            ),
+            (
+                KineError::ValueProvided,
+                Code::InvalidArgument,
+                "etcdserver: value is provided",
+            ),
+            (
+                KineError::LeaseProvided,
+                Code::InvalidArgument,
+                "etcdserver: lease is provided",
+            ),
+            (
+                KineError::TooManyOps,
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                KineError::DuplicateKey,
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
+            (
+                KineError::RequestTooLarge,
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
+            (
+                KineError::LeaseNotFound,
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
+            (
+                KineError::LeaseExists,
+                Code::FailedPrecondition,
+                "etcdserver: lease already exists",
+            ),
+            (
+                KineError::LeaseTtlTooLarge,
+                Code::OutOfRange,
+                "etcdserver: too large lease TTL",
+            ),
+            (
+                KineError::NoSpace,
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+            ),
+            (
+                KineError::Frozen {
+                    tenant: "t1".into(),
+                },
+                Code::FailedPrecondition,
+                "kine-rs: tenant \"t1\" is frozen for maintenance; writes are refused until it is unfrozen",
+            ),
+            (
+                KineError::Unsupported("auth"),
+                Code::Unimplemented,
+                "kine-rs: auth is not supported",
+            ),
+            (
+                KineError::Unavailable("down".into()),
+                Code::Unavailable,
+                "kine-rs: datastore unavailable: down",
+            ),
+            (
+                KineError::Storage("bad".into()),
+                Code::Internal,
+                "kine-rs: datastore error: bad",
+            ),
+            (
+                KineError::Stopped,
+                Code::Unavailable,
+                "etcdserver: server stopped",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! A keyspace (tenant) being served: its writer task, watch hub and lease expiry, and the etcd
+//! operations on it. The gRPC services are thin wrappers around this type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kine_proto::etcdserverpb::request_op::Request;
+use kine_proto::etcdserverpb::response_op::Response;
+use kine_proto::etcdserverpb::{
+    CompactionRequest, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
+};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::error::{KineError, Result};
+use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
+use crate::range;
+use crate::storage::{Backend, KeyspaceId, KeyspaceState};
+use crate::txn::{self, RequestLimits};
+use crate::watch::hub::WatchHub;
+use crate::writer::{self, WriteCommand, WriteOp, WriteOutcome};
+
+/// etcd's largest lease TTL, in seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+/// etcd's smallest lease TTL with its default election timeout, in seconds.
+pub const MIN_LEASE_TTL: i64 = 2;
+/// How often expired leases are looked for.
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The fixed parts of every response header.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeaderIdentity {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub raft_term: u64,
+}
+
+/// A keyspace being served.
+pub struct Keyspace {
+    name: String,
+    id: KeyspaceId,
+    backend: Arc<dyn Backend>,
+    writer: mpsc::Sender<WriteCommand>,
+    hub: Arc<WatchHub>,
+    limits: RequestLimits,
+    identity: HeaderIdentity,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Keyspace {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Keyspace {
+    /// Opens keyspace `name` (creating it if `create`), and starts its tasks.
+    pub async fn open(
+        backend: Arc<dyn Backend>,
+        name: &str,
+        create: bool,
+        limits: RequestLimits,
+        identity: HeaderIdentity,
+    ) -> Result<Option<Arc<Keyspace>>> {
+        let Some(id) = backend.keyspace(name, create).await? else {
+            return Ok(None);
+        };
+        let state = backend.state(id).await?;
+        let hub = Arc::new(WatchHub::new(backend.clone(), id, state.revision));
+        let (sender, queue) = mpsc::channel(4096);
+        let mut tasks = vec![
+            tokio::spawn(writer::run(
+                backend.clone(),
+                id,
+                name.to_string(),
+                hub.clone(),
+                queue,
+            )),
+            tokio::spawn(hub.clone().run()),
+        ];
+        tasks.push(tokio::spawn(expire_leases(
+            backend.clone(),
+            id,
+            sender.clone(),
+        )));
+        Ok(Some(Arc::new(Keyspace {
+            name: name.to_string(),
+            id,
+            backend,
+            writer: sender,
+            hub,
+            limits,
+            identity,
+            tasks,
+        })))
+    }
+
+    /// The keyspace's name (the tenant).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The keyspace's id in its datastore.
+    pub fn id(&self) -> KeyspaceId {
+        self.id
+    }
+
+    /// The datastore.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The watch hub.
+    pub fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
+    }
+
+    /// The request limits.
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    /// A complete response header at `revision`.
+    pub fn header(&self, revision: Revision) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: self.identity.raft_term,
+        }
+    }
+
+    fn fill(&self, header: &mut Option<ResponseHeader>, revision: Revision) {
+        let revision = header.as_ref().map_or(revision, |h| h.revision);
+        *header = Some(self.header(revision));
+    }
+
+    /// The keyspace's counters.
+    pub async fn state(&self) -> Result<KeyspaceState> {
+        self.backend.state(self.id).await
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
+        let (reply, outcome) = oneshot::channel();
+        self.writer
+            .send(WriteCommand { op, reply })
+            .await
+            .map_err(|_| KineError::Stopped)?;
+        outcome.await.map_err(|_| KineError::Stopped)?
+    }
+
+    fn check_size(&self, request: &impl Message) -> Result<()> {
+        if request.encoded_len() > self.limits.max_request_bytes {
+            return Err(KineError::RequestTooLarge);
+        }
+        Ok(())
+    }
+
+    /// etcd's Range.
+    pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
+        range::check(&request)?;
+        let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
+        let rows = self
+            .backend
+            .range(self.id, range::query(&request, &key_range))
+            .await?;
+        let mut response = range::finish(&request, rows);
+        self.fill(&mut response.header, 0);
+        Ok(response)
+    }
+
+    /// etcd's Put.
+    pub async fn put(&self, request: PutRequest) -> Result<PutResponse> {
+        txn::check_put(&request)?;
+        self.check_size(&request)?;
+        let response = self.single(Request::RequestPut(request), true).await?;
+        match response {
+            Response::ResponsePut(mut put) => {
+                self.fill(&mut put.header, 0);
+                Ok(put)
+            }
+            _ => Err(KineError::Storage("unexpected put response".into())),
+        }
+    }
+
+    /// etcd's DeleteRange.
+    pub async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        txn::check_delete(&request)?;
+        self.check_size(&request)?;
+        match self.single(Request::RequestDeleteRange(request), false).await? {
+            Response::ResponseDeleteRange(mut delete) => {
+                self.fill(&mut delete.header, 0);
+                Ok(delete)
+            }
+            _ => Err(KineError::Storage("unexpected delete response".into())),
+        }
+    }
+
+    async fn single(&self, request: Request, plain_put: bool) -> Result<Response> {
+        let txn = TxnRequest {
+            compare: Vec::new(),
+            success: vec![RequestOp {
+                request: Some(request),
+            }],
+            failure: Vec::new(),
+        };
+        match self.write(WriteOp::Txn {
+            request: txn,
+            plain_put,
+        })
+        .await?
+        {
+            WriteOutcome::Txn(mut response) => response
+                .responses
+                .pop()
+                .and_then(|op| op.response)
+                .ok_or_else(|| KineError::Storage("empty transaction response".into())),
+            _ => Err(KineError::Storage("unexpected write outcome".into())),
+        }
+    }
+
+    /// etcd's Txn.
+    pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
+        txn::check_txn(&request, &self.limits)?;
+        self.check_size(&request)?;
+        match self
+            .write(WriteOp::Txn {
+                request,
+                plain_put: false,
+            })
+            .await?
+        {
+            WriteOutcome::Txn(mut response) => {
+                self.fill(&mut response.header, 0);
+                Ok(response)
+            }
+            _ => Err(KineError::Storage("unexpected write outcome".into())),
+        }
+    }
+
+    /// etcd's Compact; with `physical`, returns once history is purged.
+    pub async fn compact(&self, request: CompactionRequest) -> Result<ResponseHeader> {
+        let revision = match self
+            .write(WriteOp::Compact {
+                revision: request.revision,
+            })
+            .await?
+        {
+            WriteOutcome::Done(revision) => revision,
+            _ => return Err(KineError::Storage("unexpected write outcome".into())),
+        };
+        if request.physical {
+            writer::purge(&*self.backend, self.id, request.revision).await;
+        }
+        Ok(self.header(revision))
+    }
+
+    /// etcd's LeaseGrant: TTLs below etcd's minimum are raised to it.
+    pub async fn lease_grant(&self, request: LeaseGrantRequest) -> Result<LeaseRecord> {
+        if request.ttl > MAX_LEASE_TTL {
+            return Err(KineError::LeaseTtlTooLarge);
+        }
+        let id = if request.id == 0 {
+            // Positive and non-zero, like etcd's generated ids.
+            loop {
+                let id = rand::random::<i64>() & i64::MAX;
+                if id != 0 {
+                    break id;
+                }
+            }
+        } else {
+            request.id
+        };
+        let ttl = request.ttl.max(MIN_LEASE_TTL);
+        match self.write(WriteOp::LeaseGrant { id, ttl }).await? {
+            WriteOutcome::LeaseGranted(lease) => Ok(lease),
+            _ => Err(KineError::Storage("unexpected write outcome".into())),
+        }
+    }
+
+    /// etcd's LeaseRevoke: deletes the attached keys in one revision.
+    pub async fn lease_revoke(&self, id: i64) -> Result<ResponseHeader> {
+        match self.write(WriteOp::LeaseRevoke { id }).await? {
+            WriteOutcome::Done(revision) => Ok(self.header(revision)),
+            _ => Err(KineError::Storage("unexpected write outcome".into())),
+        }
+    }
+
+    /// Renews a lease; `None` when it does not exist (or has expired).
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<Option<LeaseRecord>> {
+        self.backend.renew_lease(self.id, id, now_ms()).await
+    }
+
+    /// A lease and, when asked, its keys.
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<Option<(LeaseRecord, Vec<Bytes>)>> {
+        let Some(lease) = self.backend.lease(self.id, id).await? else {
+            return Ok(None);
+        };
+        let keys = if keys {
+            self.backend.lease_keys(self.id, id).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Some((lease, keys)))
+    }
+
+    /// Every lease.
+    pub async fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        self.backend.leases(self.id).await
+    }
+}
+
+/// Revokes leases past their deadline. Several processes may race; the writer re-checks under
+/// the keyspace lock, so each lease expires once.
+async fn expire_leases(
+    backend: Arc<dyn Backend>,
+    keyspace: KeyspaceId,
+    writer: mpsc::Sender<WriteCommand>,
+) {
+    let mut ticker = tokio::time::interval(LEASE_CHECK_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let expired = match backend.expired_leases(keyspace, now_ms()).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                warn!(%error, "cannot look for expired leases");
+                continue;
+            }
+        };
+        for id in expired {
+            let (reply, outcome) = oneshot::channel();
+            if writer
+                .send(WriteCommand {
+                    op: WriteOp::LeaseExpire { id },
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Ok(Err(error)) = outcome.await {
+                warn!(%error, lease = id, "lease expiry failed; retrying");
+            }
+        }
+    }
+}

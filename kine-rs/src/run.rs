@@ -1,0 +1,410 @@
+//! Starting kine-rs: open the datastore, serve every gRPC service, compact periodically,
+//! expose metrics, and stop cleanly on SIGINT/SIGTERM.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use kine_proto::etcdserverpb::CompactionRequest;
+use kine_proto::etcdserverpb::cluster_server::ClusterServer;
+use kine_proto::etcdserverpb::kv_server::KvServer;
+use kine_proto::etcdserverpb::lease_server::LeaseServer;
+use kine_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use kine_proto::etcdserverpb::watch_server::WatchServer;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::KineError;
+use crate::keyspace::{HeaderIdentity, Keyspace};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels};
+use crate::server::Tenancy;
+use crate::server::cluster::ClusterService;
+use crate::server::kv::KvService;
+use crate::server::lease::LeaseService;
+use crate::server::maintenance::MaintenanceService;
+use crate::server::watch::WatchService;
+use crate::storage::{self, BackendOptions};
+use crate::txn::RequestLimits;
+
+/// The keyspace served in single-tenant (sidecar) mode.
+pub const DEFAULT_KEYSPACE: &str = "default";
+/// Headroom gRPC allows above the request limit, as etcd does, so oversized requests reach
+/// the server and get etcd's "request is too large" instead of a transport error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Why kine-rs could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the datastore: {0}")]
+    Datastore(#[from] KineError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(String),
+    Unix(String),
+}
+
+impl ListenAddress {
+    /// Parses kine's forms: `host:port`, `:port`, `http(s)://host:port`, `unix://PATH`.
+    pub fn parse(text: &str) -> Self {
+        if let Some(path) = text.strip_prefix("unix://") {
+            return ListenAddress::Unix(path.to_string());
+        }
+        let address = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .unwrap_or(text);
+        let address = if address.starts_with(':') {
+            format!("0.0.0.0{address}")
+        } else {
+            address.to_string()
+        };
+        ListenAddress::Tcp(address)
+    }
+
+    fn client_url(&self, tls: bool) -> String {
+        match self {
+            ListenAddress::Unix(path) => format!("unix://{path}"),
+            ListenAddress::Tcp(address) => {
+                format!("{}://{address}", if tls { "https" } else { "http" })
+            }
+        }
+    }
+}
+
+/// A stable 64-bit FNV-1a hash, for ids that stay the same across restarts.
+fn stable_id(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Removes `user:password@` from an endpoint, for ids and logs.
+pub fn redact_endpoint(endpoint: &str) -> String {
+    match (endpoint.find("://"), endpoint.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &endpoint[..scheme + 3], &endpoint[at..])
+        }
+        _ => endpoint.to_string(),
+    }
+}
+
+/// Runs kine-rs until a shutdown signal.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let endpoint = config.endpoint();
+    let is_sql_server = endpoint.starts_with("postgres") || endpoint.starts_with("mysql");
+    if !is_sql_server
+        && (config.ca_file.is_some() || config.cert_file.is_some() || config.key_file.is_some())
+    {
+        return Err(RunError::Config(
+            "--ca-file, --cert-file and --key-file configure TLS to a database server; \
+             they do not apply to this --endpoint"
+                .into(),
+        ));
+    }
+    let redacted = redact_endpoint(&endpoint);
+    let backend = storage::open(&endpoint, &BackendOptions::default()).await?;
+    let listen = ListenAddress::parse(&config.listen_address);
+    let tls = config.server_cert_file.is_some();
+    let identity = HeaderIdentity {
+        cluster_id: stable_id(&redacted),
+        member_id: stable_id(&format!("{redacted}|{}", config.listen_address)),
+        raft_term: 1,
+    };
+    let limits = RequestLimits {
+        max_request_bytes: config.max_request_bytes,
+        max_txn_ops: config.max_txn_ops,
+    };
+    let keyspace = Keyspace::open(backend.clone(), DEFAULT_KEYSPACE, true, limits, identity)
+        .await?
+        .ok_or_else(|| RunError::Config("the default keyspace could not be created".into()))?;
+    let tenancy = Tenancy::single(keyspace.clone());
+
+    if !config.compact_interval.is_zero() {
+        tokio::spawn(compact_periodically(
+            keyspace.clone(),
+            config.compact_interval,
+            config.compact_min_retain,
+        ));
+    }
+    let metrics = Metrics::new();
+    if !config.metrics_bind_address.is_empty() {
+        serve_metrics(&config.metrics_bind_address, metrics.clone()).await?;
+    }
+
+    let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut builder = Server::builder();
+    if let (Some(cert), Some(key)) = (&config.server_cert_file, &config.server_key_file) {
+        let read = |path: &str| {
+            std::fs::read(path).map_err(|e| RunError::Tls(format!("cannot read {path}: {e}")))
+        };
+        let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &config.trusted_ca_file {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder
+            .tls_config(tls_config)
+            .map_err(|e| RunError::Tls(e.to_string()))?;
+    }
+    let member_name = std::env::var("HOSTNAME").unwrap_or_else(|_| "kine-rs".to_string());
+    let router = builder
+        .layer(MetricsLayer(metrics))
+        .add_service(health_service)
+        .add_service(
+            KvServer::new(KvService {
+                tenancy: tenancy.clone(),
+            })
+            .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            WatchServer::new(WatchService {
+                tenancy: tenancy.clone(),
+                progress_notify_interval: config.watch_progress_notify_interval,
+            })
+            .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            LeaseServer::new(LeaseService {
+                tenancy: tenancy.clone(),
+            })
+            .max_decoding_message_size(max_message),
+        )
+        .add_service(MaintenanceServer::new(MaintenanceService {
+            tenancy: tenancy.clone(),
+            version: config.emulated_etcd_version.clone(),
+        }))
+        .add_service(ClusterServer::new(ClusterService {
+            tenancy,
+            name: member_name,
+            client_url: listen.client_url(tls),
+        }));
+
+    info!(endpoint = %redacted, listen = %config.listen_address, tls, "kine-rs serving");
+    match &listen {
+        ListenAddress::Tcp(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| RunError::Listen {
+                    address: address.clone(),
+                    source,
+                })?;
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .await?;
+        }
+        ListenAddress::Unix(path) => {
+            // A socket left by a previous run would make bind fail.
+            let _ = std::fs::remove_file(path);
+            let listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
+                    address: path.clone(),
+                    source,
+                })?;
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .await?;
+        }
+    }
+    info!("kine-rs stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Compacts to `retain` revisions behind the current one, every `interval`.
+async fn compact_periodically(
+    keyspace: Arc<Keyspace>,
+    interval: std::time::Duration,
+    retain: i64,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let state = match keyspace.state().await {
+            Ok(state) => state,
+            Err(error) => {
+                warn!(%error, "cannot read the revision to compact");
+                continue;
+            }
+        };
+        let target = state.revision - retain.max(0);
+        if target > state.compact_revision {
+            let request = CompactionRequest {
+                revision: target,
+                physical: false,
+            };
+            match keyspace.compact(request).await {
+                Ok(_) => info!(revision = target, "compacted"),
+                Err(error) => warn!(%error, revision = target, "periodic compaction failed"),
+            }
+        }
+    }
+}
+
+async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunError> {
+    let address = if address.starts_with(':') {
+        format!("0.0.0.0{address}")
+    } else {
+        address.to_string()
+    };
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(|source| RunError::Listen {
+            address: address.clone(),
+            source,
+        })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move { metrics.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            warn!(%error, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Counts and times every gRPC request by method and status code.
+#[derive(Clone)]
+struct MetricsLayer(Arc<Metrics>);
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_string();
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(response) = &response {
+                // Errors travel as a trailers-only response: the status is in the headers.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_string();
+                metrics
+                    .latency
+                    .get_or_create(&MethodLabels {
+                        method: method.clone(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .requests
+                    .get_or_create(&RpcLabels { method, code })
+                    .inc();
+            }
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kines_listen_addresses() {
+        assert_eq!(
+            ListenAddress::parse("unix:///run/kine.sock"),
+            ListenAddress::Unix("/run/kine.sock".into())
+        );
+        assert_eq!(
+            ListenAddress::parse(":2379"),
+            ListenAddress::Tcp("0.0.0.0:2379".into())
+        );
+        assert_eq!(
+            ListenAddress::parse("http://127.0.0.1:2379"),
+            ListenAddress::Tcp("127.0.0.1:2379".into())
+        );
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact_endpoint("postgres://user:secret@db:5432/kine"),
+            "postgres://***@db:5432/kine"
+        );
+        assert_eq!(redact_endpoint("sqlite://./db/state.db"), "sqlite://./db/state.db");
+    }
+}

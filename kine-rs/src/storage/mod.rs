@@ -1,0 +1,230 @@
+//! The storage model: one trait that every backend implements.
+//!
+//! # Model
+//!
+//! A datastore holds **keyspaces** (tenants). Each keyspace has its own revision counter,
+//! compaction revision and freeze flag, and a log of **rows**: every write of a key at a
+//! revision is a row `(key, mod_revision, sub, create_revision, version, lease, value,
+//! deleted)`, where `sub` orders the writes inside one revision and `deleted` marks a tombstone.
+//! Each row also records the revision that **superseded** it (`i64::MAX` while it is current),
+//! so that:
+//!
+//! * a read at the current revision touches only current rows (an index on `superseded`), never
+//!   history;
+//! * a read at an older revision `R` takes rows with `mod_revision <= R < superseded`;
+//! * an event's `prev_kv` is the row of the same key superseded at the event's revision;
+//! * compaction at `C` removes rows superseded at or before `C` and tombstones older than `C`,
+//!   in bounded batches.
+//!
+//! Revisions never come from auto-increment ids: a writer takes the keyspace's row lock
+//! ([`Backend::begin_write`]), reads the counter, writes rows at counter + 1, + 2, … (one per
+//! etcd transaction; several etcd transactions may share one database transaction — group
+//! commit) and stores the new counter in the same database transaction. The next writer waits
+//! for the lock, so revisions are gapless and become visible in order, also across processes.
+//!
+//! The freeze flag lives in the same keyspace row, so a write checks it atomically under the
+//! same lock; freezing takes that lock too, so no write can land after a freeze returns.
+//!
+//! The migration engine needs exactly three things, all expressed here: a consistent snapshot
+//! at a revision ([`Backend::range`] at `R`, plus [`Backend::leases`]), the changes after `R`
+//! ([`Backend::events`]), and an import that keeps revisions ([`WriteTxn::put`] and
+//! [`WriteTxn::delete`] take the revision, create revision and version from the caller).
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{KineError, Result};
+use crate::model::{Event, KeyRange, KeyValue, LeaseRecord, Revision};
+
+/// A keyspace's identity inside one datastore.
+pub type KeyspaceId = i64;
+
+/// The counters of a keyspace, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyspaceState {
+    pub id: KeyspaceId,
+    /// The revision of the last committed write transaction (1 in an empty keyspace).
+    pub revision: Revision,
+    /// Reads below this revision fail with `Compacted`; 0 when never compacted.
+    pub compact_revision: Revision,
+    /// Whether writes are refused.
+    pub frozen: bool,
+}
+
+/// What a read asks of a backend; sorting and filtering happen above the backend.
+#[derive(Debug, Clone)]
+pub struct RangeQuery<'a> {
+    pub range: &'a KeyRange,
+    /// The revision to read at; `0` (or less) means the current revision.
+    pub revision: Revision,
+    /// Maximum number of key-values to return; `None` for all.
+    pub limit: Option<i64>,
+    /// Return key-values without their values.
+    pub keys_only: bool,
+    /// Return no key-values at all, only the count.
+    pub count_only: bool,
+}
+
+/// The answer to a [`RangeQuery`].
+#[derive(Debug, Clone, Default)]
+pub struct RangeRows {
+    /// The revision the read was served at.
+    pub revision: Revision,
+    /// Key-values in ascending key order, at most `limit`.
+    pub kvs: Vec<KeyValue>,
+    /// The number of keys in the range, regardless of `limit`.
+    pub count: i64,
+}
+
+/// A datastore that holds keyspaces.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name of the driver, for logs and metrics.
+    fn driver(&self) -> &'static str;
+
+    /// Finds the keyspace named `name`, creating it when `create` is set.
+    async fn keyspace(&self, name: &str, create: bool) -> Result<Option<KeyspaceId>>;
+
+    /// Reads the keyspace's counters.
+    async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState>;
+
+    /// Reads keys at a revision, consistently: the revision checks (compacted, future) and the
+    /// rows come from one snapshot.
+    async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows>;
+
+    /// The events with revisions in `(after, up_to]`, in revision order, each with its
+    /// `prev_kv` when that is still in history. With `range`, only events of keys in it.
+    /// Fails with `Compacted` when `after + 1` is below the compaction revision.
+    async fn events(
+        &self,
+        keyspace: KeyspaceId,
+        after: Revision,
+        up_to: Revision,
+        range: Option<&KeyRange>,
+    ) -> Result<Vec<Event>>;
+
+    /// Starts a write transaction holding the keyspace's write lock.
+    async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
+
+    /// One lease, if it exists.
+    async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>>;
+
+    /// Every lease of the keyspace.
+    async fn leases(&self, keyspace: KeyspaceId) -> Result<Vec<LeaseRecord>>;
+
+    /// The current keys attached to a lease, in key order.
+    async fn lease_keys(&self, keyspace: KeyspaceId, id: i64) -> Result<Vec<Bytes>>;
+
+    /// Leases whose deadline is at or before `now_ms`.
+    async fn expired_leases(&self, keyspace: KeyspaceId, now_ms: i64) -> Result<Vec<i64>>;
+
+    /// Pushes a lease's deadline to `now_ms + ttl`; `None` when it does not exist.
+    /// Renewal is not a write of the keyspace: it takes no revision and is allowed when frozen.
+    async fn renew_lease(
+        &self,
+        keyspace: KeyspaceId,
+        id: i64,
+        now_ms: i64,
+    ) -> Result<Option<LeaseRecord>>;
+
+    /// Physically removes up to `batch` rows that compaction at `revision` made unreachable;
+    /// returns how many it removed (0 when done).
+    async fn purge_compacted(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+        batch: i64,
+    ) -> Result<u64>;
+
+    /// Allocated and in-use sizes of the datastore, in bytes.
+    async fn size(&self) -> Result<(i64, i64)>;
+
+    /// Gives free space back (etcd's Defragment).
+    async fn defragment(&self) -> Result<()>;
+
+    /// How often to look for writes made by other processes; `None` when this process is the
+    /// only writer (embedded SQLite), so local commits are the only source of change.
+    fn poll_interval(&self) -> Option<std::time::Duration>;
+}
+
+/// A write transaction on one keyspace, holding its write lock until commit or drop.
+///
+/// Reads see the transaction's own earlier writes. Dropping it without
+/// [`commit`](WriteTxn::commit) rolls everything back.
+#[async_trait]
+pub trait WriteTxn: Send {
+    /// The keyspace's counters as of the start of the transaction.
+    fn state(&self) -> KeyspaceState;
+
+    /// The current, live key-value of `key`.
+    async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>>;
+
+    /// Reads inside the transaction: at the current state (`revision <= 0`, including this
+    /// transaction's writes) or at an older revision the caller has already checked. The
+    /// returned `revision` is the transaction's starting revision; callers set their own.
+    async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows>;
+
+    /// Writes `kv` as the key's new current row (its revisions and version as given) at
+    /// position `sub` in its revision, superseding the key's previous row.
+    async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()>;
+
+    /// Writes a tombstone for `key` at `revision`, superseding its current row.
+    async fn delete(&mut self, key: &[u8], revision: Revision, sub: i64) -> Result<()>;
+
+    /// One lease, if it exists.
+    async fn lease(&mut self, id: i64) -> Result<Option<LeaseRecord>>;
+
+    /// Stores a new lease.
+    async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()>;
+
+    /// Removes a lease (its keys are deleted by the caller).
+    async fn delete_lease(&mut self, id: i64) -> Result<()>;
+
+    /// The current keys attached to a lease, in key order.
+    async fn lease_keys(&mut self, id: i64) -> Result<Vec<Bytes>>;
+
+    /// Records a new compaction revision (history is purged later, in batches).
+    async fn set_compact_revision(&mut self, revision: Revision) -> Result<()>;
+
+    /// Sets or clears the keyspace's freeze flag.
+    async fn set_frozen(&mut self, frozen: bool) -> Result<()>;
+
+    /// Stores `revision` as the keyspace's counter and commits.
+    async fn commit(self: Box<Self>, revision: Revision) -> Result<()>;
+}
+
+/// Opens the backend an `--endpoint` names.
+pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>> {
+    if endpoint == "memory://" || endpoint.starts_with("memory:") {
+        return Ok(Arc::new(sqlite::SqliteBackend::open_memory().await?));
+    }
+    if let Some(path) = endpoint.strip_prefix("sqlite://") {
+        return Ok(Arc::new(sqlite::SqliteBackend::open(path, options).await?));
+    }
+    if endpoint.starts_with("postgres://")
+        || endpoint.starts_with("postgresql://")
+        || endpoint.starts_with("mysql://")
+        || endpoint.starts_with("nats://")
+        || endpoint.starts_with("http://")
+        || endpoint.starts_with("https://")
+    {
+        return Err(KineError::Unsupported(
+            "this datastore driver (in this release: sqlite:// and memory:// only)",
+        ));
+    }
+    Err(KineError::Unsupported(
+        "this --endpoint scheme (expected sqlite://PATH or memory://)",
+    ))
+}
+
+/// Settings that apply to every backend.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Trade durability for speed: acknowledged writes may be lost on power failure (never on
+    /// a crash of kine-rs itself).
+    pub relaxed_durability: bool,
+}

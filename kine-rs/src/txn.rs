@@ -1,0 +1,631 @@
+//! Transactions with etcd's exact semantics, applied inside a backend [`WriteTxn`].
+//!
+//! Like etcd, a transaction runs in two phases. First every compare on the chosen path (nested
+//! transactions included) is evaluated against the state *before* the transaction, and the
+//! chosen puts and ranges are checked (lease exists, `ignore_*` keys exist, revisions in
+//! range). Only then are the operations applied in order; from there on nothing but a
+//! datastore failure can fail, so a rejected request never leaves half its writes behind.
+//! Plain Put and DeleteRange run as one-operation transactions.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use kine_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use kine_proto::etcdserverpb::request_op::Request;
+use kine_proto::etcdserverpb::response_op::Response;
+use kine_proto::etcdserverpb::{
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+
+use crate::error::{KineError, Result};
+use crate::model::{KeyRange, KeyValue, Revision};
+use crate::range;
+use crate::storage::{RangeQuery, WriteTxn};
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Limits a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Largest accepted write request, encoded (etcd's `--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Most operations in one transaction level (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+        }
+    }
+}
+
+/// The checks etcd's API layer makes on a put before it reaches the store.
+pub fn check_put(request: &PutRequest) -> Result<()> {
+    if request.key.is_empty() {
+        return Err(KineError::EmptyKey);
+    }
+    if request.ignore_value && !request.value.is_empty() {
+        return Err(KineError::ValueProvided);
+    }
+    if request.ignore_lease && request.lease != 0 {
+        return Err(KineError::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// The checks etcd's API layer makes on a delete.
+pub fn check_delete(request: &DeleteRangeRequest) -> Result<()> {
+    if request.key.is_empty() {
+        return Err(KineError::EmptyKey);
+    }
+    Ok(())
+}
+
+/// The checks etcd's API layer makes on a transaction: operation counts, empty keys, and
+/// keys written twice.
+pub fn check_txn(request: &TxnRequest, limits: &RequestLimits) -> Result<()> {
+    check_txn_ops(request, limits.max_txn_ops as i64)?;
+    check_intervals(&request.success)?;
+    check_intervals(&request.failure)?;
+    Ok(())
+}
+
+fn check_txn_ops(request: &TxnRequest, max_ops: i64) -> Result<()> {
+    let ops = request
+        .compare
+        .len()
+        .max(request.success.len())
+        .max(request.failure.len()) as i64;
+    if ops > max_ops {
+        return Err(KineError::TooManyOps);
+    }
+    if request.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(KineError::EmptyKey);
+    }
+    // Nested levels share the budget that this level leaves, as in etcd.
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) => range::check(r)?,
+            Some(Request::RequestPut(r)) => check_put(r)?,
+            Some(Request::RequestDeleteRange(r)) => check_delete(r)?,
+            Some(Request::RequestTxn(r)) => check_txn_ops(r, max_ops - ops)?,
+            None => return Err(KineError::KeyNotFound),
+        }
+    }
+    Ok(())
+}
+
+/// A bound of a key interval where the empty key means "after every key", as in etcd's
+/// interval checks.
+#[derive(Clone, PartialEq, Eq)]
+struct Bound(Bytes);
+
+impl PartialOrd for Bound {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Bound {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        match (self.0.is_empty(), other.0.is_empty()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => self.0.cmp(&other.0),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Interval {
+    begin: Bound,
+    end: Bound,
+}
+
+impl Interval {
+    fn point(key: &Bytes) -> Self {
+        let mut end = key.to_vec();
+        end.push(0);
+        Interval {
+            begin: Bound(key.clone()),
+            end: Bound(Bytes::from(end)),
+        }
+    }
+
+    fn intersects(&self, other: &Interval) -> bool {
+        self.begin < other.end && other.begin < self.end
+    }
+}
+
+/// etcd's duplicate-key rule: within one branch, no key is put twice and no put falls inside
+/// a deleted range; the success and failure branches of a nested transaction may put the
+/// same key because only one of them runs. Returns the branch's puts and deleted intervals.
+fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Bytes>, Vec<Interval>)> {
+    let mut deletes: Vec<Interval> = Vec::new();
+    for op in ops {
+        if let Some(Request::RequestDeleteRange(d)) = &op.request {
+            let interval = if d.range_end.is_empty() {
+                Interval::point(&d.key)
+            } else {
+                Interval {
+                    begin: Bound(d.key.clone()),
+                    end: Bound(d.range_end.clone()),
+                }
+            };
+            deletes.push(interval);
+        }
+    }
+    let deleted = |deletes: &[Interval], key: &Bytes| {
+        let point = Interval::point(key);
+        deletes.iter().any(|d| d.intersects(&point))
+    };
+    let mut puts: Vec<Bytes> = Vec::new();
+    for op in ops {
+        if let Some(Request::RequestTxn(t)) = &op.request {
+            let (puts_then, deletes_then) = check_intervals(&t.success)?;
+            let (puts_else, deletes_else) = check_intervals(&t.failure)?;
+            for key in &puts_then {
+                if puts.contains(key) || deleted(&deletes, key) {
+                    return Err(KineError::DuplicateKey);
+                }
+                puts.push(key.clone());
+            }
+            for key in &puts_else {
+                if (puts.contains(key) && !puts_then.contains(key)) || deleted(&deletes, key) {
+                    return Err(KineError::DuplicateKey);
+                }
+                if !puts.contains(key) {
+                    puts.push(key.clone());
+                }
+            }
+            deletes.extend(deletes_then);
+            deletes.extend(deletes_else);
+        }
+    }
+    for op in ops {
+        if let Some(Request::RequestPut(p)) = &op.request {
+            if puts.contains(&p.key) || deleted(&deletes, &p.key) {
+                return Err(KineError::DuplicateKey);
+            }
+            puts.push(p.key.clone());
+        }
+    }
+    Ok((puts, deletes))
+}
+
+/// Whether any branch at any depth writes.
+pub fn has_writes(request: &TxnRequest) -> bool {
+    request
+        .success
+        .iter()
+        .chain(&request.failure)
+        .any(|op| match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => true,
+            Some(Request::RequestTxn(t)) => has_writes(t),
+            _ => false,
+        })
+}
+
+/// Which branch each transaction on the chosen path takes: the outer one, then its nested
+/// transactions in order.
+struct Path {
+    succeeded: bool,
+    nested: Vec<Path>,
+}
+
+impl Path {
+    fn ops<'r>(&self, request: &'r TxnRequest) -> &'r [RequestOp] {
+        if self.succeeded {
+            &request.success
+        } else {
+            &request.failure
+        }
+    }
+}
+
+/// Applies transactions inside one backend write transaction, tracking the revision.
+pub struct Applier<'t> {
+    txn: &'t mut dyn WriteTxn,
+    /// The revision before this etcd transaction.
+    base: Revision,
+    /// Rows written so far by this etcd transaction; each gets the next `sub`.
+    writes: i64,
+    /// Sub-revision counter shared across the database transaction.
+    sub: &'t mut i64,
+}
+
+impl<'t> Applier<'t> {
+    /// An applier for one etcd transaction on top of `base`.
+    pub fn new(txn: &'t mut dyn WriteTxn, base: Revision, sub: &'t mut i64) -> Self {
+        Applier {
+            txn,
+            base,
+            writes: 0,
+            sub,
+        }
+    }
+
+    /// The revision after the transaction: `base + 1` if it wrote anything.
+    pub fn revision(&self) -> Revision {
+        if self.writes > 0 {
+            self.base + 1
+        } else {
+            self.base
+        }
+    }
+
+    /// Runs a transaction. `put_lease_first` reproduces etcd's check order for a plain Put
+    /// (lease before `ignore_*` keys).
+    pub async fn txn(&mut self, request: &TxnRequest, put_lease_first: bool) -> Result<TxnResponse> {
+        let path = self.compare_path(request).await?;
+        if has_writes(request) {
+            self.check_puts(request, &path, put_lease_first).await?;
+        }
+        self.check_ranges(request, &path)?;
+        let mut response = self.apply(request, &path).await?;
+        response.header = Some(header(self.revision()));
+        Ok(response)
+    }
+
+    fn compare_path<'a>(&'a mut self, request: &'a TxnRequest) -> BoxFuture<'a, Result<Path>> {
+        Box::pin(async move {
+            let mut succeeded = true;
+            for compare in &request.compare {
+                if !self.compare(compare).await? {
+                    succeeded = false;
+                    break;
+                }
+            }
+            let ops = if succeeded {
+                &request.success
+            } else {
+                &request.failure
+            };
+            let mut nested = Vec::new();
+            for op in ops {
+                if let Some(Request::RequestTxn(t)) = &op.request {
+                    nested.push(self.compare_path(t).await?);
+                }
+            }
+            Ok(Path { succeeded, nested })
+        })
+    }
+
+    async fn compare(&mut self, compare: &Compare) -> Result<bool> {
+        let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
+        let kvs = self.current(&range).await?;
+        let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+        if kvs.is_empty() {
+            // A missing key has no value to compare: etcd fails every value compare on it.
+            if target == CompareTarget::Value {
+                return Ok(false);
+            }
+            return Ok(compare_kv(compare, target, &KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_kv(compare, target, kv)))
+    }
+
+    async fn current(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+        let rows = self
+            .txn
+            .range(RangeQuery {
+                range,
+                revision: 0,
+                limit: None,
+                keys_only: false,
+                count_only: false,
+            })
+            .await?;
+        Ok(rows.kvs)
+    }
+
+    fn check_puts<'a>(
+        &'a mut self,
+        request: &'a TxnRequest,
+        path: &'a Path,
+        lease_first: bool,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut nested = path.nested.iter();
+            for op in path.ops(request) {
+                match &op.request {
+                    Some(Request::RequestTxn(t)) => {
+                        if let Some(p) = nested.next() {
+                            self.check_puts(t, p, lease_first).await?;
+                        }
+                    }
+                    Some(Request::RequestPut(put)) => {
+                        if lease_first {
+                            self.check_lease(put.lease).await?;
+                        }
+                        if (put.ignore_value || put.ignore_lease)
+                            && self.txn.get(&put.key).await?.is_none()
+                        {
+                            return Err(KineError::KeyNotFound);
+                        }
+                        if !lease_first {
+                            self.check_lease(put.lease).await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn check_lease(&mut self, lease: i64) -> Result<()> {
+        if lease != 0 && self.txn.lease(lease).await?.is_none() {
+            return Err(KineError::LeaseNotFound);
+        }
+        Ok(())
+    }
+
+    fn check_ranges(&self, request: &TxnRequest, path: &Path) -> Result<()> {
+        let state = self.txn.state();
+        // etcd compares against its first revision, -1 before any compaction.
+        let first = if state.compact_revision == 0 {
+            -1
+        } else {
+            state.compact_revision
+        };
+        let mut nested = path.nested.iter();
+        for op in path.ops(request) {
+            match &op.request {
+                Some(Request::RequestTxn(t)) => {
+                    if let Some(p) = nested.next() {
+                        self.check_ranges(t, p)?;
+                    }
+                }
+                Some(Request::RequestRange(r)) if r.revision != 0 => {
+                    if r.revision > self.base {
+                        return Err(KineError::FutureRevision);
+                    }
+                    if r.revision < first {
+                        return Err(KineError::Compacted);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn apply<'a>(
+        &'a mut self,
+        request: &'a TxnRequest,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<TxnResponse>> {
+        Box::pin(async move {
+            let mut responses = Vec::new();
+            let mut nested = path.nested.iter();
+            for op in path.ops(request) {
+                let response = match &op.request {
+                    Some(Request::RequestRange(r)) => Response::ResponseRange(self.range(r).await?),
+                    Some(Request::RequestPut(p)) => Response::ResponsePut(self.put(p).await?),
+                    Some(Request::RequestDeleteRange(d)) => {
+                        Response::ResponseDeleteRange(self.delete(d).await?)
+                    }
+                    Some(Request::RequestTxn(t)) => match nested.next() {
+                        Some(p) => {
+                            let mut inner = self.apply(t, p).await?;
+                            // etcd leaves nested headers empty.
+                            inner.header = Some(ResponseHeader::default());
+                            Response::ResponseTxn(inner)
+                        }
+                        None => return Err(KineError::Storage("transaction path".into())),
+                    },
+                    None => return Err(KineError::KeyNotFound),
+                };
+                responses.push(ResponseOp {
+                    response: Some(response),
+                });
+            }
+            Ok(TxnResponse {
+                header: None,
+                succeeded: path.succeeded,
+                responses,
+            })
+        })
+    }
+
+    async fn range(&mut self, request: &RangeRequest) -> Result<RangeResponse> {
+        let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
+        let mut query = range::query(request, &key_range);
+        let revision = self.revision();
+        // Reading at the revision being written is reading the current state.
+        if query.revision >= revision {
+            query.revision = 0;
+        }
+        let mut rows = self.txn.range(query).await?;
+        rows.revision = revision;
+        Ok(range::finish(request, rows))
+    }
+
+    async fn put(&mut self, request: &PutRequest) -> Result<PutResponse> {
+        let previous = self.txn.get(&request.key).await?;
+        let revision = self.base + 1;
+        let (value, lease) = match &previous {
+            Some(prev) => (
+                if request.ignore_value {
+                    prev.value.clone()
+                } else {
+                    request.value.clone()
+                },
+                if request.ignore_lease {
+                    prev.lease
+                } else {
+                    request.lease
+                },
+            ),
+            None => (request.value.clone(), request.lease),
+        };
+        let kv = KeyValue {
+            key: request.key.clone(),
+            create_revision: previous
+                .as_ref()
+                .map_or(revision, |prev| prev.create_revision),
+            mod_revision: revision,
+            version: previous.as_ref().map_or(1, |prev| prev.version + 1),
+            value,
+            lease,
+        };
+        self.txn.put(&kv, *self.sub).await?;
+        *self.sub += 1;
+        self.writes += 1;
+        Ok(PutResponse {
+            header: Some(header(revision)),
+            prev_kv: if request.prev_kv { previous } else { None },
+        })
+    }
+
+    async fn delete(&mut self, request: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        let range = KeyRange::new(request.key.clone(), request.range_end.clone());
+        let kvs = self.current(&range).await?;
+        let revision = self.base + 1;
+        for kv in &kvs {
+            self.txn.delete(&kv.key, revision, *self.sub).await?;
+            *self.sub += 1;
+            self.writes += 1;
+        }
+        Ok(DeleteRangeResponse {
+            header: Some(header(self.revision())),
+            deleted: kvs.len() as i64,
+            prev_kvs: if request.prev_kv { kvs } else { Vec::new() },
+        })
+    }
+
+    /// Deletes every key attached to a lease, in key order, then the lease itself.
+    pub async fn revoke(&mut self, id: i64) -> Result<()> {
+        let keys = self.txn.lease_keys(id).await?;
+        let revision = self.base + 1;
+        for key in keys {
+            self.txn.delete(&key, revision, *self.sub).await?;
+            *self.sub += 1;
+            self.writes += 1;
+        }
+        self.txn.delete_lease(id).await
+    }
+}
+
+fn compare_kv(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ordering = match target {
+        CompareTarget::Value => {
+            let wanted: &[u8] = match &compare.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_ref().cmp(wanted)
+        }
+        CompareTarget::Create => kv.create_revision.cmp(&int_target(compare, target)),
+        CompareTarget::Mod => kv.mod_revision.cmp(&int_target(compare, target)),
+        CompareTarget::Version => kv.version.cmp(&int_target(compare, target)),
+        CompareTarget::Lease => kv.lease.cmp(&int_target(compare, target)),
+    };
+    match CompareResult::try_from(compare.result) {
+        Ok(CompareResult::Equal) => ordering == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ordering != Ordering::Equal,
+        Ok(CompareResult::Greater) => ordering == Ordering::Greater,
+        Ok(CompareResult::Less) => ordering == Ordering::Less,
+        // etcd treats an unknown result as true.
+        Err(_) => true,
+    }
+}
+
+/// The integer a compare holds for `target`; 0 when the union holds another field.
+fn int_target(compare: &Compare, target: CompareTarget) -> i64 {
+    match (&compare.target_union, target) {
+        (Some(TargetUnion::Version(v)), CompareTarget::Version)
+        | (Some(TargetUnion::CreateRevision(v)), CompareTarget::Create)
+        | (Some(TargetUnion::ModRevision(v)), CompareTarget::Mod)
+        | (Some(TargetUnion::Lease(v)), CompareTarget::Lease) => *v,
+        _ => 0,
+    }
+}
+
+/// A header that carries only a revision; the server fills in the rest.
+pub fn header(revision: Revision) -> ResponseHeader {
+    ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &'static str) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: Bytes::from_static(key.as_bytes()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn delete(key: &'static str, end: &'static str) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: Bytes::from_static(key.as_bytes()),
+                range_end: Bytes::from_static(end.as_bytes()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success,
+                failure,
+            })),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_follow_etcds_rules() {
+        assert!(check_intervals(&[put("a"), put("a")]).is_err());
+        assert!(check_intervals(&[put("b"), delete("a", "c")]).is_err());
+        assert!(check_intervals(&[put("c"), delete("a", "c")]).is_ok());
+        assert!(check_intervals(&[delete("a", "c"), delete("b", "d")]).is_ok());
+        // Both branches of a nested txn may put the same key: only one runs.
+        assert!(check_intervals(&[nested(vec![put("a")], vec![put("a")])]).is_ok());
+        assert!(check_intervals(&[put("a"), nested(vec![put("a")], vec![])]).is_err());
+        assert!(check_intervals(&[delete("a", ""), nested(vec![], vec![put("a")])]).is_err());
+        // "\0" is not special here: as in etcd, [b, "\0") is an empty interval.
+        assert!(check_intervals(&[put("c"), delete("b", "\0")]).is_ok());
+    }
+
+    #[test]
+    fn too_many_ops_counts_each_level() {
+        let limits = RequestLimits {
+            max_txn_ops: 2,
+            ..Default::default()
+        };
+        let ok = TxnRequest {
+            compare: vec![],
+            success: vec![put("a"), put("b")],
+            failure: vec![],
+        };
+        assert!(check_txn(&ok, &limits).is_ok());
+        let too_many = TxnRequest {
+            compare: vec![],
+            success: vec![put("a"), put("b"), put("c")],
+            failure: vec![],
+        };
+        assert!(matches!(
+            check_txn(&too_many, &limits),
+            Err(KineError::TooManyOps)
+        ));
+    }
+}

@@ -1,0 +1,5 @@
+//! Watches: a hub per keyspace that tails committed revisions from the backend, and a task per
+//! gRPC Watch stream that serves that stream's watchers from the hub and from history.
+
+pub mod hub;
+pub mod stream;

@@ -1,0 +1,358 @@
+//! One gRPC Watch stream: its watchers, served in revision order from the hub, with history
+//! read from the backend for watchers that start in the past (or fell behind).
+//!
+//! A single task owns the stream, so everything it sends is ordered: a progress response at
+//! revision R always follows every event up to R.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kine_proto::etcdserverpb::watch_create_request::FilterType;
+use kine_proto::etcdserverpb::watch_request::RequestUnion;
+use kine_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+use crate::error::{KineError, Result};
+use crate::keyspace::Keyspace;
+use crate::model::{Event, EventType, KeyRange, Revision};
+use crate::watch::hub::EventBatch;
+
+/// Revisions of history read per step when a watcher catches up.
+const HISTORY_STEP: i64 = 1000;
+
+struct Watcher {
+    range: KeyRange,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    progress_notify: bool,
+    fragment: bool,
+    /// The first revision this watcher has not been sent yet.
+    next: Revision,
+    /// Whether events went out since the last progress tick.
+    sent_since_tick: bool,
+}
+
+impl Watcher {
+    fn wants(&self, event: &Event) -> bool {
+        let Some(kv) = &event.kv else { return false };
+        if kv.mod_revision < self.next || !self.range.contains(&kv.key) {
+            return false;
+        }
+        let is_delete = event.r#type == EventType::Delete as i32;
+        !(is_delete && self.no_delete || !is_delete && self.no_put)
+    }
+
+    fn prepare(&self, event: &Event) -> Event {
+        let mut event = event.clone();
+        if !self.prev_kv {
+            event.prev_kv = None;
+        }
+        event
+    }
+}
+
+/// The client went away: stop serving the stream.
+struct Disconnected;
+
+/// Serves one Watch stream until the client closes it.
+pub struct WatchStream {
+    keyspace: Arc<Keyspace>,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: BTreeMap<i64, Watcher>,
+    next_id: i64,
+    /// Every event up to this revision has been handled for every watcher.
+    position: Revision,
+    progress_interval: Duration,
+}
+
+impl WatchStream {
+    /// A stream of `keyspace` answering into `out`.
+    pub fn new(
+        keyspace: Arc<Keyspace>,
+        out: mpsc::Sender<Result<WatchResponse, Status>>,
+        progress_interval: Duration,
+    ) -> Self {
+        WatchStream {
+            keyspace,
+            out,
+            watchers: BTreeMap::new(),
+            next_id: 0,
+            position: 0,
+            progress_interval,
+        }
+    }
+
+    /// Runs the stream over the client's requests.
+    pub async fn run(mut self, mut requests: tonic::Streaming<WatchRequest>) {
+        let (position, mut batches) = self.keyspace.hub().subscribe();
+        self.position = position;
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_interval,
+            self.progress_interval,
+        );
+        loop {
+            let step = tokio::select! {
+                request = requests.message() => match request {
+                    Ok(Some(request)) => self.handle(request).await,
+                    Ok(None) | Err(_) => return,
+                },
+                batch = batches.recv() => match batch {
+                    Ok(batch) => self.deliver(&batch).await,
+                    // Missed batches show up as a gap before the next one.
+                    Err(broadcast::error::RecvError::Lagged(_)) => Ok(()),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = ticker.tick() => self.progress_tick().await,
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn send(&self, response: WatchResponse) -> Result<(), Disconnected> {
+        self.out.send(Ok(response)).await.map_err(|_| Disconnected)
+    }
+
+    fn response(&self, revision: Revision, watch_id: i64) -> WatchResponse {
+        WatchResponse {
+            header: Some(self.keyspace.header(revision)),
+            watch_id,
+            ..Default::default()
+        }
+    }
+
+    async fn handle(&mut self, request: WatchRequest) -> Result<(), Disconnected> {
+        match request.request_union {
+            Some(RequestUnion::CreateRequest(create)) => self.create(create).await,
+            Some(RequestUnion::CancelRequest(cancel)) => {
+                if self.watchers.remove(&cancel.watch_id).is_some() {
+                    let mut response = self.response(self.position, cancel.watch_id);
+                    response.canceled = true;
+                    self.send(response).await?;
+                }
+                Ok(())
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // Every event up to `position` has been sent on this stream.
+                self.send(self.response(self.position, -1)).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn create(&mut self, create: WatchCreateRequest) -> Result<(), Disconnected> {
+        let state = match self.keyspace.state().await {
+            Ok(state) => state,
+            Err(error) => {
+                let _ = self.out.send(Err(error.into())).await;
+                return Err(Disconnected);
+            }
+        };
+        let range = KeyRange::new(create.key.clone(), create.range_end.clone());
+        let refused = |reason: &str| {
+            let mut response = self.response(state.revision, -1);
+            response.created = true;
+            response.canceled = true;
+            response.cancel_reason = reason.to_string();
+            response
+        };
+        if let crate::model::RangeEnd::Before(end) = &range.end
+            && create.key >= *end
+        {
+            return self.send(refused("mvcc: watcher range is empty")).await;
+        }
+        let id = if create.watch_id != 0 {
+            if self.watchers.contains_key(&create.watch_id) {
+                return self
+                    .send(refused("mvcc: duplicate watch ID provided on the WatchStream"))
+                    .await;
+            }
+            create.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        };
+        let next = if create.start_revision == 0 {
+            state.revision + 1
+        } else {
+            create.start_revision
+        };
+        let mut created = self.response(state.revision, id);
+        created.created = true;
+        self.send(created).await?;
+        let filters = |f: FilterType| create.filters.contains(&(f as i32));
+        self.watchers.insert(
+            id,
+            Watcher {
+                range,
+                no_put: filters(FilterType::Noput),
+                no_delete: filters(FilterType::Nodelete),
+                prev_kv: create.prev_kv,
+                progress_notify: create.progress_notify,
+                fragment: create.fragment,
+                next,
+                sent_since_tick: false,
+            },
+        );
+        if next < state.compact_revision {
+            return self.compacted(id, state.compact_revision).await;
+        }
+        if next <= self.position {
+            self.catch_up(id, self.position).await?;
+        }
+        Ok(())
+    }
+
+    /// Cancels a watcher whose start was compacted away, as etcd does.
+    async fn compacted(&mut self, id: i64, compact_revision: Revision) -> Result<(), Disconnected> {
+        self.watchers.remove(&id);
+        let mut response = self.response(self.position.max(compact_revision), id);
+        response.compact_revision = compact_revision;
+        response.canceled = true;
+        self.send(response).await
+    }
+
+    /// Sends watcher `id` its events from history, up to `target`.
+    async fn catch_up(&mut self, id: i64, target: Revision) -> Result<(), Disconnected> {
+        loop {
+            let Some(watcher) = self.watchers.get(&id) else {
+                return Ok(());
+            };
+            if watcher.next > target {
+                return Ok(());
+            }
+            let after = watcher.next - 1;
+            let up_to = (after + HISTORY_STEP).min(target);
+            let events = self
+                .keyspace
+                .backend()
+                .events(self.keyspace.id(), after, up_to, Some(&watcher.range))
+                .await;
+            let events = match events {
+                Ok(events) => events,
+                Err(KineError::Compacted) => {
+                    let compact_revision = self
+                        .keyspace
+                        .state()
+                        .await
+                        .map(|s| s.compact_revision)
+                        .unwrap_or(up_to);
+                    return self.compacted(id, compact_revision).await;
+                }
+                Err(error) => {
+                    let _ = self.out.send(Err(error.into())).await;
+                    return Err(Disconnected);
+                }
+            };
+            let selected: Vec<Event> = events
+                .iter()
+                .filter(|e| watcher.wants(e))
+                .map(|e| watcher.prepare(e))
+                .collect();
+            self.send_events(id, up_to, selected).await?;
+            if let Some(watcher) = self.watchers.get_mut(&id) {
+                watcher.next = up_to + 1;
+            }
+        }
+    }
+
+    async fn deliver(&mut self, batch: &EventBatch) -> Result<(), Disconnected> {
+        if batch.revision <= self.position {
+            return Ok(());
+        }
+        if batch.after > self.position {
+            // Batches were missed (slow stream or compaction): read the gap from history.
+            let ids: Vec<i64> = self.watchers.keys().copied().collect();
+            for id in ids {
+                self.catch_up(id, batch.after).await?;
+            }
+            self.position = batch.after;
+        }
+        let ids: Vec<i64> = self.watchers.keys().copied().collect();
+        for id in ids {
+            let Some(watcher) = self.watchers.get_mut(&id) else {
+                continue;
+            };
+            let selected: Vec<Event> = batch
+                .events
+                .iter()
+                .filter(|e| watcher.wants(e))
+                .map(|e| watcher.prepare(e))
+                .collect();
+            watcher.next = watcher.next.max(batch.revision + 1);
+            self.send_events(id, batch.revision, selected).await?;
+        }
+        self.position = batch.revision;
+        Ok(())
+    }
+
+    async fn send_events(
+        &mut self,
+        id: i64,
+        revision: Revision,
+        events: Vec<Event>,
+    ) -> Result<(), Disconnected> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let Some(watcher) = self.watchers.get_mut(&id) else {
+            return Ok(());
+        };
+        watcher.sent_since_tick = true;
+        let fragment = watcher.fragment;
+        let mut response = self.response(revision, id);
+        response.events = events;
+        let limit = self.keyspace.limits().max_request_bytes;
+        if !fragment || response.encoded_len() <= limit {
+            return self.send(response).await;
+        }
+        // Split into responses under the limit; all but the last are marked as fragments.
+        let events = std::mem::take(&mut response.events);
+        let mut chunk = Vec::new();
+        let mut size = 0;
+        let count = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            let event_size = event.encoded_len() + 4;
+            if !chunk.is_empty() && size + event_size > limit {
+                let mut part = response.clone();
+                part.events = std::mem::take(&mut chunk);
+                part.fragment = true;
+                self.send(part).await?;
+                size = 0;
+            }
+            size += event_size;
+            chunk.push(event);
+            if i + 1 == count {
+                let mut last = response.clone();
+                last.events = std::mem::take(&mut chunk);
+                self.send(last).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn progress_tick(&mut self) -> Result<(), Disconnected> {
+        let position = self.position;
+        let due: Vec<i64> = self
+            .watchers
+            .iter_mut()
+            .filter_map(|(id, w)| {
+                let due = w.progress_notify && !w.sent_since_tick && w.next <= position + 1;
+                w.sent_since_tick = false;
+                due.then_some(*id)
+            })
+            .collect();
+        for id in due {
+            self.send(self.response(position, id)).await?;
+        }
+        Ok(())
+    }
+}

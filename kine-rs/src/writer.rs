@@ -1,0 +1,241 @@
+//! The write path of one keyspace: a task that takes write requests from a queue and applies
+//! as many as are waiting in one database transaction (group commit).
+//!
+//! Each etcd transaction keeps its own revision; all of them become durable together, and
+//! none is acknowledged before the database commit returns. One bad request only fails
+//! itself: requests are fully checked before they write, so the rest of the batch commits.
+
+use std::sync::Arc;
+
+use kine_proto::etcdserverpb::{TxnRequest, TxnResponse};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::error::{KineError, Result};
+use crate::model::{LeaseRecord, Revision, now_ms};
+use crate::storage::{Backend, KeyspaceId, WriteTxn};
+use crate::txn::{Applier, has_writes};
+use crate::watch::hub::WatchHub;
+
+/// Most requests that share one database transaction.
+const MAX_BATCH: usize = 256;
+/// Rows one purge step removes after a compaction, so writers never wait long.
+const PURGE_BATCH: i64 = 1000;
+
+/// A write request.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// A transaction; plain Put and DeleteRange come as one-operation transactions, with
+    /// `plain_put` set for a Put so errors come in etcd's order for it.
+    Txn {
+        request: TxnRequest,
+        plain_put: bool,
+    },
+    Compact {
+        revision: Revision,
+    },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke {
+        id: i64,
+    },
+    /// Revokes the lease if it is still expired when the write lock is held (exactly once,
+    /// whichever process gets there first). Skipped while frozen: expiry pauses.
+    LeaseExpire {
+        id: i64,
+    },
+}
+
+/// What a write request produced.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    Txn(TxnResponse),
+    /// Any other request: the keyspace revision after it.
+    Done(Revision),
+    LeaseGranted(LeaseRecord),
+}
+
+/// A request on its way to the writer task, with where to send its outcome.
+pub struct WriteCommand {
+    pub op: WriteOp,
+    pub reply: oneshot::Sender<Result<WriteOutcome>>,
+}
+
+/// Runs the writer of `keyspace` until every sender is gone.
+pub async fn run(
+    backend: Arc<dyn Backend>,
+    keyspace: KeyspaceId,
+    tenant: String,
+    hub: Arc<WatchHub>,
+    mut queue: mpsc::Receiver<WriteCommand>,
+) {
+    let mut batch: Vec<WriteCommand> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let mut purge_at = None;
+        let outcomes = apply_batch(&*backend, keyspace, &tenant, &batch, &mut purge_at).await;
+        match outcomes {
+            Ok((outcomes, revision)) => {
+                hub.committed(revision);
+                for (command, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = command.reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                warn!(%error, "write transaction failed");
+                let message = error.to_string();
+                for command in batch.drain(..) {
+                    let _ = command.reply.send(Err(same_error(&error, &message)));
+                }
+                purge_at = None;
+            }
+        }
+        if let Some(revision) = purge_at {
+            let backend = backend.clone();
+            tokio::spawn(async move { purge(&*backend, keyspace, revision).await });
+        }
+    }
+}
+
+/// Removes the rows a compaction made unreachable, one bounded batch at a time.
+pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) {
+    loop {
+        match backend
+            .purge_compacted(keyspace, revision, PURGE_BATCH)
+            .await
+        {
+            Ok(0) => return,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(error) => {
+                warn!(%error, revision, "purging compacted history failed; the next compaction retries");
+                return;
+            }
+        }
+    }
+}
+
+fn same_error(error: &KineError, message: &str) -> KineError {
+    match error {
+        KineError::Unavailable(_) => KineError::Unavailable(message.to_string()),
+        KineError::Stopped => KineError::Stopped,
+        _ => KineError::Storage(message.to_string()),
+    }
+}
+
+type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
+
+async fn apply_batch(
+    backend: &dyn Backend,
+    keyspace: KeyspaceId,
+    tenant: &str,
+    batch: &[WriteCommand],
+    purge_at: &mut Option<Revision>,
+) -> BatchResult {
+    let mut txn = backend.begin_write(keyspace).await?;
+    let mut revision = txn.state().revision;
+    let mut sub = 0i64;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for command in batch {
+        let outcome = apply_one(
+            &mut *txn,
+            tenant,
+            &command.op,
+            &mut revision,
+            &mut sub,
+            purge_at,
+        )
+        .await;
+        match outcome {
+            Err(error) if error.is_datastore_failure() => return Err(error),
+            outcome => outcomes.push(outcome),
+        }
+    }
+    txn.commit(revision).await?;
+    Ok((outcomes, revision))
+}
+
+async fn apply_one(
+    txn: &mut dyn WriteTxn,
+    tenant: &str,
+    op: &WriteOp,
+    revision: &mut Revision,
+    sub: &mut i64,
+    purge_at: &mut Option<Revision>,
+) -> Result<WriteOutcome> {
+    let frozen = || KineError::Frozen {
+        tenant: tenant.to_string(),
+    };
+    let state = txn.state();
+    match op {
+        WriteOp::Txn { request, plain_put } => {
+            if state.frozen && has_writes(request) {
+                return Err(frozen());
+            }
+            let mut applier = Applier::new(txn, *revision, sub);
+            let response = applier.txn(request, *plain_put).await?;
+            *revision = applier.revision();
+            Ok(WriteOutcome::Txn(response))
+        }
+        WriteOp::Compact { revision: at } => {
+            if state.frozen {
+                return Err(frozen());
+            }
+            if *at <= state.compact_revision {
+                return Err(KineError::Compacted);
+            }
+            if *at > *revision {
+                return Err(KineError::FutureRevision);
+            }
+            txn.set_compact_revision(*at).await?;
+            *purge_at = Some(*at);
+            Ok(WriteOutcome::Done(*revision))
+        }
+        WriteOp::LeaseGrant { id, ttl } => {
+            if state.frozen {
+                return Err(frozen());
+            }
+            if txn.lease(*id).await?.is_some() {
+                return Err(KineError::LeaseExists);
+            }
+            let lease = LeaseRecord {
+                id: *id,
+                ttl: *ttl,
+                expires_at_ms: now_ms().saturating_add(ttl.saturating_mul(1000)),
+            };
+            txn.insert_lease(lease).await?;
+            Ok(WriteOutcome::LeaseGranted(lease))
+        }
+        WriteOp::LeaseRevoke { id } => {
+            if state.frozen {
+                return Err(frozen());
+            }
+            if txn.lease(*id).await?.is_none() {
+                return Err(KineError::LeaseNotFound);
+            }
+            let mut applier = Applier::new(txn, *revision, sub);
+            applier.revoke(*id).await?;
+            *revision = applier.revision();
+            Ok(WriteOutcome::Done(*revision))
+        }
+        WriteOp::LeaseExpire { id } => {
+            let expired = txn
+                .lease(*id)
+                .await?
+                .is_some_and(|lease| lease.expires_at_ms <= now_ms());
+            if !state.frozen && expired {
+                let mut applier = Applier::new(txn, *revision, sub);
+                applier.revoke(*id).await?;
+                *revision = applier.revision();
+            }
+            Ok(WriteOutcome::Done(*revision))
+        }
+    }
+}
