@@ -1,0 +1,323 @@
+//! The `kine-rs` process as an operator runs it: flags and their `KINE_*` variables, the
+//! embedded default, unix sockets, mTLS (with the real `etcdctl`), metrics, and refusals.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kine_tests::{
+    Backend, etcdctl_binary, free_port, kine_rs_binary, spawn_kine_on, spawn_kine_with,
+};
+
+fn etcdctl(args: &[&str]) -> Output {
+    Command::new(etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .args(["--command-timeout=5s", "--dial-timeout=3s"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs kine-rs with `args` expecting it to exit by itself, and returns its output.
+fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(kine_rs_binary());
+    command
+        .current_dir(dir.path())
+        .args(args)
+        .stdin(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kine-rs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!("kine-rs {args:?} kept running; it was expected to refuse to start");
+}
+
+#[test]
+fn a_kine_flag_we_do_not_support_is_refused_by_name() {
+    let output = run_to_exit(&["--table-name", "kine"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--table-name is not supported"),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_endpoint_scheme_is_refused() {
+    let output = run_to_exit(&["--endpoint", "cassandra://db"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--endpoint scheme"), "stderr: {stderr}");
+}
+
+#[test]
+fn database_tls_flags_are_refused_for_sqlite() {
+    let output = run_to_exit(&["--endpoint", "memory://", "--ca-file", "ca.pem"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("do not apply"), "stderr: {stderr}");
+}
+
+#[test]
+fn flags_come_from_kine_environment_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let db = dir.path().join("env.db");
+    let mut child = Command::new(kine_rs_binary())
+        .current_dir(dir.path())
+        .env("KINE_ENDPOINT", format!("sqlite://{}", db.display()))
+        .env("KINE_LISTEN_ADDRESS", &address)
+        .env("KINE_EMULATED_ETCD_VERSION", "3.6.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kine-rs");
+    kine_tests::wait_for_port(&address, &mut child, "kine-rs");
+    let status = etcdctl(&["--endpoints", &address, "endpoint", "status", "-w", "json"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        stdout(&status).contains("\"version\":\"3.6.1\""),
+        "{}",
+        stdout(&status)
+    );
+    assert!(db.exists(), "KINE_ENDPOINT was not used");
+}
+
+#[test]
+fn without_flags_it_serves_127_0_0_1_2379_from_db_state_db() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port_free = std::net::TcpListener::bind("127.0.0.1:2379").is_ok();
+    let mut child = Command::new(kine_rs_binary())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kine-rs");
+    if !port_free {
+        // Something else owns the port here: kine-rs must say so and exit, not hang.
+        let output = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("cannot listen on 127.0.0.1:2379"),
+            "{stderr}"
+        );
+        return;
+    }
+    kine_tests::wait_for_port("127.0.0.1:2379", &mut child, "kine-rs");
+    let put = etcdctl(&["--endpoints", "127.0.0.1:2379", "put", "k", "v"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(put.status.success(), "{put:?}");
+    assert!(dir.path().join("db/state.db").exists());
+}
+
+/// A unix socket, named as k3s names kine's (`unix://kine.sock`, relative to the working
+/// directory). etcd's Go client sends the socket path as the HTTP/2 `:authority`; a relative
+/// path is a valid authority, while an absolute one is rejected by the Rust HTTP/2 stack (see
+/// the README's limitations).
+#[test]
+fn serves_on_a_unix_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(kine_rs_binary())
+        .current_dir(dir.path())
+        .args([
+            "--endpoint",
+            "memory://",
+            "--listen-address",
+            "unix://kine.sock",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kine-rs");
+    let socket = dir.path().join("kine.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let in_dir = |args: &[&str]| {
+        Command::new(etcdctl_binary())
+            .current_dir(dir.path())
+            .env("ETCDCTL_API", "3")
+            .args(["--command-timeout=5s", "--endpoints", "unix://kine.sock"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run etcdctl")
+    };
+    let put = in_dir(&["put", "over", "socket"]);
+    let get = in_dir(&["get", "over", "--print-value-only"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(put.status.success(), "{put:?}");
+    assert_eq!(stdout(&get).trim(), "socket");
+}
+
+#[test]
+fn serves_prometheus_metrics() {
+    let metrics_port = free_port();
+    let metrics_address = format!("127.0.0.1:{metrics_port}");
+    let kine = spawn_kine_with(
+        Backend::Memory,
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let put = etcdctl(&["--endpoints", &kine.address, "put", "m", "1"]);
+    assert!(put.status.success(), "{put:?}");
+    let body = http_get(&metrics_address, "/metrics");
+    assert!(
+        body.contains("kine_grpc_requests_total{method=\"/etcdserverpb.KV/Put\",code=\"0\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("kine_grpc_request_duration_seconds"),
+        "{body}"
+    );
+}
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+}
+
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn write_pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kine-rs test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+        .expect("ca cert");
+
+    let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("server params");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate().expect("server key");
+    let server_cert = server.signed_by(&server_key, &ca).expect("server cert");
+
+    let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate().expect("client key");
+    let client_cert = client.signed_by(&client_key, &ca).expect("client cert");
+
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path.display().to_string()
+    };
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        server_cert: write("server.pem", server_cert.pem()),
+        server_key: write("server-key.pem", server_key.serialize_pem()),
+        client_cert: write("client.pem", client_cert.pem()),
+        client_key: write("client-key.pem", client_key.serialize_pem()),
+    }
+}
+
+#[test]
+fn mutual_tls_admits_only_clients_with_a_trusted_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = write_pki(dir.path());
+    let kine = spawn_kine_on(
+        "memory://",
+        dir,
+        &[
+            "--server-cert-file",
+            &pki.server_cert,
+            "--server-key-file",
+            &pki.server_key,
+            "--trusted-ca-file",
+            &pki.ca,
+        ],
+    );
+    let endpoint = format!("https://{}", kine.address);
+    let with_cert = etcdctl(&[
+        "--endpoints",
+        &endpoint,
+        "--cacert",
+        &pki.ca,
+        "--cert",
+        &pki.client_cert,
+        "--key",
+        &pki.client_key,
+        "put",
+        "secure",
+        "yes",
+    ]);
+    assert!(with_cert.status.success(), "{with_cert:?}");
+    let get = etcdctl(&[
+        "--endpoints",
+        &endpoint,
+        "--cacert",
+        &pki.ca,
+        "--cert",
+        &pki.client_cert,
+        "--key",
+        &pki.client_key,
+        "get",
+        "secure",
+        "--print-value-only",
+    ]);
+    assert_eq!(stdout(&get).trim(), "yes");
+    let without_cert = etcdctl(&[
+        "--endpoints",
+        &endpoint,
+        "--cacert",
+        &pki.ca,
+        "get",
+        "secure",
+    ]);
+    assert!(
+        !without_cert.status.success(),
+        "a client without a certificate was served: {without_cert:?}"
+    );
+    let plaintext = etcdctl(&["--endpoints", &kine.address, "get", "secure"]);
+    assert!(!plaintext.status.success(), "plaintext was served");
+}
