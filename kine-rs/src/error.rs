@@ -35,7 +35,9 @@ pub enum KineError {
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
     /// The keyspace refuses writes while a maintenance (migration) holds it frozen.
-    #[error("kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen")]
+    #[error(
+        "kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen"
+    )]
     Frozen { tenant: String },
     /// A request option or RPC that kine-rs does not implement.
     #[error("kine-rs: {0} is not supported")]

@@ -193,7 +193,10 @@ impl Keyspace {
     pub async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         txn::check_delete(&request)?;
         self.check_size(&request)?;
-        match self.single(Request::RequestDeleteRange(request), false).await? {
+        match self
+            .single(Request::RequestDeleteRange(request), false)
+            .await?
+        {
             Response::ResponseDeleteRange(mut delete) => {
                 self.fill(&mut delete.header, 0);
                 Ok(delete)
@@ -210,11 +213,12 @@ impl Keyspace {
             }],
             failure: Vec::new(),
         };
-        match self.write(WriteOp::Txn {
-            request: txn,
-            plain_put,
-        })
-        .await?
+        match self
+            .write(WriteOp::Txn {
+                request: txn,
+                plain_put,
+            })
+            .await?
         {
             WriteOutcome::Txn(mut response) => response
                 .responses

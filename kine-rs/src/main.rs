@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(flag) = unsupported_flag(&args) {
-        anyhow::bail!("kine's flag {flag} is not supported by kine-rs (see the README's flag list)");
+        anyhow::bail!(
+            "kine's flag {flag} is not supported by kine-rs (see the README's flag list)"
+        );
     }
     let config = Config::parse();
     let level = if config.debug { "debug" } else { "info" };

@@ -145,7 +145,10 @@ mod tests {
         };
         let response = finish(&request, rows);
         let keys: Vec<_> = response.kvs.iter().map(|kv| kv.key.clone()).collect();
-        assert_eq!(keys, vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]);
+        assert_eq!(
+            keys,
+            vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]
+        );
         assert!(response.more);
         assert_eq!(response.count, 3);
         assert!(response.kvs.iter().all(|kv| kv.value.is_empty()));

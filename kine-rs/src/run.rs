@@ -160,7 +160,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let read = |path: &str| {
             std::fs::read(path).map_err(|e| RunError::Tls(format!("cannot read {path}: {e}")))
         };
-        let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        let mut tls_config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
         if let Some(ca) = &config.trusted_ca_file {
             tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca)?));
         }
@@ -254,11 +255,7 @@ async fn shutdown_signal() {
 }
 
 /// Compacts to `retain` revisions behind the current one, every `interval`.
-async fn compact_periodically(
-    keyspace: Arc<Keyspace>,
-    interval: std::time::Duration,
-    retain: i64,
-) {
+async fn compact_periodically(keyspace: Arc<Keyspace>, interval: std::time::Duration, retain: i64) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
@@ -405,6 +402,9 @@ mod tests {
             redact_endpoint("postgres://user:secret@db:5432/kine"),
             "postgres://***@db:5432/kine"
         );
-        assert_eq!(redact_endpoint("sqlite://./db/state.db"), "sqlite://./db/state.db");
+        assert_eq!(
+            redact_endpoint("sqlite://./db/state.db"),
+            "sqlite://./db/state.db"
+        );
     }
 }

@@ -263,7 +263,11 @@ impl<'t> Applier<'t> {
 
     /// Runs a transaction. `put_lease_first` reproduces etcd's check order for a plain Put
     /// (lease before `ignore_*` keys).
-    pub async fn txn(&mut self, request: &TxnRequest, put_lease_first: bool) -> Result<TxnResponse> {
+    pub async fn txn(
+        &mut self,
+        request: &TxnRequest,
+        put_lease_first: bool,
+    ) -> Result<TxnResponse> {
         let path = self.compare_path(request).await?;
         if has_writes(request) {
             self.check_puts(request, &path, put_lease_first).await?;

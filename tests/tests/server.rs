@@ -321,3 +321,46 @@ fn mutual_tls_admits_only_clients_with_a_trusted_certificate() {
     let plaintext = etcdctl(&["--endpoints", &kine.address, "get", "secure"]);
     assert!(!plaintext.status.success(), "plaintext was served");
 }
+
+/// Invariant 6 on the embedded default: every acknowledged write survives a kill -9.
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    let endpoint = format!("sqlite://{}", path.display());
+    let keep = tempfile::tempdir().expect("tempdir");
+    let mut kine = spawn_kine_on(&endpoint, keep, &[]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let acknowledged: Vec<String> = runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut acknowledged = Vec::new();
+        for i in 0..200 {
+            let key = format!("durable/{i:04}");
+            client.put(key.as_str(), "v", None).await.expect("put");
+            acknowledged.push(key);
+        }
+        acknowledged
+    });
+    kine.kill();
+    let restarted = spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[]);
+    let stored: Vec<String> = runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([restarted.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let response = client
+            .get(
+                "durable/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("get");
+        response
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect()
+    });
+    assert_eq!(stored, acknowledged);
+}

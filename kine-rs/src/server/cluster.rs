@@ -22,7 +22,7 @@ impl Cluster for ClusterService {
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request)?;
-        let header = keyspace.header(keyspace.hub().published());
+        let header = keyspace.header(keyspace.hub().known_revision());
         Ok(Response::new(MemberListResponse {
             members: vec![Member {
                 id: header.member_id,

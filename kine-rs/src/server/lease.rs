@@ -3,8 +3,8 @@
 use kine_proto::etcdserverpb::lease_server::Lease;
 use kine_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
-    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -60,7 +60,7 @@ impl Lease for LeaseService {
                 let response = match keyspace.lease_keep_alive(request.id).await {
                     // An unknown or expired lease answers TTL 0, as etcd does.
                     Ok(lease) => Ok(LeaseKeepAliveResponse {
-                        header: Some(keyspace.header(keyspace.hub().published())),
+                        header: Some(keyspace.header(keyspace.hub().known_revision())),
                         id: request.id,
                         ttl: lease.map_or(0, |lease| lease.ttl),
                     }),
@@ -83,7 +83,7 @@ impl Lease for LeaseService {
         let found = keyspace
             .lease_time_to_live(request.id, request.keys)
             .await?;
-        let revision = keyspace.hub().published();
+        let revision = keyspace.hub().known_revision();
         let response = match found {
             Some((lease, keys)) => LeaseTimeToLiveResponse {
                 header: Some(keyspace.header(revision)),
@@ -111,7 +111,7 @@ impl Lease for LeaseService {
         let keyspace = self.tenancy.keyspace(&request)?;
         let leases = keyspace.leases().await?;
         Ok(Response::new(LeaseLeasesResponse {
-            header: Some(keyspace.header(keyspace.hub().published())),
+            header: Some(keyspace.header(keyspace.hub().known_revision())),
             leases: leases
                 .into_iter()
                 .map(|lease| LeaseStatus { id: lease.id })

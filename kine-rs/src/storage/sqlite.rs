@@ -19,9 +19,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::{
-    Backend, BackendOptions, KeyspaceId, KeyspaceState, RangeQuery, RangeRows, WriteTxn,
-};
+use super::{Backend, BackendOptions, KeyspaceId, KeyspaceState, RangeQuery, RangeRows, WriteTxn};
 use crate::error::{KineError, Result};
 use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, tombstone};
 
@@ -123,17 +121,12 @@ impl SqliteBackend {
     }
 }
 
-async fn read_state(
-    conn: &mut SqliteConnection,
-    keyspace: KeyspaceId,
-) -> Result<KeyspaceState> {
-    let row = sqlx::query(
-        "SELECT revision, compact_revision, frozen FROM keyspaces WHERE id = ?",
-    )
-    .bind(keyspace)
-    .fetch_optional(conn)
-    .await?
-    .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
+async fn read_state(conn: &mut SqliteConnection, keyspace: KeyspaceId) -> Result<KeyspaceState> {
+    let row = sqlx::query("SELECT revision, compact_revision, frozen FROM keyspaces WHERE id = ?")
+        .bind(keyspace)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
     Ok(KeyspaceState {
         id: keyspace,
         revision: row.try_get(0)?,
@@ -486,11 +479,12 @@ async fn lease_on(
     keyspace: KeyspaceId,
     id: i64,
 ) -> Result<Option<LeaseRecord>> {
-    let row = sqlx::query("SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? AND id = ?")
-        .bind(keyspace)
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+    let row =
+        sqlx::query("SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? AND id = ?")
+            .bind(keyspace)
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
     row.as_ref().map(lease_from_row).transpose()
 }
 

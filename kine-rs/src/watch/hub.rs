@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast};
@@ -40,6 +41,8 @@ pub struct WatchHub {
     published: Mutex<Revision>,
     sender: broadcast::Sender<Arc<EventBatch>>,
     wake: Notify,
+    /// The highest revision this process knows to be committed.
+    committed: AtomicI64,
 }
 
 impl WatchHub {
@@ -52,12 +55,20 @@ impl WatchHub {
             published: Mutex::new(published),
             sender,
             wake: Notify::new(),
+            committed: AtomicI64::new(published),
         }
     }
 
     /// Tells the hub that revisions up to `revision` are committed.
-    pub fn committed(&self, _revision: Revision) {
+    pub fn committed(&self, revision: Revision) {
+        self.committed.fetch_max(revision, Ordering::AcqRel);
         self.wake.notify_one();
+    }
+
+    /// The newest revision known to be committed: what headers of responses that do not read
+    /// the store report, so a client never sees a revision lower than one it was already given.
+    pub fn known_revision(&self) -> Revision {
+        self.committed.load(Ordering::Acquire).max(self.published())
     }
 
     /// The last broadcast revision and a receiver of every batch after it.
@@ -115,7 +126,10 @@ impl WatchHub {
                     return;
                 }
             };
-            let Some(revision) = events.last().and_then(|e| e.kv.as_ref()).map(|kv| kv.mod_revision)
+            let Some(revision) = events
+                .last()
+                .and_then(|e| e.kv.as_ref())
+                .map(|kv| kv.mod_revision)
             else {
                 return;
             };
@@ -130,6 +144,7 @@ impl WatchHub {
     fn publish(&self, batch: EventBatch) {
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         *published = batch.revision;
+        self.committed.fetch_max(batch.revision, Ordering::AcqRel);
         // No receivers is fine: nobody watches.
         let _ = self.sender.send(Arc::new(batch));
     }

@@ -169,7 +169,9 @@ impl WatchStream {
         let id = if create.watch_id != 0 {
             if self.watchers.contains_key(&create.watch_id) {
                 return self
-                    .send(refused("mvcc: duplicate watch ID provided on the WatchStream"))
+                    .send(refused(
+                        "mvcc: duplicate watch ID provided on the WatchStream",
+                    ))
                     .await;
             }
             create.watch_id
