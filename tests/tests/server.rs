@@ -364,3 +364,99 @@ fn acknowledged_writes_survive_kill_9() {
     });
     assert_eq!(stored, acknowledged);
 }
+
+#[test]
+fn compact_interval_compacts_history_keeping_the_minimum_retained() {
+    let kine = spawn_kine_with(
+        Backend::Memory,
+        &["--compact-interval", "300ms", "--compact-min-retain", "5"],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut revision = 0;
+        for i in 0..20 {
+            revision = client
+                .put("compacted", format!("{i}"), None)
+                .await
+                .expect("put")
+                .header()
+                .expect("header")
+                .revision();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error = loop {
+            let old = client
+                .get(
+                    "compacted",
+                    Some(etcd_client::GetOptions::new().with_revision(2)),
+                )
+                .await;
+            match old {
+                Err(error) => break error,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Ok(_) => panic!("history at revision 2 was never compacted"),
+            }
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("etcdserver: mvcc: required revision has been compacted"),
+            "{error}"
+        );
+        // The retained window is still readable.
+        let recent = client
+            .get(
+                "compacted",
+                Some(etcd_client::GetOptions::new().with_revision(revision - 5)),
+            )
+            .await
+            .expect("a retained revision stays readable");
+        assert_eq!(recent.kvs().len(), 1);
+    });
+}
+
+#[test]
+fn request_limits_are_configurable() {
+    let kine = spawn_kine_with(
+        Backend::Memory,
+        &["--max-txn-ops", "2", "--max-request-bytes", "1024"],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let ops: Vec<etcd_client::TxnOp> = (0..3)
+            .map(|i| etcd_client::TxnOp::put(format!("k{i}"), "v", None))
+            .collect();
+        let error = client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect_err("three operations exceed --max-txn-ops 2");
+        assert!(
+            error
+                .to_string()
+                .contains("etcdserver: too many operations in txn request"),
+            "{error}"
+        );
+        let error = client
+            .put("big", vec![b'x'; 2048], None)
+            .await
+            .expect_err("2 KiB exceeds --max-request-bytes 1024");
+        assert!(
+            error
+                .to_string()
+                .contains("etcdserver: request is too large"),
+            "{error}"
+        );
+        client
+            .put("small", "ok", None)
+            .await
+            .expect("a small put fits");
+    });
+}
