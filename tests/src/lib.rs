@@ -4,6 +4,8 @@
 //! Endpoints of external services come from environment variables with the project's
 //! defaults, so the same tests run on a developer machine and in CI.
 
+pub mod conformance;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
