@@ -351,8 +351,9 @@ where
         let metrics = self.metrics.clone();
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await;
-            if let Ok(response) = &response {
+            let mut response = response.await;
+            if let Ok(response) = &mut response {
+                translate_oversized_message(response.headers_mut());
                 // Errors travel as a trailers-only response: the status is in the headers.
                 let code = response
                     .headers()
@@ -376,9 +377,59 @@ where
     }
 }
 
+/// Rewrites tonic's answer to a message over the gRPC size limit into grpc-go's, which etcd
+/// clients expect: `ResourceExhausted`, "grpc: received message larger than max (N vs. M)".
+fn translate_oversized_message(headers: &mut http::HeaderMap) {
+    const TONIC_PREFIX: &str = "Error, decoded message length too large: found ";
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("11") {
+        return;
+    }
+    let Some(message) = headers.get("grpc-message").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    // grpc-message is percent-encoded on the wire.
+    let message = message
+        .replace("%20", " ")
+        .replace("%2C", ",")
+        .replace("%3A", ":");
+    let Some(rest) = message.strip_prefix(TONIC_PREFIX) else {
+        return;
+    };
+    let numbers: Vec<&str> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .collect();
+    let [found, limit] = numbers[..] else {
+        return;
+    };
+    let translated = format!("grpc: received message larger than max ({found} vs. {limit})");
+    if let Ok(value) = http::HeaderValue::from_str(&translated.replace(' ', "%20")) {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert("grpc-message", value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn translates_oversized_messages_to_grpc_gos_error() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-status", http::HeaderValue::from_static("11"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "Error,%20decoded%20message%20length%20too%20large:%20found%203145739%20bytes,%20the%20limit%20is:%202097152%20bytes",
+            ),
+        );
+        translate_oversized_message(&mut headers);
+        assert_eq!(headers["grpc-status"], "8");
+        assert_eq!(
+            headers["grpc-message"],
+            "grpc:%20received%20message%20larger%20than%20max%20(3145739%20vs.%202097152)"
+        );
+    }
 
     #[test]
     fn parses_kines_listen_addresses() {

@@ -72,7 +72,8 @@ pub struct RangeQuery<'a> {
 /// The answer to a [`RangeQuery`].
 #[derive(Debug, Clone, Default)]
 pub struct RangeRows {
-    /// The revision the read was served at.
+    /// The keyspace's current revision when the read was served (etcd's header revision,
+    /// also for reads of older revisions).
     pub revision: Revision,
     /// Key-values in ascending key order, at most `limit`.
     pub kvs: Vec<KeyValue>,

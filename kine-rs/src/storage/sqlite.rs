@@ -271,8 +271,9 @@ impl Backend for SqliteBackend {
         )
         .await?;
         tx.commit().await?;
+        // Like etcd, the header reports the store's current revision, whatever was read.
         Ok(RangeRows {
-            revision: at.unwrap_or(state.revision),
+            revision: state.revision,
             kvs,
             count,
         })

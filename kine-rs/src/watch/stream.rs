@@ -66,6 +66,8 @@ pub struct WatchStream {
     next_id: i64,
     /// Every event up to this revision has been handled for every watcher.
     position: Revision,
+    /// A progress request waiting for `position` to reach this revision.
+    pending_progress: Option<Revision>,
     progress_interval: Duration,
 }
 
@@ -82,6 +84,7 @@ impl WatchStream {
             watchers: BTreeMap::new(),
             next_id: 0,
             position: 0,
+            pending_progress: None,
             progress_interval,
         }
     }
@@ -138,8 +141,15 @@ impl WatchStream {
                 Ok(())
             }
             Some(RequestUnion::ProgressRequest(_)) => {
-                // Every event up to `position` has been sent on this stream.
-                self.send(self.response(self.position, -1)).await
+                // Answer once every write already acknowledged to anyone has been delivered
+                // on this stream, so the reported revision is current, as etcd's is.
+                let target = self.keyspace.hub().known_revision();
+                if self.position >= target {
+                    self.send(self.response(self.position, -1)).await
+                } else {
+                    self.pending_progress = Some(target);
+                    Ok(())
+                }
             }
             None => Ok(()),
         }
@@ -293,6 +303,13 @@ impl WatchStream {
             self.send_events(id, batch.revision, selected).await?;
         }
         self.position = batch.revision;
+        if self
+            .pending_progress
+            .is_some_and(|target| self.position >= target)
+        {
+            self.pending_progress = None;
+            self.send(self.response(self.position, -1)).await?;
+        }
         Ok(())
     }
 
