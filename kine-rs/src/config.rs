@@ -9,8 +9,10 @@ use clap::{Parser, ValueEnum};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kine-rs", version, about)]
 pub struct Config {
-    /// Datastore: `sqlite://PATH` or `memory://` (a throwaway SQLite file). Empty means the
-    /// embedded default, `sqlite://./db/state.db`.
+    /// Datastore: `sqlite://PATH`, `memory://` (a throwaway SQLite file),
+    /// `postgres://USER:PASS@HOST:PORT/DB` or `mysql://USER:PASS@tcp(HOST:PORT)/DB` (also
+    /// `mysql://USER:PASS@HOST:PORT/DB`). Empty means the embedded default,
+    /// `sqlite://./db/state.db`.
     #[arg(long, env = "KINE_ENDPOINT", default_value = "")]
     pub endpoint: String,
 
@@ -70,6 +72,34 @@ pub struct Config {
     #[arg(long, env = "KINE_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: usize,
 
+    /// Connections to the datastore kept open while idle (PostgreSQL, MySQL); 0 or less
+    /// keeps none.
+    #[arg(
+        long,
+        env = "KINE_DATASTORE_MAX_IDLE_CONNECTIONS",
+        default_value_t = 2,
+        allow_negative_numbers = true
+    )]
+    pub datastore_max_idle_connections: i64,
+
+    /// Most connections open to the datastore at once; 0 or less means kine-rs's default (16).
+    #[arg(
+        long,
+        env = "KINE_DATASTORE_MAX_OPEN_CONNECTIONS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub datastore_max_open_connections: i64,
+
+    /// Close datastore connections after this long (Go duration); `0` keeps them.
+    #[arg(long, env = "KINE_DATASTORE_CONNECTION_MAX_LIFETIME", default_value = "0", value_parser = parse_duration)]
+    pub datastore_connection_max_lifetime: Duration,
+
+    /// Close datastore connections idle this long, beyond the idle ones kept (Go duration);
+    /// `0` keeps them.
+    #[arg(long, env = "KINE_DATASTORE_CONNECTION_MAX_IDLE_TIME", default_value = "0", value_parser = parse_duration)]
+    pub datastore_connection_max_idle_time: Duration,
+
     /// Log at debug level.
     #[arg(long, env = "KINE_DEBUG")]
     pub debug: bool,
@@ -100,10 +130,6 @@ impl Config {
 /// kine flags that kine-rs knows of but does not support yet; they are refused with a clear
 /// message instead of clap's generic "unexpected argument".
 pub const UNSUPPORTED_KINE_FLAGS: &[&str] = &[
-    "--datastore-max-idle-connections",
-    "--datastore-max-open-connections",
-    "--datastore-connection-max-lifetime",
-    "--datastore-connection-max-idle-time",
     "--slow-sql-threshold",
     "--metrics-enable-profiling",
     "--table-name",

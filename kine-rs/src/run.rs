@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kine_proto::etcdserverpb::CompactionRequest;
 use kine_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -28,7 +28,7 @@ use crate::server::kv::KvService;
 use crate::server::lease::LeaseService;
 use crate::server::maintenance::MaintenanceService;
 use crate::server::watch::WatchService;
-use crate::storage::{self, BackendOptions};
+use crate::storage::{self, Backend, BackendOptions, PoolOptions, TlsFiles};
 use crate::txn::RequestLimits;
 
 /// The keyspace served in single-tenant (sidecar) mode.
@@ -107,6 +107,61 @@ pub fn redact_endpoint(endpoint: &str) -> String {
     }
 }
 
+/// How long start-up waits for an unreachable datastore before giving up.
+const DATASTORE_WAIT: Duration = Duration::from_secs(60);
+/// How often start-up retries an unreachable datastore.
+const DATASTORE_RETRY: Duration = Duration::from_secs(1);
+
+/// The datastore settings of the command line.
+fn backend_options(config: &Config) -> BackendOptions {
+    let positive = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    BackendOptions {
+        relaxed_durability: false,
+        pool: PoolOptions {
+            max_open: positive(config.datastore_max_open_connections),
+            max_idle: positive(config.datastore_max_idle_connections),
+            max_lifetime: nonzero(config.datastore_connection_max_lifetime),
+            max_idle_time: nonzero(config.datastore_connection_max_idle_time),
+        },
+        tls: TlsFiles {
+            ca_file: config.ca_file.clone(),
+            cert_file: config.cert_file.clone(),
+            key_file: config.key_file.clone(),
+        },
+    }
+}
+
+/// Opens the datastore, waiting up to [`DATASTORE_WAIT`] while it is unreachable and saying
+/// so (without credentials) on every attempt.
+async fn open_datastore(
+    endpoint: &str,
+    redacted: &str,
+    options: &BackendOptions,
+) -> Result<Arc<dyn Backend>, RunError> {
+    let deadline = Instant::now() + DATASTORE_WAIT;
+    loop {
+        match storage::open(endpoint, options).await {
+            Ok(backend) => return Ok(backend),
+            Err(KineError::Unavailable(error)) if Instant::now() < deadline => {
+                warn!("waiting for the datastore at {redacted}: {error}");
+                tokio::time::sleep(DATASTORE_RETRY).await;
+            }
+            Err(KineError::Unavailable(error)) => {
+                return Err(RunError::Config(format!(
+                    "the datastore at {redacted} did not become reachable within {}s: {error}",
+                    DATASTORE_WAIT.as_secs()
+                )));
+            }
+            Err(error) => {
+                return Err(RunError::Config(format!(
+                    "cannot open the datastore at {redacted}: {error}"
+                )));
+            }
+        }
+    }
+}
+
 /// Runs kine-rs until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let endpoint = config.endpoint();
@@ -121,7 +176,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ));
     }
     let redacted = redact_endpoint(&endpoint);
-    let backend = storage::open(&endpoint, &BackendOptions::default()).await?;
+    let backend = open_datastore(&endpoint, &redacted, &backend_options(&config)).await?;
     let listen = ListenAddress::parse(&config.listen_address);
     let tls = config.server_cert_file.is_some();
     let identity = HeaderIdentity {

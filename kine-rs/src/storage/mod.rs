@@ -30,9 +30,13 @@
 //! ([`Backend::events`]), and an import that keeps revisions ([`WriteTxn::put`] and
 //! [`WriteTxn::delete`] take the revision, create revision and version from the caller).
 
+pub mod mysql;
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -149,7 +153,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// How often to look for writes made by other processes; `None` when this process is the
     /// only writer (embedded SQLite), so local commits are the only source of change.
-    fn poll_interval(&self) -> Option<std::time::Duration>;
+    fn poll_interval(&self) -> Option<Duration>;
+
+    /// Announcements of commits made by other processes, where the database delivers them
+    /// (PostgreSQL's LISTEN/NOTIFY); `None` when the backend has no such channel.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+}
+
+/// What a [`Backend::changes`] announcement says changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A commit in this keyspace.
+    Keyspace(KeyspaceId),
+    /// Announcements may have been missed (the listener reconnected): any keyspace may have
+    /// changed.
+    Any,
 }
 
 /// A write transaction on one keyspace, holding its write lock until commit or drop.
@@ -201,24 +221,28 @@ pub trait WriteTxn: Send {
 /// Opens the backend an `--endpoint` names.
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>> {
     if endpoint == "memory://" || endpoint.starts_with("memory:") {
-        return Ok(Arc::new(sqlite::SqliteBackend::open_memory().await?));
+        return Ok(Arc::new(sqlite::open_memory().await?));
     }
     if let Some(path) = endpoint.strip_prefix("sqlite://") {
-        return Ok(Arc::new(sqlite::SqliteBackend::open(path, options).await?));
+        return Ok(Arc::new(sqlite::open(path, options).await?));
     }
-    if endpoint.starts_with("postgres://")
-        || endpoint.starts_with("postgresql://")
-        || endpoint.starts_with("mysql://")
-        || endpoint.starts_with("nats://")
+    if endpoint.starts_with("postgres://") || endpoint.starts_with("postgresql://") {
+        return Ok(Arc::new(postgres::open(endpoint, options).await?));
+    }
+    if endpoint.starts_with("mysql://") {
+        return Ok(Arc::new(mysql::open(endpoint, options).await?));
+    }
+    if endpoint.starts_with("nats://")
         || endpoint.starts_with("http://")
         || endpoint.starts_with("https://")
     {
         return Err(KineError::Unsupported(
-            "this datastore driver (in this release: sqlite:// and memory:// only)",
+            "this datastore driver (in this release: sqlite://, memory://, postgres:// and \
+             mysql:// only)",
         ));
     }
     Err(KineError::Unsupported(
-        "this --endpoint scheme (expected sqlite://PATH or memory://)",
+        "this --endpoint scheme (expected sqlite://PATH, memory://, postgres://... or mysql://...)",
     ))
 }
 
@@ -228,4 +252,69 @@ pub struct BackendOptions {
     /// Trade durability for speed: acknowledged writes may be lost on power failure (never on
     /// a crash of kine-rs itself).
     pub relaxed_durability: bool,
+    /// The connection pool of a database server (PostgreSQL, MySQL).
+    pub pool: PoolOptions,
+    /// TLS to a database server.
+    pub tls: TlsFiles,
+}
+
+/// kine's `--datastore-*` pool flags.
+#[derive(Debug, Clone, Default)]
+pub struct PoolOptions {
+    /// Most connections open at once; 0 for the default.
+    pub max_open: u32,
+    /// Connections kept open while idle.
+    pub max_idle: u32,
+    /// Connections are closed after this long; `None` to keep them.
+    pub max_lifetime: Option<Duration>,
+    /// Idle connections (beyond `max_idle`) are closed after this long; `None` to keep them.
+    pub max_idle_time: Option<Duration>,
+}
+
+/// Connections most a server pool opens when `--datastore-max-open-connections` is 0.
+pub const DEFAULT_MAX_OPEN: u32 = 16;
+
+impl PoolOptions {
+    /// sqlx pool options for these settings.
+    pub fn sqlx<DB: sqlx::Database>(&self) -> sqlx::pool::PoolOptions<DB> {
+        let max = if self.max_open == 0 {
+            DEFAULT_MAX_OPEN
+        } else {
+            self.max_open
+        };
+        sqlx::pool::PoolOptions::new()
+            .max_connections(max)
+            .min_connections(self.max_idle.min(max))
+            .max_lifetime(self.max_lifetime)
+            .idle_timeout(self.max_idle_time)
+            .acquire_timeout(Duration::from_secs(30))
+    }
+}
+
+/// `--ca-file`, `--cert-file` and `--key-file`: TLS to the database server.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+impl TlsFiles {
+    /// Whether any file is given.
+    pub fn any(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// Turns a failed schema migration into a clear error; a database migrated by a newer
+/// kine-rs is named as such.
+pub fn migration_error(error: sqlx::migrate::MigrateError, latest: i64) -> KineError {
+    match error {
+        sqlx::migrate::MigrateError::VersionMissing(version) => KineError::Storage(format!(
+            "incompatible schema: the datastore has schema version {version}, newer than the \
+             newest this kine-rs knows ({latest}); upgrade kine-rs"
+        )),
+        sqlx::migrate::MigrateError::Execute(error) => KineError::from(error),
+        error => KineError::Storage(format!("schema migration failed: {error}")),
+    }
 }

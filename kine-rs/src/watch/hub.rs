@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::error::KineError;
 use crate::model::{Event, Revision};
-use crate::storage::{Backend, KeyspaceId};
+use crate::storage::{Backend, Change, KeyspaceId};
 
 /// Revisions read from the backend per step.
 const REVISIONS_PER_BATCH: i64 = 1000;
@@ -83,12 +83,35 @@ impl WatchHub {
     }
 
     /// Tails the backend until the task is aborted.
+    ///
+    /// It looks when this process's writer commits, when the backend announces a commit of
+    /// another process ([`Backend::changes`]), and every poll interval; a poll first reads
+    /// only the keyspace's counter (one primary-key lookup) and tails only if it moved.
     pub async fn run(self: Arc<Self>) {
         let poll = self.backend.poll_interval().unwrap_or(SAFETY_POLL);
+        let mut changes = self.backend.changes();
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+            let polled = tokio::select! {
+                _ = self.wake.notified() => false,
+                _ = tokio::time::sleep(poll) => true,
+                change = next_change(&mut changes) => match change {
+                    Ok(Change::Keyspace(id)) if id != self.keyspace => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => false,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        changes = None;
+                        false
+                    }
+                },
+            };
+            if polled {
+                match self.backend.state(self.keyspace).await {
+                    Ok(state) if state.revision <= self.published() => continue,
+                    Ok(_) => {}
+                    Err(error) => {
+                        warn!(%error, "watch hub cannot read the keyspace state");
+                        continue;
+                    }
+                }
             }
             self.tail().await;
         }
@@ -147,5 +170,15 @@ impl WatchHub {
         self.committed.fetch_max(batch.revision, Ordering::AcqRel);
         // No receivers is fine: nobody watches.
         let _ = self.sender.send(Arc::new(batch));
+    }
+}
+
+/// The next announcement of `changes`; never, when there are none.
+async fn next_change(
+    changes: &mut Option<broadcast::Receiver<Change>>,
+) -> Result<Change, broadcast::error::RecvError> {
+    match changes {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,263 @@
+//! MySQL 8 and MariaDB 10.11, shared by any number of kine-rs processes.
+//!
+//! A write takes the keyspace row's lock (`SELECT … FOR UPDATE`) in a READ COMMITTED
+//! transaction (no gap locks between keyspaces), so revisions are assigned and committed in
+//! order across processes; reads run in a REPEATABLE READ consistent snapshot. MySQL has no
+//! notifications: the watch hubs poll, which costs one primary-key lookup of the keyspace row.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlSslMode};
+use sqlx::{ConnectOptions, Connection};
+use tracing::{info, warn};
+
+use super::sql::{Dialect, SqlBackend};
+use super::{BackendOptions, migration_error};
+use crate::error::{KineError, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+
+/// The database kine uses when the endpoint names none.
+pub const DEFAULT_DATABASE: &str = "kubernetes";
+/// How often watch hubs look for commits of other processes.
+const POLL_INTERVAL: Duration = Duration::from_millis(30);
+/// The longest key the schema stores (`kv.key` is `VARBINARY(3000)`: InnoDB's 3072-byte
+/// index limit, less the two BIGINTs beside it).
+pub const MAX_KEY_BYTES: usize = 3000;
+
+/// MySQL's dialect.
+pub struct Mysql;
+
+impl Dialect for Mysql {
+    type DB = sqlx::MySql;
+    const DRIVER: &'static str = "mysql";
+    const BEGIN_WRITE: &'static str =
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
+    const BEGIN_READ: &'static str = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+         START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
+    const LOCK: &'static str = " FOR UPDATE";
+    const INSERT_KEYSPACE: &'static str =
+        "INSERT INTO keyspaces (name) VALUES (?) ON DUPLICATE KEY UPDATE name = name";
+    const EMPTY_BYTES: &'static str = "X''";
+    const SIZE: &'static str = "SELECT \
+         CAST(COALESCE(SUM(data_length + index_length + data_free), 0) AS SIGNED), \
+         CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
+         FROM information_schema.tables WHERE table_schema = DATABASE()";
+    const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, leases";
+
+    fn delete_limited(filter: &str) -> String {
+        format!("DELETE FROM kv WHERE {filter} LIMIT ?")
+    }
+}
+
+/// The MySQL backend.
+pub type MysqlBackend = SqlBackend<Mysql>;
+
+/// Connection options for `endpoint`, in either form kine accepts:
+/// `mysql://user:pass@host:port/db` (a URL) or the Go driver's
+/// `mysql://user:pass@tcp(host:port)/db` (also `unix(/path)`, or nothing for the local
+/// server). `tls=` (Go) and `ssl-mode=` parameters choose TLS, and the TLS files of `options`
+/// apply.
+pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<MySqlConnectOptions> {
+    let rest = endpoint.strip_prefix("mysql://").unwrap_or(endpoint);
+    let mut connect = if is_go_dsn(rest) {
+        go_dsn(rest)?
+    } else {
+        MySqlConnectOptions::from_str(endpoint)?
+    };
+    if connect.get_database().is_none_or(str::is_empty) {
+        connect = connect.database(DEFAULT_DATABASE);
+    }
+    let query = rest.rsplit_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut explicit_mode = false;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let mode = match (name, value) {
+            ("tls", "true" | "custom") => Some(MySqlSslMode::VerifyIdentity),
+            ("tls", "skip-verify") => Some(MySqlSslMode::Required),
+            ("tls", "preferred") => Some(MySqlSslMode::Preferred),
+            ("tls", "false") => Some(MySqlSslMode::Disabled),
+            ("ssl-mode" | "sslmode", _) => {
+                explicit_mode = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(mode) = mode {
+            connect = connect.ssl_mode(mode);
+            explicit_mode = true;
+        }
+    }
+    let tls = &options.tls;
+    if let Some(ca) = &tls.ca_file {
+        connect = connect.ssl_ca(ca);
+    }
+    if let Some(cert) = &tls.cert_file {
+        connect = connect.ssl_client_cert(cert);
+    }
+    if let Some(key) = &tls.key_file {
+        connect = connect.ssl_client_key(key);
+    }
+    if tls.any() && !explicit_mode {
+        connect = connect.ssl_mode(MySqlSslMode::VerifyIdentity);
+    }
+    Ok(connect)
+}
+
+/// Whether `dsn` (after `mysql://`) is in the Go driver's form.
+fn is_go_dsn(dsn: &str) -> bool {
+    let address = dsn.rsplit_once('@').map_or(dsn, |(_, a)| a);
+    address.starts_with("tcp(") || address.starts_with("unix(") || address.starts_with('/')
+}
+
+/// Parses the Go driver's `[user[:password]@][net(address)]/dbname[?params]`.
+fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
+    let invalid = || {
+        KineError::Storage(
+            "invalid MySQL endpoint: expected mysql://user:pass@tcp(host:port)/db".into(),
+        )
+    };
+    let (head, tail) = dsn.rsplit_once('/').ok_or_else(invalid)?;
+    let database = tail.split('?').next().unwrap_or("");
+    let (userinfo, address) = head.rsplit_once('@').unwrap_or(("", head));
+    let mut connect = MySqlConnectOptions::new();
+    if !userinfo.is_empty() {
+        let (user, password) = match userinfo.split_once(':') {
+            Some((user, password)) => (user, Some(password)),
+            None => (userinfo, None),
+        };
+        connect = connect.username(user);
+        if let Some(password) = password {
+            connect = connect.password(password);
+        }
+    }
+    if let Some(inner) = address
+        .strip_prefix("tcp(")
+        .and_then(|a| a.strip_suffix(')'))
+    {
+        // `host`, `host:port`, `[v6]` or `[v6]:port`.
+        let (host, port) = match inner.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, rest)) => (host, rest.strip_prefix(':')),
+                None => return Err(invalid()),
+            },
+            None => match inner.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (inner, None),
+            },
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().map_err(|_| invalid()))
+            .transpose()?;
+        connect = connect.host(if host.is_empty() { "127.0.0.1" } else { host });
+        if let Some(port) = port {
+            connect = connect.port(port);
+        }
+    } else if let Some(path) = address
+        .strip_prefix("unix(")
+        .and_then(|a| a.strip_suffix(')'))
+    {
+        connect = connect.socket(path);
+    } else if address.is_empty() {
+        connect = connect.host("127.0.0.1");
+    } else {
+        return Err(invalid());
+    }
+    if !database.is_empty() {
+        connect = connect.database(database);
+    }
+    Ok(connect)
+}
+
+/// Opens the database `endpoint` names, creating it and its schema if missing.
+pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
+    let connect = connect_options(endpoint, options)?;
+    create_database(&connect).await?;
+    let pool: MySqlPool = options.pool.sqlx().connect_with(connect).await?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| migration_error(e, latest_version()))?;
+    Ok(SqlBackend::new(
+        pool.clone(),
+        pool,
+        Some(POLL_INTERVAL),
+        None,
+        Box::new(()),
+    ))
+}
+
+/// Creates the database `connect` names unless it exists, like kine, connecting to the
+/// server's `information_schema` (which every user may use) to do so.
+async fn create_database(connect: &MySqlConnectOptions) -> Result<()> {
+    let name = connect
+        .get_database()
+        .unwrap_or(DEFAULT_DATABASE)
+        .to_string();
+    let mut conn = connect
+        .clone()
+        .database("information_schema")
+        .connect()
+        .await?;
+    let sql = format!(
+        "CREATE DATABASE IF NOT EXISTS `{}` CHARACTER SET utf8mb4",
+        name.replace('`', "``")
+    );
+    match sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(result) if result.rows_affected() > 0 => {
+            info!(database = %name, "created the database");
+        }
+        Ok(_) => {}
+        // Not allowed to create databases: fine if it exists, which connecting tells.
+        Err(error) => warn!(database = %name, %error, "cannot create the database"),
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+fn latest_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(endpoint: &str) -> MySqlConnectOptions {
+        connect_options(endpoint, &BackendOptions::default()).expect(endpoint)
+    }
+
+    #[test]
+    fn parses_go_and_url_forms() {
+        let go = parse("mysql://kine:s3cr@t@tcp(db.example:3307)/tenant1");
+        assert_eq!(go.get_host(), "db.example");
+        assert_eq!(go.get_port(), 3307);
+        assert_eq!(go.get_username(), "kine");
+        assert_eq!(go.get_database(), Some("tenant1"));
+
+        let url = parse("mysql://kine:pw@db.example:3308/tenant2");
+        assert_eq!(url.get_host(), "db.example");
+        assert_eq!(url.get_port(), 3308);
+        assert_eq!(url.get_database(), Some("tenant2"));
+
+        let local = parse("mysql://root@/");
+        assert_eq!(local.get_host(), "127.0.0.1");
+        assert_eq!(local.get_database(), Some(DEFAULT_DATABASE));
+
+        let tls = parse("mysql://root@tcp(127.0.0.1)/k?tls=skip-verify");
+        assert_eq!(tls.get_port(), 3306);
+        assert!(matches!(tls.get_ssl_mode(), MySqlSslMode::Required));
+
+        let socket = parse("mysql://root:pw@unix(/run/mysqld/mysqld.sock)/k");
+        assert_eq!(
+            socket
+                .get_socket()
+                .map(|p| p.to_string_lossy().into_owned()),
+            Some("/run/mysqld/mysqld.sock".to_string())
+        );
+    }
+}

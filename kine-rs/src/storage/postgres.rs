@@ -1,0 +1,177 @@
+//! PostgreSQL, shared by any number of kine-rs processes.
+//!
+//! A write takes the keyspace row's lock (`SELECT … FOR UPDATE`) in a READ COMMITTED
+//! transaction, so revisions are assigned and committed in order across processes; reads run
+//! in REPEATABLE READ so the revision checks and the rows come from one snapshot. Every write
+//! transaction announces itself with `pg_notify` (delivered only if it commits), and one
+//! LISTEN connection per process feeds the watch hubs.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgSslMode};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use super::sql::{Dialect, SqlBackend, numbered_placeholders};
+use super::{BackendOptions, Change, migration_error};
+use crate::error::{KineError, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The notification channel commits are announced on; the payload is the keyspace id.
+const CHANNEL: &str = "kine_rs_commits";
+/// The database kine uses when the endpoint names none.
+pub const DEFAULT_DATABASE: &str = "kubernetes";
+/// How often a hub checks the database when no notification told it of a commit.
+const SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// PostgreSQL's dialect.
+pub struct Postgres;
+
+impl Dialect for Postgres {
+    type DB = sqlx::Postgres;
+    const DRIVER: &'static str = "postgres";
+    const BEGIN_WRITE: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+    const BEGIN_READ: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+    const LOCK: &'static str = " FOR UPDATE";
+    const INSERT_KEYSPACE: &'static str =
+        "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING";
+    const EMPTY_BYTES: &'static str = "''::bytea";
+    const SIZE: &'static str = "SELECT pg_database_size(current_database())::bigint, \
+         (COALESCE(pg_total_relation_size('kv'), 0) + COALESCE(pg_total_relation_size('leases'), 0) \
+         + COALESCE(pg_total_relation_size('keyspaces'), 0))::bigint";
+    const DEFRAGMENT: &'static str = "VACUUM kv, leases, keyspaces";
+    const NOTIFY: Option<&'static str> =
+        Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
+
+    fn delete_limited(filter: &str) -> String {
+        format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")
+    }
+
+    fn sql(text: &str) -> std::borrow::Cow<'_, str> {
+        numbered_placeholders(text)
+    }
+}
+
+/// The PostgreSQL backend.
+pub type PostgresBackend = SqlBackend<Postgres>;
+
+/// Connection options for `endpoint` with the TLS files of `options`.
+pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<PgConnectOptions> {
+    let mut connect = PgConnectOptions::from_str(endpoint)?;
+    if connect.get_database().is_none_or(str::is_empty) {
+        connect = connect.database(DEFAULT_DATABASE);
+    }
+    let tls = &options.tls;
+    if let Some(ca) = &tls.ca_file {
+        connect = connect.ssl_root_cert(ca);
+    }
+    if let Some(cert) = &tls.cert_file {
+        connect = connect.ssl_client_cert(cert);
+    }
+    if let Some(key) = &tls.key_file {
+        connect = connect.ssl_client_key(key);
+    }
+    if tls.any() && !endpoint.contains("sslmode=") {
+        // Certificates were given: verify the server, unless the URL says otherwise.
+        connect = connect.ssl_mode(PgSslMode::VerifyFull);
+    }
+    Ok(connect)
+}
+
+/// Opens the database `endpoint` names, creating it and its schema if missing.
+pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBackend> {
+    let connect = connect_options(endpoint, options)?;
+    create_database(&connect).await?;
+    let pool: PgPool = options.pool.sqlx().connect_with(connect).await?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| migration_error(e, latest_version()))?;
+    let (sender, _) = broadcast::channel(1024);
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(CHANNEL).await?;
+    let task = tokio::spawn(listen(listener, sender.clone()));
+    Ok(SqlBackend::new(
+        pool.clone(),
+        pool,
+        Some(SAFETY_POLL),
+        Some(sender),
+        Box::new(AbortOnDrop(task)),
+    ))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Forwards commit notifications to the hubs; after a lost connection (notifications may have
+/// been missed) it tells every hub to look.
+async fn listen(mut listener: PgListener, sender: broadcast::Sender<Change>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => {
+                if let Ok(id) = notification.payload().parse() {
+                    let _ = sender.send(Change::Keyspace(id));
+                }
+            }
+            Ok(None) => {
+                info!("the PostgreSQL notification connection was lost; reconnecting");
+                let _ = sender.send(Change::Any);
+            }
+            Err(error) => {
+                warn!(%error, "cannot receive PostgreSQL notifications; retrying");
+                let _ = sender.send(Change::Any);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Creates the database `connect` names when it does not exist, like kine, connecting to the
+/// server's `postgres` database to do so.
+async fn create_database(connect: &PgConnectOptions) -> Result<()> {
+    let name = connect
+        .get_database()
+        .unwrap_or(DEFAULT_DATABASE)
+        .to_string();
+    match connect.connect().await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        // 3D000: invalid_catalog_name, the database does not exist.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => {}
+        Err(error) => return Err(error.into()),
+    }
+    info!(database = %name, "creating the database");
+    let mut conn = connect.clone().database("postgres").connect().await?;
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+    {
+        Ok(_) => {}
+        // 42P04 duplicate_database or 23505 unique_violation: another process created it.
+        Err(sqlx::Error::Database(error))
+            if matches!(error.code().as_deref(), Some("42P04" | "23505")) => {}
+        Err(error) => {
+            return Err(KineError::Storage(format!(
+                "cannot create the database {name:?}: {error}"
+            )));
+        }
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+fn latest_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}

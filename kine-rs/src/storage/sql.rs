@@ -1,0 +1,788 @@
+//! The one SQL implementation of [`Backend`] and [`WriteTxn`], shared by SQLite, PostgreSQL
+//! and MySQL/MariaDB.
+//!
+//! It is generic over a [`Dialect`], which names the sqlx database and supplies the few things
+//! the three differ in: how transactions begin, how the keyspace row is locked (`FOR UPDATE`;
+//! SQLite takes its single write lock with `BEGIN IMMEDIATE` instead), a few literals and
+//! statements, and how a commit is announced to other processes. Every statement is written
+//! once, with `?` placeholders and the `key` column quoted with backticks; [`Dialect::sql`]
+//! rewrites that for PostgreSQL (`$1`, `"key"`).
+//!
+//! Database access goes through [`Driver`], implemented once (by a macro) for each sqlx
+//! database, so the generic code needs no sqlx trait bounds of its own.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::{Database, Pool, Transaction};
+use tokio::sync::broadcast;
+
+use super::{Backend, Change, KeyspaceId, KeyspaceState, RangeQuery, RangeRows, WriteTxn};
+use crate::error::{KineError, Result};
+use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, tombstone};
+
+/// Marks a current row in `kv.superseded`.
+pub const CURRENT: i64 = i64::MAX;
+
+/// A bound statement parameter.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg<'a> {
+    Int(i64),
+    Bytes(&'a [u8]),
+    Text(&'a str),
+}
+
+/// The rows a statement returned.
+pub type Row<D> = <<D as Dialect>::DB as Database>::Row;
+/// A connection of a dialect's database.
+pub type Conn<D> = <<D as Dialect>::DB as Database>::Connection;
+
+/// Runs statements on one sqlx database and decodes their columns.
+pub trait Driver: Database {
+    /// Runs a statement; returns the number of rows it changed.
+    fn execute<'a>(
+        conn: &'a mut Self::Connection,
+        sql: String,
+        args: &'a [Arg<'a>],
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    /// Runs a query; returns every row.
+    fn fetch_all<'a>(
+        conn: &'a mut Self::Connection,
+        sql: String,
+        args: &'a [Arg<'a>],
+    ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send + 'a;
+
+    /// An integer column.
+    fn int(row: &Self::Row, index: usize) -> Result<i64>;
+    /// A byte-string column.
+    fn bytes(row: &Self::Row, index: usize) -> Result<Vec<u8>>;
+    /// A nullable byte-string column.
+    fn opt_bytes(row: &Self::Row, index: usize) -> Result<Option<Vec<u8>>>;
+    /// A flag column (`deleted`, `frozen`), stored as a small integer.
+    fn flag(row: &Self::Row, index: usize) -> Result<bool>;
+}
+
+/// Implements [`Driver`] for an sqlx database whose flag columns decode as `$flag`.
+macro_rules! driver {
+    ($db:ty, $flag:ty) => {
+        impl Driver for $db {
+            fn execute<'a>(
+                conn: &'a mut Self::Connection,
+                sql: String,
+                args: &'a [Arg<'a>],
+            ) -> impl Future<Output = Result<u64>> + Send + 'a {
+                async move {
+                    // Statements are assembled from constant fragments only; every value is
+                    // a bound parameter.
+                    let mut query = sqlx::query::<$db>(sqlx::AssertSqlSafe(sql));
+                    for arg in args {
+                        query = match *arg {
+                            Arg::Int(v) => query.bind(v),
+                            Arg::Bytes(v) => query.bind(v),
+                            Arg::Text(v) => query.bind(v),
+                        };
+                    }
+                    Ok(query.execute(&mut *conn).await?.rows_affected())
+                }
+            }
+
+            fn fetch_all<'a>(
+                conn: &'a mut Self::Connection,
+                sql: String,
+                args: &'a [Arg<'a>],
+            ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send + 'a {
+                async move {
+                    let mut query = sqlx::query::<$db>(sqlx::AssertSqlSafe(sql));
+                    for arg in args {
+                        query = match *arg {
+                            Arg::Int(v) => query.bind(v),
+                            Arg::Bytes(v) => query.bind(v),
+                            Arg::Text(v) => query.bind(v),
+                        };
+                    }
+                    Ok(query.fetch_all(&mut *conn).await?)
+                }
+            }
+
+            fn int(row: &Self::Row, index: usize) -> Result<i64> {
+                Ok(sqlx::Row::try_get::<i64, _>(row, index)?)
+            }
+
+            fn bytes(row: &Self::Row, index: usize) -> Result<Vec<u8>> {
+                Ok(sqlx::Row::try_get::<Vec<u8>, _>(row, index)?)
+            }
+
+            fn opt_bytes(row: &Self::Row, index: usize) -> Result<Option<Vec<u8>>> {
+                Ok(sqlx::Row::try_get::<Option<Vec<u8>>, _>(row, index)?)
+            }
+
+            fn flag(row: &Self::Row, index: usize) -> Result<bool> {
+                Ok(sqlx::Row::try_get::<$flag, _>(row, index)? != 0)
+            }
+        }
+    };
+}
+
+driver!(sqlx::Sqlite, i64);
+driver!(sqlx::Postgres, i16);
+driver!(sqlx::MySql, i64);
+
+/// What differs between the SQL databases.
+pub trait Dialect: Send + Sync + 'static {
+    type DB: Driver;
+
+    /// The driver's name, for logs and metrics.
+    const DRIVER: &'static str;
+    /// Starts a write transaction.
+    const BEGIN_WRITE: &'static str;
+    /// Starts a read transaction that sees one snapshot across its statements.
+    const BEGIN_READ: &'static str;
+    /// Appended to the read of the keyspace row that starts every write: its row lock.
+    const LOCK: &'static str;
+    /// Creates a keyspace named `?` unless it exists.
+    const INSERT_KEYSPACE: &'static str;
+    /// An empty byte string, as a literal.
+    const EMPTY_BYTES: &'static str;
+    /// Allocated and in-use bytes of the datastore, as two integer columns.
+    const SIZE: &'static str;
+    /// Gives free space back.
+    const DEFRAGMENT: &'static str;
+    /// Announces, inside the write transaction, that keyspace `?` changed.
+    const NOTIFY: Option<&'static str> = None;
+
+    /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
+    fn delete_limited(filter: &str) -> String;
+
+    /// Rewrites a statement written with `?` placeholders and a backtick-quoted `key`.
+    fn sql(text: &str) -> Cow<'_, str> {
+        Cow::Borrowed(text)
+    }
+}
+
+/// Rewrites `?` into `$1`, `$2`, … and backticks into double quotes (PostgreSQL).
+pub fn numbered_placeholders(text: &str) -> Cow<'_, str> {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut n = 0;
+    for c in text.chars() {
+        match c {
+            '?' => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            '`' => out.push('"'),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+async fn execute<D: Dialect>(conn: &mut Conn<D>, sql: &str, args: &[Arg<'_>]) -> Result<u64> {
+    D::DB::execute(conn, D::sql(sql).into_owned(), args).await
+}
+
+async fn fetch_all<D: Dialect>(
+    conn: &mut Conn<D>,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<Vec<Row<D>>> {
+    D::DB::fetch_all(conn, D::sql(sql).into_owned(), args).await
+}
+
+async fn fetch_optional<D: Dialect>(
+    conn: &mut Conn<D>,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<Option<Row<D>>> {
+    Ok(fetch_all::<D>(conn, sql, args).await?.into_iter().next())
+}
+
+/// Column list of a key-value row, in the order [`kv_from_row`] decodes.
+const KV_COLUMNS: &str = "`key`, create_revision, mod_revision, version, lease, value";
+
+fn kv_from_row<D: Dialect>(row: &Row<D>, offset: usize) -> Result<KeyValue> {
+    Ok(KeyValue {
+        key: Bytes::from(D::DB::bytes(row, offset)?),
+        create_revision: D::DB::int(row, offset + 1)?,
+        mod_revision: D::DB::int(row, offset + 2)?,
+        version: D::DB::int(row, offset + 3)?,
+        lease: D::DB::int(row, offset + 4)?,
+        value: Bytes::from(D::DB::bytes(row, offset + 5)?),
+    })
+}
+
+fn lease_from_row<D: Dialect>(row: &Row<D>) -> Result<LeaseRecord> {
+    Ok(LeaseRecord {
+        id: D::DB::int(row, 0)?,
+        ttl: D::DB::int(row, 1)?,
+        expires_at_ms: D::DB::int(row, 2)?,
+    })
+}
+
+/// Reads the keyspace's counters; with `lock`, under its row lock.
+async fn read_state<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    lock: bool,
+) -> Result<KeyspaceState> {
+    let sql = format!(
+        "SELECT revision, compact_revision, frozen FROM keyspaces WHERE id = ?{}",
+        if lock { D::LOCK } else { "" }
+    );
+    let row = fetch_optional::<D>(conn, &sql, &[Arg::Int(keyspace)])
+        .await?
+        .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
+    Ok(KeyspaceState {
+        id: keyspace,
+        revision: D::DB::int(&row, 0)?,
+        compact_revision: D::DB::int(&row, 1)?,
+        frozen: D::DB::flag(&row, 2)?,
+    })
+}
+
+/// SQL that selects rows of `range` live at the current revision (`at` = None) or at `at`.
+fn range_sql(select: &str, range: &KeyRange, at: Option<Revision>, limit: bool) -> String {
+    let mut sql = format!("SELECT {select} FROM kv WHERE keyspace = ? AND `key` >= ?");
+    if range.exclusive_end().is_some() {
+        sql.push_str(" AND `key` < ?");
+    }
+    match at {
+        None => sql.push_str(" AND superseded = 9223372036854775807 AND deleted = 0"),
+        Some(_) => sql.push_str(" AND mod_revision <= ? AND superseded > ? AND deleted = 0"),
+    }
+    if !select.starts_with("COUNT") {
+        sql.push_str(" ORDER BY `key`");
+    }
+    if limit {
+        sql.push_str(" LIMIT ?");
+    }
+    sql
+}
+
+/// Runs the range query on `conn`: rows (unless `count_only`) and the total count.
+async fn range_on<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    query: &RangeQuery<'_>,
+    at: Option<Revision>,
+) -> Result<(Vec<KeyValue>, i64)> {
+    let range = query.range;
+    let end = range.exclusive_end();
+    let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
+    if let Some(end) = &end {
+        args.push(Arg::Bytes(end));
+    }
+    if let Some(at) = at {
+        args.extend([Arg::Int(at), Arg::Int(at)]);
+    }
+    let mut kvs = Vec::new();
+    if !query.count_only {
+        let columns = if query.keys_only {
+            Cow::Owned(format!(
+                "`key`, create_revision, mod_revision, version, lease, {}",
+                D::EMPTY_BYTES
+            ))
+        } else {
+            Cow::Borrowed(KV_COLUMNS)
+        };
+        let sql = range_sql(&columns, range, at, query.limit.is_some());
+        let mut row_args = args.clone();
+        if let Some(limit) = query.limit {
+            row_args.push(Arg::Int(limit));
+        }
+        for row in fetch_all::<D>(conn, &sql, &row_args).await? {
+            kvs.push(kv_from_row::<D>(&row, 0)?);
+        }
+        // Everything was fetched: the count is known without a second query.
+        if query.limit.is_none_or(|limit| (kvs.len() as i64) < limit) {
+            let count = kvs.len() as i64;
+            return Ok((kvs, count));
+        }
+    }
+    let sql = range_sql("COUNT(*)", range, at, false);
+    let row = fetch_optional::<D>(conn, &sql, &args)
+        .await?
+        .ok_or_else(|| KineError::Storage("COUNT returned no row".into()))?;
+    Ok((kvs, D::DB::int(&row, 0)?))
+}
+
+async fn lease_on<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    id: i64,
+    lock: bool,
+) -> Result<Option<LeaseRecord>> {
+    let sql = format!(
+        "SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? AND id = ?{}",
+        if lock { D::LOCK } else { "" }
+    );
+    let row = fetch_optional::<D>(conn, &sql, &[Arg::Int(keyspace), Arg::Int(id)]).await?;
+    row.as_ref().map(lease_from_row::<D>).transpose()
+}
+
+async fn lease_keys_on<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    id: i64,
+) -> Result<Vec<Bytes>> {
+    let rows = fetch_all::<D>(
+        conn,
+        "SELECT `key` FROM kv WHERE keyspace = ? AND lease = ? AND lease <> 0 \
+         AND superseded = 9223372036854775807 AND deleted = 0 ORDER BY `key`",
+        &[Arg::Int(keyspace), Arg::Int(id)],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| Ok(Bytes::from(D::DB::bytes(row, 0)?)))
+        .collect()
+}
+
+/// A datastore reached through sqlx: SQLite, PostgreSQL or MySQL.
+pub struct SqlBackend<D: Dialect> {
+    /// Reads (on SQLite: read-only connections to WAL snapshots).
+    readers: Pool<D::DB>,
+    /// Writes (on SQLite: one connection, the database's single writer; elsewhere the same
+    /// pool as `readers`).
+    writers: Pool<D::DB>,
+    /// How often to look for other processes' commits; `None` when there are none.
+    poll: Option<Duration>,
+    /// Announcements of other processes' commits, where the database delivers them.
+    changes: Option<broadcast::Sender<Change>>,
+    /// Tasks (a notification listener) and resources (a scratch directory) that live as long
+    /// as the backend.
+    _guard: Box<dyn Send + Sync>,
+    _dialect: PhantomData<D>,
+}
+
+impl<D: Dialect> SqlBackend<D> {
+    /// A backend over pools whose schema is already migrated.
+    pub fn new(
+        readers: Pool<D::DB>,
+        writers: Pool<D::DB>,
+        poll: Option<Duration>,
+        changes: Option<broadcast::Sender<Change>>,
+        guard: Box<dyn Send + Sync>,
+    ) -> Self {
+        SqlBackend {
+            readers,
+            writers,
+            poll,
+            changes,
+            _guard: guard,
+            _dialect: PhantomData,
+        }
+    }
+
+    async fn begin_read(&self) -> Result<Transaction<'static, D::DB>> {
+        Ok(self
+            .readers
+            .begin_with(sqlx::AssertSqlSafe(D::BEGIN_READ))
+            .await?)
+    }
+
+    /// A write transaction holding the keyspace's row lock, and the counters it read.
+    async fn begin_locked(
+        &self,
+        keyspace: KeyspaceId,
+    ) -> Result<(Transaction<'static, D::DB>, KeyspaceState)> {
+        let mut tx = self
+            .writers
+            .begin_with(sqlx::AssertSqlSafe(D::BEGIN_WRITE))
+            .await?;
+        let state = read_state::<D>(&mut tx, keyspace, true).await?;
+        Ok((tx, state))
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> Backend for SqlBackend<D> {
+    fn driver(&self) -> &'static str {
+        D::DRIVER
+    }
+
+    async fn keyspace(&self, name: &str, create: bool) -> Result<Option<KeyspaceId>> {
+        const FIND: &str = "SELECT id FROM keyspaces WHERE name = ?";
+        {
+            let mut conn = self.readers.acquire().await?;
+            if let Some(row) = fetch_optional::<D>(&mut conn, FIND, &[Arg::Text(name)]).await? {
+                return Ok(Some(D::DB::int(&row, 0)?));
+            }
+        }
+        if !create {
+            return Ok(None);
+        }
+        let mut conn = self.writers.acquire().await?;
+        execute::<D>(&mut conn, D::INSERT_KEYSPACE, &[Arg::Text(name)]).await?;
+        let row = fetch_optional::<D>(&mut conn, FIND, &[Arg::Text(name)])
+            .await?
+            .ok_or_else(|| KineError::Storage(format!("keyspace {name:?} was not created")))?;
+        Ok(Some(D::DB::int(&row, 0)?))
+    }
+
+    async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState> {
+        let mut conn = self.readers.acquire().await?;
+        read_state::<D>(&mut conn, keyspace, false).await
+    }
+
+    async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows> {
+        let mut tx = self.begin_read().await?;
+        let state = read_state::<D>(&mut tx, keyspace, false).await?;
+        let at = if query.revision <= 0 || query.revision == state.revision {
+            None
+        } else if query.revision > state.revision {
+            return Err(KineError::FutureRevision);
+        } else if query.revision < state.compact_revision {
+            return Err(KineError::Compacted);
+        } else {
+            Some(query.revision)
+        };
+        let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at).await?;
+        tx.commit().await?;
+        // Like etcd, the header reports the store's current revision, whatever was read.
+        Ok(RangeRows {
+            revision: state.revision,
+            kvs,
+            count,
+        })
+    }
+
+    async fn events(
+        &self,
+        keyspace: KeyspaceId,
+        after: Revision,
+        up_to: Revision,
+        range: Option<&KeyRange>,
+    ) -> Result<Vec<Event>> {
+        let mut tx = self.begin_read().await?;
+        let state = read_state::<D>(&mut tx, keyspace, false).await?;
+        if after + 1 < state.compact_revision {
+            return Err(KineError::Compacted);
+        }
+        let mut sql = String::from(
+            "SELECT e.`key`, e.create_revision, e.mod_revision, e.version, e.lease, e.value, \
+             e.deleted, p.`key`, p.create_revision, p.mod_revision, p.version, p.lease, p.value \
+             FROM kv e LEFT JOIN kv p ON p.keyspace = e.keyspace AND p.`key` = e.`key` \
+             AND p.superseded = e.mod_revision AND p.deleted = 0 \
+             WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?",
+        );
+        let end = range.and_then(KeyRange::exclusive_end);
+        let mut args = vec![Arg::Int(keyspace), Arg::Int(after), Arg::Int(up_to)];
+        if let Some(range) = range {
+            sql.push_str(" AND e.`key` >= ?");
+            args.push(Arg::Bytes(&range.start));
+        }
+        if let Some(end) = &end {
+            sql.push_str(" AND e.`key` < ?");
+            args.push(Arg::Bytes(end));
+        }
+        sql.push_str(" ORDER BY e.mod_revision, e.sub");
+        let rows = fetch_all::<D>(&mut tx, &sql, &args).await?;
+        tx.commit().await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let kv = kv_from_row::<D>(&row, 0)?;
+            let deleted = D::DB::flag(&row, 6)?;
+            let prev_kv = match D::DB::opt_bytes(&row, 7)? {
+                Some(_) => Some(kv_from_row::<D>(&row, 7)?),
+                None => None,
+            };
+            let (kind, kv) = if deleted {
+                (EventType::Delete, tombstone(kv.key, kv.mod_revision))
+            } else {
+                (EventType::Put, kv)
+            };
+            events.push(Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv,
+            });
+        }
+        Ok(events)
+    }
+
+    async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
+        let (tx, state) = self.begin_locked(keyspace).await?;
+        Ok(Box::new(SqlWriteTxn::<D> {
+            tx,
+            keyspace,
+            state,
+        }))
+    }
+
+    async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>> {
+        let mut conn = self.readers.acquire().await?;
+        lease_on::<D>(&mut conn, keyspace, id, false).await
+    }
+
+    async fn leases(&self, keyspace: KeyspaceId) -> Result<Vec<LeaseRecord>> {
+        let mut conn = self.readers.acquire().await?;
+        let rows = fetch_all::<D>(
+            &mut conn,
+            "SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? \
+             ORDER BY expires_at_ms, id",
+            &[Arg::Int(keyspace)],
+        )
+        .await?;
+        rows.iter().map(lease_from_row::<D>).collect()
+    }
+
+    async fn lease_keys(&self, keyspace: KeyspaceId, id: i64) -> Result<Vec<Bytes>> {
+        let mut conn = self.readers.acquire().await?;
+        lease_keys_on::<D>(&mut conn, keyspace, id).await
+    }
+
+    async fn expired_leases(&self, keyspace: KeyspaceId, now_ms: i64) -> Result<Vec<i64>> {
+        let mut conn = self.readers.acquire().await?;
+        let rows = fetch_all::<D>(
+            &mut conn,
+            "SELECT id FROM leases WHERE keyspace = ? AND expires_at_ms <= ? \
+             ORDER BY expires_at_ms LIMIT 1000",
+            &[Arg::Int(keyspace), Arg::Int(now_ms)],
+        )
+        .await?;
+        rows.iter().map(|row| D::DB::int(row, 0)).collect()
+    }
+
+    async fn renew_lease(
+        &self,
+        keyspace: KeyspaceId,
+        id: i64,
+        now_ms: i64,
+    ) -> Result<Option<LeaseRecord>> {
+        let mut conn = self.writers.acquire().await?;
+        let renewed = execute::<D>(
+            &mut conn,
+            "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
+             WHERE keyspace = ? AND id = ? AND expires_at_ms > ?",
+            &[
+                Arg::Int(now_ms),
+                Arg::Int(keyspace),
+                Arg::Int(id),
+                Arg::Int(now_ms),
+            ],
+        )
+        .await?;
+        if renewed == 0 {
+            return Ok(None);
+        }
+        lease_on::<D>(&mut conn, keyspace, id, false).await
+    }
+
+    async fn purge_compacted(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+        batch: i64,
+    ) -> Result<u64> {
+        // Under the keyspace's row lock, so a purge never races (or deadlocks with) a writer
+        // superseding the same rows; one bounded batch holds it only briefly.
+        let (mut tx, _) = self.begin_locked(keyspace).await?;
+        let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
+        let superseded = execute::<D>(
+            &mut tx,
+            &D::delete_limited("keyspace = ? AND superseded <= ?"),
+            &args,
+        )
+        .await?;
+        let tombstones = execute::<D>(
+            &mut tx,
+            &D::delete_limited("keyspace = ? AND mod_revision < ? AND deleted = 1"),
+            &args,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(superseded + tombstones)
+    }
+
+    async fn size(&self) -> Result<(i64, i64)> {
+        let mut conn = self.readers.acquire().await?;
+        let row = fetch_optional::<D>(&mut conn, D::SIZE, &[])
+            .await?
+            .ok_or_else(|| KineError::Storage("the size query returned no row".into()))?;
+        Ok((D::DB::int(&row, 0)?, D::DB::int(&row, 1)?))
+    }
+
+    async fn defragment(&self) -> Result<()> {
+        let mut conn = self.writers.acquire().await?;
+        execute::<D>(&mut conn, D::DEFRAGMENT, &[]).await?;
+        Ok(())
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        self.poll
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        self.changes.as_ref().map(broadcast::Sender::subscribe)
+    }
+}
+
+/// A write transaction holding the keyspace's row lock.
+struct SqlWriteTxn<D: Dialect> {
+    tx: Transaction<'static, D::DB>,
+    keyspace: KeyspaceId,
+    state: KeyspaceState,
+}
+
+impl<D: Dialect> SqlWriteTxn<D> {
+    async fn supersede(&mut self, key: &[u8], revision: Revision) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "UPDATE kv SET superseded = ? WHERE keyspace = ? AND `key` = ? \
+             AND superseded = 9223372036854775807",
+            &[Arg::Int(revision), Arg::Int(self.keyspace), Arg::Bytes(key)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_row(
+        &mut self,
+        kv: &KeyValue,
+        key: &[u8],
+        sub: i64,
+        deleted: bool,
+    ) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
+             lease, value, deleted, superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            &[
+                Arg::Int(self.keyspace),
+                Arg::Bytes(key),
+                Arg::Int(kv.mod_revision),
+                Arg::Int(sub),
+                Arg::Int(kv.create_revision),
+                Arg::Int(kv.version),
+                Arg::Int(kv.lease),
+                Arg::Bytes(&kv.value),
+                Arg::Int(deleted as i64),
+                Arg::Int(CURRENT),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
+    fn state(&self) -> KeyspaceState {
+        self.state
+    }
+
+    async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>> {
+        let sql = format!(
+            "SELECT {KV_COLUMNS} FROM kv WHERE keyspace = ? AND `key` = ? \
+             AND superseded = 9223372036854775807 AND deleted = 0"
+        );
+        let row = fetch_optional::<D>(
+            &mut self.tx,
+            &sql,
+            &[Arg::Int(self.keyspace), Arg::Bytes(key)],
+        )
+        .await?;
+        row.as_ref().map(|row| kv_from_row::<D>(row, 0)).transpose()
+    }
+
+    async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows> {
+        let at = (query.revision > 0).then_some(query.revision);
+        let (kvs, count) = range_on::<D>(&mut self.tx, self.keyspace, &query, at).await?;
+        Ok(RangeRows {
+            revision: self.state.revision,
+            kvs,
+            count,
+        })
+    }
+
+    async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()> {
+        self.supersede(&kv.key, kv.mod_revision).await?;
+        self.insert_row(kv, &kv.key, sub, false).await
+    }
+
+    async fn delete(&mut self, key: &[u8], revision: Revision, sub: i64) -> Result<()> {
+        self.supersede(key, revision).await?;
+        let tombstone = KeyValue {
+            mod_revision: revision,
+            ..KeyValue::default()
+        };
+        self.insert_row(&tombstone, key, sub, true).await
+    }
+
+    async fn lease(&mut self, id: i64) -> Result<Option<LeaseRecord>> {
+        // Locked, so a concurrent renewal cannot slip between an expiry's check and revoke.
+        lease_on::<D>(&mut self.tx, self.keyspace, id, true).await
+    }
+
+    async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "INSERT INTO leases (keyspace, id, ttl, expires_at_ms) VALUES (?, ?, ?, ?)",
+            &[
+                Arg::Int(self.keyspace),
+                Arg::Int(lease.id),
+                Arg::Int(lease.ttl),
+                Arg::Int(lease.expires_at_ms),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_lease(&mut self, id: i64) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "DELETE FROM leases WHERE keyspace = ? AND id = ?",
+            &[Arg::Int(self.keyspace), Arg::Int(id)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn lease_keys(&mut self, id: i64) -> Result<Vec<Bytes>> {
+        lease_keys_on::<D>(&mut self.tx, self.keyspace, id).await
+    }
+
+    async fn set_compact_revision(&mut self, revision: Revision) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "UPDATE keyspaces SET compact_revision = ? WHERE id = ?",
+            &[Arg::Int(revision), Arg::Int(self.keyspace)],
+        )
+        .await?;
+        self.state.compact_revision = revision;
+        Ok(())
+    }
+
+    async fn set_frozen(&mut self, frozen: bool) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "UPDATE keyspaces SET frozen = ? WHERE id = ?",
+            &[Arg::Int(frozen as i64), Arg::Int(self.keyspace)],
+        )
+        .await?;
+        self.state.frozen = frozen;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        if revision != self.state.revision {
+            execute::<D>(
+                &mut self.tx,
+                "UPDATE keyspaces SET revision = ? WHERE id = ?",
+                &[Arg::Int(revision), Arg::Int(self.keyspace)],
+            )
+            .await?;
+        }
+        if let Some(notify) = D::NOTIFY {
+            execute::<D>(&mut self.tx, notify, &[Arg::Int(self.keyspace)]).await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
