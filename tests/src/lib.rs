@@ -18,13 +18,114 @@ pub enum Backend {
     Memory,
     /// SQLite in a file of the test's own temporary directory.
     Sqlite,
+    /// PostgreSQL at `$KINE_TEST_POSTGRES_URL`, in a fresh database per server.
+    Postgres,
+    /// MySQL/MariaDB at `$KINE_TEST_MYSQL_URL`, in a fresh database per server.
+    Mysql,
 }
 
 impl Backend {
     /// Every backend the conformance suite runs against on this machine.
     pub fn all() -> Vec<Backend> {
-        vec![Backend::Memory, Backend::Sqlite]
+        vec![
+            Backend::Memory,
+            Backend::Sqlite,
+            Backend::Postgres,
+            Backend::Mysql,
+        ]
     }
+}
+
+/// A database of its own on a shared database server, named `kine_test_<random>`: kine-rs
+/// creates it on start, and it is dropped (best effort, with the server's command-line
+/// client) when this is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// The endpoint to start kine-rs with.
+    pub endpoint: String,
+    server: String,
+    name: String,
+    backend: Backend,
+}
+
+impl TestDatabase {
+    /// A fresh database on `backend`'s server; `None` for the embedded backends.
+    pub fn new(backend: Backend) -> Option<TestDatabase> {
+        let (variable, default) = match backend {
+            Backend::Postgres => (
+                "KINE_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            Backend::Mysql => ("KINE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"),
+            Backend::Memory | Backend::Sqlite => return None,
+        };
+        let server = std::env::var(variable).unwrap_or_else(|_| default.to_string());
+        let name = format!("kine_test_{:016x}", rand::random::<u64>());
+        // Replace the database part of the URL (after the authority) with our own.
+        let authority_end = server
+            .find("://")
+            .map(|scheme| {
+                let rest = &server[scheme + 3..];
+                scheme + 3 + rest.find(['/', '?']).unwrap_or(rest.len())
+            })
+            .unwrap_or(server.len());
+        let query = server[authority_end..]
+            .find('?')
+            .map(|q| &server[authority_end + q..])
+            .unwrap_or("");
+        let endpoint = format!("{}/{name}{query}", &server[..authority_end]);
+        Some(TestDatabase {
+            endpoint,
+            server,
+            name,
+            backend,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let drop_sql = format!("DROP DATABASE IF EXISTS {}", self.name);
+        let _ = match self.backend {
+            Backend::Postgres => Command::new("psql")
+                .arg(&self.server)
+                .args(["-q", "-c", &format!("{drop_sql} WITH (FORCE)")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status(),
+            Backend::Mysql => {
+                let Some(args) = mysql_client_args(&self.server) else {
+                    return;
+                };
+                Command::new("mysql")
+                    .args(args)
+                    .args(["-e", &drop_sql])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+            }
+            Backend::Memory | Backend::Sqlite => return,
+        };
+    }
+}
+
+/// `mysql` client arguments for a `mysql://user:pass@host:port/...` URL.
+fn mysql_client_args(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("mysql://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
+    let mut args = vec![
+        format!("--user={user}"),
+        format!("--host={host}"),
+        format!("--port={port}"),
+        "--protocol=tcp".to_string(),
+    ];
+    if !password.is_empty() {
+        args.push(format!("--password={password}"));
+    }
+    Some(args)
 }
 
 /// Picks a free TCP port on 127.0.0.1.
@@ -66,6 +167,8 @@ pub struct ChildGuard {
     pub address: String,
     /// The process's working/data directory.
     pub dir: PathBuf,
+    /// The database server's database of this process, dropped after it is killed.
+    pub database: Option<TestDatabase>,
 }
 
 impl ChildGuard {
@@ -105,11 +208,15 @@ pub fn wait_for_port(address: &str, child: &mut Child, what: &str) {
 /// Starts kine-rs on `backend` with extra command-line arguments.
 pub fn spawn_kine_with(backend: Backend, extra_args: &[&str]) -> ChildGuard {
     let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = match backend {
-        Backend::Memory => "memory://".to_string(),
-        Backend::Sqlite => format!("sqlite://{}", dir.path().join("state.db").display()),
+    let database = TestDatabase::new(backend);
+    let endpoint = match (backend, &database) {
+        (_, Some(database)) => database.endpoint.clone(),
+        (Backend::Sqlite, None) => format!("sqlite://{}", dir.path().join("state.db").display()),
+        _ => "memory://".to_string(),
     };
-    spawn_kine_on(&endpoint, dir, extra_args)
+    let mut guard = spawn_kine_on(&endpoint, dir, extra_args);
+    guard.database = database;
+    guard
 }
 
 /// Starts kine-rs on `backend` with default flags.
@@ -144,6 +251,7 @@ pub fn spawn_kine_on(endpoint: &str, dir: tempfile::TempDir, extra_args: &[&str]
         address,
         dir: dir.path().to_path_buf(),
         _dir: dir,
+        database: None,
     }
 }
 
@@ -199,5 +307,8 @@ pub fn spawn_etcd() -> ChildGuard {
         address,
         dir: dir.path().to_path_buf(),
         _dir: dir,
+        database: None,
     }
 }
+
+pub mod differential;
