@@ -206,9 +206,9 @@ impl Mismatch {
     ) -> Mismatch {
         Mismatch {
             what: what.into(),
-            request: format!("{request:#?}"),
-            oracle: format!("{oracle:#?}"),
-            target: format!("{target:#?}"),
+            request: format!("{request:?}"),
+            oracle: format!("{oracle:?}"),
+            target: format!("{target:?}"),
         }
     }
 
@@ -283,9 +283,12 @@ impl Runner {
             what = m.what,
         );
         if !m.request.is_empty() {
-            s.push_str(&format!("request:\n{}\n", m.request));
-            s.push_str(&format!("etcd answered:\n{}\n", m.oracle));
-            s.push_str(&format!("{target} answered:\n{}\n", m.target));
+            s.push_str(&format!("request:\n  {}\n", m.request));
+            s.push_str(&format!("etcd answered (normalized):\n  {}\n", m.oracle));
+            s.push_str(&format!(
+                "{target} answered (normalized):\n  {}\n",
+                m.target
+            ));
         }
         s.push_str("the operations before it (newest last):\n");
         for r in &self.recent {
