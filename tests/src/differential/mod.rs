@@ -8,7 +8,8 @@
 //! - `DIFF_SEED`: the seed (decimal or 0x-hex); `random` picks one. Default: a fixed seed, so
 //!   CI is reproducible. The seed is always printed.
 //! - `DIFF_OPS`: the number of top-level operations (default 10,000).
-//! - `DIFF_TARGET`: `kine-rs` (default; on `DIFF_BACKEND` = `memory` (default) or `sqlite`)
+//! - `DIFF_TARGET`: `kine-rs` (default; on `DIFF_BACKEND` = `memory` (default), `sqlite`, `postgres` or
+//!   `mysql`)
 //!   or `etcd` (a second etcd: must give zero mismatches, which validates the normalization).
 //! - `DIFF_TRACE`: print every operation as it runs.
 //! - `ETCD_BIN`: the oracle etcd (default: `etcd` on PATH, which should be 3.5.1).
@@ -88,7 +89,11 @@ impl Config {
         let backend = match std::env::var("DIFF_BACKEND").as_deref() {
             Err(_) | Ok("memory") => Backend::Memory,
             Ok("sqlite") => Backend::Sqlite,
-            Ok(other) => anyhow::bail!("DIFF_BACKEND={other:?}: expected memory or sqlite"),
+            Ok("postgres") => Backend::Postgres,
+            Ok("mysql") => Backend::Mysql,
+            Ok(other) => {
+                anyhow::bail!("DIFF_BACKEND={other:?}: expected memory, sqlite, postgres or mysql")
+            }
         };
         let target = match std::env::var("DIFF_TARGET").as_deref() {
             Err(_) | Ok("kine-rs") | Ok("kine") => Target::KineRs(backend),
