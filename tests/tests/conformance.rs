@@ -1,5 +1,6 @@
 //! The conformance suite, once per target: `memory::txn_nested`, `sqlite::txn_nested`,
-//! `etcd::txn_nested`, ... The etcd target checks that the suite's expectations are etcd's.
+//! `postgres::txn_nested`, `mysql::txn_nested`, `etcd::txn_nested`, ... The etcd target checks
+//! that the suite's expectations are etcd's.
 //!
 //! The cases live in `kine_tests::conformance`; every case starts its own server process.
 //! A new backend is one more line at the bottom: `mod postgres { suite!(...); }`.
@@ -109,6 +110,18 @@ mod sqlite {
             Err(_) => panic!("timed out after {:?}", crate::CASE_TIMEOUT),
         }
     }
+}
+
+mod postgres {
+    use kine_tests::Backend;
+    use kine_tests::conformance::Target;
+    suite!(Target::Kine(Backend::Postgres));
+}
+
+mod mysql {
+    use kine_tests::Backend;
+    use kine_tests::conformance::Target;
+    suite!(Target::Kine(Backend::Mysql));
 }
 
 mod etcd {
