@@ -102,13 +102,26 @@ impl From<sqlx::Error> for KineError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => KineError::Unavailable(error.to_string()),
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("5") => {
-                // SQLITE_BUSY: another writer holds the file longer than the busy timeout.
+            sqlx::Error::Database(db) if db.code().as_deref().is_some_and(is_transient) => {
                 KineError::Unavailable(error.to_string())
             }
             _ => KineError::Storage(error.to_string()),
         }
     }
+}
+
+/// Database error codes (SQLite result codes, SQLSTATEs of PostgreSQL and MySQL) of failures
+/// that a retry may not meet: the server is going away or overloaded, or the transaction lost
+/// a deadlock or serialization conflict.
+fn is_transient(code: &str) -> bool {
+    // SQLITE_BUSY: another writer holds the file longer than the busy timeout.
+    code == "5"
+        // Connection exceptions (MySQL's too many connections and server shutdown, too).
+        || code.starts_with("08")
+        // PostgreSQL: admin or crash shutdown, cannot connect now; too many connections.
+        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        // Serialization failure and deadlock (PostgreSQL; MySQL reports both as 40001).
+        || matches!(code, "40001" | "40P01")
 }
 
 /// Results of kine-rs operations.

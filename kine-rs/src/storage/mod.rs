@@ -308,7 +308,11 @@ impl TlsFiles {
 
 /// Turns a failed schema migration into a clear error; a database migrated by a newer
 /// kine-rs is named as such.
-pub fn migration_error(error: sqlx::migrate::MigrateError, latest: i64) -> KineError {
+pub fn migration_error(
+    error: sqlx::migrate::MigrateError,
+    migrator: &sqlx::migrate::Migrator,
+) -> KineError {
+    let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
     match error {
         sqlx::migrate::MigrateError::VersionMissing(version) => KineError::Storage(format!(
             "incompatible schema: the datastore has schema version {version}, newer than the \

@@ -45,6 +45,7 @@ impl Dialect for Mysql {
          CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
          FROM information_schema.tables WHERE table_schema = DATABASE()";
     const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, leases";
+    const MAX_KEY_BYTES: Option<usize> = Some(MAX_KEY_BYTES);
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE {filter} LIMIT ?")
@@ -178,7 +179,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
     MIGRATOR
         .run(&pool)
         .await
-        .map_err(|e| migration_error(e, latest_version()))?;
+        .map_err(|e| migration_error(e, &MIGRATOR))?;
     Ok(SqlBackend::new(
         pool.clone(),
         pool,
@@ -217,10 +218,6 @@ async fn create_database(connect: &MySqlConnectOptions) -> Result<()> {
     }
     let _ = conn.close().await;
     Ok(())
-}
-
-fn latest_version() -> i64 {
-    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 #[cfg(test)]

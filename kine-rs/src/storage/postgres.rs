@@ -89,7 +89,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBa
     MIGRATOR
         .run(&pool)
         .await
-        .map_err(|e| migration_error(e, latest_version()))?;
+        .map_err(|e| migration_error(e, &MIGRATOR))?;
     let (sender, _) = broadcast::channel(1024);
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(CHANNEL).await?;
@@ -170,8 +170,4 @@ async fn create_database(connect: &PgConnectOptions) -> Result<()> {
     }
     let _ = conn.close().await;
     Ok(())
-}
-
-fn latest_version() -> i64 {
-    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }

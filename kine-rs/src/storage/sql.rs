@@ -67,6 +67,27 @@ pub trait Driver: Database {
     fn flag(row: &Self::Row, index: usize) -> Result<bool>;
 }
 
+/// A statement with its parameters bound.
+fn bound<'q, DB>(sql: String, args: &[Arg<'_>]) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    DB: Database,
+    i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    for<'b> &'b [u8]: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
+    for<'b> &'b str: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
+{
+    // Statements are assembled from constant fragments only; every value is a bound
+    // parameter.
+    let mut query = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql));
+    for arg in args {
+        query = match *arg {
+            Arg::Int(v) => query.bind(v),
+            Arg::Bytes(v) => query.bind(v),
+            Arg::Text(v) => query.bind(v),
+        };
+    }
+    query
+}
+
 /// Implements [`Driver`] for an sqlx database whose flag columns decode as `$flag`.
 macro_rules! driver {
     ($db:ty, $flag:ty) => {
@@ -77,17 +98,10 @@ macro_rules! driver {
                 args: &'a [Arg<'a>],
             ) -> impl Future<Output = Result<u64>> + Send + 'a {
                 async move {
-                    // Statements are assembled from constant fragments only; every value is
-                    // a bound parameter.
-                    let mut query = sqlx::query::<$db>(sqlx::AssertSqlSafe(sql));
-                    for arg in args {
-                        query = match *arg {
-                            Arg::Int(v) => query.bind(v),
-                            Arg::Bytes(v) => query.bind(v),
-                            Arg::Text(v) => query.bind(v),
-                        };
-                    }
-                    Ok(query.execute(&mut *conn).await?.rows_affected())
+                    Ok(bound::<$db>(sql, args)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected())
                 }
             }
 
@@ -96,17 +110,7 @@ macro_rules! driver {
                 sql: String,
                 args: &'a [Arg<'a>],
             ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send + 'a {
-                async move {
-                    let mut query = sqlx::query::<$db>(sqlx::AssertSqlSafe(sql));
-                    for arg in args {
-                        query = match *arg {
-                            Arg::Int(v) => query.bind(v),
-                            Arg::Bytes(v) => query.bind(v),
-                            Arg::Text(v) => query.bind(v),
-                        };
-                    }
-                    Ok(query.fetch_all(&mut *conn).await?)
-                }
+                async move { Ok(bound::<$db>(sql, args).fetch_all(&mut *conn).await?) }
             }
 
             fn int(row: &Self::Row, index: usize) -> Result<i64> {
@@ -154,6 +158,8 @@ pub trait Dialect: Send + Sync + 'static {
     const DEFRAGMENT: &'static str;
     /// Announces, inside the write transaction, that keyspace `?` changed.
     const NOTIFY: Option<&'static str> = None;
+    /// The longest key the schema can store, where it is limited.
+    const MAX_KEY_BYTES: Option<usize> = None;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -701,6 +707,15 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()> {
+        if let Some(max) = D::MAX_KEY_BYTES
+            && kv.key.len() > max
+        {
+            return Err(KineError::Storage(format!(
+                "a key of {} bytes is longer than the {} datastore stores ({max} bytes)",
+                kv.key.len(),
+                D::DRIVER
+            )));
+        }
         self.supersede(&kv.key, kv.mod_revision).await?;
         self.insert_row(kv, &kv.key, sub, false).await
     }

@@ -106,7 +106,7 @@ async fn connect(
     MIGRATOR
         .run(&writers)
         .await
-        .map_err(|e| migration_error(e, latest_version()))?;
+        .map_err(|e| migration_error(e, &MIGRATOR))?;
     let readers = SqlitePoolOptions::new()
         .max_connections(8)
         .min_connections(1)
@@ -119,8 +119,4 @@ async fn connect(
         None,
         Box::new(scratch),
     ))
-}
-
-fn latest_version() -> i64 {
-    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
