@@ -6,7 +6,7 @@
 use tonic::{Code, Status};
 
 /// A failure of a request, as the client will see it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KineError {
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,

@@ -34,11 +34,13 @@ pub fn query<'a>(request: &RangeRequest, range: &'a KeyRange) -> RangeQuery<'a> 
     } else {
         None
     };
+    // Values are dropped after sorting, so sorting by value needs them fetched.
+    let sorts_by_value = request.sort_target == SortTarget::Value as i32;
     RangeQuery {
         range,
         revision: request.revision,
         limit,
-        keys_only: request.keys_only,
+        keys_only: request.keys_only && !sorts_by_value,
         count_only: request.count_only,
     }
 }

@@ -373,13 +373,8 @@ impl<'t> Applier<'t> {
     }
 
     fn check_ranges(&self, request: &TxnRequest, path: &Path) -> Result<()> {
-        let state = self.txn.state();
-        // etcd compares against its first revision, -1 before any compaction.
-        let first = if state.compact_revision == 0 {
-            -1
-        } else {
-            state.compact_revision
-        };
+        // Like etcd's, the compaction revision is -1 before any compaction.
+        let first = self.txn.state().compact_revision;
         let mut nested = path.nested.iter();
         for op in path.ops(request) {
             match &op.request {

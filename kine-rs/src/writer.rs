@@ -91,9 +91,8 @@ pub async fn run(
             }
             Err(error) => {
                 warn!(%error, "write transaction failed");
-                let message = error.to_string();
                 for command in batch.drain(..) {
-                    let _ = command.reply.send(Err(same_error(&error, &message)));
+                    let _ = command.reply.send(Err(error.clone()));
                 }
                 purge_at = None;
             }
@@ -119,14 +118,6 @@ pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revisi
                 return;
             }
         }
-    }
-}
-
-fn same_error(error: &KineError, message: &str) -> KineError {
-    match error {
-        KineError::Unavailable(_) => KineError::Unavailable(message.to_string()),
-        KineError::Stopped => KineError::Stopped,
-        _ => KineError::Storage(message.to_string()),
     }
 }
 

@@ -12,7 +12,7 @@ CREATE TABLE keyspaces (
     id               BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
     name             VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     revision         BIGINT       NOT NULL DEFAULT 1,
-    compact_revision BIGINT       NOT NULL DEFAULT 0,
+    compact_revision BIGINT       NOT NULL DEFAULT -1,
     frozen           TINYINT      NOT NULL DEFAULT 0,
     UNIQUE KEY keyspaces_name (name)
 ) ENGINE = InnoDB;
@@ -28,7 +28,7 @@ CREATE TABLE kv (
     value           LONGBLOB        NOT NULL,
     deleted         TINYINT         NOT NULL,
     superseded      BIGINT          NOT NULL,
-    PRIMARY KEY (keyspace, `key`, mod_revision),
+    PRIMARY KEY (keyspace, `key`, mod_revision, sub),
     -- Reads at the current revision (and compaction: the prefix is kv_superseded).
     KEY kv_live (keyspace, superseded, `key`),
     -- Watches and history, in revision order.

@@ -5,7 +5,7 @@ CREATE TABLE keyspaces (
     id               INTEGER PRIMARY KEY,
     name             TEXT    NOT NULL UNIQUE,
     revision         INTEGER NOT NULL DEFAULT 1,
-    compact_revision INTEGER NOT NULL DEFAULT 0,
+    compact_revision INTEGER NOT NULL DEFAULT -1,
     frozen           INTEGER NOT NULL DEFAULT 0
 );
 
@@ -20,7 +20,7 @@ CREATE TABLE kv (
     value           BLOB    NOT NULL,
     deleted         INTEGER NOT NULL,
     superseded      INTEGER NOT NULL,
-    PRIMARY KEY (keyspace, key, mod_revision)
+    PRIMARY KEY (keyspace, key, mod_revision, sub)
 );
 
 -- Reads at the current revision touch only live rows.

@@ -53,7 +53,8 @@ pub struct KeyspaceState {
     pub id: KeyspaceId,
     /// The revision of the last committed write transaction (1 in an empty keyspace).
     pub revision: Revision,
-    /// Reads below this revision fail with `Compacted`; 0 when never compacted.
+    /// Reads below this revision fail with `Compacted`; -1 when never compacted (as in etcd,
+    /// so that compacting at revision 0 once succeeds).
     pub compact_revision: Revision,
     /// Whether writes are refused.
     pub frozen: bool,

@@ -473,7 +473,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             "SELECT e.`key`, e.create_revision, e.mod_revision, e.version, e.lease, e.value, \
              e.deleted, p.`key`, p.create_revision, p.mod_revision, p.version, p.lease, p.value \
              FROM kv e LEFT JOIN kv p ON p.keyspace = e.keyspace AND p.`key` = e.`key` \
-             AND p.superseded = e.mod_revision AND p.deleted = 0 \
+             AND p.superseded = e.mod_revision AND p.mod_revision < e.mod_revision \
+             AND p.deleted = 0 \
              WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?",
         );
         let end = range.and_then(KeyRange::exclusive_end);

@@ -34,11 +34,17 @@ struct Watcher {
     next: Revision,
     /// Whether events went out since the last progress tick.
     sent_since_tick: bool,
+    /// Canceled because its history was compacted. Like etcd, the id stays taken (and can be
+    /// canceled by the client) until the client cancels it; it gets nothing more.
+    compacted: bool,
 }
 
 impl Watcher {
     fn wants(&self, event: &Event) -> bool {
         let Some(kv) = &event.kv else { return false };
+        if self.compacted {
+            return false;
+        }
         if kv.mod_revision < self.next || !self.range.contains(&kv.key) {
             return false;
         }
@@ -48,7 +54,11 @@ impl Watcher {
 
     fn prepare(&self, event: &Event) -> Event {
         let mut event = event.clone();
-        if !self.prev_kv {
+        // etcd looks up no previous key-value for a creation (a put at version 1), even when
+        // the key was deleted and recreated within the same revision.
+        let is_create = event.r#type == EventType::Put as i32
+            && event.kv.as_ref().is_some_and(|kv| kv.version == 1);
+        if !self.prev_kv || is_create {
             event.prev_kv = None;
         }
         event
@@ -68,6 +78,8 @@ pub struct WatchStream {
     position: Revision,
     /// A progress request waiting for `position` to reach this revision.
     pending_progress: Option<Revision>,
+    /// The highest header revision sent: no later response reports less.
+    header_floor: Revision,
     progress_interval: Duration,
 }
 
@@ -85,6 +97,7 @@ impl WatchStream {
             next_id: 0,
             position: 0,
             pending_progress: None,
+            header_floor: 0,
             progress_interval,
         }
     }
@@ -117,7 +130,11 @@ impl WatchStream {
         }
     }
 
-    async fn send(&self, response: WatchResponse) -> Result<(), Disconnected> {
+    async fn send(&mut self, mut response: WatchResponse) -> Result<(), Disconnected> {
+        if let Some(header) = &mut response.header {
+            header.revision = header.revision.max(self.header_floor);
+            self.header_floor = header.revision;
+        }
         self.out.send(Ok(response)).await.map_err(|_| Disconnected)
     }
 
@@ -163,7 +180,13 @@ impl WatchStream {
                 return Err(Disconnected);
             }
         };
-        let range = KeyRange::new(create.key.clone(), create.range_end.clone());
+        // etcd watches "\0", the smallest key, when the key is empty.
+        let key = if create.key.is_empty() {
+            bytes::Bytes::from_static(b"\0")
+        } else {
+            create.key.clone()
+        };
+        let range = KeyRange::new(key.clone(), create.range_end.clone());
         let refused = |reason: &str| {
             let mut response = self.response(state.revision, -1);
             response.created = true;
@@ -172,7 +195,7 @@ impl WatchStream {
             response
         };
         if let crate::model::RangeEnd::Before(end) = &range.end
-            && create.key >= *end
+            && key >= *end
         {
             return self.send(refused("mvcc: watcher range is empty")).await;
         }
@@ -212,6 +235,7 @@ impl WatchStream {
                 fragment: create.fragment,
                 next,
                 sent_since_tick: false,
+                compacted: false,
             },
         );
         if next < state.compact_revision {
@@ -225,7 +249,9 @@ impl WatchStream {
 
     /// Cancels a watcher whose start was compacted away, as etcd does.
     async fn compacted(&mut self, id: i64, compact_revision: Revision) -> Result<(), Disconnected> {
-        self.watchers.remove(&id);
+        if let Some(watcher) = self.watchers.get_mut(&id) {
+            watcher.compacted = true;
+        }
         let mut response = self.response(self.position.max(compact_revision), id);
         response.compact_revision = compact_revision;
         response.canceled = true;
@@ -238,7 +264,7 @@ impl WatchStream {
             let Some(watcher) = self.watchers.get(&id) else {
                 return Ok(());
             };
-            if watcher.next > target {
+            if watcher.compacted || watcher.next > target {
                 return Ok(());
             }
             let after = watcher.next - 1;
@@ -364,7 +390,10 @@ impl WatchStream {
             .watchers
             .iter_mut()
             .filter_map(|(id, w)| {
-                let due = w.progress_notify && !w.sent_since_tick && w.next <= position + 1;
+                let due = w.progress_notify
+                    && !w.compacted
+                    && !w.sent_since_tick
+                    && w.next <= position + 1;
                 w.sent_since_tick = false;
                 due.then_some(*id)
             })
