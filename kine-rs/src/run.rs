@@ -512,5 +512,9 @@ mod tests {
             redact_endpoint("sqlite://./db/state.db"),
             "sqlite://./db/state.db"
         );
+        assert_eq!(
+            redact_endpoint("mysql://kine:p@ss@tcp(db:3306)/kine"),
+            "mysql://***@tcp(db:3306)/kine"
+        );
     }
 }

@@ -1,0 +1,105 @@
+//! Start-up against database servers: kine's endpoint forms, waiting for an unreachable
+//! database (without logging its password), and a clear error for a schema newer than this
+//! kine-rs.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kine_tests::{Backend, TestDatabase, free_port, kine_rs_binary, spawn_kine_on};
+
+/// Runs kine-rs on `endpoint` for at most `wait`; returns whether it exited by itself and
+/// what it wrote to stderr.
+fn run_for(endpoint: &str, wait: Duration) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = Command::new(kine_rs_binary())
+        .args(["--endpoint", endpoint, "--listen-address"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kine-rs");
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exited = child.try_wait().ok().flatten();
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().ok().filter(|_| exited.is_some());
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status, stderr)
+}
+
+#[test]
+fn waits_for_an_unreachable_database_without_logging_its_password() {
+    let port = free_port();
+    let endpoint = format!("postgres://kine:hunter2@127.0.0.1:{port}/kine");
+    let (status, stderr) = run_for(&endpoint, Duration::from_secs(3));
+    assert!(status.is_none(), "kine-rs gave up at once: {stderr}");
+    let expected = format!("waiting for the datastore at postgres://***@127.0.0.1:{port}/kine");
+    assert!(
+        stderr.matches(&expected).count() >= 2,
+        "no repeated waiting line: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "password logged: {stderr}");
+}
+
+#[test]
+fn refuses_a_newer_schema_version_by_name() {
+    let database = TestDatabase::new(Backend::Postgres).expect("postgres");
+    // The first start creates the database and its schema.
+    drop(spawn_kine_on(
+        &database.endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &[],
+    ));
+    let inserted = Command::new("psql")
+        .arg(&database.endpoint)
+        .args([
+            "-q",
+            "-c",
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (99, 'from the future', true, '\\x00', 1)",
+        ])
+        .status()
+        .expect("psql");
+    assert!(inserted.success());
+    let (status, stderr) = run_for(&database.endpoint, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "kine-rs started on a newer schema: {stderr}"
+    );
+    assert!(
+        stderr.contains("incompatible schema") && stderr.contains("version 99"),
+        "unclear error: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_mysql_through_kines_go_style_endpoint() {
+    let database = TestDatabase::new(Backend::Mysql).expect("mysql");
+    // mysql://user@host:port/db -> mysql://user@tcp(host:port)/db
+    let rest = database
+        .endpoint
+        .strip_prefix("mysql://")
+        .expect("a mysql:// URL");
+    let (userinfo, rest) = rest.rsplit_once('@').expect("user@host");
+    let (address, path) = rest.split_once('/').expect("host/db");
+    let endpoint = format!("mysql://{userinfo}@tcp({address})/{path}");
+    let guard = tokio::task::spawn_blocking(move || {
+        spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
+    })
+    .await
+    .expect("spawn");
+    let mut client = etcd_client::Client::connect([guard.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    client.put("k", "v", None).await.expect("put");
+    let got = client.get("k", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"v");
+}
