@@ -29,6 +29,17 @@
 //! at a revision ([`Backend::range`] at `R`, plus [`Backend::leases`]), the changes after `R`
 //! ([`Backend::events`]), and an import that keeps revisions ([`WriteTxn::put`] and
 //! [`WriteTxn::delete`] take the revision, create revision and version from the caller).
+//!
+//! # Backends
+//!
+//! SQLite ([`sqlite`]), PostgreSQL ([`postgres`]) and MySQL/MariaDB ([`mysql`]) share one
+//! implementation of both traits, [`sql::SqlBackend`], generic over a [`sql::Dialect`] that
+//! supplies what differs (placeholders, how transactions begin, the row lock, a few
+//! statements, commit announcements). Each has its own schema, created and upgraded by
+//! versioned migrations embedded in the binary (`migrations/<driver>/`). Several processes
+//! may share a PostgreSQL or MySQL database: the keyspace row lock orders their writes, and
+//! watch hubs learn of each other's commits by [`Backend::changes`] (PostgreSQL's
+//! LISTEN/NOTIFY) or by polling ([`Backend::poll_interval`], MySQL).
 
 pub mod mysql;
 pub mod postgres;
