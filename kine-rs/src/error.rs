@@ -34,6 +34,15 @@ pub enum KineError {
     LeaseTtlTooLarge,
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// The datastore cannot index a key this long (etcd itself has no key limit).
+    #[error(
+        "kine-rs: a key of {len} bytes is longer than the {max} bytes the {driver} datastore can store"
+    )]
+    KeyTooLong {
+        len: usize,
+        max: usize,
+        driver: &'static str,
+    },
     /// The keyspace refuses writes while a maintenance (migration) holds it frozen.
     #[error(
         "kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen"
@@ -66,7 +75,8 @@ impl KineError {
             | KineError::LeaseProvided
             | KineError::TooManyOps
             | KineError::DuplicateKey
-            | KineError::RequestTooLarge => Code::InvalidArgument,
+            | KineError::RequestTooLarge
+            | KineError::KeyTooLong { .. } => Code::InvalidArgument,
             KineError::LeaseNotFound => Code::NotFound,
             KineError::LeaseExists | KineError::Frozen { .. } => Code::FailedPrecondition,
             KineError::NoSpace => Code::ResourceExhausted,
@@ -199,6 +209,15 @@ mod tests {
                 KineError::NoSpace,
                 Code::ResourceExhausted,
                 "etcdserver: mvcc: database space exceeded",
+            ),
+            (
+                KineError::KeyTooLong {
+                    len: 4000,
+                    max: 3000,
+                    driver: "mysql",
+                },
+                Code::InvalidArgument,
+                "kine-rs: a key of 4000 bytes is longer than the 3000 bytes the mysql datastore can store",
             ),
             (
                 KineError::Frozen {

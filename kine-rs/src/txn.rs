@@ -346,6 +346,17 @@ impl<'t> Applier<'t> {
                         }
                     }
                     Some(Request::RequestPut(put)) => {
+                        // Checked here, not when writing: a datastore error while writing
+                        // would fail every request sharing the database transaction.
+                        if let Some((max, driver)) = self.txn.key_limit()
+                            && put.key.len() > max
+                        {
+                            return Err(KineError::KeyTooLong {
+                                len: put.key.len(),
+                                max,
+                                driver,
+                            });
+                        }
                         if lease_first {
                             self.check_lease(put.lease).await?;
                         }

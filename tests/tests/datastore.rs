@@ -103,3 +103,58 @@ async fn serves_mysql_through_kines_go_style_endpoint() {
     let got = client.get("k", None).await.expect("get");
     assert_eq!(got.kvs()[0].value(), b"v");
 }
+
+/// A key longer than the database can index fails only its own request, with a clear
+/// InvalidArgument, while writes sharing its group-commit batch succeed.
+async fn an_over_long_key_fails_alone(backend: Backend, limit: usize) {
+    let kine = kine_tests::spawn_kine(backend);
+    let client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let long_key = vec![b'k'; limit + 1];
+    let mut writes = Vec::new();
+    for i in 0..32 {
+        let mut client = client.clone();
+        writes.push(tokio::spawn(async move {
+            client.put(format!("neighbour/{i}"), "v", None).await
+        }));
+    }
+    let mut long_client = client.clone();
+    let long = long_client.put(long_key, "v", None).await;
+    for write in writes {
+        write
+            .await
+            .expect("join")
+            .expect("a neighbour's write must not fail with the long key");
+    }
+    let error = long.expect_err("the long key must be refused");
+    let status = match error {
+        etcd_client::Error::GRpcStatus(status) => status,
+        other => panic!("expected a gRPC status, got {other}"),
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("longer than"), "{status:?}");
+    let mut reader = client.clone();
+    let stored = reader
+        .get(
+            "neighbour/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .expect("count");
+    assert_eq!(stored.count(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_an_over_long_key_alone() {
+    an_over_long_key_fails_alone(Backend::Postgres, 2600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_refuses_an_over_long_key_alone() {
+    an_over_long_key_fails_alone(Backend::Mysql, 3000).await;
+}

@@ -47,6 +47,7 @@ fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("kine-rs {args:?} kept running; it was expected to refuse to start");
 }
 

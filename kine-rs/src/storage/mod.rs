@@ -193,6 +193,11 @@ pub trait WriteTxn: Send {
     /// The keyspace's counters as of the start of the transaction.
     fn state(&self) -> KeyspaceState;
 
+    /// The longest key the datastore can store, and its driver's name; `None` when unlimited.
+    fn key_limit(&self) -> Option<(usize, &'static str)> {
+        None
+    }
+
     /// The current, live key-value of `key`.
     async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>>;
 

@@ -33,6 +33,9 @@ pub struct Postgres;
 impl Dialect for Postgres {
     type DB = sqlx::Postgres;
     const DRIVER: &'static str = "postgres";
+    // A B-tree entry may take about a third of a page (2704 bytes); the kv indexes hold the
+    // key beside up to three integers.
+    const MAX_KEY_BYTES: Option<usize> = Some(2600);
     const BEGIN_WRITE: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
     const BEGIN_READ: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
     const LOCK: &'static str = " FOR UPDATE";

@@ -707,16 +707,11 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         })
     }
 
+    fn key_limit(&self) -> Option<(usize, &'static str)> {
+        D::MAX_KEY_BYTES.map(|max| (max, D::DRIVER))
+    }
+
     async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()> {
-        if let Some(max) = D::MAX_KEY_BYTES
-            && kv.key.len() > max
-        {
-            return Err(KineError::Storage(format!(
-                "a key of {} bytes is longer than the {} datastore stores ({max} bytes)",
-                kv.key.len(),
-                D::DRIVER
-            )));
-        }
         self.supersede(&kv.key, kv.mod_revision).await?;
         self.insert_row(kv, &kv.key, sub, false).await
     }
