@@ -132,6 +132,8 @@ fn is_transient(code: &str) -> bool {
         || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
         // Serialization failure and deadlock (PostgreSQL; MySQL reports both as 40001).
         || matches!(code, "40001" | "40P01")
+        // MySQL/MariaDB: the connection or its query was killed (`KILL`, a shutdown).
+        || code == "70100"
 }
 
 /// Results of kine-rs operations.
@@ -140,6 +142,22 @@ pub type Result<T, E = KineError> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database going away, killing a connection or losing a deadlock is worth a retry:
+    /// the client sees Unavailable; anything else is an internal error.
+    #[test]
+    fn transient_database_codes() {
+        for code in [
+            "5", "08006", "08S01", "57P01", "57P02", "57P03", "53300", "40001",
+        ] {
+            assert!(is_transient(code), "{code}");
+        }
+        // MariaDB's "Connection was killed" and MySQL's "Query execution was interrupted".
+        assert!(is_transient("70100"));
+        for code in ["23505", "42P01", "42000", "HY000"] {
+            assert!(!is_transient(code), "{code}");
+        }
+    }
 
     /// Walks every variant: each maps to etcd's code and message.
     #[test]

@@ -290,6 +290,11 @@ pub struct PoolOptions {
 
 /// Connections most a server pool opens when `--datastore-max-open-connections` is 0.
 pub const DEFAULT_MAX_OPEN: u32 = 16;
+/// How long a request waits for a database connection. While the database is down this is
+/// how long a request takes to fail with `Unavailable` (sqlx keeps retrying a refused
+/// connection until then), so it is short; a healthy pool hands out connections in
+/// microseconds.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PoolOptions {
     /// sqlx pool options for these settings.
@@ -304,7 +309,7 @@ impl PoolOptions {
             .min_connections(self.max_idle.min(max))
             .max_lifetime(self.max_lifetime)
             .idle_timeout(self.max_idle_time)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
     }
 }
 

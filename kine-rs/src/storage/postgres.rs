@@ -96,7 +96,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBa
     let (sender, _) = broadcast::channel(1024);
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(CHANNEL).await?;
-    let task = tokio::spawn(listen(listener, sender.clone()));
+    let task = tokio::spawn(listen(pool.clone(), listener, sender.clone()));
     Ok(SqlBackend::new(
         pool.clone(),
         pool,
@@ -115,9 +115,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Forwards commit notifications to the hubs; after a lost connection (notifications may have
-/// been missed) it tells every hub to look.
-async fn listen(mut listener: PgListener, sender: broadcast::Sender<Change>) {
+/// Forwards commit notifications to the hubs. Notifications sent while the LISTEN connection
+/// is down are lost, so once it listens again every hub is told to look ([`Change::Any`]).
+async fn listen(pool: PgPool, mut listener: PgListener, sender: broadcast::Sender<Change>) {
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
@@ -125,13 +125,36 @@ async fn listen(mut listener: PgListener, sender: broadcast::Sender<Change>) {
                     let _ = sender.send(Change::Keyspace(id));
                 }
             }
+            // sqlx reconnected (eagerly) and listens again.
             Ok(None) => {
-                info!("the PostgreSQL notification connection was lost; reconnecting");
+                info!("the PostgreSQL notification connection was lost and is back");
                 let _ = sender.send(Change::Any);
             }
+            // The connection failed, or reconnecting did: start over on a new one.
             Err(error) => {
-                warn!(%error, "cannot receive PostgreSQL notifications; retrying");
+                warn!(%error, "the PostgreSQL notification connection failed; reconnecting");
                 let _ = sender.send(Change::Any);
+                drop(listener);
+                listener = relisten(&pool).await;
+                info!("listening for PostgreSQL notifications again");
+                let _ = sender.send(Change::Any);
+            }
+        }
+    }
+}
+
+/// A new LISTEN connection, retried until the database answers.
+async fn relisten(pool: &PgPool) -> PgListener {
+    loop {
+        let attempt = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match attempt.await {
+            Ok(listener) => return listener,
+            Err(error) => {
+                warn!(%error, "cannot listen for PostgreSQL notifications; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
