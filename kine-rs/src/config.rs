@@ -100,6 +100,11 @@ pub struct Config {
     #[arg(long, env = "KINE_DATASTORE_CONNECTION_MAX_IDLE_TIME", default_value = "0", value_parser = parse_duration)]
     pub datastore_connection_max_idle_time: Duration,
 
+    /// Log datastore queries that take at least this long, at WARN, by kind of query (Go
+    /// duration: `1s`, `500ms`); `0` logs none. Statements' values are never logged.
+    #[arg(long, env = "KINE_SLOW_SQL_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
+    pub slow_sql_threshold: Duration,
+
     /// Log at debug level.
     #[arg(long, env = "KINE_DEBUG")]
     pub debug: bool,
@@ -130,7 +135,6 @@ impl Config {
 /// kine flags that kine-rs knows of but does not support yet; they are refused with a clear
 /// message instead of clap's generic "unexpected argument".
 pub const UNSUPPORTED_KINE_FLAGS: &[&str] = &[
-    "--slow-sql-threshold",
     "--metrics-enable-profiling",
     "--table-name",
     "--skip-verify",
@@ -196,6 +200,7 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1ns"), Ok(Duration::from_nanos(1)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());

@@ -1,12 +1,22 @@
-//! Prometheus metrics, served on `--metrics-bind-address`.
+//! Prometheus metrics, served on `--metrics-bind-address`, and the slow-query log.
+//!
+//! One registry per process ([`Metrics::global`]): the gRPC layer, the SQL core
+//! ([`sql_query`]) and the writer ([`write_batch`]) record into it without being handed it.
+//! SQL metrics are labelled by the driver and a fixed name of the query kind (`range`,
+//! `events`, `insert_kv`, `commit`, …), never by a statement's text or values.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tracing::warn;
+
+use crate::error::KineError;
 
 /// Labels of a gRPC request metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,16 +31,46 @@ pub struct MethodLabels {
     pub method: String,
 }
 
+/// Labels of an SQL query metric: the driver and the kind of query.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub driver: &'static str,
+    pub query: &'static str,
+}
+
+/// Labels of a failed SQL query: the driver, the kind of query and of failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryErrorLabels {
+    pub driver: &'static str,
+    pub query: &'static str,
+    /// `unavailable` (the datastore is unreachable, or a retry may succeed) or `storage`.
+    pub kind: &'static str,
+}
+
 /// The process's metrics.
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RpcLabels, Counter>,
     pub latency: Family<MethodLabels, Histogram>,
+    pub sql_duration: Family<QueryLabels, Histogram>,
+    pub sql_errors: Family<QueryErrorLabels, Counter>,
+    pub sql_slow: Family<QueryLabels, Counter>,
+    pub write_batch_size: Histogram,
 }
 
+static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
+
+/// `--slow-sql-threshold` in nanoseconds; 0 turns the slow-query log off.
+static SLOW_SQL_NANOS: AtomicU64 = AtomicU64::new(1_000_000_000);
+
 impl Metrics {
+    /// The process's registry, created on first use.
+    pub fn global() -> &'static Arc<Metrics> {
+        GLOBAL.get_or_init(Metrics::new)
+    }
+
     /// Registers every metric.
-    pub fn new() -> Arc<Self> {
+    fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("kine");
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -46,10 +86,40 @@ impl Metrics {
             "Time to answer a unary gRPC request",
             latency.clone(),
         );
+        let sql_duration = Family::<QueryLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00005, 2.0, 18))
+        });
+        registry.register(
+            "sql_query_duration_seconds",
+            "Time of a datastore query (or transaction step), by driver and kind of query",
+            sql_duration.clone(),
+        );
+        let sql_errors = Family::<QueryErrorLabels, Counter>::default();
+        registry.register(
+            "sql_errors",
+            "Failed datastore queries, by driver, kind of query and kind of failure",
+            sql_errors.clone(),
+        );
+        let sql_slow = Family::<QueryLabels, Counter>::default();
+        registry.register(
+            "sql_slow_queries",
+            "Datastore queries slower than --slow-sql-threshold, by driver and kind of query",
+            sql_slow.clone(),
+        );
+        let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        registry.register(
+            "write_batch_size",
+            "Write requests committed together in one database transaction (group commit)",
+            write_batch_size.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
             latency,
+            sql_duration,
+            sql_errors,
+            sql_slow,
+            write_batch_size,
         })
     }
 
@@ -60,5 +130,96 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Sets `--slow-sql-threshold`: queries at least this slow are logged; zero logs none.
+pub fn set_slow_sql_threshold(threshold: Duration) {
+    let nanos = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
+    SLOW_SQL_NANOS.store(nanos, Ordering::Relaxed);
+}
+
+/// The current `--slow-sql-threshold`.
+pub fn slow_sql_threshold() -> Duration {
+    Duration::from_nanos(SLOW_SQL_NANOS.load(Ordering::Relaxed))
+}
+
+/// Records one datastore query: its duration, its failure, and a WARN line when it was slow.
+/// The log line names the driver and the kind of query only, never a statement's values.
+pub fn sql_query(
+    driver: &'static str,
+    query: &'static str,
+    elapsed: Duration,
+    error: Option<&KineError>,
+) {
+    let metrics = Metrics::global();
+    let labels = QueryLabels { driver, query };
+    metrics
+        .sql_duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    if let Some(error) = error {
+        let kind = match error {
+            KineError::Unavailable(_) => "unavailable",
+            _ => "storage",
+        };
+        metrics
+            .sql_errors
+            .get_or_create(&QueryErrorLabels {
+                driver,
+                query,
+                kind,
+            })
+            .inc();
+    }
+    let threshold = slow_sql_threshold();
+    if !threshold.is_zero() && elapsed >= threshold {
+        metrics.sql_slow.get_or_create(&labels).inc();
+        warn!(
+            driver,
+            query,
+            duration = ?elapsed,
+            threshold = ?threshold,
+            "slow SQL query"
+        );
+    }
+}
+
+/// Records how many write requests one group commit applied.
+pub fn write_batch(size: usize) {
+    Metrics::global().write_batch_size.observe(size as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_sql_and_batch_metrics() {
+        sql_query("sqlite", "range", Duration::from_millis(2), None);
+        sql_query(
+            "sqlite",
+            "commit",
+            Duration::from_millis(1),
+            Some(&KineError::Unavailable("down".into())),
+        );
+        write_batch(3);
+        let text = Metrics::global().render();
+        assert!(
+            text.contains(
+                "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"range\"}"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kine_sql_errors_total{driver=\"sqlite\",query=\"commit\",kind=\"unavailable\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kine_write_batch_size_bucket{le=\"4.0\"}"),
+            "{text}"
+        );
     }
 }

@@ -175,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 .into(),
         ));
     }
+    crate::metrics::set_slow_sql_threshold(config.slow_sql_threshold);
     let redacted = redact_endpoint(&endpoint);
     let backend = open_datastore(&endpoint, &redacted, &backend_options(&config)).await?;
     let listen = ListenAddress::parse(&config.listen_address);
@@ -200,7 +201,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             config.compact_min_retain,
         ));
     }
-    let metrics = Metrics::new();
+    let metrics = Metrics::global().clone();
     if !config.metrics_bind_address.is_empty() {
         serve_metrics(&config.metrics_bind_address, metrics.clone()).await?;
     }

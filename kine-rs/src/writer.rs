@@ -80,6 +80,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        crate::metrics::write_batch(batch.len());
         let mut purge_at = None;
         let outcomes = apply_batch(&*backend, keyspace, &tenant, &batch, &mut purge_at).await;
         match outcomes {

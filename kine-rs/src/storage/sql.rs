@@ -14,15 +14,17 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, Transaction};
 use tokio::sync::broadcast;
 
 use super::{Backend, Change, KeyspaceId, KeyspaceState, RangeQuery, RangeRows, WriteTxn};
 use crate::error::{KineError, Result};
+use crate::metrics;
 use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, tombstone};
 
 /// Marks a current row in `kv.superseded`.
@@ -188,24 +190,70 @@ pub fn numbered_placeholders(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-async fn execute<D: Dialect>(conn: &mut Conn<D>, sql: &str, args: &[Arg<'_>]) -> Result<u64> {
-    D::DB::execute(conn, D::sql(sql).into_owned(), args).await
+/// Runs one step of database work, recording its duration and outcome as a `query` of the
+/// dialect's driver (see [`metrics::sql_query`]: a fixed name, never the statement's values).
+async fn timed<D: Dialect, T>(
+    query: &'static str,
+    step: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let started = Instant::now();
+    let result = step.await;
+    metrics::sql_query(D::DRIVER, query, started.elapsed(), result.as_ref().err());
+    result
+}
+
+/// A connection from `pool`; the wait is recorded as query `acquire`.
+async fn acquire<D: Dialect>(pool: &Pool<D::DB>) -> Result<PoolConnection<D::DB>> {
+    timed::<D, _>("acquire", async { Ok(pool.acquire().await?) }).await
+}
+
+/// A transaction on a connection from `pool`, begun with `begin`, recorded as `query`.
+async fn begin<D: Dialect>(
+    pool: &Pool<D::DB>,
+    query: &'static str,
+    begin: &'static str,
+) -> Result<Transaction<'static, D::DB>> {
+    timed::<D, _>(query, async {
+        Ok(pool.begin_with(sqlx::AssertSqlSafe(begin)).await?)
+    })
+    .await
+}
+
+/// Commits `tx`, recorded as query `commit`.
+async fn commit<D: Dialect>(tx: Transaction<'static, D::DB>) -> Result<()> {
+    timed::<D, _>("commit", async { Ok(tx.commit().await?) }).await
+}
+
+async fn execute<D: Dialect>(
+    conn: &mut Conn<D>,
+    query: &'static str,
+    sql: &str,
+    args: &[Arg<'_>],
+) -> Result<u64> {
+    let sql = D::sql(sql).into_owned();
+    timed::<D, _>(query, D::DB::execute(conn, sql, args)).await
 }
 
 async fn fetch_all<D: Dialect>(
     conn: &mut Conn<D>,
+    query: &'static str,
     sql: &str,
     args: &[Arg<'_>],
 ) -> Result<Vec<Row<D>>> {
-    D::DB::fetch_all(conn, D::sql(sql).into_owned(), args).await
+    let sql = D::sql(sql).into_owned();
+    timed::<D, _>(query, D::DB::fetch_all(conn, sql, args)).await
 }
 
 async fn fetch_optional<D: Dialect>(
     conn: &mut Conn<D>,
+    query: &'static str,
     sql: &str,
     args: &[Arg<'_>],
 ) -> Result<Option<Row<D>>> {
-    Ok(fetch_all::<D>(conn, sql, args).await?.into_iter().next())
+    Ok(fetch_all::<D>(conn, query, sql, args)
+        .await?
+        .into_iter()
+        .next())
 }
 
 /// Column list of a key-value row, in the order [`kv_from_row`] decodes.
@@ -240,9 +288,14 @@ async fn read_state<D: Dialect>(
         "SELECT revision, compact_revision, frozen FROM keyspaces WHERE id = ?{}",
         if lock { D::LOCK } else { "" }
     );
-    let row = fetch_optional::<D>(conn, &sql, &[Arg::Int(keyspace)])
-        .await?
-        .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
+    let row = fetch_optional::<D>(
+        conn,
+        if lock { "state_lock" } else { "state" },
+        &sql,
+        &[Arg::Int(keyspace)],
+    )
+    .await?
+    .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
     Ok(KeyspaceState {
         id: keyspace,
         revision: D::DB::int(&row, 0)?,
@@ -301,7 +354,7 @@ async fn range_on<D: Dialect>(
         if let Some(limit) = query.limit {
             row_args.push(Arg::Int(limit));
         }
-        for row in fetch_all::<D>(conn, &sql, &row_args).await? {
+        for row in fetch_all::<D>(conn, "range", &sql, &row_args).await? {
             kvs.push(kv_from_row::<D>(&row, 0)?);
         }
         // Everything was fetched: the count is known without a second query.
@@ -311,7 +364,7 @@ async fn range_on<D: Dialect>(
         }
     }
     let sql = range_sql("COUNT(*)", range, at, false);
-    let row = fetch_optional::<D>(conn, &sql, &args)
+    let row = fetch_optional::<D>(conn, "range_count", &sql, &args)
         .await?
         .ok_or_else(|| KineError::Storage("COUNT returned no row".into()))?;
     Ok((kvs, D::DB::int(&row, 0)?))
@@ -327,7 +380,13 @@ async fn lease_on<D: Dialect>(
         "SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? AND id = ?{}",
         if lock { D::LOCK } else { "" }
     );
-    let row = fetch_optional::<D>(conn, &sql, &[Arg::Int(keyspace), Arg::Int(id)]).await?;
+    let row = fetch_optional::<D>(
+        conn,
+        if lock { "lease_lock" } else { "lease" },
+        &sql,
+        &[Arg::Int(keyspace), Arg::Int(id)],
+    )
+    .await?;
     row.as_ref().map(lease_from_row::<D>).transpose()
 }
 
@@ -338,6 +397,7 @@ async fn lease_keys_on<D: Dialect>(
 ) -> Result<Vec<Bytes>> {
     let rows = fetch_all::<D>(
         conn,
+        "lease_keys",
         "SELECT `key` FROM kv WHERE keyspace = ? AND lease = ? AND lease <> 0 \
          AND superseded = 9223372036854775807 AND deleted = 0 ORDER BY `key`",
         &[Arg::Int(keyspace), Arg::Int(id)],
@@ -385,10 +445,7 @@ impl<D: Dialect> SqlBackend<D> {
     }
 
     async fn begin_read(&self) -> Result<Transaction<'static, D::DB>> {
-        Ok(self
-            .readers
-            .begin_with(sqlx::AssertSqlSafe(D::BEGIN_READ))
-            .await?)
+        begin::<D>(&self.readers, "begin_read", D::BEGIN_READ).await
     }
 
     /// A write transaction holding the keyspace's row lock, and the counters it read.
@@ -396,10 +453,7 @@ impl<D: Dialect> SqlBackend<D> {
         &self,
         keyspace: KeyspaceId,
     ) -> Result<(Transaction<'static, D::DB>, KeyspaceState)> {
-        let mut tx = self
-            .writers
-            .begin_with(sqlx::AssertSqlSafe(D::BEGIN_WRITE))
-            .await?;
+        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
         let state = read_state::<D>(&mut tx, keyspace, true).await?;
         Ok((tx, state))
     }
@@ -414,24 +468,32 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     async fn keyspace(&self, name: &str, create: bool) -> Result<Option<KeyspaceId>> {
         const FIND: &str = "SELECT id FROM keyspaces WHERE name = ?";
         {
-            let mut conn = self.readers.acquire().await?;
-            if let Some(row) = fetch_optional::<D>(&mut conn, FIND, &[Arg::Text(name)]).await? {
+            let mut conn = acquire::<D>(&self.readers).await?;
+            if let Some(row) =
+                fetch_optional::<D>(&mut conn, "keyspace_find", FIND, &[Arg::Text(name)]).await?
+            {
                 return Ok(Some(D::DB::int(&row, 0)?));
             }
         }
         if !create {
             return Ok(None);
         }
-        let mut conn = self.writers.acquire().await?;
-        execute::<D>(&mut conn, D::INSERT_KEYSPACE, &[Arg::Text(name)]).await?;
-        let row = fetch_optional::<D>(&mut conn, FIND, &[Arg::Text(name)])
+        let mut conn = acquire::<D>(&self.writers).await?;
+        execute::<D>(
+            &mut conn,
+            "keyspace_create",
+            D::INSERT_KEYSPACE,
+            &[Arg::Text(name)],
+        )
+        .await?;
+        let row = fetch_optional::<D>(&mut conn, "keyspace_find", FIND, &[Arg::Text(name)])
             .await?
             .ok_or_else(|| KineError::Storage(format!("keyspace {name:?} was not created")))?;
         Ok(Some(D::DB::int(&row, 0)?))
     }
 
     async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState> {
-        let mut conn = self.readers.acquire().await?;
+        let mut conn = acquire::<D>(&self.readers).await?;
         read_state::<D>(&mut conn, keyspace, false).await
     }
 
@@ -448,7 +510,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             Some(query.revision)
         };
         let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at).await?;
-        tx.commit().await?;
+        commit::<D>(tx).await?;
         // Like etcd, the header reports the store's current revision, whatever was read.
         Ok(RangeRows {
             revision: state.revision,
@@ -488,8 +550,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             args.push(Arg::Bytes(end));
         }
         sql.push_str(" ORDER BY e.mod_revision, e.sub");
-        let rows = fetch_all::<D>(&mut tx, &sql, &args).await?;
-        tx.commit().await?;
+        let rows = fetch_all::<D>(&mut tx, "events", &sql, &args).await?;
+        commit::<D>(tx).await?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             let kv = kv_from_row::<D>(&row, 0)?;
@@ -522,14 +584,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 
     async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>> {
-        let mut conn = self.readers.acquire().await?;
+        let mut conn = acquire::<D>(&self.readers).await?;
         lease_on::<D>(&mut conn, keyspace, id, false).await
     }
 
     async fn leases(&self, keyspace: KeyspaceId) -> Result<Vec<LeaseRecord>> {
-        let mut conn = self.readers.acquire().await?;
+        let mut conn = acquire::<D>(&self.readers).await?;
         let rows = fetch_all::<D>(
             &mut conn,
+            "leases",
             "SELECT id, ttl, expires_at_ms FROM leases WHERE keyspace = ? \
              ORDER BY expires_at_ms, id",
             &[Arg::Int(keyspace)],
@@ -539,14 +602,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 
     async fn lease_keys(&self, keyspace: KeyspaceId, id: i64) -> Result<Vec<Bytes>> {
-        let mut conn = self.readers.acquire().await?;
+        let mut conn = acquire::<D>(&self.readers).await?;
         lease_keys_on::<D>(&mut conn, keyspace, id).await
     }
 
     async fn expired_leases(&self, keyspace: KeyspaceId, now_ms: i64) -> Result<Vec<i64>> {
-        let mut conn = self.readers.acquire().await?;
+        let mut conn = acquire::<D>(&self.readers).await?;
         let rows = fetch_all::<D>(
             &mut conn,
+            "expired_leases",
             "SELECT id FROM leases WHERE keyspace = ? AND expires_at_ms <= ? \
              ORDER BY expires_at_ms LIMIT 1000",
             &[Arg::Int(keyspace), Arg::Int(now_ms)],
@@ -561,9 +625,10 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         id: i64,
         now_ms: i64,
     ) -> Result<Option<LeaseRecord>> {
-        let mut conn = self.writers.acquire().await?;
+        let mut conn = acquire::<D>(&self.writers).await?;
         let renewed = execute::<D>(
             &mut conn,
+            "lease_renew",
             "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
              WHERE keyspace = ? AND id = ? AND expires_at_ms > ?",
             &[
@@ -592,31 +657,33 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
         let superseded = execute::<D>(
             &mut tx,
+            "purge",
             &D::delete_limited("keyspace = ? AND superseded <= ?"),
             &args,
         )
         .await?;
         let tombstones = execute::<D>(
             &mut tx,
+            "purge",
             &D::delete_limited("keyspace = ? AND mod_revision < ? AND deleted = 1"),
             &args,
         )
         .await?;
-        tx.commit().await?;
+        commit::<D>(tx).await?;
         Ok(superseded + tombstones)
     }
 
     async fn size(&self) -> Result<(i64, i64)> {
-        let mut conn = self.readers.acquire().await?;
-        let row = fetch_optional::<D>(&mut conn, D::SIZE, &[])
+        let mut conn = acquire::<D>(&self.readers).await?;
+        let row = fetch_optional::<D>(&mut conn, "size", D::SIZE, &[])
             .await?
             .ok_or_else(|| KineError::Storage("the size query returned no row".into()))?;
         Ok((D::DB::int(&row, 0)?, D::DB::int(&row, 1)?))
     }
 
     async fn defragment(&self) -> Result<()> {
-        let mut conn = self.writers.acquire().await?;
-        execute::<D>(&mut conn, D::DEFRAGMENT, &[]).await?;
+        let mut conn = acquire::<D>(&self.writers).await?;
+        execute::<D>(&mut conn, "defragment", D::DEFRAGMENT, &[]).await?;
         Ok(())
     }
 
@@ -640,6 +707,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
     async fn supersede(&mut self, key: &[u8], revision: Revision) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "supersede",
             "UPDATE kv SET superseded = ? WHERE keyspace = ? AND `key` = ? \
              AND superseded = 9223372036854775807",
             &[Arg::Int(revision), Arg::Int(self.keyspace), Arg::Bytes(key)],
@@ -657,6 +725,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
     ) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "insert_kv",
             "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
              lease, value, deleted, superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             &[
@@ -690,6 +759,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         );
         let row = fetch_optional::<D>(
             &mut self.tx,
+            "get",
             &sql,
             &[Arg::Int(self.keyspace), Arg::Bytes(key)],
         )
@@ -733,6 +803,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "lease_insert",
             "INSERT INTO leases (keyspace, id, ttl, expires_at_ms) VALUES (?, ?, ?, ?)",
             &[
                 Arg::Int(self.keyspace),
@@ -748,6 +819,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     async fn delete_lease(&mut self, id: i64) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "lease_delete",
             "DELETE FROM leases WHERE keyspace = ? AND id = ?",
             &[Arg::Int(self.keyspace), Arg::Int(id)],
         )
@@ -762,6 +834,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     async fn set_compact_revision(&mut self, revision: Revision) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "compact",
             "UPDATE keyspaces SET compact_revision = ? WHERE id = ?",
             &[Arg::Int(revision), Arg::Int(self.keyspace)],
         )
@@ -773,6 +846,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     async fn set_frozen(&mut self, frozen: bool) -> Result<()> {
         execute::<D>(
             &mut self.tx,
+            "freeze",
             "UPDATE keyspaces SET frozen = ? WHERE id = ?",
             &[Arg::Int(frozen as i64), Arg::Int(self.keyspace)],
         )
@@ -785,15 +859,16 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         if revision != self.state.revision {
             execute::<D>(
                 &mut self.tx,
+                "revision",
                 "UPDATE keyspaces SET revision = ? WHERE id = ?",
                 &[Arg::Int(revision), Arg::Int(self.keyspace)],
             )
             .await?;
         }
         if let Some(notify) = D::NOTIFY {
-            execute::<D>(&mut self.tx, notify, &[Arg::Int(self.keyspace)]).await?;
+            execute::<D>(&mut self.tx, "notify", notify, &[Arg::Int(self.keyspace)]).await?;
         }
-        self.tx.commit().await?;
+        commit::<D>(self.tx).await?;
         Ok(())
     }
 }

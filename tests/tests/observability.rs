@@ -1,0 +1,244 @@
+//! What an operator sees of the datastore: Prometheus metrics per kind of SQL query and of
+//! group-commit batch sizes, and the slow-query log (`--slow-sql-threshold`), which names the
+//! kind of query and its duration but never a key, a value or a password.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kine_tests::{free_port, kine_rs_binary, spawn_kine_on, wait_for_port};
+
+/// Concurrent writers, so that some writes share a database transaction.
+const WRITERS: usize = 16;
+/// Puts each writer sends.
+const PUTS: usize = 10;
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+}
+
+/// The value of the sample line `name` (with its labels, exactly) in a text exposition.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == name).then(|| value.parse().ok())?
+    })
+}
+
+/// Sends `WRITERS` × `PUTS` puts at once, then one read.
+fn write_load(endpoint: &str) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = etcd_client::Client::connect([endpoint], None)
+            .await
+            .expect("connect");
+        let mut tasks = Vec::new();
+        for writer in 0..WRITERS {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..PUTS {
+                    client
+                        .put(format!("obs/{writer}/{i}"), "v", None)
+                        .await
+                        .expect("put");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        let mut client = client.clone();
+        let got = client
+            .get("obs/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(got.kvs().len(), WRITERS * PUTS);
+    });
+}
+
+#[test]
+fn metrics_show_sql_queries_by_kind_and_write_batch_sizes() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(
+        &endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &["--metrics-bind-address", &metrics_address],
+    );
+    write_load(&kine.endpoint);
+    let body = http_get(&metrics_address, "/metrics");
+
+    for query in ["insert_kv", "supersede", "begin_write", "commit", "range"] {
+        let count = sample(
+            &body,
+            &format!(
+                "kine_sql_query_duration_seconds_count{{driver=\"sqlite\",query=\"{query}\"}}"
+            ),
+        );
+        assert!(
+            count.is_some_and(|c| c >= 1.0),
+            "no {query} queries recorded:\n{body}"
+        );
+    }
+    // Every put inserted one row.
+    let inserts = sample(
+        &body,
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"insert_kv\"}",
+    );
+    assert_eq!(inserts, Some((WRITERS * PUTS) as f64), "{body}");
+    assert!(
+        body.contains(
+            "kine_sql_query_duration_seconds_bucket{le=\"0.0001\",driver=\"sqlite\",query=\"range\"}"
+        ) || body.contains("query=\"range\",le="),
+        "no histogram buckets for range:\n{body}"
+    );
+
+    // Group commit: every write request is in exactly one batch, and no more batches than
+    // requests (fewer when writes shared a transaction).
+    let batched = sample(&body, "kine_write_batch_size_sum").expect("batch size sum");
+    let batches = sample(&body, "kine_write_batch_size_count").expect("batch count");
+    assert_eq!(batched, (WRITERS * PUTS) as f64, "{body}");
+    assert!(batches >= 1.0 && batches <= batched, "{body}");
+    assert!(
+        body.contains("kine_write_batch_size_bucket{le=\"1.0\"}"),
+        "{body}"
+    );
+    eprintln!("{batched} writes in {batches} group commits");
+}
+
+/// A kine-rs process, killed when dropped.
+struct Kine {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Kine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts kine-rs on SQLite with `args`, its log in a file; returns it, the log's path and
+/// the directory both live in.
+fn spawn_logging(args: &[&str]) -> (Kine, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("kine.log");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(kine_rs_binary())
+        .current_dir(dir.path())
+        .args(["--endpoint", &endpoint, "--listen-address", &address])
+        .args(args)
+        .env_remove("KINE_LOG")
+        .env_remove("KINE_SLOW_SQL_THRESHOLD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start kine-rs");
+    wait_for_port(&address, &mut child, "kine-rs");
+    let kine = Kine {
+        child,
+        endpoint: format!("http://{address}"),
+    };
+    (kine, log, dir)
+}
+
+/// Removes ANSI colour sequences from a log.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads `log` until it contains `needle`, for at most 10 seconds.
+fn log_with(log: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = plain(&std::fs::read_to_string(log).unwrap_or_default());
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn slow_queries_are_logged_by_kind_without_values() {
+    let (kine, log, _dir) = spawn_logging(&["--slow-sql-threshold", "1ns"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        client
+            .put("secret-key-4f1d", "secret-value-9a2c", None)
+            .await
+            .expect("put");
+        client.get("secret-key-4f1d", None).await.expect("get");
+    });
+    let text = log_with(&log, "query=range");
+    let slow: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("slow SQL query"))
+        .collect();
+    assert!(
+        slow.iter().any(|line| line.contains("WARN")
+            && line.contains("driver=\"sqlite\"")
+            && line.contains("query=\"insert_kv\"")
+            && line.contains("duration=")),
+        "no slow-query WARN line for the insert:\n{text}"
+    );
+    assert!(
+        slow.iter().any(|line| line.contains("query=\"range\"")),
+        "no slow-query line for the read:\n{text}"
+    );
+    assert!(
+        !text.contains("secret-key-4f1d") && !text.contains("secret-value-9a2c"),
+        "the log names a key or value:\n{text}"
+    );
+    assert!(
+        !text.contains("INSERT") && !text.contains("SELECT"),
+        "the log shows statements:\n{text}"
+    );
+}
+
+#[test]
+fn slow_query_log_is_off_at_zero() {
+    let (kine, log, _dir) = spawn_logging(&["--slow-sql-threshold", "0"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        for i in 0..20 {
+            client.put(format!("k{i}"), "v", None).await.expect("put");
+        }
+    });
+    drop(kine);
+    let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(text.contains("kine-rs serving"), "{text}");
+    assert!(!text.contains("slow SQL query"), "{text}");
+}
