@@ -1,8 +1,12 @@
-//! Compiles the etcd v3 API with `protox` (a pure-Rust protobuf compiler), so building
+//! Compiles the etcd v3 API and kine-rs's admin API with `protox` (a pure-Rust protobuf compiler), so building
 //! kine-rs never needs a system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["etcd/etcdserverpb/rpc.proto", "etcd/mvccpb/kv.proto"];
+    let files = [
+        "etcd/etcdserverpb/rpc.proto",
+        "etcd/mvccpb/kv.proto",
+        "kine/admin/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

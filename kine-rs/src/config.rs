@@ -105,6 +105,47 @@ pub struct Config {
     #[arg(long, env = "KINE_SLOW_SQL_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
     pub slow_sql_threshold: Duration,
 
+    /// Sidecar mode: the tenant (keyspace) this process serves. Many sidecars may share one
+    /// database, each with its own tenant. A DNS label; `default` is the keyspace of a
+    /// kine-rs without tenants.
+    #[arg(long, env = "KINE_TENANT", default_value = "default")]
+    pub tenant: String,
+
+    /// Gateway mode: serve many tenants, each client's tenant being the identity in its
+    /// verified client certificate (needs `--trusted-ca-file`).
+    #[arg(long, env = "KINE_GATEWAY", conflicts_with = "tenant")]
+    pub gateway: bool,
+
+    /// Which name of a client certificate is its tenant in gateway mode: the subject's common
+    /// name, or the first DNS, URI or email subject alternative name.
+    #[arg(long, env = "KINE_GATEWAY_IDENTITY", value_enum, default_value_t = IdentitySource::Cn)]
+    pub gateway_identity: IdentitySource,
+
+    /// Gateway mode: create a tenant on its first request instead of refusing a client whose
+    /// tenant does not exist (`PermissionDenied`).
+    #[arg(long, env = "KINE_GATEWAY_CREATE_TENANTS", requires = "gateway")]
+    pub gateway_create_tenants: bool,
+
+    /// A client certificate name (common name or subject alternative name) allowed to call
+    /// the admin API on the main listener; repeatable (comma-separated in the variable).
+    #[arg(long, env = "KINE_ADMIN_IDENTITY", value_delimiter = ',')]
+    pub admin_identity: Vec<String>,
+
+    /// Serve the admin API (only) on this local unix socket, to whoever may open it (it is
+    /// created with mode 0600).
+    #[arg(long, env = "KINE_ADMIN_SOCKET")]
+    pub admin_socket: Option<String>,
+
+    /// Quota of bytes (live keys and values) of the sidecar's tenant, or of each tenant a
+    /// gateway creates on first use; 0 leaves quotas as they are. Over it, writes get etcd's
+    /// "database space exceeded".
+    #[arg(long, env = "KINE_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+
+    /// Quota of live keys, like `--quota-backend-bytes`; 0 leaves quotas as they are.
+    #[arg(long, env = "KINE_QUOTA_KEYS", default_value_t = 0)]
+    pub quota_keys: i64,
+
     /// Log at debug level.
     #[arg(long, env = "KINE_DEBUG")]
     pub debug: bool,
@@ -112,6 +153,29 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "KINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; without one, kine-rs serves.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Administer tenants through a running kine-rs's admin API.
+    Tenant(crate::cli::TenantArgs),
+}
+
+/// Which certificate name identifies a gateway client's tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentitySource {
+    /// The subject's common name (as kube-apiserver's `--etcd-certfile` usually carries).
+    Cn,
+    /// The first DNS subject alternative name.
+    Dns,
+    /// The first URI subject alternative name.
+    Uri,
+    /// The first email subject alternative name.
+    Email,
 }
 
 /// How logs are written.

@@ -48,6 +48,20 @@ pub enum KineError {
         "kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen"
     )]
     Frozen { tenant: String },
+    /// A tenant name that is not a DNS label (the message says why).
+    #[error("kine-rs: {0}")]
+    InvalidTenant(String),
+    /// A tenant the request names does not exist.
+    #[error("kine-rs: tenant {0:?} does not exist")]
+    UnknownTenant(String),
+    /// A tenant to be created exists already.
+    #[error("kine-rs: tenant {0:?} already exists")]
+    TenantExists(String),
+    /// A tenant to be deleted still has open watches.
+    #[error(
+        "kine-rs: tenant {tenant:?} has {watches} open watches; delete it with force to end them"
+    )]
+    TenantBusy { tenant: String, watches: i64 },
     /// A request option or RPC that kine-rs does not implement.
     #[error("kine-rs: {0} is not supported")]
     Unsupported(&'static str),
@@ -76,7 +90,11 @@ impl KineError {
             | KineError::TooManyOps
             | KineError::DuplicateKey
             | KineError::RequestTooLarge
-            | KineError::KeyTooLong { .. } => Code::InvalidArgument,
+            | KineError::KeyTooLong { .. }
+            | KineError::InvalidTenant(_) => Code::InvalidArgument,
+            KineError::UnknownTenant(_) => Code::NotFound,
+            KineError::TenantExists(_) => Code::AlreadyExists,
+            KineError::TenantBusy { .. } => Code::FailedPrecondition,
             KineError::LeaseNotFound => Code::NotFound,
             KineError::LeaseExists | KineError::Frozen { .. } => Code::FailedPrecondition,
             KineError::NoSpace => Code::ResourceExhausted,
@@ -243,6 +261,24 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "kine-rs: tenant \"t1\" is frozen for maintenance; writes are refused until it is unfrozen",
+            ),
+            (
+                KineError::UnknownTenant("t2".into()),
+                Code::NotFound,
+                "kine-rs: tenant \"t2\" does not exist",
+            ),
+            (
+                KineError::TenantExists("t2".into()),
+                Code::AlreadyExists,
+                "kine-rs: tenant \"t2\" already exists",
+            ),
+            (
+                KineError::TenantBusy {
+                    tenant: "t2".into(),
+                    watches: 3,
+                },
+                Code::FailedPrecondition,
+                "kine-rs: tenant \"t2\" has 3 open watches; delete it with force to end them",
             ),
             (
                 KineError::Unsupported("auth"),

@@ -1,8 +1,12 @@
-//! A keyspace (tenant) being served: its writer task, watch hub and lease expiry, and the etcd
-//! operations on it. The gRPC services are thin wrappers around this type.
+//! A keyspace (tenant) being served: its writer task and watch hub, and the etcd operations on
+//! it. The gRPC services are thin wrappers around this type.
+//!
+//! An open keyspace is cheap: one idle writer task; its watch hub runs only while someone
+//! watches, and lease expiry is one loop per process over every keyspace
+//! ([`crate::tenants::expire_leases`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use bytes::Bytes;
 use kine_proto::etcdserverpb::request_op::Request;
@@ -14,12 +18,11 @@ use kine_proto::etcdserverpb::{
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::warn;
 
 use crate::error::{KineError, Result};
 use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
 use crate::range;
-use crate::storage::{Backend, KeyspaceId, KeyspaceState};
+use crate::storage::{Backend, KeyspaceId, KeyspaceState, Quota};
 use crate::txn::{self, RequestLimits};
 use crate::watch::hub::WatchHub;
 use crate::writer::{self, WriteCommand, WriteOp, WriteOutcome};
@@ -28,8 +31,6 @@ use crate::writer::{self, WriteCommand, WriteOp, WriteOutcome};
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// etcd's smallest lease TTL with its default election timeout, in seconds.
 pub const MIN_LEASE_TTL: i64 = 2;
-/// How often expired leases are looked for.
-const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The fixed parts of every response header.
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,6 +50,10 @@ pub struct Keyspace {
     limits: RequestLimits,
     identity: HeaderIdentity,
     tasks: Vec<JoinHandle<()>>,
+    /// Watchers open on this keyspace in this process.
+    watches: AtomicI64,
+    /// Set when the keyspace is deleted: its watch and keep-alive streams end.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Keyspace {
@@ -74,21 +79,13 @@ impl Keyspace {
         let state = backend.state(id).await?;
         let hub = Arc::new(WatchHub::new(backend.clone(), id, state.revision));
         let (sender, queue) = mpsc::channel(4096);
-        let mut tasks = vec![
-            tokio::spawn(writer::run(
-                backend.clone(),
-                id,
-                name.to_string(),
-                hub.clone(),
-                queue,
-            )),
-            tokio::spawn(hub.clone().run()),
-        ];
-        tasks.push(tokio::spawn(expire_leases(
+        let tasks = vec![tokio::spawn(writer::run(
             backend.clone(),
             id,
-            sender.clone(),
-        )));
+            name.to_string(),
+            hub.clone(),
+            queue,
+        ))];
         Ok(Some(Arc::new(Keyspace {
             name: name.to_string(),
             id,
@@ -98,7 +95,46 @@ impl Keyspace {
             limits,
             identity,
             tasks,
+            watches: AtomicI64::new(0),
+            closed: tokio::sync::watch::Sender::new(false),
         })))
+    }
+
+    /// Adds `delta` to the count of open watchers.
+    pub fn watch_count(&self, delta: i64) {
+        self.watches.fetch_add(delta, Ordering::AcqRel);
+    }
+
+    /// Watchers open on this keyspace in this process.
+    pub fn watches(&self) -> i64 {
+        self.watches.load(Ordering::Acquire)
+    }
+
+    /// Becomes `true` when the keyspace is deleted.
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Ends every watch and keep-alive stream of this keyspace (it was deleted).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Freezes (or unfreezes) the keyspace through its writer: once this returns, no write of
+    /// any process sharing the datastore lands until it is unfrozen. Idempotent.
+    pub async fn set_frozen(&self, frozen: bool) -> Result<()> {
+        self.write(WriteOp::SetFrozen { frozen }).await.map(|_| ())
+    }
+
+    /// Sets the keyspace's quota.
+    pub async fn set_quota(&self, quota: Quota) -> Result<()> {
+        self.write(WriteOp::SetQuota { quota }).await.map(|_| ())
+    }
+
+    /// Revokes lease `id` if it is still expired under the keyspace lock (and the keyspace is
+    /// not frozen): several processes may race, and each lease expires once.
+    pub async fn expire_lease(&self, id: i64) -> Result<()> {
+        self.write(WriteOp::LeaseExpire { id }).await.map(|_| ())
     }
 
     /// The keyspace's name (the tenant).
@@ -321,41 +357,5 @@ impl Keyspace {
     /// Every lease.
     pub async fn leases(&self) -> Result<Vec<LeaseRecord>> {
         self.backend.leases(self.id).await
-    }
-}
-
-/// Revokes leases past their deadline. Several processes may race; the writer re-checks under
-/// the keyspace lock, so each lease expires once.
-async fn expire_leases(
-    backend: Arc<dyn Backend>,
-    keyspace: KeyspaceId,
-    writer: mpsc::Sender<WriteCommand>,
-) {
-    let mut ticker = tokio::time::interval(LEASE_CHECK_INTERVAL);
-    loop {
-        ticker.tick().await;
-        let expired = match backend.expired_leases(keyspace, now_ms()).await {
-            Ok(expired) => expired,
-            Err(error) => {
-                warn!(%error, "cannot look for expired leases");
-                continue;
-            }
-        };
-        for id in expired {
-            let (reply, outcome) = oneshot::channel();
-            if writer
-                .send(WriteCommand {
-                    op: WriteOp::LeaseExpire { id },
-                    reply,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-            if let Ok(Err(error)) = outcome.await {
-                warn!(%error, lease = id, "lease expiry failed; retrying");
-            }
-        }
     }
 }

@@ -6,6 +6,7 @@
 //!   [`range`] and [`txn`] (etcd's semantics), [`writer`] (group commit) and [`watch`];
 //! * [`storage`]: the storage model and the trait every backend implements (see its docs).
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod keyspace;
@@ -15,6 +16,7 @@ pub mod range;
 pub mod run;
 pub mod server;
 pub mod storage;
+pub mod tenants;
 pub mod txn;
 pub mod watch;
 pub mod writer;

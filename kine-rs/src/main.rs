@@ -1,7 +1,7 @@
 //! The `kine-rs` binary: parse flags, set up logging, serve.
 
 use clap::Parser;
-use kine::config::{Config, LogFormat, unsupported_flag};
+use kine::config::{Command, Config, LogFormat, unsupported_flag};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -21,6 +21,13 @@ async fn main() -> anyhow::Result<()> {
     match config.log_format {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Plain => subscriber.init(),
+    }
+    if let Some(Command::Tenant(args)) = config.command {
+        if let Err(error) = kine::cli::run(args).await {
+            eprintln!("error: {error:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
     }
     kine::run::run(config).await?;
     Ok(())

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use kine_proto::etcdserverpb::CompactionRequest;
 use kine_proto::etcdserverpb::cluster_server::ClusterServer;
 use kine_proto::etcdserverpb::kv_server::KvServer;
 use kine_proto::etcdserverpb::lease_server::LeaseServer;
@@ -20,18 +19,23 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::KineError;
-use crate::keyspace::{HeaderIdentity, Keyspace};
+use crate::keyspace::HeaderIdentity;
 use crate::metrics::{MethodLabels, Metrics, RpcLabels};
 use crate::server::Tenancy;
+use crate::server::admin::AdminService;
 use crate::server::cluster::ClusterService;
 use crate::server::kv::KvService;
 use crate::server::lease::LeaseService;
 use crate::server::maintenance::MaintenanceService;
 use crate::server::watch::WatchService;
+use crate::storage::Quota;
 use crate::storage::{self, Backend, BackendOptions, PoolOptions, TlsFiles};
+use crate::tenants::{self, ExpiryScope, Tenants, validate_name};
 use crate::txn::RequestLimits;
+use kine_proto::kine::admin::v1::tenant_admin_server::TenantAdminServer;
 
-/// The keyspace served in single-tenant (sidecar) mode.
+/// The tenant served in sidecar mode without `--tenant`: the keyspace of a kine-rs without
+/// tenants.
 pub const DEFAULT_KEYSPACE: &str = "default";
 /// Headroom gRPC allows above the request limit, as etcd does, so oversized requests reach
 /// the server and get etcd's "request is too large" instead of a transport error.
@@ -189,17 +193,67 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         max_request_bytes: config.max_request_bytes,
         max_txn_ops: config.max_txn_ops,
     };
-    let keyspace = Keyspace::open(backend.clone(), DEFAULT_KEYSPACE, true, limits, identity)
-        .await?
-        .ok_or_else(|| RunError::Config("the default keyspace could not be created".into()))?;
-    let tenancy = Tenancy::single(keyspace.clone());
-
+    let quota = Quota {
+        keys: config.quota_keys,
+        bytes: config.quota_backend_bytes,
+    };
+    if quota.keys < 0 || quota.bytes < 0 {
+        return Err(RunError::Config(
+            "--quota-keys and --quota-backend-bytes are 0 (no limit) or positive".into(),
+        ));
+    }
+    let mtls = config.trusted_ca_file.is_some();
+    if config.gateway && !mtls {
+        return Err(RunError::Config(
+            "--gateway identifies tenants by client certificates: it needs --server-cert-file, \
+             --server-key-file and --trusted-ca-file"
+                .into(),
+        ));
+    }
+    if !config.admin_identity.is_empty() && !mtls {
+        return Err(RunError::Config(
+            "--admin-identity names client certificates: it needs --trusted-ca-file".into(),
+        ));
+    }
+    let tenants = Tenants::new(
+        backend.clone(),
+        limits,
+        identity,
+        if config.gateway {
+            quota
+        } else {
+            Quota::default()
+        },
+    );
+    let (tenancy, scope) = if config.gateway {
+        let tenancy = Tenancy::gateway(
+            tenants.clone(),
+            config.gateway_identity,
+            config.gateway_create_tenants,
+        );
+        (tenancy, ExpiryScope::All)
+    } else {
+        validate_name(&config.tenant).map_err(|e| RunError::Config(format!("--tenant: {e}")))?;
+        let keyspace = tenants
+            .get(&config.tenant, true)
+            .await?
+            .ok_or_else(|| RunError::Config("the tenant's keyspace could not be created".into()))?;
+        if quota != Quota::default() {
+            keyspace.set_quota(quota).await?;
+        }
+        (Tenancy::single(keyspace), ExpiryScope::Open)
+    };
+    let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE;
+    tokio::spawn(tenants::expire_leases(tenants.clone(), scope));
     if !config.compact_interval.is_zero() {
-        tokio::spawn(compact_periodically(
-            keyspace.clone(),
+        tokio::spawn(tenants::compact_periodically(
+            tenants.clone(),
             config.compact_interval,
             config.compact_min_retain,
         ));
+    }
+    if let Some(path) = &config.admin_socket {
+        serve_admin_socket(path, tenants.clone())?;
     }
     let metrics = Metrics::global().clone();
     if !config.metrics_bind_address.is_empty() {
@@ -251,6 +305,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .add_service(MaintenanceServer::new(MaintenanceService {
             tenancy: tenancy.clone(),
             version: config.emulated_etcd_version.clone(),
+            shared,
+        }))
+        .add_service(TenantAdminServer::new(AdminService {
+            tenants: tenants.clone(),
+            admin_identities: config.admin_identity.clone(),
+            local: false,
         }))
         .add_service(ClusterServer::new(ClusterService {
             tenancy,
@@ -310,31 +370,32 @@ async fn shutdown_signal() {
     }
 }
 
-/// Compacts to `retain` revisions behind the current one, every `interval`.
-async fn compact_periodically(keyspace: Arc<Keyspace>, interval: std::time::Duration, retain: i64) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let state = match keyspace.state().await {
-            Ok(state) => state,
-            Err(error) => {
-                warn!(%error, "cannot read the revision to compact");
-                continue;
-            }
-        };
-        let target = state.revision - retain.max(0);
-        if target > state.compact_revision {
-            let request = CompactionRequest {
-                revision: target,
-                physical: false,
-            };
-            match keyspace.compact(request).await {
-                Ok(_) => info!(revision = target, "compacted"),
-                Err(error) => warn!(%error, revision = target, "periodic compaction failed"),
-            }
+/// Serves the admin API alone on a local unix socket, readable and writable by the owner only.
+fn serve_admin_socket(path: &str, tenants: Arc<Tenants>) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    // A socket left by a previous run would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listen_error = |source| RunError::Listen {
+        address: path.to_string(),
+        source,
+    };
+    let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_error)?;
+    let router = Server::builder().add_service(TenantAdminServer::new(AdminService {
+        tenants,
+        admin_identities: Vec::new(),
+        local: true,
+    }));
+    info!(socket = path, "serving the admin API");
+    tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+            .await
+        {
+            warn!(%error, "the admin socket stopped");
         }
-    }
+    });
+    Ok(())
 }
 
 async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunError> {

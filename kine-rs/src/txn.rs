@@ -213,6 +213,22 @@ pub fn has_writes(request: &TxnRequest) -> bool {
         })
 }
 
+/// The key and size (key + value bytes) of every put in a transaction, in both branches and
+/// nested transactions: what a quota check counts.
+pub fn put_costs(request: &TxnRequest) -> Vec<(Bytes, i64)> {
+    let mut out = Vec::new();
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestPut(put)) => {
+                out.push((put.key.clone(), (put.key.len() + put.value.len()) as i64));
+            }
+            Some(Request::RequestTxn(t)) => out.extend(put_costs(t)),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Which branch each transaction on the chosen path takes: the outer one, then its nested
 /// transactions in order.
 struct Path {

@@ -13,8 +13,8 @@ use tracing::warn;
 
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
-use crate::storage::{Backend, KeyspaceId, WriteTxn};
-use crate::txn::{Applier, has_writes};
+use crate::storage::{Backend, KeyspaceId, KeyspaceState, Quota, WriteTxn};
+use crate::txn::{Applier, has_writes, put_costs};
 use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
@@ -45,6 +45,15 @@ pub enum WriteOp {
     /// whichever process gets there first). Skipped while frozen: expiry pauses.
     LeaseExpire {
         id: i64,
+    },
+    /// Freezes or unfreezes the keyspace (idempotent). Taking the keyspace lock orders it
+    /// with every write of every process: none lands after a freeze has committed.
+    SetFrozen {
+        frozen: bool,
+    },
+    /// Sets the keyspace's quota.
+    SetQuota {
+        quota: Quota,
     },
 }
 
@@ -171,6 +180,7 @@ async fn apply_one(
             if state.frozen && has_writes(request) {
                 return Err(frozen());
             }
+            check_quota(txn, &state, request).await?;
             let mut applier = Applier::new(txn, *revision, sub);
             let response = applier.txn(request, *plain_put).await?;
             *revision = applier.revision();
@@ -229,5 +239,52 @@ async fn apply_one(
             }
             Ok(WriteOutcome::Done(*revision))
         }
+        WriteOp::SetFrozen { frozen } => {
+            txn.set_frozen(*frozen).await?;
+            Ok(WriteOutcome::Done(*revision))
+        }
+        WriteOp::SetQuota { quota } => {
+            txn.set_quota(*quota).await?;
+            Ok(WriteOutcome::Done(*revision))
+        }
     }
+}
+
+/// Refuses a transaction that could take the keyspace over its quota, before it writes, as
+/// etcd refuses a request that could exceed `--quota-backend-bytes`: the bytes of every put
+/// (of both branches) are counted as added, and every put of a key that is not live as a new
+/// key. Deletes and transactions without puts always pass, so a tenant over its quota can
+/// free space.
+async fn check_quota(
+    txn: &mut dyn WriteTxn,
+    state: &KeyspaceState,
+    request: &TxnRequest,
+) -> Result<()> {
+    let quota = state.quota;
+    if quota.keys <= 0 && quota.bytes <= 0 {
+        return Ok(());
+    }
+    let puts = put_costs(request);
+    if puts.is_empty() {
+        return Ok(());
+    }
+    if quota.bytes > 0 {
+        let added: i64 = puts.iter().map(|(_, bytes)| *bytes).sum();
+        if state.bytes.saturating_add(added) > quota.bytes {
+            return Err(KineError::NoSpace);
+        }
+    }
+    if quota.keys > 0 {
+        let mut new_keys = 0i64;
+        let mut seen = std::collections::HashSet::new();
+        for (key, _) in &puts {
+            if seen.insert(key.clone()) && txn.get(key).await?.is_none() {
+                new_keys += 1;
+            }
+        }
+        if state.keys.saturating_add(new_keys) > quota.keys {
+            return Err(KineError::NoSpace);
+        }
+    }
+    Ok(())
 }

@@ -15,3 +15,12 @@ pub mod mvccpb {
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
+
+/// kine-rs's own administration API (`proto/kine/admin/v1/admin.proto`).
+pub mod kine {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("kine.admin.v1");
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! defaults, so the same tests run on a developer machine and in CI.
 
 pub mod conformance;
+pub mod pki;
 pub mod private_db;
 
 use std::net::TcpListener;

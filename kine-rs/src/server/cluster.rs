@@ -21,7 +21,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let header = keyspace.header(keyspace.hub().known_revision());
         Ok(Response::new(MemberListResponse {
             members: vec![Member {

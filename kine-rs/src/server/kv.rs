@@ -20,12 +20,12 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         Ok(Response::new(keyspace.range(request.into_inner()).await?))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         Ok(Response::new(keyspace.put(request.into_inner()).await?))
     }
 
@@ -33,14 +33,14 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         Ok(Response::new(
             keyspace.delete_range(request.into_inner()).await?,
         ))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         Ok(Response::new(keyspace.txn(request.into_inner()).await?))
     }
 
@@ -48,7 +48,7 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let header = keyspace.compact(request.into_inner()).await?;
         Ok(Response::new(CompactionResponse {
             header: Some(header),

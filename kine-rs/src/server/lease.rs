@@ -24,7 +24,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let lease = keyspace.lease_grant(request.into_inner()).await?;
         let revision = keyspace.state().await?.revision;
         Ok(Response::new(LeaseGrantResponse {
@@ -39,7 +39,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let header = keyspace.lease_revoke(request.into_inner().id).await?;
         Ok(Response::new(LeaseRevokeResponse {
             header: Some(header),
@@ -52,7 +52,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let mut requests = request.into_inner();
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -78,7 +78,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let request = request.into_inner();
         let found = keyspace
             .lease_time_to_live(request.id, request.keys)
@@ -108,7 +108,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let leases = keyspace.leases().await?;
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(keyspace.header(keyspace.hub().known_revision())),

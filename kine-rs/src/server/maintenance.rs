@@ -16,6 +16,10 @@ pub struct MaintenanceService {
     pub tenancy: Tenancy,
     /// The etcd version reported to clients (kube-apiserver checks it).
     pub version: String,
+    /// Whether tenants share the datastore (a gateway, or a sidecar of a named tenant): then
+    /// Status reports the tenant's own size, never the shared database's, which would tell
+    /// of other tenants' activity.
+    pub shared: bool,
 }
 
 #[tonic::async_trait]
@@ -24,7 +28,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         if request.get_ref().action == AlarmAction::Activate as i32 {
             return Err(KineError::Unsupported("raising alarms").into());
         }
@@ -40,9 +44,13 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let state = keyspace.state().await?;
-        let (size, in_use) = keyspace.backend().size().await?;
+        let (size, in_use) = if self.shared {
+            (state.bytes, state.bytes)
+        } else {
+            keyspace.backend().size().await?
+        };
         let header = keyspace.header(state.revision);
         Ok(Response::new(StatusResponse {
             version: self.version.clone(),
@@ -62,8 +70,11 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
-        keyspace.backend().defragment().await?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
+        // A tenant of a shared datastore does not get to rewrite everyone's tables.
+        if !self.shared {
+            keyspace.backend().defragment().await?;
+        }
         // etcd answers Defragment without a header.
         Ok(Response::new(DefragmentResponse { header: None }))
     }

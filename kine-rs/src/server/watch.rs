@@ -28,7 +28,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let keyspace = self.tenancy.keyspace(&request)?;
+        let keyspace = self.tenancy.keyspace(&request).await?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let stream = WatchStream::new(keyspace, sender, self.progress_notify_interval);
         tokio::spawn(stream.run(request.into_inner()));

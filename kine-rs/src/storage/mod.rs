@@ -24,6 +24,12 @@
 //!
 //! The freeze flag lives in the same keyspace row, so a write checks it atomically under the
 //! same lock; freezing takes that lock too, so no write can land after a freeze returns.
+//! The row also holds the keyspace's usage (live keys and their bytes), kept up to date by
+//! every write in the same transaction (no scans to answer a status or check a quota), and
+//! its quota.
+//!
+//! Tenants are structurally isolated: every statement filters by the keyspace id, which the
+//! server resolves from the tenant's name once (names are bound parameters, never SQL text).
 //!
 //! The migration engine needs exactly three things, all expressed here: a consistent snapshot
 //! at a revision ([`Backend::range`] at `R`, plus [`Backend::leases`]), the changes after `R`
@@ -69,6 +75,21 @@ pub struct KeyspaceState {
     pub compact_revision: Revision,
     /// Whether writes are refused.
     pub frozen: bool,
+    /// When the current freeze began (milliseconds since the epoch); 0 when not frozen.
+    pub frozen_at_ms: i64,
+    /// Live keys, maintained by every write under the keyspace lock.
+    pub keys: i64,
+    /// Bytes of the live keys and their values, maintained likewise.
+    pub bytes: i64,
+    /// The quota: most live keys and bytes; 0 means no limit.
+    pub quota: Quota,
+}
+
+/// A keyspace's quota; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub keys: i64,
+    pub bytes: i64,
 }
 
 /// What a read asks of a backend; sorting and filtering happen above the backend.
@@ -109,6 +130,21 @@ pub trait Backend: Send + Sync + 'static {
     /// Reads the keyspace's counters.
     async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState>;
 
+    /// Every keyspace, by name, with its counters.
+    async fn keyspaces(&self) -> Result<Vec<(String, KeyspaceState)>>;
+
+    /// Deletes a keyspace with all its keys, history and leases, under its write lock;
+    /// `false` when it did not exist.
+    async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool>;
+
+    /// Leases of every keyspace that is not frozen whose deadline is at or before `now_ms`
+    /// (at most `limit`), as (keyspace name, keyspace, lease id).
+    async fn expired_leases_all(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, KeyspaceId, i64)>>;
+
     /// Reads keys at a revision, consistently: the revision checks (compacted, future) and the
     /// rows come from one snapshot.
     async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows>;
@@ -139,8 +175,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Leases whose deadline is at or before `now_ms`.
     async fn expired_leases(&self, keyspace: KeyspaceId, now_ms: i64) -> Result<Vec<i64>>;
 
-    /// Pushes a lease's deadline to `now_ms + ttl`; `None` when it does not exist.
-    /// Renewal is not a write of the keyspace: it takes no revision and is allowed when frozen.
+    /// Pushes a lease's deadline to `now_ms + ttl`; `None` when it does not exist (or has
+    /// expired: while the keyspace is frozen, expiry is paused, so a lease whose deadline was
+    /// still ahead when the freeze began is renewed). Renewal is not a write of the keyspace:
+    /// it takes no revision and is allowed when frozen.
     async fn renew_lease(
         &self,
         keyspace: KeyspaceId,
@@ -228,8 +266,13 @@ pub trait WriteTxn: Send {
     /// Records a new compaction revision (history is purged later, in batches).
     async fn set_compact_revision(&mut self, revision: Revision) -> Result<()>;
 
-    /// Sets or clears the keyspace's freeze flag.
+    /// Sets or clears the keyspace's freeze flag; idempotent. Freezing records when the
+    /// freeze began; unfreezing pushes every lease's deadline by the time spent frozen (never
+    /// beyond its TTL from now), so expiry resumes with the remaining TTLs.
     async fn set_frozen(&mut self, frozen: bool) -> Result<()>;
+
+    /// Sets the keyspace's quota.
+    async fn set_quota(&mut self, quota: Quota) -> Result<()>;
 
     /// Stores `revision` as the keyspace's counter and commits.
     async fn commit(self: Box<Self>, revision: Revision) -> Result<()>;

@@ -12,6 +12,7 @@
 //! database, so the generic code needs no sqlx trait bounds of its own.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
@@ -22,10 +23,14 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, Transaction};
 use tokio::sync::broadcast;
 
-use super::{Backend, Change, KeyspaceId, KeyspaceState, RangeQuery, RangeRows, WriteTxn};
+use super::{Backend, Change, KeyspaceId, KeyspaceState, Quota, RangeQuery, RangeRows, WriteTxn};
 use crate::error::{KineError, Result};
 use crate::metrics;
-use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, tombstone};
+use crate::model::{
+    Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, now_ms, tombstone,
+};
+
+mod tenants;
 
 /// Marks a current row in `kv.superseded`.
 pub const CURRENT: i64 = i64::MAX;
@@ -67,6 +72,8 @@ pub trait Driver: Database {
     fn opt_bytes(row: &Self::Row, index: usize) -> Result<Option<Vec<u8>>>;
     /// A flag column (`deleted`, `frozen`), stored as a small integer.
     fn flag(row: &Self::Row, index: usize) -> Result<bool>;
+    /// A text column.
+    fn text(row: &Self::Row, index: usize) -> Result<String>;
 }
 
 /// A statement with its parameters bound.
@@ -130,6 +137,10 @@ macro_rules! driver {
             fn flag(row: &Self::Row, index: usize) -> Result<bool> {
                 Ok(sqlx::Row::try_get::<$flag, _>(row, index)? != 0)
             }
+
+            fn text(row: &Self::Row, index: usize) -> Result<String> {
+                Ok(sqlx::Row::try_get::<String, _>(row, index)?)
+            }
         }
     };
 }
@@ -162,6 +173,8 @@ pub trait Dialect: Send + Sync + 'static {
     const NOTIFY: Option<&'static str> = None;
     /// The longest key the schema can store, where it is limited.
     const MAX_KEY_BYTES: Option<usize> = None;
+    /// The size of a row's value, as a 64-bit integer.
+    const VALUE_BYTES: &'static str = "LENGTH(value)";
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -285,7 +298,7 @@ async fn read_state<D: Dialect>(
     lock: bool,
 ) -> Result<KeyspaceState> {
     let sql = format!(
-        "SELECT revision, compact_revision, frozen FROM keyspaces WHERE id = ?{}",
+        "SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?{}",
         if lock { D::LOCK } else { "" }
     );
     let row = fetch_optional::<D>(
@@ -296,11 +309,26 @@ async fn read_state<D: Dialect>(
     )
     .await?
     .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
+    state_from_row::<D>(&row, keyspace)
+}
+
+/// Columns of a keyspace row, in the order [`state_from_row`] decodes.
+pub(crate) const STATE_COLUMNS: &str = "revision, compact_revision, frozen, frozen_at_ms, \
+     keys_count, bytes_used, quota_keys, quota_bytes";
+
+pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result<KeyspaceState> {
     Ok(KeyspaceState {
-        id: keyspace,
-        revision: D::DB::int(&row, 0)?,
-        compact_revision: D::DB::int(&row, 1)?,
-        frozen: D::DB::flag(&row, 2)?,
+        id,
+        revision: D::DB::int(row, 0)?,
+        compact_revision: D::DB::int(row, 1)?,
+        frozen: D::DB::flag(row, 2)?,
+        frozen_at_ms: D::DB::int(row, 3)?,
+        keys: D::DB::int(row, 4)?,
+        bytes: D::DB::int(row, 5)?,
+        quota: Quota {
+            keys: D::DB::int(row, 6)?,
+            bytes: D::DB::int(row, 7)?,
+        },
     })
 }
 
@@ -497,6 +525,22 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         read_state::<D>(&mut conn, keyspace, false).await
     }
 
+    async fn keyspaces(&self) -> Result<Vec<(String, KeyspaceState)>> {
+        tenants::keyspaces(self).await
+    }
+
+    async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool> {
+        tenants::delete_keyspace(self, keyspace).await
+    }
+
+    async fn expired_leases_all(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, KeyspaceId, i64)>> {
+        tenants::expired_leases_all(self, now_ms, limit).await
+    }
+
     async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows> {
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
@@ -579,7 +623,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         Ok(Box::new(SqlWriteTxn::<D> {
             tx,
             keyspace,
+            start: state,
             state,
+            live: HashMap::new(),
         }))
     }
 
@@ -611,8 +657,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let rows = fetch_all::<D>(
             &mut conn,
             "expired_leases",
-            "SELECT id FROM leases WHERE keyspace = ? AND expires_at_ms <= ? \
-             ORDER BY expires_at_ms LIMIT 1000",
+            "SELECT l.id FROM leases l JOIN keyspaces k ON k.id = l.keyspace \
+             WHERE l.keyspace = ? AND k.frozen = 0 AND l.expires_at_ms <= ? \
+             ORDER BY l.expires_at_ms LIMIT 1000",
             &[Arg::Int(keyspace), Arg::Int(now_ms)],
         )
         .await?;
@@ -630,12 +677,14 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             &mut conn,
             "lease_renew",
             "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
-             WHERE keyspace = ? AND id = ? AND expires_at_ms > ?",
+             WHERE keyspace = ? AND id = ? AND (expires_at_ms > ? OR expires_at_ms > \
+             (SELECT frozen_at_ms FROM keyspaces WHERE id = ? AND frozen = 1))",
             &[
                 Arg::Int(now_ms),
                 Arg::Int(keyspace),
                 Arg::Int(id),
                 Arg::Int(now_ms),
+                Arg::Int(keyspace),
             ],
         )
         .await?;
@@ -700,10 +749,52 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 struct SqlWriteTxn<D: Dialect> {
     tx: Transaction<'static, D::DB>,
     keyspace: KeyspaceId,
+    /// The counters as read under the lock.
+    start: KeyspaceState,
+    /// The counters with this transaction's changes (usage, compaction, freeze, quota).
     state: KeyspaceState,
+    /// The size (key + value bytes) of keys whose current row this transaction has seen,
+    /// `None` when not live: usage accounting needs no extra query for them.
+    live: HashMap<Bytes, Option<i64>>,
 }
 
 impl<D: Dialect> SqlWriteTxn<D> {
+    /// The size of `key`'s live row, if it has one.
+    async fn live_size(&mut self, key: &[u8]) -> Result<Option<i64>> {
+        if let Some(size) = self.live.get(key) {
+            return Ok(*size);
+        }
+        let sql = format!(
+            "SELECT {} FROM kv WHERE keyspace = ? AND `key` = ? \
+             AND superseded = 9223372036854775807 AND deleted = 0",
+            D::VALUE_BYTES
+        );
+        let row = fetch_optional::<D>(
+            &mut self.tx,
+            "live_size",
+            &sql,
+            &[Arg::Int(self.keyspace), Arg::Bytes(key)],
+        )
+        .await?;
+        row.map(|row| Ok(D::DB::int(&row, 0)? + key.len() as i64))
+            .transpose()
+    }
+
+    /// Accounts for replacing `key`'s live row (if any) with one of `size` bytes (`None`: a
+    /// tombstone).
+    async fn account(&mut self, key: &[u8], size: Option<i64>) -> Result<()> {
+        if let Some(previous) = self.live_size(key).await? {
+            self.state.keys -= 1;
+            self.state.bytes -= previous;
+        }
+        if let Some(size) = size {
+            self.state.keys += 1;
+            self.state.bytes += size;
+        }
+        self.live.insert(Bytes::copy_from_slice(key), size);
+        Ok(())
+    }
+
     async fn supersede(&mut self, key: &[u8], revision: Revision) -> Result<()> {
         execute::<D>(
             &mut self.tx,
@@ -764,12 +855,24 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             &[Arg::Int(self.keyspace), Arg::Bytes(key)],
         )
         .await?;
-        row.as_ref().map(|row| kv_from_row::<D>(row, 0)).transpose()
+        let kv = row
+            .as_ref()
+            .map(|row| kv_from_row::<D>(row, 0))
+            .transpose()?;
+        let size = kv.as_ref().map(|kv| (kv.key.len() + kv.value.len()) as i64);
+        self.live.insert(Bytes::copy_from_slice(key), size);
+        Ok(kv)
     }
 
     async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows> {
         let at = (query.revision > 0).then_some(query.revision);
         let (kvs, count) = range_on::<D>(&mut self.tx, self.keyspace, &query, at).await?;
+        if at.is_none() && !query.keys_only && !query.count_only {
+            for kv in &kvs {
+                let size = (kv.key.len() + kv.value.len()) as i64;
+                self.live.insert(kv.key.clone(), Some(size));
+            }
+        }
         Ok(RangeRows {
             revision: self.state.revision,
             kvs,
@@ -782,11 +885,14 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()> {
+        self.account(&kv.key, Some((kv.key.len() + kv.value.len()) as i64))
+            .await?;
         self.supersede(&kv.key, kv.mod_revision).await?;
         self.insert_row(kv, &kv.key, sub, false).await
     }
 
     async fn delete(&mut self, key: &[u8], revision: Revision, sub: i64) -> Result<()> {
+        self.account(key, None).await?;
         self.supersede(key, revision).await?;
         let tombstone = KeyValue {
             mod_revision: revision,
@@ -844,24 +950,78 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn set_frozen(&mut self, frozen: bool) -> Result<()> {
+        if frozen == self.state.frozen {
+            return Ok(());
+        }
+        let now = now_ms();
+        if !frozen && self.state.frozen_at_ms > 0 {
+            // Expiry was paused: every deadline moves by the time spent frozen, but no lease
+            // gets more than its TTL from now (one renewed while frozen already has it).
+            let paused = (now - self.state.frozen_at_ms).max(0);
+            execute::<D>(
+                &mut self.tx,
+                "unfreeze_leases",
+                "UPDATE leases SET expires_at_ms = CASE \
+                 WHEN expires_at_ms + ? < ? + ttl * 1000 THEN expires_at_ms + ? \
+                 ELSE ? + ttl * 1000 END WHERE keyspace = ?",
+                &[
+                    Arg::Int(paused),
+                    Arg::Int(now),
+                    Arg::Int(paused),
+                    Arg::Int(now),
+                    Arg::Int(self.keyspace),
+                ],
+            )
+            .await?;
+        }
+        let frozen_at = if frozen { now } else { 0 };
         execute::<D>(
             &mut self.tx,
             "freeze",
-            "UPDATE keyspaces SET frozen = ? WHERE id = ?",
-            &[Arg::Int(frozen as i64), Arg::Int(self.keyspace)],
+            "UPDATE keyspaces SET frozen = ?, frozen_at_ms = ? WHERE id = ?",
+            &[
+                Arg::Int(frozen as i64),
+                Arg::Int(frozen_at),
+                Arg::Int(self.keyspace),
+            ],
         )
         .await?;
         self.state.frozen = frozen;
+        self.state.frozen_at_ms = frozen_at;
+        Ok(())
+    }
+
+    async fn set_quota(&mut self, quota: Quota) -> Result<()> {
+        execute::<D>(
+            &mut self.tx,
+            "quota",
+            "UPDATE keyspaces SET quota_keys = ?, quota_bytes = ? WHERE id = ?",
+            &[
+                Arg::Int(quota.keys),
+                Arg::Int(quota.bytes),
+                Arg::Int(self.keyspace),
+            ],
+        )
+        .await?;
+        self.state.quota = quota;
         Ok(())
     }
 
     async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
-        if revision != self.state.revision {
+        if revision != self.start.revision
+            || self.state.keys != self.start.keys
+            || self.state.bytes != self.start.bytes
+        {
             execute::<D>(
                 &mut self.tx,
                 "revision",
-                "UPDATE keyspaces SET revision = ? WHERE id = ?",
-                &[Arg::Int(revision), Arg::Int(self.keyspace)],
+                "UPDATE keyspaces SET revision = ?, keys_count = ?, bytes_used = ? WHERE id = ?",
+                &[
+                    Arg::Int(revision),
+                    Arg::Int(self.state.keys),
+                    Arg::Int(self.state.bytes),
+                    Arg::Int(self.keyspace),
+                ],
             )
             .await?;
         }

@@ -4,6 +4,10 @@
 //! [`EventBatch`] shared by all watch streams (`Arc`: one copy of each event however many
 //! watchers see it). It learns of commits from this process's writer immediately and, for
 //! backends shared by several processes, by polling (or the backend's notifications).
+//!
+//! A hub runs only while someone watches: the first subscriber starts its task (and its
+//! broadcast buffer), and the task ends when the last subscriber has gone. A gateway holding
+//! thousands of idle tenants therefore polls nothing for them.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -36,27 +40,43 @@ pub struct EventBatch {
 pub struct WatchHub {
     backend: Arc<dyn Backend>,
     keyspace: KeyspaceId,
-    /// The last revision broadcast. Held while sending, so a subscriber learns it together
-    /// with a receiver that gets exactly the batches after it.
-    published: Mutex<Revision>,
-    sender: broadcast::Sender<Arc<EventBatch>>,
+    /// The last revision broadcast, and the broadcast channel while the hub runs. Held while
+    /// sending, so a subscriber learns the revision together with a receiver that gets
+    /// exactly the batches after it.
+    state: Mutex<HubState>,
     wake: Notify,
     /// The highest revision this process knows to be committed.
     committed: AtomicI64,
 }
 
+struct HubState {
+    published: Revision,
+    /// `Some` exactly while the hub's task runs.
+    sender: Option<broadcast::Sender<Arc<EventBatch>>>,
+}
+
 impl WatchHub {
     /// A hub that starts after revision `published`.
     pub fn new(backend: Arc<dyn Backend>, keyspace: KeyspaceId, published: Revision) -> Self {
-        let (sender, _) = broadcast::channel(CHANNEL_CAPACITY);
         WatchHub {
             backend,
             keyspace,
-            published: Mutex::new(published),
-            sender,
+            state: Mutex::new(HubState {
+                published,
+                sender: None,
+            }),
             wake: Notify::new(),
             committed: AtomicI64::new(published),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the hub's task runs (someone watches).
+    pub fn running(&self) -> bool {
+        self.lock().sender.is_some()
     }
 
     /// Tells the hub that revisions up to `revision` are committed.
@@ -71,26 +91,66 @@ impl WatchHub {
         self.committed.load(Ordering::Acquire).max(self.published())
     }
 
-    /// The last broadcast revision and a receiver of every batch after it.
-    pub fn subscribe(&self) -> (Revision, broadcast::Receiver<Arc<EventBatch>>) {
-        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        (*published, self.sender.subscribe())
+    /// The last broadcast revision and a receiver of every batch after it; starts the hub's
+    /// task when it is not running.
+    pub async fn subscribe(self: &Arc<Self>) -> (Revision, broadcast::Receiver<Arc<EventBatch>>) {
+        if !self.running() {
+            // Nobody receives batches: skip ahead to the current revision, so the task does
+            // not replay what happened while nobody watched (streams read their own history).
+            if let Ok(state) = self.backend.state(self.keyspace).await {
+                let mut hub = self.lock();
+                if hub.sender.is_none() {
+                    hub.published = hub.published.max(state.revision);
+                    self.committed.fetch_max(state.revision, Ordering::AcqRel);
+                }
+            }
+        }
+        let mut hub = self.lock();
+        let receiver = match &hub.sender {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = broadcast::channel(CHANNEL_CAPACITY);
+                hub.sender = Some(sender);
+                tokio::spawn(self.clone().run());
+                receiver
+            }
+        };
+        (hub.published, receiver)
     }
 
     /// The last broadcast revision.
     pub fn published(&self) -> Revision {
-        *self.published.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().published
     }
 
-    /// Tails the backend until the task is aborted.
+    /// Stops the task when nobody subscribes any more; `true` when it should stop.
+    fn idle(&self) -> bool {
+        let mut hub = self.lock();
+        if hub
+            .sender
+            .as_ref()
+            .is_none_or(|sender| sender.receiver_count() == 0)
+        {
+            hub.sender = None;
+            return true;
+        }
+        false
+    }
+
+    /// Tails the backend until nobody subscribes any more.
     ///
     /// It looks when this process's writer commits, when the backend announces a commit of
     /// another process ([`Backend::changes`]), and every poll interval; a poll first reads
     /// only the keyspace's counter (one primary-key lookup) and tails only if it moved.
-    pub async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>) {
         let poll = self.backend.poll_interval().unwrap_or(SAFETY_POLL);
         let mut changes = self.backend.changes();
+        // Commits made before the task started.
+        self.tail().await;
         loop {
+            if self.idle() {
+                return;
+            }
             let polled = tokio::select! {
                 _ = self.wake.notified() => false,
                 _ = tokio::time::sleep(poll) => true,
@@ -165,11 +225,13 @@ impl WatchHub {
     }
 
     fn publish(&self, batch: EventBatch) {
-        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        *published = batch.revision;
+        let mut hub = self.lock();
+        hub.published = batch.revision;
         self.committed.fetch_max(batch.revision, Ordering::AcqRel);
         // No receivers is fine: nobody watches.
-        let _ = self.sender.send(Arc::new(batch));
+        if let Some(sender) = &hub.sender {
+            let _ = sender.send(Arc::new(batch));
+        }
     }
 }
 

@@ -65,6 +65,12 @@ impl Watcher {
     }
 }
 
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        self.keyspace.watch_count(-(self.watchers.len() as i64));
+    }
+}
+
 /// The client went away: stop serving the stream.
 struct Disconnected;
 
@@ -104,7 +110,8 @@ impl WatchStream {
 
     /// Runs the stream over the client's requests.
     pub async fn run(mut self, mut requests: tonic::Streaming<WatchRequest>) {
-        let (position, mut batches) = self.keyspace.hub().subscribe();
+        let (position, mut batches) = self.keyspace.hub().subscribe().await;
+        let mut closed = self.keyspace.closed();
         self.position = position;
         let mut ticker = tokio::time::interval_at(
             tokio::time::Instant::now() + self.progress_interval,
@@ -123,6 +130,16 @@ impl WatchStream {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = ticker.tick() => self.progress_tick().await,
+                _ = closed.changed() => {
+                    let deleted = *closed.borrow_and_update();
+                    if deleted {
+                        let _ = self.out.send(Err(Status::not_found(format!(
+                            "kine-rs: tenant {:?} was deleted", self.keyspace.name()
+                        )))).await;
+                        return;
+                    }
+                    Ok(())
+                }
             };
             if step.is_err() {
                 return;
@@ -151,6 +168,7 @@ impl WatchStream {
             Some(RequestUnion::CreateRequest(create)) => self.create(create).await,
             Some(RequestUnion::CancelRequest(cancel)) => {
                 if self.watchers.remove(&cancel.watch_id).is_some() {
+                    self.keyspace.watch_count(-1);
                     let mut response = self.response(self.position, cancel.watch_id);
                     response.canceled = true;
                     self.send(response).await?;
@@ -224,6 +242,7 @@ impl WatchStream {
         created.created = true;
         self.send(created).await?;
         let filters = |f: FilterType| create.filters.contains(&(f as i32));
+        self.keyspace.watch_count(1);
         self.watchers.insert(
             id,
             Watcher {
