@@ -54,6 +54,9 @@ pub enum KineError {
     /// A tenant the request names does not exist.
     #[error("kine-rs: tenant {0:?} does not exist")]
     UnknownTenant(String),
+    /// The keyspace this process had open was deleted (by another process).
+    #[error("kine-rs: this tenant was deleted")]
+    KeyspaceDeleted,
     /// A tenant to be created exists already.
     #[error("kine-rs: tenant {0:?} already exists")]
     TenantExists(String),
@@ -92,7 +95,7 @@ impl KineError {
             | KineError::RequestTooLarge
             | KineError::KeyTooLong { .. }
             | KineError::InvalidTenant(_) => Code::InvalidArgument,
-            KineError::UnknownTenant(_) => Code::NotFound,
+            KineError::UnknownTenant(_) | KineError::KeyspaceDeleted => Code::NotFound,
             KineError::TenantExists(_) => Code::AlreadyExists,
             KineError::TenantBusy { .. } => Code::FailedPrecondition,
             KineError::LeaseNotFound => Code::NotFound,
@@ -266,6 +269,11 @@ mod tests {
                 KineError::UnknownTenant("t2".into()),
                 Code::NotFound,
                 "kine-rs: tenant \"t2\" does not exist",
+            ),
+            (
+                KineError::KeyspaceDeleted,
+                Code::NotFound,
+                "kine-rs: this tenant was deleted",
             ),
             (
                 KineError::TenantExists("t2".into()),

@@ -120,6 +120,20 @@ impl Keyspace {
         self.closed.send_replace(true);
     }
 
+    /// Whether the keyspace was deleted (here or, as its requests found out, elsewhere).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Closes the keyspace when `result` shows another process deleted it, so the tenant
+    /// registry resolves the tenant afresh on its next request.
+    fn noticed<T>(&self, result: Result<T>) -> Result<T> {
+        if matches!(result, Err(KineError::KeyspaceDeleted)) {
+            self.close();
+        }
+        result
+    }
+
     /// Freezes (or unfreezes) the keyspace through its writer: once this returns, no write of
     /// any process sharing the datastore lands until it is unfrozen. Idempotent.
     pub async fn set_frozen(&self, frozen: bool) -> Result<()> {
@@ -179,7 +193,7 @@ impl Keyspace {
 
     /// The keyspace's counters.
     pub async fn state(&self) -> Result<KeyspaceState> {
-        self.backend.state(self.id).await
+        self.noticed(self.backend.state(self.id).await)
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome> {
@@ -188,7 +202,7 @@ impl Keyspace {
             .send(WriteCommand { op, reply })
             .await
             .map_err(|_| KineError::Stopped)?;
-        outcome.await.map_err(|_| KineError::Stopped)?
+        self.noticed(outcome.await.map_err(|_| KineError::Stopped)?)
     }
 
     fn check_size(&self, request: &impl Message) -> Result<()> {
@@ -202,10 +216,11 @@ impl Keyspace {
     pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
         range::check(&request)?;
         let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
-        let rows = self
-            .backend
-            .range(self.id, range::query(&request, &key_range))
-            .await?;
+        let rows = self.noticed(
+            self.backend
+                .range(self.id, range::query(&request, &key_range))
+                .await,
+        )?;
         let mut response = range::finish(&request, rows);
         self.fill(&mut response.header, 0);
         Ok(response)

@@ -111,13 +111,22 @@ impl Tenants {
     /// The keyspace of tenant `name`, opened on first use; with `create`, created when it
     /// does not exist (with the default quota). `None` when it does not exist.
     pub async fn get(&self, name: &str, create: bool) -> Result<Option<Arc<Keyspace>>> {
-        if let Some(keyspace) = self.cached(name) {
+        if let Some(keyspace) = self.cached(name)
+            && !keyspace.is_closed()
+        {
             return Ok(Some(keyspace));
         }
         validate_name(name).map_err(KineError::InvalidTenant)?;
         let _opening = self.opening.lock().await;
         if let Some(keyspace) = self.cached(name) {
-            return Ok(Some(keyspace));
+            if !keyspace.is_closed() {
+                return Ok(Some(keyspace));
+            }
+            // Deleted by another process: forget it and look the tenant up again.
+            self.open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
         }
         let existed = self.backend.keyspace(name, false).await?.is_some();
         let Some(keyspace) = Keyspace::open(

@@ -753,3 +753,91 @@ async fn mysql_freeze_across_two_processes() {
     )
     .await;
 }
+
+/// Two gateways share a database; a tenant deleted through one is not left half-open in the
+/// other: its next request says the tenant was deleted (not an internal error), the one after
+/// resolves the tenant afresh (unknown now), and once the tenant is created again it works.
+async fn deleted_elsewhere(backend: Backend) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::write(dir.path(), CLIENTS);
+    let start = |socket: String| {
+        let endpoint = database.endpoint.clone();
+        let (ca, cert, key) = (
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        );
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args = [
+                    "--gateway",
+                    "--server-cert-file",
+                    &cert,
+                    "--server-key-file",
+                    &key,
+                    "--trusted-ca-file",
+                    &ca,
+                    "--admin-socket",
+                    &socket,
+                    "--compact-interval",
+                    "0",
+                ];
+                spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
+            })
+            .await
+        }
+    };
+    let gateway = |kine: ChildGuard, socket: String| Gateway {
+        kine,
+        pki: Pki {
+            ca: pki.ca.clone(),
+            server_cert: pki.server_cert.clone(),
+            server_key: pki.server_key.clone(),
+            clients: pki.clients.clone(),
+        },
+        socket,
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let socket_a = dir.path().join("a.sock").display().to_string();
+    let socket_b = dir.path().join("b.sock").display().to_string();
+    let a = gateway(start(socket_a.clone()).await?, socket_a);
+    let b = gateway(start(socket_b.clone()).await?, socket_b);
+    ok(a.admin(&["create", "tenant-a"]))?;
+    let mut through_b = b.client("tenant-a").await?;
+    through_b.put("k", "before", None).await?;
+
+    ok(a.admin(&["delete", "tenant-a"]))?;
+    let status = match through_b.get("k", None).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => status,
+        other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
+    };
+    ensure!(
+        status.code() == Code::NotFound && status.message().contains("was deleted"),
+        "first request after the delete: {status:?}"
+    );
+    let status = match through_b.get("k", None).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => status,
+        other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
+    };
+    ensure!(
+        status.code() == Code::PermissionDenied && status.message().contains("does not exist"),
+        "the tenant must be resolved afresh: {status:?}"
+    );
+
+    ok(a.admin(&["create", "tenant-a"]))?;
+    let fresh = through_b.get("k", None).await?;
+    ensure!(fresh.kvs().is_empty(), "the re-created tenant starts empty");
+    through_b.put("k", "after", None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tenant_deleted_through_another_gateway() {
+    run(
+        "deleted elsewhere",
+        Backend::Postgres,
+        deleted_elsewhere(Backend::Postgres),
+    )
+    .await;
+}

@@ -308,7 +308,7 @@ async fn read_state<D: Dialect>(
         &[Arg::Int(keyspace)],
     )
     .await?
-    .ok_or_else(|| KineError::Storage(format!("keyspace {keyspace} does not exist")))?;
+    .ok_or(KineError::KeyspaceDeleted)?;
     state_from_row::<D>(&row, keyspace)
 }
 
