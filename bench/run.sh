@@ -47,7 +47,9 @@ die() {
 # Binaries
 # ---------------------------------------------------------------------------------------------
 
+KINE_RS_WHAT="kine-rs from ${KINE_RS_BIN:-}"
 if [ -z "${KINE_RS_BIN:-}" ] || [ -z "${KINE_LOAD_BIN:-}" ]; then
+    KINE_RS_WHAT="kine-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     say "cargo build --release -p kine-rs -p kine-bench --bins"
     cargo build --release --quiet -p kine-rs -p kine-bench --bins || die "release build failed"
 fi
@@ -227,20 +229,24 @@ conns_for() {
 workloads() {
     local target=$1 url=$2 c r
     for c in 1 16 128; do
+        local who="$c clients"
+        [ "$c" = 1 ] && who="1 client"
         for ((r = 0; r < REPEAT; r++)); do
             local goal="–"
             [ "$c" = 128 ] && goal="≥ 1.0× etcd ops/s (SQLite, PostgreSQL)"
             [ "$c" = 1 ] && goal="p50 ≤ 2× etcd"
-            load "$target" "put, $c clients" "$goal" put --endpoints "$url" --clients "$c" \
+            load "$target" "put, $who" "$goal" put --endpoints "$url" --clients "$c" \
                 --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 256
         done
     done
     for c in 1 16 128; do
+        local who="$c clients"
+        [ "$c" = 1 ] && who="1 client"
         for ((r = 0; r < REPEAT; r++)); do
             local goal="–"
             [ "$c" = 128 ] && goal="≥ 1.0× etcd ops/s (SQLite, PostgreSQL)"
             [ "$c" = 1 ] && goal="p50 ≤ 2× etcd"
-            load "$target" "txn-create, $c clients" "$goal" txn-create --endpoints "$url" --clients "$c" \
+            load "$target" "txn-create, $who" "$goal" txn-create --endpoints "$url" --clients "$c" \
                 --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 1024
         done
     done
@@ -264,9 +270,7 @@ for target in $TARGETS; do
     *) die "unknown target $target" ;;
     esac
     sleep 2
-    idle_goal="–"
-    [ "$target" = sqlite ] && idle_goal="≤ 20 MiB"
-    rss "$SERVER_PID" "$target" "RSS idle (after start)" VmRSS "$idle_goal"
+    rss "$SERVER_PID" "$target" "RSS idle (after start)" VmRSS "≤ 20 MiB (kine-rs)"
     workloads "$target" "$SERVER_URL"
     rss "$SERVER_PID" "$target" "RSS under load (peak)" VmHWM "–"
     stop "$SERVER_PID"
@@ -318,9 +322,11 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "### kine-rs / etcd, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "- machine: $(nproc) cores ($CPU), $MEM memory, $(uname -sr); shared with other jobs, so numbers are noisy"
-    echo "- command: \`$COMMAND\` ($ELAPSED s); etcd $ETCD_VERSION (fsync on) and kine-rs's SQLite file on the same disk;"
-    echo "  PostgreSQL $(psql "$PG_SERVER" -Atqc 'SHOW server_version' 2>/dev/null | cut -d' ' -f1 || echo '?'),"
-    echo "  MariaDB $(mysql_cli -N -e 'SELECT VERSION()' 2>/dev/null | cut -d- -f1 || echo '?') on this machine, default settings; each on a fresh database"
+    PG_VERSION=$(psql "$PG_SERVER" -Atqc 'SHOW server_version' 2>/dev/null | cut -d' ' -f1 || true)
+    MY_VERSION=$(mysql_cli -N -e 'SELECT VERSION()' 2>/dev/null | cut -d- -f1 || true)
+    echo "- command: \`$COMMAND\` ($ELAPSED s), $KINE_RS_WHAT"
+    echo "- etcd $ETCD_VERSION (fsync on) with its data on the same disk as kine-rs's SQLite file (\`synchronous=FULL\`);"
+    echo "  PostgreSQL ${PG_VERSION:-?} and MariaDB ${MY_VERSION:-?} on this machine with default settings, a fresh database each"
     echo "- each write point runs ${DURATION} s (median of $REPEAT run(s)); 1/16/128 clients share 1/4/8 gRPC connections;"
     echo "  values of 256 B (put) and 1 KiB (txn); watch: $((DURATION * 2)) s at 1,000 writes/s from 16 clients"
     echo "- cells: ops/s (ratio to etcd), latency p50 (ratio) / p99; lists: median time of a whole paginated list at"
