@@ -276,30 +276,38 @@ pub fn etcdctl_binary() -> PathBuf {
 
 /// Starts a single-member real etcd on free loopback ports, with its data in a temp dir.
 pub fn spawn_etcd() -> ChildGuard {
+    spawn_etcd_with(&[])
+}
+
+/// Starts a single-member real etcd like [`spawn_etcd`], with extra command-line arguments
+/// (e.g. `--unsafe-no-fsync` for a long differential run, or progress-notify intervals).
+pub fn spawn_etcd_with(extra_args: &[&str]) -> ChildGuard {
     let dir = tempfile::tempdir().expect("tempdir");
-    let client_port = free_port();
-    let peer_port = free_port();
-    let address = format!("127.0.0.1:{client_port}");
+    let address = format!("127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
     let mut child = Command::new(etcd_binary())
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .arg("--name")
-        .arg("oracle")
+        .args(["--name", "oracle"])
         .arg("--listen-client-urls")
         .arg(format!("http://{address}"))
         .arg("--advertise-client-urls")
         .arg(format!("http://{address}"))
         .arg("--listen-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg(&peer)
         .arg("--initial-advertise-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer_port}"))
+        .arg(&peer)
         .arg("--initial-cluster")
-        .arg(format!("oracle=http://127.0.0.1:{peer_port}"))
-        .arg("--log-level")
-        .arg("error")
+        .arg(format!("oracle={peer}"))
+        .args(["--log-level", "error"])
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("KINE_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("start etcd (is it installed? the README's test command installs it)");
     wait_for_port(&address, &mut child, "etcd");

@@ -7,7 +7,6 @@
 //! every case into one `#[tokio::test]` per target.
 
 use std::fmt::Debug;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -15,7 +14,7 @@ use etcd_client::{
     Client, Event, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream,
 };
 
-use crate::{Backend, ChildGuard, etcd_binary, free_port, spawn_kine_with, wait_for_port};
+use crate::{Backend, ChildGuard, spawn_kine_with};
 
 mod compact;
 mod errors;
@@ -55,7 +54,7 @@ pub struct Options {
 
 enum Process {
     Harness(ChildGuard),
-    Etcd(EtcdProcess),
+    Etcd(crate::ChildGuard),
 }
 
 /// A running server of one target; the process is killed when dropped.
@@ -89,7 +88,7 @@ impl Server {
                     if options.progress_notify_1s {
                         args.extend(["--experimental-watch-progress-notify-interval", "1s"]);
                     }
-                    Process::Etcd(EtcdProcess::spawn(&args))
+                    Process::Etcd(crate::spawn_etcd_with(&args))
                 }
             };
             let endpoint = match &process {
@@ -140,59 +139,6 @@ impl Server {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-    }
-}
-
-/// A real etcd started with extra flags (the harness's `spawn_etcd` takes none).
-pub struct EtcdProcess {
-    child: Child,
-    _dir: tempfile::TempDir,
-    /// `http://127.0.0.1:PORT`.
-    pub endpoint: String,
-}
-
-impl EtcdProcess {
-    /// Starts a single-member etcd on free loopback ports with `extra_args`.
-    pub fn spawn(extra_args: &[&str]) -> EtcdProcess {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let client_port = free_port();
-        let peer_port = free_port();
-        let address = format!("127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut child = Command::new(etcd_binary())
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--name", "oracle"])
-            .arg("--listen-client-urls")
-            .arg(format!("http://{address}"))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://{address}"))
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("oracle={peer}"))
-            .args(["--log-level", "error"])
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd (is it installed? the README's test command installs it)");
-        wait_for_port(&address, &mut child, "etcd");
-        EtcdProcess {
-            child,
-            _dir: dir,
-            endpoint: format!("http://{address}"),
-        }
-    }
-}
-
-impl Drop for EtcdProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -29,11 +29,11 @@ use kine_proto::etcdserverpb::{
     AlarmRequest, DefragmentRequest, LeaseLeasesRequest, ResponseHeader, WatchCreateRequest,
 };
 
+pub use crate::spawn_etcd_with;
 use crate::{Backend, ChildGuard, spawn_kine};
 use compare::{Outcome, outcome, same};
 use ops::{Ctx, Gen, Op};
 use server::{Clients, call};
-pub use server::{EtcdGuard, spawn_etcd_with};
 use watch::{GlobalLog, SideWatches, WATCH_WAIT, WatchSpec};
 
 /// How long servers get to catch up a watch that starts in the past and has nothing to deliver,
@@ -139,7 +139,7 @@ pub struct Summary {
 /// The servers of a run; dropped (killed) at its end.
 enum TargetProcess {
     Kine(ChildGuard),
-    Etcd(EtcdGuard),
+    Etcd(crate::ChildGuard),
 }
 
 impl TargetProcess {

@@ -2,8 +2,6 @@
 //! a second etcd when validating the harness), each with the raw generated gRPC clients.
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,72 +17,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::{etcd_binary, free_port, wait_for_port};
-
 /// How long one request may take before the harness calls it a failure.
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// A real etcd started by [`spawn_etcd_with`]; killed and reaped when dropped.
-pub struct EtcdGuard {
-    child: Child,
-    _dir: tempfile::TempDir,
-    /// `http://127.0.0.1:PORT`.
-    pub endpoint: String,
-    /// The data directory's parent.
-    pub dir: PathBuf,
-}
-
-impl Drop for EtcdGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a single-member real etcd (`$ETCD_BIN`, else `etcd` on PATH) on free loopback ports,
-/// like the harness's `spawn_etcd`, with extra command-line arguments (for example
-/// `--unsafe-no-fsync` to make a long differential run fast).
-pub fn spawn_etcd_with(extra_args: &[&str]) -> EtcdGuard {
-    let dir = tempfile::tempdir().expect("tempdir for etcd");
-    let client_port = free_port();
-    let peer_port = free_port();
-    let address = format!("127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let mut child = Command::new(etcd_binary())
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--name")
-        .arg("oracle")
-        .arg("--listen-client-urls")
-        .arg(format!("http://{address}"))
-        .arg("--advertise-client-urls")
-        .arg(format!("http://{address}"))
-        .arg("--listen-peer-urls")
-        .arg(&peer)
-        .arg("--initial-advertise-peer-urls")
-        .arg(&peer)
-        .arg("--initial-cluster")
-        .arg(format!("oracle={peer}"))
-        .arg("--log-level")
-        .arg("error")
-        .args(extra_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("KINE_TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("start etcd (is it installed? the README's test command installs it)");
-    wait_for_port(&address, &mut child, "etcd");
-    EtcdGuard {
-        child,
-        endpoint: format!("http://{address}"),
-        dir: dir.path().to_path_buf(),
-        _dir: dir,
-    }
-}
 
 /// Runs one RPC with the harness's timeout and unwraps the tonic response.
 pub(crate) async fn call<T>(
@@ -106,43 +40,47 @@ pub(crate) struct RawWatchStream {
 }
 
 impl RawWatchStream {
-    fn open(client: WatchClient<Channel>) -> Self {
-        let (tx, req_rx) = mpsc::unbounded_channel::<WatchRequest>();
-        let (resp_tx, rx) = mpsc::unbounded_channel();
-        let mut client = client;
-        // The call runs in its own task: a gRPC server may hold the response headers back
-        // until it has something to send, so awaiting the call inline could deadlock.
-        tokio::spawn(async move {
-            match client.watch(UnboundedReceiverStream::new(req_rx)).await {
-                Ok(response) => {
-                    let mut stream = response.into_inner();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(msg)) => {
-                                if resp_tx.send(Ok(msg)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => {
-                                let _ = resp_tx.send(Err(Status::aborted(
-                                    "differential harness: watch stream closed by the server",
-                                )));
-                                return;
-                            }
-                            Err(status) => {
-                                let _ = resp_tx.send(Err(status));
-                                return;
-                            }
-                        }
-                    }
-                }
-                Err(status) => {
-                    let _ = resp_tx.send(Err(status));
-                }
-            }
-        });
+    fn open(mut client: WatchClient<Channel>) -> Self {
+        let (tx, requests) = mpsc::unbounded_channel::<WatchRequest>();
+        let rx = forward_stream(
+            async move { client.watch(UnboundedReceiverStream::new(requests)).await },
+            "watch",
+        );
         RawWatchStream { tx, rx }
     }
+}
+
+/// Runs a streaming call in its own task and forwards every response, then the stream's end
+/// or error, to the returned receiver. (A gRPC server may hold the response headers back until
+/// it has something to send, so awaiting the call inline could deadlock.)
+fn forward_stream<T: Send + 'static>(
+    call: impl Future<Output = Result<tonic::Response<tonic::Streaming<T>>, Status>> + Send + 'static,
+    what: &'static str,
+) -> mpsc::UnboundedReceiver<Result<T, Status>> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = match call.await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let _ = sender.send(Err(status));
+                return;
+            }
+        };
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(message)) => Ok(message),
+                Ok(None) => Err(Status::aborted(format!(
+                    "differential harness: {what} stream closed by the server"
+                ))),
+                Err(status) => Err(status),
+            };
+            let last = item.is_err();
+            if sender.send(item).is_err() || last {
+                return;
+            }
+        }
+    });
+    receiver
 }
 
 /// The lease keep-alive stream of one server.
@@ -152,42 +90,16 @@ pub(crate) struct KeepAliveStream {
 }
 
 impl KeepAliveStream {
-    fn open(client: LeaseClient<Channel>) -> Self {
-        let (tx, req_rx) = mpsc::unbounded_channel::<LeaseKeepAliveRequest>();
-        let (resp_tx, rx) = mpsc::unbounded_channel();
-        let mut client = client;
-        tokio::spawn(async move {
-            match client
-                .lease_keep_alive(UnboundedReceiverStream::new(req_rx))
-                .await
-            {
-                Ok(response) => {
-                    let mut stream = response.into_inner();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(msg)) => {
-                                if resp_tx.send(Ok(msg)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => {
-                                let _ = resp_tx.send(Err(Status::aborted(
-                                    "differential harness: keep-alive stream closed by the server",
-                                )));
-                                return;
-                            }
-                            Err(status) => {
-                                let _ = resp_tx.send(Err(status));
-                                return;
-                            }
-                        }
-                    }
-                }
-                Err(status) => {
-                    let _ = resp_tx.send(Err(status));
-                }
-            }
-        });
+    fn open(mut client: LeaseClient<Channel>) -> Self {
+        let (tx, requests) = mpsc::unbounded_channel::<LeaseKeepAliveRequest>();
+        let rx = forward_stream(
+            async move {
+                client
+                    .lease_keep_alive(UnboundedReceiverStream::new(requests))
+                    .await
+            },
+            "keep-alive",
+        );
         KeepAliveStream { tx, rx }
     }
 
