@@ -48,6 +48,8 @@
 //! LISTEN/NOTIFY) or by polling ([`Backend::poll_interval`], MySQL).
 
 pub mod mysql;
+mod nodelay;
+pub mod page_counts;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -234,6 +236,13 @@ pub trait WriteTxn: Send {
     /// The longest key the datastore can store, and its driver's name; `None` when unlimited.
     fn key_limit(&self) -> Option<(usize, &'static str)> {
         None
+    }
+
+    /// Looks up the current rows of `keys` in one go, so later [`get`](WriteTxn::get)s of
+    /// them need no round trip (a group-commit batch calls it with every key it names).
+    async fn prefetch(&mut self, keys: &[Bytes]) -> Result<()> {
+        let _ = keys;
+        Ok(())
     }
 
     /// The current, live key-value of `key`.

@@ -175,7 +175,18 @@ fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let pool: MySqlPool = options.pool.sqlx().connect_with(connect).await?;
+    let port = connect.get_port();
+    let pool: MySqlPool = options
+        .pool
+        .sqlx()
+        .after_connect(move |_, _| {
+            Box::pin(async move {
+                super::nodelay::set_on_connections_to(port);
+                Ok(())
+            })
+        })
+        .connect_with(connect)
+        .await?;
     MIGRATOR
         .run(&pool)
         .await

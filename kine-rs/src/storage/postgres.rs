@@ -49,6 +49,8 @@ impl Dialect for Postgres {
     const DEFRAGMENT: &'static str = "VACUUM kv, leases, keyspaces";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
+    const KEY_LISTS: bool = false;
+    const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")
@@ -89,7 +91,18 @@ pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<PgCon
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let pool: PgPool = options.pool.sqlx().connect_with(connect).await?;
+    let port = connect.get_port();
+    let pool: PgPool = options
+        .pool
+        .sqlx()
+        .after_connect(move |_, _| {
+            Box::pin(async move {
+                super::nodelay::set_on_connections_to(port);
+                Ok(())
+            })
+        })
+        .connect_with(connect)
+        .await?;
     MIGRATOR
         .run(&pool)
         .await
