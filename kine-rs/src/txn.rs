@@ -213,6 +213,31 @@ pub fn has_writes(request: &TxnRequest) -> bool {
         })
 }
 
+/// Every single key a transaction names (compares, puts, deletes and reads of one key, in
+/// both branches and nested transactions): what a write batch looks up in one go.
+pub fn point_keys(request: &TxnRequest, out: &mut Vec<Bytes>) {
+    for compare in &request.compare {
+        if compare.range_end.is_empty() {
+            out.push(compare.key.clone());
+        }
+    }
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestPut(put)) => out.push(put.key.clone()),
+            Some(Request::RequestDeleteRange(delete)) if delete.range_end.is_empty() => {
+                out.push(delete.key.clone());
+            }
+            Some(Request::RequestRange(range))
+                if range.range_end.is_empty() && range.revision == 0 =>
+            {
+                out.push(range.key.clone());
+            }
+            Some(Request::RequestTxn(t)) => point_keys(t, out),
+            _ => {}
+        }
+    }
+}
+
 /// The key and size (key + value bytes) of every put in a transaction, in both branches and
 /// nested transactions: what a quota check counts.
 pub fn put_costs(request: &TxnRequest) -> Vec<(Bytes, i64)> {

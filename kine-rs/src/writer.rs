@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, Quota, WriteTxn};
-use crate::txn::{Applier, has_writes, put_costs};
+use crate::txn::{Applier, has_writes, point_keys, put_costs};
 use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
@@ -141,6 +141,13 @@ async fn apply_batch(
     purge_at: &mut Option<Revision>,
 ) -> BatchResult {
     let mut txn = backend.begin_write(keyspace).await?;
+    let mut keys = Vec::new();
+    for command in batch {
+        if let WriteOp::Txn { request, .. } = &command.op {
+            point_keys(request, &mut keys);
+        }
+    }
+    txn.prefetch(&keys).await?;
     let mut revision = txn.state().revision;
     let mut sub = 0i64;
     let mut outcomes = Vec::with_capacity(batch.len());

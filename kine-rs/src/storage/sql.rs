@@ -23,11 +23,12 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, Transaction};
 use tokio::sync::broadcast;
 
+use super::page_counts::PageCounts;
 use super::{Backend, Change, KeyspaceId, KeyspaceState, Quota, RangeQuery, RangeRows, WriteTxn};
 use crate::error::{KineError, Result};
 use crate::metrics;
 use crate::model::{
-    Event, EventType, KeyRange, KeyValue, LeaseRecord, Revision, now_ms, tombstone,
+    Event, EventType, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision, now_ms, tombstone,
 };
 
 mod tenants;
@@ -175,6 +176,15 @@ pub trait Dialect: Send + Sync + 'static {
     const MAX_KEY_BYTES: Option<usize> = None;
     /// The size of a row's value, as a 64-bit integer.
     const VALUE_BYTES: &'static str = "LENGTH(value)";
+    /// Whether a statement may look keys up with an `IN` list. PostgreSQL's planner, without
+    /// fresh statistics (a new table), filters such a list over every current row of the
+    /// keyspace instead of probing the index per key; there keys are looked up one per
+    /// `UNION ALL` branch and found again by [`ROW_ID`](Dialect::ROW_ID).
+    const KEY_LISTS: bool = true;
+    /// A hidden column naming a row's place in its table, and its type, where the database
+    /// has one that stays put while the keyspace lock is held (PostgreSQL's `ctid`): rows read
+    /// under the lock are superseded through it, whatever the planner's statistics.
+    const ROW_ID: Option<(&'static str, &'static str)> = None;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -351,12 +361,14 @@ fn range_sql(select: &str, range: &KeyRange, at: Option<Revision>, limit: bool) 
     sql
 }
 
-/// Runs the range query on `conn`: rows (unless `count_only`) and the total count.
+/// Runs the range query on `conn`: rows (unless `count_only`) and the total count, which is
+/// not counted again when `known_count` has it.
 async fn range_on<D: Dialect>(
     conn: &mut Conn<D>,
     keyspace: KeyspaceId,
     query: &RangeQuery<'_>,
     at: Option<Revision>,
+    known_count: Option<i64>,
 ) -> Result<(Vec<KeyValue>, i64)> {
     let range = query.range;
     let end = range.exclusive_end();
@@ -390,6 +402,9 @@ async fn range_on<D: Dialect>(
             let count = kvs.len() as i64;
             return Ok((kvs, count));
         }
+    }
+    if let Some(count) = known_count {
+        return Ok((kvs, count));
     }
     let sql = range_sql("COUNT(*)", range, at, false);
     let row = fetch_optional::<D>(conn, "range_count", &sql, &args)
@@ -450,6 +465,8 @@ pub struct SqlBackend<D: Dialect> {
     /// Tasks (a notification listener) and resources (a scratch directory) that live as long
     /// as the backend.
     _guard: Box<dyn Send + Sync>,
+    /// Counts of paginated lists' next pages (see [`PageCounts`]).
+    page_counts: PageCounts,
     _dialect: PhantomData<D>,
 }
 
@@ -468,6 +485,7 @@ impl<D: Dialect> SqlBackend<D> {
             poll,
             changes,
             _guard: guard,
+            page_counts: PageCounts::default(),
             _dialect: PhantomData,
         }
     }
@@ -553,8 +571,19 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         } else {
             Some(query.revision)
         };
-        let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at).await?;
+        let read_at = at.unwrap_or(state.revision);
+        let known_count = self.page_counts.get(keyspace, read_at, query.range);
+        let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at, known_count).await?;
         commit::<D>(tx).await?;
+        // More keys than the page holds: the next page's count is the rest of this one's.
+        if let Some(limit) = query.limit
+            && limit >= 2
+            && kvs.len() as i64 == limit
+        {
+            let last = &kvs[kvs.len() - 2].key;
+            let returned = limit - 1;
+            (self.page_counts).page_read(keyspace, read_at, query.range, last, returned, count);
+        }
         // Like etcd, the header reports the store's current revision, whatever was read.
         Ok(RangeRows {
             revision: state.revision,
@@ -625,7 +654,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             keyspace,
             start: state,
             state,
-            live: HashMap::new(),
+            known: HashMap::new(),
+            supersede: Vec::new(),
+            pending: Vec::new(),
         }))
     }
 
@@ -707,7 +738,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let superseded = execute::<D>(
             &mut tx,
             "purge",
-            &D::delete_limited("keyspace = ? AND superseded <= ?"),
+            &D::delete_limited(
+                "keyspace = ? AND superseded <= ? AND superseded <> 9223372036854775807",
+            ),
             &args,
         )
         .await?;
@@ -746,6 +779,12 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 }
 
 /// A write transaction holding the keyspace's row lock.
+///
+/// Writes are buffered and reach the database in a few multi-row statements (at commit, or
+/// before a read that needs them): one `UPDATE` superseding the keys' stored current rows,
+/// then `INSERT`s of the new rows. What the transaction knows of each key (looked up once, in
+/// one statement for a whole batch with [`WriteTxn::prefetch`]) answers point reads, so a
+/// group-commit batch costs a handful of round trips whatever its size.
 struct SqlWriteTxn<D: Dialect> {
     tx: Transaction<'static, D::DB>,
     keyspace: KeyspaceId,
@@ -753,88 +792,298 @@ struct SqlWriteTxn<D: Dialect> {
     start: KeyspaceState,
     /// The counters with this transaction's changes (usage, compaction, freeze, quota).
     state: KeyspaceState,
-    /// The size (key + value bytes) of keys whose current row this transaction has seen,
-    /// `None` when not live: usage accounting needs no extra query for them.
-    live: HashMap<Bytes, Option<i64>>,
+    /// Keys whose current state this transaction knows.
+    known: HashMap<Bytes, KnownKey>,
+    /// Stored current rows (live or tombstones) to mark superseded, by the revision given.
+    supersede: Vec<StoredRow>,
+    /// New rows not yet written, in order.
+    pending: Vec<PendingRow>,
+}
+
+/// What a write transaction knows of one key.
+struct KnownKey {
+    /// The key's live key-value now, this transaction's writes included.
+    live: Option<KeyValue>,
+    /// The database holds a current row of the key (live or a tombstone) that the key's next
+    /// write must supersede.
+    stored_current: bool,
+    /// That row's [`Dialect::ROW_ID`], when it was read with it.
+    row_id: Option<String>,
+    /// Index in `pending` of the key's newest unwritten row.
+    pending: Option<usize>,
+}
+
+/// A stored current row to supersede.
+struct StoredRow {
+    key: Bytes,
+    row_id: Option<String>,
+    revision: Revision,
+}
+
+/// A row waiting to be inserted.
+struct PendingRow {
+    kv: KeyValue,
+    sub: i64,
+    deleted: bool,
+    superseded: Revision,
+}
+
+/// Splits `n` items into chunks of power-of-two sizes (at most `max`, a power of two), so
+/// the multi-row statements come in few distinct shapes and stay in the prepared-statement
+/// cache.
+fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if n == 0 {
+            return None;
+        }
+        let size = if n >= max {
+            max
+        } else {
+            1 << (usize::BITS - 1 - n.leading_zeros())
+        };
+        n -= size;
+        Some(size)
+    })
+}
+
+/// Most rows (or keys) one multi-row statement carries: 128 rows of 10 parameters stay well
+/// under every database's parameter limit.
+const MAX_ROWS_PER_STATEMENT: usize = 128;
+
+/// `?, ?, …` with `n` placeholders.
+fn placeholders(n: usize) -> String {
+    let mut out = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push('?');
+    }
+    out
+}
+
+/// The statement reading the current rows (live or tombstones) of `keys`, with its
+/// parameters: columns [`KV_COLUMNS`], `deleted`, then the [`Dialect::ROW_ID`] if any.
+fn current_rows_sql<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    keys: &[&'a [u8]],
+) -> (String, Vec<Arg<'a>>) {
+    let row_id = D::ROW_ID
+        .map(|(column, _)| format!(", CAST({column} AS TEXT)"))
+        .unwrap_or_default();
+    let select = format!(
+        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
+         AND superseded = 9223372036854775807 AND `key`"
+    );
+    if D::KEY_LISTS {
+        let sql = format!("{select} IN ({})", placeholders(keys.len()));
+        let mut args = Vec::with_capacity(keys.len() + 1);
+        args.push(Arg::Int(keyspace));
+        args.extend(keys.iter().map(|key| Arg::Bytes(key)));
+        (sql, args)
+    } else {
+        let sql = vec![format!("{select} = ?"); keys.len()].join(" UNION ALL ");
+        let args = keys
+            .iter()
+            .flat_map(|key| [Arg::Int(keyspace), Arg::Bytes(key)])
+            .collect();
+        (sql, args)
+    }
+}
+
+/// The statement marking `rows` superseded, each by its revision: through their
+/// [`Dialect::ROW_ID`] when they all have one, else by key.
+fn supersede_sql<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    rows: &[&'a StoredRow],
+) -> (String, Vec<Arg<'a>>) {
+    let by_row_id = D::ROW_ID.filter(|_| rows.iter().all(|row| row.row_id.is_some()));
+    let (column, parameter) = match by_row_id {
+        Some((column, kind)) => (column.to_string(), format!("CAST(? AS {kind})")),
+        None => ("`key`".to_string(), "?".to_string()),
+    };
+    let id = |row: &'a StoredRow| match (&row.row_id, by_row_id) {
+        (Some(id), Some(_)) => Arg::Text(id),
+        _ => Arg::Bytes(&row.key),
+    };
+    let mut sql = format!("UPDATE kv SET superseded = CASE {column}");
+    for _ in rows {
+        sql.push_str(&format!(" WHEN {parameter} THEN ?"));
+    }
+    sql.push_str(&format!(
+        " END WHERE keyspace = ? AND superseded = 9223372036854775807 AND {column} IN ({})",
+        vec![parameter; rows.len()].join(", ")
+    ));
+    let mut args = Vec::with_capacity(rows.len() * 3 + 1);
+    for row in rows {
+        args.extend([id(row), Arg::Int(row.revision)]);
+    }
+    args.push(Arg::Int(keyspace));
+    args.extend(rows.iter().map(|row| id(row)));
+    (sql, args)
 }
 
 impl<D: Dialect> SqlWriteTxn<D> {
-    /// The size of `key`'s live row, if it has one.
-    async fn live_size(&mut self, key: &[u8]) -> Result<Option<i64>> {
-        if let Some(size) = self.live.get(key) {
-            return Ok(*size);
+    /// Looks up the stored current rows of `keys` this transaction does not know yet.
+    async fn load(&mut self, keys: &[&[u8]]) -> Result<()> {
+        let mut unknown: Vec<&[u8]> = keys
+            .iter()
+            .copied()
+            .filter(|key| !self.known.contains_key(*key))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        let mut rest = unknown.as_slice();
+        for size in chunk_sizes(unknown.len(), MAX_ROWS_PER_STATEMENT) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let (sql, args) = current_rows_sql::<D>(self.keyspace, chunk);
+            for row in fetch_all::<D>(&mut self.tx, "get", &sql, &args).await? {
+                let kv = kv_from_row::<D>(&row, 0)?;
+                let deleted = D::DB::flag(&row, 6)?;
+                let row_id = match D::ROW_ID {
+                    Some(_) => Some(D::DB::text(&row, 7)?),
+                    None => None,
+                };
+                self.known.insert(
+                    kv.key.clone(),
+                    KnownKey {
+                        live: (!deleted).then_some(kv),
+                        stored_current: true,
+                        row_id,
+                        pending: None,
+                    },
+                );
+            }
+            for key in chunk {
+                if !self.known.contains_key(*key) {
+                    self.known.insert(
+                        Bytes::copy_from_slice(key),
+                        KnownKey {
+                            live: None,
+                            stored_current: false,
+                            row_id: None,
+                            pending: None,
+                        },
+                    );
+                }
+            }
         }
-        let sql = format!(
-            "SELECT {} FROM kv WHERE keyspace = ? AND `key` = ? \
-             AND superseded = 9223372036854775807 AND deleted = 0",
-            D::VALUE_BYTES
-        );
-        let row = fetch_optional::<D>(
-            &mut self.tx,
-            "live_size",
-            &sql,
-            &[Arg::Int(self.keyspace), Arg::Bytes(key)],
-        )
-        .await?;
-        row.map(|row| Ok(D::DB::int(&row, 0)? + key.len() as i64))
-            .transpose()
+        Ok(())
     }
 
-    /// Accounts for replacing `key`'s live row (if any) with one of `size` bytes (`None`: a
-    /// tombstone).
-    async fn account(&mut self, key: &[u8], size: Option<i64>) -> Result<()> {
-        if let Some(previous) = self.live_size(key).await? {
+    /// What this transaction knows of `key`, looked up first if needed.
+    async fn known(&mut self, key: &[u8]) -> Result<&mut KnownKey> {
+        if !self.known.contains_key(key) {
+            self.load(&[key]).await?;
+        }
+        self.known
+            .get_mut(key)
+            .ok_or_else(|| KineError::Storage("a looked-up key is missing".into()))
+    }
+
+    /// Makes `row` the key's new current row: accounts for usage, and supersedes the key's
+    /// previous current row, stored or pending.
+    async fn write(&mut self, row: PendingRow) -> Result<()> {
+        let revision = row.kv.mod_revision;
+        let index = self.pending.len();
+        let known = self.known(&row.kv.key).await?;
+        let previous = known.live.as_ref().map(live_size);
+        let stored = std::mem::replace(&mut known.stored_current, false);
+        let row_id = known.row_id.take();
+        let superseded_pending = known.pending.replace(index);
+        known.live = (!row.deleted).then(|| row.kv.clone());
+        if let Some(previous) = previous {
             self.state.keys -= 1;
             self.state.bytes -= previous;
         }
-        if let Some(size) = size {
+        if !row.deleted {
             self.state.keys += 1;
-            self.state.bytes += size;
+            self.state.bytes += live_size(&row.kv);
         }
-        self.live.insert(Bytes::copy_from_slice(key), size);
+        if stored {
+            self.supersede.push(StoredRow {
+                key: row.kv.key.clone(),
+                row_id,
+                revision,
+            });
+        }
+        if let Some(earlier) = superseded_pending {
+            self.pending[earlier].superseded = revision;
+        }
+        self.pending.push(row);
         Ok(())
     }
 
-    async fn supersede(&mut self, key: &[u8], revision: Revision) -> Result<()> {
-        execute::<D>(
-            &mut self.tx,
-            "supersede",
-            "UPDATE kv SET superseded = ? WHERE keyspace = ? AND `key` = ? \
-             AND superseded = 9223372036854775807",
-            &[Arg::Int(revision), Arg::Int(self.keyspace), Arg::Bytes(key)],
-        )
-        .await?;
+    /// Writes the buffered rows, so statements that read the table see them.
+    async fn flush(&mut self) -> Result<()> {
+        let supersede = std::mem::take(&mut self.supersede);
+        let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
+            .iter()
+            .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
+        let per_statement = if D::KEY_LISTS {
+            MAX_ROWS_PER_STATEMENT
+        } else {
+            1
+        };
+        for (rows, per_statement) in [(by_row_id, MAX_ROWS_PER_STATEMENT), (by_key, per_statement)]
+        {
+            let mut rest = rows.as_slice();
+            for size in chunk_sizes(rows.len(), per_statement) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let (sql, args) = supersede_sql::<D>(self.keyspace, chunk);
+                let changed = execute::<D>(&mut self.tx, "supersede", &sql, &args).await?;
+                if changed != size as u64 {
+                    return Err(KineError::Storage(format!(
+                        "superseding {size} current rows changed {changed}"
+                    )));
+                }
+            }
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut rest = pending.as_slice();
+        for size in chunk_sizes(pending.len(), MAX_ROWS_PER_STATEMENT) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let mut sql = String::from(
+                "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
+                 lease, value, deleted, superseded) VALUES ",
+            );
+            for i in 0..size {
+                sql.push_str(if i == 0 { "" } else { ", " });
+                sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            }
+            let mut args = Vec::with_capacity(size * 10);
+            for row in chunk {
+                args.extend([
+                    Arg::Int(self.keyspace),
+                    Arg::Bytes(&row.kv.key),
+                    Arg::Int(row.kv.mod_revision),
+                    Arg::Int(row.sub),
+                    Arg::Int(row.kv.create_revision),
+                    Arg::Int(row.kv.version),
+                    Arg::Int(row.kv.lease),
+                    Arg::Bytes(&row.kv.value),
+                    Arg::Int(row.deleted as i64),
+                    Arg::Int(row.superseded),
+                ]);
+            }
+            execute::<D>(&mut self.tx, "insert_kv", &sql, &args).await?;
+        }
+        for known in self.known.values_mut() {
+            if known.pending.take().is_some() {
+                known.stored_current = true;
+                known.row_id = None;
+            }
+        }
         Ok(())
     }
+}
 
-    async fn insert_row(
-        &mut self,
-        kv: &KeyValue,
-        key: &[u8],
-        sub: i64,
-        deleted: bool,
-    ) -> Result<()> {
-        execute::<D>(
-            &mut self.tx,
-            "insert_kv",
-            "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
-             lease, value, deleted, superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            &[
-                Arg::Int(self.keyspace),
-                Arg::Bytes(key),
-                Arg::Int(kv.mod_revision),
-                Arg::Int(sub),
-                Arg::Int(kv.create_revision),
-                Arg::Int(kv.version),
-                Arg::Int(kv.lease),
-                Arg::Bytes(&kv.value),
-                Arg::Int(deleted as i64),
-                Arg::Int(CURRENT),
-            ],
-        )
-        .await?;
-        Ok(())
-    }
+/// The bytes a live key-value counts for in the usage counters.
+fn live_size(kv: &KeyValue) -> i64 {
+    (kv.key.len() + kv.value.len()) as i64
 }
 
 #[async_trait]
@@ -843,34 +1092,43 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         self.state
     }
 
+    async fn prefetch(&mut self, keys: &[Bytes]) -> Result<()> {
+        let keys: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
+        self.load(&keys).await
+    }
+
     async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>> {
-        let sql = format!(
-            "SELECT {KV_COLUMNS} FROM kv WHERE keyspace = ? AND `key` = ? \
-             AND superseded = 9223372036854775807 AND deleted = 0"
-        );
-        let row = fetch_optional::<D>(
-            &mut self.tx,
-            "get",
-            &sql,
-            &[Arg::Int(self.keyspace), Arg::Bytes(key)],
-        )
-        .await?;
-        let kv = row
-            .as_ref()
-            .map(|row| kv_from_row::<D>(row, 0))
-            .transpose()?;
-        let size = kv.as_ref().map(|kv| (kv.key.len() + kv.value.len()) as i64);
-        self.live.insert(Bytes::copy_from_slice(key), size);
-        Ok(kv)
+        Ok(self.known(key).await?.live.clone())
     }
 
     async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows> {
         let at = (query.revision > 0).then_some(query.revision);
-        let (kvs, count) = range_on::<D>(&mut self.tx, self.keyspace, &query, at).await?;
+        if at.is_none() && query.range.end == RangeEnd::Single {
+            let kv = self.get(&query.range.start).await?;
+            let count = kv.is_some() as i64;
+            let kvs = if query.count_only {
+                Vec::new()
+            } else {
+                kv.into_iter().collect()
+            };
+            return Ok(RangeRows {
+                revision: self.state.revision,
+                kvs,
+                count,
+            });
+        }
+        self.flush().await?;
+        let (kvs, count) = range_on::<D>(&mut self.tx, self.keyspace, &query, at, None).await?;
         if at.is_none() && !query.keys_only && !query.count_only {
             for kv in &kvs {
-                let size = (kv.key.len() + kv.value.len()) as i64;
-                self.live.insert(kv.key.clone(), Some(size));
+                self.known
+                    .entry(kv.key.clone())
+                    .or_insert_with(|| KnownKey {
+                        live: Some(kv.clone()),
+                        stored_current: true,
+                        row_id: None,
+                        pending: None,
+                    });
             }
         }
         Ok(RangeRows {
@@ -885,20 +1143,27 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()> {
-        self.account(&kv.key, Some((kv.key.len() + kv.value.len()) as i64))
-            .await?;
-        self.supersede(&kv.key, kv.mod_revision).await?;
-        self.insert_row(kv, &kv.key, sub, false).await
+        self.write(PendingRow {
+            kv: kv.clone(),
+            sub,
+            deleted: false,
+            superseded: CURRENT,
+        })
+        .await
     }
 
     async fn delete(&mut self, key: &[u8], revision: Revision, sub: i64) -> Result<()> {
-        self.account(key, None).await?;
-        self.supersede(key, revision).await?;
-        let tombstone = KeyValue {
-            mod_revision: revision,
-            ..KeyValue::default()
-        };
-        self.insert_row(&tombstone, key, sub, true).await
+        self.write(PendingRow {
+            kv: KeyValue {
+                key: Bytes::copy_from_slice(key),
+                mod_revision: revision,
+                ..KeyValue::default()
+            },
+            sub,
+            deleted: true,
+            superseded: CURRENT,
+        })
+        .await
     }
 
     async fn lease(&mut self, id: i64) -> Result<Option<LeaseRecord>> {
@@ -934,6 +1199,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn lease_keys(&mut self, id: i64) -> Result<Vec<Bytes>> {
+        self.flush().await?;
         lease_keys_on::<D>(&mut self.tx, self.keyspace, id).await
     }
 
@@ -1008,6 +1274,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        self.flush().await?;
         if revision != self.start.revision
             || self.state.keys != self.start.keys
             || self.state.bytes != self.start.bytes
