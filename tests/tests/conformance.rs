@@ -25,6 +25,7 @@ macro_rules! suite {
             kv_min_max_revisions,
             kv_one_revision_per_txn,
             kv_delete_range,
+            kv_concurrent_writes,
             txn_compare_value,
             txn_compare_revisions_and_lease,
             txn_compare_range,

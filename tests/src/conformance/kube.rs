@@ -136,8 +136,10 @@ pub async fn kube_paginated_list(target: Target) -> Result<()> {
     ensure!(first.more() && first.count() == 10, "{first:?}");
     let mut listed = keys(first.kvs());
 
-    // Concurrent changes after the list's revision.
+    // Concurrent changes after the list's revision (one more key in the range than before).
     c.put(format!("{prefix}ns/p99").as_str(), "late", None)
+        .await?;
+    c.put(format!("{prefix}ns/p98").as_str(), "late", None)
         .await?;
     c.delete(format!("{prefix}ns/p05").as_str(), None).await?;
     c.put(format!("{prefix}ns/p07").as_str(), "changed", None)
@@ -160,6 +162,13 @@ pub async fn kube_paginated_list(target: Target) -> Result<()> {
             )
             .await?;
         ensure!(page.kvs().len() <= 3, "{page:?}");
+        // The count is of the rest of the range at the list's revision, page after page.
+        let rest = (expected.len() - listed.len()) as i64;
+        ensure!(
+            page.count() == rest,
+            "count {} at {rev}, {rest} expected",
+            page.count()
+        );
         ensure!(
             page.kvs()
                 .iter()

@@ -1,7 +1,9 @@
 //! Range, Put and DeleteRange.
 
 use anyhow::{Context, Result, ensure};
-use etcd_client::{DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
 
 use super::{Server, Target, current_revision, get_one, header_revision, keys, values};
 
@@ -573,5 +575,94 @@ pub async fn kv_delete_range(target: Target) -> Result<()> {
         )
         .await?;
     ensure!(d.deleted() == 0 && d.prev_kvs().is_empty(), "{d:?}");
+    Ok(())
+}
+
+/// Many clients at once, so writes share group-commit batches: compare-and-swap counters
+/// (each success bumps value and version by one, whatever else shares its batch), and a key
+/// deleted by a range and re-created in the same burst (its version restarts at 1). Ends
+/// checked against what each client saw acknowledged.
+pub async fn kv_concurrent_writes(target: Target) -> Result<()> {
+    const CLIENTS: usize = 16;
+    const ROUNDS: usize = 12;
+    const COUNTERS: usize = 3;
+    let server = Server::start(target).await?;
+    let mut c = server.client().await?;
+    for k in 0..COUNTERS {
+        c.put(format!("cnt/{k}").as_str(), "0", None).await?;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..CLIENTS {
+        let mut wc = server.client().await?;
+        tasks.push(tokio::spawn(async move {
+            let mut successes = [0i64; COUNTERS];
+            for r in 0..ROUNDS {
+                // A counter increment, retried until its compare holds.
+                let k = (t + r) % COUNTERS;
+                let key = format!("cnt/{k}");
+                loop {
+                    let seen = wc.get(key.as_str(), None).await?;
+                    let kv = seen.kvs().first().context("counter missing")?;
+                    let n: i64 = kv.value_str()?.parse()?;
+                    let outcome = wc
+                        .txn(
+                            Txn::new()
+                                .when([Compare::mod_revision(
+                                    key.as_str(),
+                                    CompareOp::Equal,
+                                    kv.mod_revision(),
+                                )])
+                                .and_then([TxnOp::put(key.as_str(), (n + 1).to_string(), None)])
+                                .or_else([TxnOp::get(key.as_str(), None)]),
+                        )
+                        .await?;
+                    if outcome.succeeded() {
+                        successes[k] += 1;
+                        break;
+                    }
+                }
+                // Two keys written, the prefix deleted, one key written again.
+                let own = format!("own/{t}/");
+                wc.txn(Txn::new().and_then([
+                    TxnOp::put(format!("{own}a").as_str(), r.to_string(), None),
+                    TxnOp::put(format!("{own}b").as_str(), r.to_string(), None),
+                ]))
+                .await?;
+                let d = wc
+                    .delete(own.as_str(), Some(DeleteOptions::new().with_prefix()))
+                    .await?;
+                ensure!(d.deleted() == 2, "client {t} round {r}: {d:?}");
+                wc.put(format!("{own}a").as_str(), r.to_string(), None)
+                    .await?;
+            }
+            anyhow::Ok(successes)
+        }));
+    }
+    let mut successes = [0i64; COUNTERS];
+    for task in tasks {
+        for (k, n) in task.await??.iter().enumerate() {
+            successes[k] += n;
+        }
+    }
+    for (k, n) in successes.iter().enumerate() {
+        let kv = get_one(&mut c, &format!("cnt/{k}"))
+            .await?
+            .context("counter gone")?;
+        ensure!(
+            kv.value_str()? == n.to_string() && kv.version() == n + 1,
+            "counter {k}: {n} increments acknowledged, found {kv:?}"
+        );
+    }
+    let own = c.get("own/", Some(GetOptions::new().with_prefix())).await?;
+    ensure!(own.count() == CLIENTS as i64, "{own:?}");
+    for kv in own.kvs() {
+        ensure!(
+            kv.key_str()?.ends_with("/a")
+                && kv.value_str()? == (ROUNDS - 1).to_string()
+                && kv.version() == 1
+                && kv.create_revision() == kv.mod_revision(),
+            "re-created after its delete: {kv:?}"
+        );
+    }
     Ok(())
 }
