@@ -20,6 +20,9 @@
 #   KINE_BENCH_POSTGRES_URL  server for the PostgreSQL runs (postgres://postgres@127.0.0.1:5432/postgres)
 #   KINE_BENCH_MYSQL_URL     server for the MariaDB runs  (mysql://root@127.0.0.1:3306/mysql)
 #
+# With postgres among the targets it also measures a gateway holding 1,000 tenants with a
+# watch each (mTLS, a client certificate per tenant; etcd: 1,000 watches on 1,000 connections).
+#
 # Every request loop is bounded (by duration or count); the whole run takes about 10 minutes
 # on a 2-core machine once the binaries are built.
 
@@ -146,19 +149,24 @@ wait_port() {
     return 1
 }
 
-# start_etcd -> sets SERVER_PID, SERVER_URL
+# start_etcd [https [extra flags...]] -> sets SERVER_PID, SERVER_URL; data in $ETCD_DATA
+# (default $WORK/etcd-data)
 start_etcd() {
-    local port peer
+    local port peer scheme=http
+    if [ "${1:-}" = https ]; then
+        scheme=https
+        shift
+    fi
     port=$(free_port)
     peer=$(free_port)
-    "$ETCD" --name bench --data-dir "$WORK/etcd-data" \
-        --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    "$ETCD" --name bench --data-dir "${ETCD_DATA:-$WORK/etcd-data}" \
+        --listen-client-urls "$scheme://127.0.0.1:$port" --advertise-client-urls "$scheme://127.0.0.1:$port" \
         --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-        --initial-cluster "bench=http://127.0.0.1:$peer" --log-level error \
-        >"$WORK/etcd.log" 2>&1 &
+        --initial-cluster "bench=http://127.0.0.1:$peer" --log-level error "$@" \
+        >>"$WORK/etcd.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
-    SERVER_URL="http://127.0.0.1:$port"
+    SERVER_URL="$scheme://127.0.0.1:$port"
     wait_port "$port" "$SERVER_PID" || die "etcd did not start (see $WORK/etcd.log)"
 }
 
@@ -199,17 +207,19 @@ load() {
     printf '    %-28s %s\n' "$label" "$(echo "$out" | cut -c1-160)" >&2
 }
 
+# fresh_endpoint KIND -> sets ENDPOINT to a new database's URL (dropped at exit). Not in a
+# $(...) subshell: DATABASES must be the script's own.
 fresh_endpoint() {
     local kind=$1 name
     name="kine_bench_$(date +%s)_$RANDOM"
     case "$kind" in
     postgres)
         DATABASES+=("pg:$name")
-        echo "${PG_SERVER%/*}/$name"
+        ENDPOINT="${PG_SERVER%/*}/$name"
         ;;
     mysql)
         DATABASES+=("my:$name")
-        echo "${MY_SERVER%/*}/$name"
+        ENDPOINT="${MY_SERVER%/*}/$name"
         ;;
     esac
 }
@@ -265,8 +275,14 @@ for target in $TARGETS; do
     case "$target" in
     etcd) start_etcd ;;
     sqlite) start_kine sqlite "sqlite://$WORK/sqlite/state.db" ;;
-    postgres) start_kine postgres "$(fresh_endpoint postgres)" ;;
-    mysql) start_kine mysql "$(fresh_endpoint mysql)" ;;
+    postgres)
+        fresh_endpoint postgres
+        start_kine postgres "$ENDPOINT"
+        ;;
+    mysql)
+        fresh_endpoint mysql
+        start_kine mysql "$ENDPOINT"
+        ;;
     *) die "unknown target $target" ;;
     esac
     sleep 2
@@ -291,7 +307,8 @@ for target in $TARGETS; do
         stop "$a"
         ;;
     postgres | mysql)
-        endpoint=$(fresh_endpoint "$target")
+        fresh_endpoint "$target"
+        endpoint=$ENDPOINT
         start_kine "$target-a" "$endpoint"
         a=$SERVER_PID
         url_a=$SERVER_URL
@@ -306,10 +323,75 @@ for target in $TARGETS; do
     esac
 done
 
-GATEWAY_NOTE="The gateway row (1,000 tenants, a watch each) is not measured: kine-rs has no gateway flags yet."
-if "$KINE_RS_BIN" --help 2>/dev/null | grep -qi -- '--tenant'; then
-    GATEWAY_NOTE="kine-rs has tenant flags now, but this script does not drive a 1,000-tenant gateway yet."
-fi
+# A gateway holding 1,000 tenants with a watch each: kine-rs --gateway (mTLS, tenants created
+# on first use) on a fresh PostgreSQL database. Each tenant connects with a client certificate
+# of its own (common name = tenant), opens one watch over a prefix, writes one key under it,
+# and must see its own event and nothing else; the server's VmRSS is sampled while the 1,000
+# watches are held. etcd has no tenants: the same 1,000 mTLS connections (fresh data
+# directory), each watching a prefix of its own. About 30 s.
+GATEWAY_TENANTS=1000
+GATEWAY_LABEL="RSS gateway, 1,000 tenants × 1 watch (PostgreSQL)"
+GATEWAY_NOTE="The gateway rows (1,000 tenants, a watch each) are measured only when postgres is in BENCH_TARGETS."
+
+# gateway_watch TARGET SERVER_PID URL [kine-load flags...]: runs the 1,000-tenant load against
+# URL and records SERVER_PID's VmRSS while the watches are held.
+gateway_watch() {
+    local target=$1 pid=$2 url=$3 ready="$WORK/gateway-$1.ready" out="$WORK/gateway-$1.json" load_pid i
+    shift 3
+    rm -f "$ready"
+    # Bounded: opening and writing within --duration, then 10 s for the last events, then --hold.
+    "$KINE_LOAD_BIN" gateway-watch --json --target "$target" --label "gateway, 1,000 tenants × 1 watch: open, put, events" \
+        --goal "each watch sees its own event only" --endpoints "$url" --pki-dir "$WORK/pki" \
+        --tenants "$GATEWAY_TENANTS" --concurrency 32 --duration 60 --hold 5 --ready-file "$ready" "$@" \
+        >"$out" 2>>"$WORK/kine-load.log" &
+    load_pid=$!
+    for ((i = 0; i < 900; i++)); do
+        [ -f "$ready" ] && break
+        kill -0 "$load_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -f "$ready" ]; then
+        sleep 2
+        rss "$pid" "$target" "$GATEWAY_LABEL" VmRSS "≤ 200 MiB (kine-rs)"
+        printf '    %-28s %s MiB\n' "RSS, watches held" "$(tail -n1 "$RESULTS" | sed 's/.*"rss_mib":\([0-9.]*\).*/\1/')" >&2
+    else
+        echo "kine-load gateway-watch on $target did not get its watches open (see $WORK/kine-load.log)" >&2
+    fi
+    if wait "$load_pid" && [ -s "$out" ]; then
+        cat "$out" >>"$RESULTS"
+        printf '    %-28s %s\n' "gateway-watch" "$(cut -c1-160 "$out")" >&2
+    else
+        echo "kine-load gateway-watch failed on $target (see $WORK/kine-load.log)" >&2
+    fi
+}
+
+case " $TARGETS " in
+*" postgres "*)
+    say "gateway: $GATEWAY_TENANTS tenants × 1 watch"
+    "$KINE_LOAD_BIN" pki --dir "$WORK/pki" --clients "$GATEWAY_TENANTS" 2>>"$WORK/kine-load.log" ||
+        die "kine-load pki failed (see $WORK/kine-load.log)"
+    GATEWAY_NOTE="gateway: kine-rs \`--gateway --gateway-create-tenants\` (mTLS) on a fresh PostgreSQL database; 1,000 tenants, each with its own
+  client certificate (CN = tenant) and connection, open a watch on one prefix, write one key, and each watch must see its
+  own event only; RSS sampled 2 s into a 5 s hold. etcd (no tenants): the same 1,000 mTLS connections
+  (fresh data directory), each watching a prefix of its own"
+    case " $TARGETS " in
+    *" etcd "*)
+        ETCD_DATA="$WORK/etcd-gateway-data" start_etcd https --cert-file "$WORK/pki/server.pem" \
+            --key-file "$WORK/pki/server-key.pem" --client-cert-auth --trusted-ca-file "$WORK/pki/ca.pem"
+        sleep 1
+        gateway_watch etcd "$SERVER_PID" "$SERVER_URL" --no-tenants
+        stop "$SERVER_PID"
+        ;;
+    esac
+    fresh_endpoint postgres
+    start_kine postgres-gateway "$ENDPOINT" --gateway --gateway-create-tenants \
+        --server-cert-file "$WORK/pki/server.pem" --server-key-file "$WORK/pki/server-key.pem" \
+        --trusted-ca-file "$WORK/pki/ca.pem"
+    sleep 1
+    gateway_watch postgres "$SERVER_PID" "https://${SERVER_URL#http://}"
+    stop "$SERVER_PID"
+    ;;
+esac
 
 # ---------------------------------------------------------------------------------------------
 # The table

@@ -8,12 +8,15 @@
 //! kine-load txn-update --clients 16 --keys 100
 //! kine-load list --keys 10000 --val-size 1024 --page 500 --iterations 3
 //! kine-load watch-latency --endpoints http://A --watch-endpoint http://B --rate 1000
+//! kine-load pki --dir pki --clients 1000   # CA, server and tenant-NNNN client certificates
+//! kine-load gateway-watch --endpoints https://127.0.0.1:2379 --pki-dir pki --tenants 1000 --hold 10
 //! kine-load table --input results.jsonl     # the side-by-side Markdown table of run.sh
 //! ```
 //!
 //! Every run is bounded: it stops after `--duration` seconds or `--total` operations,
 //! whichever comes first.
 
+mod gateway;
 mod report;
 mod workloads;
 
@@ -49,6 +52,22 @@ enum Command {
     /// Puts through `--endpoints` at `--rate` writes/s, watches through `--watch-endpoint`;
     /// reports acknowledgement-to-event delay and missing/duplicate/out-of-order revisions.
     WatchLatency(Opts),
+    /// A gateway's tenants: `--tenants` clients, each with its own client certificate (common
+    /// name = tenant, from `--pki-dir`) and connection, open one watch each, write one key
+    /// each, and check every watch gets its own tenant's event and nothing else; then the
+    /// watches stay open `--hold` seconds (sample the server's memory meanwhile). `--duration`
+    /// bounds opening and writing. Without `--pki-dir`, the watches share `--conns` plain
+    /// connections; `--no-tenants` (etcd) gives each tenant a prefix of its own instead.
+    GatewayWatch(gateway::GatewayOpts),
+    /// Writes a throwaway PKI for `gateway-watch` into `--dir`: `ca.pem`, `server.pem` and
+    /// `server-key.pem` (for `localhost` and 127.0.0.1), and `tenant-NNNN.pem` and
+    /// `tenant-NNNN-key.pem` (common name `tenant-NNNN`) for `--clients` tenants.
+    Pki {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
     /// Reads JSON reports (one per line, from `--json` runs with `--target` and `--label`)
     /// and prints the side-by-side Markdown table with ratios to the `etcd` target.
     Table {
@@ -160,6 +179,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let mut gateway_opts = None;
         let (name, opts) = match cli.command {
             Command::Table { input } => {
                 print!("{}", report::table(&input)?);
@@ -170,16 +190,38 @@ fn main() -> Result<()> {
             Command::TxnUpdate(o) => ("txn-update", o),
             Command::List(o) => ("list", o),
             Command::WatchLatency(o) => ("watch-latency", o),
+            Command::Pki { dir, clients } => {
+                let start = std::time::Instant::now();
+                gateway::write_pki(&dir, clients)?;
+                eprintln!(
+                    "kine-load: CA, server and {clients} client certificates in {} ({:.2} s)",
+                    dir.display(),
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Command::GatewayWatch(g) => {
+                let mut opts = g.opts.clone();
+                opts.clients = g.tenants;
+                if g.pki_dir.is_some() {
+                    opts.conns = g.tenants;
+                }
+                gateway_opts = Some(g);
+                ("gateway-watch", opts)
+            }
         };
         if opts.endpoints.is_empty() {
             anyhow::bail!("no --endpoints");
         }
-        let report = match name {
-            "put" => workloads::put(&opts).await?,
-            "txn-create" => workloads::txn_create(&opts).await?,
-            "txn-update" => workloads::txn_update(&opts).await?,
-            "list" => workloads::list(&opts).await?,
-            _ => workloads::watch_latency(&opts).await?,
+        let report = match gateway_opts {
+            Some(g) => gateway::gateway_watch(&g).await?,
+            None => match name {
+                "put" => workloads::put(&opts).await?,
+                "txn-create" => workloads::txn_create(&opts).await?,
+                "txn-update" => workloads::txn_update(&opts).await?,
+                "list" => workloads::list(&opts).await?,
+                _ => workloads::watch_latency(&opts).await?,
+            },
         };
         let report = report.finish(name, &opts);
         if opts.json {

@@ -209,6 +209,7 @@ fn headline(v: &Value) -> f64 {
         "put" | "txn-create" | "txn-update" => num(v, "ops_per_sec"),
         "watch-latency" => num(v, "p99_ms"),
         "rss" => extra(v, "rss_mib").unwrap_or(0.0),
+        "gateway-watch" => extra(v, "open_s").unwrap_or(0.0),
         _ => num(v, "p50_ms"),
     }
 }
@@ -256,6 +257,21 @@ fn cell(v: &Value, base: Option<&Value>) -> String {
             format!(
                 "{mib:.1} MiB{}",
                 ratio(mib, base.and_then(|b| extra(b, "rss_mib")))
+            )
+        }
+        "gateway-watch" => {
+            let open = extra(v, "open_s").unwrap_or(0.0);
+            format!(
+                "{:.0}/{:.0} watches open in {open:.1} s{}, events p50 {:.1} / p99 {:.1} ms; \
+                 missing {:.0}, foreign {:.0}, lost {:.0}",
+                extra(v, "opened").unwrap_or(0.0),
+                extra(v, "tenants").unwrap_or(0.0),
+                ratio(open, base.and_then(|b| extra(b, "open_s"))),
+                num(v, "p50_ms"),
+                num(v, "p99_ms"),
+                extra(v, "missing").unwrap_or(0.0),
+                extra(v, "foreign").unwrap_or(0.0),
+                extra(v, "lost").unwrap_or(0.0),
             )
         }
         _ => format!("{:.2} ms", num(v, "p50_ms")),

@@ -26,9 +26,9 @@ use crate::report::{Report, Stats};
 use crate::{Opts, connect};
 
 /// Largest response a client accepts (lists of 500 keys of 1 KiB are ~0.5 MiB).
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-fn kv_client(channel: &Channel) -> KvClient<Channel> {
+pub(crate) fn kv_client(channel: &Channel) -> KvClient<Channel> {
     KvClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE)
 }
 
@@ -70,7 +70,7 @@ fn make_key(prefix: &str, client: usize, seq: u64, size: usize) -> Bytes {
 }
 
 /// The end of the range of keys starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Bytes {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Bytes {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
