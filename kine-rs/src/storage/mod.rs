@@ -9,12 +9,18 @@
 //! Each row also records the revision that **superseded** it (`i64::MAX` while it is current),
 //! so that:
 //!
-//! * a read at the current revision touches only current rows (an index on `superseded`), never
-//!   history;
-//! * a read at an older revision `R` takes rows with `mod_revision <= R < superseded`;
+//! * a read at the current revision touches only current rows (an index of current rows by
+//!   key), never history;
+//! * a read at an older revision `R` takes rows with `mod_revision <= R < superseded`: current
+//!   rows written by `R`, and superseded rows by key (an index of those), in two branches;
 //! * an event's `prev_kv` is the row of the same key superseded at the event's revision;
 //! * compaction at `C` removes rows superseded at or before `C` and tombstones older than `C`,
 //!   in bounded batches.
+//!
+//! Rows are identified by `(keyspace, mod_revision, sub)`, so new rows append to the table's
+//! key and to the watch log; the only index ordered by key that a new key touches is the one
+//! of current rows. (A batch of writes to scattered keys dirties one page per key in every
+//! index ordered by key; that, not the statements, bounds the write rate.)
 //!
 //! Revisions never come from auto-increment ids: a writer takes the keyspace's row lock
 //! ([`Backend::begin_write`]), reads the counter, writes rows at counter + 1, + 2, … (one per

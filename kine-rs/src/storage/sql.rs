@@ -342,23 +342,98 @@ pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result
     })
 }
 
-/// SQL that selects rows of `range` live at the current revision (`at` = None) or at `at`.
-fn range_sql(select: &str, range: &KeyRange, at: Option<Revision>, limit: bool) -> String {
-    let mut sql = format!("SELECT {select} FROM kv WHERE keyspace = ? AND `key` >= ?");
-    if range.exclusive_end().is_some() {
-        sql.push_str(" AND `key` < ?");
+/// The rows of `range` live at the current revision (`at` = None) or at `at`, as filters
+/// with their parameters. At an older revision a live row is either still current, or was
+/// superseded after `at`: two branches, each served by its own index (current rows by key,
+/// superseded rows by key), so no read walks the history of keys it does not return.
+fn range_filters<'a>(
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    end: Option<&'a [u8]>,
+    at: Option<Revision>,
+) -> Vec<(String, Vec<Arg<'a>>)> {
+    let mut base = String::from("keyspace = ? AND `key` >= ?");
+    let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
+    if let Some(end) = end {
+        base.push_str(" AND `key` < ?");
+        args.push(Arg::Bytes(end));
     }
     match at {
-        None => sql.push_str(" AND superseded = 9223372036854775807 AND deleted = 0"),
-        Some(_) => sql.push_str(" AND mod_revision <= ? AND superseded > ? AND deleted = 0"),
+        None => vec![(
+            format!("{base} AND superseded = 9223372036854775807 AND deleted = 0"),
+            args,
+        )],
+        Some(at) => {
+            let mut current = args.clone();
+            current.push(Arg::Int(at));
+            let mut superseded = args;
+            superseded.extend([Arg::Int(at), Arg::Int(at)]);
+            vec![
+                (
+                    format!(
+                        "{base} AND superseded = 9223372036854775807 AND mod_revision <= ? \
+                         AND deleted = 0"
+                    ),
+                    current,
+                ),
+                (
+                    format!(
+                        "{base} AND superseded <> 9223372036854775807 AND superseded > ? \
+                         AND mod_revision <= ? AND deleted = 0"
+                    ),
+                    superseded,
+                ),
+            ]
+        }
     }
-    if !select.starts_with("COUNT") {
-        sql.push_str(" ORDER BY `key`");
+}
+
+/// The statement reading `columns` of the rows `filters` select, in key order, at most
+/// `limit` of them.
+fn range_rows_sql<'a>(
+    columns: &str,
+    filters: &[(String, Vec<Arg<'a>>)],
+    limit: Option<i64>,
+) -> (String, Vec<Arg<'a>>) {
+    let mut args = Vec::new();
+    let mut branches = Vec::new();
+    for (filter, filter_args) in filters {
+        let mut sql = format!("SELECT {columns} FROM kv WHERE {filter} ORDER BY `key`");
+        args.extend(filter_args.iter().copied());
+        if let Some(limit) = limit {
+            sql.push_str(" LIMIT ?");
+            args.push(Arg::Int(limit));
+        }
+        branches.push(sql);
     }
-    if limit {
+    if branches.len() == 1 {
+        return (branches.remove(0), args);
+    }
+    let mut sql = branches
+        .iter()
+        .enumerate()
+        .map(|(i, branch)| format!("SELECT * FROM ({branch}) AS branch{i}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    sql.push_str(" ORDER BY `key`");
+    if let Some(limit) = limit {
         sql.push_str(" LIMIT ?");
+        args.push(Arg::Int(limit));
     }
-    sql
+    (sql, args)
+}
+
+/// The statement counting the rows `filters` select.
+fn range_count_sql<'a>(filters: &[(String, Vec<Arg<'a>>)]) -> (String, Vec<Arg<'a>>) {
+    let counts: Vec<String> = filters
+        .iter()
+        .map(|(filter, _)| format!("(SELECT COUNT(*) FROM kv WHERE {filter})"))
+        .collect();
+    let args = filters
+        .iter()
+        .flat_map(|(_, args)| args.iter().copied())
+        .collect();
+    (format!("SELECT {}", counts.join(" + ")), args)
 }
 
 /// Runs the range query on `conn`: rows (unless `count_only`) and the total count, which is
@@ -372,29 +447,19 @@ async fn range_on<D: Dialect>(
 ) -> Result<(Vec<KeyValue>, i64)> {
     let range = query.range;
     let end = range.exclusive_end();
-    let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
-    if let Some(end) = &end {
-        args.push(Arg::Bytes(end));
-    }
-    if let Some(at) = at {
-        args.extend([Arg::Int(at), Arg::Int(at)]);
-    }
+    let filters = range_filters(keyspace, range, end.as_deref(), at);
     let mut kvs = Vec::new();
     if !query.count_only {
         let columns = if query.keys_only {
             Cow::Owned(format!(
-                "`key`, create_revision, mod_revision, version, lease, {}",
+                "`key`, create_revision, mod_revision, version, lease, {} AS value",
                 D::EMPTY_BYTES
             ))
         } else {
             Cow::Borrowed(KV_COLUMNS)
         };
-        let sql = range_sql(&columns, range, at, query.limit.is_some());
-        let mut row_args = args.clone();
-        if let Some(limit) = query.limit {
-            row_args.push(Arg::Int(limit));
-        }
-        for row in fetch_all::<D>(conn, "range", &sql, &row_args).await? {
+        let (sql, args) = range_rows_sql(&columns, &filters, query.limit);
+        for row in fetch_all::<D>(conn, "range", &sql, &args).await? {
             kvs.push(kv_from_row::<D>(&row, 0)?);
         }
         // Everything was fetched: the count is known without a second query.
@@ -406,7 +471,7 @@ async fn range_on<D: Dialect>(
     if let Some(count) = known_count {
         return Ok((kvs, count));
     }
-    let sql = range_sql("COUNT(*)", range, at, false);
+    let (sql, args) = range_count_sql(&filters);
     let row = fetch_optional::<D>(conn, "range_count", &sql, &args)
         .await?
         .ok_or_else(|| KineError::Storage("COUNT returned no row".into()))?;
@@ -609,7 +674,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
              e.deleted, p.`key`, p.create_revision, p.mod_revision, p.version, p.lease, p.value \
              FROM kv e LEFT JOIN kv p ON p.keyspace = e.keyspace AND p.`key` = e.`key` \
              AND p.superseded = e.mod_revision AND p.mod_revision < e.mod_revision \
-             AND p.deleted = 0 \
+             AND p.deleted = 0 AND p.superseded <> 9223372036854775807 \
              WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?",
         );
         let end = range.and_then(KeyRange::exclusive_end);
