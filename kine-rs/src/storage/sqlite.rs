@@ -5,6 +5,12 @@
 //! a write transaction span several etcd transactions: group commit); `BEGIN IMMEDIATE` takes
 //! the database's write lock, so no `FOR UPDATE` is needed. A pool of read-only connections
 //! reads from WAL snapshots concurrently with it.
+//!
+//! The writer never checkpoints: a checkpoint copies the WAL into the database file and syncs
+//! it, and done inside a commit it stalls every write queued behind it. A connection of its
+//! own runs passive checkpoints (which never block the writer) in the background instead.
+//! The writer keeps a large page cache, so the index pages a batch of scattered keys touches
+//! stay in memory (the cache only grows as it is used; an idle process stays small).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -101,6 +107,18 @@ async fn connect(
         .acquire_timeout(Duration::from_secs(3600))
         .idle_timeout(None)
         .max_lifetime(None)
+        .connect_with(
+            options
+                .clone()
+                .pragma("wal_autocheckpoint", "0")
+                .pragma("cache_size", WRITER_CACHE_KIB),
+        )
+        .await?;
+    let checkpointer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
         .connect_with(options.clone())
         .await?;
     MIGRATOR
@@ -112,11 +130,50 @@ async fn connect(
         .min_connections(1)
         .connect_with(options.read_only(true))
         .await?;
+    let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer));
     Ok(SqlBackend::new(
         readers,
         writers,
         None,
         None,
-        Box::new(scratch),
+        Box::new(Resources {
+            _scratch: scratch,
+            checkpoints,
+        }),
     ))
+}
+
+/// The writer's page cache, in KiB (SQLite's negative `cache_size`).
+const WRITER_CACHE_KIB: &str = "-65536";
+/// How often the background checkpoint runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database file, off the write path. Passive: it never
+/// waits for (or blocks) the writer or readers, and copies what it can; SQLite restarts the WAL
+/// from its beginning once everything in it is copied and no reader needs it.
+async fn checkpoint_in_background(pool: sqlx::SqlitePool) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(%error, "SQLite checkpoint failed; retrying");
+        }
+    }
+}
+
+/// What an SQLite backend owns besides its pools.
+struct Resources {
+    /// A `memory://` database's directory, removed with it.
+    _scratch: Option<tempfile::TempDir>,
+    checkpoints: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        self.checkpoints.abort();
+    }
 }
