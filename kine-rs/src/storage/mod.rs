@@ -353,6 +353,11 @@ pub const DEFAULT_MAX_OPEN: u32 = 16;
 /// connection until then), so it is short; a healthy pool hands out connections in
 /// microseconds.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections a running process keeps busy besides the idle ones kine's flag counts: a
+/// writer, the LISTEN connection, a watch hub reading new events, the lease-expiry loop. They
+/// are opened up front: opening one on demand (TLS, authentication) stalled a watch's
+/// events for 20–90 ms behind it.
+pub const BUSY_CONNECTIONS: u32 = 4;
 
 impl PoolOptions {
     /// sqlx pool options for these settings.
@@ -364,7 +369,7 @@ impl PoolOptions {
         };
         sqlx::pool::PoolOptions::new()
             .max_connections(max)
-            .min_connections(self.max_idle.min(max))
+            .min_connections(self.max_idle.saturating_add(BUSY_CONNECTIONS).min(max))
             .max_lifetime(self.max_lifetime)
             .idle_timeout(self.max_idle_time)
             .acquire_timeout(ACQUIRE_TIMEOUT)
