@@ -49,6 +49,8 @@ impl Dialect for Postgres {
     const DEFRAGMENT: &'static str = "VACUUM kv, leases, keyspaces";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
+    const ANNOUNCE_UPDATE: Option<&'static str> =
+        Some(" RETURNING pg_notify('kine_rs_commits', CAST(id AS TEXT))");
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
 

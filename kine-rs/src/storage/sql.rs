@@ -172,6 +172,9 @@ pub trait Dialect: Send + Sync + 'static {
     const DEFRAGMENT: &'static str;
     /// Announces, inside the write transaction, that keyspace `?` changed.
     const NOTIFY: Option<&'static str> = None;
+    /// Appended to the update of a keyspace row that stores a new revision: announces it in
+    /// the same statement (one round trip less per write).
+    const ANNOUNCE_UPDATE: Option<&'static str> = None;
     /// The longest key the schema can store, where it is limited.
     const MAX_KEY_BYTES: Option<usize> = None;
     /// The size of a row's value, as a 64-bit integer.
@@ -1344,10 +1347,16 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             || self.state.keys != self.start.keys
             || self.state.bytes != self.start.bytes
         {
+            // New revisions are announced by the same statement that stores them.
+            let announce = D::ANNOUNCE_UPDATE.filter(|_| revision != self.start.revision);
+            let sql = format!(
+                "UPDATE keyspaces SET revision = ?, keys_count = ?, bytes_used = ? WHERE id = ?{}",
+                announce.unwrap_or_default()
+            );
             execute::<D>(
                 &mut self.tx,
                 "revision",
-                "UPDATE keyspaces SET revision = ?, keys_count = ?, bytes_used = ? WHERE id = ?",
+                &sql,
                 &[
                     Arg::Int(revision),
                     Arg::Int(self.state.keys),
@@ -1356,9 +1365,6 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
                 ],
             )
             .await?;
-        }
-        if let Some(notify) = D::NOTIFY {
-            execute::<D>(&mut self.tx, "notify", notify, &[Arg::Int(self.keyspace)]).await?;
         }
         commit::<D>(self.tx).await?;
         Ok(())
