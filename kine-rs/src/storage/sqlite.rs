@@ -99,9 +99,14 @@ async fn connect(
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(false);
+        .foreign_keys(false)
+        // A page of a list (500 rows) streams from SQLite's thread without it waiting for
+        // the reader row by row (sqlx's default buffer is 50 rows).
+        .row_buffer_size(ROW_BUFFER);
     // The single writer: writes queue for it rather than time out.
+    // A local file's connection cannot go stale: no ping before each use.
     let writers = SqlitePoolOptions::new()
+        .test_before_acquire(false)
         .max_connections(1)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(3600))
@@ -126,9 +131,14 @@ async fn connect(
         .await
         .map_err(|e| migration_error(e, &MIGRATOR))?;
     let readers = SqlitePoolOptions::new()
+        .test_before_acquire(false)
         .max_connections(8)
         .min_connections(1)
-        .connect_with(options.read_only(true))
+        .connect_with(
+            options
+                .read_only(true)
+                .pragma("mmap_size", READER_MMAP_BYTES),
+        )
         .await?;
     let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer));
     Ok(SqlBackend::new(
@@ -143,6 +153,10 @@ async fn connect(
     ))
 }
 
+/// Rows a query may run ahead of the code reading them.
+const ROW_BUFFER: usize = 1024;
+/// Readers map the database file instead of copying its pages into their own caches.
+const READER_MMAP_BYTES: &str = "1073741824";
 /// The writer's page cache, in KiB (SQLite's negative `cache_size`).
 const WRITER_CACHE_KIB: &str = "-65536";
 /// How often the background checkpoint runs.
