@@ -134,11 +134,7 @@ async fn connect(
         .test_before_acquire(false)
         .max_connections(8)
         .min_connections(1)
-        .connect_with(
-            options
-                .read_only(true)
-                .pragma("mmap_size", READER_MMAP_BYTES),
-        )
+        .connect_with(options.read_only(true))
         .await?;
     let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer));
     Ok(SqlBackend::new(
@@ -155,8 +151,6 @@ async fn connect(
 
 /// Rows a query may run ahead of the code reading them.
 const ROW_BUFFER: usize = 1024;
-/// Readers map the database file instead of copying its pages into their own caches.
-const READER_MMAP_BYTES: &str = "1073741824";
 /// The writer's page cache, in KiB (SQLite's negative `cache_size`).
 const WRITER_CACHE_KIB: &str = "-65536";
 /// How often the background checkpoint runs.
