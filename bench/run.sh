@@ -23,7 +23,7 @@
 # With postgres among the targets it also measures a gateway holding 1,000 tenants with a
 # watch each (mTLS, a client certificate per tenant; etcd: 1,000 watches on 1,000 connections).
 #
-# Every request loop is bounded (by duration or count); the whole run takes about 10 minutes
+# Every request loop is bounded (by duration or count); the whole run takes about 4 minutes
 # on a 2-core machine once the binaries are built.
 
 set -euo pipefail
