@@ -45,6 +45,12 @@ impl PageCounts {
             .map(|(_, count)| *count)
     }
 
+    /// Forgets every count of `keyspace` (it was deleted).
+    pub fn forget(&self, keyspace: KeyspaceId) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(page, _)| page.keyspace != keyspace);
+    }
+
     /// Records what a page that read `rows` keys of `range` at `revision`, out of `count`,
     /// implies for the page after it: a page of `page_size` keys was returned with `more` set
     /// when `rows` exceeds `page_size` (ranges read `limit + 1` keys).
@@ -102,6 +108,9 @@ mod tests {
         };
         assert_eq!(counts.get(1, 10, &unbounded), None);
         assert_eq!(counts.get(1, 10, &prefix), None);
+        // A deleted keyspace's counts are gone.
+        counts.forget(1);
+        assert_eq!(counts.get(1, 10, &next), None);
     }
 
     #[test]

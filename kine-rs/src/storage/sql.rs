@@ -616,7 +616,10 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 
     async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool> {
-        tenants::delete_keyspace(self, keyspace).await
+        let deleted = tenants::delete_keyspace(self, keyspace).await?;
+        // A new keyspace may get the id again (SQLite reuses the largest rowid).
+        self.page_counts.forget(keyspace);
+        Ok(deleted)
     }
 
     async fn expired_leases_all(
