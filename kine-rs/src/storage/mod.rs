@@ -360,8 +360,9 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BUSY_CONNECTIONS: u32 = 4;
 
 impl PoolOptions {
-    /// sqlx pool options for these settings.
-    pub fn sqlx<DB: sqlx::Database>(&self) -> sqlx::pool::PoolOptions<DB> {
+    /// sqlx pool options for these settings, for a server listening on `port` (every new
+    /// connection gets `TCP_NODELAY`, see `nodelay.rs`).
+    pub fn sqlx<DB: sqlx::Database>(&self, port: u16) -> sqlx::pool::PoolOptions<DB> {
         let max = if self.max_open == 0 {
             DEFAULT_MAX_OPEN
         } else {
@@ -373,6 +374,12 @@ impl PoolOptions {
             .max_lifetime(self.max_lifetime)
             .idle_timeout(self.max_idle_time)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    nodelay::set_on_connections_to(port);
+                    Ok(())
+                })
+            })
     }
 }
 

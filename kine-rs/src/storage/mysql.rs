@@ -175,16 +175,9 @@ fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let port = connect.get_port();
     let pool: MySqlPool = options
         .pool
-        .sqlx()
-        .after_connect(move |_, _| {
-            Box::pin(async move {
-                super::nodelay::set_on_connections_to(port);
-                Ok(())
-            })
-        })
+        .sqlx(connect.get_port())
         .connect_with(connect)
         .await?;
     MIGRATOR

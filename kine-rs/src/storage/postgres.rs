@@ -93,16 +93,9 @@ pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<PgCon
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let port = connect.get_port();
     let pool: PgPool = options
         .pool
-        .sqlx()
-        .after_connect(move |_, _| {
-            Box::pin(async move {
-                super::nodelay::set_on_connections_to(port);
-                Ok(())
-            })
-        })
+        .sqlx(connect.get_port())
         .connect_with(connect)
         .await?;
     MIGRATOR
