@@ -112,7 +112,7 @@ impl Drop for TestDatabase {
 }
 
 /// `mysql` client arguments for a `mysql://user:pass@host:port/...` URL.
-fn mysql_client_args(url: &str) -> Option<Vec<String>> {
+pub fn mysql_client_args(url: &str) -> Option<Vec<String>> {
     let rest = url.strip_prefix("mysql://")?;
     let authority = rest.split(['/', '?']).next()?;
     let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));

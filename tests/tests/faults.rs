@@ -605,21 +605,10 @@ fn drop_connections(backend: Backend, database: &TestDatabase) -> usize {
 
 /// `mysql` client arguments and the database name of a `mysql://user@host:port/db` URL.
 fn mysql_args(url: &str) -> (Vec<String>, String) {
+    let args = kine_tests::mysql_client_args(url).expect("a mysql:// URL");
     let rest = url.strip_prefix("mysql://").expect("a mysql:// URL");
-    let (authority, path) = rest.split_once('/').expect("a database in the URL");
+    let (_, path) = rest.split_once('/').expect("a database in the URL");
     let name = path.split('?').next().unwrap_or(path).to_string();
-    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
-    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
-    let mut args = vec![
-        format!("--user={user}"),
-        format!("--host={host}"),
-        format!("--port={port}"),
-        "--protocol=tcp".to_string(),
-    ];
-    if !password.is_empty() {
-        args.push(format!("--password={password}"));
-    }
     (args, name)
 }
 
