@@ -207,7 +207,7 @@ provision_build_tools() {
     apt_install protobuf-compiler || die "could not install protobuf-compiler (protoc)"
 }
 
-# The fault tests start private PostgreSQL and MariaDB servers (initdb/pg_ctl,
+# The fault tests start private PostgreSQL, MariaDB and NATS servers (initdb/pg_ctl,
 # mariadb-install-db/mariadbd), whatever KINE_TEST_*_URL says: make sure the servers exist.
 provision_database_servers() {
     say "database servers (the backend and fault tests)"
@@ -219,8 +219,13 @@ provision_database_servers() {
         echo "installing mariadb-server with apt-get"
         apt_install mariadb-server mariadb-client || warn "could not install mariadb-server: MySQL tests will fail"
     fi
+    if [ ! -x /usr/sbin/nats-server ]; then
+        echo "installing nats-server with apt-get"
+        apt_install nats-server || warn "could not install nats-server: NATS tests will fail"
+    fi
     echo "PostgreSQL: $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)"
     echo "MariaDB: $(/usr/sbin/mariadbd --version 2>/dev/null | head -1)"
+    echo "NATS: $(/usr/sbin/nats-server --version 2>/dev/null | head -1)"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,11 @@ pub struct Opts {
     /// Keys of txn-update and list.
     #[arg(long, default_value_t = 100)]
     pub keys: usize,
+    /// put: write keys drawn at random from this many (under a fixed `--prefix`, so that
+    /// repeated runs overwrite keys with history, as kube-apiserver's updates do) instead of
+    /// fresh keys.
+    #[arg(long)]
+    pub key_space: Option<u64>,
     /// Page size (Range limit) of the list workload.
     #[arg(long, default_value_t = 500)]
     pub page: i64,

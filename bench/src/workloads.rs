@@ -18,6 +18,7 @@ use kine_proto::etcdserverpb::{
     Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
     WatchRequest,
 };
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -137,9 +138,10 @@ fn check_count(stats: &mut Stats, count: i64) {
     }
 }
 
-/// Puts of unique keys.
+/// Puts of unique keys, or with `--key-space N` of keys drawn at random from N (overwrites).
 pub async fn put(opts: &Opts) -> Result<Report> {
     let prefix = opts.prefix("put");
+    let key_space = opts.key_space.filter(|n| *n > 0);
     let channels = connect(&opts.endpoints, opts.conns).await?;
     let budget = Budget::new(opts);
     let value = value(opts.val_size);
@@ -152,8 +154,12 @@ pub async fn put(opts: &Opts) -> Result<Report> {
             let mut stats = Stats::default();
             let mut last = 0;
             let mut seq = 0;
+            let mut random = rand::rngs::StdRng::from_rng(&mut rand::rng());
             while budget.take() {
-                let key = make_key(&prefix, c, seq, key_size);
+                let key = match key_space {
+                    Some(n) => make_key(&prefix, 0, random.random_range(0..n), key_size),
+                    None => make_key(&prefix, c, seq, key_size),
+                };
                 seq += 1;
                 let t = Instant::now();
                 let request = PutRequest {
@@ -180,7 +186,16 @@ pub async fn put(opts: &Opts) -> Result<Report> {
     .await?;
     let elapsed = start.elapsed();
     let count = count_prefix(&channels[0], &prefix).await?;
-    check_count(&mut stats, count);
+    match key_space {
+        // Overwrites: every key written exists, and no key outside the space.
+        Some(n) => {
+            stats.set("keys_counted", json!(count));
+            if count <= 0 || count as u64 > n {
+                stats.error(format!("{count} keys in a key space of {n}"));
+            }
+        }
+        None => check_count(&mut stats, count),
+    }
     Ok(stats.into_report(elapsed))
 }
 
