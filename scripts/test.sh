@@ -243,6 +243,19 @@ service_target() {
     fi
 }
 
+# The tests connect as `postgres` without a password (trust on loopback, as the README says);
+# Debian's cluster asks for one: put trust lines for 127.0.0.1 and ::1 first in its pg_hba.conf.
+postgres_trust_loopback() {
+    local hba=/etc/postgresql/$1/main/pg_hba.conf
+    [ -f "$hba" ] || return 0
+    if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+        echo "PostgreSQL: trusting loopback connections in $hba"
+        as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba" ||
+            warn "could not edit $hba"
+        return 1
+    fi
+}
+
 start_postgres() {
     local host port
     read -r host port < <(service_target KINE_TEST_POSTGRES_URL 5432)
@@ -251,6 +264,9 @@ start_postgres() {
         return 0
     fi
     if port_open "$host" "$port"; then
+        if [ -d /etc/postgresql ] && ! postgres_trust_loopback "$(ls /etc/postgresql | sort -V | tail -1)"; then
+            as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main reload || true
+        fi
         echo "PostgreSQL: answering on $host:$port"
         return 0
     fi
@@ -260,6 +276,7 @@ start_postgres() {
     fi
     local version
     version=$(ls /etc/postgresql | sort -V | tail -1)
+    postgres_trust_loopback "$version" || true
     echo "PostgreSQL: starting cluster $version/main"
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start ||
         warn "pg_ctlcluster $version main start failed"
@@ -267,6 +284,17 @@ start_postgres() {
         echo "PostgreSQL: answering on $host:$port"
     else
         warn "PostgreSQL does not answer on $host:$port: PostgreSQL backend tests will fail"
+    fi
+}
+
+# The tests connect as root without a password over TCP; Debian's root authenticates by unix
+# socket only. Allow both (through the socket, as root, which the socket lets in).
+mariadb_root_without_password() {
+    command -v mysql >/dev/null 2>&1 || return 0
+    if ! mysql -h 127.0.0.1 -u root -e 'SELECT 1' >/dev/null 2>&1; then
+        echo "MariaDB: letting root in over TCP without a password"
+        as_root mysql -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('')" ||
+            warn "could not change root's authentication"
     fi
 }
 
@@ -278,6 +306,7 @@ start_mariadb() {
         return 0
     fi
     if port_open "$host" "$port"; then
+        mariadb_root_without_password
         echo "MariaDB: answering on $host:$port"
         return 0
     fi
@@ -289,9 +318,10 @@ start_mariadb() {
     if id mysql >/dev/null 2>&1; then
         as_root install -d -o mysql -g mysql /run/mysqld || true
     fi
-    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd ||
+    as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql ||
         warn "starting mariadbd failed"
     if wait_port "$host" "$port" 30; then
+        mariadb_root_without_password
         echo "MariaDB: answering on $host:$port"
     else
         warn "MariaDB does not answer on $host:$port: MySQL backend tests will fail"
