@@ -964,33 +964,59 @@ fn current_rows_sql<'a, D: Dialect>(
 
 /// The statement marking `rows` superseded, each by its revision: through their
 /// [`Dialect::ROW_ID`] when they all have one, else by key.
+///
+/// By row id, the statement names nothing but the row ids in its `WHERE` clause, so the only
+/// plan is a lookup of those rows (PostgreSQL's TID scan). With `keyspace = ?` and the current
+/// marker there too, PostgreSQL's generic plan walked the keyspace's whole index of current
+/// rows, filtering by row id: ~26 ms per batch at 20,000 keys, and overwrites collapsed from
+/// 2,900 to 700 puts/s. Those conditions still guard the write, inside `SET`: a row id that
+/// named any other row would set NULL, which the column refuses, failing the transaction.
 fn supersede_sql<'a, D: Dialect>(
     keyspace: KeyspaceId,
     rows: &[&'a StoredRow],
 ) -> (String, Vec<Arg<'a>>) {
     let by_row_id = D::ROW_ID.filter(|_| rows.iter().all(|row| row.row_id.is_some()));
-    let (column, parameter) = match by_row_id {
-        Some((column, kind)) => (column.to_string(), format!("CAST(? AS {kind})")),
-        None => ("`key`".to_string(), "?".to_string()),
-    };
-    let id = |row: &'a StoredRow| match (&row.row_id, by_row_id) {
-        (Some(id), Some(_)) => Arg::Text(id),
-        _ => Arg::Bytes(&row.key),
-    };
-    let mut sql = format!("UPDATE kv SET superseded = CASE {column}");
+    let mut args = Vec::with_capacity(rows.len() * 3 + 1);
+    if let Some((column, kind)) = by_row_id {
+        let parameter = format!("CAST(? AS {kind})");
+        let mut sql = String::from(
+            "UPDATE kv SET superseded = CASE WHEN keyspace = ? \
+             AND superseded = 9223372036854775807 THEN CASE ",
+        );
+        sql.push_str(column);
+        for _ in rows {
+            sql.push_str(&format!(" WHEN {parameter} THEN ?"));
+        }
+        sql.push_str(&format!(
+            " END END WHERE {column} IN ({})",
+            vec![parameter; rows.len()].join(", ")
+        ));
+        args.push(Arg::Int(keyspace));
+        for row in rows {
+            args.extend([
+                Arg::Text(row.row_id.as_deref().unwrap_or_default()),
+                Arg::Int(row.revision),
+            ]);
+        }
+        args.extend(
+            rows.iter()
+                .map(|row| Arg::Text(row.row_id.as_deref().unwrap_or_default())),
+        );
+        return (sql, args);
+    }
+    let mut sql = String::from("UPDATE kv SET superseded = CASE `key`");
     for _ in rows {
-        sql.push_str(&format!(" WHEN {parameter} THEN ?"));
+        sql.push_str(" WHEN ? THEN ?");
     }
     sql.push_str(&format!(
-        " END WHERE keyspace = ? AND superseded = 9223372036854775807 AND {column} IN ({})",
-        vec![parameter; rows.len()].join(", ")
+        " END WHERE keyspace = ? AND superseded = 9223372036854775807 AND `key` IN ({})",
+        placeholders(rows.len())
     ));
-    let mut args = Vec::with_capacity(rows.len() * 3 + 1);
     for row in rows {
-        args.extend([id(row), Arg::Int(row.revision)]);
+        args.extend([Arg::Bytes(&row.key), Arg::Int(row.revision)]);
     }
     args.push(Arg::Int(keyspace));
-    args.extend(rows.iter().map(|row| id(row)));
+    args.extend(rows.iter().map(|row| Arg::Bytes(&row.key)));
     (sql, args)
 }
 
