@@ -163,6 +163,8 @@ pub struct Config {
 pub enum Command {
     /// Administer tenants through a running kine-rs's admin API.
     Tenant(crate::cli::TenantArgs),
+    /// Move a tenant to another datastore while it keeps serving, keeping its revisions.
+    Migrate(crate::migrate::command::MigrateArgs),
 }
 
 /// Which certificate name identifies a gateway client's tenant.

@@ -48,6 +48,19 @@ pub enum KineError {
         "kine-rs: tenant {tenant:?} is frozen for maintenance; writes are refused until it is unfrozen"
     )]
     Frozen { tenant: String },
+    /// The tenant is the target of a migration that has not finished: not served yet.
+    #[error(
+        "kine-rs: tenant {tenant:?} is being imported by a migration and is served once it finishes"
+    )]
+    TenantImporting { tenant: String },
+    /// The tenant was migrated to another datastore: this one keeps its data frozen.
+    #[error(
+        "kine-rs: tenant {tenant:?} has moved to another datastore; serve it from its new --endpoint"
+    )]
+    TenantMoved { tenant: String },
+    /// A compaction past the revision a running migration still copies from.
+    #[error("kine-rs: compaction is held at revision {pinned} while the tenant is being migrated")]
+    CompactionPinned { pinned: i64 },
     /// A tenant name that is not a DNS label (the message says why).
     #[error("kine-rs: {0}")]
     InvalidTenant(String),
@@ -99,7 +112,10 @@ impl KineError {
             KineError::TenantExists(_) => Code::AlreadyExists,
             KineError::TenantBusy { .. } => Code::FailedPrecondition,
             KineError::LeaseNotFound => Code::NotFound,
-            KineError::LeaseExists | KineError::Frozen { .. } => Code::FailedPrecondition,
+            KineError::LeaseExists
+            | KineError::Frozen { .. }
+            | KineError::CompactionPinned { .. } => Code::FailedPrecondition,
+            KineError::TenantImporting { .. } | KineError::TenantMoved { .. } => Code::Unavailable,
             KineError::NoSpace => Code::ResourceExhausted,
             KineError::Unsupported(_) => Code::Unimplemented,
             KineError::Unavailable(_) | KineError::Stopped => Code::Unavailable,
@@ -264,6 +280,25 @@ mod tests {
                 },
                 Code::FailedPrecondition,
                 "kine-rs: tenant \"t1\" is frozen for maintenance; writes are refused until it is unfrozen",
+            ),
+            (
+                KineError::TenantImporting {
+                    tenant: "t1".into(),
+                },
+                Code::Unavailable,
+                "kine-rs: tenant \"t1\" is being imported by a migration and is served once it finishes",
+            ),
+            (
+                KineError::TenantMoved {
+                    tenant: "t1".into(),
+                },
+                Code::Unavailable,
+                "kine-rs: tenant \"t1\" has moved to another datastore; serve it from its new --endpoint",
+            ),
+            (
+                KineError::CompactionPinned { pinned: 7 },
+                Code::FailedPrecondition,
+                "kine-rs: compaction is held at revision 7 while the tenant is being migrated",
             ),
             (
                 KineError::UnknownTenant("t2".into()),

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::error::{KineError, Result};
 use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
 use crate::range;
-use crate::storage::{Backend, KeyspaceId, KeyspaceState, Quota};
+use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota};
 use crate::txn::{self, RequestLimits};
 use crate::watch::hub::WatchHub;
 use crate::writer::{self, WriteCommand, WriteOp, WriteOutcome};
@@ -77,6 +77,19 @@ impl Keyspace {
             return Ok(None);
         };
         let state = backend.state(id).await?;
+        match state.migration {
+            MigrationRole::Importing => {
+                return Err(KineError::TenantImporting {
+                    tenant: name.to_string(),
+                });
+            }
+            MigrationRole::Moved => {
+                return Err(KineError::TenantMoved {
+                    tenant: name.to_string(),
+                });
+            }
+            MigrationRole::None | MigrationRole::Source => {}
+        }
         let hub = Arc::new(WatchHub::new(backend.clone(), id, state.revision));
         let (sender, queue) = mpsc::channel(4096);
         let tasks = vec![tokio::spawn(writer::run(

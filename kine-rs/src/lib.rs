@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod keyspace;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod range;
 pub mod run;

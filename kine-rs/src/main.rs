@@ -22,12 +22,22 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Plain => subscriber.init(),
     }
-    if let Some(Command::Tenant(args)) = config.command {
-        if let Err(error) = kine::cli::run(args).await {
-            eprintln!("error: {error:#}");
-            std::process::exit(1);
+    match config.command {
+        Some(Command::Tenant(args)) => {
+            if let Err(error) = kine::cli::run(args).await {
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            return Ok(());
         }
-        return Ok(());
+        Some(Command::Migrate(args)) => {
+            if let Err(error) = kine::migrate::command::run(args).await {
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        None => {}
     }
     kine::run::run(config).await?;
     Ok(())

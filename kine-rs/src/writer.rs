@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
-use crate::storage::{Backend, KeyspaceId, KeyspaceState, Quota, WriteTxn};
+use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, WriteTxn};
 use crate::txn::{Applier, has_writes, point_keys, put_costs};
 use crate::watch::hub::WatchHub;
 
@@ -182,6 +182,12 @@ async fn apply_one(
         tenant: tenant.to_string(),
     };
     let state = txn.state();
+    if state.migration == MigrationRole::Moved {
+        // Writes were frozen before the move; say where the tenant went instead.
+        return Err(KineError::TenantMoved {
+            tenant: tenant.to_string(),
+        });
+    }
     match op {
         WriteOp::Txn { request, plain_put } => {
             if state.frozen && has_writes(request) {
@@ -202,6 +208,11 @@ async fn apply_one(
             }
             if *at > *revision {
                 return Err(KineError::FutureRevision);
+            }
+            if state.pinned_revision > 0 && *at > state.pinned_revision {
+                return Err(KineError::CompactionPinned {
+                    pinned: state.pinned_revision,
+                });
             }
             txn.set_compact_revision(*at).await?;
             *purge_at = Some(*at);

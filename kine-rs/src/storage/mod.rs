@@ -91,6 +91,48 @@ pub struct KeyspaceState {
     pub bytes: i64,
     /// The quota: most live keys and bytes; 0 means no limit.
     pub quota: Quota,
+    /// The keyspace's part in a live migration between datastores.
+    pub migration: MigrationRole,
+    /// While the keyspace is a migration's source: the oldest revision the copy still reads,
+    /// which compaction may not pass; 0 otherwise.
+    pub pinned_revision: Revision,
+}
+
+/// A keyspace's part in a live migration (see [`crate::migrate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MigrationRole {
+    /// Not migrating: served as usual.
+    #[default]
+    None,
+    /// The source of a running migration: served, compaction held at the pinned revision.
+    Source,
+    /// The target of an unfinished import: not served until the migration switches to it.
+    Importing,
+    /// Moved to another datastore: frozen, and not served (its data stays until deleted).
+    Moved,
+}
+
+impl MigrationRole {
+    /// The code stored in `keyspaces.migration_role`.
+    pub fn code(self) -> i64 {
+        match self {
+            MigrationRole::None => 0,
+            MigrationRole::Source => 1,
+            MigrationRole::Importing => 2,
+            MigrationRole::Moved => 3,
+        }
+    }
+
+    /// The role a stored code names; an unknown code (a newer kine-rs) counts as importing,
+    /// which is never served.
+    pub fn from_code(code: i64) -> Self {
+        match code {
+            0 => MigrationRole::None,
+            1 => MigrationRole::Source,
+            3 => MigrationRole::Moved,
+            _ => MigrationRole::Importing,
+        }
+    }
 }
 
 /// A keyspace's quota; 0 means no limit.
@@ -140,6 +182,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Every keyspace, by name, with its counters.
     async fn keyspaces(&self) -> Result<Vec<(String, KeyspaceState)>>;
+
+    /// The record a live migration keeps on the keyspace (its checkpoint, its peer), if any.
+    async fn migration_record(&self, keyspace: KeyspaceId) -> Result<Option<String>>;
 
     /// Deletes a keyspace with all its keys, history and leases, under its write lock;
     /// `false` when it did not exist.
@@ -288,6 +333,15 @@ pub trait WriteTxn: Send {
 
     /// Sets the keyspace's quota.
     async fn set_quota(&mut self, quota: Quota) -> Result<()>;
+
+    /// Sets the keyspace's part in a migration, the revision compaction may not pass (0:
+    /// none) and the migration's record.
+    async fn set_migration(
+        &mut self,
+        role: MigrationRole,
+        pinned_revision: Revision,
+        record: Option<&str>,
+    ) -> Result<()>;
 
     /// Stores `revision` as the keyspace's counter and commits.
     async fn commit(self: Box<Self>, revision: Revision) -> Result<()>;

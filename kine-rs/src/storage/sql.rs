@@ -24,7 +24,10 @@ use sqlx::{Database, Pool, Transaction};
 use tokio::sync::broadcast;
 
 use super::page_counts::PageCounts;
-use super::{Backend, Change, KeyspaceId, KeyspaceState, Quota, RangeQuery, RangeRows, WriteTxn};
+use super::{
+    Backend, Change, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows,
+    WriteTxn,
+};
 use crate::error::{KineError, Result};
 use crate::metrics;
 use crate::model::{
@@ -75,6 +78,8 @@ pub trait Driver: Database {
     fn flag(row: &Self::Row, index: usize) -> Result<bool>;
     /// A text column.
     fn text(row: &Self::Row, index: usize) -> Result<String>;
+    /// A nullable text column.
+    fn opt_text(row: &Self::Row, index: usize) -> Result<Option<String>>;
 }
 
 /// A statement with its parameters bound.
@@ -141,6 +146,10 @@ macro_rules! driver {
 
             fn text(row: &Self::Row, index: usize) -> Result<String> {
                 Ok(sqlx::Row::try_get::<String, _>(row, index)?)
+            }
+
+            fn opt_text(row: &Self::Row, index: usize) -> Result<Option<String>> {
+                Ok(sqlx::Row::try_get::<Option<String>, _>(row, index)?)
             }
         }
     };
@@ -327,7 +336,7 @@ async fn read_state<D: Dialect>(
 
 /// Columns of a keyspace row, in the order [`state_from_row`] decodes.
 pub(crate) const STATE_COLUMNS: &str = "revision, compact_revision, frozen, frozen_at_ms, \
-     keys_count, bytes_used, quota_keys, quota_bytes";
+     keys_count, bytes_used, quota_keys, quota_bytes, migration_role, pinned_revision";
 
 pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result<KeyspaceState> {
     Ok(KeyspaceState {
@@ -342,6 +351,8 @@ pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result
             keys: D::DB::int(row, 6)?,
             bytes: D::DB::int(row, 7)?,
         },
+        migration: MigrationRole::from_code(D::DB::int(row, 8)?),
+        pinned_revision: D::DB::int(row, 9)?,
     })
 }
 
@@ -613,6 +624,19 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn keyspaces(&self) -> Result<Vec<(String, KeyspaceState)>> {
         tenants::keyspaces(self).await
+    }
+
+    async fn migration_record(&self, keyspace: KeyspaceId) -> Result<Option<String>> {
+        let mut conn = acquire::<D>(&self.readers).await?;
+        let row = fetch_optional::<D>(
+            &mut conn,
+            "migration_record",
+            "SELECT migration FROM keyspaces WHERE id = ?",
+            &[Arg::Int(keyspace)],
+        )
+        .await?
+        .ok_or(KineError::KeyspaceDeleted)?;
+        D::DB::opt_text(&row, 0)
     }
 
     async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool> {
@@ -1351,6 +1375,37 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         .await?;
         self.state.frozen = frozen;
         self.state.frozen_at_ms = frozen_at;
+        Ok(())
+    }
+
+    async fn set_migration(
+        &mut self,
+        role: MigrationRole,
+        pinned_revision: Revision,
+        record: Option<&str>,
+    ) -> Result<()> {
+        let args = [
+            Arg::Int(role.code()),
+            Arg::Int(pinned_revision),
+            Arg::Int(self.keyspace),
+        ];
+        let sql = match record {
+            Some(_) => {
+                "UPDATE keyspaces SET migration_role = ?, pinned_revision = ?, migration = ? \
+                 WHERE id = ?"
+            }
+            None => {
+                "UPDATE keyspaces SET migration_role = ?, pinned_revision = ?, migration = NULL \
+                 WHERE id = ?"
+            }
+        };
+        let args: Vec<Arg<'_>> = match record {
+            Some(record) => vec![args[0], args[1], Arg::Text(record), args[2]],
+            None => args.to_vec(),
+        };
+        execute::<D>(&mut self.tx, "migration", sql, &args).await?;
+        self.state.migration = role;
+        self.state.pinned_revision = pinned_revision;
         Ok(())
     }
 

@@ -16,8 +16,8 @@ pub(super) async fn keyspaces<D: Dialect>(
     let rows = fetch_all::<D>(&mut conn, "keyspaces", &sql, &[]).await?;
     rows.iter()
         .map(|row| {
-            let id = D::DB::int(row, 8)?;
-            let name = D::DB::text(row, 9)?;
+            let id = D::DB::int(row, 10)?;
+            let name = D::DB::text(row, 11)?;
             Ok((name, state_from_row::<D>(row, id)?))
         })
         .collect()
@@ -76,7 +76,7 @@ pub(super) async fn expired_leases_all<D: Dialect>(
         &mut conn,
         "expired_leases_all",
         "SELECT k.name, l.keyspace, l.id FROM leases l JOIN keyspaces k ON k.id = l.keyspace \
-         WHERE l.expires_at_ms <= ? AND k.frozen = 0 ORDER BY l.expires_at_ms LIMIT ?",
+         WHERE l.expires_at_ms <= ? AND k.frozen = 0 AND k.migration_role IN (0, 1) ORDER BY l.expires_at_ms LIMIT ?",
         &[Arg::Int(now_ms), Arg::Int(limit)],
     )
     .await?;

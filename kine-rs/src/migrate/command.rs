@@ -1,0 +1,342 @@
+//! `kine-rs migrate`: the command line of the migration engine.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use super::{Options, Phase, Progress, Summary};
+use crate::run::redact_endpoint;
+use crate::storage::{self, Backend, BackendOptions, MigrationRole};
+use crate::tenants::validate_name;
+
+/// `kine-rs migrate`: what to move, from where to where.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The datastore the tenant is in, as `--endpoint` names it.
+    #[arg(long)]
+    pub from: String,
+
+    /// The datastore to move it to, as `--endpoint` names it.
+    #[arg(long)]
+    pub to: String,
+
+    /// The tenant to move; `default` is the keyspace of a kine-rs without tenants.
+    #[arg(long, default_value = crate::run::DEFAULT_KEYSPACE, conflicts_with = "all_tenants")]
+    pub tenant: String,
+
+    /// Move every tenant of the source datastore, one after the other.
+    #[arg(long)]
+    pub all_tenants: bool,
+
+    /// Print what would be moved (keys, bytes, history, leases, an estimate of the time) and
+    /// change nothing.
+    #[arg(long, conflicts_with = "abort")]
+    pub dry_run: bool,
+
+    /// Roll an unfinished migration back: the source writable and unpinned, the target's
+    /// partial import deleted. A finished migration is not undone.
+    #[arg(long)]
+    pub abort: bool,
+
+    /// How to print progress: a progress line on a terminal, JSON lines otherwise.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Auto)]
+    pub output: Output,
+
+    /// Keys copied per snapshot page (bounds memory with the largest values).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub page_keys: i64,
+
+    /// Revisions copied per window of events.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub window_revisions: i64,
+
+    /// Freeze the source once the copy is at most this many revisions behind.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(0..=1_000_000))]
+    pub freeze_lag: i64,
+}
+
+/// How `kine-rs migrate` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Text on a terminal, JSON lines otherwise.
+    Auto,
+    Text,
+    Json,
+}
+
+/// Runs `kine-rs migrate`.
+pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
+    let json = match args.output {
+        Output::Json => true,
+        Output::Text => false,
+        Output::Auto => !std::io::stdout().is_terminal(),
+    };
+    if !args.all_tenants {
+        validate_name(&args.tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+    }
+    let (source_name, target_name) = (redact_endpoint(&args.from), redact_endpoint(&args.to));
+    if source_name == target_name {
+        bail!("--from and --to name the same datastore ({source_name})");
+    }
+    let source = open(&args.from, "--from").await?;
+    let target = open(&args.to, "--to").await?;
+
+    let tenants = if args.all_tenants {
+        source
+            .keyspaces()
+            .await
+            .context("listing the source's tenants")?
+            .into_iter()
+            .filter(|(_, state)| state.migration != MigrationRole::Moved)
+            .map(|(name, _)| name)
+            .collect()
+    } else {
+        vec![args.tenant.clone()]
+    };
+    for tenant in tenants {
+        if args.dry_run {
+            let plan = super::plan(&*source, &tenant).await?;
+            if json {
+                print_json(json!({
+                    "event": "plan",
+                    "tenant": plan.tenant,
+                    "from": source_name,
+                    "to": target_name,
+                    "keys": plan.keys,
+                    "bytes": plan.bytes,
+                    "revision": plan.revision,
+                    "compact_revision": plan.compact_revision,
+                    "history_revisions": plan.history_revisions,
+                    "leases": plan.leases,
+                    "frozen": plan.frozen,
+                    "estimated_seconds": plan.estimated.as_secs_f64(),
+                }));
+            } else {
+                println!(
+                    "tenant {:?}: {} keys ({}), revision {} (compacted at {}), {} revisions of \
+                     history to replay, {} leases{}; about {} to move from {source_name} to \
+                     {target_name}. Nothing was changed (--dry-run).",
+                    plan.tenant,
+                    plan.keys,
+                    human_bytes(plan.bytes.max(0) as u64),
+                    plan.revision,
+                    plan.compact_revision,
+                    plan.history_revisions,
+                    plan.leases,
+                    if plan.frozen { "; frozen" } else { "" },
+                    human_duration(plan.estimated),
+                );
+            }
+            continue;
+        }
+        if args.abort {
+            let aborted = super::abort(&*source, &*target, &tenant).await?;
+            if json {
+                print_json(json!({
+                    "event": "aborted",
+                    "tenant": tenant,
+                    "source_released": aborted.source_released,
+                    "import_removed": aborted.import_removed,
+                }));
+            } else {
+                println!(
+                    "tenant {tenant:?}: {}; {}",
+                    if aborted.source_released {
+                        "the source is writable again and unpinned"
+                    } else {
+                        "the source was not migrating"
+                    },
+                    if aborted.import_removed {
+                        "the target's partial import was deleted"
+                    } else {
+                        "the target held no partial import"
+                    }
+                );
+            }
+            continue;
+        }
+        let options = Options {
+            target_name: target_name.clone(),
+            source_name: source_name.clone(),
+            page_keys: args.page_keys,
+            window_revisions: args.window_revisions,
+            freeze_lag: args.freeze_lag,
+            ..Options::new(&tenant)
+        };
+        let mut printer = ProgressPrinter::new(json);
+        let result = super::run(&*source, &*target, &options, &mut |p| printer.show(p)).await;
+        printer.finish();
+        let summary = result?;
+        print_summary(&summary, &source_name, &target_name, json);
+    }
+    Ok(())
+}
+
+async fn open(endpoint: &str, flag: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    if endpoint.starts_with("memory:") {
+        bail!("{flag}: a memory:// datastore lives inside one process; name a datastore to keep");
+    }
+    storage::open(endpoint, &BackendOptions::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", redact_endpoint(endpoint)))
+}
+
+fn print_json(value: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Prints progress: JSON lines, or one line rewritten in place on a terminal, at most a few
+/// times a second (and at every change of phase).
+struct ProgressPrinter {
+    json: bool,
+    last: Option<(Instant, Phase)>,
+    line_open: bool,
+}
+
+impl ProgressPrinter {
+    fn new(json: bool) -> Self {
+        ProgressPrinter {
+            json,
+            last: None,
+            line_open: false,
+        }
+    }
+
+    fn show(&mut self, p: &Progress) {
+        let now = Instant::now();
+        if let Some((at, phase)) = self.last
+            && phase == p.phase
+            && now.duration_since(at) < Duration::from_millis(250)
+        {
+            return;
+        }
+        self.last = Some((now, p.phase));
+        let seconds = p.elapsed.as_secs_f64().max(0.001);
+        let rate = (p.keys + p.events) as f64 / seconds;
+        let remaining = p.keys_total.saturating_sub(p.keys) as f64 + p.lag() as f64;
+        let eta = Duration::from_secs_f64(if rate > 0.0 { remaining / rate } else { 0.0 });
+        if self.json {
+            print_json(json!({
+                "event": "progress",
+                "tenant": p.tenant,
+                "phase": p.phase.name(),
+                "keys": p.keys,
+                "keys_total": p.keys_total,
+                "bytes": p.bytes,
+                "events": p.events,
+                "applied_revision": p.applied_revision,
+                "source_revision": p.source_revision,
+                "lag": p.lag(),
+                "rate_per_second": rate.round(),
+                "elapsed_seconds": seconds,
+                "eta_seconds": eta.as_secs_f64(),
+            }));
+            return;
+        }
+        let width = 24usize;
+        let done = if p.keys_total == 0 {
+            1.0
+        } else {
+            (p.keys as f64 / p.keys_total as f64).min(1.0)
+        };
+        let filled = (done * width as f64) as usize;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{:<8} [{}{}] {} / {} keys, {} events, {}, {:.0}/s, lag {}, ETA {}   ",
+            p.phase.name(),
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            p.keys,
+            p.keys_total,
+            p.events,
+            human_bytes(p.bytes),
+            rate,
+            p.lag(),
+            human_duration(eta),
+        );
+        let _ = err.flush();
+        self.line_open = true;
+    }
+
+    fn finish(&mut self) {
+        if self.line_open {
+            eprintln!();
+        }
+    }
+}
+
+fn print_summary(summary: &Summary, from: &str, to: &str, json: bool) {
+    let seconds = summary.duration.as_secs_f64().max(0.001);
+    if json {
+        print_json(json!({
+            "event": "summary",
+            "tenant": summary.tenant,
+            "from": from,
+            "to": to,
+            "duration_seconds": seconds,
+            "keys": summary.keys,
+            "bytes": summary.bytes,
+            "events": summary.events,
+            "leases": summary.leases,
+            "keys_per_second": ((summary.keys + summary.events) as f64 / seconds).round(),
+            "freeze_window_ms": summary.freeze_window.as_secs_f64() * 1000.0,
+            "revision": summary.revision,
+            "compact_revision": summary.compact_revision,
+            "digest": summary.digest.to_string(),
+            "resumed": summary.resumed,
+        }));
+    } else {
+        println!(
+            "tenant {:?} moved from {from} to {to}{}: {} keys and {} events ({}) in {}, {:.0} \
+             keys/s; {} leases; writes were refused for {:.0} ms; revision {} (compacted at \
+             {}), verified: {}",
+            summary.tenant,
+            if summary.resumed { " (resumed)" } else { "" },
+            summary.keys,
+            summary.events,
+            human_bytes(summary.bytes),
+            human_duration(summary.duration),
+            (summary.keys + summary.events) as f64 / seconds,
+            summary.leases,
+            summary.freeze_window.as_secs_f64() * 1000.0,
+            summary.revision,
+            summary.compact_revision,
+            summary.digest,
+        );
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs_f64();
+    if seconds < 60.0 {
+        format!("{seconds:.1}s")
+    } else {
+        format!(
+            "{}m{:02}s",
+            (seconds / 60.0) as u64,
+            (seconds % 60.0) as u64
+        )
+    }
+}

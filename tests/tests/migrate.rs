@@ -1,0 +1,510 @@
+//! `kine-rs migrate` between real datastores (DESIGN.md invariant 5): every ordered pair of
+//! SQLite, PostgreSQL and MySQL, with a kine-rs serving the source throughout. The tenant
+//! arrives with its revisions (current, compaction, create/mod, versions), its history
+//! (reads at older revisions, a watch resumed from an old revision), and its lease with the
+//! remaining TTL; the source refuses writes afterwards, naming the move. The live test keeps a
+//! writer and a watcher running through the migration: every acknowledged write is on the
+//! target, and the watcher, resumed on the target, sees every revision exactly once.
+//! (Memory-to-anything pairs run in process: `kine::migrate`'s unit tests.)
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use kine_tests::conformance::{collect_events, watch};
+use kine_tests::{Backend, ChildGuard, TestDatabase, kine_rs_binary, spawn_kine_on};
+
+/// A datastore that outlives the kine-rs processes serving it.
+struct Store {
+    endpoint: String,
+    _database: Option<TestDatabase>,
+    _dir: tempfile::TempDir,
+}
+
+impl Store {
+    fn new(backend: Backend) -> Store {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = TestDatabase::new(backend);
+        let endpoint = match (&database, backend) {
+            (Some(database), _) => database.endpoint.clone(),
+            (None, Backend::Sqlite) => {
+                format!("sqlite://{}", dir.path().join("state.db").display())
+            }
+            (None, other) => panic!("{other:?} is not a datastore another process can open"),
+        };
+        Store {
+            endpoint,
+            _database: database,
+            _dir: dir,
+        }
+    }
+
+    async fn serve(&self) -> Result<(ChildGuard, Client)> {
+        let endpoint = self.endpoint.clone();
+        let guard = tokio::task::spawn_blocking(move || {
+            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
+        })
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let mut client = Client::connect([guard.endpoint.as_str()], None).await?;
+                client.get("ready-probe", None).await?;
+                anyhow::Ok(client)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(client)) => return Ok((guard, client)),
+                _ if tokio::time::Instant::now() > deadline => {
+                    bail!("kine-rs at {} did not answer", guard.endpoint)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+/// Runs `kine-rs migrate ARGS -o json`; returns its JSON lines, or fails with its stderr.
+async fn migrate(args: Vec<String>) -> Result<Vec<serde_json::Value>> {
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(kine_rs_binary())
+            .arg("migrate")
+            .args(&args)
+            .args(["-o", "json"])
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "kine-rs migrate failed ({}): {}{stdout}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("not JSON: {line}")))
+        .collect()
+}
+
+fn pair(from: &Store, to: &Store) -> Vec<String> {
+    vec![
+        "--from".into(),
+        from.endpoint.clone(),
+        "--to".into(),
+        to.endpoint.clone(),
+    ]
+}
+
+/// Every key, value, revision and version at `revision`.
+async fn snapshot(
+    client: &mut Client,
+    revision: i64,
+) -> Result<Vec<(String, String, i64, i64, i64, i64)>> {
+    let response = client
+        .get(
+            "\0",
+            Some(GetOptions::new().with_from_key().with_revision(revision)),
+        )
+        .await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap_or_default().to_string(),
+                kv.value_str().unwrap_or_default().to_string(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect())
+}
+
+/// History, a compaction, deletes, a transaction and a lease: returns the lease id and
+/// the compaction revision.
+async fn populate(client: &mut Client) -> Result<(i64, i64)> {
+    for round in 0..3 {
+        for i in 0..40 {
+            client
+                .put(format!("/registry/k{i:03}"), format!("v{round}-{i}"), None)
+                .await?;
+        }
+    }
+    let compact_at = 60;
+    client.compact(compact_at, None).await?;
+    let lease = client.lease_grant(300, None).await?.id();
+    client
+        .put(
+            "/registry/leased",
+            "x",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    client
+        .delete(
+            "/registry/k010",
+            Some(etcd_client::DeleteOptions::new().with_range("/registry/k015")),
+        )
+        .await?;
+    client
+        .txn(
+            Txn::new()
+                .when([Compare::version("/registry/k001", CompareOp::Equal, 3)])
+                .and_then([
+                    TxnOp::put("/registry/t1", "a", None),
+                    TxnOp::put("/registry/t2", "b", None),
+                    TxnOp::delete("/registry/k002", None),
+                ]),
+        )
+        .await?;
+    Ok((lease, compact_at))
+}
+
+fn without_watch_ids(
+    mut events: Vec<kine_tests::conformance::Seen>,
+) -> Vec<kine_tests::conformance::Seen> {
+    for event in &mut events {
+        event.watch_id = 0;
+    }
+    events
+}
+
+async fn migrate_pair(from: Backend, to: Backend) -> Result<()> {
+    let (source, target) = (Store::new(from), Store::new(to));
+    let (mut source_server, mut client) = source.serve().await?;
+    let (lease, compact_at) = populate(&mut client).await?;
+    // The plan changes nothing.
+    let plan = migrate([pair(&source, &target), vec!["--dry-run".into()]].concat()).await?;
+    ensure!(
+        plan[0]["event"] == "plan" && plan[0]["keys"] == 37,
+        "plan: {plan:?}"
+    );
+    ensure!(
+        client
+            .put("/registry/still-writable", "1", None)
+            .await
+            .is_ok()
+    );
+    client.delete("/registry/still-writable", None).await?;
+    let head = client
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    let revisions = [compact_at, compact_at + 1, 100, head - 1, head];
+    let mut before = Vec::new();
+    for revision in revisions {
+        before.push(snapshot(&mut client, revision).await?);
+    }
+    let (mut history, _) = watch(
+        &mut client,
+        "/registry/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(compact_at + 1),
+        ),
+    )
+    .await?;
+    // One event per revision after the compaction, but 5 for the delete and 3 for the txn.
+    let event_count = (head - compact_at - 2) as usize + 5 + 3;
+    let expected_events = without_watch_ids(collect_events(&mut history, event_count).await?);
+
+    // The move, with the source's kine-rs still serving.
+    let lines = migrate(pair(&source, &target)).await?;
+    let summary = lines.last().context("no summary")?;
+    ensure!(summary["event"] == "summary", "last line: {summary}");
+    ensure!(summary["revision"] == head, "summary: {summary}");
+    ensure!(
+        summary["compact_revision"] == compact_at,
+        "summary: {summary}"
+    );
+    ensure!(summary["leases"] == 1, "summary: {summary}");
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "progress" && l["phase"] == "snapshot"),
+        "no progress lines: {lines:?}"
+    );
+
+    // The source's kine-rs refuses writes and names the move.
+    let error = client
+        .put("/registry/late", "x", None)
+        .await
+        .err()
+        .context("a write to the moved source was accepted")?;
+    ensure!(
+        error.to_string().contains("moved to another datastore"),
+        "{error}"
+    );
+    source_server.kill();
+
+    // The target serves the same tenant, revisions and history.
+    let (_target_server, mut moved) = target.serve().await?;
+    let header = moved
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    ensure!(header == head, "target revision {header}, source {head}");
+    for (revision, expected) in revisions.iter().zip(&before) {
+        let got = snapshot(&mut moved, *revision).await?;
+        ensure!(
+            &got == expected,
+            "at revision {revision}: {got:?} != {expected:?}"
+        );
+    }
+    let error = moved
+        .get(
+            "/registry/k001",
+            Some(GetOptions::new().with_revision(compact_at - 1)),
+        )
+        .await
+        .err()
+        .context("a read below the compaction revision succeeded")?;
+    ensure!(error.to_string().contains("compacted"), "{error}");
+    let (mut history, _) = watch(
+        &mut moved,
+        "/registry/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(compact_at + 1),
+        ),
+    )
+    .await?;
+    let events = without_watch_ids(collect_events(&mut history, expected_events.len()).await?);
+    ensure!(
+        events == expected_events,
+        "{events:#?} != {expected_events:#?}"
+    );
+    let ttl = moved.lease_time_to_live(lease, None).await?;
+    ensure!(
+        ttl.ttl() > 250 && ttl.ttl() <= 300,
+        "lease TTL left {}",
+        ttl.ttl()
+    );
+    ensure!(ttl.granted_ttl() == 300);
+    // And takes writes at the next revision.
+    let put = moved.put("/registry/after", "1", None).await?;
+    ensure!(put.header().context("header")?.revision() == head + 1);
+    // A second run says the tenant moved already.
+    ensure!(migrate(pair(&source, &target)).await.is_err());
+    Ok(())
+}
+
+macro_rules! pairs {
+    ($($name:ident: $from:ident -> $to:ident,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> Result<()> {
+            migrate_pair(Backend::$from, Backend::$to).await
+        }
+    )*};
+}
+
+pairs! {
+    sqlite_to_postgres: Sqlite -> Postgres,
+    sqlite_to_mysql: Sqlite -> Mysql,
+    postgres_to_sqlite: Postgres -> Sqlite,
+    postgres_to_mysql: Postgres -> Mysql,
+    mysql_to_sqlite: Mysql -> Sqlite,
+    mysql_to_postgres: Mysql -> Postgres,
+    sqlite_to_sqlite: Sqlite -> Sqlite,
+}
+
+/// A writer and a watcher run throughout: every acknowledged write is on the target, none was
+/// acknowledged by the source after its final revision, and the watch, resumed on the target
+/// from the last revision it saw, sees every revision exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writer_and_watcher_across_the_cutover() -> Result<()> {
+    let (source, target) = (Store::new(Backend::Postgres), Store::new(Backend::Mysql));
+    let (_source_server, mut client) = source.serve().await?;
+    for i in 0..300 {
+        client.put(format!("/live/seed{i:03}"), "s", None).await?;
+    }
+    let start = client
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    let (mut stream, _) = watch(
+        &mut client,
+        "/live/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(start + 1),
+        ),
+    )
+    .await?;
+    let writer = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..100_000 {
+                match client
+                    .put(format!("/live/w{i:06}"), format!("{i}"), None)
+                    .await
+                {
+                    Ok(response) => {
+                        acknowledged.push((i, response.header().map_or(0, |h| h.revision())))
+                    }
+                    Err(_) => break,
+                }
+                // ~500 writes a second.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines = migrate(
+        [
+            pair(&source, &target),
+            vec!["--page-keys".into(), "50".into()],
+        ]
+        .concat(),
+    )
+    .await?;
+    let summary = lines.last().context("no summary")?.clone();
+    let acknowledged = writer.await?;
+    let last = summary["revision"].as_i64().context("revision")?;
+    ensure!(
+        acknowledged.len() > 10,
+        "the writer wrote only {}",
+        acknowledged.len()
+    );
+    for (_, revision) in &acknowledged {
+        ensure!(
+            *revision <= last,
+            "write acknowledged at {revision} after the final {last}"
+        );
+    }
+    // What the source's watcher saw, then the rest from the target.
+    let mut seen = Vec::new();
+    while let Ok(Some(response)) =
+        tokio::time::timeout(Duration::from_millis(300), stream.message()).await?
+    {
+        for event in response.events() {
+            ensure!(event.event_type() == EventType::Put);
+            seen.push(event.kv().context("kv")?.mod_revision());
+        }
+        if seen.last() == Some(&last) {
+            break;
+        }
+    }
+    let resume_from = seen.last().copied().unwrap_or(start) + 1;
+    let (_target_server, mut moved) = target.serve().await?;
+    if resume_from <= last {
+        let (mut stream, _) = watch(
+            &mut moved,
+            "/live/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(resume_from),
+            ),
+        )
+        .await?;
+        let rest = collect_events(&mut stream, (last + 1 - resume_from) as usize).await?;
+        seen.extend(rest.iter().map(|event| event.revision));
+    }
+    let expected: Vec<i64> = (start + 1..=last).collect();
+    ensure!(
+        seen == expected,
+        "watch saw {} revisions, expected {}",
+        seen.len(),
+        expected.len()
+    );
+    for (i, revision) in acknowledged {
+        let got = moved.get(format!("/live/w{i:06}"), None).await?;
+        let kv = got
+            .kvs()
+            .first()
+            .with_context(|| format!("write {i} missing"))?;
+        ensure!(kv.mod_revision() == revision && kv.value_str()? == i.to_string());
+    }
+    Ok(())
+}
+
+/// `--abort` after an interrupted run (killed during the copy) leaves the source writable and
+/// the target without the partial import; a rerun after a kill resumes and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_migration_resumes_or_aborts() -> Result<()> {
+    let (source, target) = (Store::new(Backend::Sqlite), Store::new(Backend::Postgres));
+    let (_source_server, mut client) = source.serve().await?;
+    for i in 0..3000 {
+        client
+            .put(format!("/big/{i:05}"), "x".repeat(200), None)
+            .await?;
+    }
+    // Half the keys come through the snapshot, half through the events after it.
+    client.compact(1500, None).await?;
+    for attempt in 0..2 {
+        // Start, let it copy some pages, kill -9.
+        let mut child = Command::new(kine_rs_binary())
+            .arg("migrate")
+            .args(pair(&source, &target))
+            .args([
+                "--page-keys",
+                "10",
+                "--window-revisions",
+                "10",
+                "-o",
+                "json",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let progressed = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+                .any(|line| {
+                    matches!(line["phase"].as_str(), Some("snapshot" | "tail"))
+                        && (line["keys"].as_u64() > Some(0) || line["events"].as_u64() > Some(0))
+                })
+        })
+        .await?;
+        ensure!(progressed, "the migration reported no snapshot progress");
+        child.kill()?;
+        child.wait()?;
+        // The source still takes writes.
+        client
+            .put(format!("/big/after-kill-{attempt}"), "y", None)
+            .await?;
+        if attempt == 0 {
+            let lines = migrate([pair(&source, &target), vec!["--abort".into()]].concat()).await?;
+            ensure!(
+                lines[0]["source_released"] == true && lines[0]["import_removed"] == true,
+                "abort: {lines:?}"
+            );
+        }
+    }
+    let lines = migrate(pair(&source, &target)).await?;
+    let summary = lines.last().context("no summary")?;
+    ensure!(summary["resumed"] == true, "not resumed: {summary}");
+    let (_target_server, mut moved) = target.serve().await?;
+    let count = moved
+        .get(
+            "/big/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .count();
+    ensure!(count == 3002, "{count} keys on the target");
+    Ok(())
+}
