@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::KineError;
 use crate::keyspace::HeaderIdentity;
-use crate::metrics::{MethodLabels, Metrics, RpcLabels};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
 use crate::server::Tenancy;
 use crate::server::admin::AdminService;
 use crate::server::cluster::ClusterService;
@@ -429,7 +429,7 @@ async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunEr
     Ok(())
 }
 
-/// Counts and times every gRPC request by method and status code.
+/// Counts and times every gRPC request by method and status code (both from fixed sets).
 #[derive(Clone)]
 struct MetricsLayer(Arc<Metrics>);
 
@@ -467,7 +467,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_string();
+        let method = method_label(request.uri().path());
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let response = self.inner.call(request);
@@ -476,17 +476,16 @@ where
             if let Ok(response) = &mut response {
                 translate_oversized_message(response.headers_mut());
                 // Errors travel as a trailers-only response: the status is in the headers.
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_string();
+                let code = code_label(
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0"),
+                );
                 metrics
                     .latency
-                    .get_or_create(&MethodLabels {
-                        method: method.clone(),
-                    })
+                    .get_or_create(&MethodLabels { method })
                     .observe(started.elapsed().as_secs_f64());
                 metrics
                     .requests
