@@ -169,6 +169,7 @@ async fn open_datastore(
 
 /// Runs kine-rs until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
     let endpoint = config.endpoint();
     let is_sql_server = endpoint.starts_with("postgres") || endpoint.starts_with("mysql");
     if !is_sql_server
@@ -198,11 +199,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         keys: config.quota_keys,
         bytes: config.quota_backend_bytes,
     };
-    if quota.keys < 0 || quota.bytes < 0 {
-        return Err(RunError::Config(
-            "--quota-keys and --quota-backend-bytes are 0 (no limit) or positive".into(),
-        ));
-    }
     let mtls = config.trusted_ca_file.is_some();
     if config.gateway && !mtls {
         return Err(RunError::Config(
