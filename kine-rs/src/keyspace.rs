@@ -321,19 +321,16 @@ impl Keyspace {
         if request.ttl > MAX_LEASE_TTL {
             return Err(KineError::LeaseTtlTooLarge);
         }
-        let id = if request.id == 0 {
-            // Positive and non-zero, like etcd's generated ids.
-            loop {
-                let id = rand::random::<i64>() & i64::MAX;
-                if id != 0 {
-                    break id;
-                }
-            }
-        } else {
-            request.id
-        };
         let ttl = request.ttl.max(MIN_LEASE_TTL);
-        match self.write(WriteOp::LeaseGrant { id, ttl }).await? {
+        // Id 0 asks the writer for a new id (under the keyspace lock); any other is the
+        // client's choice.
+        match self
+            .write(WriteOp::LeaseGrant {
+                id: request.id,
+                ttl,
+            })
+            .await?
+        {
             WriteOutcome::LeaseGranted(lease) => Ok(lease),
             _ => Err(KineError::Storage("unexpected write outcome".into())),
         }
