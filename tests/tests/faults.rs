@@ -733,6 +733,66 @@ async fn dropped_connections_mid_watch(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// A database error reaches the client as `Internal` with kine-rs's fixed message; the
+/// driver's text (SQL, table names) goes to the log only.
+async fn database_error_without_the_drivers_text() -> Result<()> {
+    let database = TestDatabase::new(Backend::Postgres).context("a PostgreSQL database")?;
+    let endpoint = database.endpoint.clone();
+    let (kine, log) = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        kine_tests::spawn_kine_logged(&endpoint, dir, &["--compact-interval", "0"])
+    })
+    .await?;
+    let address = format!("http://{}", kine.address);
+    let mut client = Client::connect([address.as_str()], None).await?;
+    client.put("before", "v", None).await?;
+
+    // The key-value table goes: every read and write fails in the database.
+    let output = Command::new("psql")
+        .arg(&database.endpoint)
+        .args(["-X", "-q", "-c", "DROP TABLE kv CASCADE"])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let failures = [
+        ("a read", client.get("before", None).await.map(|_| ())),
+        ("a write", client.put("after", "v", None).await.map(|_| ())),
+    ];
+    for (what, outcome) in failures {
+        let Err(etcd_client::Error::GRpcStatus(status)) = outcome else {
+            bail!("{what} on a dropped table answered {outcome:?}");
+        };
+        ensure!(status.code() == tonic::Code::Internal, "{what}: {status:?}");
+        ensure!(
+            status.message() == "kine-rs: datastore error",
+            "{what}: the client got the driver's text: {:?}",
+            status.message()
+        );
+    }
+    // The operator still learns what failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("relation \"kv\" does not exist") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the log does not name the failure:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_database_error_reaches_the_client_without_the_drivers_text() {
+    run("postgres", database_error_without_the_drivers_text()).await;
+}
+
 async fn run(name: &str, test: impl std::future::Future<Output = Result<()>>) {
     match tokio::time::timeout(Duration::from_secs(300), test).await {
         Ok(Ok(())) => {}
