@@ -102,14 +102,49 @@ fn stable_id(text: &str) -> u64 {
     })
 }
 
-/// Removes `user:password@` from an endpoint, for ids and logs.
+/// Removes credentials from an endpoint, for ids and logs: the value of every parameter
+/// whose name ends in `password` (`?password=`, `&sslpassword=`, or libpq's `key=value`
+/// form), then `user:password@`.
 pub fn redact_endpoint(endpoint: &str) -> String {
+    // Parameters first: a password parameter's value may contain an `@`.
+    let endpoint = redact_password_parameters(endpoint);
     match (endpoint.find("://"), endpoint.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}***{}", &endpoint[..scheme + 3], &endpoint[at..])
         }
-        _ => endpoint.to_string(),
+        _ => endpoint,
     }
+}
+
+/// Replaces the value of every `NAMEpassword=VALUE` parameter by `***`. A parameter starts
+/// after `?`, `&`, whitespace or at the start; its value ends at `&` or whitespace.
+fn redact_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    // ASCII lowercasing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut search) = (0, 0);
+    while let Some(found) = lower[search..].find(KEY) {
+        let at = search + found;
+        let value = at + KEY.len();
+        let name_start = lower[..at]
+            .rfind(|c: char| c == '?' || c == '&' || c.is_whitespace())
+            .map_or(0, |i| i + 1);
+        let end = lower[value..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(lower.len(), |i| value + i);
+        let is_parameter = lower[name_start..at]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if is_parameter {
+            out.push_str(&text[copied..value]);
+            out.push_str("***");
+            copied = end;
+        }
+        search = value;
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// How long start-up waits for an unreachable datastore before giving up.
@@ -576,6 +611,23 @@ mod tests {
         assert_eq!(
             redact_endpoint("mysql://kine:p@ss@tcp(db:3306)/kine"),
             "mysql://***@tcp(db:3306)/kine"
+        );
+        assert_eq!(
+            redact_endpoint("postgres://kine@db/kine?sslmode=disable&password=s3@cr&x=1"),
+            "postgres://***@db/kine?sslmode=disable&password=***&x=1"
+        );
+        assert_eq!(
+            redact_endpoint("postgres://db/kine?sslPassword=s3cr"),
+            "postgres://db/kine?sslPassword=***"
+        );
+        assert_eq!(
+            redact_endpoint("host=db password=s3cr user=kine"),
+            "host=db password=*** user=kine"
+        );
+        // Not a parameter: part of the user information, which goes whole.
+        assert_eq!(
+            redact_endpoint("postgres://kine:mypassword=x@db/kine"),
+            "postgres://***@db/kine"
         );
     }
 }

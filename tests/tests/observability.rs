@@ -315,6 +315,88 @@ fn slow_queries_are_logged_by_kind_without_values() {
     );
 }
 
+/// Whatever form a datastore password takes in `--endpoint` (`user:pass@`, `?password=`,
+/// `sslpassword=`), it appears nowhere in kine-rs's output, also while kine-rs waits for an
+/// unreachable datastore and logs every attempt.
+#[test]
+fn endpoint_secrets_never_reach_the_log() {
+    // Nothing listens on this port: every attempt fails, and each is logged.
+    let port = free_port();
+    let cases = [
+        (
+            format!("postgres://kine:Secret1-userinfo@127.0.0.1:{port}/kine"),
+            "Secret1-userinfo",
+        ),
+        (
+            format!("postgres://kine@127.0.0.1:{port}/kine?sslmode=disable&password=Secret2-query"),
+            "Secret2-query",
+        ),
+        (
+            format!("postgres://kine@127.0.0.1:{port}/kine?password=Secret3@at&sslmode=disable"),
+            "Secret3",
+        ),
+        (
+            format!(
+                "postgres://kine@127.0.0.1:{port}/kine?sslpassword=Secret4-ssl&sslmode=disable"
+            ),
+            "Secret4-ssl",
+        ),
+        (
+            format!("mysql://kine:Secret5-go@tcp(127.0.0.1:{port})/kine"),
+            "Secret5-go",
+        ),
+        (
+            format!("mysql://kine@127.0.0.1:{port}/kine?password=Secret6-query"),
+            "Secret6-query",
+        ),
+    ];
+    for (endpoint, secret) in &cases {
+        for debug in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = dir.path().join("kine.log");
+            let file = std::fs::File::create(&log).expect("log file");
+            let mut command = Command::new(kine_rs_binary());
+            command
+                .current_dir(dir.path())
+                .args(["--endpoint", endpoint])
+                .args(["--listen-address", &format!("127.0.0.1:{}", free_port())])
+                .env_remove("KINE_LOG")
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().expect("log file"))
+                .stderr(file);
+            if debug {
+                command.arg("--debug");
+            }
+            let child = command.spawn().expect("start kine-rs");
+            let kine = Kine {
+                child,
+                endpoint: String::new(),
+            };
+            // Two attempts logged: the first and a retry.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+                if text.matches("waiting for the datastore").count() >= 2
+                    || Instant::now() > deadline
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(kine);
+            let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                text.contains("waiting for the datastore"),
+                "{endpoint}: no retry was logged:\n{text}"
+            );
+            assert!(
+                !text.contains(secret),
+                "{endpoint} (debug: {debug}): the log shows the password:\n{text}"
+            );
+        }
+    }
+}
+
 #[test]
 fn slow_query_log_is_off_at_zero() {
     let (kine, log, _dir) = spawn_logging(&["--slow-sql-threshold", "0"]);
