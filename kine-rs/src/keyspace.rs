@@ -299,11 +299,13 @@ impl Keyspace {
         }
     }
 
-    /// etcd's Compact; with `physical`, returns once history is purged.
+    /// etcd's Compact; with `physical`, answers once the compacted rows are purged, and
+    /// fails when purging them failed (the compaction itself stands; the next one purges).
     pub async fn compact(&self, request: CompactionRequest) -> Result<ResponseHeader> {
         let revision = match self
             .write(WriteOp::Compact {
                 revision: request.revision,
+                physical: request.physical,
             })
             .await?
         {
@@ -311,7 +313,7 @@ impl Keyspace {
             _ => return Err(KineError::Storage("unexpected write outcome".into())),
         };
         if request.physical {
-            writer::purge(&*self.backend, self.id, request.revision).await;
+            self.noticed(writer::purge(&*self.backend, self.id, request.revision).await)?;
         }
         Ok(self.header(revision))
     }

@@ -31,8 +31,11 @@ pub enum WriteOp {
         request: TxnRequest,
         plain_put: bool,
     },
+    /// Compacts at `revision`. Without `physical`, the writer purges the compacted rows in
+    /// the background; with it, the caller purges them before it answers.
     Compact {
         revision: Revision,
+        physical: bool,
     },
     /// Grants lease `id`, or a new id ([`new_lease_id`]) when `id` is 0.
     LeaseGrant {
@@ -120,26 +123,26 @@ pub async fn run(
         }
         if let Some(revision) = purge_at {
             let backend = backend.clone();
-            tokio::spawn(async move { purge(&*backend, keyspace, revision).await });
+            tokio::spawn(async move {
+                if let Err(error) = purge(&*backend, keyspace, revision).await {
+                    warn!(%error, revision, "purging compacted history failed; the next compaction retries");
+                }
+            });
         }
     }
 }
 
-/// Removes the rows a compaction made unreachable, one bounded batch at a time.
-pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) {
-    loop {
-        match backend
-            .purge_compacted(keyspace, revision, PURGE_BATCH)
-            .await
-        {
-            Ok(0) => return,
-            Ok(_) => tokio::task::yield_now().await,
-            Err(error) => {
-                warn!(%error, revision, "purging compacted history failed; the next compaction retries");
-                return;
-            }
-        }
+/// Removes the rows a compaction made unreachable, one bounded batch at a time, until none
+/// is left; stops at the first failure.
+pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) -> Result<()> {
+    while backend
+        .purge_compacted(keyspace, revision, PURGE_BATCH)
+        .await?
+        > 0
+    {
+        tokio::task::yield_now().await;
     }
+    Ok(())
 }
 
 type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
@@ -207,7 +210,10 @@ async fn apply_one(
             *revision = applier.revision();
             Ok(WriteOutcome::Txn(response))
         }
-        WriteOp::Compact { revision: at } => {
+        WriteOp::Compact {
+            revision: at,
+            physical,
+        } => {
             if state.frozen {
                 return Err(frozen());
             }
@@ -218,7 +224,9 @@ async fn apply_one(
                 return Err(KineError::FutureRevision);
             }
             txn.set_compact_revision(*at).await?;
-            *purge_at = Some(*at);
+            if !physical {
+                *purge_at = Some(*at);
+            }
             Ok(WriteOutcome::Done(*revision))
         }
         WriteOp::LeaseGrant { id, ttl } => {

@@ -793,6 +793,100 @@ async fn postgres_database_error_reaches_the_client_without_the_drivers_text() {
     run("postgres", database_error_without_the_drivers_text()).await;
 }
 
+/// Runs `sql` in `database` with psql; its output.
+fn psql(database: &TestDatabase, sql: &str) -> Result<String> {
+    let output = Command::new("psql")
+        .arg(&database.endpoint)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Rows of history a compaction at `revision` leaves to purge.
+fn unpurged(database: &TestDatabase, revision: i64) -> Result<i64> {
+    Ok(psql(
+        database,
+        &format!(
+            "SELECT count(*) FROM kv WHERE superseded <> 9223372036854775807 \
+             AND superseded <= {revision}"
+        ),
+    )?
+    .parse()?)
+}
+
+/// A physical Compact answers once the compacted rows are gone, and fails when purging them
+/// fails (here: a trigger refuses every DELETE on the key-value table).
+async fn physical_compaction_waits_for_the_purge() -> Result<()> {
+    let database = TestDatabase::new(Backend::Postgres).context("a PostgreSQL database")?;
+    let (_kine, mut client) = start(&database.endpoint).await?;
+    let physical = || Some(etcd_client::CompactionOptions::new().with_physical());
+    let mut last = 0;
+    for i in 0..8 {
+        last = client
+            .put("history", format!("v{i}"), None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+    }
+    let first_compaction = last - 2;
+    ensure!(
+        unpurged(&database, first_compaction)? > 0,
+        "no history to purge"
+    );
+    client.compact(first_compaction, physical()).await?;
+    ensure!(
+        unpurged(&database, first_compaction)? == 0,
+        "a physical compaction answered before its rows were purged"
+    );
+
+    psql(
+        &database,
+        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'the test refuses deletes'; END $$; \
+         CREATE TRIGGER refuse_delete BEFORE DELETE ON kv \
+         FOR EACH ROW EXECUTE FUNCTION refuse_delete();",
+    )?;
+    for i in 0..4 {
+        last = client
+            .put("history", format!("w{i}"), None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+    }
+    let second_compaction = last - 1;
+    match client.compact(second_compaction, physical()).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => ensure!(
+            status.code() == tonic::Code::Internal
+                && status.message() == "kine-rs: datastore error",
+            "a failed purge answered {status:?}"
+        ),
+        other => bail!("a physical compaction whose purge failed answered {other:?}"),
+    }
+    ensure!(
+        unpurged(&database, second_compaction)? > 0,
+        "the trigger let rows go"
+    );
+
+    // Once deletes work again, the next physical compaction purges everything.
+    psql(&database, "DROP TRIGGER refuse_delete ON kv")?;
+    client.compact(last, physical()).await?;
+    ensure!(unpurged(&database, last)? == 0, "rows left after the purge");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_physical_compaction_waits_for_the_purge() {
+    run("postgres", physical_compaction_waits_for_the_purge()).await;
+}
+
 async fn run(name: &str, test: impl std::future::Future<Output = Result<()>>) {
     match tokio::time::timeout(Duration::from_secs(300), test).await {
         Ok(Ok(())) => {}
