@@ -216,7 +216,46 @@ pub fn unsupported_flag(args: &[String]) -> Option<&'static str> {
     })
 }
 
-/// Parses a Go-style duration: `0`, `500ms`, `10s`, `5m`, `1h30m`.
+/// The longest duration a flag takes. Longer ones are mistakes (a unit left out of a
+/// number of seconds), and timers that far out overflow the clock's arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The largest `--max-request-bytes`: gRPC frames a message with a 32-bit length, and grpc-go
+/// peers refuse messages over `i32::MAX` bytes.
+pub const MAX_REQUEST_BYTES: usize = i32::MAX as usize;
+
+impl Config {
+    /// Refuses flag values the server cannot run with, naming the flag, before anything
+    /// starts: they would otherwise fail (or panic) later, at the first timer or request.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.watch_progress_notify_interval.is_zero() {
+            return Err("--watch-progress-notify-interval must be longer than 0".into());
+        }
+        if self.max_request_bytes == 0 {
+            return Err("--max-request-bytes must be at least 1".into());
+        }
+        if self.max_request_bytes > MAX_REQUEST_BYTES {
+            return Err(format!(
+                "--max-request-bytes must be at most {MAX_REQUEST_BYTES} (gRPC's message limit)"
+            ));
+        }
+        if self.max_txn_ops == 0 {
+            return Err("--max-txn-ops must be at least 1".into());
+        }
+        if self.compact_min_retain < 0 {
+            return Err("--compact-min-retain must be 0 or more".into());
+        }
+        if self.quota_keys < 0 {
+            return Err("--quota-keys must be 0 (no limit) or more".into());
+        }
+        if self.quota_backend_bytes < 0 {
+            return Err("--quota-backend-bytes must be 0 (no limit) or more".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a Go-style duration: `0`, `500ms`, `10s`, `5m`, `1h30m`; at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -250,7 +289,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => number * 3600.0,
             unit => return Err(format!("{text:?}: unknown unit {unit:?}")),
         };
-        total += Duration::from_secs_f64(seconds);
+        // Checked: a huge number would overflow a Duration (and panic unchecked).
+        total = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .filter(|total| *total <= MAX_DURATION)
+            .ok_or_else(|| format!("{text:?}: longer than a year (8760h)"))?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -270,6 +314,11 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        assert!(parse_duration("8761h").is_err());
+        assert!(parse_duration("99999999999999999999999999h").is_err());
+        assert!(parse_duration("1e400s").is_err());
+        assert!(parse_duration("-5s").is_err());
     }
 
     #[test]

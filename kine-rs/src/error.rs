@@ -4,6 +4,7 @@
 //! code and exact message, so the `etcdserver: …` messages below are etcd's, word for word.
 
 use tonic::{Code, Status};
+use tracing::warn;
 
 /// A failure of a request, as the client will see it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,10 +82,12 @@ pub enum KineError {
     /// A request option or RPC that kine-rs does not implement.
     #[error("kine-rs: {0} is not supported")]
     Unsupported(&'static str),
-    /// The datastore cannot be reached; the request may be retried.
+    /// The datastore cannot be reached; the request may be retried. The driver's text is
+    /// logged, never sent to a client ([`KineError::client_message`]).
     #[error("kine-rs: datastore unavailable: {0}")]
     Unavailable(String),
-    /// The datastore answered with an error that is not the client's fault.
+    /// The datastore answered with an error that is not the client's fault; logged like
+    /// [`KineError::Unavailable`].
     #[error("kine-rs: datastore error: {0}")]
     Storage(String),
     /// kine-rs is shutting down.
@@ -133,9 +136,24 @@ impl KineError {
     }
 }
 
+impl KineError {
+    /// The message a client gets. A datastore failure gets a fixed one: the driver's text
+    /// may carry SQL, table, database or host names, so it goes to the log only.
+    pub fn client_message(&self) -> String {
+        match self {
+            KineError::Unavailable(_) => "kine-rs: datastore unavailable".to_string(),
+            KineError::Storage(_) => "kine-rs: datastore error".to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<KineError> for Status {
     fn from(error: KineError) -> Self {
-        Status::new(error.code(), error.to_string())
+        if let KineError::Unavailable(detail) | KineError::Storage(detail) = &error {
+            warn!(error = %detail, code = ?error.code(), "a request failed in the datastore");
+        }
+        Status::new(error.code(), error.client_message())
     }
 }
 
@@ -329,14 +347,14 @@ mod tests {
                 "kine-rs: auth is not supported",
             ),
             (
-                KineError::Unavailable("down".into()),
+                KineError::Unavailable("connection to db.internal refused".into()),
                 Code::Unavailable,
-                "kine-rs: datastore unavailable: down",
+                "kine-rs: datastore unavailable",
             ),
             (
-                KineError::Storage("bad".into()),
+                KineError::Storage("relation \"kv\" does not exist".into()),
                 Code::Internal,
-                "kine-rs: datastore error: bad",
+                "kine-rs: datastore error",
             ),
             (
                 KineError::Stopped,

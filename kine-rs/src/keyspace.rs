@@ -312,11 +312,13 @@ impl Keyspace {
         }
     }
 
-    /// etcd's Compact; with `physical`, returns once history is purged.
+    /// etcd's Compact; with `physical`, answers once the compacted rows are purged, and
+    /// fails when purging them failed (the compaction itself stands; the next one purges).
     pub async fn compact(&self, request: CompactionRequest) -> Result<ResponseHeader> {
         let revision = match self
             .write(WriteOp::Compact {
                 revision: request.revision,
+                physical: request.physical,
             })
             .await?
         {
@@ -324,7 +326,7 @@ impl Keyspace {
             _ => return Err(KineError::Storage("unexpected write outcome".into())),
         };
         if request.physical {
-            writer::purge(&*self.backend, self.id, request.revision).await;
+            self.noticed(writer::purge(&*self.backend, self.id, request.revision).await)?;
         }
         Ok(self.header(revision))
     }
@@ -334,19 +336,16 @@ impl Keyspace {
         if request.ttl > MAX_LEASE_TTL {
             return Err(KineError::LeaseTtlTooLarge);
         }
-        let id = if request.id == 0 {
-            // Positive and non-zero, like etcd's generated ids.
-            loop {
-                let id = rand::random::<i64>() & i64::MAX;
-                if id != 0 {
-                    break id;
-                }
-            }
-        } else {
-            request.id
-        };
         let ttl = request.ttl.max(MIN_LEASE_TTL);
-        match self.write(WriteOp::LeaseGrant { id, ttl }).await? {
+        // Id 0 asks the writer for a new id (under the keyspace lock); any other is the
+        // client's choice.
+        match self
+            .write(WriteOp::LeaseGrant {
+                id: request.id,
+                ttl,
+            })
+            .await?
+        {
             WriteOutcome::LeaseGranted(lease) => Ok(lease),
             _ => Err(KineError::Storage("unexpected write outcome".into())),
         }

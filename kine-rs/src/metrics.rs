@@ -18,17 +18,71 @@ use tracing::warn;
 
 use crate::error::KineError;
 
-/// Labels of a gRPC request metric.
+/// Labels of a gRPC request metric: a method of [`KNOWN_METHODS`] (or `unknown`) and a gRPC
+/// status code of [`STATUS_CODES`] (or `unknown`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
-    pub method: String,
-    pub code: String,
+    pub method: &'static str,
+    pub code: &'static str,
 }
 
 /// Labels of a gRPC latency metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
-    pub method: String,
+    pub method: &'static str,
+}
+
+/// Every gRPC method kine-rs serves. Request metrics are labelled by these paths only: any
+/// other path a client sends is counted as `unknown`, so clients cannot grow the registry
+/// (one series per path sent) without bound.
+pub const KNOWN_METHODS: &[&str] = &[
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.KV/Put",
+    "/etcdserverpb.KV/DeleteRange",
+    "/etcdserverpb.KV/Txn",
+    "/etcdserverpb.KV/Compact",
+    "/etcdserverpb.Watch/Watch",
+    "/etcdserverpb.Lease/LeaseGrant",
+    "/etcdserverpb.Lease/LeaseRevoke",
+    "/etcdserverpb.Lease/LeaseKeepAlive",
+    "/etcdserverpb.Lease/LeaseTimeToLive",
+    "/etcdserverpb.Lease/LeaseLeases",
+    "/etcdserverpb.Cluster/MemberList",
+    "/etcdserverpb.Maintenance/Alarm",
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/Defragment",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/kine.admin.v1.TenantAdmin/CreateTenant",
+    "/kine.admin.v1.TenantAdmin/ListTenants",
+    "/kine.admin.v1.TenantAdmin/TenantStatus",
+    "/kine.admin.v1.TenantAdmin/FreezeTenant",
+    "/kine.admin.v1.TenantAdmin/UnfreezeTenant",
+    "/kine.admin.v1.TenantAdmin/SetQuota",
+    "/kine.admin.v1.TenantAdmin/DeleteTenant",
+];
+
+/// The gRPC status codes, 0 (OK) to 16 (Unauthenticated), as they appear in `grpc-status`.
+pub const STATUS_CODES: &[&str] = &[
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+/// The metric label of a request path: the path when kine-rs serves it, else `unknown`.
+pub fn method_label(path: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .copied()
+        .find(|known| *known == path)
+        .unwrap_or("unknown")
+}
+
+/// The metric label of a `grpc-status` value: the code when it is one, else `unknown`.
+pub fn code_label(status: &str) -> &'static str {
+    STATUS_CODES
+        .iter()
+        .copied()
+        .find(|code| *code == status)
+        .unwrap_or("unknown")
 }
 
 /// Labels of an SQL query metric: the driver and the kind of query.
@@ -221,5 +275,17 @@ mod tests {
             text.contains("kine_write_batch_size_bucket{le=\"4.0\"}"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn labels_only_known_methods_and_codes() {
+        assert_eq!(
+            method_label("/etcdserverpb.KV/Range"),
+            "/etcdserverpb.KV/Range"
+        );
+        assert_eq!(method_label("/etcdserverpb.KV/Nope"), "unknown");
+        assert_eq!(method_label("/x/../etcdserverpb.KV/Range"), "unknown");
+        assert_eq!(code_label("14"), "14");
+        assert_eq!(code_label("17"), "unknown");
     }
 }

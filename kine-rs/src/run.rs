@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::KineError;
 use crate::keyspace::HeaderIdentity;
-use crate::metrics::{MethodLabels, Metrics, RpcLabels};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
 use crate::server::Tenancy;
 use crate::server::admin::AdminService;
 use crate::server::cluster::ClusterService;
@@ -102,14 +102,49 @@ fn stable_id(text: &str) -> u64 {
     })
 }
 
-/// Removes `user:password@` from an endpoint, for ids and logs.
+/// Removes credentials from an endpoint, for ids and logs: the value of every parameter
+/// whose name ends in `password` (`?password=`, `&sslpassword=`, or libpq's `key=value`
+/// form), then `user:password@`.
 pub fn redact_endpoint(endpoint: &str) -> String {
+    // Parameters first: a password parameter's value may contain an `@`.
+    let endpoint = redact_password_parameters(endpoint);
     match (endpoint.find("://"), endpoint.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}***{}", &endpoint[..scheme + 3], &endpoint[at..])
         }
-        _ => endpoint.to_string(),
+        _ => endpoint,
     }
+}
+
+/// Replaces the value of every `NAMEpassword=VALUE` parameter by `***`. A parameter starts
+/// after `?`, `&`, whitespace or at the start; its value ends at `&` or whitespace.
+fn redact_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    // ASCII lowercasing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut search) = (0, 0);
+    while let Some(found) = lower[search..].find(KEY) {
+        let at = search + found;
+        let value = at + KEY.len();
+        let name_start = lower[..at]
+            .rfind(|c: char| c == '?' || c == '&' || c.is_whitespace())
+            .map_or(0, |i| i + 1);
+        let end = lower[value..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(lower.len(), |i| value + i);
+        let is_parameter = lower[name_start..at]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if is_parameter {
+            out.push_str(&text[copied..value]);
+            out.push_str("***");
+            copied = end;
+        }
+        search = value;
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// How long start-up waits for an unreachable datastore before giving up.
@@ -169,6 +204,7 @@ async fn open_datastore(
 
 /// Runs kine-rs until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
     let endpoint = config.endpoint();
     let is_sql_server = endpoint.starts_with("postgres") || endpoint.starts_with("mysql");
     if !is_sql_server
@@ -198,11 +234,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         keys: config.quota_keys,
         bytes: config.quota_backend_bytes,
     };
-    if quota.keys < 0 || quota.bytes < 0 {
-        return Err(RunError::Config(
-            "--quota-keys and --quota-backend-bytes are 0 (no limit) or positive".into(),
-        ));
-    }
     let mtls = config.trusted_ca_file.is_some();
     if config.gateway && !mtls {
         return Err(RunError::Config(
@@ -429,7 +460,7 @@ async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunEr
     Ok(())
 }
 
-/// Counts and times every gRPC request by method and status code.
+/// Counts and times every gRPC request by method and status code (both from fixed sets).
 #[derive(Clone)]
 struct MetricsLayer(Arc<Metrics>);
 
@@ -467,7 +498,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_string();
+        let method = method_label(request.uri().path());
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let response = self.inner.call(request);
@@ -476,17 +507,16 @@ where
             if let Ok(response) = &mut response {
                 translate_oversized_message(response.headers_mut());
                 // Errors travel as a trailers-only response: the status is in the headers.
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_string();
+                let code = code_label(
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0"),
+                );
                 metrics
                     .latency
-                    .get_or_create(&MethodLabels {
-                        method: method.clone(),
-                    })
+                    .get_or_create(&MethodLabels { method })
                     .observe(started.elapsed().as_secs_f64());
                 metrics
                     .requests
@@ -581,6 +611,23 @@ mod tests {
         assert_eq!(
             redact_endpoint("mysql://kine:p@ss@tcp(db:3306)/kine"),
             "mysql://***@tcp(db:3306)/kine"
+        );
+        assert_eq!(
+            redact_endpoint("postgres://kine@db/kine?sslmode=disable&password=s3@cr&x=1"),
+            "postgres://***@db/kine?sslmode=disable&password=***&x=1"
+        );
+        assert_eq!(
+            redact_endpoint("postgres://db/kine?sslPassword=s3cr"),
+            "postgres://db/kine?sslPassword=***"
+        );
+        assert_eq!(
+            redact_endpoint("host=db password=s3cr user=kine"),
+            "host=db password=*** user=kine"
+        );
+        // Not a parameter: part of the user information, which goes whole.
+        assert_eq!(
+            redact_endpoint("postgres://kine:mypassword=x@db/kine"),
+            "postgres://***@db/kine"
         );
     }
 }

@@ -31,9 +31,13 @@ pub enum WriteOp {
         request: TxnRequest,
         plain_put: bool,
     },
+    /// Compacts at `revision`. Without `physical`, the writer purges the compacted rows in
+    /// the background; with it, the caller purges them before it answers.
     Compact {
         revision: Revision,
+        physical: bool,
     },
+    /// Grants lease `id`, or a new id ([`new_lease_id`]) when `id` is 0.
     LeaseGrant {
         id: i64,
         ttl: i64,
@@ -81,6 +85,8 @@ pub async fn run(
     mut queue: mpsc::Receiver<WriteCommand>,
 ) {
     let mut batch: Vec<WriteCommand> = Vec::with_capacity(MAX_BATCH);
+    // The last lease id this writer chose (see [`new_lease_id`]).
+    let mut last_lease_id = 0i64;
     while let Some(first) = queue.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -91,7 +97,15 @@ pub async fn run(
         }
         crate::metrics::write_batch(batch.len());
         let mut purge_at = None;
-        let outcomes = apply_batch(&*backend, keyspace, &tenant, &batch, &mut purge_at).await;
+        let outcomes = apply_batch(
+            &*backend,
+            keyspace,
+            &tenant,
+            &batch,
+            &mut purge_at,
+            &mut last_lease_id,
+        )
+        .await;
         match outcomes {
             Ok((outcomes, revision)) => {
                 hub.committed(revision);
@@ -109,26 +123,26 @@ pub async fn run(
         }
         if let Some(revision) = purge_at {
             let backend = backend.clone();
-            tokio::spawn(async move { purge(&*backend, keyspace, revision).await });
+            tokio::spawn(async move {
+                if let Err(error) = purge(&*backend, keyspace, revision).await {
+                    warn!(%error, revision, "purging compacted history failed; the next compaction retries");
+                }
+            });
         }
     }
 }
 
-/// Removes the rows a compaction made unreachable, one bounded batch at a time.
-pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) {
-    loop {
-        match backend
-            .purge_compacted(keyspace, revision, PURGE_BATCH)
-            .await
-        {
-            Ok(0) => return,
-            Ok(_) => tokio::task::yield_now().await,
-            Err(error) => {
-                warn!(%error, revision, "purging compacted history failed; the next compaction retries");
-                return;
-            }
-        }
+/// Removes the rows a compaction made unreachable, one bounded batch at a time, until none
+/// is left; stops at the first failure.
+pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) -> Result<()> {
+    while backend
+        .purge_compacted(keyspace, revision, PURGE_BATCH)
+        .await?
+        > 0
+    {
+        tokio::task::yield_now().await;
     }
+    Ok(())
 }
 
 type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
@@ -139,6 +153,7 @@ async fn apply_batch(
     tenant: &str,
     batch: &[WriteCommand],
     purge_at: &mut Option<Revision>,
+    last_lease_id: &mut i64,
 ) -> BatchResult {
     let mut txn = backend.begin_write(keyspace).await?;
     let mut keys = Vec::new();
@@ -159,6 +174,7 @@ async fn apply_batch(
             &mut revision,
             &mut sub,
             purge_at,
+            last_lease_id,
         )
         .await;
         match outcome {
@@ -177,6 +193,7 @@ async fn apply_one(
     revision: &mut Revision,
     sub: &mut i64,
     purge_at: &mut Option<Revision>,
+    last_lease_id: &mut i64,
 ) -> Result<WriteOutcome> {
     let frozen = || KineError::Frozen {
         tenant: tenant.to_string(),
@@ -199,7 +216,10 @@ async fn apply_one(
             *revision = applier.revision();
             Ok(WriteOutcome::Txn(response))
         }
-        WriteOp::Compact { revision: at } => {
+        WriteOp::Compact {
+            revision: at,
+            physical,
+        } => {
             if state.frozen {
                 return Err(frozen());
             }
@@ -215,18 +235,27 @@ async fn apply_one(
                 });
             }
             txn.set_compact_revision(*at).await?;
-            *purge_at = Some(*at);
+            if !physical {
+                *purge_at = Some(*at);
+            }
             Ok(WriteOutcome::Done(*revision))
         }
         WriteOp::LeaseGrant { id, ttl } => {
             if state.frozen {
                 return Err(frozen());
             }
-            if txn.lease(*id).await?.is_some() {
+            let id = if *id == 0 {
+                let id = new_lease_id(txn, *last_lease_id).await?;
+                *last_lease_id = id;
+                id
+            } else {
+                *id
+            };
+            if txn.lease(id).await?.is_some() {
                 return Err(KineError::LeaseExists);
             }
             let lease = LeaseRecord {
-                id: *id,
+                id,
                 ttl: *ttl,
                 expires_at_ms: now_ms().saturating_add(ttl.saturating_mul(1000)),
             };
@@ -266,6 +295,34 @@ async fn apply_one(
             Ok(WriteOutcome::Done(*revision))
         }
     }
+}
+
+/// A new lease id for the keyspace, chosen under its write lock: positive, and larger than
+/// every id the keyspace has had, as etcd's ids increase, so clients may order leases by id
+/// (Txn compares of `lease` with `<` and `>`).
+///
+/// Leases are deleted when revoked or expired, so the largest existing id alone could hand a
+/// revoked id out again; the id is therefore at least the wall clock in microseconds, which
+/// has passed every id given out earlier, and above this writer's previous id (several grants
+/// in one group commit, a clock that steps back). Across processes on one database, the
+/// existing ids order every grant after the live leases; ordering after revoked ones relies
+/// on the processes' clocks agreeing within the time between the revoke and the next grant.
+async fn new_lease_id(txn: &mut dyn WriteTxn, last: i64) -> Result<i64> {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |since| {
+            i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+        });
+    let max = txn.max_lease_id().await?;
+    let mut id = clock
+        .max(last.saturating_add(1))
+        .max(max.saturating_add(1))
+        .max(1);
+    // Only when a client chose the largest id: no id is above it, so take a free one.
+    while max == i64::MAX && txn.lease(id).await?.is_some() {
+        id = if id == i64::MAX { 1 } else { id + 1 };
+    }
+    Ok(id)
 }
 
 /// Refuses a transaction that could take the keyspace over its quota, before it writes, as

@@ -228,6 +228,35 @@ pub fn spawn_kine(backend: Backend) -> ChildGuard {
 
 /// Starts kine-rs with an explicit `--endpoint`, in `dir`.
 pub fn spawn_kine_on(endpoint: &str, dir: tempfile::TempDir, extra_args: &[&str]) -> ChildGuard {
+    let stderr = if std::env::var_os("KINE_TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
+    spawn_kine_with_stderr(endpoint, dir, extra_args, stderr)
+}
+
+/// Starts kine-rs like [`spawn_kine_on`], its log (stderr) in `kine.log` of its directory;
+/// returns it and the log's path.
+pub fn spawn_kine_logged(
+    endpoint: &str,
+    dir: tempfile::TempDir,
+    extra_args: &[&str],
+) -> (ChildGuard, PathBuf) {
+    let log = dir.path().join("kine.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    (
+        spawn_kine_with_stderr(endpoint, dir, extra_args, Stdio::from(file)),
+        log,
+    )
+}
+
+fn spawn_kine_with_stderr(
+    endpoint: &str,
+    dir: tempfile::TempDir,
+    extra_args: &[&str],
+    stderr: Stdio,
+) -> ChildGuard {
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let mut child = Command::new(kine_rs_binary())
@@ -239,11 +268,7 @@ pub fn spawn_kine_on(endpoint: &str, dir: tempfile::TempDir, extra_args: &[&str]
         .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(if std::env::var_os("KINE_TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        .stderr(stderr)
         .spawn()
         .expect("start kine-rs");
     wait_for_port(&address, &mut child, "kine-rs");

@@ -733,6 +733,160 @@ async fn dropped_connections_mid_watch(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// A database error reaches the client as `Internal` with kine-rs's fixed message; the
+/// driver's text (SQL, table names) goes to the log only.
+async fn database_error_without_the_drivers_text() -> Result<()> {
+    let database = TestDatabase::new(Backend::Postgres).context("a PostgreSQL database")?;
+    let endpoint = database.endpoint.clone();
+    let (kine, log) = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        kine_tests::spawn_kine_logged(&endpoint, dir, &["--compact-interval", "0"])
+    })
+    .await?;
+    let address = format!("http://{}", kine.address);
+    let mut client = Client::connect([address.as_str()], None).await?;
+    client.put("before", "v", None).await?;
+
+    // The key-value table goes: every read and write fails in the database.
+    let output = Command::new("psql")
+        .arg(&database.endpoint)
+        .args(["-X", "-q", "-c", "DROP TABLE kv CASCADE"])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let failures = [
+        ("a read", client.get("before", None).await.map(|_| ())),
+        ("a write", client.put("after", "v", None).await.map(|_| ())),
+    ];
+    for (what, outcome) in failures {
+        let Err(etcd_client::Error::GRpcStatus(status)) = outcome else {
+            bail!("{what} on a dropped table answered {outcome:?}");
+        };
+        ensure!(status.code() == tonic::Code::Internal, "{what}: {status:?}");
+        ensure!(
+            status.message() == "kine-rs: datastore error",
+            "{what}: the client got the driver's text: {:?}",
+            status.message()
+        );
+    }
+    // The operator still learns what failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("relation \"kv\" does not exist") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the log does not name the failure:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_database_error_reaches_the_client_without_the_drivers_text() {
+    run("postgres", database_error_without_the_drivers_text()).await;
+}
+
+/// Runs `sql` in `database` with psql; its output.
+fn psql(database: &TestDatabase, sql: &str) -> Result<String> {
+    let output = Command::new("psql")
+        .arg(&database.endpoint)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Rows of history a compaction at `revision` leaves to purge.
+fn unpurged(database: &TestDatabase, revision: i64) -> Result<i64> {
+    Ok(psql(
+        database,
+        &format!(
+            "SELECT count(*) FROM kv WHERE superseded <> 9223372036854775807 \
+             AND superseded <= {revision}"
+        ),
+    )?
+    .parse()?)
+}
+
+/// A physical Compact answers once the compacted rows are gone, and fails when purging them
+/// fails (here: a trigger refuses every DELETE on the key-value table).
+async fn physical_compaction_waits_for_the_purge() -> Result<()> {
+    let database = TestDatabase::new(Backend::Postgres).context("a PostgreSQL database")?;
+    let (_kine, mut client) = start(&database.endpoint).await?;
+    let physical = || Some(etcd_client::CompactionOptions::new().with_physical());
+    let mut last = 0;
+    for i in 0..8 {
+        last = client
+            .put("history", format!("v{i}"), None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+    }
+    let first_compaction = last - 2;
+    ensure!(
+        unpurged(&database, first_compaction)? > 0,
+        "no history to purge"
+    );
+    client.compact(first_compaction, physical()).await?;
+    ensure!(
+        unpurged(&database, first_compaction)? == 0,
+        "a physical compaction answered before its rows were purged"
+    );
+
+    psql(
+        &database,
+        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'the test refuses deletes'; END $$; \
+         CREATE TRIGGER refuse_delete BEFORE DELETE ON kv \
+         FOR EACH ROW EXECUTE FUNCTION refuse_delete();",
+    )?;
+    for i in 0..4 {
+        last = client
+            .put("history", format!("w{i}"), None)
+            .await?
+            .header()
+            .context("header")?
+            .revision();
+    }
+    let second_compaction = last - 1;
+    match client.compact(second_compaction, physical()).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => ensure!(
+            status.code() == tonic::Code::Internal
+                && status.message() == "kine-rs: datastore error",
+            "a failed purge answered {status:?}"
+        ),
+        other => bail!("a physical compaction whose purge failed answered {other:?}"),
+    }
+    ensure!(
+        unpurged(&database, second_compaction)? > 0,
+        "the trigger let rows go"
+    );
+
+    // Once deletes work again, the next physical compaction purges everything.
+    psql(&database, "DROP TRIGGER refuse_delete ON kv")?;
+    client.compact(last, physical()).await?;
+    ensure!(unpurged(&database, last)? == 0, "rows left after the purge");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_physical_compaction_waits_for_the_purge() {
+    run("postgres", physical_compaction_waits_for_the_purge()).await;
+}
+
 async fn run(name: &str, test: impl std::future::Future<Output = Result<()>>) {
     match tokio::time::timeout(Duration::from_secs(300), test).await {
         Ok(Ok(())) => {}

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, LeaseGrantOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use kine_tests::conformance::{Seen, collect_events, expect_quiet, watch};
 use kine_tests::{Backend, ChildGuard, TestDatabase, spawn_kine_on};
 
@@ -160,6 +162,145 @@ async fn two_processes_one_database(backend: Backend) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Grants through `client` with a kine-rs-chosen id.
+async fn grant(client: &mut Client) -> Result<i64> {
+    let id = client.lease_grant(60, None).await?.id();
+    ensure!(id > 0, "lease id {id} is not positive");
+    Ok(id)
+}
+
+/// Lease ids increase like etcd's: every new id of a keyspace is larger than every earlier
+/// one, whichever of two processes on one database grants it, also after the newest lease was
+/// revoked; a client-chosen id still works; Txn compares of lease ids agree with that order.
+async fn lease_ids_increase_across_processes(backend: Backend) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let (_a, mut client_a) = start(database.endpoint.clone()).await?;
+    let (_b, mut client_b) = start(database.endpoint.clone()).await?;
+
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let client = if i % 3 == 0 {
+            &mut client_b
+        } else {
+            &mut client_a
+        };
+        ids.push(grant(client).await?);
+        if i % 10 == 9 {
+            // The newest lease goes: its id is not handed out again.
+            let newest = *ids.last().context("ids")?;
+            client.lease_revoke(newest).await?;
+        }
+    }
+    // Concurrent grants through both processes, each ordered after every earlier one.
+    let mut tasks = Vec::new();
+    for client in [&client_a, &client_b] {
+        for _ in 0..4 {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..10 {
+                    ids.push(grant(&mut client).await?);
+                }
+                anyhow::Ok(ids)
+            }));
+        }
+    }
+    let before = *ids.last().context("ids")?;
+    let mut concurrent = Vec::new();
+    for task in tasks {
+        let mine = task.await??;
+        ensure!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "one client's ids do not increase: {mine:?}"
+        );
+        concurrent.extend(mine);
+    }
+    ensure!(
+        concurrent.iter().all(|id| *id > before),
+        "a concurrent grant's id is not above the earlier ones ({before}): {concurrent:?}"
+    );
+    let distinct: std::collections::BTreeSet<i64> = concurrent.iter().copied().collect();
+    ensure!(distinct.len() == concurrent.len(), "an id was given twice");
+    ids.push(*distinct.last().context("ids")?);
+    ids.push(grant(&mut client_b).await?);
+    ensure!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "lease ids do not increase: {ids:?}"
+    );
+
+    // A client-chosen id works as before, and does not stop ids from increasing.
+    let chosen = 4242;
+    let granted = client_a
+        .lease_grant(60, Some(LeaseGrantOptions::new().with_id(chosen)))
+        .await?
+        .id();
+    ensure!(granted == chosen, "asked for lease {chosen}, got {granted}");
+    let after = grant(&mut client_a).await?;
+    ensure!(after > *ids.last().context("ids")?, "{after} after {ids:?}");
+
+    // Txn compares of lease ids answer in the same order, on either process.
+    let (older, newer) = (ids[0], after);
+    client_a
+        .put(
+            "lease/older",
+            "x",
+            Some(PutOptions::new().with_lease(older)),
+        )
+        .await?;
+    client_b
+        .put(
+            "lease/newer",
+            "x",
+            Some(PutOptions::new().with_lease(newer)),
+        )
+        .await?;
+    for (client, name) in [(&mut client_a, "a"), (&mut client_b, "b")] {
+        for (key, op, lease, expected) in [
+            ("lease/older", CompareOp::Less, newer, true),
+            ("lease/older", CompareOp::Greater, newer, false),
+            ("lease/newer", CompareOp::Greater, older, true),
+            ("lease/newer", CompareOp::Less, older, false),
+        ] {
+            let response = client
+                .txn(
+                    Txn::new()
+                        .when([Compare::lease(key, op, lease)])
+                        .and_then([TxnOp::get(key, None)]),
+                )
+                .await?;
+            ensure!(
+                response.succeeded() == expected,
+                "process {name}: lease of {key} {op:?} {lease} answered {}",
+                response.succeeded()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_leases(backend: Backend) {
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        lease_ids_increase_across_processes(backend),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{backend:?}: {e:#}"),
+        Err(_) => panic!("{backend:?}: timed out"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_lease_ids_increase_across_processes() {
+    run_leases(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_lease_ids_increase_across_processes() {
+    run_leases(Backend::Mysql).await;
 }
 
 async fn run(backend: Backend) {

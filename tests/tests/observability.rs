@@ -124,6 +124,88 @@ fn metrics_show_sql_queries_by_kind_and_write_batch_sizes() {
     eprintln!("{batched} writes in {batches} group commits");
 }
 
+/// Calls `path` on `endpoint` with an empty message; the status it fails with.
+async fn call_path(channel: tonic::transport::Channel, path: &'static str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("channel ready");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(()), path, codec)
+        .await
+        .expect_err("no such method")
+}
+
+/// Request metrics are labelled by the methods kine-rs serves: any other path a client sends
+/// is one `unknown` series, so clients cannot grow the registry without bound.
+#[test]
+fn request_metrics_label_unknown_paths_as_one_series() {
+    const PATHS: &[&str] = &[
+        "/leaky.Service/Method",
+        "/leaky.Service/Other",
+        "/etcdserverpb.KV/LeakyMethod",
+        "/etcdserverpb.LeakyService/Range",
+        "/etcdserverpb.KV/Range/leaky",
+        "/leaky-but-not-grpc",
+    ];
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(
+        &endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(kine.endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        for path in PATHS {
+            let status = call_path(channel.clone(), path).await;
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unimplemented,
+                "{path}: {status:?}"
+            );
+        }
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        client.put("known", "method", None).await.expect("put");
+    });
+    let body = http_get(&metrics_address, "/metrics");
+    assert!(
+        !body.contains("leaky"),
+        "a request path leaked into a label:\n{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "kine_grpc_requests_total{method=\"unknown\",code=\"12\"}"
+        ),
+        Some(PATHS.len() as f64),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "kine_grpc_request_duration_seconds_count{method=\"unknown\"}"
+        ),
+        Some(PATHS.len() as f64),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "kine_grpc_requests_total{method=\"/etcdserverpb.KV/Put\",code=\"0\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+}
+
 /// A kine-rs process, killed when dropped.
 struct Kine {
     child: Child,
@@ -231,6 +313,88 @@ fn slow_queries_are_logged_by_kind_without_values() {
         !text.contains("INSERT") && !text.contains("SELECT"),
         "the log shows statements:\n{text}"
     );
+}
+
+/// Whatever form a datastore password takes in `--endpoint` (`user:pass@`, `?password=`,
+/// `sslpassword=`), it appears nowhere in kine-rs's output, also while kine-rs waits for an
+/// unreachable datastore and logs every attempt.
+#[test]
+fn endpoint_secrets_never_reach_the_log() {
+    // Nothing listens on this port: every attempt fails, and each is logged.
+    let port = free_port();
+    let cases = [
+        (
+            format!("postgres://kine:Secret1-userinfo@127.0.0.1:{port}/kine"),
+            "Secret1-userinfo",
+        ),
+        (
+            format!("postgres://kine@127.0.0.1:{port}/kine?sslmode=disable&password=Secret2-query"),
+            "Secret2-query",
+        ),
+        (
+            format!("postgres://kine@127.0.0.1:{port}/kine?password=Secret3@at&sslmode=disable"),
+            "Secret3",
+        ),
+        (
+            format!(
+                "postgres://kine@127.0.0.1:{port}/kine?sslpassword=Secret4-ssl&sslmode=disable"
+            ),
+            "Secret4-ssl",
+        ),
+        (
+            format!("mysql://kine:Secret5-go@tcp(127.0.0.1:{port})/kine"),
+            "Secret5-go",
+        ),
+        (
+            format!("mysql://kine@127.0.0.1:{port}/kine?password=Secret6-query"),
+            "Secret6-query",
+        ),
+    ];
+    for (endpoint, secret) in &cases {
+        for debug in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = dir.path().join("kine.log");
+            let file = std::fs::File::create(&log).expect("log file");
+            let mut command = Command::new(kine_rs_binary());
+            command
+                .current_dir(dir.path())
+                .args(["--endpoint", endpoint])
+                .args(["--listen-address", &format!("127.0.0.1:{}", free_port())])
+                .env_remove("KINE_LOG")
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().expect("log file"))
+                .stderr(file);
+            if debug {
+                command.arg("--debug");
+            }
+            let child = command.spawn().expect("start kine-rs");
+            let kine = Kine {
+                child,
+                endpoint: String::new(),
+            };
+            // Two attempts logged: the first and a retry.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+                if text.matches("waiting for the datastore").count() >= 2
+                    || Instant::now() > deadline
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(kine);
+            let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                text.contains("waiting for the datastore"),
+                "{endpoint}: no retry was logged:\n{text}"
+            );
+            assert!(
+                !text.contains(secret),
+                "{endpoint} (debug: {debug}): the log shows the password:\n{text}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -62,6 +62,76 @@ fn a_kine_flag_we_do_not_support_is_refused_by_name() {
     );
 }
 
+/// Flag values the server cannot run with are refused at start-up with a message naming the
+/// flag, instead of a panic at the first timer or request (or a server that cannot serve).
+#[test]
+fn flags_that_would_break_the_server_are_refused_by_name() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cases: &[(&[&str], &str)] = &[
+        // A zero period panics tokio's interval when a watch asks for progress.
+        (
+            &["--watch-progress-notify-interval", "0"],
+            "--watch-progress-notify-interval",
+        ),
+        (
+            &["--watch-progress-notify-interval", "8761h"],
+            "--watch-progress-notify-interval",
+        ),
+        // Longer than a year, or too large for a duration at all.
+        (&["--compact-interval", "100000h"], "--compact-interval"),
+        (
+            &["--compact-interval", "99999999999999999999999999h"],
+            "--compact-interval",
+        ),
+        (
+            &["--slow-sql-threshold", "1000000000000000000000000s"],
+            "--slow-sql-threshold",
+        ),
+        (
+            &["--datastore-connection-max-lifetime", "87600h"],
+            "--datastore-connection-max-lifetime",
+        ),
+        (
+            &["--datastore-connection-max-idle-time", "600000m"],
+            "--datastore-connection-max-idle-time",
+        ),
+        // Negative sizes.
+        (&["--compact-min-retain=-1"], "--compact-min-retain"),
+        (&["--quota-keys=-5"], "--quota-keys"),
+        (&["--quota-backend-bytes=-1"], "--quota-backend-bytes"),
+        // Zero where nothing could be served, and sizes past a gRPC message.
+        (&["--max-request-bytes", "0"], "--max-request-bytes"),
+        (
+            &["--max-request-bytes", "18446744073709551615"],
+            "--max-request-bytes",
+        ),
+        (&["--max-txn-ops", "0"], "--max-txn-ops"),
+    ];
+    for (flags, name) in cases {
+        let mut args = vec!["--endpoint", "memory://", "--listen-address", &listen];
+        args.extend_from_slice(flags);
+        let output = run_to_exit(&args, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} was accepted: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flags:?} panicked: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{flags:?}: the message does not name {name}: {stderr}"
+        );
+    }
+    // The same values through the flags' variables.
+    let output = run_to_exit(
+        &["--endpoint", "memory://", "--listen-address", &listen],
+        &[("KINE_WATCH_PROGRESS_NOTIFY_INTERVAL", "0")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--watch-progress-notify-interval"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_unknown_endpoint_scheme_is_refused() {
     let output = run_to_exit(&["--endpoint", "cassandra://db"], &[]);

@@ -314,6 +314,9 @@ pub trait WriteTxn: Send {
     /// One lease, if it exists.
     async fn lease(&mut self, id: i64) -> Result<Option<LeaseRecord>>;
 
+    /// The largest id of the keyspace's leases; 0 without leases.
+    async fn max_lease_id(&mut self) -> Result<i64>;
+
     /// Stores a new lease.
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()>;
 

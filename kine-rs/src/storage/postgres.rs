@@ -68,6 +68,13 @@ pub type PostgresBackend = SqlBackend<Postgres>;
 
 /// Connection options for `endpoint` with the TLS files of `options`.
 pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<PgConnectOptions> {
+    // sqlx does not know libpq's `sslpassword` (the passphrase of an encrypted client key)
+    // and would log the parameter with its value as unrecognized: take it out first.
+    let (endpoint, had_sslpassword) = without_query_parameter(endpoint, "sslpassword");
+    if had_sslpassword {
+        warn!("the endpoint's sslpassword is ignored: encrypted client keys are not supported");
+    }
+    let endpoint = endpoint.as_str();
     let mut connect = PgConnectOptions::from_str(endpoint)?;
     if connect.get_database().is_none_or(str::is_empty) {
         connect = connect.database(DEFAULT_DATABASE);
@@ -87,6 +94,26 @@ pub fn connect_options(endpoint: &str, options: &BackendOptions) -> Result<PgCon
         connect = connect.ssl_mode(PgSslMode::VerifyFull);
     }
     Ok(connect)
+}
+
+/// `url` without its query parameter `name` (any case), and whether it had it.
+fn without_query_parameter(url: &str, name: &str) -> (String, bool) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), false);
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or(pair);
+            !key.eq_ignore_ascii_case(name)
+        })
+        .collect();
+    let had = kept.len() != query.split('&').count();
+    if kept.is_empty() {
+        (base.to_string(), had)
+    } else {
+        (format!("{base}?{}", kept.join("&")), had)
+    }
 }
 
 /// Opens the database `endpoint` names, creating it and its schema if missing.

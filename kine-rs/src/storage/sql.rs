@@ -1292,6 +1292,18 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         lease_on::<D>(&mut self.tx, self.keyspace, id, true).await
     }
 
+    async fn max_lease_id(&mut self) -> Result<i64> {
+        let row = fetch_optional::<D>(
+            &mut self.tx,
+            "lease_max",
+            "SELECT COALESCE(MAX(id), 0) FROM leases WHERE keyspace = ?",
+            &[Arg::Int(self.keyspace)],
+        )
+        .await?
+        .ok_or_else(|| KineError::Storage("MAX returned no row".into()))?;
+        D::DB::int(&row, 0)
+    }
+
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
         execute::<D>(
             &mut self.tx,
