@@ -199,12 +199,14 @@ apt_install() {
 
 provision_build_tools() {
     say "build tools (protoc for the etcd-client test dependency)"
-    if command -v protoc >/dev/null 2>&1 || [ -n "${PROTOC:-}" ]; then
+    # The etcd protos import google/protobuf/*.proto, which Debian ships in libprotobuf-dev.
+    if { command -v protoc >/dev/null 2>&1 || [ -n "${PROTOC:-}" ]; } &&
+        [ -f /usr/include/google/protobuf/descriptor.proto ]; then
         echo "protoc: $(command -v protoc || echo "$PROTOC")"
         return 0
     fi
-    echo "installing protobuf-compiler with apt-get"
-    apt_install protobuf-compiler || die "could not install protobuf-compiler (protoc)"
+    echo "installing protobuf-compiler libprotobuf-dev with apt-get"
+    apt_install protobuf-compiler libprotobuf-dev || die "could not install protobuf-compiler and libprotobuf-dev (protoc)"
 }
 
 # The fault tests start private PostgreSQL, MariaDB and NATS servers (initdb/pg_ctl,
