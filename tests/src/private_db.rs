@@ -290,10 +290,15 @@ impl PrivateMariadb {
             .tempdir()
             .expect("tempdir");
         let data = dir.path().join("data");
+        // A temporary directory of its own: a MariaDB starting up deletes the `#sql*` files it
+        // finds in its tmpdir, which broke another server's install running beside it in /tmp.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("tmpdir");
         run(
             Command::new(install)
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .args([
                     "--user=root",
                     "--auth-root-authentication-method=normal",
@@ -335,6 +340,7 @@ impl PrivateMariadb {
             .arg(format!("--datadir={}", dir.join("data").display()))
             .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .args([
                 "--bind-address=127.0.0.1",

@@ -431,6 +431,10 @@ impl PoolOptions {
             .max_lifetime(self.max_lifetime)
             .idle_timeout(self.max_idle_time)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before each use: it cost every write batch and read a round trip
+            // (~1.4 ms of a 7.6 ms PostgreSQL batch at 128 clients). A connection the server
+            // dropped fails its statement instead, with `Unavailable`, and is discarded.
+            .test_before_acquire(false)
             .after_connect(move |_, _| {
                 Box::pin(async move {
                     nodelay::set_on_connections_to(port);

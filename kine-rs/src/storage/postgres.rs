@@ -53,6 +53,7 @@ impl Dialect for Postgres {
         Some(" RETURNING pg_notify('kine_rs_commits', CAST(id AS TEXT))");
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
+    const ARRAYS: bool = true;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")

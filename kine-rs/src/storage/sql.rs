@@ -40,11 +40,15 @@ mod tenants;
 pub const CURRENT: i64 = i64::MAX;
 
 /// A bound statement parameter.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Arg<'a> {
     Int(i64),
     Bytes(&'a [u8]),
     Text(&'a str),
+    /// Array parameters, in statements of dialects with [`Dialect::ARRAYS`] only.
+    Ints(Vec<i64>),
+    ByteStrings(Vec<&'a [u8]>),
+    Texts(Vec<&'a str>),
 }
 
 /// The rows a statement returned.
@@ -82,11 +86,54 @@ pub trait Driver: Database {
     fn opt_text(row: &Self::Row, index: usize) -> Result<Option<String>>;
 }
 
+/// Binds array parameters, where the database has them.
+pub trait BindArrays: Database {
+    fn bind_array<'q>(
+        query: sqlx::query::Query<'q, Self, Self::Arguments>,
+        arg: &Arg<'q>,
+    ) -> sqlx::query::Query<'q, Self, Self::Arguments>;
+}
+
+impl BindArrays for sqlx::Postgres {
+    fn bind_array<'q>(
+        query: sqlx::query::Query<'q, Self, Self::Arguments>,
+        arg: &Arg<'q>,
+    ) -> sqlx::query::Query<'q, Self, Self::Arguments> {
+        match arg {
+            Arg::Ints(v) => query.bind(v.clone()),
+            Arg::ByteStrings(v) => query.bind(v.clone()),
+            Arg::Texts(v) => query.bind(v.clone()),
+            Arg::Int(v) => query.bind(*v),
+            Arg::Bytes(v) => query.bind(*v),
+            Arg::Text(v) => query.bind(*v),
+        }
+    }
+}
+
+/// SQLite and MySQL have no array parameters; their dialects never build statements with
+/// them ([`Dialect::ARRAYS`] is off), so an array here binds SQL NULL, which no statement of
+/// theirs accepts as a value.
+macro_rules! no_arrays {
+    ($db:ty) => {
+        impl BindArrays for $db {
+            fn bind_array<'q>(
+                query: sqlx::query::Query<'q, Self, Self::Arguments>,
+                _arg: &Arg<'q>,
+            ) -> sqlx::query::Query<'q, Self, Self::Arguments> {
+                query.bind(None::<i64>)
+            }
+        }
+    };
+}
+no_arrays!(sqlx::Sqlite);
+no_arrays!(sqlx::MySql);
+
 /// A statement with its parameters bound.
-fn bound<'q, DB>(sql: String, args: &[Arg<'_>]) -> sqlx::query::Query<'q, DB, DB::Arguments>
+fn bound<'q, DB>(sql: String, args: &[Arg<'q>]) -> sqlx::query::Query<'q, DB, DB::Arguments>
 where
-    DB: Database,
+    DB: Database + BindArrays,
     i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    Option<i64>: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
     for<'b> &'b [u8]: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
     for<'b> &'b str: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
 {
@@ -94,10 +141,11 @@ where
     // parameter.
     let mut query = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql));
     for arg in args {
-        query = match *arg {
-            Arg::Int(v) => query.bind(v),
-            Arg::Bytes(v) => query.bind(v),
-            Arg::Text(v) => query.bind(v),
+        query = match arg {
+            Arg::Int(v) => query.bind(*v),
+            Arg::Bytes(v) => query.bind(*v),
+            Arg::Text(v) => query.bind(*v),
+            Arg::Ints(_) | Arg::ByteStrings(_) | Arg::Texts(_) => DB::bind_array(query, arg),
         };
     }
     query
@@ -197,6 +245,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// has one that stays put while the keyspace lock is held (PostgreSQL's `ctid`): rows read
     /// under the lock are superseded through it, whatever the planner's statistics.
     const ROW_ID: Option<(&'static str, &'static str)> = None;
+    /// Array parameters: a batch's keys looked up, superseded and inserted with one statement
+    /// each, whatever its size (PostgreSQL), instead of multi-row statements in power-of-two
+    /// shapes.
+    const ARRAYS: bool = false;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -413,7 +465,7 @@ fn range_rows_sql<'a>(
     let mut branches = Vec::new();
     for (filter, filter_args) in filters {
         let mut sql = format!("SELECT {columns} FROM kv WHERE {filter} ORDER BY `key`");
-        args.extend(filter_args.iter().copied());
+        args.extend(filter_args.iter().cloned());
         if let Some(limit) = limit {
             sql.push_str(" LIMIT ?");
             args.push(Arg::Int(limit));
@@ -445,7 +497,7 @@ fn range_count_sql<'a>(filters: &[(String, Vec<Arg<'a>>)]) -> (String, Vec<Arg<'
         .collect();
     let args = filters
         .iter()
-        .flat_map(|(_, args)| args.iter().copied())
+        .flat_map(|(_, args)| args.iter().cloned())
         .collect();
     (format!("SELECT {}", counts.join(" + ")), args)
 }
@@ -970,6 +1022,13 @@ fn current_rows_sql<'a, D: Dialect>(
         "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
          AND superseded = 9223372036854775807 AND `key`"
     );
+    if D::ARRAYS {
+        let sql = format!("{select} = ANY(?)");
+        return (
+            sql,
+            vec![Arg::Int(keyspace), Arg::ByteStrings(keys.to_vec())],
+        );
+    }
     if D::KEY_LISTS {
         let sql = format!("{select} IN ({})", placeholders(keys.len()));
         let mut args = Vec::with_capacity(keys.len() + 1);
@@ -1001,6 +1060,23 @@ fn supersede_sql<'a, D: Dialect>(
 ) -> (String, Vec<Arg<'a>>) {
     let by_row_id = D::ROW_ID.filter(|_| rows.iter().all(|row| row.row_id.is_some()));
     let mut args = Vec::with_capacity(rows.len() * 3 + 1);
+    if let Some((column, kind)) = by_row_id.filter(|_| D::ARRAYS) {
+        let sql = format!(
+            "UPDATE kv SET superseded = CASE WHEN keyspace = ? \
+             AND superseded = 9223372036854775807 THEN (CAST(? AS BIGINT[]))\
+             [array_position(CAST(? AS {kind}[]), {column})] END \
+             WHERE {column} = ANY(CAST(? AS {kind}[]))"
+        );
+        let ids: Vec<&str> = rows
+            .iter()
+            .map(|row| row.row_id.as_deref().unwrap_or_default())
+            .collect();
+        args.push(Arg::Int(keyspace));
+        args.push(Arg::Ints(rows.iter().map(|row| row.revision).collect()));
+        args.push(Arg::Texts(ids.clone()));
+        args.push(Arg::Texts(ids));
+        return (sql, args);
+    }
     if let Some((column, kind)) = by_row_id {
         let parameter = format!("CAST(? AS {kind})");
         let mut sql = String::from(
@@ -1055,7 +1131,12 @@ impl<D: Dialect> SqlWriteTxn<D> {
         unknown.sort_unstable();
         unknown.dedup();
         let mut rest = unknown.as_slice();
-        for size in chunk_sizes(unknown.len(), MAX_ROWS_PER_STATEMENT) {
+        let per_statement = if D::ARRAYS {
+            unknown.len().max(1)
+        } else {
+            MAX_ROWS_PER_STATEMENT
+        };
+        for size in chunk_sizes(unknown.len(), per_statement) {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let (sql, args) = current_rows_sql::<D>(self.keyspace, chunk);
@@ -1147,8 +1228,12 @@ impl<D: Dialect> SqlWriteTxn<D> {
         } else {
             1
         };
-        for (rows, per_statement) in [(by_row_id, MAX_ROWS_PER_STATEMENT), (by_key, per_statement)]
-        {
+        let per_row_id_statement = if D::ARRAYS {
+            by_row_id.len().max(1)
+        } else {
+            MAX_ROWS_PER_STATEMENT
+        };
+        for (rows, per_statement) in [(by_row_id, per_row_id_statement), (by_key, per_statement)] {
             let mut rest = rows.as_slice();
             for size in chunk_sizes(rows.len(), per_statement) {
                 let (chunk, tail) = rest.split_at(size);
@@ -1163,8 +1248,16 @@ impl<D: Dialect> SqlWriteTxn<D> {
             }
         }
         let pending = std::mem::take(&mut self.pending);
-        let mut rest = pending.as_slice();
-        for size in chunk_sizes(pending.len(), MAX_ROWS_PER_STATEMENT) {
+        if D::ARRAYS && !pending.is_empty() {
+            let (sql, args) = insert_rows_unnest(self.keyspace, &pending);
+            execute::<D>(&mut self.tx, "insert_kv", &sql, &args).await?;
+        }
+        let mut rest = if D::ARRAYS {
+            &[][..]
+        } else {
+            pending.as_slice()
+        };
+        for size in chunk_sizes(rest.len(), MAX_ROWS_PER_STATEMENT) {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let mut sql = String::from(
@@ -1200,6 +1293,29 @@ impl<D: Dialect> SqlWriteTxn<D> {
         }
         Ok(())
     }
+}
+
+/// One statement inserting every row of `rows`, as arrays of their columns (PostgreSQL).
+fn insert_rows_unnest(keyspace: KeyspaceId, rows: &[PendingRow]) -> (&'static str, Vec<Arg<'_>>) {
+    const SQL: &str = "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, \
+         version, lease, value, deleted, superseded) SELECT ?, * FROM unnest(\
+         CAST(? AS BYTEA[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
+         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]), \
+         CAST(? AS BIGINT[]))";
+    let ints = |f: fn(&PendingRow) -> i64| Arg::Ints(rows.iter().map(f).collect());
+    let args = vec![
+        Arg::Int(keyspace),
+        Arg::ByteStrings(rows.iter().map(|row| row.kv.key.as_ref()).collect()),
+        ints(|row| row.kv.mod_revision),
+        ints(|row| row.sub),
+        ints(|row| row.kv.create_revision),
+        ints(|row| row.kv.version),
+        ints(|row| row.kv.lease),
+        Arg::ByteStrings(rows.iter().map(|row| row.kv.value.as_ref()).collect()),
+        ints(|row| row.deleted as i64),
+        ints(|row| row.superseded),
+    ];
+    (SQL, args)
 }
 
 /// The bytes a live key-value counts for in the usage counters.
@@ -1412,7 +1528,12 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             }
         };
         let args: Vec<Arg<'_>> = match record {
-            Some(record) => vec![args[0], args[1], Arg::Text(record), args[2]],
+            Some(record) => vec![
+                args[0].clone(),
+                args[1].clone(),
+                Arg::Text(record),
+                args[2].clone(),
+            ],
             None => args.to_vec(),
         };
         execute::<D>(&mut self.tx, "migration", sql, &args).await?;
