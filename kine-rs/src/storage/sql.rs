@@ -1250,7 +1250,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         let pending = std::mem::take(&mut self.pending);
         if D::ARRAYS && !pending.is_empty() {
             let (sql, args) = insert_rows_unnest(self.keyspace, &pending);
-            execute::<D>(&mut self.tx, "insert_kv", &sql, &args).await?;
+            execute::<D>(&mut self.tx, "insert_kv", sql, &args).await?;
         }
         let mut rest = if D::ARRAYS {
             &[][..]
