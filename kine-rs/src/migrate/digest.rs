@@ -70,13 +70,17 @@ impl Digest {
                     RangeQuery {
                         range: &range,
                         revision,
-                        limit: Some(PAGE),
+                        // One more than the page, as a paginating client asks (see
+                        // `read_page`): the rest of the range is not counted again.
+                        limit: Some(PAGE + 1),
                         keys_only: false,
                         count_only: false,
                     },
                 )
                 .await?;
-            for kv in &rows.kvs {
+            let more = rows.kvs.len() as i64 > PAGE;
+            let page = &rows.kvs[..rows.kvs.len().min(PAGE as usize)];
+            for kv in page {
                 digest.keys += 1;
                 digest.add(&kv.key);
                 digest.add(&kv.value);
@@ -84,8 +88,8 @@ impl Digest {
                     digest.add(&n.to_le_bytes());
                 }
             }
-            match rows.kvs.last() {
-                Some(last) if rows.kvs.len() as i64 == PAGE => {
+            match page.last() {
+                Some(last) if more => {
                     let mut next = last.key.to_vec();
                     next.push(0);
                     start = Bytes::from(next);

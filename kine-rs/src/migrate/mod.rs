@@ -11,10 +11,13 @@
 //! 2. **Snapshot**: copy the keys live at `S`, a page at a time, in key order.
 //! 3. **Tail**: copy the events after `S` in revision windows while the source keeps taking
 //!    writes, until the copy is close behind.
-//! 4. **Freeze** the source (the datastore's own freeze: no process lands a write after it
-//!    returns), copy the last events up to the final revision `F`.
-//! 5. **Verify**: a digest of every key, value, create/mod revision, version and lease at `F`
-//!    on both sides.
+//! 4. **Verify**, while the source still takes writes: a digest of every key, value,
+//!    create/mod revision, version and lease at the revision `H` the copy has reached, read
+//!    on both sides at `H`; then tail again.
+//! 5. **Freeze** the source (the datastore's own freeze: no process lands a write after it
+//!    returns), copy the last events up to the final revision `F`, and compare the events of
+//!    `(H, F]` on both sides: equal at `H` and the same events since, equal at `F`. So the
+//!    freeze lasts a few windows of events, whatever the size of the tenant.
 //! 6. **Switch**: the target gets the leases with their remaining TTLs and starts serving;
 //!    the source is marked *moved* and stays frozen, its data kept until the tenant is deleted.
 //!
@@ -40,7 +43,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::error::KineError;
-use crate::model::{EventType, KeyRange, LeaseRecord, RangeEnd, Revision, now_ms};
+use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision, now_ms};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery};
 
 pub use digest::Digest;
@@ -64,13 +67,18 @@ pub enum MigrateError {
     AlreadyMoved(String),
     #[error(
         "the copy differs from the source at revision {revision}: source {source_digest}, \
-         target {target_digest}; the source was unfrozen and the import removed"
+         target {target_digest}; the source keeps serving and the import was removed"
     )]
     VerifyFailed {
         revision: Revision,
         source_digest: Digest,
         target_digest: Digest,
     },
+    #[error(
+        "the events copied in revisions ({after}, {up_to}] differ from the source's; the \
+         source was unfrozen and the import removed"
+    )]
+    EventsDiffer { after: Revision, up_to: Revision },
     #[error("a migration record of tenant {tenant:?} cannot be read: {reason}")]
     BadRecord { tenant: String, reason: String },
     #[error(
@@ -348,52 +356,86 @@ pub async fn run(
         elapsed: started.elapsed(),
     };
 
-    // Snapshot.
-    while checkpoint.phase == TargetPhase::Snapshot {
-        copy_page(
-            source,
-            source_id,
-            target,
-            target_id,
-            options,
-            &mut checkpoint,
-        )
-        .await?;
-        progress.keys = checkpoint.keys;
-        progress.bytes = checkpoint.bytes;
-        progress.elapsed = started.elapsed();
-        report(&progress);
-    }
-
-    // Tail, until close behind.
-    progress.phase = Phase::Tail;
-    let mut passes = 0;
-    loop {
-        let head = source.state(source_id).await.source()?.revision;
-        progress.source_revision = head;
-        let behind = head - checkpoint.applied;
-        if behind <= options.freeze_lag || passes >= options.max_tail_passes {
-            break;
-        }
-        passes += 1;
-        while checkpoint.applied < head {
-            copy_window(
-                source,
-                source_id,
-                target,
-                target_id,
-                options,
-                &mut checkpoint,
-                head,
-            )
-            .await?;
-            progress.applied_revision = checkpoint.applied;
-            progress.events = checkpoint.events;
+    // Snapshot: the next page is read while the current one is written.
+    if checkpoint.phase == TargetPhase::Snapshot {
+        let mut page_keys = options.page_keys.max(1);
+        let mut rows = read_page(source, source_id, &checkpoint, page_keys).await?;
+        loop {
+            page_keys = next_page_keys(&rows, options.page_keys);
+            let after = rows.last().map(|kv| kv.key.clone());
+            let last_page = rows.is_empty();
+            let at = TargetCheckpoint {
+                after_key: after,
+                ..checkpoint.clone()
+            };
+            let reading = async {
+                if last_page {
+                    Ok(Vec::new())
+                } else {
+                    read_page(source, source_id, &at, page_keys).await
+                }
+            };
+            let (written, read) = tokio::join!(
+                write_page(target, target_id, &mut checkpoint, &rows),
+                reading
+            );
+            written?;
+            progress.keys = checkpoint.keys;
             progress.bytes = checkpoint.bytes;
             progress.elapsed = started.elapsed();
             report(&progress);
+            if last_page {
+                break;
+            }
+            rows = read?;
         }
     }
+
+    // Tail until close behind; verify the copy at that revision while the source still
+    // takes writes; tail again to catch up with the writes made meanwhile.
+    progress.phase = Phase::Tail;
+    tail(
+        source,
+        source_id,
+        target,
+        target_id,
+        options,
+        &mut checkpoint,
+        &mut progress,
+        started,
+        report,
+    )
+    .await?;
+    progress.phase = Phase::Verify;
+    report(&progress);
+    let verified_at = checkpoint.applied;
+    let (source_digest, target_digest) = tokio::join!(
+        Digest::of(source, source_id, verified_at),
+        Digest::of(target, target_id, verified_at)
+    );
+    let (source_digest, target_digest) = (source_digest.source()?, target_digest.target()?);
+    if source_digest != target_digest {
+        let _ = release_source(source, source_id, false).await;
+        let _ = target.delete_keyspace(target_id).await;
+        return Err(MigrateError::VerifyFailed {
+            revision: verified_at,
+            source_digest,
+            target_digest,
+        });
+    }
+    progress.phase = Phase::Tail;
+    tail(
+        source,
+        source_id,
+        target,
+        target_id,
+        options,
+        &mut checkpoint,
+        &mut progress,
+        started,
+        report,
+    )
+    .await?;
 
     // Freeze, and the last events.
     progress.phase = Phase::Freeze;
@@ -419,33 +461,42 @@ pub async fn run(
         progress.elapsed = started.elapsed();
         report(&progress);
 
+        // Equal at the verified revision, and the same events since: equal at the final one.
         progress.phase = Phase::Verify;
         report(&progress);
-        let source_digest = Digest::of(source, source_id, final_state.revision)
-            .await
-            .source()?;
-        let target_digest = Digest::of(target, target_id, final_state.revision)
-            .await
-            .target()?;
-        if source_digest != target_digest {
-            return Err(MigrateError::VerifyFailed {
-                revision: final_state.revision,
-                source_digest,
-                target_digest,
-            });
+        let mut from = verified_at;
+        while from < final_state.revision {
+            let to = final_state
+                .revision
+                .min(from + options.window_revisions.max(1));
+            let (source_events, target_events) = tokio::join!(
+                source.events(source_id, from, to, None),
+                target.events(target_id, from, to, None)
+            );
+            if source_events.source()? != target_events.target()? {
+                return Err(MigrateError::EventsDiffer {
+                    after: from,
+                    up_to: to,
+                });
+            }
+            from = to;
         }
         progress.phase = Phase::Switch;
         report(&progress);
         let leases = switch_target(source, source_id, &final_state, target, target_id).await?;
-        Ok((source_digest, leases))
+        Ok(leases)
     }
     .await;
-    let (digest, leases) = match finish {
+    let digest = source_digest;
+    let leases = match finish {
         Ok(done) => done,
         Err(error) => {
-            // Before the target serves, the source is the tenant's home: writable again.
-            let _ = release_source(source, source_id, true).await;
-            if matches!(error, MigrateError::VerifyFailed { .. }) {
+            // Before the target serves, the source is the tenant's home: writable again. A
+            // copy that differs is removed; any other failure keeps its checkpoint (and the
+            // source's pin) for a rerun to resume.
+            let differs = matches!(error, MigrateError::EventsDiffer { .. });
+            let _ = release_source(source, source_id, !differs).await;
+            if differs {
                 let _ = target.delete_keyspace(target_id).await;
             }
             return Err(error);
@@ -532,15 +583,81 @@ async fn start(
     Ok(checkpoint)
 }
 
-/// Copies the next page of the snapshot, or ends the snapshot phase.
-async fn copy_page(
+/// Copies windows of events until a pass ends at most `--freeze-lag` revisions behind the
+/// source (or after `max_tail_passes` passes). Each next window is read while the current
+/// one is written.
+#[allow(clippy::too_many_arguments)]
+async fn tail(
     source: &dyn Backend,
     source_id: KeyspaceId,
     target: &dyn Backend,
     target_id: KeyspaceId,
     options: &Options,
     checkpoint: &mut TargetCheckpoint,
+    progress: &mut Progress,
+    started: Instant,
+    report: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<()> {
+    let mut passes = 0;
+    loop {
+        let head = source.state(source_id).await.source()?.revision;
+        progress.source_revision = head;
+        let behind = head - checkpoint.applied;
+        if behind <= options.freeze_lag || passes >= options.max_tail_passes {
+            return Ok(());
+        }
+        passes += 1;
+        let window = options.window_revisions.max(1);
+        let mut up_to = head.min(checkpoint.applied + window);
+        let mut events = read_window(source, source_id, checkpoint.applied, up_to).await?;
+        loop {
+            let next_up_to = head.min(up_to + window);
+            let reading = async {
+                if up_to < head {
+                    read_window(source, source_id, up_to, next_up_to).await
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (written, read) = tokio::join!(
+                write_window(target, target_id, checkpoint, &events, up_to),
+                reading
+            );
+            written?;
+            progress.applied_revision = checkpoint.applied;
+            progress.events = checkpoint.events;
+            progress.bytes = checkpoint.bytes;
+            progress.elapsed = started.elapsed();
+            report(progress);
+            if up_to >= head {
+                break;
+            }
+            events = read?;
+            up_to = next_up_to;
+        }
+    }
+}
+
+/// Bytes a snapshot page aims at: pages shrink for large values, so memory stays bounded.
+const PAGE_BYTES: usize = 8 << 20;
+
+/// The number of keys of the next page: `--page-keys`, fewer when values are large.
+fn next_page_keys(rows: &[KeyValue], page_keys: i64) -> i64 {
+    let bytes: usize = rows.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    if rows.is_empty() || bytes == 0 {
+        return page_keys.max(1);
+    }
+    let per_key = bytes / rows.len();
+    ((PAGE_BYTES / per_key.max(1)) as i64).clamp(1, page_keys.max(1))
+}
+
+/// The keys of the snapshot after the checkpoint's last key, at most `page_keys`.
+async fn read_page(
+    source: &dyn Backend,
+    source_id: KeyspaceId,
+    checkpoint: &TargetCheckpoint,
+    page_keys: i64,
+) -> Result<Vec<KeyValue>> {
     // Keys after the last one copied: the smallest key greater than it is itself + "\0".
     let start = match &checkpoint.after_key {
         Some(key) => {
@@ -554,28 +671,43 @@ async fn copy_page(
         start,
         end: RangeEnd::Unbounded,
     };
-    let rows = source
+    // One more than the page, as a paginating client asks: the datastore then knows the
+    // next page's count from this one's instead of counting the rest of the range again.
+    let mut rows = source
         .range(
             source_id,
             RangeQuery {
                 range: &range,
                 revision: checkpoint.snapshot_revision,
-                limit: Some(options.page_keys.max(1)),
+                limit: Some(page_keys.max(1) + 1),
                 keys_only: false,
                 count_only: false,
             },
         )
         .await
-        .source()?;
+        .source()?
+        .kvs;
+    rows.truncate(page_keys.max(1) as usize);
+    Ok(rows)
+}
+
+/// Writes a page of the snapshot with the checkpoint after it; an empty page ends the
+/// snapshot phase.
+async fn write_page(
+    target: &dyn Backend,
+    target_id: KeyspaceId,
+    checkpoint: &mut TargetCheckpoint,
+    rows: &[KeyValue],
+) -> Result<()> {
     let mut next = checkpoint.clone();
-    if rows.kvs.is_empty() {
+    if rows.is_empty() {
         next.phase = TargetPhase::Tail;
         next.after_key = None;
     }
     let mut txn = target.begin_write(target_id).await.target()?;
-    let keys: Vec<Bytes> = rows.kvs.iter().map(|kv| kv.key.clone()).collect();
+    let keys: Vec<Bytes> = rows.iter().map(|kv| kv.key.clone()).collect();
     txn.prefetch(&keys).await.target()?;
-    for kv in &rows.kvs {
+    for kv in rows {
         // Rows are identified by (revision, sub): keys written by one transaction need
         // distinct subs, and the snapshot's revisions never meet the tail's.
         txn.put(kv, next.next_sub).await.target()?;
@@ -583,7 +715,7 @@ async fn copy_page(
         next.keys += 1;
         next.bytes += (kv.key.len() + kv.value.len()) as u64;
     }
-    if let Some(last) = rows.kvs.last() {
+    if let Some(last) = rows.last() {
         next.after_key = Some(last.key.clone());
     }
     txn.set_migration(MigrationRole::Importing, 0, Some(&next.encode()))
@@ -593,6 +725,20 @@ async fn copy_page(
     txn.commit(revision).await.target()?;
     *checkpoint = next;
     Ok(())
+}
+
+/// Copies the next page of the snapshot, or ends the snapshot phase.
+#[cfg(test)]
+async fn copy_page(
+    source: &dyn Backend,
+    source_id: KeyspaceId,
+    target: &dyn Backend,
+    target_id: KeyspaceId,
+    options: &Options,
+    checkpoint: &mut TargetCheckpoint,
+) -> Result<()> {
+    let rows = read_page(source, source_id, checkpoint, options.page_keys).await?;
+    write_page(target, target_id, checkpoint, &rows).await
 }
 
 /// Copies the events of the next window of revisions, up to `head` at most.
@@ -606,10 +752,28 @@ async fn copy_window(
     head: Revision,
 ) -> Result<()> {
     let up_to = head.min(checkpoint.applied + options.window_revisions.max(1));
-    let events = source
-        .events(source_id, checkpoint.applied, up_to, None)
-        .await
-        .source()?;
+    let events = read_window(source, source_id, checkpoint.applied, up_to).await?;
+    write_window(target, target_id, checkpoint, &events, up_to).await
+}
+
+/// The events with revisions in `(after, up_to]`.
+async fn read_window(
+    source: &dyn Backend,
+    source_id: KeyspaceId,
+    after: Revision,
+    up_to: Revision,
+) -> Result<Vec<Event>> {
+    source.events(source_id, after, up_to, None).await.source()
+}
+
+/// Writes the events of a window, with the checkpoint after it (`up_to`).
+async fn write_window(
+    target: &dyn Backend,
+    target_id: KeyspaceId,
+    checkpoint: &mut TargetCheckpoint,
+    events: &[Event],
+    up_to: Revision,
+) -> Result<()> {
     let mut next = checkpoint.clone();
     let mut txn = target.begin_write(target_id).await.target()?;
     let keys: Vec<Bytes> = events
@@ -619,7 +783,7 @@ async fn copy_window(
     txn.prefetch(&keys).await.target()?;
     let mut revision = 0;
     let mut sub = 0;
-    for event in &events {
+    for event in events {
         let Some(kv) = &event.kv else { continue };
         if kv.mod_revision != revision {
             revision = kv.mod_revision;

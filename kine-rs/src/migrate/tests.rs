@@ -349,3 +349,41 @@ async fn refuses_a_target_with_data_and_an_unknown_tenant() {
     assert_eq!(plan.compact_revision, 200);
     assert_eq!(plan.leases, 1);
 }
+
+/// A copy that differs from the source is caught: here a row of the target is changed just
+/// before the verification reads it. The source keeps serving and the import is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_differs_fails_verification() {
+    let (source, target) = (memory().await, memory().await);
+    let served = serve(&source, "t5").await;
+    populate(&served).await;
+    let tamper = |target: Arc<dyn Backend>| async move {
+        let id = target.keyspace("t5", false).await.unwrap().unwrap();
+        let mut txn = target.begin_write(id).await.unwrap();
+        let mut kv = txn.get(b"/k/0100").await.unwrap().unwrap();
+        kv.value = Bytes::from_static(b"tampered");
+        txn.put(&kv, 99).await.unwrap();
+        let revision = txn.state().revision;
+        txn.commit(revision).await.unwrap();
+    };
+    let mut tampered = false;
+    let result = run(&*source, &*target, &options("t5"), &mut |progress| {
+        if progress.phase == Phase::Verify && !tampered {
+            tampered = true;
+            let target = target.clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(tamper(target))
+            });
+        }
+    })
+    .await;
+    assert!(
+        matches!(result, Err(MigrateError::VerifyFailed { .. })),
+        "{result:?}"
+    );
+    let state = served.state().await.unwrap();
+    assert!(!state.frozen);
+    assert_eq!(state.migration, MigrationRole::None);
+    assert!(target.keyspace("t5", false).await.unwrap().is_none());
+    put(&served, "/after", "1", 0).await;
+}
