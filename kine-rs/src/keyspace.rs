@@ -5,6 +5,7 @@
 //! watches, and lease expiry is one loop per process over every keyspace
 //! ([`crate::tenants::expire_leases`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -32,6 +33,15 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// etcd's smallest lease TTL with its default election timeout, in seconds.
 pub const MIN_LEASE_TTL: i64 = 2;
 
+/// Most leases whose last keep-alive a keyspace remembers (for coalescing).
+const MAX_REMEMBERED_RENEWALS: usize = 100_000;
+
+/// How long after a stored keep-alive further ones are answered without a write: a tenth of
+/// the TTL, at most 10 s.
+fn coalescing_window(ttl_seconds: i64) -> i64 {
+    (ttl_seconds.saturating_mul(100)).clamp(0, 10_000)
+}
+
 /// The fixed parts of every response header.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeaderIdentity {
@@ -52,6 +62,8 @@ pub struct Keyspace {
     tasks: Vec<JoinHandle<()>>,
     /// Watchers open on this keyspace in this process.
     watches: AtomicI64,
+    /// Keep-alives this process stored lately, by lease: when, and the lease as renewed.
+    renewals: std::sync::Mutex<HashMap<i64, (i64, LeaseRecord)>>,
     /// Set when the keyspace is deleted: its watch and keep-alive streams end.
     closed: tokio::sync::watch::Sender<bool>,
 }
@@ -109,6 +121,7 @@ impl Keyspace {
             identity,
             tasks,
             watches: AtomicI64::new(0),
+            renewals: std::sync::Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::Sender::new(false),
         })))
     }
@@ -161,6 +174,7 @@ impl Keyspace {
     /// Revokes lease `id` if it is still expired under the keyspace lock (and the keyspace is
     /// not frozen): several processes may race, and each lease expires once.
     pub async fn expire_lease(&self, id: i64) -> Result<()> {
+        self.forget_renewal(id);
         self.write(WriteOp::LeaseExpire { id }).await.map(|_| ())
     }
 
@@ -353,6 +367,7 @@ impl Keyspace {
 
     /// etcd's LeaseRevoke: deletes the attached keys in one revision.
     pub async fn lease_revoke(&self, id: i64) -> Result<ResponseHeader> {
+        self.forget_renewal(id);
         match self.write(WriteOp::LeaseRevoke { id }).await? {
             WriteOutcome::Done(revision) => Ok(self.header(revision)),
             _ => Err(KineError::Storage("unexpected write outcome".into())),
@@ -360,8 +375,48 @@ impl Keyspace {
     }
 
     /// Renews a lease; `None` when it does not exist (or has expired).
+    ///
+    /// A keep-alive within a tenth of the TTL of the last one this process stored is answered
+    /// without a write, as etcd renews in memory: a client flooding keep-alives costs the
+    /// datastore one write per tenth of its TTL, not one per message. The stored deadline is
+    /// then at most a tenth of the TTL short of what the client was told; a revoke through
+    /// another process shows here within that time too.
     pub async fn lease_keep_alive(&self, id: i64) -> Result<Option<LeaseRecord>> {
-        self.backend.renew_lease(self.id, id, now_ms()).await
+        let now = now_ms();
+        if let Some(lease) = self.recent_renewal(id, now) {
+            return Ok(Some(lease));
+        }
+        let renewed = self.backend.renew_lease(self.id, id, now).await?;
+        let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        match renewed {
+            Some(lease) => {
+                if renewals.len() >= MAX_REMEMBERED_RENEWALS {
+                    renewals.retain(|_, (at, lease)| now - *at < coalescing_window(lease.ttl));
+                }
+                if renewals.len() < MAX_REMEMBERED_RENEWALS {
+                    renewals.insert(id, (now, lease));
+                }
+            }
+            None => {
+                renewals.remove(&id);
+            }
+        }
+        Ok(renewed)
+    }
+
+    /// The lease as this process renewed it, if that was within the coalescing window.
+    fn recent_renewal(&self, id: i64, now: i64) -> Option<LeaseRecord> {
+        let renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        renewals
+            .get(&id)
+            .filter(|(at, lease)| now - *at < coalescing_window(lease.ttl))
+            .map(|(_, lease)| *lease)
+    }
+
+    /// Forgets a lease's last renewal (it was revoked or expired here).
+    fn forget_renewal(&self, id: i64) {
+        let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        renewals.remove(&id);
     }
 
     /// A lease and, when asked, its keys.

@@ -414,3 +414,57 @@ fn slow_query_log_is_off_at_zero() {
     assert!(text.contains("kine-rs serving"), "{text}");
     assert!(!text.contains("slow SQL query"), "{text}");
 }
+
+/// A keep-alive flood costs the datastore one write per tenth of the lease's TTL, not one per
+/// message: 300 keep-alives of one lease at once, each answered with the full TTL, store the
+/// renewal a few times at most (the `lease_renew` statements in the metrics).
+#[test]
+fn a_keep_alive_flood_is_not_a_write_per_message() {
+    const KEEP_ALIVES: usize = 300;
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(
+        &endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let lease = client.lease_grant(60, None).await.expect("grant").id();
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("stream");
+        for _ in 0..KEEP_ALIVES {
+            keeper.keep_alive().await.expect("keep-alive");
+        }
+        for _ in 0..KEEP_ALIVES {
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("a keep-alive answer in time")
+                .expect("stream")
+                .expect("stream open");
+            assert_eq!((response.id(), response.ttl()), (lease, 60));
+        }
+        // Revoked, the lease answers TTL 0 at once, not from what was remembered.
+        client.lease_revoke(lease).await.expect("revoke");
+        keeper.keep_alive().await.expect("keep-alive");
+        let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("answer")
+            .expect("stream")
+            .expect("open");
+        assert_eq!(response.ttl(), 0);
+    });
+    let body = http_get(&metrics_address, "/metrics");
+    let renewals = sample(
+        &body,
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
+    )
+    .expect("lease_renew statements are counted");
+    assert!(
+        renewals <= 5.0,
+        "{renewals} renewals stored for {KEEP_ALIVES} keep-alives"
+    );
+}
