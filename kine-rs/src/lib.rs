@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod keyspace;
 pub mod metrics;
 pub mod migrate;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::KineError;
+use crate::health::Readiness;
 use crate::keyspace::HeaderIdentity;
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
 use crate::server::Tenancy;
@@ -287,16 +288,19 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if let Some(path) = &config.admin_socket {
         serve_admin_socket(path, tenants.clone())?;
     }
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let readiness = Readiness::start(backend.clone(), health_reporter).await;
     let metrics = Metrics::global().clone();
     if !config.metrics_bind_address.is_empty() {
-        serve_metrics(&config.metrics_bind_address, metrics.clone()).await?;
+        serve_metrics(
+            &config.metrics_bind_address,
+            metrics.clone(),
+            readiness.clone(),
+        )
+        .await?;
     }
 
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&config.server_cert_file, &config.server_key_file) {
         let read = |path: &str| {
@@ -363,7 +367,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             // the client's delayed ACK, about 40 ms.
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             router
-                .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                .serve_with_incoming_shutdown(incoming, shutdown_signal(readiness.clone()))
                 .await?;
         }
         ListenAddress::Unix(path) => {
@@ -375,7 +379,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     source,
                 })?;
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    shutdown_signal(readiness.clone()),
+                )
                 .await?;
         }
     }
@@ -383,7 +390,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGINT or SIGTERM; health turns NOT_SERVING as the shutdown begins.
+async fn shutdown_signal(readiness: Readiness) {
+    wait_for_signal().await;
+    readiness.shutting_down().await;
+}
+
+async fn wait_for_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -424,7 +437,7 @@ fn serve_admin_socket(path: &str, tenants: Arc<Tenants>) -> Result<(), RunError>
     info!(socket = path, "serving the admin API");
     tokio::spawn(async move {
         if let Err(error) = router
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), wait_for_signal())
             .await
         {
             warn!(%error, "the admin socket stopped");
@@ -433,7 +446,11 @@ fn serve_admin_socket(path: &str, tenants: Arc<Tenants>) -> Result<(), RunError>
     Ok(())
 }
 
-async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunError> {
+async fn serve_metrics(
+    address: &str,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+) -> Result<(), RunError> {
     let address = if address.starts_with(':') {
         format!("0.0.0.0{address}")
     } else {
@@ -445,13 +462,30 @@ async fn serve_metrics(address: &str, metrics: Arc<Metrics>) -> Result<(), RunEr
             address: address.clone(),
             source,
         })?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move { metrics.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ok")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: the datastore does not answer, or kine-rs is stopping",
+                        )
+                    }
+                }
+            }),
+        );
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!(%error, "metrics server stopped");

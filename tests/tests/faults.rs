@@ -934,3 +934,81 @@ async fn postgres_dropped_connections_mid_watch() {
 async fn mysql_dropped_connections_mid_watch() {
     run("mysql", dropped_connections_mid_watch(Backend::Mysql)).await;
 }
+
+/// gRPC health and `/readyz` follow the datastore: SERVING while it answers, NOT_SERVING
+/// within a few seconds of it going away, SERVING again once it is back (no restart).
+async fn health_follows_the_datastore() -> Result<()> {
+    let server = tokio::task::spawn_blocking(|| PrivateServer::start(Backend::Postgres)).await?;
+    let endpoint = server.url();
+    let metrics = format!("127.0.0.1:{}", kine_tests::free_port());
+    let guard = {
+        let metrics = metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            spawn_kine_on(
+                &endpoint,
+                tempfile::tempdir().expect("tempdir"),
+                &["--metrics-bind-address", &metrics],
+            )
+        })
+        .await?
+    };
+    let channel = tonic::transport::Endpoint::from_shared(guard.endpoint.clone())?
+        .connect()
+        .await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = || {
+        let mut health = health.clone();
+        async move {
+            let response = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(response.into_inner().status)
+        }
+    };
+    let readyz = |metrics: String| async move {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&metrics)?;
+            write!(
+                stream,
+                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            anyhow::Ok(response.lines().next().unwrap_or_default().to_string())
+        })
+        .await?
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let wait_for = |want: i32| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if status().await? == want {
+                return anyhow::Ok(());
+            }
+            ensure!(Instant::now() < deadline, "health never became {want}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    wait_for(serving).await?;
+    ensure!(readyz(metrics.clone()).await?.contains("200"));
+    let server = with_server(server, |s| s.stop(false)).await?;
+    wait_for(not_serving).await?;
+    let line = readyz(metrics.clone()).await?;
+    ensure!(
+        line.contains("503"),
+        "readyz while the database is down: {line}"
+    );
+    let _server = with_server(server, PrivateServer::resume).await?;
+    wait_for(serving).await?;
+    ensure!(readyz(metrics.clone()).await?.contains("200"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_health_follows_the_datastore() {
+    run("postgres", health_follows_the_datastore()).await;
+}

@@ -1,0 +1,96 @@
+//! Health that tells the truth about the datastore: gRPC health (what Kubernetes probes and
+//! kube-apiserver's etcd health checks read) and `/readyz` on the metrics listener say
+//! NOT_SERVING while the datastore does not answer or the process is shutting down, and
+//! SERVING again once it answers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::storage::Backend;
+
+/// How often the datastore is asked.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one probe may take before the datastore counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether this process can serve: the datastore answers and no shutdown has begun.
+#[derive(Clone)]
+pub struct Readiness {
+    ready: Arc<watch::Sender<bool>>,
+    stopping: Arc<AtomicBool>,
+    reporter: HealthReporter,
+}
+
+impl Readiness {
+    /// Starts probing `backend`; the gRPC health service of `reporter` follows.
+    pub async fn start(backend: Arc<dyn Backend>, reporter: HealthReporter) -> Readiness {
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let readiness = Readiness {
+            ready: Arc::new(watch::Sender::new(true)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            reporter,
+        };
+        let probe = readiness.clone();
+        tokio::spawn(async move { probe.run(backend).await });
+        readiness
+    }
+
+    async fn run(self, backend: Arc<dyn Backend>) {
+        let mut interval = tokio::time::interval(PROBE_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            // One indexed lookup of a keyspace row: the cheapest statement that needs the
+            // datastore to answer.
+            let answered = matches!(
+                tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    backend.keyspace(crate::run::DEFAULT_KEYSPACE, false)
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if *self.ready.borrow() == answered {
+                continue;
+            }
+            if answered {
+                info!("the datastore answers again: serving");
+            } else {
+                warn!("the datastore does not answer: health is NOT_SERVING until it does");
+            }
+            self.set(answered).await;
+        }
+    }
+
+    async fn set(&self, ready: bool) {
+        self.ready.send_replace(ready);
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+    }
+
+    /// Whether the process serves now.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// A shutdown began: NOT_SERVING for good.
+    pub async fn shutting_down(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.set(false).await;
+    }
+}
