@@ -6,7 +6,8 @@
 //! (`kine-rs`, the default, or `etcd` to validate the harness against a second etcd) and
 //! `DIFF_BACKEND` (`memory` or `sqlite`) tune a run; the seed is always printed.
 
-use kine_tests::differential::{Config, run};
+use kine_tests::Backend;
+use kine_tests::differential::{Config, Target, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_sequences_match_etcd() {
@@ -20,4 +21,44 @@ async fn random_sequences_match_etcd() {
         ),
         Err(report) => panic!("{report:#}"),
     }
+}
+
+/// More seeds, on every backend, and a self-check of the harness with etcd on both sides
+/// (it must never find a difference). Shorter sequences than the main run, to keep CI fast.
+async fn matrix_run(seed: u64, target: Target) {
+    let cfg = Config {
+        seed,
+        ops: 3_000,
+        target,
+        trace: false,
+    };
+    match run(&cfg).await {
+        Ok(summary) => assert!(summary.ops >= cfg.ops, "ran {} operations", summary.ops),
+        Err(report) => panic!("{report:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_seed_2_matches_etcd() {
+    matrix_run(2, Target::KineRs(Backend::Sqlite)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_seed_3_matches_etcd() {
+    matrix_run(3, Target::KineRs(Backend::Postgres)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_seed_4_matches_etcd() {
+    matrix_run(4, Target::KineRs(Backend::Mysql)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_seed_5_matches_etcd() {
+    matrix_run(5, Target::KineRs(Backend::Memory)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_self_check_etcd_against_etcd() {
+    matrix_run(6, Target::Etcd).await;
 }
