@@ -84,6 +84,10 @@ pub enum KineError {
     /// The datastore cannot be reached; the request may be retried.
     #[error("kine-rs: datastore unavailable: {0}")]
     Unavailable(String),
+    /// Another process committed to the keyspace between this write transaction's start and
+    /// its commit (NATS); nothing was written, and the writer retries on a fresh transaction.
+    #[error("kine-rs: datastore write conflict: {0}")]
+    Conflict(String),
     /// The datastore answered with an error that is not the client's fault.
     #[error("kine-rs: datastore error: {0}")]
     Storage(String),
@@ -118,7 +122,9 @@ impl KineError {
             KineError::TenantImporting { .. } | KineError::TenantMoved { .. } => Code::Unavailable,
             KineError::NoSpace => Code::ResourceExhausted,
             KineError::Unsupported(_) => Code::Unimplemented,
-            KineError::Unavailable(_) | KineError::Stopped => Code::Unavailable,
+            KineError::Unavailable(_) | KineError::Conflict(_) | KineError::Stopped => {
+                Code::Unavailable
+            }
             KineError::Storage(_) => Code::Internal,
         }
     }
@@ -128,7 +134,10 @@ impl KineError {
     pub fn is_datastore_failure(&self) -> bool {
         matches!(
             self,
-            KineError::Unavailable(_) | KineError::Storage(_) | KineError::Stopped
+            KineError::Unavailable(_)
+                | KineError::Conflict(_)
+                | KineError::Storage(_)
+                | KineError::Stopped
         )
     }
 }
@@ -332,6 +341,11 @@ mod tests {
                 KineError::Unavailable("down".into()),
                 Code::Unavailable,
                 "kine-rs: datastore unavailable: down",
+            ),
+            (
+                KineError::Conflict("raced".into()),
+                Code::Unavailable,
+                "kine-rs: datastore write conflict: raced",
             ),
             (
                 KineError::Storage("bad".into()),

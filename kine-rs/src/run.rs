@@ -170,7 +170,9 @@ async fn open_datastore(
 /// Runs kine-rs until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let endpoint = config.endpoint();
-    let is_sql_server = endpoint.starts_with("postgres") || endpoint.starts_with("mysql");
+    let is_sql_server = endpoint.starts_with("postgres")
+        || endpoint.starts_with("mysql")
+        || endpoint.starts_with("nats://");
     if !is_sql_server
         && (config.ca_file.is_some() || config.cert_file.is_some() || config.key_file.is_some())
     {

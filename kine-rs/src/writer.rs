@@ -19,6 +19,8 @@ use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
 const MAX_BATCH: usize = 256;
+/// How often a batch that lost a commit race to another process is evaluated again.
+const MAX_CONFLICT_RETRIES: u64 = 8;
 /// Rows one purge step removes after a compaction, so writers never wait long.
 const PURGE_BATCH: i64 = 1000;
 
@@ -90,8 +92,21 @@ pub async fn run(
             }
         }
         crate::metrics::write_batch(batch.len());
-        let mut purge_at = None;
-        let outcomes = apply_batch(&*backend, keyspace, &tenant, &batch, &mut purge_at).await;
+        let mut purge_at;
+        let mut conflicts = 0;
+        let outcomes = loop {
+            purge_at = None;
+            match apply_batch(&*backend, keyspace, &tenant, &batch, &mut purge_at).await {
+                // Another process committed first (NATS): nothing was written; the batch is
+                // evaluated again on the new state, like a client's own retry would be.
+                Err(KineError::Conflict(_)) if conflicts < MAX_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    let pause = rand::random::<u64>() % (2 * conflicts);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                outcomes => break outcomes,
+            }
+        };
         match outcomes {
             Ok((outcomes, revision)) => {
                 hub.committed(revision);
