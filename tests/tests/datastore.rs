@@ -158,3 +158,66 @@ async fn postgres_refuses_an_over_long_key_alone() {
 async fn mysql_refuses_an_over_long_key_alone() {
     an_over_long_key_fails_alone(Backend::Mysql, 3000).await;
 }
+
+#[test]
+fn waits_for_an_unreachable_nats_without_logging_its_password() {
+    let port = free_port();
+    let endpoint = format!("nats://kine:hunter2@127.0.0.1:{port}?bucket=unreachable");
+    let (status, stderr) = run_for(&endpoint, Duration::from_secs(3));
+    assert!(status.is_none(), "kine-rs gave up at once: {stderr}");
+    let expected =
+        format!("waiting for the datastore at nats://***@127.0.0.1:{port}?bucket=unreachable");
+    assert!(
+        stderr.matches(&expected).count() >= 2,
+        "no repeated waiting line: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "password logged: {stderr}");
+}
+
+#[test]
+fn refuses_embedded_nats_server_options_by_name() {
+    for option in ["serverConfig=/etc/nats.conf", "dontListen", "stdoutLogging"] {
+        let endpoint = format!("nats://127.0.0.1:4222?noEmbed&{option}");
+        let (status, stderr) = run_for(&endpoint, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{option} was accepted: {stderr}"
+        );
+        let name = option.split('=').next().unwrap_or(option);
+        assert!(
+            stderr.contains(name) && stderr.contains("never embeds"),
+            "{option}: {stderr}"
+        );
+    }
+}
+
+/// A write batch larger than a NATS message (1 MB by default) is published in chunks; both
+/// the writing process and another one see it whole, and later writes go on normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_batches_larger_than_a_message() {
+    let database = TestDatabase::new(Backend::Nats).expect("nats");
+    let start = |endpoint: String| {
+        tokio::task::spawn_blocking(move || {
+            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
+        })
+    };
+    let a = start(database.endpoint.clone()).await.expect("spawn");
+    let b = start(database.endpoint.clone()).await.expect("spawn");
+    let mut client_a = etcd_client::Client::connect([a.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let mut client_b = etcd_client::Client::connect([b.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let big: Vec<u8> = (0..1_400_000u32).map(|i| (i % 251) as u8).collect();
+    let put = client_a.put("big", big.clone(), None).await.expect("put");
+    let revision = put.header().expect("header").revision();
+    client_b.put("after", "v", None).await.expect("put after");
+    for client in [&mut client_a, &mut client_b] {
+        let got = client.get("big", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), big.as_slice());
+        assert_eq!(got.kvs()[0].mod_revision(), revision);
+        let after = client.get("after", None).await.expect("get");
+        assert_eq!(after.kvs()[0].mod_revision(), revision + 1);
+    }
+}
