@@ -9,6 +9,10 @@
 //! carrying the header `Kine-Chunk: <index>/<count>`; readers apply it when the last chunk
 //! arrives. A writer that loses the race midway (or dies) leaves a partial batch behind,
 //! which readers drop when the next batch's first chunk (or an unchunked batch) follows.
+//!
+//! A snapshot is a batch too (`snapshot_of` set): after a compaction the writer publishes
+//! the keyspace's whole retained state and purges every message before it, so the stream
+//! stops growing with history that compaction removed.
 
 use bytes::Bytes;
 use prost::Message;
@@ -42,6 +46,10 @@ pub struct Batch {
     /// A new migration role, pin and record.
     #[prost(message, optional, tag = "7")]
     pub migration: Option<Migration>,
+    /// Non-zero in a snapshot: the batch is the whole keyspace as of this stream sequence
+    /// (every retained row, every lease, every setting), and replaces the image.
+    #[prost(uint64, tag = "8")]
+    pub snapshot_of: u64,
 }
 
 /// A row: a put or a tombstone of a key at a revision.

@@ -15,7 +15,7 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
-use super::codec::{Batch, LeaseOp, Row as WireRow};
+use super::codec::{Batch, Freeze, LeaseOp, Migration, QuotaSetting, Row as WireRow};
 use crate::model::{
     Event, EventType, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision, tombstone,
 };
@@ -35,6 +35,10 @@ pub struct Partial {
     pub next: u32,
     pub count: u32,
     pub data: Vec<u8>,
+    /// The sequence of the first chunk.
+    pub first_seq: u64,
+    /// Whether the first chunk followed the image's sequence without a gap.
+    pub contiguous: bool,
 }
 
 #[derive(Debug)]
@@ -52,6 +56,8 @@ pub struct Image {
     pub migration: MigrationRole,
     pub pinned_revision: Revision,
     pub record: Option<String>,
+    /// The compaction revision of the last snapshot in the stream.
+    pub snapshot_compact: Revision,
     pub rows: BTreeMap<Bytes, Vec<Row>>,
     pub log: BTreeMap<(Revision, i64), Bytes>,
     pub leases: HashMap<i64, LeaseRecord>,
@@ -73,6 +79,7 @@ impl Default for Image {
             migration: MigrationRole::None,
             pinned_revision: 0,
             record: None,
+            snapshot_compact: -1,
             rows: BTreeMap::new(),
             log: BTreeMap::new(),
             leases: HashMap::new(),
@@ -294,6 +301,71 @@ impl Image {
         }
     }
 
+    /// The whole retained keyspace as one batch, as of stream sequence `self.seq`.
+    pub fn snapshot(&self) -> Batch {
+        let rows = self
+            .rows
+            .values()
+            .flatten()
+            .map(|row| WireRow {
+                key: row.kv.key.clone(),
+                mod_revision: row.kv.mod_revision,
+                sub: row.sub,
+                create_revision: row.kv.create_revision,
+                version: row.kv.version,
+                lease: row.kv.lease,
+                value: row.kv.value.clone(),
+                deleted: row.deleted,
+            })
+            .collect();
+        let mut leases: Vec<LeaseOp> = self
+            .leases
+            .values()
+            .map(|lease| LeaseOp {
+                id: lease.id,
+                ttl: lease.ttl,
+                expires_at_ms: lease.expires_at_ms,
+                delete: false,
+            })
+            .collect();
+        leases.sort_by_key(|lease| lease.id);
+        Batch {
+            revision: self.revision,
+            rows,
+            leases,
+            compact_revision: Some(self.compact_revision),
+            freeze: Some(Freeze {
+                frozen: self.frozen,
+                frozen_at_ms: self.frozen_at_ms,
+            }),
+            quota: Some(QuotaSetting {
+                keys: self.quota.keys,
+                bytes: self.quota.bytes,
+            }),
+            migration: Some(Migration {
+                role: self.migration.code(),
+                pinned_revision: self.pinned_revision,
+                record: self.record.clone(),
+            }),
+            snapshot_of: self.seq.max(1),
+        }
+    }
+
+    /// The image a snapshot describes, at stream sequence `seq`.
+    pub fn restore(snapshot: Batch, seq: u64) -> Image {
+        let compact = snapshot.compact_revision.unwrap_or(-1);
+        let mut image = Image::default();
+        image.apply(Batch {
+            compact_revision: None,
+            ..snapshot
+        });
+        image.compact_revision = compact;
+        image.log = image.log.split_off(&(compact, i64::MIN));
+        image.snapshot_compact = compact;
+        image.seq = seq;
+        image
+    }
+
     /// Drops what compaction at `compact` made unreachable.
     fn prune(&mut self, compact: Revision) {
         self.rows.retain(|_, chain| {
@@ -380,6 +452,16 @@ mod tests {
             ..Batch::default()
         });
         assert_eq!(image.rows.get(b"a".as_slice()).map(Vec::len), Some(1));
+        // A snapshot restores the same reads, history and events.
+        image.seq = 9;
+        let restored = Image::restore(image.snapshot(), 10);
+        assert_eq!(restored.state(1), image.state(1));
+        assert_eq!(
+            restored.range(&all, Some(3), None, false, false),
+            image.range(&all, Some(3), None, false, false)
+        );
+        assert_eq!(restored.events(2, 4, None), image.events(2, 4, None));
+        assert_eq!((restored.seq, restored.snapshot_compact), (10, 3));
         // An empty range never panics.
         let backwards = KeyRange::new(Bytes::from_static(b"b"), Bytes::from_static(b"a"));
         assert_eq!(image.range(&backwards, None, None, false, false).1, 0);

@@ -11,13 +11,15 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode, consumer, response::Response, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Mutex, broadcast, watch};
 use tracing::{error, warn};
 
-use super::codec::{Batch, CHUNK_HEADER, parse_chunk};
+use super::codec::{self, Batch, CHUNK_HEADER, parse_chunk};
 use super::errors::unavailable;
 use super::image::{Image, Partial};
 use crate::error::{KineError, Result};
@@ -173,9 +175,9 @@ impl Keyspace {
         if seq <= image.seq {
             return false;
         }
-        if seq != image.seq + 1 {
-            // Only a purge of the stream's head could cause this; nothing purges yet.
-            warn!(stream = %self.stream, seq, applied = image.seq, "gap in the keyspace stream");
+        // After a purge the stream starts at (and a lagging follower jumps to) a snapshot.
+        let contiguous = seq == image.seq + 1;
+        if !contiguous {
             image.partial = None;
         }
         image.seq = seq;
@@ -185,13 +187,15 @@ impl Keyspace {
         let data = match chunk {
             None => {
                 image.partial = None;
-                Some(payload.to_vec())
+                Some((payload.to_vec(), seq, contiguous))
             }
             Some((0, count)) => {
                 image.partial = Some(Partial {
                     next: 1,
                     count,
                     data: payload.to_vec(),
+                    first_seq: seq,
+                    contiguous,
                 });
                 None
             }
@@ -200,7 +204,7 @@ impl Keyspace {
                     partial.data.extend_from_slice(payload);
                     partial.next += 1;
                     if partial.next == count {
-                        Some(partial.data)
+                        Some((partial.data, partial.first_seq, partial.contiguous))
                     } else {
                         image.partial = Some(partial);
                         None
@@ -210,8 +214,19 @@ impl Keyspace {
                 _ => None,
             },
         };
-        let applied = match data.map(|data| Batch::decode_bytes(&data)) {
-            Some(Ok(batch)) => {
+        let applied = match data.map(|(data, first, contiguous)| {
+            Batch::decode_bytes(&data).map(|batch| (batch, first, contiguous))
+        }) {
+            Some(Ok((batch, first, contiguous))) if batch.snapshot_of > 0 => {
+                if contiguous && first == batch.snapshot_of + 1 {
+                    // The image already is the state the snapshot describes.
+                    image.snapshot_compact = batch.compact_revision.unwrap_or(-1);
+                } else {
+                    *image = Image::restore(batch, seq);
+                }
+                true
+            }
+            Some(Ok((batch, _, _))) => {
                 image.apply(batch);
                 true
             }
@@ -234,13 +249,70 @@ impl Keyspace {
         }
         image.seq = last;
         image.partial = None;
-        image.apply(batch);
+        if batch.snapshot_of > 0 {
+            // Published from this very image.
+            image.snapshot_compact = batch.compact_revision.unwrap_or(-1);
+        } else {
+            image.apply(batch);
+        }
         drop(image);
         self.applied.send_replace(last);
     }
 
-    pub fn js(&self) -> &jetstream::Context {
-        &self.js
+    /// Publishes `batch` (in chunks of at most `max_chunk` bytes) right after stream sequence
+    /// `expected`; returns the sequence of its last message. Fails with
+    /// [`KineError::Conflict`] when another message got there first.
+    pub async fn publish(&self, batch: &Batch, expected: u64, max_chunk: usize) -> Result<u64> {
+        let data = batch.encode_bytes();
+        let chunks = codec::chunks(&data, max_chunk);
+        let count = chunks.len();
+        let mut last = expected;
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            let mut message = PublishMessage::build()
+                .payload(chunk)
+                .expected_last_sequence(last);
+            if count > 1 {
+                message = message.header(CHUNK_HEADER, format!("{index}/{count}").as_str());
+            }
+            let ack = async {
+                self.js
+                    .send_publish(self.subject.clone(), message)
+                    .await?
+                    .await
+            }
+            .await;
+            match ack {
+                Ok(ack) => last = ack.sequence,
+                Err(error) => {
+                    return Err(match error.kind() {
+                        PublishErrorKind::WrongLastSequence => KineError::Conflict(
+                            "another process committed to this keyspace first".into(),
+                        ),
+                        PublishErrorKind::StreamNotFound => {
+                            self.mark_deleted();
+                            KineError::KeyspaceDeleted
+                        }
+                        _ => unavailable("publishing a write batch", error),
+                    });
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// Removes every message before stream sequence `first`; returns how many.
+    pub async fn purge_before(&self, first: u64) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| unavailable("purging the keyspace stream", e))?;
+        let purged = stream
+            .purge()
+            .sequence(first)
+            .await
+            .map_err(|e| unavailable("purging the keyspace stream", e))?;
+        Ok(purged.purged)
     }
 }
 

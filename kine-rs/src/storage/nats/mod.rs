@@ -30,9 +30,10 @@
 //! [`Backend::changes`] whenever the follower applies a batch of another process.
 //!
 //! **Compaction** prunes history in every process's image when the batch recording it is
-//! applied. The stream itself is never purged yet: a snapshot message followed by a purge of
-//! the stream's head is missing, so the stream (and replay time on start) grows with every
-//! write.
+//! applied. The process that compacted then cuts the stream: it publishes a snapshot (the
+//! whole retained keyspace as one batch, chunked, at the next sequence) and purges every
+//! message before it, so the stream holds at most one snapshot plus the writes since the
+//! last compaction, and a process starting up replays from the snapshot.
 //!
 //! **Leases.** Grants, revokes and expiries are batches like any write. A keep-alive is not
 //! a revision and is not written to the keyspace stream: it stores the lease's new deadline
@@ -539,13 +540,31 @@ impl Backend for NatsBackend {
 
     async fn purge_compacted(
         &self,
-        _keyspace: KeyspaceId,
-        _revision: Revision,
+        keyspace: KeyspaceId,
+        revision: Revision,
         _batch: i64,
     ) -> Result<u64> {
-        // Every process prunes its image when it applies the compaction; the stream keeps
-        // its messages (see the module documentation).
-        Ok(0)
+        // Every process prunes its image when it applies the compaction. Here the stream
+        // is cut: a snapshot of the retained state, then a purge of everything before it.
+        let handle = self.handle(keyspace).await?;
+        let _guard = handle.write_lock.clone().lock_owned().await;
+        handle.sync().await?;
+        let (snapshot, start) = {
+            let image = handle.read();
+            if image.compact_revision < revision || image.snapshot_compact >= image.compact_revision
+            {
+                return Ok(0);
+            }
+            (image.snapshot(), image.seq)
+        };
+        let last = match handle.publish(&snapshot, start, self.max_chunk).await {
+            Ok(last) => last,
+            // A write got there first; the next compaction snapshots.
+            Err(KineError::Conflict(_)) => return Ok(0),
+            Err(error) => return Err(error),
+        };
+        handle.apply_own(last, snapshot);
+        handle.purge_before(start + 1).await
     }
 
     async fn size(&self) -> Result<(i64, i64)> {

@@ -7,18 +7,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::OwnedMutexGuard;
 
-use super::codec::{self, Batch, CHUNK_HEADER, Freeze, LeaseOp, Migration, QuotaSetting};
+use super::codec::{self, Batch, Freeze, LeaseOp, Migration, QuotaSetting};
 use super::directory::Directory;
-use super::errors::unavailable;
 use super::image::{collect, live_size};
 use super::keyspace::Keyspace;
-use crate::error::{KineError, Result};
+use crate::error::Result;
 use crate::model::{KeyValue, LeaseRecord, Revision, now_ms};
 use crate::storage::{KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows, WriteTxn};
 
@@ -303,40 +300,10 @@ impl WriteTxn for NatsWriteTxn {
             return Ok(());
         }
         self.batch.revision = revision;
-        let data = self.batch.encode_bytes();
-        let chunks = codec::chunks(&data, self.max_chunk);
-        let count = chunks.len();
-        let mut last = self.start_seq;
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            let mut message = PublishMessage::build()
-                .payload(chunk)
-                .expected_last_sequence(last);
-            if count > 1 {
-                message = message.header(CHUNK_HEADER, format!("{index}/{count}").as_str());
-            }
-            let js = self.keyspace.js();
-            let ack = async {
-                js.send_publish(self.keyspace.subject.clone(), message)
-                    .await?
-                    .await
-            }
-            .await;
-            match ack {
-                Ok(ack) => last = ack.sequence,
-                Err(error) => {
-                    return Err(match error.kind() {
-                        PublishErrorKind::WrongLastSequence => KineError::Conflict(
-                            "another process committed to this keyspace first".into(),
-                        ),
-                        PublishErrorKind::StreamNotFound => {
-                            self.keyspace.mark_deleted();
-                            KineError::KeyspaceDeleted
-                        }
-                        _ => unavailable("publishing a write batch", error),
-                    });
-                }
-            }
-        }
+        let last = self
+            .keyspace
+            .publish(&self.batch, self.start_seq, self.max_chunk)
+            .await?;
         let granted_or_revoked: Vec<i64> = self
             .batch
             .leases
