@@ -68,6 +68,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use self::directory::Directory;
@@ -568,11 +569,21 @@ impl Backend for NatsBackend {
     }
 
     async fn size(&self) -> Result<(i64, i64)> {
-        let account = account_info(&self.js).await?;
-        let used = account
-            .get("storage")
-            .and_then(serde_json::Value::as_i64)
-            .unwrap_or(0);
+        // The bytes of this bucket's streams (not of the whole account, which other
+        // deployments may share).
+        let (keyspaces, buckets) = (
+            format!("{}-ks-", self.bucket),
+            format!("KV_{}-", self.bucket),
+        );
+        let mut streams = self.js.streams();
+        let mut used = 0u64;
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(|e| unavailable("listing streams", e))?;
+            if info.config.name.starts_with(&keyspaces) || info.config.name.starts_with(&buckets) {
+                used = used.saturating_add(info.state.bytes);
+            }
+        }
+        let used = i64::try_from(used).unwrap_or(i64::MAX);
         Ok((used, used))
     }
 
