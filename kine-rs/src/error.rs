@@ -86,6 +86,11 @@ pub enum KineError {
     /// logged, never sent to a client ([`KineError::client_message`]).
     #[error("kine-rs: datastore unavailable: {0}")]
     Unavailable(String),
+    /// Another process committed to the keyspace between this write transaction's start and
+    /// its commit (NATS); nothing was written, and the writer retries on a fresh transaction.
+    /// Logged like [`KineError::Unavailable`].
+    #[error("kine-rs: datastore write conflict: {0}")]
+    Conflict(String),
     /// The datastore answered with an error that is not the client's fault; logged like
     /// [`KineError::Unavailable`].
     #[error("kine-rs: datastore error: {0}")]
@@ -121,7 +126,9 @@ impl KineError {
             KineError::TenantImporting { .. } | KineError::TenantMoved { .. } => Code::Unavailable,
             KineError::NoSpace => Code::ResourceExhausted,
             KineError::Unsupported(_) => Code::Unimplemented,
-            KineError::Unavailable(_) | KineError::Stopped => Code::Unavailable,
+            KineError::Unavailable(_) | KineError::Conflict(_) | KineError::Stopped => {
+                Code::Unavailable
+            }
             KineError::Storage(_) => Code::Internal,
         }
     }
@@ -131,7 +138,10 @@ impl KineError {
     pub fn is_datastore_failure(&self) -> bool {
         matches!(
             self,
-            KineError::Unavailable(_) | KineError::Storage(_) | KineError::Stopped
+            KineError::Unavailable(_)
+                | KineError::Conflict(_)
+                | KineError::Storage(_)
+                | KineError::Stopped
         )
     }
 }
@@ -143,6 +153,7 @@ impl KineError {
         match self {
             KineError::Unavailable(_) => "kine-rs: datastore unavailable".to_string(),
             KineError::Storage(_) => "kine-rs: datastore error".to_string(),
+            KineError::Conflict(_) => "kine-rs: datastore write conflict".to_string(),
             other => other.to_string(),
         }
     }
@@ -150,7 +161,10 @@ impl KineError {
 
 impl From<KineError> for Status {
     fn from(error: KineError) -> Self {
-        if let KineError::Unavailable(detail) | KineError::Storage(detail) = &error {
+        if let KineError::Unavailable(detail)
+        | KineError::Storage(detail)
+        | KineError::Conflict(detail) = &error
+        {
             warn!(error = %detail, code = ?error.code(), "a request failed in the datastore");
         }
         Status::new(error.code(), error.client_message())
@@ -350,6 +364,11 @@ mod tests {
                 KineError::Unavailable("connection to db.internal refused".into()),
                 Code::Unavailable,
                 "kine-rs: datastore unavailable",
+            ),
+            (
+                KineError::Conflict("wrong last sequence 12".into()),
+                Code::Unavailable,
+                "kine-rs: datastore write conflict",
             ),
             (
                 KineError::Storage("relation \"kv\" does not exist".into()),

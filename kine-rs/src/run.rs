@@ -207,7 +207,9 @@ async fn open_datastore(
 pub async fn run(config: Config) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let endpoint = config.endpoint();
-    let is_sql_server = endpoint.starts_with("postgres") || endpoint.starts_with("mysql");
+    let is_sql_server = endpoint.starts_with("postgres")
+        || endpoint.starts_with("mysql")
+        || endpoint.starts_with("nats://");
     if !is_sql_server
         && (config.ca_file.is_some() || config.cert_file.is_some() || config.key_file.is_some())
     {

@@ -19,6 +19,8 @@ use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
 const MAX_BATCH: usize = 256;
+/// How often a batch that lost a commit race to another process is evaluated again.
+const MAX_CONFLICT_RETRIES: u64 = 8;
 /// Rows one purge step removes after a compaction, so writers never wait long.
 const PURGE_BATCH: i64 = 1000;
 
@@ -76,6 +78,16 @@ pub struct WriteCommand {
     pub reply: oneshot::Sender<Result<WriteOutcome>>,
 }
 
+/// A short, spread pause before retrying a batch that lost a commit race: up to `2 × n` ms
+/// after the `n`th conflict, so racing processes do not retry in lockstep.
+fn conflict_pause(conflicts: u64) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    std::time::Duration::from_millis((nanos ^ u64::from(std::process::id())) % (2 * conflicts))
+}
+
 /// Runs the writer of `keyspace` until every sender is gone.
 pub async fn run(
     backend: Arc<dyn Backend>,
@@ -96,16 +108,29 @@ pub async fn run(
             }
         }
         crate::metrics::write_batch(batch.len());
-        let mut purge_at = None;
-        let outcomes = apply_batch(
-            &*backend,
-            keyspace,
-            &tenant,
-            &batch,
-            &mut purge_at,
-            &mut last_lease_id,
-        )
-        .await;
+        let mut purge_at;
+        let mut conflicts = 0;
+        let outcomes = loop {
+            purge_at = None;
+            let attempt = apply_batch(
+                &*backend,
+                keyspace,
+                &tenant,
+                &batch,
+                &mut purge_at,
+                &mut last_lease_id,
+            )
+            .await;
+            match attempt {
+                // Another process committed first (NATS): nothing was written; the batch is
+                // evaluated again on the new state, like a client's own retry would be.
+                Err(KineError::Conflict(_)) if conflicts < MAX_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    tokio::time::sleep(conflict_pause(conflicts)).await;
+                }
+                outcomes => break outcomes,
+            }
+        };
         match outcomes {
             Ok((outcomes, revision)) => {
                 hub.committed(revision);

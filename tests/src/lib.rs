@@ -24,6 +24,9 @@ pub enum Backend {
     Postgres,
     /// MySQL/MariaDB at `$KINE_TEST_MYSQL_URL`, in a fresh database per server.
     Mysql,
+    /// NATS JetStream at `$KINE_TEST_NATS_URL`, in a fresh bucket (streams and key-value
+    /// buckets named after it) per server.
+    Nats,
 }
 
 impl Backend {
@@ -34,6 +37,7 @@ impl Backend {
             Backend::Sqlite,
             Backend::Postgres,
             Backend::Mysql,
+            Backend::Nats,
         ]
     }
 }
@@ -59,9 +63,20 @@ impl TestDatabase {
                 "postgres://postgres@127.0.0.1:5432/postgres",
             ),
             Backend::Mysql => ("KINE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"),
+            Backend::Nats => ("KINE_TEST_NATS_URL", "nats://127.0.0.1:4222"),
             Backend::Memory | Backend::Sqlite => return None,
         };
         let server = std::env::var(variable).unwrap_or_else(|_| default.to_string());
+        if backend == Backend::Nats {
+            let name = format!("kt{:016x}", rand::random::<u64>());
+            let base = server.split('?').next().unwrap_or(&server);
+            return Some(TestDatabase {
+                endpoint: format!("{base}?bucket={name}&noEmbed"),
+                server,
+                name,
+                backend,
+            });
+        }
         let name = format!("kine_test_{:016x}", rand::random::<u64>());
         // Replace the database part of the URL (after the authority) with our own.
         let authority_end = server
@@ -106,9 +121,71 @@ impl Drop for TestDatabase {
                     .stderr(Stdio::null())
                     .status()
             }
+            Backend::Nats => {
+                remove_nats_bucket(&self.server, &self.name);
+                return;
+            }
             Backend::Memory | Backend::Sqlite => return,
         };
     }
+}
+
+/// Deletes every stream kine-rs created for `bucket` on the NATS server at `url` (best
+/// effort, within a few seconds), on a runtime of its own so it works from `Drop`.
+pub fn remove_nats_bucket(url: &str, bucket: &str) {
+    let address = url
+        .strip_prefix("nats://")
+        .unwrap_or(url)
+        .split(['?', '/'])
+        .next()
+        .unwrap_or("127.0.0.1:4222")
+        .rsplit('@')
+        .next()
+        .unwrap_or("127.0.0.1:4222")
+        .to_string();
+    let (user, password) = url
+        .strip_prefix("nats://")
+        .and_then(|rest| rest.split(['?', '/']).next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .map(|(userinfo, _)| {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (user.to_string(), password.to_string())
+        })
+        .unzip();
+    let bucket = bucket.to_string();
+    let cleanup = move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let work = async {
+                let mut options = async_nats::ConnectOptions::new();
+                if let (Some(user), Some(password)) = (user, password) {
+                    options = options.user_and_password(user, password);
+                }
+                let client = options.connect(address.as_str()).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let mut names = js.stream_names();
+                let mut doomed = Vec::new();
+                while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+                    if name.starts_with(&format!("{bucket}-"))
+                        || name.starts_with(&format!("KV_{bucket}-"))
+                    {
+                        doomed.push(name);
+                    }
+                }
+                for name in doomed {
+                    let _ = js.delete_stream(&name).await;
+                }
+                Some(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
+        });
+    };
+    let _ = std::thread::spawn(cleanup).join();
 }
 
 /// `mysql` client arguments for a `mysql://user:pass@host:port/...` URL.

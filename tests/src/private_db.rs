@@ -420,3 +420,104 @@ impl Drop for PrivateMariadb {
         }
     }
 }
+
+/// A NATS server with JetStream of the test's own (`nats-server` from `$KINE_TEST_NATS_SERVER`,
+/// else `/usr/sbin/nats-server` or the first on PATH), its store in a temporary directory.
+pub struct PrivateNats {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    /// Starts a server on a free port.
+    pub fn start() -> PrivateNats {
+        let dir = tempfile::Builder::new()
+            .prefix("kine-private-nats")
+            .tempdir()
+            .expect("tempdir");
+        let mut nats = PrivateNats {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        nats.resume();
+        nats
+    }
+
+    fn binary() -> PathBuf {
+        if let Ok(path) = std::env::var("KINE_TEST_NATS_SERVER") {
+            return PathBuf::from(path);
+        }
+        let installed = PathBuf::from("/usr/sbin/nats-server");
+        if installed.exists() {
+            return installed;
+        }
+        PathBuf::from("nats-server")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// A `nats://` endpoint of bucket `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("nats://127.0.0.1:{}?bucket={name}", self.port)
+    }
+
+    /// Starts the server (again), on the same port and store.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "the private NATS is running");
+        let log = std::fs::File::create(self.log()).expect("server log");
+        let child = Command::new(Self::binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path().join("store"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server (install Debian's nats-server package)");
+        self.child = Some(child);
+        wait_listening(self.port, "the private NATS", &self.log());
+    }
+
+    /// Stops the server: cleanly (SIGTERM), or as a crash (SIGKILL).
+    pub fn stop(&mut self, crash: bool) {
+        let mut child = self.child.take().expect("the private NATS is not running");
+        if crash {
+            let _ = child.kill();
+        } else {
+            run(
+                Command::new("kill").args(["-TERM", &child.id().to_string()]),
+                "stopping a private NATS",
+            );
+        }
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => panic!("the private NATS did not stop within {SERVER_WAIT:?}"),
+            }
+        }
+        wait_closed(self.port, "the private NATS");
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! The conformance suite, once per target: `memory::txn_nested`, `sqlite::txn_nested`,
-//! `postgres::txn_nested`, `mysql::txn_nested`, `etcd::txn_nested`, ... The etcd target checks
+//! `postgres::txn_nested`, `mysql::txn_nested`, `nats::txn_nested`, `etcd::txn_nested`, ... The etcd target checks
 //! that the suite's expectations are etcd's.
 //!
 //! The cases live in `kine_tests::conformance`; every case starts its own server process.
@@ -123,6 +123,12 @@ mod mysql {
     use kine_tests::Backend;
     use kine_tests::conformance::Target;
     suite!(Target::Kine(Backend::Mysql));
+}
+
+mod nats {
+    use kine_tests::Backend;
+    use kine_tests::conformance::Target;
+    suite!(Target::Kine(Backend::Nats));
 }
 
 mod etcd {

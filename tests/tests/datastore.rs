@@ -158,3 +158,187 @@ async fn postgres_refuses_an_over_long_key_alone() {
 async fn mysql_refuses_an_over_long_key_alone() {
     an_over_long_key_fails_alone(Backend::Mysql, 3000).await;
 }
+
+#[test]
+fn waits_for_an_unreachable_nats_without_logging_its_password() {
+    let port = free_port();
+    let endpoint = format!("nats://kine:hunter2@127.0.0.1:{port}?bucket=unreachable");
+    let (status, stderr) = run_for(&endpoint, Duration::from_secs(3));
+    assert!(status.is_none(), "kine-rs gave up at once: {stderr}");
+    let expected =
+        format!("waiting for the datastore at nats://***@127.0.0.1:{port}?bucket=unreachable");
+    assert!(
+        stderr.matches(&expected).count() >= 2,
+        "no repeated waiting line: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "password logged: {stderr}");
+}
+
+#[test]
+fn refuses_embedded_nats_server_options_by_name() {
+    for option in ["serverConfig=/etc/nats.conf", "dontListen", "stdoutLogging"] {
+        let endpoint = format!("nats://127.0.0.1:4222?noEmbed&{option}");
+        let (status, stderr) = run_for(&endpoint, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{option} was accepted: {stderr}"
+        );
+        let name = option.split('=').next().unwrap_or(option);
+        assert!(
+            stderr.contains(name) && stderr.contains("never embeds"),
+            "{option}: {stderr}"
+        );
+    }
+}
+
+/// A write batch larger than a NATS message (1 MB by default) is published in chunks; both
+/// the writing process and another one see it whole, and later writes go on normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_batches_larger_than_a_message() {
+    let database = TestDatabase::new(Backend::Nats).expect("nats");
+    let start = |endpoint: String| {
+        tokio::task::spawn_blocking(move || {
+            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
+        })
+    };
+    let a = start(database.endpoint.clone()).await.expect("spawn");
+    let b = start(database.endpoint.clone()).await.expect("spawn");
+    let mut client_a = etcd_client::Client::connect([a.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let mut client_b = etcd_client::Client::connect([b.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let big: Vec<u8> = (0..1_400_000u32).map(|i| (i % 251) as u8).collect();
+    let put = client_a.put("big", big.clone(), None).await.expect("put");
+    let revision = put.header().expect("header").revision();
+    client_b.put("after", "v", None).await.expect("put after");
+    for client in [&mut client_a, &mut client_b] {
+        let got = client.get("big", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), big.as_slice());
+        assert_eq!(got.kvs()[0].mod_revision(), revision);
+        let after = client.get("after", None).await.expect("get");
+        assert_eq!(after.kvs()[0].mod_revision(), revision + 1);
+    }
+}
+
+/// The first and last sequence of the only keyspace stream of the bucket `endpoint` names.
+async fn nats_stream_bounds(endpoint: &str) -> (u64, u64) {
+    let bucket = endpoint
+        .split("bucket=")
+        .nth(1)
+        .and_then(|rest| rest.split('&').next())
+        .expect("bucket")
+        .to_string();
+    let client = async_nats::connect("127.0.0.1:4222").await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut found = None;
+    while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+        if name.starts_with(&format!("{bucket}-ks-")) {
+            found = Some(name);
+        }
+    }
+    let mut stream = js
+        .get_stream(found.expect("a keyspace stream"))
+        .await
+        .expect("stream");
+    let info = stream.info().await.expect("info");
+    (info.state.first_sequence, info.state.last_sequence)
+}
+
+/// Everything a read returns of a key-value, comparable.
+type KvSummary = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+
+fn summary(kvs: &[etcd_client::KeyValue]) -> Vec<KvSummary> {
+    kvs.iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect()
+}
+
+/// A compaction cuts the stream (a snapshot, then a purge of what precedes it); a process
+/// starting afterwards replays from the snapshot and answers exactly like the one that
+/// compacted: current keys, history after the compaction, leases, compacted reads refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_compaction_cuts_the_stream() {
+    use etcd_client::{Client, GetOptions, PutOptions};
+    let database = TestDatabase::new(Backend::Nats).expect("nats");
+    let start = |endpoint: String| {
+        tokio::task::spawn_blocking(move || {
+            spawn_kine_on(
+                &endpoint,
+                tempfile::tempdir().expect("tempdir"),
+                &["--compact-interval", "0"],
+            )
+        })
+    };
+    let a = start(database.endpoint.clone()).await.expect("spawn");
+    let mut client_a = Client::connect([a.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let lease = client_a.lease_grant(600, None).await.expect("grant").id();
+    for i in 0..40 {
+        let options = (i % 10 == 0).then(|| PutOptions::new().with_lease(lease));
+        client_a
+            .put(format!("k/{}", i % 7), format!("v{i}"), options)
+            .await
+            .expect("put");
+    }
+    client_a.delete("k/3", None).await.expect("delete");
+    let compact_at = 30;
+    client_a.compact(compact_at, None).await.expect("compact");
+    for i in 40..45 {
+        client_a
+            .put(format!("k/{}", i % 7), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    let (first, last) = nats_stream_bounds(&database.endpoint).await;
+    assert!(
+        first > 30,
+        "the stream was not cut: first {first}, last {last}"
+    );
+
+    let b = start(database.endpoint.clone()).await.expect("spawn");
+    let mut client_b = Client::connect([b.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let all = || Some(GetOptions::new().with_prefix());
+    for revision in [0, compact_at, compact_at + 5, 44] {
+        let options = || all().map(|o| o.with_revision(revision));
+        let got_a = client_a.get("k/", options()).await.expect("get a");
+        let got_b = client_b.get("k/", options()).await.expect("get b");
+        assert_eq!(
+            summary(got_a.kvs()),
+            summary(got_b.kvs()),
+            "at revision {revision}"
+        );
+        assert!(!got_a.kvs().is_empty(), "at revision {revision}");
+        assert_eq!(
+            got_a.header().map(|h| h.revision()),
+            got_b.header().map(|h| h.revision())
+        );
+    }
+    let compacted = client_b
+        .get("k/", all().map(|o| o.with_revision(compact_at - 1)))
+        .await;
+    assert!(compacted.is_err(), "a compacted revision was served");
+    let ttl = client_b.lease_time_to_live(lease, None).await.expect("ttl");
+    assert_eq!(ttl.granted_ttl(), 600);
+    // Writes go on from either process at the next revision.
+    let put = client_b.put("k/after", "x", None).await.expect("put");
+    let got = client_a.get("k/after", None).await.expect("get");
+    assert_eq!(
+        got.kvs()[0].mod_revision(),
+        put.header().expect("header").revision()
+    );
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use etcd_client::{Client, EventType, Txn, TxnOp, WatchOptions, WatchStream};
-use kine_tests::private_db::{PrivateMariadb, PrivatePostgres};
+use kine_tests::private_db::{PrivateMariadb, PrivateNats, PrivatePostgres};
 use kine_tests::{Backend, ChildGuard, TestDatabase, spawn_kine_on};
 use tokio::time::Instant;
 
@@ -338,6 +338,7 @@ async fn kill_9_under_write_load(backend: Backend) -> Result<()> {
 enum PrivateServer {
     Postgres(PrivatePostgres),
     Mariadb(PrivateMariadb),
+    Nats(PrivateNats),
 }
 
 impl PrivateServer {
@@ -345,6 +346,7 @@ impl PrivateServer {
         match backend {
             Backend::Postgres => PrivateServer::Postgres(PrivatePostgres::start()),
             Backend::Mysql => PrivateServer::Mariadb(PrivateMariadb::start()),
+            Backend::Nats => PrivateServer::Nats(PrivateNats::start()),
             other => panic!("{other:?} has no database server"),
         }
     }
@@ -353,6 +355,7 @@ impl PrivateServer {
         match self {
             PrivateServer::Postgres(server) => server.url("kine"),
             PrivateServer::Mariadb(server) => server.url("kine"),
+            PrivateServer::Nats(server) => server.url("kine"),
         }
     }
 
@@ -363,6 +366,7 @@ impl PrivateServer {
                 server.stop(if crash { "immediate" } else { "fast" })
             }
             PrivateServer::Mariadb(server) => server.stop(crash),
+            PrivateServer::Nats(server) => server.stop(crash),
         }
     }
 
@@ -370,6 +374,7 @@ impl PrivateServer {
         match self {
             PrivateServer::Postgres(server) => server.resume(),
             PrivateServer::Mariadb(server) => server.resume(),
+            PrivateServer::Nats(server) => server.resume(),
         }
     }
 }
@@ -1011,4 +1016,19 @@ async fn health_follows_the_datastore() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_health_follows_the_datastore() {
     run("postgres", health_follows_the_datastore()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_kill_9_under_write_load() {
+    run("nats", kill_9_under_write_load(Backend::Nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_clean_restart() {
+    run("nats", database_restart(Backend::Nats, false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_crash_restart() {
+    run("nats", database_restart(Backend::Nats, true)).await;
 }

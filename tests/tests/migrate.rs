@@ -318,6 +318,9 @@ pairs! {
     mysql_to_sqlite: Mysql -> Sqlite,
     mysql_to_postgres: Mysql -> Postgres,
     sqlite_to_sqlite: Sqlite -> Sqlite,
+    sqlite_to_nats: Sqlite -> Nats,
+    nats_to_postgres: Nats -> Postgres,
+    nats_to_nats: Nats -> Nats,
 }
 
 /// A writer and a watcher run throughout: every acknowledged write is on the target, none was

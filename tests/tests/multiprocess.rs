@@ -1,5 +1,5 @@
 //! Several kine-rs processes on one database (DESIGN.md invariant 2): two processes share a
-//! fresh PostgreSQL (or MySQL) database, clients write through both at once, and a watcher on
+//! fresh PostgreSQL (or MySQL) database or NATS bucket, clients write through both at once, and a watcher on
 //! each process, from revision 1, must see the identical stream: gapless, in order, every
 //! acknowledged write exactly once. A lease granted through one process expires once (one
 //! DELETE), although both processes look for expired leases.
@@ -324,4 +324,9 @@ async fn postgres_two_processes_one_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_two_processes_one_database() {
     run(Backend::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_two_processes_one_database() {
+    run(Backend::Nats).await;
 }

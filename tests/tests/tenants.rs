@@ -561,11 +561,12 @@ per_backend! {
     sqlite: Backend::Sqlite,
     postgres: Backend::Postgres,
     mysql: Backend::Mysql,
+    nats: Backend::Nats,
 }
 
 #[test]
 fn every_backend_is_covered() {
-    assert_eq!(Backend::all().len(), 4);
+    assert_eq!(Backend::all().len(), 5);
 }
 
 /// Two sidecar processes of one tenant share a database; writers hammer both; after
@@ -754,6 +755,16 @@ async fn mysql_freeze_across_two_processes() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_freeze_across_two_processes() {
+    run(
+        "freeze across processes",
+        Backend::Nats,
+        freeze_across_processes(Backend::Nats),
+    )
+    .await;
+}
+
 /// Two gateways share a database; a tenant deleted through one is not left half-open in the
 /// other: its next request says the tenant was deleted (not an internal error), the one after
 /// resolves the tenant afresh (unknown now), and once the tenant is created again it works.
@@ -838,6 +849,16 @@ async fn postgres_tenant_deleted_through_another_gateway() {
         "deleted elsewhere",
         Backend::Postgres,
         deleted_elsewhere(Backend::Postgres),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_tenant_deleted_through_another_gateway() {
+    run(
+        "deleted elsewhere",
+        Backend::Nats,
+        deleted_elsewhere(Backend::Nats),
     )
     .await;
 }

@@ -52,8 +52,12 @@
 //! may share a PostgreSQL or MySQL database: the keyspace row lock orders their writes, and
 //! watch hubs learn of each other's commits by [`Backend::changes`] (PostgreSQL's
 //! LISTEN/NOTIFY) or by polling ([`Backend::poll_interval`], MySQL).
+//!
+//! NATS JetStream ([`nats`]) implements both traits differently: a stream per keyspace with
+//! one message per committed write transaction, and an in-memory image per process.
 
 pub mod mysql;
+pub mod nats;
 mod nodelay;
 pub mod page_counts;
 pub mod postgres;
@@ -364,17 +368,18 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<Arc<dyn Ba
     if endpoint.starts_with("mysql://") {
         return Ok(Arc::new(mysql::open(endpoint, options).await?));
     }
-    if endpoint.starts_with("nats://")
-        || endpoint.starts_with("http://")
-        || endpoint.starts_with("https://")
-    {
+    if endpoint.starts_with("nats://") {
+        return Ok(Arc::new(nats::open(endpoint, options).await?));
+    }
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
         return Err(KineError::Unsupported(
-            "this datastore driver (in this release: sqlite://, memory://, postgres:// and \
-             mysql:// only)",
+            "this datastore driver (in this release: sqlite://, memory://, postgres://, \
+             mysql:// and nats:// only)",
         ));
     }
     Err(KineError::Unsupported(
-        "this --endpoint scheme (expected sqlite://PATH, memory://, postgres://... or mysql://...)",
+        "this --endpoint scheme (expected sqlite://PATH, memory://, postgres://..., mysql://... \
+         or nats://...)",
     ))
 }
 
