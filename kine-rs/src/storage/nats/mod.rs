@@ -203,7 +203,9 @@ impl NatsBackend {
             .insert(id, name.to_string());
     }
 
-    /// The open keyspace `id`, replayed; opened on first use.
+    /// The open keyspace `id`; opened on first use, and then replayed up to the stream's
+    /// current end. The keyspace is cached before its replay completes, so a replay that
+    /// outlasts one request's patience goes on for the next.
     async fn handle(&self, id: KeyspaceId) -> Result<Arc<Keyspace>> {
         let usable = |keyspace: Arc<Keyspace>| {
             if keyspace.is_deleted() {
@@ -216,7 +218,7 @@ impl NatsBackend {
         if let Some(keyspace) = self.cached(id) {
             return usable(keyspace);
         }
-        let _opening = self.opening.lock().await;
+        let opening = self.opening.lock().await;
         if let Some(keyspace) = self.cached(id) {
             return usable(keyspace);
         }
@@ -226,6 +228,13 @@ impl NatsBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, keyspace.clone());
+        drop(opening);
+        if let Err(error) = keyspace.sync().await {
+            if matches!(error, KineError::KeyspaceDeleted) {
+                self.forget(id);
+            }
+            return Err(error);
+        }
         Ok(keyspace)
     }
 
@@ -372,6 +381,11 @@ impl Backend for NatsBackend {
             },
         };
         if let Some(open) = open {
+            // Keep-alive deadlines of its leases are of no use any more.
+            let leases: Vec<i64> = open.read().leases.keys().copied().collect();
+            for lease in leases {
+                self.directory.forget(keyspace, lease).await;
+            }
             open.mark_deleted();
         }
         self.forget(keyspace);
