@@ -19,8 +19,10 @@ use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
 const MAX_BATCH: usize = 256;
-/// How often a batch that lost a commit race to another process is evaluated again.
-const MAX_CONFLICT_RETRIES: u64 = 8;
+/// How often a batch that lost a commit race to another process is evaluated again. Each
+/// retry first waits a random pause below a bound that doubles up to 32 ms, so two processes
+/// that keep colliding fall out of step.
+const MAX_CONFLICT_RETRIES: u32 = 64;
 /// Rows one purge step removes after a compaction, so writers never wait long.
 const PURGE_BATCH: i64 = 1000;
 
@@ -101,7 +103,8 @@ pub async fn run(
                 // evaluated again on the new state, like a client's own retry would be.
                 Err(KineError::Conflict(_)) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
-                    let pause = rand::random::<u64>() % (2 * conflicts);
+                    let bound = 1u64 << conflicts.min(5);
+                    let pause = rand::random::<u64>() % (bound + 1);
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 outcomes => break outcomes,
