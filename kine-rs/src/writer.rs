@@ -19,8 +19,10 @@ use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
 const MAX_BATCH: usize = 256;
-/// How often a batch that lost a commit race to another process is evaluated again.
-const MAX_CONFLICT_RETRIES: u64 = 8;
+/// How often a batch that lost a commit race to another process is evaluated again. Each
+/// retry first waits a random pause below a bound that doubles up to 32 ms, so two processes
+/// that keep colliding fall out of step.
+const MAX_CONFLICT_RETRIES: u32 = 64;
 /// Rows one purge step removes after a compaction, so writers never wait long.
 const PURGE_BATCH: i64 = 1000;
 
@@ -78,14 +80,15 @@ pub struct WriteCommand {
     pub reply: oneshot::Sender<Result<WriteOutcome>>,
 }
 
-/// A short, spread pause before retrying a batch that lost a commit race: up to `2 × n` ms
-/// after the `n`th conflict, so racing processes do not retry in lockstep.
-fn conflict_pause(conflicts: u64) -> std::time::Duration {
+/// A short, spread pause before retrying a batch that lost a commit race: up to
+/// `2^min(n, 5)` ms after the `n`th conflict, so racing processes do not retry in lockstep.
+fn conflict_pause(conflicts: u32) -> std::time::Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::from(d.subsec_nanos()))
         .unwrap_or(0);
-    std::time::Duration::from_millis((nanos ^ u64::from(std::process::id())) % (2 * conflicts))
+    let bound = 1u64 << conflicts.min(5);
+    std::time::Duration::from_millis((nanos ^ u64::from(std::process::id())) % (bound + 1))
 }
 
 /// Runs the writer of `keyspace` until every sender is gone.

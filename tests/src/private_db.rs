@@ -427,11 +427,17 @@ pub struct PrivateNats {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl PrivateNats {
     /// Starts a server on a free port.
     pub fn start() -> PrivateNats {
+        PrivateNats::start_with(&[])
+    }
+
+    /// Starts a server on a free port with extra command-line arguments (TLS, say).
+    pub fn start_with(args: &[&str]) -> PrivateNats {
         let dir = tempfile::Builder::new()
             .prefix("kine-private-nats")
             .tempdir()
@@ -440,6 +446,7 @@ impl PrivateNats {
             dir,
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         nats.resume();
         nats
@@ -479,6 +486,7 @@ impl PrivateNats {
                 "-sd",
             ])
             .arg(self.dir.path().join("store"))
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -342,3 +342,61 @@ async fn nats_compaction_cuts_the_stream() {
         put.header().expect("header").revision()
     );
 }
+
+/// `--ca-file`, `--cert-file` and `--key-file` reach a NATS server that requires TLS and
+/// client certificates; without them kine-rs keeps waiting for the datastore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = kine_tests::pki::Pki::write(dir.path(), &["kine"]);
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+    );
+    let nats = tokio::task::spawn_blocking(move || {
+        kine_tests::private_db::PrivateNats::start_with(&[
+            "--tls",
+            "--tlscert",
+            &cert,
+            "--tlskey",
+            &key,
+            "--tlscacert",
+            &ca,
+            "--tlsverify",
+        ])
+    })
+    .await
+    .expect("nats");
+    let endpoint = nats.url("tls");
+    let (client_cert, client_key) = pki.client("kine");
+    let args = [
+        "--ca-file",
+        pki.ca.as_str(),
+        "--cert-file",
+        client_cert,
+        "--key-file",
+        client_key,
+    ]
+    .map(str::to_string);
+    let kine = {
+        let endpoint = endpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
+        })
+        .await
+        .expect("spawn")
+    };
+    let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    client.put("k", "v", None).await.expect("put over TLS");
+    let got = client.get("k", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"v");
+    // Without the client certificate the server refuses the connection.
+    let (status, stderr) = run_for(&endpoint, Duration::from_secs(3));
+    assert!(status.is_none(), "kine-rs gave up at once: {stderr}");
+    assert!(stderr.contains("waiting for the datastore"), "{stderr}");
+    drop(nats);
+}

@@ -4,7 +4,7 @@
 //!
 //! `DIFF_SEED` (number, 0x-hex or `random`), `DIFF_OPS` (default 10,000), `DIFF_TARGET`
 //! (`kine-rs`, the default, or `etcd` to validate the harness against a second etcd) and
-//! `DIFF_BACKEND` (`memory` or `sqlite`) tune a run; the seed is always printed.
+//! `DIFF_BACKEND` (`memory`, `sqlite`, `postgres`, `mysql` or `nats`) tune a run; the seed is always printed.
 
 use kine_tests::Backend;
 use kine_tests::differential::{Config, Target, run};

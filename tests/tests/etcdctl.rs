@@ -32,6 +32,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 enum Server {
     Etcd,
     KineSqlite,
+    KineNats,
 }
 
 /// Which etcdctl drives it.
@@ -88,6 +89,7 @@ impl Target {
         let guard = match server {
             Server::Etcd => spawn_etcd(),
             Server::KineSqlite => spawn_kine(Backend::Sqlite),
+            Server::KineNats => spawn_kine(Backend::Nats),
         };
         let target = Target {
             server,
@@ -1483,3 +1485,4 @@ etcdctl_target!(etcd, Server::Etcd, Ctl::V35);
 etcdctl_target!(etcd_etcdctl34, Server::Etcd, Ctl::V34);
 etcdctl_target!(kine_sqlite, Server::KineSqlite, Ctl::V35);
 etcdctl_target!(kine_sqlite_etcdctl34, Server::KineSqlite, Ctl::V34);
+etcdctl_target!(kine_nats, Server::KineNats, Ctl::V35);

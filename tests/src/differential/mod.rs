@@ -91,9 +91,10 @@ impl Config {
             Ok("sqlite") => Backend::Sqlite,
             Ok("postgres") => Backend::Postgres,
             Ok("mysql") => Backend::Mysql,
-            Ok(other) => {
-                anyhow::bail!("DIFF_BACKEND={other:?}: expected memory, sqlite, postgres or mysql")
-            }
+            Ok("nats") => Backend::Nats,
+            Ok(other) => anyhow::bail!(
+                "DIFF_BACKEND={other:?}: expected memory, sqlite, postgres, mysql or nats"
+            ),
         };
         let target = match std::env::var("DIFF_TARGET").as_deref() {
             Err(_) | Ok("kine-rs") | Ok("kine") => Target::KineRs(backend),

@@ -193,10 +193,14 @@ impl Image {
                 continue;
             };
             let row = &chain[index];
-            let prev_kv = index
-                .checked_sub(1)
-                .and_then(|i| chain.get(i))
-                .filter(|prev| !prev.deleted && prev.kv.mod_revision < revision)
+            // The key's row before this revision (a transaction may write a key more than
+            // once, e.g. a put and then a delete of a range holding it: both events have
+            // the row of the previous revision as their prev_kv, as in etcd).
+            let prev_kv = chain[..index]
+                .iter()
+                .rev()
+                .find(|prev| prev.kv.mod_revision < revision)
+                .filter(|prev| !prev.deleted)
                 .map(|prev| prev.kv.clone());
             let (kind, kv) = if row.deleted {
                 (EventType::Delete, tombstone(row.kv.key.clone(), revision))
@@ -462,6 +466,21 @@ mod tests {
         );
         assert_eq!(restored.events(2, 4, None), image.events(2, 4, None));
         assert_eq!((restored.seq, restored.snapshot_compact), (10, 3));
+        // A put and a delete of one key in one revision: both events' prev_kv is the row
+        // of the revision before.
+        let mut tombstone = put("b", 5, "");
+        tombstone.sub = 1;
+        tombstone.deleted = true;
+        image.apply(Batch {
+            revision: 5,
+            rows: vec![put("b", 5, "y"), tombstone],
+            ..Batch::default()
+        });
+        let events = image.events(4, 5, None);
+        assert_eq!(events.len(), 2);
+        for event in &events {
+            assert_eq!(event.prev_kv.as_ref().map(|kv| kv.mod_revision), Some(4));
+        }
         // An empty range never panics.
         let backwards = KeyRange::new(Bytes::from_static(b"b"), Bytes::from_static(b"a"));
         assert_eq!(image.range(&backwards, None, None, false, false).1, 0);

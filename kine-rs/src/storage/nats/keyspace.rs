@@ -71,7 +71,8 @@ pub fn is_stream_not_found(error: &jetstream::Error) -> bool {
 }
 
 impl Keyspace {
-    /// Opens keyspace `id` whose stream exists, and replays it.
+    /// Opens keyspace `id` whose stream exists and starts replaying it ([`Keyspace::sync`]
+    /// waits for the replay).
     pub async fn open(
         js: jetstream::Context,
         bucket: &str,
@@ -95,7 +96,6 @@ impl Keyspace {
         keyspace.last_sequence().await?;
         let task = tokio::spawn(follow(js, Arc::downgrade(&keyspace), changes));
         *keyspace.follower.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-        keyspace.sync().await?;
         Ok(keyspace)
     }
 

@@ -16,7 +16,8 @@
 //! its commit publishes with `Nats-Expected-Last-Sequence` set to that sequence. If another
 //! process committed in between, the server refuses the message (wrong last sequence),
 //! nothing is written, the commit fails with [`KineError::Conflict`], and the writer
-//! (`writer.rs`) evaluates the batch again on a fresh transaction, a few times with jitter.
+//! (`writer.rs`) evaluates the batch again on a fresh transaction (which first catches up
+//! with the stream), up to 64 times after random pauses of at most 32 ms.
 //! Revisions are the keyspace counter carried in the batches (one per etcd transaction,
 //! several per message with group commit): gapless and ordered because each batch is
 //! computed on the state left by the previous one.
@@ -47,9 +48,16 @@
 //! racing to create a tenant agree on one id, and a re-created tenant gets a new id and a
 //! new, empty stream.
 //!
-//! Known limits: a process that looked a tenant up just before another deleted it may
-//! recreate the deleted tenant's (empty, unlisted) stream; a keep-alive that races an
-//! expiry in another process may lose (the SQL backends lock the lease row).
+//! Known limits:
+//! * every process holds each keyspace it serves in memory; a gateway that expires leases
+//!   for all tenants (`expired_leases_all`) opens, and so holds, every tenant of the bucket;
+//! * a read costs one JetStream API request (the stream's last sequence) before it is
+//!   served from memory;
+//! * a process that looked a tenant up just before another deleted it may recreate the
+//!   deleted tenant's (empty, unlisted) stream;
+//! * a keep-alive that races an expiry in another process may lose (the SQL backends lock
+//!   the lease row); a keep-alive is one key-value put, which is a (non-growing) stream
+//!   write of the leases bucket.
 
 mod codec;
 mod directory;
@@ -203,7 +211,9 @@ impl NatsBackend {
             .insert(id, name.to_string());
     }
 
-    /// The open keyspace `id`, replayed; opened on first use.
+    /// The open keyspace `id`; opened on first use, and then replayed up to the stream's
+    /// current end. The keyspace is cached before its replay completes, so a replay that
+    /// outlasts one request's patience goes on for the next.
     async fn handle(&self, id: KeyspaceId) -> Result<Arc<Keyspace>> {
         let usable = |keyspace: Arc<Keyspace>| {
             if keyspace.is_deleted() {
@@ -216,7 +226,7 @@ impl NatsBackend {
         if let Some(keyspace) = self.cached(id) {
             return usable(keyspace);
         }
-        let _opening = self.opening.lock().await;
+        let opening = self.opening.lock().await;
         if let Some(keyspace) = self.cached(id) {
             return usable(keyspace);
         }
@@ -226,6 +236,13 @@ impl NatsBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, keyspace.clone());
+        drop(opening);
+        if let Err(error) = keyspace.sync().await {
+            if matches!(error, KineError::KeyspaceDeleted) {
+                self.forget(id);
+            }
+            return Err(error);
+        }
         Ok(keyspace)
     }
 
@@ -372,6 +389,11 @@ impl Backend for NatsBackend {
             },
         };
         if let Some(open) = open {
+            // Keep-alive deadlines of its leases are of no use any more.
+            let leases: Vec<i64> = open.read().leases.keys().copied().collect();
+            for lease in leases {
+                self.directory.forget(keyspace, lease).await;
+            }
             open.mark_deleted();
         }
         self.forget(keyspace);
