@@ -424,3 +424,34 @@ pub fn spawn_etcd_with(extra_args: &[&str]) -> ChildGuard {
 }
 
 pub mod differential;
+
+/// Starts kine-rs on `endpoint` (periodic compaction off, plus `extra_args`) and returns it
+/// with a client, once it answers a read (within 30 s).
+pub async fn serve_and_connect(
+    endpoint: &str,
+    extra_args: &[&str],
+) -> anyhow::Result<(ChildGuard, etcd_client::Client)> {
+    let endpoint = endpoint.to_string();
+    let mut args = vec!["--compact-interval".to_string(), "0".to_string()];
+    args.extend(extra_args.iter().map(|arg| arg.to_string()));
+    let guard = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
+    })
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let mut client = etcd_client::Client::connect([guard.endpoint.as_str()], None).await?;
+            client.get("ready-probe", None).await?;
+            anyhow::Ok(client)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(client)) => return Ok((guard, client)),
+            _ if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("kine-rs at {} did not answer", guard.endpoint)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use etcd_client::{Client, EventType, Txn, TxnOp, WatchOptions, WatchStream};
 use kine_tests::private_db::{PrivateMariadb, PrivateNats, PrivatePostgres};
-use kine_tests::{Backend, ChildGuard, TestDatabase, spawn_kine_on};
+use kine_tests::{Backend, ChildGuard, TestDatabase, serve_and_connect, spawn_kine_on};
 use tokio::time::Instant;
 
 /// Longest a request may take to fail while the database is down: the connection pool's
@@ -41,27 +41,7 @@ struct Ev {
 
 /// Starts kine-rs on `endpoint` and waits until it answers.
 async fn start(endpoint: &str) -> Result<(ChildGuard, Client)> {
-    let endpoint = endpoint.to_string();
-    let guard = tokio::task::spawn_blocking(move || {
-        let dir = tempfile::tempdir().expect("tempdir");
-        spawn_kine_on(&endpoint, dir, &["--compact-interval", "0"])
-    })
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let attempt = async {
-            let mut client = Client::connect([guard.endpoint.as_str()], None).await?;
-            client.get("ready-probe", None).await?;
-            anyhow::Ok(client)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(client)) => return Ok((guard, client)),
-            _ if Instant::now() > deadline => {
-                bail!("kine-rs at {} did not answer", guard.endpoint)
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    serve_and_connect(endpoint, &[]).await
 }
 
 /// The gRPC code of a failed request; `None` for a failure that is not a gRPC status

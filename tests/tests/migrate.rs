@@ -10,12 +10,12 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use kine_tests::conformance::{collect_events, watch};
-use kine_tests::{Backend, ChildGuard, TestDatabase, kine_rs_binary, spawn_kine_on};
+use kine_tests::{Backend, ChildGuard, TestDatabase, kine_rs_binary, serve_and_connect};
 
 /// A datastore that outlives the kine-rs processes serving it.
 struct Store {
@@ -43,26 +43,7 @@ impl Store {
     }
 
     async fn serve(&self) -> Result<(ChildGuard, Client)> {
-        let endpoint = self.endpoint.clone();
-        let guard = tokio::task::spawn_blocking(move || {
-            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
-        })
-        .await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let attempt = async {
-                let mut client = Client::connect([guard.endpoint.as_str()], None).await?;
-                client.get("ready-probe", None).await?;
-                anyhow::Ok(client)
-            };
-            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                Ok(Ok(client)) => return Ok((guard, client)),
-                _ if tokio::time::Instant::now() > deadline => {
-                    bail!("kine-rs at {} did not answer", guard.endpoint)
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        serve_and_connect(&self.endpoint, &[]).await
     }
 }
 

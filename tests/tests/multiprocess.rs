@@ -12,7 +12,7 @@ use etcd_client::{
     Client, Compare, CompareOp, EventType, LeaseGrantOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use kine_tests::conformance::{Seen, collect_events, expect_quiet, watch};
-use kine_tests::{Backend, ChildGuard, TestDatabase, spawn_kine_on};
+use kine_tests::{Backend, ChildGuard, TestDatabase, serve_and_connect};
 
 /// Writer tasks per process.
 const WRITERS: usize = 4;
@@ -20,26 +20,7 @@ const WRITERS: usize = 4;
 const PUTS: usize = 40;
 
 async fn start(endpoint: String) -> Result<(ChildGuard, Client)> {
-    let guard = tokio::task::spawn_blocking(move || {
-        let dir = tempfile::tempdir().expect("tempdir");
-        spawn_kine_on(&endpoint, dir, &["--compact-interval", "0"])
-    })
-    .await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let attempt = async {
-            let mut client = Client::connect([guard.endpoint.as_str()], None).await?;
-            client.get("ready-probe", None).await?;
-            anyhow::Ok(client)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(client)) => return Ok((guard, client)),
-            _ if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("kine-rs at {} did not answer", guard.endpoint)
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    serve_and_connect(&endpoint, &[]).await
 }
 
 async fn two_processes_one_database(backend: Backend) -> Result<()> {
