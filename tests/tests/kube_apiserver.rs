@@ -170,7 +170,9 @@ impl Cluster {
             Some(database) => database.endpoint.clone(),
             None => format!("sqlite://{}", kine_dir.path().join("state.db").display()),
         };
-        let (mut kine, kine_log) = spawn_kine_logged(&endpoint, kine_dir, &[]);
+        // kine-rs's own compaction is off: only the apiserver's compactor compacts here.
+        let (mut kine, kine_log) =
+            spawn_kine_logged(&endpoint, kine_dir, &["--compact-interval", "0"]);
         kine.database = database;
 
         let dir = tempfile::tempdir().expect("tempdir");
