@@ -41,6 +41,9 @@ pub struct Keyspace {
     /// Held by a write transaction (and a keyspace deletion) of this process.
     pub write_lock: Arc<Mutex<()>>,
     deleted: AtomicBool,
+    /// The sequence of a message this process could not decode (0: none). The image misses
+    /// what it held, so the keyspace is not served from it any more.
+    undecodable: std::sync::atomic::AtomicU64,
     follower: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -90,6 +93,7 @@ impl Keyspace {
             applied,
             write_lock: Arc::new(Mutex::new(())),
             deleted: AtomicBool::new(false),
+            undecodable: std::sync::atomic::AtomicU64::new(0),
             follower: std::sync::Mutex::new(None),
         });
         // Fails with KeyspaceDeleted before a follower starts when the stream is missing.
@@ -150,6 +154,7 @@ impl Keyspace {
     }
 
     async fn wait_applied(&self, sequence: u64) -> Result<()> {
+        self.check_decodable()?;
         let mut applied = self.applied.subscribe();
         let caught_up = tokio::time::timeout(
             CATCH_UP_TIMEOUT,
@@ -159,12 +164,26 @@ impl Keyspace {
         if self.is_deleted() {
             return Err(KineError::KeyspaceDeleted);
         }
+        self.check_decodable()?;
         match caught_up {
             Ok(Ok(_)) => Ok(()),
             _ => Err(KineError::Unavailable(format!(
                 "NATS: the keyspace stream {} was not replayed up to sequence {sequence} within {}s",
                 self.stream,
                 CATCH_UP_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Fails once a message of the stream could not be decoded: serving the image would
+    /// answer from a state that misses that message's writes.
+    fn check_decodable(&self) -> Result<()> {
+        match self.undecodable.load(Ordering::Acquire) {
+            0 => Ok(()),
+            seq => Err(KineError::Storage(format!(
+                "NATS: message {seq} of the keyspace stream {} cannot be decoded (written by a \
+                 newer kine-rs?); this process no longer serves the keyspace",
+                self.stream
             ))),
         }
     }
@@ -231,7 +250,10 @@ impl Keyspace {
                 true
             }
             Some(Err(failure)) => {
-                error!(stream = %self.stream, seq, %failure, "skipping an undecodable message");
+                error!(stream = %self.stream, seq, %failure, "an undecodable message: the keyspace is not served any more by this process");
+                self.undecodable
+                    .compare_exchange(0, seq, Ordering::AcqRel, Ordering::Acquire)
+                    .ok();
                 false
             }
             None => false,
