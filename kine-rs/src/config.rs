@@ -11,8 +11,10 @@ use clap::{Parser, ValueEnum};
 pub struct Config {
     /// Datastore: `sqlite://PATH`, `memory://` (a throwaway SQLite file),
     /// `postgres://USER:PASS@HOST:PORT/DB` or `mysql://USER:PASS@tcp(HOST:PORT)/DB` (also
-    /// `mysql://USER:PASS@HOST:PORT/DB`). Empty means the embedded default,
-    /// `sqlite://./db/state.db`.
+    /// `mysql://USER:PASS@HOST:PORT/DB`), `nats://HOST:PORT`, or an etcd cluster behind the
+    /// tenant-prefixing proxy: `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://` or
+    /// `--ca-file` for TLS), also `http(s)://HOST:PORT[,...]`. Empty means the embedded
+    /// default, `sqlite://./db/state.db`.
     #[arg(long, env = "KINE_ENDPOINT", default_value = "")]
     pub endpoint: String,
 
@@ -104,6 +106,12 @@ pub struct Config {
     /// duration: `1s`, `500ms`); `0` logs none. Statements' values are never logged.
     #[arg(long, env = "KINE_SLOW_SQL_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
     pub slow_sql_threshold: Duration,
+
+    /// etcd datastore (`--endpoint etcd://HOST:PORT,...`): where each tenant's keys live in
+    /// the shared etcd, `{tenant}` standing for the tenant's name. It must end in `/` right
+    /// after `{tenant}` (so that tenant `a` never covers tenant `ab`).
+    #[arg(long, env = "KINE_ETCD_TENANT_PREFIX", default_value = "/{tenant}/")]
+    pub etcd_tenant_prefix: String,
 
     /// Sidecar mode: the tenant (keyspace) this process serves. Many sidecars may share one
     /// database, each with its own tenant. A DNS label; `default` is the keyspace of a

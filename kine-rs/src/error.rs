@@ -98,6 +98,10 @@ pub enum KineError {
     /// kine-rs is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// The answer of the etcd cluster behind the etcd proxy, passed on with etcd's own code
+    /// and message (they are already the ones an etcd client expects).
+    #[error("{message}")]
+    Etcd { code: Code, message: String },
 }
 
 impl KineError {
@@ -130,6 +134,7 @@ impl KineError {
                 Code::Unavailable
             }
             KineError::Storage(_) => Code::Internal,
+            KineError::Etcd { code, .. } => *code,
         }
     }
 
@@ -379,6 +384,14 @@ mod tests {
                 KineError::Stopped,
                 Code::Unavailable,
                 "etcdserver: server stopped",
+            ),
+            (
+                KineError::Etcd {
+                    code: Code::InvalidArgument,
+                    message: "etcdserver: duplicate key given in txn request".into(),
+                },
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
             ),
         ];
         for (error, code, message) in cases {

@@ -12,7 +12,26 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
+use futures::future::BoxFuture;
+
 use crate::storage::Backend;
+
+/// Asks the datastore something cheap: `true` when it answered.
+pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// The probe of a database-backed datastore: one indexed lookup of a keyspace row, the
+/// cheapest statement that needs the datastore to answer.
+pub fn backend_probe(backend: Arc<dyn Backend>) -> Probe {
+    Arc::new(move || {
+        let backend = backend.clone();
+        Box::pin(async move {
+            backend
+                .keyspace(crate::run::DEFAULT_KEYSPACE, false)
+                .await
+                .is_ok()
+        })
+    })
+}
 
 /// How often the datastore is asked.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,8 +47,9 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Starts probing `backend`; the gRPC health service of `reporter` follows.
-    pub async fn start(backend: Arc<dyn Backend>, reporter: HealthReporter) -> Readiness {
+    /// Starts asking the datastore through `probe`; the gRPC health service of `reporter`
+    /// follows.
+    pub async fn start(probe: Probe, reporter: HealthReporter) -> Readiness {
         reporter
             .set_service_status("", ServingStatus::Serving)
             .await;
@@ -38,26 +58,17 @@ impl Readiness {
             stopping: Arc::new(AtomicBool::new(false)),
             reporter,
         };
-        let probe = readiness.clone();
-        tokio::spawn(async move { probe.run(backend).await });
+        let readiness_task = readiness.clone();
+        tokio::spawn(async move { readiness_task.run(probe).await });
         readiness
     }
 
-    async fn run(self, backend: Arc<dyn Backend>) {
+    async fn run(self, probe: Probe) {
         let mut interval = tokio::time::interval(PROBE_INTERVAL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            // One indexed lookup of a keyspace row: the cheapest statement that needs the
-            // datastore to answer.
-            let answered = matches!(
-                tokio::time::timeout(
-                    PROBE_TIMEOUT,
-                    backend.keyspace(crate::run::DEFAULT_KEYSPACE, false)
-                )
-                .await,
-                Ok(Ok(_))
-            );
+            let answered = matches!(tokio::time::timeout(PROBE_TIMEOUT, probe()).await, Ok(true));
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }

@@ -8,12 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kine_proto::etcdserverpb::request_op::Request;
 use kine_proto::etcdserverpb::response_op::Response;
 use kine_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, PutRequest,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveResponse, LeaseLeasesResponse,
+    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use prost::Message;
@@ -23,9 +26,11 @@ use tokio::task::JoinHandle;
 use crate::error::{KineError, Result};
 use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
 use crate::range;
+use crate::served::{ServedTenant, StatusFacts, WatchRequests, WatchResponses};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota};
 use crate::txn::{self, RequestLimits};
 use crate::watch::hub::WatchHub;
+use crate::watch::stream::WatchStream;
 use crate::writer::{self, WriteCommand, WriteOp, WriteOutcome};
 
 /// etcd's largest lease TTL, in seconds.
@@ -440,5 +445,145 @@ impl Keyspace {
     /// Every lease.
     pub async fn leases(&self) -> Result<Vec<LeaseRecord>> {
         self.backend.leases(self.id).await
+    }
+}
+
+/// The database-backed served tenant. Inherent methods of the same name do the work; these
+/// shape etcd's responses around them.
+#[async_trait::async_trait]
+impl ServedTenant for Keyspace {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
+        Keyspace::range(self, request).await
+    }
+
+    async fn put(&self, request: PutRequest) -> Result<PutResponse> {
+        Keyspace::put(self, request).await
+    }
+
+    async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        Keyspace::delete_range(self, request).await
+    }
+
+    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
+        Keyspace::txn(self, request).await
+    }
+
+    async fn compact(&self, request: CompactionRequest) -> Result<CompactionResponse> {
+        let header = Keyspace::compact(self, request).await?;
+        Ok(CompactionResponse {
+            header: Some(header),
+        })
+    }
+
+    async fn lease_grant(&self, request: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        let lease = Keyspace::lease_grant(self, request).await?;
+        let revision = self.state().await?.revision;
+        Ok(LeaseGrantResponse {
+            header: Some(self.header(revision)),
+            id: lease.id,
+            ttl: lease.ttl,
+            error: String::new(),
+        })
+    }
+
+    async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse> {
+        let header = Keyspace::lease_revoke(self, id).await?;
+        Ok(LeaseRevokeResponse {
+            header: Some(header),
+        })
+    }
+
+    async fn lease_keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse> {
+        let lease = Keyspace::lease_keep_alive(self, id).await?;
+        Ok(LeaseKeepAliveResponse {
+            header: Some(self.header(self.hub.known_revision())),
+            id,
+            ttl: lease.map_or(0, |lease| lease.ttl),
+        })
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse> {
+        let found = Keyspace::lease_time_to_live(self, request.id, request.keys).await?;
+        let header = Some(self.header(self.hub.known_revision()));
+        Ok(match found {
+            Some((lease, keys)) => LeaseTimeToLiveResponse {
+                header,
+                id: lease.id,
+                ttl: lease.remaining_seconds(now_ms()),
+                granted_ttl: lease.ttl,
+                keys,
+            },
+            // etcd answers an unknown lease with TTL -1 rather than an error.
+            None => LeaseTimeToLiveResponse {
+                header,
+                id: request.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+        })
+    }
+
+    async fn lease_leases(&self) -> Result<LeaseLeasesResponse> {
+        let leases = Keyspace::leases(self).await?;
+        Ok(LeaseLeasesResponse {
+            header: Some(self.header(self.hub.known_revision())),
+            leases: leases
+                .into_iter()
+                .map(|lease| LeaseStatus { id: lease.id })
+                .collect(),
+        })
+    }
+
+    async fn watch(
+        self: Arc<Self>,
+        requests: WatchRequests,
+        responses: WatchResponses,
+        progress_interval: Duration,
+    ) {
+        WatchStream::new(self, responses, progress_interval)
+            .run(requests)
+            .await;
+    }
+
+    async fn header(&self) -> Result<ResponseHeader> {
+        Ok(self.header(self.hub.known_revision()))
+    }
+
+    async fn status(&self, whole_datastore: bool) -> Result<StatusFacts> {
+        let state = self.state().await?;
+        let (db_size, db_size_in_use) = if whole_datastore {
+            self.backend.size().await?
+        } else {
+            (state.bytes, state.bytes)
+        };
+        Ok(StatusFacts {
+            header: self.header(state.revision),
+            db_size,
+            db_size_in_use,
+        })
+    }
+
+    async fn defragment(&self, whole_datastore: bool) -> Result<()> {
+        // A tenant of a shared datastore does not get to rewrite everyone's tables.
+        if whole_datastore {
+            self.backend.defragment().await?;
+        }
+        Ok(())
+    }
+
+    async fn set_frozen(&self, frozen: bool) -> Result<()> {
+        Keyspace::set_frozen(self, frozen).await
+    }
+
+    async fn set_quota(&self, quota: Quota) -> Result<()> {
+        Keyspace::set_quota(self, quota).await
     }
 }

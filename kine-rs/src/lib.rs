@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod etcd_proxy;
 pub mod health;
 pub mod keyspace;
 pub mod metrics;
@@ -16,6 +17,7 @@ pub mod migrate;
 pub mod model;
 pub mod range;
 pub mod run;
+pub mod served;
 pub mod server;
 pub mod storage;
 pub mod tenants;

@@ -20,9 +20,11 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::KineError;
-use crate::health::Readiness;
+use crate::etcd_proxy;
+use crate::health::{Probe, Readiness, backend_probe};
 use crate::keyspace::HeaderIdentity;
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
+use crate::served::TenantDirectory;
 use crate::server::Tenancy;
 use crate::server::admin::AdminService;
 use crate::server::cluster::ClusterService;
@@ -203,13 +205,95 @@ async fn open_datastore(
     }
 }
 
+/// What serves the tenants of one datastore.
+struct Served {
+    directory: Arc<dyn TenantDirectory>,
+    probe: Probe,
+    /// The datastore is shared with others whatever the flags say (a proxied etcd): Status
+    /// and Defragment never act on it as a whole.
+    always_shared: bool,
+}
+
+/// A database-backed datastore: its tenants, and the loops that run once per process.
+async fn serve_database(
+    config: &Config,
+    endpoint: &str,
+    redacted: &str,
+    limits: RequestLimits,
+    identity: HeaderIdentity,
+) -> Result<Served, RunError> {
+    let backend = open_datastore(endpoint, redacted, &backend_options(config)).await?;
+    let default_quota = if config.gateway {
+        Quota {
+            keys: config.quota_keys,
+            bytes: config.quota_backend_bytes,
+        }
+    } else {
+        Quota::default()
+    };
+    let tenants = Tenants::new(backend.clone(), limits, identity, default_quota);
+    let scope = if config.gateway {
+        ExpiryScope::All
+    } else {
+        ExpiryScope::Open
+    };
+    tokio::spawn(tenants::expire_leases(tenants.clone(), scope));
+    if !config.compact_interval.is_zero() {
+        tokio::spawn(tenants::compact_periodically(
+            tenants.clone(),
+            config.compact_interval,
+            config.compact_min_retain,
+        ));
+    }
+    Ok(Served {
+        directory: tenants,
+        probe: backend_probe(backend),
+        always_shared: false,
+    })
+}
+
+/// A real etcd cluster behind the tenant-prefixing proxy.
+async fn serve_etcd(
+    config: &Config,
+    endpoint: &str,
+    redacted: &str,
+    limits: RequestLimits,
+) -> Result<Served, RunError> {
+    let options = etcd_proxy::ProxyOptions {
+        tls: backend_options(config).tls,
+        limits,
+        prefix: config.etcd_tenant_prefix.clone(),
+        default_quota: if config.gateway {
+            Quota {
+                keys: config.quota_keys,
+                bytes: config.quota_backend_bytes,
+            }
+        } else {
+            Quota::default()
+        },
+    };
+    let proxy = etcd_proxy::EtcdProxy::connect(endpoint, options)
+        .await
+        .map_err(|error| {
+            RunError::Config(format!(
+                "cannot use the etcd cluster at {redacted}: {error}"
+            ))
+        })?;
+    Ok(Served {
+        probe: proxy.probe(),
+        directory: proxy,
+        always_shared: true,
+    })
+}
+
 /// Runs kine-rs until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let endpoint = config.endpoint();
     let is_sql_server = endpoint.starts_with("postgres")
         || endpoint.starts_with("mysql")
-        || endpoint.starts_with("nats://");
+        || endpoint.starts_with("nats://")
+        || etcd_proxy::is_etcd_endpoint(&endpoint);
     if !is_sql_server
         && (config.ca_file.is_some() || config.cert_file.is_some() || config.key_file.is_some())
     {
@@ -221,7 +305,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     crate::metrics::set_slow_sql_threshold(config.slow_sql_threshold);
     let redacted = redact_endpoint(&endpoint);
-    let backend = open_datastore(&endpoint, &redacted, &backend_options(&config)).await?;
     let listen = ListenAddress::parse(&config.listen_address);
     let tls = config.server_cert_file.is_some();
     let identity = HeaderIdentity {
@@ -250,48 +333,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             "--admin-identity names client certificates: it needs --trusted-ca-file".into(),
         ));
     }
-    let tenants = Tenants::new(
-        backend.clone(),
-        limits,
-        identity,
-        if config.gateway {
-            quota
-        } else {
-            Quota::default()
-        },
-    );
-    let (tenancy, scope) = if config.gateway {
-        let tenancy = Tenancy::gateway(
-            tenants.clone(),
+    if !config.gateway {
+        validate_name(&config.tenant).map_err(|e| RunError::Config(format!("--tenant: {e}")))?;
+    }
+    let served = if etcd_proxy::is_etcd_endpoint(&endpoint) {
+        serve_etcd(&config, &endpoint, &redacted, limits).await?
+    } else {
+        serve_database(&config, &endpoint, &redacted, limits, identity).await?
+    };
+    if !config.gateway && quota != Quota::default() {
+        let tenant = served
+            .directory
+            .get(&config.tenant, true)
+            .await?
+            .ok_or_else(|| RunError::Config("the tenant could not be created".into()))?;
+        tenant.set_quota(quota).await?;
+    }
+    let tenancy = if config.gateway {
+        Tenancy::gateway(
+            served.directory.clone(),
             config.gateway_identity,
             config.gateway_create_tenants,
-        );
-        (tenancy, ExpiryScope::All)
+        )
     } else {
-        validate_name(&config.tenant).map_err(|e| RunError::Config(format!("--tenant: {e}")))?;
-        let keyspace = tenants
+        let tenant = served
+            .directory
             .get(&config.tenant, true)
             .await?
             .ok_or_else(|| RunError::Config("the tenant's keyspace could not be created".into()))?;
-        if quota != Quota::default() {
-            keyspace.set_quota(quota).await?;
-        }
-        (Tenancy::single(keyspace), ExpiryScope::Open)
+        Tenancy::single(tenant)
     };
-    let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE;
-    tokio::spawn(tenants::expire_leases(tenants.clone(), scope));
-    if !config.compact_interval.is_zero() {
-        tokio::spawn(tenants::compact_periodically(
-            tenants.clone(),
-            config.compact_interval,
-            config.compact_min_retain,
-        ));
-    }
+    let tenants = served.directory.clone();
+    let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE || served.always_shared;
     if let Some(path) = &config.admin_socket {
         serve_admin_socket(path, tenants.clone())?;
     }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let readiness = Readiness::start(backend.clone(), health_reporter).await;
+    let readiness = Readiness::start(served.probe.clone(), health_reporter).await;
     let metrics = Metrics::global().clone();
     if !config.metrics_bind_address.is_empty() {
         serve_metrics(
@@ -421,7 +499,7 @@ async fn wait_for_signal() {
 }
 
 /// Serves the admin API alone on a local unix socket, readable and writable by the owner only.
-fn serve_admin_socket(path: &str, tenants: Arc<Tenants>) -> Result<(), RunError> {
+fn serve_admin_socket(path: &str, tenants: Arc<dyn TenantDirectory>) -> Result<(), RunError> {
     use std::os::unix::fs::PermissionsExt;
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(path);

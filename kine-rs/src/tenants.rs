@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::error::{KineError, Result};
 use crate::keyspace::{HeaderIdentity, Keyspace};
 use crate::model::now_ms;
+use crate::served::{ServedTenant, TenantDirectory};
 use crate::storage::{Backend, KeyspaceState, Quota};
 use crate::txn::RequestLimits;
 
@@ -296,6 +297,39 @@ pub async fn compact_periodically(tenants: Arc<Tenants>, interval: Duration, ret
                 }
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl TenantDirectory for Tenants {
+    async fn get(&self, name: &str, create: bool) -> Result<Option<Arc<dyn ServedTenant>>> {
+        Ok(Tenants::get(self, name, create)
+            .await?
+            .map(|keyspace| keyspace as Arc<dyn ServedTenant>))
+    }
+
+    async fn create(&self, name: &str, quota: Option<Quota>) -> Result<bool> {
+        Tenants::create(self, name, quota).await
+    }
+
+    async fn state(&self, name: &str) -> Result<Option<KeyspaceState>> {
+        validate_name(name).map_err(KineError::InvalidTenant)?;
+        match self.backend.keyspace(name, false).await? {
+            Some(id) => Ok(Some(self.backend.state(id).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<(String, KeyspaceState)>> {
+        Tenants::list(self).await
+    }
+
+    fn watches(&self, name: &str) -> i64 {
+        Tenants::watches(self, name)
+    }
+
+    async fn delete(&self, name: &str, force: bool) -> Result<bool> {
+        Tenants::delete(self, name, force).await
     }
 }
 

@@ -135,3 +135,8 @@ mod etcd {
     use kine_tests::conformance::Target;
     suite!(Target::Etcd);
 }
+
+mod etcd_proxy {
+    use kine_tests::conformance::Target;
+    suite!(Target::EtcdProxy);
+}

@@ -15,12 +15,13 @@ use tracing::info;
 
 use super::certificate_names;
 use crate::error::KineError;
+use crate::served::TenantDirectory;
 use crate::storage::{KeyspaceState, Quota};
-use crate::tenants::{Tenants, validate_name};
+use crate::tenants::validate_name;
 
 /// Serves the admin API.
 pub struct AdminService {
-    pub tenants: Arc<Tenants>,
+    pub tenants: Arc<dyn TenantDirectory>,
     /// Certificate names allowed to call it.
     pub admin_identities: Vec<String>,
     /// Served on the local admin socket: every caller may.
@@ -47,12 +48,11 @@ impl AdminService {
 
     async fn status(&self, name: &str) -> Result<pb::TenantStatus, Status> {
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        let backend = self.tenants.backend();
-        let id = backend
-            .keyspace(name, false)
+        let state = self
+            .tenants
+            .state(name)
             .await?
             .ok_or_else(|| KineError::UnknownTenant(name.to_string()))?;
-        let state = backend.state(id).await?;
         Ok(self.describe(name, &state))
     }
 

@@ -22,7 +22,7 @@ impl Cluster for ClusterService {
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request).await?;
-        let header = keyspace.header(keyspace.hub().known_revision());
+        let header = keyspace.header().await?;
         Ok(Response::new(MemberListResponse {
             members: vec![Member {
                 id: header.member_id,

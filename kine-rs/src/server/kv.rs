@@ -49,9 +49,6 @@ impl Kv for KvService {
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request).await?;
-        let header = keyspace.compact(request.into_inner()).await?;
-        Ok(Response::new(CompactionResponse {
-            header: Some(header),
-        }))
+        Ok(Response::new(keyspace.compact(request.into_inner()).await?))
     }
 }

@@ -33,9 +33,8 @@ impl Maintenance for MaintenanceService {
             return Err(KineError::Unsupported("raising alarms").into());
         }
         // kine-rs raises no alarms, so there is never one to list or deactivate.
-        let revision = keyspace.state().await?.revision;
         Ok(Response::new(AlarmResponse {
-            header: Some(keyspace.header(revision)),
+            header: Some(keyspace.header().await?),
             alarms: Vec::new(),
         }))
     }
@@ -45,22 +44,17 @@ impl Maintenance for MaintenanceService {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request).await?;
-        let state = keyspace.state().await?;
-        let (size, in_use) = if self.shared {
-            (state.bytes, state.bytes)
-        } else {
-            keyspace.backend().size().await?
-        };
-        let header = keyspace.header(state.revision);
+        let facts = keyspace.status(!self.shared).await?;
+        let header = facts.header;
         Ok(Response::new(StatusResponse {
             version: self.version.clone(),
-            db_size: size,
+            db_size: facts.db_size,
             leader: header.member_id,
-            raft_index: state.revision as u64,
+            raft_index: header.revision as u64,
             raft_term: header.raft_term,
-            raft_applied_index: state.revision as u64,
+            raft_applied_index: header.revision as u64,
             errors: Vec::new(),
-            db_size_in_use: in_use,
+            db_size_in_use: facts.db_size_in_use,
             is_learner: false,
             header: Some(header),
         }))
@@ -71,10 +65,7 @@ impl Maintenance for MaintenanceService {
         request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request).await?;
-        // A tenant of a shared datastore does not get to rewrite everyone's tables.
-        if !self.shared {
-            keyspace.backend().defragment().await?;
-        }
+        keyspace.defragment(!self.shared).await?;
         // etcd answers Defragment without a header.
         Ok(Response::new(DefragmentResponse { header: None }))
     }

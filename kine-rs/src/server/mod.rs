@@ -1,6 +1,7 @@
-//! The gRPC layer: etcd's services over a [`Keyspace`], kept apart from the storage layer.
-//! Each service resolves the caller's keyspace, calls it, and converts errors through the
-//! single `KineError` → `Status` mapping.
+//! The gRPC layer: etcd's services over a [`ServedTenant`], kept apart from the storage
+//! layer and unaware of which kind of datastore serves the tenant. Each service resolves the
+//! caller's tenant, calls it, and converts errors through the single `KineError` → `Status`
+//! mapping.
 
 pub mod admin;
 pub mod cluster;
@@ -17,8 +18,8 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::IdentitySource;
-use crate::keyspace::Keyspace;
-use crate::tenants::{Tenants, validate_name};
+use crate::served::{ServedTenant, TenantDirectory};
+use crate::tenants::validate_name;
 
 /// Finds the keyspace a request is for: always the same one in sidecar mode; in gateway mode,
 /// the tenant named by the client's verified certificate.
@@ -28,9 +29,9 @@ pub struct Tenancy {
 }
 
 enum Mode {
-    Single(Arc<Keyspace>),
+    Single(Arc<dyn ServedTenant>),
     Gateway {
-        tenants: Arc<Tenants>,
+        tenants: Arc<dyn TenantDirectory>,
         source: IdentitySource,
         create: bool,
     },
@@ -38,7 +39,7 @@ enum Mode {
 
 impl Tenancy {
     /// Every request goes to `keyspace`.
-    pub fn single(keyspace: Arc<Keyspace>) -> Self {
+    pub fn single(keyspace: Arc<dyn ServedTenant>) -> Self {
         Tenancy {
             mode: Arc::new(Mode::Single(keyspace)),
         }
@@ -46,7 +47,11 @@ impl Tenancy {
 
     /// Each request goes to the tenant its client certificate names (`source`); unknown
     /// tenants are refused, or created when `create`.
-    pub fn gateway(tenants: Arc<Tenants>, source: IdentitySource, create: bool) -> Self {
+    pub fn gateway(
+        tenants: Arc<dyn TenantDirectory>,
+        source: IdentitySource,
+        create: bool,
+    ) -> Self {
         Tenancy {
             mode: Arc::new(Mode::Gateway {
                 tenants,
@@ -56,12 +61,12 @@ impl Tenancy {
         }
     }
 
-    /// The keyspace `request` is for. The identity is read from the request before the
+    /// The tenant `request` is for. The identity is read from the request before the
     /// returned future runs, so the future does not borrow the request.
     pub fn keyspace<T>(
         &self,
         request: &tonic::Request<T>,
-    ) -> impl Future<Output = Result<Arc<Keyspace>, Status>> + Send + 'static {
+    ) -> impl Future<Output = Result<Arc<dyn ServedTenant>, Status>> + Send + 'static {
         let mode = self.mode.clone();
         let identity = match &*mode {
             Mode::Single(_) => Ok(String::new()),

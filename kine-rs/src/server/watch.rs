@@ -9,7 +9,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Tenancy;
-use crate::watch::stream::WatchStream;
 
 /// Responses buffered per stream before its task waits for the client.
 const STREAM_BUFFER: usize = 128;
@@ -28,10 +27,10 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let keyspace = self.tenancy.keyspace(&request).await?;
+        let tenant = self.tenancy.keyspace(&request).await?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-        let stream = WatchStream::new(keyspace, sender, self.progress_notify_interval);
-        tokio::spawn(stream.run(request.into_inner()));
+        let requests = Box::pin(request.into_inner());
+        tokio::spawn(tenant.watch(requests, sender, self.progress_notify_interval));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use kine_proto::etcdserverpb::watch_create_request::FilterType;
 use kine_proto::etcdserverpb::watch_request::RequestUnion;
 use kine_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
@@ -18,6 +19,7 @@ use tonic::Status;
 use crate::error::{KineError, Result};
 use crate::keyspace::Keyspace;
 use crate::model::{Event, EventType, KeyRange, Revision};
+use crate::served::WatchRequests;
 use crate::watch::hub::EventBatch;
 
 /// Revisions of history read per step when a watcher catches up.
@@ -109,7 +111,7 @@ impl WatchStream {
     }
 
     /// Runs the stream over the client's requests.
-    pub async fn run(mut self, mut requests: tonic::Streaming<WatchRequest>) {
+    pub async fn run(mut self, mut requests: WatchRequests) {
         let (position, mut batches) = self.keyspace.hub().subscribe().await;
         let mut closed = self.keyspace.closed();
         self.position = position;
@@ -119,9 +121,9 @@ impl WatchStream {
         );
         loop {
             let step = tokio::select! {
-                request = requests.message() => match request {
-                    Ok(Some(request)) => self.handle(request).await,
-                    Ok(None) | Err(_) => return,
+                request = requests.next() => match request {
+                    Some(Ok(request)) => self.handle(request).await,
+                    None | Some(Err(_)) => return,
                 },
                 batch = batches.recv() => match batch {
                     Ok(batch) => self.deliver(&batch).await,

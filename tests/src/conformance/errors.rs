@@ -18,6 +18,9 @@ pub async fn err_compacted_and_future_revision(target: Target) -> Result<()> {
     c.put("e", "2", None).await?;
     let r3 = header_revision(c.put("e", "3", None).await?.header())?;
     c.compact(r3 - 1, None).await?;
+    // The etcd proxy records a tenant's compaction in etcd, which takes a revision of the
+    // shared cluster; elsewhere the current revision is still r3.
+    let r3 = header_revision(c.get("e", None).await?.header())?;
     const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
     const FUTURE: &str = "etcdserver: mvcc: required revision is a future revision";
     expect_status(

@@ -41,6 +41,8 @@ pub enum Target {
     Kine(Backend),
     /// A real etcd, the oracle.
     Etcd,
+    /// kine-rs's etcd proxy (one tenant) in front of a real etcd.
+    EtcdProxy,
 }
 
 /// Extra server options a case needs.
@@ -55,6 +57,11 @@ pub struct Options {
 enum Process {
     Harness(ChildGuard),
     Etcd(crate::ChildGuard),
+    // Fields drop in order: the proxy stops before its etcd.
+    Proxy {
+        kine: Box<crate::ChildGuard>,
+        _etcd: Box<crate::ChildGuard>,
+    },
 }
 
 /// A running server of one target; the process is killed when dropped.
@@ -90,10 +97,31 @@ impl Server {
                     }
                     Process::Etcd(crate::spawn_etcd_with(&args))
                 }
+                Target::EtcdProxy => {
+                    // The proxy sends a client's transaction nested in one that guards the
+                    // tenant's freeze, and etcd counts the outer operations against the
+                    // nested ones' budget: etcd needs room above kine-rs's 128 (README).
+                    let mut args: Vec<&str> = vec!["--max-txn-ops", "256"];
+                    if options.progress_notify_1s {
+                        // The proxy forwards watches: etcd sends the notifications.
+                        args.extend(["--experimental-watch-progress-notify-interval", "1s"]);
+                    }
+                    let etcd = crate::spawn_etcd_with(&args);
+                    let kine = crate::spawn_kine_on(
+                        &format!("etcd://{}", etcd.address),
+                        tempfile::tempdir().expect("tempdir"),
+                        &["--tenant", "conformance"],
+                    );
+                    Process::Proxy {
+                        kine: Box::new(kine),
+                        _etcd: Box::new(etcd),
+                    }
+                }
             };
             let endpoint = match &process {
                 Process::Harness(guard) => guard.endpoint.clone(),
                 Process::Etcd(etcd) => etcd.endpoint.clone(),
+                Process::Proxy { kine, .. } => kine.endpoint.clone(),
             };
             Server {
                 _process: process,
@@ -113,7 +141,7 @@ impl Server {
 
     /// Whether this is a kine-rs target.
     pub fn is_kine(&self) -> bool {
-        matches!(self.target, Target::Kine(_))
+        matches!(self.target, Target::Kine(_) | Target::EtcdProxy)
     }
 
     async fn wait_ready(&self) -> Result<()> {

@@ -1,0 +1,370 @@
+//! A Watch stream of a tenant, forwarded to etcd over one upstream stream: watch ranges are
+//! confined to the tenant's prefix, events stripped of it. etcd delivers the events (in
+//! revision order, once each); this task keeps, per watcher, the first revision not yet
+//! delivered, so that when the upstream stream breaks (a member went away) it re-creates
+//! every watcher there on another stream from that revision, under the same id: the client
+//! sees neither a gap nor a repeat, or, when the history is gone, etcd's compaction cancel.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kine_proto::etcdserverpb::watch_request::RequestUnion;
+use kine_proto::etcdserverpb::{
+    WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use tracing::{debug, warn};
+
+use super::rewrite;
+use super::tenant::ProxiedTenant;
+use crate::served::{WatchRequests, WatchResponses};
+
+/// Requests buffered towards etcd.
+const UPSTREAM_BUFFER: usize = 256;
+/// Longest wait between attempts to reopen the upstream stream.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A watcher as etcd knows it (its request already confined to the tenant's prefix).
+struct Forwarded {
+    request: WatchCreateRequest,
+    /// The first revision not yet delivered to the client.
+    next: i64,
+}
+
+/// A create sent to etcd whose answer has not come yet (etcd answers creates in order).
+enum Pending {
+    /// The client's; `compacted` when its start revision is below the tenant's compaction.
+    Client {
+        request: WatchCreateRequest,
+        compacted: Option<i64>,
+    },
+    /// A watcher re-created after the upstream stream broke.
+    Resume { id: i64 },
+}
+
+struct Session {
+    tenant: Arc<ProxiedTenant>,
+    out: WatchResponses,
+    watchers: HashMap<i64, Forwarded>,
+    pending: VecDeque<Pending>,
+    /// Watchers canceled by the proxy (compacted at the tenant's level): etcd's answer to the
+    /// proxy's cancel is not shown; the client's own cancel later gets one.
+    canceled_here: HashSet<i64>,
+    upstream: Option<(mpsc::Sender<WatchRequest>, Streaming<WatchResponse>)>,
+}
+
+/// The client went away, or the tenant did.
+struct Stop;
+
+pub async fn serve(tenant: Arc<ProxiedTenant>, mut requests: WatchRequests, out: WatchResponses) {
+    let mut closed = tenant.closed();
+    let mut session = Session {
+        tenant,
+        out,
+        watchers: HashMap::new(),
+        pending: VecDeque::new(),
+        canceled_here: HashSet::new(),
+        upstream: None,
+    };
+    loop {
+        let step = match session.upstream.as_mut() {
+            Some((_, responses)) => {
+                tokio::select! {
+                    request = requests.next() => match request {
+                        Some(Ok(request)) => session.client(request).await,
+                        None | Some(Err(_)) => Err(Stop),
+                    },
+                    response = responses.message() => match response {
+                        Ok(Some(response)) => session.upstream_response(response).await,
+                        Ok(None) | Err(_) => session.reconnect().await,
+                    },
+                    _ = closed.changed() => session.tenant_closed().await,
+                }
+            }
+            None => {
+                tokio::select! {
+                    request = requests.next() => match request {
+                        Some(Ok(request)) => session.client(request).await,
+                        None | Some(Err(_)) => Err(Stop),
+                    },
+                    _ = closed.changed() => session.tenant_closed().await,
+                }
+            }
+        };
+        if step.is_err() {
+            break;
+        }
+    }
+    let open = session.watchers.len() as i64;
+    session.tenant.watch_count(-open);
+}
+
+impl Session {
+    async fn tenant_closed(&mut self) -> Result<(), Stop> {
+        if *self.tenant.closed().borrow() {
+            let _ = self
+                .out
+                .send(Err(Status::not_found(format!(
+                    "kine-rs: tenant {:?} was deleted",
+                    crate::served::ServedTenant::name(&*self.tenant)
+                ))))
+                .await;
+            return Err(Stop);
+        }
+        Ok(())
+    }
+
+    async fn send(&self, response: WatchResponse) -> Result<(), Stop> {
+        self.out.send(Ok(response)).await.map_err(|_| Stop)
+    }
+
+    /// Sends `request` to etcd, opening the upstream stream first when there is none.
+    async fn forward(&mut self, request: WatchRequest) -> Result<(), Stop> {
+        if let Some((sender, _)) = &self.upstream
+            && sender.send(request.clone()).await.is_ok()
+        {
+            return Ok(());
+        }
+        self.upstream = None;
+        self.open(vec![request]).await
+    }
+
+    /// Opens an upstream stream whose first messages are `first` (etcd answers a stream's
+    /// headers only with its first message, so the stream is opened with something to say).
+    async fn open(&mut self, first: Vec<WatchRequest>) -> Result<(), Stop> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let (sender, receiver) = mpsc::channel(UPSTREAM_BUFFER.max(first.len() + 1));
+            for request in &first {
+                let _ = sender.try_send(request.clone());
+            }
+            let opened = self
+                .tenant
+                .upstream()
+                .watch
+                .clone()
+                .watch(ReceiverStream::new(receiver))
+                .await;
+            match opened {
+                Ok(responses) => {
+                    self.upstream = Some((sender, responses.into_inner()));
+                    return Ok(());
+                }
+                Err(status) => {
+                    warn!(code = ?status.code(), "cannot open a watch stream to etcd; retrying");
+                    if self.out.is_closed() {
+                        return Err(Stop);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// The upstream stream broke: re-create every watcher (and every create not yet
+    /// answered) on a new one.
+    async fn reconnect(&mut self) -> Result<(), Stop> {
+        self.upstream = None;
+        debug!(
+            watchers = self.watchers.len(),
+            "the watch stream to etcd broke; resuming"
+        );
+        let unanswered: Vec<Pending> = self.pending.drain(..).collect();
+        let mut first = Vec::new();
+        let mut ids: Vec<i64> = self.watchers.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let watcher = &self.watchers[&id];
+            let mut request = watcher.request.clone();
+            request.watch_id = id;
+            request.start_revision = watcher.next;
+            first.push(create(request));
+            self.pending.push_back(Pending::Resume { id });
+        }
+        for pending in unanswered {
+            if let Pending::Client { request, compacted } = pending {
+                first.push(create(request.clone()));
+                self.pending
+                    .push_back(Pending::Client { request, compacted });
+            }
+        }
+        if first.is_empty() {
+            // Nothing to watch: the next request opens a stream.
+            return Ok(());
+        }
+        self.open(first).await
+    }
+
+    async fn client(&mut self, request: WatchRequest) -> Result<(), Stop> {
+        match request.request_union {
+            Some(RequestUnion::CreateRequest(mut create_request)) => {
+                // etcd watches "\0", the smallest key, when the key is empty.
+                if create_request.key.is_empty() {
+                    create_request.key = bytes::Bytes::from_static(b"\0");
+                }
+                let compacted = if create_request.start_revision > 0 {
+                    match self.tenant.compact_revision().await {
+                        Ok((revision, _)) if create_request.start_revision < revision => {
+                            Some(revision)
+                        }
+                        Ok(_) => None,
+                        Err(error) => {
+                            let _ = self.out.send(Err(error.into())).await;
+                            return Err(Stop);
+                        }
+                    }
+                } else {
+                    None
+                };
+                let prefix = self.tenant.prefix();
+                (create_request.key, create_request.range_end) =
+                    prefix.range(&create_request.key, &create_request.range_end);
+                self.pending.push_back(Pending::Client {
+                    request: create_request.clone(),
+                    compacted,
+                });
+                self.forward(create(create_request)).await
+            }
+            Some(RequestUnion::CancelRequest(cancel)) => {
+                if self.canceled_here.remove(&cancel.watch_id) {
+                    let response = WatchResponse {
+                        header: Some(self.header().await),
+                        watch_id: cancel.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    };
+                    return self.send(response).await;
+                }
+                self.forward(WatchRequest {
+                    request_union: Some(RequestUnion::CancelRequest(cancel)),
+                })
+                .await
+            }
+            Some(RequestUnion::ProgressRequest(progress)) => {
+                self.forward(WatchRequest {
+                    request_union: Some(RequestUnion::ProgressRequest(progress)),
+                })
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn header(&self) -> kine_proto::etcdserverpb::ResponseHeader {
+        crate::served::ServedTenant::header(&*self.tenant)
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn upstream_response(&mut self, mut response: WatchResponse) -> Result<(), Stop> {
+        let id = response.watch_id;
+        let revision = response.header.as_ref().map_or(0, |h| h.revision);
+        if response.created {
+            let Some(pending) = self.pending.pop_front() else {
+                return self.send(response).await;
+            };
+            match pending {
+                Pending::Client { request, compacted } => {
+                    if response.canceled {
+                        return self.send(response).await;
+                    }
+                    let next = if request.start_revision > 0 {
+                        request.start_revision
+                    } else {
+                        revision + 1
+                    };
+                    self.watchers.insert(id, Forwarded { request, next });
+                    self.tenant.watch_count(1);
+                    self.send(response).await?;
+                    if let Some(compact_revision) = compacted {
+                        // Below the tenant's compaction: canceled as etcd cancels a watch
+                        // whose start revision was compacted away.
+                        self.remove(id);
+                        self.canceled_here.insert(id);
+                        self.forward(WatchRequest {
+                            request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                                watch_id: id,
+                            })),
+                        })
+                        .await?;
+                        self.send(WatchResponse {
+                            header: Some(response_header(revision.max(compact_revision))),
+                            watch_id: id,
+                            canceled: true,
+                            compact_revision,
+                            ..Default::default()
+                        })
+                        .await?;
+                    }
+                    Ok(())
+                }
+                Pending::Resume { id: resumed } => {
+                    if response.canceled {
+                        // The watcher could not be re-created: tell the client it ended.
+                        self.remove(resumed);
+                        response.watch_id = resumed;
+                        return self.send(response).await;
+                    }
+                    Ok(())
+                }
+            }
+        } else if response.canceled {
+            if self.canceled_here.contains(&id) && !self.watchers.contains_key(&id) {
+                // etcd's answer to the proxy's own cancel of a compacted watcher.
+                return Ok(());
+            }
+            self.remove(id);
+            self.send(response).await
+        } else {
+            let prefix = self.tenant.prefix().clone();
+            let mut last = 0;
+            for event in &mut response.events {
+                if let Some(kv) = &mut event.kv {
+                    last = last.max(kv.mod_revision);
+                    rewrite::strip_kv(&prefix, kv);
+                }
+                if let Some(kv) = &mut event.prev_kv {
+                    rewrite::strip_kv(&prefix, kv);
+                }
+            }
+            if response.events.is_empty() {
+                // A progress notification: the watcher (or, for -1, every watcher) has seen
+                // everything up to the header's revision.
+                for (watcher_id, watcher) in &mut self.watchers {
+                    if id == -1 || *watcher_id == id {
+                        watcher.next = watcher.next.max(revision + 1);
+                    }
+                }
+            } else if !response.fragment
+                && let Some(watcher) = self.watchers.get_mut(&id)
+            {
+                watcher.next = watcher.next.max(last + 1);
+            }
+            self.send(response).await
+        }
+    }
+
+    fn remove(&mut self, id: i64) {
+        if self.watchers.remove(&id).is_some() {
+            self.tenant.watch_count(-1);
+        }
+    }
+}
+
+fn create(request: WatchCreateRequest) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(request)),
+    }
+}
+
+fn response_header(revision: i64) -> kine_proto::etcdserverpb::ResponseHeader {
+    kine_proto::etcdserverpb::ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
