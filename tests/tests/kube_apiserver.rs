@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kine_tests::{Backend, ChildGuard, TestDatabase, free_port, spawn_kine_logged};
+use kine_tests::{Backend, ChildGuard, TestDatabase, free_port, spawn_etcd, spawn_kine_logged};
 
 /// The Kubernetes version `scripts/peers.sh` builds.
 const KUBE_VERSION: &str = "v1.36.3";
@@ -53,6 +53,19 @@ fn kube_apiserver_on_mysql() {
 #[test]
 fn kube_apiserver_on_nats() {
     run(Backend::Nats);
+}
+
+/// Through the etcd proxy, on a real etcd (etcd 3.5.1, the test oracle's binary).
+#[test]
+fn kube_apiserver_on_etcd_proxy() {
+    run_on(Store::EtcdProxy);
+}
+
+/// What kine-rs stores the apiserver's state in.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Backend(Backend),
+    EtcdProxy,
 }
 
 /// A program from `$VAR`, else from `scripts/peers.sh`'s cache; panics when missing.
@@ -136,6 +149,8 @@ fn log_tail(path: &Path, lines: usize) -> String {
 struct Cluster {
     apiserver: Child,
     kine: ChildGuard,
+    /// The etcd behind the etcd proxy (stopped after kine-rs).
+    _etcd: Option<ChildGuard>,
     kubectl: PathBuf,
     kubeconfig: PathBuf,
     cache_dir: PathBuf,
@@ -165,15 +180,19 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Starts kine-rs on `backend` and a kube-apiserver on it; waits for `/readyz`.
-    fn start(backend: Backend) -> Cluster {
+    fn start(store: Store) -> Cluster {
         let apiserver_bin = peer_binary("KUBE_APISERVER_BIN", "kube-apiserver");
         let kubectl = peer_binary("KUBECTL_BIN", "kubectl");
 
         let kine_dir = tempfile::tempdir().expect("tempdir");
-        let database = TestDatabase::new(backend);
-        let endpoint = match &database {
-            Some(database) => database.endpoint.clone(),
-            None => format!("sqlite://{}", kine_dir.path().join("state.db").display()),
+        let (database, etcd) = match store {
+            Store::Backend(backend) => (TestDatabase::new(backend), None),
+            Store::EtcdProxy => (None, Some(spawn_etcd())),
+        };
+        let endpoint = match (&database, &etcd) {
+            (Some(database), _) => database.endpoint.clone(),
+            (None, Some(etcd)) => format!("etcd://{}", etcd.address),
+            (None, None) => format!("sqlite://{}", kine_dir.path().join("state.db").display()),
         };
         // kine-rs's own compaction is off: only the apiserver's compactor compacts here.
         let (mut kine, kine_log) =
@@ -234,6 +253,7 @@ impl Cluster {
         let cluster = Cluster {
             apiserver,
             kine,
+            _etcd: etcd,
             kubectl,
             kubeconfig,
             cache_dir: dir.path().join("kubectl-cache"),
@@ -333,8 +353,12 @@ impl Cluster {
 }
 
 fn run(backend: Backend) {
+    run_on(Store::Backend(backend));
+}
+
+fn run_on(store: Store) {
     let started = Instant::now();
-    let cluster = Cluster::start(backend);
+    let cluster = Cluster::start(store);
     let ns = "kine-test";
 
     // The apiserver is the version built, and it reaches its storage.
@@ -621,7 +645,7 @@ fn run(backend: Backend) {
         }
     });
     eprintln!(
-        "kube-apiserver on kine-rs ({backend:?}): passed in {:.1}s",
+        "kube-apiserver on kine-rs ({store:?}): passed in {:.1}s",
         started.elapsed().as_secs_f64()
     );
 }
