@@ -371,10 +371,12 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<Arc<dyn Ba
     if endpoint.starts_with("nats://") {
         return Ok(Arc::new(nats::open(endpoint, options).await?));
     }
-    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+    if crate::etcd_proxy::is_etcd_endpoint(endpoint) {
+        // The etcd proxy serves tenants through its own seam (`crate::etcd_proxy`); it is not
+        // a storage backend, so it cannot be opened here (e.g. by `kine-rs migrate`).
         return Err(KineError::Unsupported(
-            "this datastore driver (in this release: sqlite://, memory://, postgres://, \
-             mysql:// and nats:// only)",
+            "an etcd endpoint here (etcd is served by the etcd proxy; `kine-rs migrate` reads \
+             and writes sqlite://, memory://, postgres://, mysql:// and nats:// only)",
         ));
     }
     Err(KineError::Unsupported(
