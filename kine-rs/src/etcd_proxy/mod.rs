@@ -9,6 +9,7 @@
 //! of a frozen tenant, atomically, whichever proxy they come through.
 
 pub mod prefix;
+mod quota;
 pub mod rewrite;
 mod tenant;
 mod watch;
@@ -187,6 +188,16 @@ impl Control {
         self.key("frozen", name)
     }
 
+    /// The tenant's quota (`keys bytes`); absent when it has none.
+    pub fn quota(&self, name: &str) -> Bytes {
+        self.key("quota", name)
+    }
+
+    /// The tenant's usage while it has a quota ([`quota::UsageRecord`]).
+    pub fn usage(&self, name: &str) -> Bytes {
+        self.key("usage", name)
+    }
+
     /// The tenant's compaction revision (decimal); absent when never compacted.
     pub fn compacted(&self, name: &str) -> Bytes {
         self.key("compacted", name)
@@ -292,11 +303,6 @@ impl EtcdProxy {
         options: ProxyOptions,
     ) -> std::result::Result<Arc<Self>, ConnectError> {
         let template = PrefixTemplate::parse(&options.prefix).map_err(ConnectError::Endpoint)?;
-        if options.default_quota != Quota::default() {
-            return Err(ConnectError::Endpoint(
-                "quotas are not supported on the etcd datastore yet".into(),
-            ));
-        }
         let (members, scheme_tls) = parse_endpoint(endpoint)?;
         let tls = scheme_tls || options.tls.any();
         let tls_config = if tls {
@@ -441,6 +447,8 @@ impl EtcdProxy {
                 success: vec![
                     get_op(self.control.frozen(name)),
                     get_op(self.control.compacted(name)),
+                    get_op(self.control.quota(name)),
+                    get_op(self.control.usage(name)),
                 ],
                 failure: vec![],
             })
@@ -453,7 +461,22 @@ impl EtcdProxy {
         let compact_revision = range_at(&response.responses, 1)
             .and_then(|r| r.kvs.first())
             .map_or(-1, |kv| parse_number(&kv.value));
-        let (keys, bytes, revision) = usage(&self.upstream, &prefix).await?;
+        let revision = response.header.map_or(0, |h| h.revision);
+        let quota_kv = range_at(&response.responses, 2).and_then(|r| r.kvs.first());
+        let quota = quota_kv.map_or(Quota::default(), |kv| quota::decode_quota(&kv.value));
+        let counted = range_at(&response.responses, 3)
+            .and_then(|r| r.kvs.first())
+            .and_then(|kv| match quota::UsageRecord::decode(&kv.value) {
+                Some(quota::UsageRecord::Counted(usage)) => Some(usage),
+                _ => None,
+            });
+        let (keys, bytes) = match counted {
+            Some(usage) => (usage.keys, usage.bytes),
+            None => {
+                let (keys, bytes, _) = usage(&self.upstream, &prefix).await?;
+                (keys, bytes)
+            }
+        };
         Ok(KeyspaceState {
             id: 0,
             revision,
@@ -462,7 +485,7 @@ impl EtcdProxy {
             frozen_at_ms: frozen_at_ms.unwrap_or(0),
             keys,
             bytes,
-            quota: Quota::default(),
+            quota,
             migration: MigrationRole::None,
             pinned_revision: 0,
         })
@@ -546,11 +569,12 @@ impl TenantDirectory for EtcdProxy {
             return Ok(Some(tenant));
         }
         let prefix = self.tenant_prefix(name)?;
+        let mut created = false;
         if !self.exists(name).await? {
             if !create {
                 return Ok(None);
             }
-            self.register(name, self.default_quota).await?;
+            created = self.register(name, self.default_quota).await?;
         }
         let tenant = Arc::new(ProxiedTenant::new(
             name.to_string(),
@@ -566,15 +590,24 @@ impl TenantDirectory for EtcdProxy {
             .entry(name.to_string())
             .or_insert(tenant)
             .clone();
+        if created && self.default_quota != Quota::default() {
+            tenant.set_quota(self.default_quota).await?;
+        }
         Ok(Some(tenant))
     }
 
     async fn create(&self, name: &str, quota: Option<Quota>) -> Result<bool> {
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        if quota.is_some_and(|q| q != Quota::default()) {
-            return Err(KineError::Unsupported("a quota on the etcd datastore"));
+        let quota = quota.unwrap_or(self.default_quota);
+        if !self.register(name, quota).await? {
+            return Ok(false);
         }
-        self.register(name, Quota::default()).await
+        if quota != Quota::default()
+            && let Some(tenant) = self.get(name, false).await?
+        {
+            tenant.set_quota(quota).await?;
+        }
+        Ok(true)
     }
 
     async fn state(&self, name: &str) -> Result<Option<KeyspaceState>> {
@@ -679,6 +712,8 @@ impl TenantDirectory for EtcdProxy {
                     delete_op(leases.prefix().clone(), leases.end().clone()),
                     delete_op(self.control.frozen(name), Bytes::new()),
                     delete_op(self.control.compacted(name), Bytes::new()),
+                    delete_op(self.control.quota(name), Bytes::new()),
+                    delete_op(self.control.usage(name), Bytes::new()),
                     delete_op(self.control.registry(name), Bytes::new()),
                 ],
                 failure: vec![],
