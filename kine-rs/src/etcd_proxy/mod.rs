@@ -46,6 +46,8 @@ use crate::txn::RequestLimits;
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
 /// How long one connection attempt to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections to each etcd member.
+const CONNECTIONS_PER_MEMBER: usize = 4;
 /// Keys read per page when a tenant's size is summed.
 const USAGE_PAGE: i64 = 1000;
 
@@ -327,7 +329,18 @@ impl EtcdProxy {
             }
             endpoints.push(endpoint);
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
+        // Several connections per member: one HTTP/2 connection carrying every client's
+        // requests is a bottleneck of its own.
+        let (channel, changes) =
+            Channel::balance_channel::<(usize, usize)>(endpoints.len() * CONNECTIONS_PER_MEMBER);
+        for (member, endpoint) in endpoints.into_iter().enumerate() {
+            for copy in 0..CONNECTIONS_PER_MEMBER {
+                let _ = changes.try_send(tonic::transport::channel::Change::Insert(
+                    (member, copy),
+                    endpoint.clone(),
+                ));
+            }
+        }
         let proxy = Arc::new(EtcdProxy {
             upstream: Upstream::new(channel),
             control: Control {
