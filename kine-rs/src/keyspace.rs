@@ -586,4 +586,8 @@ impl ServedTenant for Keyspace {
     async fn set_quota(&self, quota: Quota) -> Result<()> {
         Keyspace::set_quota(self, quota).await
     }
+
+    async fn moved(&self) -> Result<bool> {
+        Ok(self.state().await?.migration == MigrationRole::Moved)
+    }
 }

@@ -61,6 +61,11 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Config(String),
+    #[error(
+        "tenant {tenant:?} was moved to another datastore by a live migration; this sidecar \
+         stopped serving it: restart it with the new --endpoint"
+    )]
+    Moved { tenant: String },
 }
 
 /// Where to listen.
@@ -349,6 +354,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .ok_or_else(|| RunError::Config("the tenant could not be created".into()))?;
         tenant.set_quota(quota).await?;
     }
+    // A sidecar whose tenant a live migration moved away stops: it has no credentials for
+    // the target (the migration records only its redacted name), so whoever wires it (the
+    // controller, or an operator) restarts it with the new --endpoint.
+    let moved = Arc::new(tokio::sync::Notify::new());
+    let moved_away = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tenancy = if config.gateway {
         Tenancy::gateway(
             served.directory.clone(),
@@ -361,6 +371,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .get(&config.tenant, true)
             .await?
             .ok_or_else(|| RunError::Config("the tenant's keyspace could not be created".into()))?;
+        tokio::spawn(watch_for_move(
+            tenant.clone(),
+            moved.clone(),
+            moved_away.clone(),
+        ));
         Tenancy::single(tenant)
     };
     let tenants = served.directory.clone();
@@ -446,9 +461,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             // Without TCP_NODELAY, the tail of a large response (a page of a list) waits for
             // the client's delayed ACK, about 40 ms.
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown_signal(readiness.clone()))
-                .await?;
+            let stopping = Arc::new(tokio::sync::Notify::new());
+            let serving = router.serve_with_incoming_shutdown(
+                incoming,
+                shutdown_signal(readiness.clone(), moved.clone(), stopping.clone()),
+            );
+            until_grace_ends(serving, stopping).await?;
         }
         ListenAddress::Unix(path) => {
             // A socket left by a previous run would make bind fail.
@@ -458,22 +476,85 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     address: path.clone(),
                     source,
                 })?;
-            router
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    shutdown_signal(readiness.clone()),
-                )
-                .await?;
+            let stopping = Arc::new(tokio::sync::Notify::new());
+            let serving = router.serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                shutdown_signal(readiness.clone(), moved.clone(), stopping.clone()),
+            );
+            until_grace_ends(serving, stopping).await?;
         }
+    }
+    if moved_away.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(RunError::Moved {
+            tenant: config.tenant.clone(),
+        });
     }
     info!("kine-rs stopped");
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM; health turns NOT_SERVING as the shutdown begins.
-async fn shutdown_signal(readiness: Readiness) {
-    wait_for_signal().await;
+/// How often a sidecar asks whether its tenant was moved.
+const MOVE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Notifies `moved` once the tenant was moved away by a live migration.
+async fn watch_for_move(
+    tenant: Arc<dyn crate::served::ServedTenant>,
+    moved: Arc<tokio::sync::Notify>,
+    moved_away: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut interval = tokio::time::interval(MOVE_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Ok(true) = tenant.moved().await {
+            warn!(
+                tenant = tenant.name(),
+                "the tenant was moved to another datastore; stopping"
+            );
+            moved_away.store(true, std::sync::atomic::Ordering::Release);
+            moved.notify_one();
+            return;
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (or the tenant's move); health turns NOT_SERVING as the
+/// shutdown begins.
+async fn shutdown_signal(
+    readiness: Readiness,
+    moved: Arc<tokio::sync::Notify>,
+    stopping: Arc<tokio::sync::Notify>,
+) {
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = moved.notified() => {}
+    }
     readiness.shutting_down().await;
+    stopping.notify_one();
+}
+
+/// How long a shutdown waits for open streams (watches, keep-alives) to end: clients keep
+/// them open for ever, so a graceful stop would otherwise never end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs `serving` until it ends, or until [`SHUTDOWN_GRACE`] after `stopping`.
+async fn until_grace_ends<F>(
+    serving: F,
+    stopping: Arc<tokio::sync::Notify>,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    tokio::select! {
+        result = serving => result,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("streams still open {}s into the shutdown: closing them", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -79,6 +79,12 @@ pub trait ServedTenant: Send + Sync + 'static {
     /// lands until it is unfrozen.
     async fn set_frozen(&self, frozen: bool) -> Result<()>;
     async fn set_quota(&self, quota: Quota) -> Result<()>;
+
+    /// Whether a live migration moved the tenant to another datastore (this one keeps its
+    /// data frozen). A datastore that is never a migration's source answers `false`.
+    async fn moved(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The tenants of one datastore, for the gateway and the admin API.

@@ -310,7 +310,7 @@ pairs! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_writer_and_watcher_across_the_cutover() -> Result<()> {
     let (source, target) = (Store::new(Backend::Postgres), Store::new(Backend::Mysql));
-    let (_source_server, mut client) = source.serve().await?;
+    let (mut source_server, mut client) = source.serve().await?;
     for i in 0..300 {
         client.put(format!("/live/seed{i:03}"), "s", None).await?;
     }
@@ -408,6 +408,23 @@ async fn live_writer_and_watcher_across_the_cutover() -> Result<()> {
         "watch saw {} revisions, expected {}",
         seen.len(),
         expected.len()
+    );
+    // The sidecar that served the source learns of the move and stops, failing, so that it
+    // is restarted with the new endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = source_server.exit_status() {
+            break status;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the source's sidecar still serves a moved tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        !status.success(),
+        "the source's sidecar exited with {status}"
     );
     for (i, revision) in acknowledged {
         let got = moved.get(format!("/live/w{i:06}"), None).await?;
