@@ -70,8 +70,11 @@ pub struct Keyspace {
     watches: AtomicI64,
     /// Keep-alives this process stored lately, by lease: when, and the lease as renewed.
     renewals: std::sync::Mutex<HashMap<i64, (i64, LeaseRecord)>>,
-    /// Set when the keyspace is deleted: its watch and keep-alive streams end.
+    /// Set when the keyspace is deleted: its watch and keep-alive streams end. Or when it
+    /// moved to another datastore inside this process: then `successor` serves it, and the
+    /// streams carry on there.
     closed: tokio::sync::watch::Sender<bool>,
+    successor: std::sync::Mutex<Option<Arc<Keyspace>>>,
 }
 
 impl Drop for Keyspace {
@@ -129,6 +132,7 @@ impl Keyspace {
             watches: AtomicI64::new(0),
             renewals: std::sync::Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::Sender::new(false),
+            successor: std::sync::Mutex::new(None),
         })))
     }
 
@@ -150,6 +154,21 @@ impl Keyspace {
     /// Ends every watch and keep-alive stream of this keyspace (it was deleted).
     pub fn close(&self) {
         self.closed.send_replace(true);
+    }
+
+    /// The tenant moved to `next` (another datastore, served by this process): streams of
+    /// this keyspace carry on there.
+    pub fn move_to(&self, next: Arc<Keyspace>) {
+        *self.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        self.close();
+    }
+
+    /// Where the tenant moved inside this process, if it did.
+    pub fn successor(&self) -> Option<Arc<Keyspace>> {
+        self.successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the keyspace was deleted (here or, as its requests found out, elsewhere).
@@ -589,5 +608,9 @@ impl ServedTenant for Keyspace {
 
     async fn moved(&self) -> Result<bool> {
         Ok(self.state().await?.migration == MigrationRole::Moved)
+    }
+
+    fn successor(&self) -> Option<Arc<dyn ServedTenant>> {
+        Keyspace::successor(self).map(|next| next as Arc<dyn ServedTenant>)
     }
 }

@@ -24,6 +24,7 @@ use crate::etcd_proxy;
 use crate::health::{Probe, Readiness, backend_probe};
 use crate::keyspace::HeaderIdentity;
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
+use crate::routes::{DatastoreSettings, RoutedTenants};
 use crate::served::TenantDirectory;
 use crate::server::Tenancy;
 use crate::server::admin::AdminService;
@@ -213,6 +214,8 @@ async fn open_datastore(
 /// What serves the tenants of one datastore.
 struct Served {
     directory: Arc<dyn TenantDirectory>,
+    /// A gateway on a database datastore moves tenants itself (the admin API).
+    mover: Option<Arc<RoutedTenants>>,
     probe: Probe,
     /// The datastore is shared with others whatever the flags say (a proxied etcd): Status
     /// and Defragment never act on it as a whole.
@@ -250,9 +253,34 @@ async fn serve_database(
             config.compact_min_retain,
         ));
     }
+    let probe = backend_probe(backend);
+    if !config.gateway {
+        return Ok(Served {
+            directory: tenants,
+            mover: None,
+            probe,
+            always_shared: false,
+        });
+    }
+    let settings = DatastoreSettings {
+        limits,
+        identity,
+        default_quota,
+        backend: backend_options(config),
+        compact_interval: config.compact_interval,
+        compact_min_retain: config.compact_min_retain,
+    };
+    let routed = RoutedTenants::new(tenants, endpoint, settings);
+    for extra in &config.extra_endpoint {
+        let name = redact_endpoint(extra);
+        routed.add_datastore(extra).await.map_err(|error| {
+            RunError::Config(format!("cannot open the --extra-endpoint {name}: {error}"))
+        })?;
+    }
     Ok(Served {
-        directory: tenants,
-        probe: backend_probe(backend),
+        directory: routed.clone(),
+        mover: Some(routed),
+        probe,
         always_shared: false,
     })
 }
@@ -287,6 +315,7 @@ async fn serve_etcd(
     Ok(Served {
         probe: proxy.probe(),
         directory: proxy,
+        mover: None,
         always_shared: true,
     })
 }
@@ -340,6 +369,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     if !config.gateway {
         validate_name(&config.tenant).map_err(|e| RunError::Config(format!("--tenant: {e}")))?;
+        if !config.extra_endpoint.is_empty() {
+            return Err(RunError::Config(
+                "--extra-endpoint names datastores a gateway's tenants moved to: it needs \
+                 --gateway"
+                    .into(),
+            ));
+        }
     }
     let served = if etcd_proxy::is_etcd_endpoint(&endpoint) {
         serve_etcd(&config, &endpoint, &redacted, limits).await?
@@ -381,7 +417,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let tenants = served.directory.clone();
     let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE || served.always_shared;
     if let Some(path) = &config.admin_socket {
-        serve_admin_socket(path, tenants.clone())?;
+        serve_admin_socket(path, tenants.clone(), served.mover.clone())?;
     }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness::start(served.probe.clone(), health_reporter).await;
@@ -442,6 +478,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             tenants: tenants.clone(),
             admin_identities: config.admin_identity.clone(),
             local: false,
+            mover: served.mover.clone(),
         }))
         .add_service(ClusterServer::new(ClusterService {
             tenancy,
@@ -580,7 +617,11 @@ async fn wait_for_signal() {
 }
 
 /// Serves the admin API alone on a local unix socket, readable and writable by the owner only.
-fn serve_admin_socket(path: &str, tenants: Arc<dyn TenantDirectory>) -> Result<(), RunError> {
+fn serve_admin_socket(
+    path: &str,
+    tenants: Arc<dyn TenantDirectory>,
+    mover: Option<Arc<RoutedTenants>>,
+) -> Result<(), RunError> {
     use std::os::unix::fs::PermissionsExt;
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(path);
@@ -594,6 +635,7 @@ fn serve_admin_socket(path: &str, tenants: Arc<dyn TenantDirectory>) -> Result<(
         tenants,
         admin_identities: Vec::new(),
         local: true,
+        mover,
     }));
     info!(socket = path, "serving the admin API");
     tokio::spawn(async move {

@@ -85,6 +85,12 @@ pub trait ServedTenant: Send + Sync + 'static {
     async fn moved(&self) -> Result<bool> {
         Ok(false)
     }
+
+    /// The tenant as served after it moved to another datastore inside this process (a
+    /// gateway's migration): streams opened before the move carry on there.
+    fn successor(&self) -> Option<Arc<dyn ServedTenant>> {
+        None
+    }
 }
 
 /// The tenants of one datastore, for the gateway and the admin API.
