@@ -391,3 +391,19 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The chart's CRDs are the ones the types generate (run `kine-rs-controller crds >
+    /// charts/kine-rs/crds/kine-rs.io.yaml` after changing the types).
+    #[test]
+    fn committed_crds_are_up_to_date() {
+        let committed = include_str!("../../charts/kine-rs/crds/kine-rs.io.yaml");
+        let generated = super::crds_yaml().unwrap_or_else(|e| format!("cannot generate: {e}"));
+        assert!(
+            committed == generated,
+            "charts/kine-rs/crds/kine-rs.io.yaml is out of date: run `cargo run -p \
+             kine-rs-controller -- crds > charts/kine-rs/crds/kine-rs.io.yaml`"
+        );
+    }
+}

@@ -1,0 +1,521 @@
+//! End to end, against real parts: a management kube-apiserver (v1.36.3, on kine-rs on
+//! SQLite), the controller (in process), real PostgreSQL and MariaDB/MySQL. A DataStore per
+//! database, a tenant kube-apiserver Deployment and a TenantDatastore: the controller
+//! provisions the tenant's database and login, writes its Secret and wires the Deployment.
+//! With no kubelet, the test then runs the wired pod itself: the kine-rs sidecar and the
+//! tenant kube-apiserver as local processes, from the Deployment's own container specs and
+//! the Secret; kubectl against the tenant works. Then: `writable: false` freezes the tenant
+//! (kube-apiserver's writes fail, reads go on), a change of `spec.dataStore` migrates it from
+//! PostgreSQL to MySQL and the rewired pod serves the same objects with the same
+//! resourceVersions; the DataStore in use refuses deletion and names its user; deleting the
+//! binding (deletionPolicy Delete) drops the tenant's databases and logins, after which the
+//! DataStore goes. Bad input on the way: an unreachable DataStore gets a clear condition, a
+//! binding to a missing DataStore waits with a reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{ApiServer, ChildGuard, Management, base64, free_port, service, spawn_kine};
+use kine_controller::wiring::SidecarSettings;
+use serde_json::Value;
+use sqlx::{Connection, Row};
+
+const NS: &str = "tenants";
+
+/// Runs the controller in a thread of its own, as the binary does.
+fn start_controller(kubeconfig: PathBuf) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "kine_controller=info,warn".into()),
+                )
+                .with_test_writer()
+                .try_init();
+            let client = common::client_from(&kubeconfig).await;
+            let sidecar = SidecarSettings {
+                image: "kine-rs:e2e".into(),
+                ..SidecarSettings::default()
+            };
+            let ctx = std::sync::Arc::new(kine_controller::Context::new(client, sidecar));
+            kine_controller::controller::run(ctx).await;
+        });
+    });
+}
+
+/// Waits until `kubectl get … -o jsonpath=PATH` prints what `ok` accepts.
+fn wait_for(api: &ApiServer, what: &[&str], path: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let jsonpath = format!("jsonpath={path}");
+    let mut args: Vec<&str> = vec!["get"];
+    args.extend_from_slice(what);
+    args.extend_from_slice(&["-o", &jsonpath]);
+    loop {
+        let out = api.try_kubectl(&args);
+        if out.status.success() && ok(&out.stdout) {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} {path}: still {:?} {:?} after 90s",
+            out.stdout,
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn condition(api: &ApiServer, what: &[&str], type_: &str) -> String {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    args.extend_from_slice(&["-o", "json"]);
+    let object: Value = serde_json::from_str(&api.kubectl(&args)).expect("json");
+    object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .map(|c| format!("{} {}: {}", c["status"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or(""), c["message"].as_str().unwrap_or("")))
+        .unwrap_or_default()
+}
+
+fn wait_condition(api: &ApiServer, what: &[&str], type_: &str, expected: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let c = condition(api, what, type_);
+        if c.starts_with(expected) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what:?}: condition {type_} is {c:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn secret_value(api: &ApiServer, name: &str, key: &str) -> String {
+    api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "secret",
+        name,
+        "-o",
+        &format!("go-template={{{{index .data \"{key}\" | base64decode}}}}"),
+    ])
+}
+
+fn deployment(api: &ApiServer) -> Value {
+    serde_json::from_str(&api.kubectl(&["-n", NS, "get", "deployment", "apiserver", "-o", "json"]))
+        .expect("deployment json")
+}
+
+/// The wired pod, run locally: the kine-rs sidecar and the tenant kube-apiserver, from the
+/// Deployment's container specs and the Secret its env refers to. `/run/kine-rs` (the
+/// shared emptyDir) becomes `socket_dir`.
+struct TenantPod {
+    api: ApiServer,
+    _sidecar: ChildGuard,
+}
+
+impl TenantPod {
+    fn start(management: &ApiServer, dir: &Path, port: u16) -> TenantPod {
+        let deployment = deployment(management);
+        let pod = &deployment["spec"]["template"]["spec"];
+        let volume_dir = dir.join("run-kine-rs");
+        let _ = std::fs::remove_dir_all(&volume_dir);
+        std::fs::create_dir_all(&volume_dir).expect("socket dir");
+        let mount = |text: &str| text.replace("/run/kine-rs", &volume_dir.display().to_string());
+        let containers = pod["containers"].as_array().expect("containers");
+        let find = |name: &str| {
+            containers
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("no container {name} in {pod}"))
+        };
+        let sidecar = find("kine-rs");
+        let args: Vec<String> = sidecar["args"]
+            .as_array()
+            .expect("sidecar args")
+            .iter()
+            .map(|a| mount(a.as_str().expect("arg")))
+            .collect();
+        let mut env = Vec::new();
+        for var in sidecar["env"].as_array().expect("sidecar env") {
+            let name = var["name"].as_str().expect("env name").to_string();
+            let value = match var["value"].as_str() {
+                Some(value) => value.to_string(),
+                None => {
+                    let key_ref = &var["valueFrom"]["secretKeyRef"];
+                    secret_value(
+                        management,
+                        key_ref["name"].as_str().expect("secret name"),
+                        key_ref["key"].as_str().expect("secret key"),
+                    )
+                }
+            };
+            env.push((name, value));
+        }
+        let socket = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--listen-address=unix://"))
+            .expect("the sidecar listens on a unix socket")
+            .to_string();
+        let sidecar = spawn_kine(&args, &env, &dir.join(format!("sidecar-{port}.log")), &socket);
+        let apiserver_args: Vec<String> = find("kube-apiserver")["args"]
+            .as_array()
+            .expect("apiserver args")
+            .iter()
+            .map(|a| mount(a.as_str().expect("arg")))
+            .collect();
+        let api = ApiServer::start(&dir.join("tenant-api"), port, &apiserver_args);
+        TenantPod {
+            api,
+            _sidecar: sidecar,
+        }
+    }
+}
+
+fn resource_version(api: &ApiServer, object: &str) -> String {
+    api.kubectl(&["get", object, "-o", "jsonpath={.metadata.resourceVersion}"])
+}
+
+#[test]
+fn postgres_and_mysql_end_to_end() {
+    let started = Instant::now();
+    let management = Management::start();
+    management.install_crds();
+    let api = &management.api;
+    start_controller(api.kubeconfig.clone());
+
+    let (pg_host, pg_port, pg_user, pg_password) = service(
+        "KINE_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let (my_host, my_port, my_user, my_password) =
+        service("KINE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql");
+    let unreachable = free_port();
+    api.kubectl(&["create", "namespace", NS]);
+    api.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: mysql-admin, namespace: {NS}}}
+stringData: {{username: "{my_user}", password: "{my_password}"}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: pg-a, labels: {{tier: sql}}}}
+spec:
+  driver: PostgreSQL
+  endpoints: ["{pg_host}:{pg_port}"]
+  basicAuth:
+    username: {{content: "{}"}}
+    password: {{content: "{}"}}
+  capacity: {{maxTenants: 10}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: my-a}}
+spec:
+  driver: MySQL
+  endpoints: ["{my_host}:{my_port}"]
+  basicAuth:
+    username: {{secretReference: {{name: mysql-admin, namespace: {NS}, keyPath: username}}}}
+    password: {{secretReference: {{name: mysql-admin, namespace: {NS}, keyPath: password}}}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: down}}
+spec:
+  driver: PostgreSQL
+  endpoints: ["127.0.0.1:{unreachable}"]
+"#,
+        base64(pg_user.as_bytes()),
+        base64(pg_password.as_bytes()),
+    ));
+    // The driver cannot change (CEL transition rule).
+    let out = api.try_kubectl(&[
+        "patch",
+        "datastore",
+        "pg-a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"driver":"MySQL"}}"#,
+    ]);
+    assert!(
+        !out.status.success() && out.stderr.contains("driver is immutable"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    wait_condition(api, &["datastore", "pg-a"], "Ready", "True Reachable");
+    wait_condition(api, &["datastore", "my-a"], "Ready", "True Reachable");
+    let down = wait_condition(api, &["datastore", "down"], "Ready", "False Unreachable");
+    assert!(down.contains(&format!("127.0.0.1:{unreachable}")), "{down}");
+    eprintln!("[{:.0?}] DataStores checked: down says {down:?}", started.elapsed());
+
+    // The tenant's kube-apiserver Deployment, as a user would have it (its etcd flags are
+    // replaced by the wiring), and the binding.
+    let tenant_dir = management.dir.path().join("tenant");
+    let files = common::ApiServerFiles::new(&tenant_dir.join("files"));
+    let tenant_port = free_port();
+    let mut args = files.args(tenant_port, "https://etcd.example:2379");
+    args.push("--etcd-cafile=/etc/etcd/ca.crt".into());
+    let args_yaml: String = args.iter().map(|a| format!("\n        - \"{a}\"")).collect();
+    api.apply(&format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: apiserver, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{app: apiserver}}}}
+  template:
+    metadata: {{labels: {{app: apiserver}}}}
+    spec:
+      containers:
+      - name: kube-apiserver
+        image: registry.k8s.io/kube-apiserver:v1.36.3
+        args:{args_yaml}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: tenant-a, namespace: {NS}}}
+spec:
+  apiServer: {{name: apiserver}}
+  dataStore: pg-a
+  deletionPolicy: Delete
+  quota: {{keys: 100000}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: orphan, namespace: {NS}}}
+spec:
+  apiServer: {{name: nothing}}
+  dataStore: missing
+"#
+    ));
+    let orphan = wait_condition(
+        api,
+        &["-n", NS, "tds", "orphan"],
+        "Ready",
+        "False DataStoreNotFound",
+    );
+    assert!(orphan.contains("DataStore missing does not exist"), "{orphan}");
+    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Ready");
+    eprintln!("[{:.0?}] tenant-a Ready on pg-a", started.elapsed());
+
+    // What the controller made: the tenant name from the UID, a database owned by a login
+    // role without any other right, the Secret, the wiring.
+    let uid = api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.metadata.uid}"]);
+    let tenant = api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.status.tenant}"]);
+    assert_eq!(tenant, format!("t-{uid}"));
+    let database =
+        api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.status.database}"]);
+    assert_eq!(database, kine_controller::provision::object_name(&tenant));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pg_admin_url = std::env::var("KINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&pg_admin_url).await.expect("postgres");
+        let row = sqlx::query(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolcanlogin FROM pg_roles WHERE rolname = $1",
+        )
+        .bind(&database)
+        .fetch_one(&mut conn)
+        .await
+        .expect("the tenant's role exists");
+        let flags: (bool, bool, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(flags, (false, false, false, true), "role {database}");
+        let owner: String = sqlx::query(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+        )
+        .bind(&database)
+        .fetch_one(&mut conn)
+        .await
+        .expect("the tenant's database exists")
+        .get(0);
+        assert_eq!(owner, database);
+    });
+    let endpoint = secret_value(api, "tenant-a-kine-rs", "endpoint");
+    assert!(
+        endpoint.starts_with(&format!("postgres://{database}:"))
+            && endpoint.ends_with(&format!("@{pg_host}:{pg_port}/{database}")),
+        "endpoint of the Secret: {}",
+        kine::run::redact_endpoint(&endpoint)
+    );
+    assert_eq!(secret_value(api, "tenant-a-kine-rs", "tenant"), tenant);
+    let wired = deployment(api);
+    let pod = &wired["spec"]["template"]["spec"];
+    let containers: HashMap<&str, &Value> = pod["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .map(|c| (c["name"].as_str().expect("name"), c))
+        .collect();
+    let apiserver_args: Vec<&str> = containers["kube-apiserver"]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(apiserver_args.contains(&"--etcd-servers=unix:///run/kine-rs/kine.sock"), "{apiserver_args:?}");
+    assert!(
+        !apiserver_args.iter().any(|a| a.contains("etcd.example") || a.starts_with("--etcd-cafile")),
+        "{apiserver_args:?}"
+    );
+    assert!(apiserver_args.contains(&format!("--secure-port={tenant_port}").as_str()));
+    let sidecar = containers["kine-rs"];
+    assert_eq!(sidecar["image"], "kine-rs:e2e");
+    assert_eq!(
+        sidecar["env"][0]["valueFrom"]["secretKeyRef"]["name"], "tenant-a-kine-rs",
+        "{sidecar}"
+    );
+    assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory", "{pod}");
+    let checksum_pg = wired["spec"]["template"]["metadata"]["annotations"]
+        ["kine-rs.io/config-checksum"]
+        .as_str()
+        .expect("checksum annotation")
+        .to_string();
+    let managers: Vec<&str> = wired["metadata"]["managedFields"]
+        .as_array()
+        .expect("managedFields")
+        .iter()
+        .filter_map(|f| f["manager"].as_str())
+        .collect();
+    assert!(managers.contains(&"kine-rs-controller-wiring"), "{managers:?}");
+
+    // The wired pod, run here: kubectl against the tenant works.
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port);
+    let tenant_api = &pod.api;
+    tenant_api.kubectl(&["create", "configmap", "cm1", "--from-literal=a=1"]);
+    tenant_api.kubectl(&["create", "configmap", "cm2", "--from-literal=a=2"]);
+    let rv1 = resource_version(tenant_api, "configmap/cm1");
+    let rv2 = resource_version(tenant_api, "configmap/cm2");
+    eprintln!("[{:.0?}] tenant kube-apiserver serves from pg-a", started.elapsed());
+
+    // Freeze: writes refused, reads go on; unfreeze.
+    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"writable":false}}"#]);
+    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Frozen");
+    let out = tenant_api.try_kubectl(&["create", "configmap", "frozen", "--from-literal=a=x"]);
+    assert!(!out.status.success(), "a write to a frozen tenant: {}", out.stdout);
+    assert_eq!(
+        tenant_api.kubectl(&["get", "configmap", "cm1", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"writable":true}}"#]);
+    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tenant_api
+        .try_kubectl(&["create", "configmap", "cm3", "--from-literal=a=3"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "writes did not come back after unfreezing");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let rv3 = resource_version(tenant_api, "configmap/cm3");
+    eprintln!("[{:.0?}] freeze and unfreeze done", started.elapsed());
+
+    // Migration to MySQL while the tenant runs.
+    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"dataStore":"my-a"}}"#]);
+    wait_for(
+        api,
+        &["-n", NS, "tds", "tenant-a"],
+        "{.status.currentDataStore}/{.status.phase}/{.status.migration.phase}",
+        |s| s == "my-a/Ready/done",
+    );
+    let migrated = condition(api, &["-n", NS, "tds", "tenant-a"], "Migrating");
+    assert!(migrated.starts_with("False MigrationSucceeded"), "{migrated}");
+    let endpoint = secret_value(api, "tenant-a-kine-rs", "endpoint");
+    assert!(
+        endpoint.starts_with(&format!("mysql://{database}:")),
+        "{}",
+        kine::run::redact_endpoint(&endpoint)
+    );
+    let checksum_my = deployment(api)["spec"]["template"]["metadata"]["annotations"]
+        ["kine-rs.io/config-checksum"]
+        .as_str()
+        .expect("checksum")
+        .to_string();
+    assert_ne!(checksum_pg, checksum_my, "the pod template must roll");
+    eprintln!("[{:.0?}] migrated to my-a", started.elapsed());
+    // The old pod's writes are refused now (its source keyspace was moved).
+    drop(pod);
+
+    // The rolled pod: same objects, same resourceVersions.
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port);
+    let tenant_api = &pod.api;
+    assert_eq!(resource_version(tenant_api, "configmap/cm1"), rv1);
+    assert_eq!(resource_version(tenant_api, "configmap/cm2"), rv2);
+    assert_eq!(resource_version(tenant_api, "configmap/cm3"), rv3);
+    assert_eq!(tenant_api.kubectl(&["get", "configmap", "cm2", "-o", "jsonpath={.data.a}"]), "2");
+    tenant_api.kubectl(&["create", "configmap", "cm4", "--from-literal=a=4"]);
+    let rv4: u64 = resource_version(tenant_api, "configmap/cm4").parse().expect("rv");
+    assert!(rv4 > rv3.parse::<u64>().expect("rv"), "{rv4} after {rv3}");
+    let mysql_url = std::env::var("KINE_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".into());
+    runtime.block_on(async {
+        let mut conn = sqlx::MySqlConnection::connect(&mysql_url).await.expect("mysql");
+        let grants: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SHOW GRANTS FOR '{database}'@'%'"
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .expect("grants")
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect();
+        assert_eq!(grants.len(), 2, "{grants:?}");
+        assert!(grants[0].starts_with("GRANT USAGE ON *.*"), "{grants:?}");
+        assert!(
+            grants[1].contains(&format!("ON `{database}`.*")) && !grants[1].contains("ALL"),
+            "{grants:?}"
+        );
+    });
+    drop(pod);
+
+    // A DataStore in use is not deleted, and says by whom.
+    api.kubectl(&["delete", "datastore", "my-a", "--wait=false"]);
+    let blocked = wait_condition(api, &["datastore", "my-a"], "DeletionBlocked", "True InUse");
+    assert!(blocked.contains(&format!("{NS}/tenant-a")), "{blocked}");
+
+    // Deleting the binding (Delete) drops the tenant's databases; then the store goes.
+    api.kubectl(&["-n", NS, "delete", "tds", "tenant-a", "--timeout=60s"]);
+    api.kubectl(&["wait", "--for=delete", "datastore/my-a", "--timeout=60s"]);
+    runtime.block_on(async {
+        let mut conn = sqlx::MySqlConnection::connect(&mysql_url).await.expect("mysql");
+        let left: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+        )
+        .bind(&database)
+        .fetch_one(&mut conn)
+        .await
+        .expect("schemata")
+        .get(0);
+        assert_eq!(left, 0, "database {database} was not dropped on MySQL");
+        let mut pg = sqlx::PgConnection::connect(&pg_admin_url).await.expect("postgres");
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM pg_roles WHERE rolname = $1")
+            .bind(&database)
+            .fetch_one(&mut pg)
+            .await
+            .expect("roles")
+            .get(0);
+        assert_eq!(left, 0, "role {database} was not dropped on PostgreSQL");
+    });
+    eprintln!("postgres_and_mysql_end_to_end passed in {:.1?}", started.elapsed());
+}
