@@ -29,11 +29,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use crate::credentials::{self, Sensitive};
 use crate::crd::{
     DataStore, DeletionPolicy, MigrationStatus, Phase, TenantDatastore, TenantDatastoreStatus,
     WorkloadKind, set_condition,
 };
+use crate::credentials::{self, Sensitive};
 use crate::error::{Error, Result};
 use crate::provision::{self, TenantLogin};
 use crate::wiring::{self, SECRET_ENDPOINT_KEY, SECRET_TENANT_KEY, WIRING_MANAGER};
@@ -178,7 +178,11 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
     };
     let tenant = match tenant_name(binding) {
         Ok(tenant) => tenant,
-        Err(e) => return run.wait(Phase::Failed, "InvalidTenant", e.to_string()).await,
+        Err(e) => {
+            return run
+                .wait(Phase::Failed, "InvalidTenant", e.to_string())
+                .await;
+        }
     };
     run.status.tenant = Some(tenant.clone());
     let secret_name = secret_name(&run.name);
@@ -331,7 +335,10 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
     run.status.current_data_store = Some(store_name.clone());
     run.status.keys = state.keys;
     run.status.bytes = state.bytes;
-    if matches!(store.spec.driver, crate::crd::Driver::PostgreSQL | crate::crd::Driver::MySQL) {
+    if matches!(
+        store.spec.driver,
+        crate::crd::Driver::PostgreSQL | crate::crd::Driver::MySQL
+    ) {
         run.status.database = Some(login.database.clone());
         run.status.user = Some(login.user.clone());
     } else {
@@ -341,7 +348,10 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
 
     // The Secret.
     let mut data = BTreeMap::from([
-        (SECRET_ENDPOINT_KEY.to_string(), endpoint.expose().to_string()),
+        (
+            SECRET_ENDPOINT_KEY.to_string(),
+            endpoint.expose().to_string(),
+        ),
         (SECRET_TENANT_KEY.to_string(), tenant.clone()),
         (
             SECRET_PASSWORD_KEY.to_string(),
@@ -396,11 +406,13 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
     let checksum = wiring::checksum(&endpoint, &tenant, &sidecar);
     let target = &binding.spec.api_server;
     let pod: Option<PodSpec> = match target.kind {
-        WorkloadKind::Deployment => Api::<Deployment>::namespaced(ctx.client.clone(), &run.namespace)
-            .get_opt(&target.name)
-            .await?
-            .and_then(|d| d.spec)
-            .and_then(|s| s.template.spec),
+        WorkloadKind::Deployment => {
+            Api::<Deployment>::namespaced(ctx.client.clone(), &run.namespace)
+                .get_opt(&target.name)
+                .await?
+                .and_then(|d| d.spec)
+                .and_then(|s| s.template.spec)
+        }
         WorkloadKind::StatefulSet => {
             Api::<StatefulSet>::namespaced(ctx.client.clone(), &run.namespace)
                 .get_opt(&target.name)
@@ -470,7 +482,11 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
             "tenant {tenant} on DataStore {store_name}, {:?} {} wired{}",
             target.kind,
             target.name,
-            if frozen { "; writes refused (writable: false)" } else { "" }
+            if frozen {
+                "; writes refused (writable: false)"
+            } else {
+                ""
+            }
         ),
         run.generation,
     );
@@ -499,8 +515,7 @@ async fn migrate(
             )
             .await?));
     };
-    if from.spec.driver == crate::crd::Driver::Etcd || to.spec.driver == crate::crd::Driver::Etcd
-    {
+    if from.spec.driver == crate::crd::Driver::Etcd || to.spec.driver == crate::crd::Driver::Etcd {
         return Ok(Err(run
             .wait(
                 Phase::Failed,
@@ -647,9 +662,7 @@ async fn migrate(
                 "Migrating",
                 false,
                 "MigrationFailed",
-                format!(
-                    "tenant {tenant} stays on DataStore {current}, writable: {message}"
-                ),
+                format!("tenant {tenant} stays on DataStore {current}, writable: {message}"),
                 run.generation,
             );
             run.event(

@@ -47,7 +47,10 @@ pub async fn run(ctx: Arc<Context>) {
             }
         });
     let binding_controller = Controller::new(bindings, watcher::Config::default())
-        .owns(secrets, watcher::Config::default().labels("app.kubernetes.io/managed-by=kine-rs-controller"))
+        .owns(
+            secrets,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=kine-rs-controller"),
+        )
         .shutdown_on_signal()
         .run(binding::reconcile, binding::error_policy, ctx.clone())
         .for_each(|result| async move {

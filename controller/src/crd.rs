@@ -7,6 +7,9 @@
 //!   DataStore: the controller provisions the tenant there, writes its connection Secret and
 //!   wires a kine-rs sidecar into the workload.
 
+// Several `printcolumn(type_ = "string", …)` in one `#[kube]` attribute read as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
@@ -146,7 +149,11 @@ pub struct Condition {
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Ready", type_ = "boolean", json_path = ".status.ready"),
     printcolumn(name = "Tenants", type_ = "integer", json_path = ".status.tenants"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DataStoreSpec {
@@ -244,10 +251,23 @@ fn writable_default() -> bool {
     namespaced,
     status = "TenantDatastoreStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "DataStore", type_ = "string", json_path = ".status.currentDataStore"),
-    printcolumn(name = "Tenant", type_ = "string", json_path = ".status.tenant", priority = 1),
+    printcolumn(
+        name = "DataStore",
+        type_ = "string",
+        json_path = ".status.currentDataStore"
+    ),
+    printcolumn(
+        name = "Tenant",
+        type_ = "string",
+        json_path = ".status.tenant",
+        priority = 1
+    ),
     printcolumn(name = "Writable", type_ = "boolean", json_path = ".spec.writable"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantDatastoreSpec {

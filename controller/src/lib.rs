@@ -10,8 +10,8 @@
 
 pub mod binding;
 pub mod controller;
-pub mod credentials;
 pub mod crd;
+pub mod credentials;
 pub mod datastore;
 pub mod error;
 pub mod metrics;

@@ -13,10 +13,18 @@ use kine_controller::wiring::SidecarSettings;
 #[command(name = "kine-rs-controller", version, about)]
 struct Cli {
     /// The kine-rs image of the sidecars the controller adds.
-    #[arg(long, env = "KINE_SIDECAR_IMAGE", default_value = "ghcr.io/kine-rs/kine-rs:latest")]
+    #[arg(
+        long,
+        env = "KINE_SIDECAR_IMAGE",
+        default_value = "ghcr.io/kine-rs/kine-rs:latest"
+    )]
     sidecar_image: String,
     /// Their image pull policy.
-    #[arg(long, env = "KINE_SIDECAR_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    #[arg(
+        long,
+        env = "KINE_SIDECAR_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
     sidecar_image_pull_policy: String,
     /// Their CPU request.
     #[arg(long, env = "KINE_SIDECAR_CPU_REQUEST", default_value = "50m")]
@@ -31,7 +39,11 @@ struct Cli {
     #[arg(long = "sidecar-arg", env = "KINE_SIDECAR_ARGS", value_delimiter = ' ')]
     sidecar_args: Vec<String>,
     /// Where to serve /metrics, /healthz and /readyz.
-    #[arg(long, env = "KINE_CONTROLLER_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "KINE_CONTROLLER_HTTP_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     http_address: SocketAddr,
     /// Log as JSON lines.
     #[arg(long, env = "KINE_CONTROLLER_LOG_JSON")]
@@ -72,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
         cpu_request: cli.sidecar_cpu_request,
         memory_request: cli.sidecar_memory_request,
         memory_limit: cli.sidecar_memory_limit,
-        extra_args: cli.sidecar_args.into_iter().filter(|a| !a.is_empty()).collect(),
+        extra_args: cli
+            .sidecar_args
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect(),
     };
     let ctx = Arc::new(Context::new(client, sidecar));
     let http = tokio::spawn(kine_controller::controller::serve_http(

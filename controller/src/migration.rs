@@ -101,7 +101,12 @@ pub async fn run(
                 };
                 let progress = latest.lock().ok().and_then(|p| p.clone());
                 if let Some(p) = progress {
-                    let key = (p.phase.name().to_string(), p.keys, p.events, p.applied_revision);
+                    let key = (
+                        p.phase.name().to_string(),
+                        p.keys,
+                        p.events,
+                        p.applied_revision,
+                    );
                     if written.as_ref() != Some(&key) {
                         let mut status = status.clone();
                         status.migration = Some(progress_status(&base, &p));
@@ -138,7 +143,12 @@ pub async fn run(
             }
         }
     };
-    info!(tenant = job.tenant, from = job.from, to = job.to, "migration starts");
+    info!(
+        tenant = job.tenant,
+        from = job.from,
+        to = job.to,
+        "migration starts"
+    );
     let result = kine::migrate::run(&*source, &*target, &options, &mut report).await;
     let _ = stop_tx.send(());
     let _ = reporter.await;

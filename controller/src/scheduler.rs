@@ -88,7 +88,12 @@ pub fn pick<'a>(
                 .then_with(|| tenants(b).cmp(&tenants(a)))
                 .then_with(|| b.name_any().cmp(&a.name_any()))
         })
-        .ok_or_else(|| NoStore(format!("every matching DataStore is full ({})", names(&usable))))
+        .ok_or_else(|| {
+            NoStore(format!(
+                "every matching DataStore is full ({})",
+                names(&usable)
+            ))
+        })
 }
 
 fn names(stores: &[&DataStore]) -> String {
@@ -155,7 +160,10 @@ mod tests {
 
     #[test]
     fn skips_full_stores() {
-        let stores = [store("full", 4, Some(4), &[]), store("roomy", 9, Some(10), &[])];
+        let stores = [
+            store("full", 4, Some(4), &[]),
+            store("roomy", 9, Some(10), &[]),
+        ];
         assert_eq!(picked(&stores, None), "roomy");
         let stores = [store("full", 4, Some(4), &[])];
         assert_eq!(

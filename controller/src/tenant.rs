@@ -34,24 +34,26 @@ impl Backends {
             return Ok(backend.clone());
         }
         let options = BackendOptions::default();
-        let backend =
-            match tokio::time::timeout(OPEN_TIMEOUT, kine::storage::open(endpoint.expose(), &options))
-                .await
-            {
-                Ok(Ok(backend)) => backend,
-                Ok(Err(e)) => {
-                    return Err(format!(
-                        "cannot open {}: {e}",
-                        kine::run::redact_endpoint(endpoint.expose())
-                    ));
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "opening {} took longer than {OPEN_TIMEOUT:?}",
-                        kine::run::redact_endpoint(endpoint.expose())
-                    ));
-                }
-            };
+        let backend = match tokio::time::timeout(
+            OPEN_TIMEOUT,
+            kine::storage::open(endpoint.expose(), &options),
+        )
+        .await
+        {
+            Ok(Ok(backend)) => backend,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot open {}: {e}",
+                    kine::run::redact_endpoint(endpoint.expose())
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "opening {} took longer than {OPEN_TIMEOUT:?}",
+                    kine::run::redact_endpoint(endpoint.expose())
+                ));
+            }
+        };
         open.insert(key, backend.clone());
         Ok(backend)
     }

@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::credentials::Sensitive;
 use crate::crd::WorkloadKind;
+use crate::credentials::Sensitive;
 
 /// Where the socket lives, in both containers.
 pub const SOCKET_DIR: &str = "/run/kine-rs";
@@ -261,8 +261,14 @@ mod tests {
         let settings = SidecarSettings::default();
         let sidecar = sidecar_container(&settings, "s");
         let a = checksum(&Sensitive("postgres://a".into()), "t", &sidecar);
-        assert_eq!(a, checksum(&Sensitive("postgres://a".into()), "t", &sidecar));
-        assert_ne!(a, checksum(&Sensitive("postgres://b".into()), "t", &sidecar));
+        assert_eq!(
+            a,
+            checksum(&Sensitive("postgres://a".into()), "t", &sidecar)
+        );
+        assert_ne!(
+            a,
+            checksum(&Sensitive("postgres://b".into()), "t", &sidecar)
+        );
         let other = sidecar_container(
             &SidecarSettings {
                 image: "other".into(),
@@ -288,7 +294,10 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert_eq!(apiserver_container(&pod, None).map(|c| c.name.as_str()), Ok("api"));
+        assert_eq!(
+            apiserver_container(&pod, None).map(|c| c.name.as_str()),
+            Ok("api")
+        );
         assert!(apiserver_container(&pod, Some("nope")).is_err());
     }
 }

@@ -85,7 +85,14 @@ fn condition(api: &ApiServer, what: &[&str], type_: &str) -> String {
         .into_iter()
         .flatten()
         .find(|c| c["type"] == type_)
-        .map(|c| format!("{} {}: {}", c["status"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or(""), c["message"].as_str().unwrap_or("")))
+        .map(|c| {
+            format!(
+                "{} {}: {}",
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or(""),
+                c["message"].as_str().unwrap_or("")
+            )
+        })
         .unwrap_or_default()
 }
 
@@ -117,8 +124,17 @@ fn secret_value(api: &ApiServer, name: &str, key: &str) -> String {
 }
 
 fn deployment(api: &ApiServer) -> Value {
-    serde_json::from_str(&api.kubectl(&["-n", NS, "get", "deployment", "apiserver", "-o", "json"]))
-        .expect("deployment json")
+    serde_json::from_str(&api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "deployment",
+        "apiserver",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]))
+    .expect("deployment json")
 }
 
 /// The wired pod, run locally: the kine-rs sidecar and the tenant kube-apiserver, from the
@@ -172,7 +188,12 @@ impl TenantPod {
             .find_map(|a| a.strip_prefix("--listen-address=unix://"))
             .expect("the sidecar listens on a unix socket")
             .to_string();
-        let sidecar = spawn_kine(&args, &env, &dir.join(format!("sidecar-{port}.log")), &socket);
+        let sidecar = spawn_kine(
+            &args,
+            &env,
+            &dir.join(format!("sidecar-{port}.log")),
+            &socket,
+        );
         let apiserver_args: Vec<String> = find("kube-apiserver")["args"]
             .as_array()
             .expect("apiserver args")
@@ -264,7 +285,10 @@ spec:
     wait_condition(api, &["datastore", "my-a"], "Ready", "True Reachable");
     let down = wait_condition(api, &["datastore", "down"], "Ready", "False Unreachable");
     assert!(down.contains(&format!("127.0.0.1:{unreachable}")), "{down}");
-    eprintln!("[{:.0?}] DataStores checked: down says {down:?}", started.elapsed());
+    eprintln!(
+        "[{:.0?}] DataStores checked: down says {down:?}",
+        started.elapsed()
+    );
 
     // The tenant's kube-apiserver Deployment, as a user would have it (its etcd flags are
     // replaced by the wiring), and the binding.
@@ -273,7 +297,10 @@ spec:
     let tenant_port = free_port();
     let mut args = files.args(tenant_port, "https://etcd.example:2379");
     args.push("--etcd-cafile=/etc/etcd/ca.crt".into());
-    let args_yaml: String = args.iter().map(|a| format!("\n        - \"{a}\"")).collect();
+    let args_yaml: String = args
+        .iter()
+        .map(|a| format!("\n        - \"{a}\""))
+        .collect();
     api.apply(&format!(
         r#"
 apiVersion: apps/v1
@@ -312,17 +339,48 @@ spec:
         "Ready",
         "False DataStoreNotFound",
     );
-    assert!(orphan.contains("DataStore missing does not exist"), "{orphan}");
-    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Ready");
+    assert!(
+        orphan.contains("DataStore missing does not exist"),
+        "{orphan}"
+    );
+    wait_for(
+        api,
+        &["-n", NS, "tds", "tenant-a"],
+        "{.status.phase}",
+        |p| p == "Ready",
+    );
     eprintln!("[{:.0?}] tenant-a Ready on pg-a", started.elapsed());
 
     // What the controller made: the tenant name from the UID, a database owned by a login
     // role without any other right, the Secret, the wiring.
-    let uid = api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.metadata.uid}"]);
-    let tenant = api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.status.tenant}"]);
+    let uid = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "tenant-a",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let tenant = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "tenant-a",
+        "-o",
+        "jsonpath={.status.tenant}",
+    ]);
     assert_eq!(tenant, format!("t-{uid}"));
-    let database =
-        api.kubectl(&["-n", NS, "get", "tds", "tenant-a", "-o", "jsonpath={.status.database}"]);
+    let database = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "tenant-a",
+        "-o",
+        "jsonpath={.status.database}",
+    ]);
     assert_eq!(database, kine_controller::provision::object_name(&tenant));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,9 +431,14 @@ spec:
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(apiserver_args.contains(&"--etcd-servers=unix:///run/kine-rs/kine.sock"), "{apiserver_args:?}");
     assert!(
-        !apiserver_args.iter().any(|a| a.contains("etcd.example") || a.starts_with("--etcd-cafile")),
+        apiserver_args.contains(&"--etcd-servers=unix:///run/kine-rs/kine.sock"),
+        "{apiserver_args:?}"
+    );
+    assert!(
+        !apiserver_args
+            .iter()
+            .any(|a| a.contains("etcd.example") || a.starts_with("--etcd-cafile")),
         "{apiserver_args:?}"
     );
     assert!(apiserver_args.contains(&format!("--secure-port={tenant_port}").as_str()));
@@ -386,18 +449,21 @@ spec:
         "{sidecar}"
     );
     assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory", "{pod}");
-    let checksum_pg = wired["spec"]["template"]["metadata"]["annotations"]
-        ["kine-rs.io/config-checksum"]
-        .as_str()
-        .expect("checksum annotation")
-        .to_string();
+    let checksum_pg =
+        wired["spec"]["template"]["metadata"]["annotations"]["kine-rs.io/config-checksum"]
+            .as_str()
+            .expect("checksum annotation")
+            .to_string();
     let managers: Vec<&str> = wired["metadata"]["managedFields"]
         .as_array()
         .expect("managedFields")
         .iter()
         .filter_map(|f| f["manager"].as_str())
         .collect();
-    assert!(managers.contains(&"kine-rs-controller-wiring"), "{managers:?}");
+    assert!(
+        managers.contains(&"kine-rs-controller-wiring"),
+        "{managers:?}"
+    );
 
     // The wired pod, run here: kubectl against the tenant works.
     let pod = TenantPod::start(api, &tenant_dir, tenant_port);
@@ -406,33 +472,80 @@ spec:
     tenant_api.kubectl(&["create", "configmap", "cm2", "--from-literal=a=2"]);
     let rv1 = resource_version(tenant_api, "configmap/cm1");
     let rv2 = resource_version(tenant_api, "configmap/cm2");
-    eprintln!("[{:.0?}] tenant kube-apiserver serves from pg-a", started.elapsed());
+    eprintln!(
+        "[{:.0?}] tenant kube-apiserver serves from pg-a",
+        started.elapsed()
+    );
 
     // Freeze: writes refused, reads go on; unfreeze.
-    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"writable":false}}"#]);
-    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Frozen");
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "tenant-a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":false}}"#,
+    ]);
+    wait_for(
+        api,
+        &["-n", NS, "tds", "tenant-a"],
+        "{.status.phase}",
+        |p| p == "Frozen",
+    );
     let out = tenant_api.try_kubectl(&["create", "configmap", "frozen", "--from-literal=a=x"]);
-    assert!(!out.status.success(), "a write to a frozen tenant: {}", out.stdout);
+    assert!(
+        !out.status.success(),
+        "a write to a frozen tenant: {}",
+        out.stdout
+    );
     assert_eq!(
         tenant_api.kubectl(&["get", "configmap", "cm1", "-o", "jsonpath={.data.a}"]),
         "1"
     );
-    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"writable":true}}"#]);
-    wait_for(api, &["-n", NS, "tds", "tenant-a"], "{.status.phase}", |p| p == "Ready");
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "tenant-a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":true}}"#,
+    ]);
+    wait_for(
+        api,
+        &["-n", NS, "tds", "tenant-a"],
+        "{.status.phase}",
+        |p| p == "Ready",
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !tenant_api
         .try_kubectl(&["create", "configmap", "cm3", "--from-literal=a=3"])
         .status
         .success()
     {
-        assert!(Instant::now() < deadline, "writes did not come back after unfreezing");
+        assert!(
+            Instant::now() < deadline,
+            "writes did not come back after unfreezing"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let rv3 = resource_version(tenant_api, "configmap/cm3");
     eprintln!("[{:.0?}] freeze and unfreeze done", started.elapsed());
 
     // Migration to MySQL while the tenant runs.
-    api.kubectl(&["-n", NS, "patch", "tds", "tenant-a", "--type=merge", "-p", r#"{"spec":{"dataStore":"my-a"}}"#]);
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "tenant-a",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"dataStore":"my-a"}}"#,
+    ]);
     wait_for(
         api,
         &["-n", NS, "tds", "tenant-a"],
@@ -440,7 +553,10 @@ spec:
         |s| s == "my-a/Ready/done",
     );
     let migrated = condition(api, &["-n", NS, "tds", "tenant-a"], "Migrating");
-    assert!(migrated.starts_with("False MigrationSucceeded"), "{migrated}");
+    assert!(
+        migrated.starts_with("False MigrationSucceeded"),
+        "{migrated}"
+    );
     let endpoint = secret_value(api, "tenant-a-kine-rs", "endpoint");
     assert!(
         endpoint.starts_with(&format!("mysql://{database}:")),
@@ -463,14 +579,21 @@ spec:
     assert_eq!(resource_version(tenant_api, "configmap/cm1"), rv1);
     assert_eq!(resource_version(tenant_api, "configmap/cm2"), rv2);
     assert_eq!(resource_version(tenant_api, "configmap/cm3"), rv3);
-    assert_eq!(tenant_api.kubectl(&["get", "configmap", "cm2", "-o", "jsonpath={.data.a}"]), "2");
+    assert_eq!(
+        tenant_api.kubectl(&["get", "configmap", "cm2", "-o", "jsonpath={.data.a}"]),
+        "2"
+    );
     tenant_api.kubectl(&["create", "configmap", "cm4", "--from-literal=a=4"]);
-    let rv4: u64 = resource_version(tenant_api, "configmap/cm4").parse().expect("rv");
+    let rv4: u64 = resource_version(tenant_api, "configmap/cm4")
+        .parse()
+        .expect("rv");
     assert!(rv4 > rv3.parse::<u64>().expect("rv"), "{rv4} after {rv3}");
     let mysql_url = std::env::var("KINE_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".into());
     runtime.block_on(async {
-        let mut conn = sqlx::MySqlConnection::connect(&mysql_url).await.expect("mysql");
+        let mut conn = sqlx::MySqlConnection::connect(&mysql_url)
+            .await
+            .expect("mysql");
         let grants: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SHOW GRANTS FOR '{database}'@'%'"
         )))
@@ -498,17 +621,20 @@ spec:
     api.kubectl(&["-n", NS, "delete", "tds", "tenant-a", "--timeout=60s"]);
     api.kubectl(&["wait", "--for=delete", "datastore/my-a", "--timeout=60s"]);
     runtime.block_on(async {
-        let mut conn = sqlx::MySqlConnection::connect(&mysql_url).await.expect("mysql");
-        let left: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-        )
-        .bind(&database)
-        .fetch_one(&mut conn)
-        .await
-        .expect("schemata")
-        .get(0);
+        let mut conn = sqlx::MySqlConnection::connect(&mysql_url)
+            .await
+            .expect("mysql");
+        let left: i64 =
+            sqlx::query("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?")
+                .bind(&database)
+                .fetch_one(&mut conn)
+                .await
+                .expect("schemata")
+                .get(0);
         assert_eq!(left, 0, "database {database} was not dropped on MySQL");
-        let mut pg = sqlx::PgConnection::connect(&pg_admin_url).await.expect("postgres");
+        let mut pg = sqlx::PgConnection::connect(&pg_admin_url)
+            .await
+            .expect("postgres");
         let left: i64 = sqlx::query("SELECT COUNT(*) FROM pg_roles WHERE rolname = $1")
             .bind(&database)
             .fetch_one(&mut pg)
@@ -517,5 +643,8 @@ spec:
             .get(0);
         assert_eq!(left, 0, "role {database} was not dropped on PostgreSQL");
     });
-    eprintln!("postgres_and_mysql_end_to_end passed in {:.1?}", started.elapsed());
+    eprintln!(
+        "postgres_and_mysql_end_to_end passed in {:.1?}",
+        started.elapsed()
+    );
 }

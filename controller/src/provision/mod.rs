@@ -21,8 +21,8 @@ use std::time::Duration;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
-use crate::credentials::{AdminLogin, Sensitive, encode_userinfo};
 use crate::crd::Driver;
+use crate::credentials::{AdminLogin, Sensitive, encode_userinfo};
 
 /// How long connecting to a datastore may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -20,15 +20,19 @@ async fn connect(admin: &AdminLogin) -> Result<MySqlConnection, String> {
     if let Some(user) = &admin.username {
         options = options.username(user);
     }
-    if let Some(password) = &admin.password {
+    // An empty password means none (sqlx would send a scramble of "").
+    if let Some(password) = admin.password.as_ref().filter(|p| !p.expose().is_empty()) {
         options = options.password(password.expose());
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("28000") => Err(
-            "access denied for the basicAuth user (wrong user or password?)".to_string(),
-        ),
-        Ok(Err(e)) => Err(format!("cannot connect to {}:{}: {e}", admin.host, admin.port)),
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("28000") => {
+            Err("access denied for the basicAuth user (wrong user or password?)".to_string())
+        }
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to {}:{}: {e}",
+            admin.host, admin.port
+        )),
         Err(_) => Err(format!(
             "no answer from {}:{} within {CONNECT_TIMEOUT:?}",
             admin.host, admin.port

@@ -129,7 +129,12 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 
 /// Starts kine-rs with `args` and `env`, logging to `log`; waits for `wait_for` (a TCP
 /// address or a unix socket path) to accept connections.
-pub fn spawn_kine(args: &[String], env: &[(String, String)], log: &Path, wait_for: &str) -> ChildGuard {
+pub fn spawn_kine(
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    wait_for: &str,
+) -> ChildGuard {
     let file = std::fs::File::create(log).expect("log file");
     let mut child = Command::new(kine_rs_binary())
         .args(args)
@@ -391,7 +396,10 @@ impl Management {
 
     /// Applies the chart's CRDs and waits until they are served.
     pub fn install_crds(&self) {
-        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kine-rs/crds/kine-rs.io.yaml");
+        let crds = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/kine-rs/crds/kine-rs.io.yaml"
+        );
         self.api.kubectl(&["apply", "--server-side", "-f", crds]);
         self.api.kubectl(&[
             "wait",
@@ -413,7 +421,9 @@ pub fn service(var: &str, default: &str) -> (String, u16, String, String) {
         None => ("", rest),
     };
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let (host, port) = hostport.rsplit_once(':').expect("host:port in the service URL");
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .expect("host:port in the service URL");
     (
         host.to_string(),
         port.parse().expect("port"),
@@ -427,7 +437,11 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
