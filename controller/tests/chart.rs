@@ -110,9 +110,18 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
     assert!(default.contains("--sidecar-image=ghcr.io/kine-rs/kine-rs:0.1.0"));
 
     // The gateway needs its datastore and TLS Secrets.
-    let out = helm(&["template", "kine-rs", chart, "--set", "gateway.enabled=true"]);
+    let out = helm(&[
+        "template",
+        "kine-rs",
+        chart,
+        "--set",
+        "gateway.enabled=true",
+    ]);
     assert!(
-        !out.status.success() && out.stderr.contains("gateway.endpointSecret.name is required"),
+        !out.status.success()
+            && out
+                .stderr
+                .contains("gateway.endpointSecret.name is required"),
         "{}",
         out.stderr
     );
@@ -127,16 +136,27 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
         .filter_map(|l| l.trim().strip_prefix("verbs: "))
         .collect();
     assert_eq!(verbs.len(), 5, "{role}");
-    for forbidden in ["*", "delete", "update", "deletecollection", "escalate", "bind"] {
+    for forbidden in [
+        "*",
+        "delete",
+        "update",
+        "deletecollection",
+        "escalate",
+        "bind",
+    ] {
         assert!(
-            !verbs.iter().any(|v| v.contains(&format!("\"{forbidden}\""))),
+            !verbs
+                .iter()
+                .any(|v| v.contains(&format!("\"{forbidden}\""))),
             "ClusterRole grants {forbidden}: {verbs:?}"
         );
     }
 
     // A real kube-apiserver validates every rendered object (server-side dry run).
     let management = Management::start();
-    management.api.kubectl(&["create", "namespace", "kine-system"]);
+    management
+        .api
+        .kubectl(&["create", "namespace", "kine-system"]);
     for (name, text) in [("default", &default), ("full", &full_render)] {
         let path = management.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, text).expect("write manifests");
@@ -146,7 +166,10 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
             "-f",
             &path.display().to_string(),
         ]);
-        let applied = out.lines().filter(|l| l.ends_with("(server dry run)")).count();
+        let applied = out
+            .lines()
+            .filter(|l| l.ends_with("(server dry run)"))
+            .count();
         assert_eq!(applied, kinds(text).len(), "{name}: {out}");
     }
 }

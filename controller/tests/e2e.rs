@@ -9,7 +9,9 @@
 //! PostgreSQL to MySQL and the rewired pod serves the same objects with the same
 //! resourceVersions; the DataStore in use refuses deletion and names its user; deleting the
 //! binding (deletionPolicy Delete) drops the tenant's databases and logins, after which the
-//! DataStore goes. Bad input on the way: an unreachable DataStore gets a clear condition, a
+//! DataStore goes. The management apiserver authorizes with RBAC, and the controller runs as
+//! the chart's ServiceAccount with the chart's ClusterRole (impersonated): the least verbs
+//! the chart grants are enough. Bad input on the way: an unreachable DataStore gets a clear condition, a
 //! binding to a missing DataStore waits with a reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -215,10 +217,39 @@ fn resource_version(api: &ApiServer, object: &str) -> String {
 #[test]
 fn postgres_and_mysql_end_to_end() {
     let started = Instant::now();
-    let management = Management::start();
+    let management = Management::start_rbac();
     management.install_crds();
     let api = &management.api;
-    start_controller(api.kubeconfig.clone());
+    // The controller runs with the chart's ServiceAccount and RBAC only (impersonated).
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kine-rs");
+    let rbac = common::run_bounded({
+        let mut helm = std::process::Command::new(common::helm_binary());
+        helm.args([
+            "template",
+            "kine-rs",
+            chart,
+            "--namespace",
+            "kine-system",
+            "--show-only",
+            "templates/rbac.yaml",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+        ]);
+        helm
+    });
+    assert!(rbac.status.success(), "helm template: {}", rbac.stderr);
+    api.kubectl(&["create", "namespace", "kine-system"]);
+    api.apply(&rbac.stdout);
+    let controller_kubeconfig = common::impersonating_kubeconfig(api, "kine-system", "kine-rs");
+    let can_i = |args: &[&str]| {
+        let mut command = api.command(&["auth", "can-i"]);
+        command.args(args).env("KUBECONFIG", &controller_kubeconfig);
+        common::run_bounded(command).stdout.trim().to_string()
+    };
+    assert_eq!(can_i(&["patch", "deployments", "-n", NS]), "yes");
+    assert_eq!(can_i(&["delete", "secrets", "-n", NS]), "no");
+    assert_eq!(can_i(&["update", "deployments", "-n", NS]), "no");
+    start_controller(controller_kubeconfig);
 
     let (pg_host, pg_port, pg_user, pg_password) = service(
         "KINE_TEST_POSTGRES_URL",

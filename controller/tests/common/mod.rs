@@ -365,7 +365,17 @@ pub struct Management {
 }
 
 impl Management {
+    /// With `--authorization-mode=AlwaysAllow`.
     pub fn start() -> Management {
+        Management::start_with("AlwaysAllow")
+    }
+
+    /// With `--authorization-mode=RBAC` (the test's token is in `system:masters`).
+    pub fn start_rbac() -> Management {
+        Management::start_with("RBAC")
+    }
+
+    fn start_with(authorization: &str) -> Management {
         let dir = tempfile::tempdir().expect("tempdir");
         let kine_port = free_port();
         let kine = spawn_kine(
@@ -382,11 +392,18 @@ impl Management {
         );
         let files = ApiServerFiles::new(&dir.path().join("management"));
         let port = free_port();
-        let api = ApiServer::start(
-            &dir.path().join("management"),
-            port,
-            &files.args(port, &format!("http://127.0.0.1:{kine_port}")),
-        );
+        let args: Vec<String> = files
+            .args(port, &format!("http://127.0.0.1:{kine_port}"))
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--authorization-mode=") {
+                    format!("--authorization-mode={authorization}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let api = ApiServer::start(&dir.path().join("management"), port, &args);
         Management {
             api,
             _kine: kine,
@@ -409,6 +426,28 @@ impl Management {
             "crd/tenantdatastores.kine-rs.io",
         ]);
     }
+}
+
+/// helm v3.22.0 (`$HELM_BIN`, else `scripts/peers.sh`'s cache).
+pub fn helm_binary() -> PathBuf {
+    peer_binary("HELM_BIN", "helm", "v3.22.0")
+}
+
+/// A kubeconfig like `api`'s whose user is impersonated as the ServiceAccount
+/// `namespace/name` (so requests get only the rights RBAC gives that ServiceAccount).
+pub fn impersonating_kubeconfig(api: &ApiServer, namespace: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&api.kubeconfig).expect("kubeconfig");
+    let text = text.replace(
+        &format!("    token: {TOKEN}\n"),
+        &format!(
+            "    token: {TOKEN}\n    as: system:serviceaccount:{namespace}:{name}\n    \
+             as-groups: [system:serviceaccounts, \"system:serviceaccounts:{namespace}\", \
+             system:authenticated]\n"
+        ),
+    );
+    let path = api.kubeconfig.with_extension("impersonated");
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
 }
 
 /// Host, port, user and password of a service URL from `$var` (else `default`).
