@@ -167,7 +167,16 @@ fn secret_value(secret: Option<&Secret>, key: &str) -> Option<String> {
         .and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
 
-async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
+async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
+    // The watch cache may lag behind this controller's own status writes (a reconcile
+    // queued before the last one finished sees the older object): read the binding afresh,
+    // so a tenant is never scheduled twice nor a migration started from stale status.
+    let api: Api<TenantDatastore> =
+        Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let binding = &fresh;
     let mut run = Run {
         ctx,
         binding,
@@ -197,7 +206,22 @@ async fn apply(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
             let stores: Api<DataStore> = Api::all(ctx.client.clone());
             let stores = stores.list(&ListParams::default()).await?.items;
             match scheduler::pick(&stores, binding.spec.data_store_selector.as_ref()) {
-                Ok(store) => store.name_any(),
+                Ok(store) => {
+                    let seen: Vec<String> = stores
+                        .iter()
+                        .map(|s| {
+                            let st = s.status.clone().unwrap_or_default();
+                            format!(
+                                "{} (ready {}, tenants {})",
+                                s.name_any(),
+                                st.ready,
+                                st.tenants
+                            )
+                        })
+                        .collect();
+                    info!(datastore = %store.name_any(), candidates = ?seen, "scheduled");
+                    store.name_any()
+                }
                 Err(scheduler::NoStore(why)) => {
                     return run
                         .wait(Phase::Provisioning, "NoDataStoreAvailable", why)

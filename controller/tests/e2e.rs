@@ -125,13 +125,13 @@ fn secret_value(api: &ApiServer, name: &str, key: &str) -> String {
     ])
 }
 
-fn deployment(api: &ApiServer) -> Value {
+fn deployment(api: &ApiServer, name: &str) -> Value {
     serde_json::from_str(&api.kubectl(&[
         "-n",
         NS,
         "get",
         "deployment",
-        "apiserver",
+        name,
         "-o",
         "json",
         "--show-managed-fields",
@@ -148,8 +148,8 @@ struct TenantPod {
 }
 
 impl TenantPod {
-    fn start(management: &ApiServer, dir: &Path, port: u16) -> TenantPod {
-        let deployment = deployment(management);
+    fn start(management: &ApiServer, dir: &Path, port: u16, name: &str) -> TenantPod {
+        let deployment = deployment(management, name);
         let pod = &deployment["spec"]["template"]["spec"];
         let volume_dir = dir.join("run-kine-rs");
         let _ = std::fs::remove_dir_all(&volume_dir);
@@ -214,9 +214,9 @@ fn resource_version(api: &ApiServer, object: &str) -> String {
     api.kubectl(&["get", object, "-o", "jsonpath={.metadata.resourceVersion}"])
 }
 
-#[test]
-fn postgres_and_mysql_end_to_end() {
-    let started = Instant::now();
+/// A management cluster with the CRDs, the chart's ServiceAccount and RBAC, and the
+/// controller running as that ServiceAccount (impersonated), with only those rights.
+fn setup() -> Management {
     let management = Management::start_rbac();
     management.install_crds();
     let api = &management.api;
@@ -250,6 +250,43 @@ fn postgres_and_mysql_end_to_end() {
     assert_eq!(can_i(&["delete", "secrets", "-n", NS]), "no");
     assert_eq!(can_i(&["update", "deployments", "-n", NS]), "no");
     start_controller(controller_kubeconfig);
+    api.kubectl(&["create", "namespace", NS]);
+    management
+}
+
+/// A Deployment of a tenant kube-apiserver, as a user would have it (its etcd flags are
+/// replaced by the wiring), to run locally on `port` with the files in `dir`.
+fn apiserver_deployment(name: &str, dir: &Path, port: u16) -> String {
+    let files = common::ApiServerFiles::new(dir);
+    let mut args = files.args(port, "https://etcd.example:2379");
+    args.push("--etcd-cafile=/etc/etcd/ca.crt".into());
+    let args_yaml: String = args
+        .iter()
+        .map(|a| format!("\n        - \"{a}\""))
+        .collect();
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+      - name: kube-apiserver
+        image: registry.k8s.io/kube-apiserver:v1.36.3
+        args:{args_yaml}
+"#
+    )
+}
+
+#[test]
+fn postgres_and_mysql_end_to_end() {
+    let started = Instant::now();
+    let management = setup();
+    let api = &management.api;
 
     let (pg_host, pg_port, pg_user, pg_password) = service(
         "KINE_TEST_POSTGRES_URL",
@@ -258,7 +295,6 @@ fn postgres_and_mysql_end_to_end() {
     let (my_host, my_port, my_user, my_password) =
         service("KINE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql");
     let unreachable = free_port();
-    api.kubectl(&["create", "namespace", NS]);
     api.apply(&format!(
         r#"
 apiVersion: v1
@@ -324,29 +360,14 @@ spec:
     // The tenant's kube-apiserver Deployment, as a user would have it (its etcd flags are
     // replaced by the wiring), and the binding.
     let tenant_dir = management.dir.path().join("tenant");
-    let files = common::ApiServerFiles::new(&tenant_dir.join("files"));
     let tenant_port = free_port();
-    let mut args = files.args(tenant_port, "https://etcd.example:2379");
-    args.push("--etcd-cafile=/etc/etcd/ca.crt".into());
-    let args_yaml: String = args
-        .iter()
-        .map(|a| format!("\n        - \"{a}\""))
-        .collect();
+    api.apply(&apiserver_deployment(
+        "apiserver",
+        &tenant_dir.join("files"),
+        tenant_port,
+    ));
     api.apply(&format!(
         r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: apiserver, namespace: {NS}}}
-spec:
-  selector: {{matchLabels: {{app: apiserver}}}}
-  template:
-    metadata: {{labels: {{app: apiserver}}}}
-    spec:
-      containers:
-      - name: kube-apiserver
-        image: registry.k8s.io/kube-apiserver:v1.36.3
-        args:{args_yaml}
----
 apiVersion: kine-rs.io/v1alpha1
 kind: TenantDatastore
 metadata: {{name: tenant-a, namespace: {NS}}}
@@ -448,7 +469,7 @@ spec:
         kine::run::redact_endpoint(&endpoint)
     );
     assert_eq!(secret_value(api, "tenant-a-kine-rs", "tenant"), tenant);
-    let wired = deployment(api);
+    let wired = deployment(api, "apiserver");
     let pod = &wired["spec"]["template"]["spec"];
     let containers: HashMap<&str, &Value> = pod["containers"]
         .as_array()
@@ -497,7 +518,7 @@ spec:
     );
 
     // The wired pod, run here: kubectl against the tenant works.
-    let pod = TenantPod::start(api, &tenant_dir, tenant_port);
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "apiserver");
     let tenant_api = &pod.api;
     tenant_api.kubectl(&["create", "configmap", "cm1", "--from-literal=a=1"]);
     tenant_api.kubectl(&["create", "configmap", "cm2", "--from-literal=a=2"]);
@@ -594,7 +615,7 @@ spec:
         "{}",
         kine::run::redact_endpoint(&endpoint)
     );
-    let checksum_my = deployment(api)["spec"]["template"]["metadata"]["annotations"]
+    let checksum_my = deployment(api, "apiserver")["spec"]["template"]["metadata"]["annotations"]
         ["kine-rs.io/config-checksum"]
         .as_str()
         .expect("checksum")
@@ -605,7 +626,7 @@ spec:
     drop(pod);
 
     // The rolled pod: same objects, same resourceVersions.
-    let pod = TenantPod::start(api, &tenant_dir, tenant_port);
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "apiserver");
     let tenant_api = &pod.api;
     assert_eq!(resource_version(tenant_api, "configmap/cm1"), rv1);
     assert_eq!(resource_version(tenant_api, "configmap/cm2"), rv2);
@@ -676,6 +697,236 @@ spec:
     });
     eprintln!(
         "postgres_and_mysql_end_to_end passed in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// Whether NATS holds a keyspace named `tenant` (through the kine-rs library).
+fn nats_keyspace(runtime: &tokio::runtime::Runtime, endpoint: &str, tenant: &str) -> bool {
+    runtime.block_on(async {
+        let backend = kine::storage::open(endpoint, &kine::storage::BackendOptions::default())
+            .await
+            .expect("open NATS");
+        backend
+            .keyspace(tenant, false)
+            .await
+            .expect("keyspace")
+            .is_some()
+    })
+}
+
+/// NATS, placed by the scheduler: two NATS DataStores with room for one tenant each and a
+/// label; bindings with a label selector and no `dataStore` spread over them, a third waits
+/// (`NoDataStoreAvailable`). The first tenant's wired pod serves kubectl from NATS, then
+/// moves to PostgreSQL (cross-driver, same resourceVersions). Deletion: `Retain` keeps the
+/// NATS keyspace, `Delete` drops it (and the PostgreSQL database).
+#[test]
+fn nats_scheduled_end_to_end() {
+    let started = Instant::now();
+    let management = setup();
+    let api = &management.api;
+    let (nats_host, nats_port, _, _) = service("KINE_TEST_NATS_URL", "nats://127.0.0.1:4222");
+    let (pg_host, pg_port, pg_user, _) = service(
+        "KINE_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: nats-a, labels: {{tier: nats}}}}
+spec:
+  driver: NATS
+  endpoints: ["{nats_host}:{nats_port}"]
+  capacity: {{maxTenants: 1}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: nats-b, labels: {{tier: nats}}}}
+spec:
+  driver: NATS
+  endpoints: ["{nats_host}:{nats_port}"]
+  capacity: {{maxTenants: 1}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: pg-n}}
+spec:
+  driver: PostgreSQL
+  endpoints: ["{pg_host}:{pg_port}"]
+  basicAuth:
+    username: {{content: "{}"}}
+    password: {{content: ""}}
+"#,
+        base64(pg_user.as_bytes())
+    ));
+    for store in ["nats-a", "nats-b", "pg-n"] {
+        wait_condition(api, &["datastore", store], "Ready", "True Reachable");
+    }
+    let tenant_dir = management.dir.path().join("tenant-n");
+    let tenant_port = free_port();
+    api.apply(&apiserver_deployment(
+        "api-n1",
+        &tenant_dir.join("files"),
+        tenant_port,
+    ));
+    let binding = |name: &str, workload: &str, policy: &str| {
+        format!(
+            r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  apiServer: {{name: {workload}}}
+  dataStoreSelector: {{tier: nats}}
+  deletionPolicy: {policy}
+"#
+        )
+    };
+    api.apply(&binding("n1", "api-n1", "Delete"));
+    let first = wait_for(
+        api,
+        &["-n", NS, "tds", "n1"],
+        "{.status.currentDataStore}/{.status.phase}",
+        |s| s.ends_with("/Ready"),
+    );
+    let first = first.trim_end_matches("/Ready").to_string();
+    wait_for(api, &["datastore", &first], "{.status.tenants}", |t| {
+        t == "1"
+    });
+    // The second tenant goes to the other store (the first is full), the third waits.
+    api.apply(&binding("n2", "api-n2", "Retain"));
+    let second = wait_for(
+        api,
+        &["-n", NS, "tds", "n2"],
+        "{.status.currentDataStore}",
+        |s| !s.is_empty(),
+    );
+    assert_ne!(first, second, "the scheduler put both tenants on {first}");
+    // (n2's workload does not exist: provisioned, not wired, with a reason.)
+    let n2 = wait_condition(
+        api,
+        &["-n", NS, "tds", "n2"],
+        "Ready",
+        "False WorkloadNotFound",
+    );
+    assert!(n2.contains("api-n2 does not exist"), "{n2}");
+    wait_for(api, &["datastore", &second], "{.status.tenants}", |t| {
+        t == "1"
+    });
+    api.apply(&binding("n3", "api-n3", "Retain"));
+    let n3 = wait_condition(
+        api,
+        &["-n", NS, "tds", "n3"],
+        "Ready",
+        "False NoDataStoreAvailable",
+    );
+    assert!(n3.contains("every matching DataStore is full"), "{n3}");
+    eprintln!(
+        "[{:.0?}] scheduled: n1 on {first}, n2 on {second}, n3 waits",
+        started.elapsed()
+    );
+
+    let endpoint = secret_value(api, "n1-kine-rs", "endpoint");
+    assert_eq!(endpoint, format!("nats://{nats_host}:{nats_port}"));
+    let tenant1 = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "n1",
+        "-o",
+        "jsonpath={.status.tenant}",
+    ]);
+    let tenant2 = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "n2",
+        "-o",
+        "jsonpath={.status.tenant}",
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    assert!(nats_keyspace(&runtime, &endpoint, &tenant1));
+    assert!(nats_keyspace(&runtime, &endpoint, &tenant2));
+
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-n1");
+    pod.api
+        .kubectl(&["create", "configmap", "on-nats", "--from-literal=a=n"]);
+    let rv = resource_version(&pod.api, "configmap/on-nats");
+    eprintln!("[{:.0?}] tenant n1 serves from NATS", started.elapsed());
+
+    // NATS -> PostgreSQL.
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "n1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"dataStore":"pg-n"}}"#,
+    ]);
+    wait_for(
+        api,
+        &["-n", NS, "tds", "n1"],
+        "{.status.currentDataStore}/{.status.phase}/{.status.migration.phase}",
+        |s| s == "pg-n/Ready/done",
+    );
+    drop(pod);
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-n1");
+    assert_eq!(resource_version(&pod.api, "configmap/on-nats"), rv);
+    pod.api
+        .kubectl(&["create", "configmap", "on-postgres", "--from-literal=a=p"]);
+    drop(pod);
+    eprintln!("[{:.0?}] n1 moved to PostgreSQL", started.elapsed());
+
+    // Retain keeps n2's keyspace; Delete drops n1's (moved) keyspace and its database.
+    let database = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "n1",
+        "-o",
+        "jsonpath={.status.database}",
+    ]);
+    api.kubectl(&["-n", NS, "delete", "tds", "n2", "n1", "--timeout=60s"]);
+    assert!(
+        nats_keyspace(&runtime, &endpoint, &tenant2),
+        "Retain dropped {tenant2}"
+    );
+    assert!(
+        !nats_keyspace(&runtime, &endpoint, &tenant1),
+        "Delete kept {tenant1}"
+    );
+    let pg_admin_url = std::env::var("KINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    runtime.block_on(async {
+        let mut pg = sqlx::PgConnection::connect(&pg_admin_url)
+            .await
+            .expect("postgres");
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM pg_database WHERE datname = $1")
+            .bind(&database)
+            .fetch_one(&mut pg)
+            .await
+            .expect("databases")
+            .get(0);
+        assert_eq!(left, 0, "database {database} was not dropped");
+        // The retained keyspace is the test's to remove.
+        let backend = kine::storage::open(&endpoint, &kine::storage::BackendOptions::default())
+            .await
+            .expect("open NATS");
+        kine_controller::tenant::delete(&*backend, &tenant2)
+            .await
+            .expect("delete the retained keyspace");
+    });
+    eprintln!(
+        "nats_scheduled_end_to_end passed in {:.1?}",
         started.elapsed()
     );
 }
