@@ -642,6 +642,11 @@ async fn migrate(
         migration::run(ctx, &run.namespace, &run.name, &run.status, job).await
     }
     .await;
+    ctx.metrics.migration(if result.is_ok() {
+        "succeeded"
+    } else {
+        "failed"
+    });
     let migration = run.status.migration.get_or_insert_with(Default::default);
     match result {
         Ok(summary) => {

@@ -162,13 +162,11 @@ pub async fn run(
                 freeze_ms = summary.freeze_window.as_millis() as u64,
                 "migration done"
             );
-            ctx.metrics.migration("succeeded");
             Ok(summary)
         }
         Err(error) => {
             let message = error.to_string();
             warn!(tenant = job.tenant, %message, "migration failed; rolling back");
-            ctx.metrics.migration("failed");
             if let Err(abort) = kine::migrate::abort(&*source, &*target, job.tenant).await {
                 warn!(tenant = job.tenant, error = %abort, "rolling the migration back failed");
                 return Err(format!("{message}; rolling back also failed: {abort}"));

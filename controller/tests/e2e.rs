@@ -28,8 +28,10 @@ use sqlx::{Connection, Row};
 
 const NS: &str = "tenants";
 
-/// Runs the controller in a thread of its own, as the binary does.
-fn start_controller(kubeconfig: PathBuf) {
+/// Runs the controller in a thread of its own, as the binary does; returns the port of its
+/// /metrics.
+fn start_controller(kubeconfig: PathBuf) -> u16 {
+    let http_port = free_port();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -50,9 +52,47 @@ fn start_controller(kubeconfig: PathBuf) {
                 ..SidecarSettings::default()
             };
             let ctx = std::sync::Arc::new(kine_controller::Context::new(client, sidecar));
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+            tokio::spawn(kine_controller::controller::serve_http(
+                address,
+                ctx.clone(),
+            ));
             kine_controller::controller::run(ctx).await;
         });
     });
+    http_port
+}
+
+/// The controller's /metrics (a plain HTTP/1.0 GET).
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+/// The notes of the events.k8s.io Events with `reason` about `object` in the namespace.
+fn events(api: &ApiServer, reason: &str, object: &str) -> Vec<String> {
+    let list: Value = serde_json::from_str(&api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "events.v1.events.k8s.io",
+        "-o",
+        "json",
+    ]))
+    .expect("events json");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == reason && e["regarding"]["name"] == object)
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// Waits until `kubectl get … -o jsonpath=PATH` prints what `ok` accepts.
@@ -216,7 +256,7 @@ fn resource_version(api: &ApiServer, object: &str) -> String {
 
 /// A management cluster with the CRDs, the chart's ServiceAccount and RBAC, and the
 /// controller running as that ServiceAccount (impersonated), with only those rights.
-fn setup() -> Management {
+fn setup() -> (Management, u16) {
     let management = Management::start_rbac();
     management.install_crds();
     let api = &management.api;
@@ -249,9 +289,9 @@ fn setup() -> Management {
     assert_eq!(can_i(&["patch", "deployments", "-n", NS]), "yes");
     assert_eq!(can_i(&["delete", "secrets", "-n", NS]), "no");
     assert_eq!(can_i(&["update", "deployments", "-n", NS]), "no");
-    start_controller(controller_kubeconfig);
+    let metrics_port = start_controller(controller_kubeconfig);
     api.kubectl(&["create", "namespace", NS]);
-    management
+    (management, metrics_port)
 }
 
 /// A Deployment of a tenant kube-apiserver, as a user would have it (its etcd flags are
@@ -285,7 +325,7 @@ spec:
 #[test]
 fn postgres_and_mysql_end_to_end() {
     let started = Instant::now();
-    let management = setup();
+    let (management, metrics_port) = setup();
     let api = &management.api;
 
     let (pg_host, pg_port, pg_user, pg_password) = service(
@@ -621,6 +661,20 @@ spec:
         .expect("checksum")
         .to_string();
     assert_ne!(checksum_pg, checksum_my, "the pod template must roll");
+    let notes = events(api, "Migrated", "tenant-a");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("from DataStore pg-a to my-a")),
+        "{notes:?}"
+    );
+    assert!(!events(api, "Provisioned", "tenant-a").is_empty());
+    let text = metrics(metrics_port);
+    assert!(
+        text.contains("kine_rs_controller_migrations_total{result=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("kine_rs_controller_reconciles_total{kind=\"TenantDatastore\"}"));
     eprintln!("[{:.0?}] migrated to my-a", started.elapsed());
     // The old pod's writes are refused now (its source keyspace was moved).
     drop(pod);
@@ -723,7 +777,7 @@ fn nats_keyspace(runtime: &tokio::runtime::Runtime, endpoint: &str, tenant: &str
 #[test]
 fn nats_scheduled_end_to_end() {
     let started = Instant::now();
-    let management = setup();
+    let (management, metrics_port) = setup();
     let api = &management.api;
     let (nats_host, nats_port, _, _) = service("KINE_TEST_NATS_URL", "nats://127.0.0.1:4222");
     let (pg_host, pg_port, pg_user, _) = service(
@@ -860,6 +914,82 @@ spec:
     let rv = resource_version(&pod.api, "configmap/on-nats");
     eprintln!("[{:.0?}] tenant n1 serves from NATS", started.elapsed());
 
+    // A migration that fails (the target database exists and belongs to someone else): the
+    // tenant stays on NATS, writable, with the reason in its status and an Event.
+    let pg_url = std::env::var("KINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let blocker = kine_controller::provision::object_name(&tenant1);
+    let sql = |statement: String| {
+        runtime.block_on(async {
+            let mut pg = sqlx::PgConnection::connect(&pg_url)
+                .await
+                .expect("postgres");
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut pg)
+                .await
+                .expect("statement");
+        })
+    };
+    sql(format!("CREATE DATABASE \"{blocker}\""));
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "n1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"dataStore":"pg-n"}}"#,
+    ]);
+    let failed = wait_for(
+        api,
+        &["-n", NS, "tds", "n1"],
+        "{.status.currentDataStore}/{.status.phase}/{.status.migration.phase}",
+        |s| s.ends_with("/failed"),
+    );
+    assert_eq!(failed, format!("{first}/Ready/failed"));
+    let why = condition(api, &["-n", NS, "tds", "n1"], "Migrating");
+    assert!(
+        why.starts_with("False MigrationFailed") && why.contains("refusing to take it over"),
+        "{why}"
+    );
+    let notes = events(api, "MigrationFailed", "n1");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains(&format!("stays on DataStore {first}"))),
+        "{notes:?}"
+    );
+    pod.api
+        .kubectl(&["create", "configmap", "after-failure", "--from-literal=a=f"]);
+    sql(format!("DROP DATABASE \"{blocker}\""));
+    // Not retried for the same generation; a new one (back, then forth) retries.
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "n1",
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"spec":{{"dataStore":"{first}"}}}}"#),
+    ]);
+    wait_for(
+        api,
+        &["-n", NS, "tds", "n1"],
+        "{.status.observedGeneration}",
+        |g| g == "3",
+    );
+    let text = metrics(metrics_port);
+    assert!(
+        text.contains("kine_rs_controller_migrations_total{result=\"failed\"} 1"),
+        "{text}"
+    );
+    eprintln!(
+        "[{:.0?}] a failed migration left n1 on {first}, writable",
+        started.elapsed()
+    );
+
     // NATS -> PostgreSQL.
     api.kubectl(&[
         "-n",
@@ -880,6 +1010,7 @@ spec:
     drop(pod);
     let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-n1");
     assert_eq!(resource_version(&pod.api, "configmap/on-nats"), rv);
+    resource_version(&pod.api, "configmap/after-failure");
     pod.api
         .kubectl(&["create", "configmap", "on-postgres", "--from-literal=a=p"]);
     drop(pod);
