@@ -6,7 +6,7 @@
 //! admin login), [`provision`] (databases and logins per driver), [`tenant`] (the tenant's
 //! keyspace through the kine-rs library), [`scheduler`] (placing new tenants), [`wiring`]
 //! (the sidecar and the workload patch), [`migration`], [`datastore`] and [`binding`] (the
-//! two reconcilers), [`metrics`], [`controller`] (running them).
+//! two reconcilers), [`metrics`], [`leader`] (leader election), [`controller`] (running them).
 
 pub mod binding;
 pub mod controller;
@@ -14,6 +14,7 @@ pub mod crd;
 pub mod credentials;
 pub mod datastore;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod provision;

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
 use kine_controller::Context;
+use kine_controller::leader::LeaderElection;
 use kine_controller::wiring::SidecarSettings;
 
 #[derive(Debug, Parser)]
@@ -48,6 +51,21 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "KINE_CONTROLLER_LOG_JSON")]
     log_json: bool,
+    /// Elect a leader among replicas with a Lease in this namespace (in a pod: its own
+    /// namespace, `POD_NAMESPACE`); empty: no election (run one replica only).
+    #[arg(
+        long,
+        env = "KINE_CONTROLLER_LEADER_ELECTION_NAMESPACE",
+        default_value = ""
+    )]
+    leader_election_namespace: String,
+    /// The Lease's name.
+    #[arg(
+        long,
+        env = "KINE_CONTROLLER_LEADER_ELECTION_LEASE",
+        default_value = "kine-rs-controller"
+    )]
+    leader_election_lease: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -90,13 +108,34 @@ async fn main() -> anyhow::Result<()> {
             .filter(|a| !a.is_empty())
             .collect(),
     };
-    let ctx = Arc::new(Context::new(client, sidecar));
+    let ctx = Arc::new(Context::new(client.clone(), sidecar));
     let http = tokio::spawn(kine_controller::controller::serve_http(
         cli.http_address,
         ctx.clone(),
     ));
+    let election = (!cli.leader_election_namespace.is_empty()).then(|| {
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("kine-rs-controller-{}", std::process::id()));
+        LeaderElection::new(
+            client,
+            &cli.leader_election_namespace,
+            &cli.leader_election_lease,
+            &identity,
+            Duration::from_secs(15),
+        )
+    });
+    if let Some(election) = &election {
+        election.acquire().await;
+    }
+    let keep = async {
+        match &election {
+            Some(election) => election.keep().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = kine_controller::controller::run(ctx) => Ok(()),
+        () = keep => anyhow::bail!("lost the leader election lease; exiting so another replica leads"),
         served = http => {
             served.context("the HTTP server task")?.context("serving /metrics")?;
             Ok(())

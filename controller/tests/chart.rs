@@ -86,6 +86,8 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount"
         ]
@@ -100,6 +102,8 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
             "Deployment",
             "Deployment",
             "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
             "Service",
             "Service",
             "ServiceAccount"
@@ -127,15 +131,15 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
     );
 
     // Least verbs: no wildcard, nothing that deletes or updates whole objects.
-    let role = default
+    let role: String = default
         .split("\n---")
-        .find(|doc| doc.contains("kind: ClusterRole\n"))
-        .expect("ClusterRole");
+        .filter(|doc| doc.contains("kind: ClusterRole\n") || doc.contains("kind: Role\n"))
+        .collect();
     let verbs: Vec<&str> = role
         .lines()
         .filter_map(|l| l.trim().strip_prefix("verbs: "))
         .collect();
-    assert_eq!(verbs.len(), 5, "{role}");
+    assert_eq!(verbs.len(), 6, "{role}");
     for forbidden in [
         "*",
         "delete",
