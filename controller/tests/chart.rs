@@ -130,16 +130,30 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
         out.stderr
     );
 
-    // Least verbs: no wildcard, nothing that deletes or updates whole objects.
-    let role: String = default
-        .split("\n---")
-        .filter(|doc| doc.contains("kind: ClusterRole\n") || doc.contains("kind: Role\n"))
-        .collect();
-    let verbs: Vec<&str> = role
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("verbs: "))
-        .collect();
-    assert_eq!(verbs.len(), 6, "{role}");
+    // Least verbs: no wildcard, nothing that deletes or updates whole objects; in the
+    // release's namespace, its Lease only.
+    let doc = |kind: &str| -> String {
+        default
+            .split("\n---")
+            .filter(|doc| doc.contains(&format!("kind: {kind}\n")))
+            .collect()
+    };
+    let verbs_of = |doc: &str| -> Vec<String> {
+        doc.lines()
+            .filter_map(|l| l.trim().strip_prefix("verbs: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let role = doc("Role");
+    assert!(role.contains("resources: [\"leases\"]"), "{role}");
+    assert_eq!(
+        verbs_of(&role),
+        ["[\"get\", \"create\", \"update\"]"],
+        "{role}"
+    );
+    let role = doc("ClusterRole");
+    let verbs = verbs_of(&role);
+    assert_eq!(verbs.len(), 5, "{role}");
     for forbidden in [
         "*",
         "delete",

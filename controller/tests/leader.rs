@@ -21,8 +21,14 @@ fn one_leader_at_a_time_and_a_takeover_after_expiry() {
         let duration = Duration::from_secs(2);
         let a = LeaderElection::new(client.clone(), "default", "ctl", "replica-a", duration);
         let b = LeaderElection::new(client.clone(), "default", "ctl", "replica-b", duration);
-        assert!(a.try_acquire_or_renew().await.expect("a"), "a takes the free lease");
-        assert!(!b.try_acquire_or_renew().await.expect("b"), "b must not take a held lease");
+        assert!(
+            a.try_acquire_or_renew().await.expect("a"),
+            "a takes the free lease"
+        );
+        assert!(
+            !b.try_acquire_or_renew().await.expect("b"),
+            "b must not take a held lease"
+        );
         assert!(a.try_acquire_or_renew().await.expect("a renews"));
         // a stops renewing: b takes over once the lease has expired, not before.
         let stopped = Instant::now();
@@ -32,7 +38,10 @@ fn one_leader_at_a_time_and_a_takeover_after_expiry() {
             "b took over after {:?}, before the lease expired",
             stopped.elapsed()
         );
-        assert!(!a.try_acquire_or_renew().await.expect("a again"), "a lost it");
+        assert!(
+            !a.try_acquire_or_renew().await.expect("a again"),
+            "a lost it"
+        );
         let lease: k8s_openapi::api::coordination::v1::Lease =
             kube::Api::namespaced(client, "default")
                 .get("ctl")
