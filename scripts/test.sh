@@ -18,14 +18,16 @@
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
 #   - NATS with JetStream on 127.0.0.1:4222 (override: KINE_TEST_NATS_URL)
+#   - the newest nats-server (2.15, built by scripts/peers.sh, fsync on every write) on
+#     127.0.0.1:4223 (override: KINE_TEST_NATS_NEWEST_URL)
 # A service whose URL points at another host is left alone. A service that is not installed
 # is reported and skipped; the tests of that backend then say what is missing.
 # Then: cargo fmt --check, cargo clippy -D warnings, cargo build --bins, and the tests
 # (cargo nextest if installed, else cargo test).
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
-# (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN
-# (scripts/peers.sh).
+# (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN,
+# NATS_SERVER_BIN (scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -379,6 +381,39 @@ start_nats() {
     fi
 }
 
+# The newest nats-server (scripts/peers.sh builds it) beside Debian's, so the NATS suites run
+# on both: fsync on every write (`sync_interval: always`), its store under ~/.cache.
+start_nats_newest() {
+    local host port dir
+    read -r host port < <(service_target KINE_TEST_NATS_NEWEST_URL 4223)
+    if ! is_local_host "$host"; then
+        echo "NATS (newest): $KINE_TEST_NATS_NEWEST_URL is not local; not starting anything"
+        return 0
+    fi
+    if port_open "$host" "$port"; then
+        echo "NATS (newest): answering on $host:$port"
+        return 0
+    fi
+    [ -x "${NATS_SERVER_BIN:-}" ] || die "no NATS_SERVER_BIN from scripts/peers.sh"
+    dir="${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}/nats-newest-$port"
+    mkdir -p "$dir/jetstream"
+    cat >"$dir/nats.conf" <<CONF
+host: 127.0.0.1
+port: $port
+jetstream {
+    store_dir: "$dir/jetstream"
+    sync_interval: always
+}
+CONF
+    echo "NATS (newest): starting $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version)) on 127.0.0.1:$port"
+    setsid nohup "$NATS_SERVER_BIN" -c "$dir/nats.conf" >>"$dir/nats-server.log" 2>&1 </dev/null &
+    if wait_port "$host" "$port" 30; then
+        echo "NATS (newest): answering on $host:$port"
+    else
+        warn "NATS (newest) does not answer on $host:$port (see $dir/nats-server.log): its tests will fail"
+    fi
+}
+
 # ---------------------------------------------------------------------------------------------
 
 if [ "${KINE_TEST_SKIP_PROVISION:-}" != "1" ]; then
@@ -390,6 +425,7 @@ if [ "${KINE_TEST_SKIP_PROVISION:-}" != "1" ]; then
     start_postgres
     start_mariadb
     start_nats
+    start_nats_newest
 else
     say "provisioning skipped (KINE_TEST_SKIP_PROVISION=1)"
 fi

@@ -210,6 +210,7 @@ fn headline(v: &Value) -> f64 {
         "watch-latency" => num(v, "p99_ms"),
         "rss" => extra(v, "rss_mib").unwrap_or(0.0),
         "gateway-watch" => extra(v, "open_s").unwrap_or(0.0),
+        "startup" => extra(v, "first_read_s").unwrap_or(0.0),
         _ => num(v, "p50_ms"),
     }
 }
@@ -272,6 +273,14 @@ fn cell(v: &Value, base: Option<&Value>) -> String {
                 extra(v, "missing").unwrap_or(0.0),
                 extra(v, "foreign").unwrap_or(0.0),
                 extra(v, "lost").unwrap_or(0.0),
+            )
+        }
+        "startup" => {
+            let seconds = extra(v, "first_read_s").unwrap_or(0.0);
+            format!(
+                "{seconds:.2} s{} ({:.0} keys)",
+                ratio(seconds, base.and_then(|b| extra(b, "first_read_s"))),
+                extra(v, "keys").unwrap_or(0.0),
             )
         }
         _ => format!("{:.2} ms", num(v, "p50_ms")),

@@ -27,6 +27,10 @@ pub enum Backend {
     /// NATS JetStream at `$KINE_TEST_NATS_URL`, in a fresh bucket (streams and key-value
     /// buckets named after it) per server.
     Nats,
+    /// The same on the newest nats-server at `$KINE_TEST_NATS_NEWEST_URL` (scripts/test.sh
+    /// starts nats-server 2.15 from Go modules there, with `sync_interval: always`), so both
+    /// the Debian server (2.9) and a current one are tested.
+    NatsNewest,
 }
 
 impl Backend {
@@ -38,7 +42,13 @@ impl Backend {
             Backend::Postgres,
             Backend::Mysql,
             Backend::Nats,
+            Backend::NatsNewest,
         ]
+    }
+
+    /// Whether this is a NATS JetStream backend.
+    pub fn is_nats(self) -> bool {
+        matches!(self, Backend::Nats | Backend::NatsNewest)
     }
 }
 
@@ -64,10 +74,11 @@ impl TestDatabase {
             ),
             Backend::Mysql => ("KINE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/mysql"),
             Backend::Nats => ("KINE_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+            Backend::NatsNewest => ("KINE_TEST_NATS_NEWEST_URL", "nats://127.0.0.1:4223"),
             Backend::Memory | Backend::Sqlite => return None,
         };
         let server = std::env::var(variable).unwrap_or_else(|_| default.to_string());
-        if backend == Backend::Nats {
+        if backend.is_nats() {
             let name = format!("kt{:016x}", rand::random::<u64>());
             let base = server.split('?').next().unwrap_or(&server);
             return Some(TestDatabase {
@@ -121,7 +132,7 @@ impl Drop for TestDatabase {
                     .stderr(Stdio::null())
                     .status()
             }
-            Backend::Nats => {
+            Backend::Nats | Backend::NatsNewest => {
                 remove_nats_bucket(&self.server, &self.name);
                 return;
             }

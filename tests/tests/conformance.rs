@@ -131,6 +131,12 @@ mod nats {
     suite!(Target::Kine(Backend::Nats));
 }
 
+mod nats_newest {
+    use kine_tests::Backend;
+    use kine_tests::conformance::Target;
+    suite!(Target::Kine(Backend::NatsNewest));
+}
+
 mod etcd {
     use kine_tests::conformance::Target;
     suite!(Target::Etcd);
