@@ -345,8 +345,10 @@ impl<'t> Applier<'t> {
 
     async fn compare(&mut self, compare: &Compare) -> Result<bool> {
         let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
-        let kvs = self.current(&range).await?;
         let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+        // Under the write lock: read values only when the compare needs them (a compare of
+        // versions over a wide range would otherwise load every value of it).
+        let kvs = self.current(&range, target != CompareTarget::Value).await?;
         if kvs.is_empty() {
             // A missing key has no value to compare: etcd fails every value compare on it.
             if target == CompareTarget::Value {
@@ -357,14 +359,14 @@ impl<'t> Applier<'t> {
         Ok(kvs.iter().all(|kv| compare_kv(compare, target, kv)))
     }
 
-    async fn current(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+    async fn current(&mut self, range: &KeyRange, keys_only: bool) -> Result<Vec<KeyValue>> {
         let rows = self
             .txn
             .range(RangeQuery {
                 range,
                 revision: 0,
                 limit: None,
-                keys_only: false,
+                keys_only,
                 count_only: false,
             })
             .await?;
@@ -539,7 +541,7 @@ impl<'t> Applier<'t> {
 
     async fn delete(&mut self, request: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(request.key.clone(), request.range_end.clone());
-        let kvs = self.current(&range).await?;
+        let kvs = self.current(&range, false).await?;
         let revision = self.base + 1;
         for kv in &kvs {
             self.txn.delete(&kv.key, revision, *self.sub).await?;
