@@ -400,3 +400,121 @@ async fn nats_over_mutual_tls() {
     assert!(stderr.contains("waiting for the datastore"), "{stderr}");
     drop(nats);
 }
+
+/// `?contextFile=PATH` (kine's option): the servers and the credentials come from a NATS
+/// context file, as the `nats` CLI writes them. On a NATS that wants a token and on one that
+/// wants an nkey, kine-rs serves through the context file; with the wrong or no credentials it
+/// stops with an error that shows no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_context_file_gives_servers_and_credentials() {
+    use kine_tests::private_db::PrivateNats;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write_context = |name: &str, context: serde_json::Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, context.to_string()).expect("write context");
+        path.to_string_lossy().into_owned()
+    };
+    let server_url = |nats: &PrivateNats| nats.url("x").split('?').next().expect("url").to_string();
+    let serves = |endpoint: String| async move {
+        let kine = tokio::task::spawn_blocking(move || {
+            spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[])
+        })
+        .await
+        .expect("spawn");
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let put = client.put("k", "v", None).await.expect("put");
+        let got = client.get("k", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"v");
+        assert_eq!(
+            got.kvs()[0].mod_revision(),
+            put.header().expect("header").revision()
+        );
+    };
+    let refused = |endpoint: String, secret: String| async move {
+        let (status, stderr) =
+            tokio::task::spawn_blocking(move || run_for(&endpoint, Duration::from_secs(20)))
+                .await
+                .expect("run");
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "kine-rs did not stop: {stderr}"
+        );
+        assert!(
+            !stderr.contains(&secret),
+            "a secret in the output: {stderr}"
+        );
+    };
+
+    // A token.
+    let token = "tok-s3cret-4711";
+    let nats = PrivateNats::start_with(&["--auth", token]);
+    let good = write_context(
+        "token.json",
+        serde_json::json!({"description": "test", "url": server_url(&nats), "token": token}),
+    );
+    serves(format!("nats://?bucket=ctx&contextFile={good}")).await;
+    let wrong = write_context(
+        "wrong-token.json",
+        serde_json::json!({"url": server_url(&nats), "token": "tok-wrong-0815"}),
+    );
+    refused(
+        format!("nats://?bucket=ctx&contextFile={wrong}"),
+        "tok-wrong-0815".into(),
+    )
+    .await;
+    refused(nats.url("ctx"), token.into()).await;
+    drop(nats);
+
+    // An nkey: the server knows the public key, the context names the seed's file.
+    let user = nkeys::KeyPair::new_user();
+    let config = dir.path().join("nkey.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users: [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .expect("write nats config");
+    let nats = PrivateNats::start_with(&["-c", &config.to_string_lossy()]);
+    let seed_file = dir.path().join("user.nk");
+    let seed = user.seed().expect("seed");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
+    let good = write_context(
+        "nkey.json",
+        serde_json::json!({"url": server_url(&nats), "nkey": seed_file.to_string_lossy()}),
+    );
+    serves(format!("nats://?bucket=ctx&contextFile={good}")).await;
+    let stranger = nkeys::KeyPair::new_user();
+    let stranger_seed = stranger.seed().expect("seed");
+    let stranger_file = dir.path().join("stranger.nk");
+    std::fs::write(&stranger_file, &stranger_seed).expect("write seed");
+    let wrong = write_context(
+        "stranger.json",
+        serde_json::json!({"url": server_url(&nats), "nkey": stranger_file.to_string_lossy()}),
+    );
+    refused(
+        format!("nats://?bucket=ctx&contextFile={wrong}"),
+        stranger_seed,
+    )
+    .await;
+    // A context file that is missing or names an unsupported feature: refused by name.
+    let (status, stderr) = run_for(
+        "nats://?contextFile=/nonexistent/ctx.json",
+        Duration::from_secs(10),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ctx.json"), "{stderr}");
+    let domain = write_context(
+        "domain.json",
+        serde_json::json!({"jetstream_domain": "hub"}),
+    );
+    let (status, stderr) = run_for(
+        &format!("nats://?contextFile={domain}"),
+        Duration::from_secs(10),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("jetstream_domain"), "{stderr}");
+}

@@ -1,4 +1,5 @@
-//! The `nats://` endpoint: `nats://[user:pass@]host:port[,host2:port][?bucket=NAME&replicas=N&noEmbed]`.
+//! The `nats://` endpoint:
+//! `nats://[user:pass@]host:port[,host2:port][?bucket=NAME&replicas=N&contextFile=PATH&noEmbed]`.
 //!
 //! kine's options for an embedded NATS server are refused by name: kine-rs never embeds one.
 
@@ -10,14 +11,18 @@ pub const DEFAULT_BUCKET: &str = "kine";
 /// A parsed `nats://` endpoint.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// `host:port` of every server.
+    /// `host:port` of every server (127.0.0.1:4222 when the endpoint names none).
     pub servers: Vec<String>,
+    /// Whether the endpoint named the servers (else a context file's `url` may).
+    pub servers_named: bool,
     pub user: Option<String>,
     pub password: Option<String>,
     /// The prefix of every stream and bucket kine-rs creates.
     pub bucket: String,
     /// Replicas of every stream (1 unless given).
     pub replicas: usize,
+    /// A NATS context file with servers and credentials (`contextFile`, as kine takes it).
+    pub context_file: Option<String>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -28,6 +33,7 @@ impl std::fmt::Debug for Endpoint {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("bucket", &self.bucket)
             .field("replicas", &self.replicas)
+            .field("context_file", &self.context_file)
             .finish()
     }
 }
@@ -104,15 +110,18 @@ impl Endpoint {
                 format!("{host}:4222")
             });
         }
+        let servers_named = !servers.is_empty();
         if servers.is_empty() {
             servers.push("127.0.0.1:4222".to_string());
         }
         let mut parsed = Endpoint {
             servers,
+            servers_named,
             user,
             password,
             bucket: DEFAULT_BUCKET.to_string(),
             replicas: 1,
+            context_file: None,
         };
         for option in query.split('&').filter(|o| !o.is_empty()) {
             let (name, value) = option.split_once('=').unwrap_or((option, ""));
@@ -133,6 +142,14 @@ impl Endpoint {
                         .filter(|n| (1..=5).contains(n))
                         .ok_or_else(|| invalid(format!("replicas={value:?}: expected 1 to 5")))?;
                 }
+                "contextFile" => {
+                    if value.is_empty() {
+                        return Err(invalid(
+                            "contextFile= needs the path of a NATS context file".into(),
+                        ));
+                    }
+                    parsed.context_file = Some(percent_decode(value)?);
+                }
                 // kine runs an embedded server unless told not to; kine-rs never does.
                 "noEmbed" => {}
                 name if EMBEDDED_OPTIONS.contains(&name) => {
@@ -144,7 +161,8 @@ impl Endpoint {
                 }
                 name => {
                     return Err(invalid(format!(
-                        "unknown NATS endpoint option {name:?} (known: bucket, replicas, noEmbed)"
+                        "unknown NATS endpoint option {name:?} (known: bucket, replicas, contextFile, \
+                         noEmbed)"
                     )));
                 }
             }

@@ -60,6 +60,7 @@
 //!   write of the leases bucket.
 
 mod codec;
+mod context;
 mod directory;
 mod endpoint;
 mod errors;
@@ -112,20 +113,46 @@ pub struct NatsBackend {
 /// Connects to the NATS servers an endpoint names and opens the directory.
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<NatsBackend> {
     let endpoint = Endpoint::parse(endpoint)?;
+    let context = match &endpoint.context_file {
+        Some(path) => context::NatsContext::read(path)?,
+        None => context::NatsContext::default(),
+    };
     let mut connect = ConnectOptions::new()
         .name("kine-rs")
         .connection_timeout(Duration::from_secs(5));
+    // Credentials in the endpoint win over the context file's.
     if let Some(user) = &endpoint.user {
         connect =
             connect.user_and_password(user.clone(), endpoint.password.clone().unwrap_or_default());
+    } else if let Some(user) = &context.user {
+        connect =
+            connect.user_and_password(user.clone(), context.password.clone().unwrap_or_default());
+    } else if let Some(token) = &context.token {
+        connect = connect.token(token.clone());
+    } else if let Some(creds) = &context.creds_file {
+        connect = connect.credentials_file(creds).await.map_err(|e| {
+            KineError::Storage(format!(
+                "the NATS credentials file {creds:?} cannot be used ({})",
+                e.kind()
+            ))
+        })?;
+    } else if let Some(nkey) = &context.nkey_file {
+        connect = connect.nkey(context::NatsContext::nkey_seed(nkey)?);
     }
+    // TLS files: the flags, else the context file's.
     let tls = &options.tls;
-    if tls.any() {
+    let ca_file = tls.ca_file.as_ref().or(context.ca_file.as_ref());
+    let (cert_file, key_file) = if tls.cert_file.is_some() || tls.key_file.is_some() {
+        (tls.cert_file.as_ref(), tls.key_file.as_ref())
+    } else {
+        (context.cert_file.as_ref(), context.key_file.as_ref())
+    };
+    if ca_file.is_some() || cert_file.is_some() || key_file.is_some() {
         connect = connect.require_tls(true);
-        if let Some(ca) = &tls.ca_file {
+        if let Some(ca) = ca_file {
             connect = connect.add_root_certificates(PathBuf::from(ca));
         }
-        match (&tls.cert_file, &tls.key_file) {
+        match (cert_file, key_file) {
             (Some(cert), Some(key)) => {
                 connect = connect.add_client_certificate(PathBuf::from(cert), PathBuf::from(key));
             }
@@ -137,8 +164,13 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<NatsBacken
             }
         }
     }
+    let named = if endpoint.servers_named || context.servers.is_empty() {
+        &endpoint.servers
+    } else {
+        &context.servers
+    };
     let mut servers = Vec::new();
-    for server in &endpoint.servers {
+    for server in named {
         let address: ServerAddr = format!("nats://{server}")
             .parse()
             .map_err(|e| storage(&format!("server address {server:?}"), e))?;
