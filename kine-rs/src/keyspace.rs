@@ -72,6 +72,14 @@ pub struct Keyspace {
     renewals: std::sync::Mutex<HashMap<i64, (i64, LeaseRecord)>>,
     /// Set when the keyspace is deleted: its watch and keep-alive streams end.
     closed: tokio::sync::watch::Sender<bool>,
+    /// When the tenant cache last handed it out.
+    last_use: crate::tenants::LastUse,
+}
+
+impl crate::tenants::Cached for Keyspace {
+    fn last_use(&self) -> &crate::tenants::LastUse {
+        &self.last_use
+    }
 }
 
 impl Drop for Keyspace {
@@ -108,7 +116,12 @@ impl Keyspace {
             }
             MigrationRole::None | MigrationRole::Source => {}
         }
-        let hub = Arc::new(WatchHub::new(backend.clone(), id, state.revision));
+        let hub = Arc::new(WatchHub::new(
+            backend.clone(),
+            id,
+            state.revision,
+            limits.watch_hub_buffer_bytes,
+        ));
         let (sender, queue) = mpsc::channel(4096);
         let tasks = vec![tokio::spawn(writer::run(
             backend.clone(),
@@ -129,6 +142,7 @@ impl Keyspace {
             watches: AtomicI64::new(0),
             renewals: std::sync::Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::Sender::new(false),
+            last_use: Default::default(),
         })))
     }
 
@@ -363,6 +377,7 @@ impl Keyspace {
             .write(WriteOp::LeaseGrant {
                 id: request.id,
                 ttl,
+                max_leases: self.limits.max_leases_per_tenant,
             })
             .await?
         {
