@@ -88,12 +88,12 @@ pub struct Config {
     /// Bytes of responses one Watch stream holds for a client that reads slower than events
     /// come; past it, the stream waits for the client and reads what it missed from history
     /// when it goes on.
-    #[arg(long, env = "KINE_WATCH_STREAM_BUFFER_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "KINE_WATCH_STREAM_BUFFER_BYTES", default_value_t = 4 << 20)]
     pub watch_stream_buffer_bytes: usize,
 
     /// Bytes of new events a tenant's watch hub holds for streams that have not read them yet;
     /// past it, the oldest go and those streams read them from history instead.
-    #[arg(long, env = "KINE_WATCH_HUB_BUFFER_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "KINE_WATCH_HUB_BUFFER_BYTES", default_value_t = 16 << 20)]
     pub watch_hub_buffer_bytes: usize,
 
     /// Most concurrent HTTP/2 streams (requests and open watch or keep-alive streams) per

@@ -52,8 +52,8 @@ impl Default for RequestLimits {
             max_txn_ops: 128,
             max_watches_per_stream: 10_000,
             max_leases_per_tenant: 100_000,
-            watch_stream_buffer_bytes: 8 << 20,
-            watch_hub_buffer_bytes: 64 << 20,
+            watch_stream_buffer_bytes: 4 << 20,
+            watch_hub_buffer_bytes: 16 << 20,
         }
     }
 }

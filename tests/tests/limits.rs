@@ -39,11 +39,15 @@ fn peak_rss(pid: u32) -> Result<usize> {
 async fn a_watcher_that_stops_reading_pins_no_memory() -> Result<()> {
     const VALUES: usize = 1024;
     const WRITERS: usize = 4;
-    let (kine, client) = serve_and_connect("memory://", &[]).await?;
+    let (kine, _client) = serve_and_connect("memory://", &[]).await?;
     let watch = || async {
         // A connection of its own, so one client's flow control does not hold the other.
-        let mut client = Client::connect([kine.endpoint.as_str()], None).await?;
+        let client = Client::connect([kine.endpoint.as_str()], None).await?;
+        // A response may carry several 1 MiB events, as etcd's do (grpc-go clients accept
+        // up to 2 GiB; this client's default is 4 MiB).
         let stream = client
+            .watch_client()
+            .max_decoding_message_size(usize::MAX)
             .watch("big/", Some(WatchOptions::new().with_prefix()))
             .await?;
         anyhow::Ok((client, stream))
@@ -55,7 +59,15 @@ async fn a_watcher_that_stops_reading_pins_no_memory() -> Result<()> {
     let reading = tokio::spawn(async move {
         let mut revisions = Vec::new();
         while revisions.len() < VALUES {
-            let response = reader.message().await?.context("the watch ended")?;
+            let response = tokio::time::timeout(Duration::from_secs(60), reader.message())
+                .await
+                .with_context(|| {
+                    format!(
+                        "the reading watcher stalled after {} events",
+                        revisions.len()
+                    )
+                })??
+                .context("the watch ended")?;
             revisions.extend(
                 response
                     .events()
@@ -67,12 +79,17 @@ async fn a_watcher_that_stops_reading_pins_no_memory() -> Result<()> {
     });
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let mut client = client.clone();
+        let mut client = Client::connect([kine.endpoint.as_str()], None).await?;
         writers.push(tokio::spawn(async move {
             let mut revisions = Vec::new();
             for i in (w..VALUES).step_by(WRITERS) {
                 let value = vec![(i % 251) as u8; MIB];
-                let put = client.put(format!("big/{i:05}"), value, None).await?;
+                let put = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    client.put(format!("big/{i:05}"), value, None),
+                )
+                .await
+                .with_context(|| format!("put {i} stalled"))??;
                 revisions.push(put.header().context("header")?.revision());
             }
             anyhow::Ok(revisions)
@@ -102,7 +119,7 @@ async fn a_watcher_that_stops_reading_pins_no_memory() -> Result<()> {
     while seen.len() < VALUES {
         let response = tokio::time::timeout(Duration::from_secs(60), slow.message())
             .await
-            .context("the slow watcher got nothing for a minute")??
+            .with_context(|| format!("the slow watcher stalled after {} events", seen.len()))??
             .context("the slow watch ended")?;
         ensure!(
             !response.canceled(),
