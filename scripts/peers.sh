@@ -4,6 +4,7 @@
 #
 #   $KINE_PEERS_CACHE/kube-apiserver-<version>/kube-apiserver
 #   $KINE_PEERS_CACHE/kubectl-<version>/kubectl
+#   $KINE_PEERS_CACHE/helm-<helm version>/helm   (helm.sh/helm/v3, for the chart's tests)
 #
 # (KINE_PEERS_CACHE defaults to $HOME/.cache/kine-rs-peers; the version to v1.36.3, override
 # with KINE_PEERS_KUBE_VERSION.) A binary already there is not built again. Nothing here is
@@ -18,12 +19,14 @@
 # Output: progress and build times on stderr; on stdout, lines the caller can eval:
 #   export KUBE_APISERVER_BIN=/root/.cache/kine-rs-peers/kube-apiserver-v1.36.3/kube-apiserver
 #   export KUBECTL_BIN=/root/.cache/kine-rs-peers/kubectl-v1.36.3/kubectl
+#   export HELM_BIN=/root/.cache/kine-rs-peers/helm-v3.22.0/helm
 # Exit status: non-zero when a program could not be built (the caller must treat that as a
 # failure, not a reason to skip).
 
 set -euo pipefail
 
 KUBE_VERSION=${KINE_PEERS_KUBE_VERSION:-v1.36.3}
+HELM_VERSION=${KINE_PEERS_HELM_VERSION:-v3.22.0}
 CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
 
 log() { printf '%s\n' "$*" >&2; }
@@ -161,5 +164,34 @@ for b in "$apiserver_bin" "$kubectl_bin"; do
     fi
 done
 
+# helm: built from a scratch module (`go get -tool`, as above), which works whatever
+# replace directives its go.mod has. Built once, like the others.
+helm_bin="$CACHE/helm-$HELM_VERSION/helm"
+if [ ! -x "$helm_bin" ]; then
+    t0=$(date +%s)
+    log "building helm $HELM_VERSION from Go modules (once per machine)"
+    scratch="$CACHE/src-helm-$HELM_VERSION"
+    (
+        mkdir -p "$scratch" && cd "$scratch" || exit 1
+        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
+        nice -n 10 go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2 ||
+            die "go get -tool helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        mkdir -p "$(dirname "$helm_bin")"
+        CGO_ENABLED=0 nice -n 10 go build -trimpath \
+            -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+            -o "$helm_bin.tmp" helm.sh/helm/v3/cmd/helm || die "go build helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        mv -f "$helm_bin.tmp" "$helm_bin"
+        echo "$(since "$t0")" >"$(dirname "$helm_bin")/build-seconds"
+    ) || exit 1
+    log "built helm $HELM_VERSION in $(since "$t0")s"
+fi
+got=$("$helm_bin" version --short 2>&1) || die "$helm_bin version: $got"
+case "$got" in
+"$HELM_VERSION"*) ;;
+*) die "$helm_bin version says '$got', expected $HELM_VERSION" ;;
+esac
+log "$helm_bin ($got)"
+
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
+echo "export HELM_BIN=$helm_bin"

@@ -11,7 +11,9 @@
 #   - Debian's etcd-server/etcd-client (3.4.23): an older etcdctl the smoke test also drives;
 #   - kube-apiserver and kubectl v1.36.3, built from Go modules by scripts/peers.sh into
 #     ~/.cache/kine-rs-peers once per machine (needs Go 1.26+; ~20 minutes on 2 busy cores the
-#     first time, nothing afterwards). A build that fails fails the test command.
+#     first time, nothing afterwards). A build that fails fails the test command;
+#   - helm v3.22.0, built from Go modules by scripts/peers.sh the same way (about 2 minutes
+#     the first time), for the chart's tests (helm lint, helm template).
 # It starts the local services the backend tests talk to when they do not answer:
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
@@ -22,7 +24,8 @@
 # (cargo nextest if installed, else cargo test).
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
-# (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN (scripts/peers.sh).
+# (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN
+# (scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -237,12 +240,13 @@ provision_database_servers() {
 # which prints the `export` lines for their paths. A failure is fatal: the kube-apiserver
 # tests must not be skipped silently.
 provision_kube_peers() {
-    say "kube-apiserver and kubectl (scripts/peers.sh; built once per machine)"
+    say "kube-apiserver, kubectl and helm (scripts/peers.sh; built once per machine)"
     local exports
-    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver and kubectl (see above)"
+    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver, kubectl or helm (see above)"
     eval "$exports"
     echo "KUBE_APISERVER_BIN=$KUBE_APISERVER_BIN"
     echo "KUBECTL_BIN=$KUBECTL_BIN"
+    echo "HELM_BIN=$HELM_BIN"
 }
 
 # ---------------------------------------------------------------------------------------------

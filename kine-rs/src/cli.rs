@@ -5,8 +5,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use kine_proto::kine::admin::v1::tenant_admin_client::TenantAdminClient;
 use kine_proto::kine::admin::v1::{
-    CreateTenantRequest, DeleteTenantRequest, FreezeTenantRequest, ListTenantsRequest, Quota,
-    SetQuotaRequest, TenantStatus, TenantStatusRequest, UnfreezeTenantRequest,
+    CreateTenantRequest, DeleteTenantRequest, FreezeTenantRequest, ListTenantsRequest,
+    MigrateTenantRequest, Quota, SetQuotaRequest, TenantStatus, TenantStatusRequest,
+    UnfreezeTenantRequest,
 };
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -84,6 +85,14 @@ pub enum TenantAction {
         keys: i64,
         #[arg(long, default_value_t = 0)]
         bytes: i64,
+    },
+    /// Gateway only: moves the tenant live to another datastore and serves it from there;
+    /// its clients keep their connections, watches and leases.
+    Migrate {
+        name: String,
+        /// The target datastore, as for `--endpoint`.
+        #[arg(long)]
+        to: String,
     },
     /// Deletes the tenant with all its data.
     Delete {
@@ -272,6 +281,37 @@ pub async fn run(args: TenantArgs) -> anyhow::Result<()> {
                 .map_err(fail)?
                 .into_inner();
             (status_text(&status), status_json(&status))
+        }
+        TenantAction::Migrate { name, to } => {
+            let moved = client
+                .migrate_tenant(MigrateTenantRequest { name, to })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            (
+                format!(
+                    "moved tenant {} to {} at revision {}: {} keys, {} events, {} leases; writes \
+                     refused for {} ms, {} ms in all\n",
+                    moved.name,
+                    moved.target,
+                    moved.revision,
+                    moved.keys,
+                    moved.events,
+                    moved.leases,
+                    moved.freeze_window_ms,
+                    moved.duration_ms
+                ),
+                json!({
+                    "name": moved.name,
+                    "target": moved.target,
+                    "revision": moved.revision,
+                    "keys": moved.keys,
+                    "events": moved.events,
+                    "leases": moved.leases,
+                    "freeze_window_ms": moved.freeze_window_ms,
+                    "duration_ms": moved.duration_ms,
+                }),
+            )
         }
         TenantAction::Delete { name, force } => {
             let response = client

@@ -151,6 +151,12 @@ pub struct Config {
     #[arg(long, env = "KINE_SLOW_SQL_THRESHOLD", default_value = "1s", value_parser = parse_duration)]
     pub slow_sql_threshold: Duration,
 
+    /// Gateway mode: another datastore tenants may have been moved to (repeatable), written
+    /// as for `--endpoint`. A tenant the gateway moved live (`kine-rs tenant migrate`) is
+    /// served from its target after a restart only when the target is given here.
+    #[arg(long = "extra-endpoint", env = "KINE_EXTRA_ENDPOINT")]
+    pub extra_endpoint: Vec<String>,
+
     /// etcd datastore (`--endpoint etcd://HOST:PORT,...`): where each tenant's keys live in
     /// the shared etcd, `{tenant}` standing for the tenant's name. It must end in `/` right
     /// after `{tenant}` (so that tenant `a` never covers tenant `ab`).

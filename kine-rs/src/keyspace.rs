@@ -70,8 +70,11 @@ pub struct Keyspace {
     watches: AtomicI64,
     /// Keep-alives this process stored lately, by lease: when, and the lease as renewed.
     renewals: std::sync::Mutex<HashMap<i64, (i64, LeaseRecord)>>,
-    /// Set when the keyspace is deleted: its watch and keep-alive streams end.
+    /// Set when the keyspace is deleted: its watch and keep-alive streams end. Or when it
+    /// moved to another datastore inside this process: then `successor` serves it, and the
+    /// streams carry on there.
     closed: tokio::sync::watch::Sender<bool>,
+    successor: std::sync::Mutex<Option<Arc<Keyspace>>>,
     /// When the tenant cache last handed it out.
     last_use: crate::tenants::LastUse,
 }
@@ -143,6 +146,7 @@ impl Keyspace {
             renewals: std::sync::Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
+            successor: std::sync::Mutex::new(None),
         })))
     }
 
@@ -164,6 +168,21 @@ impl Keyspace {
     /// Ends every watch and keep-alive stream of this keyspace (it was deleted).
     pub fn close(&self) {
         self.closed.send_replace(true);
+    }
+
+    /// The tenant moved to `next` (another datastore, served by this process): streams of
+    /// this keyspace carry on there.
+    pub fn move_to(&self, next: Arc<Keyspace>) {
+        *self.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        self.close();
+    }
+
+    /// Where the tenant moved inside this process, if it did.
+    pub fn successor(&self) -> Option<Arc<Keyspace>> {
+        self.successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the keyspace was deleted (here or, as its requests found out, elsewhere).
@@ -600,5 +619,13 @@ impl ServedTenant for Keyspace {
 
     async fn set_quota(&self, quota: Quota) -> Result<()> {
         Keyspace::set_quota(self, quota).await
+    }
+
+    async fn moved(&self) -> Result<bool> {
+        Ok(self.state().await?.migration == MigrationRole::Moved)
+    }
+
+    fn successor(&self) -> Option<Arc<dyn ServedTenant>> {
+        Keyspace::successor(self).map(|next| next as Arc<dyn ServedTenant>)
     }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod range;
+pub mod routes;
 pub mod run;
 pub mod served;
 pub mod server;

@@ -24,6 +24,7 @@ use crate::etcd_proxy;
 use crate::health::{Probe, Readiness, backend_probe};
 use crate::keyspace::HeaderIdentity;
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, code_label, method_label};
+use crate::routes::{DatastoreSettings, RoutedTenants};
 use crate::served::TenantDirectory;
 use crate::server::Tenancy;
 use crate::server::admin::AdminService;
@@ -61,6 +62,11 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Config(String),
+    #[error(
+        "tenant {tenant:?} was moved to another datastore by a live migration; this sidecar \
+         stopped serving it: restart it with the new --endpoint"
+    )]
+    Moved { tenant: String },
 }
 
 /// Where to listen.
@@ -208,6 +214,8 @@ async fn open_datastore(
 /// What serves the tenants of one datastore.
 struct Served {
     directory: Arc<dyn TenantDirectory>,
+    /// A gateway on a database datastore moves tenants itself (the admin API).
+    mover: Option<Arc<RoutedTenants>>,
     probe: Probe,
     /// The datastore is shared with others whatever the flags say (a proxied etcd): Status
     /// and Defragment never act on it as a whole.
@@ -245,9 +253,34 @@ async fn serve_database(
             config.compact_min_retain,
         ));
     }
+    let probe = backend_probe(backend);
+    if !config.gateway {
+        return Ok(Served {
+            directory: tenants,
+            mover: None,
+            probe,
+            always_shared: false,
+        });
+    }
+    let settings = DatastoreSettings {
+        limits,
+        identity,
+        default_quota,
+        backend: backend_options(config),
+        compact_interval: config.compact_interval,
+        compact_min_retain: config.compact_min_retain,
+    };
+    let routed = RoutedTenants::new(tenants, endpoint, settings);
+    for extra in &config.extra_endpoint {
+        let name = redact_endpoint(extra);
+        routed.add_datastore(extra).await.map_err(|error| {
+            RunError::Config(format!("cannot open the --extra-endpoint {name}: {error}"))
+        })?;
+    }
     Ok(Served {
-        directory: tenants,
-        probe: backend_probe(backend),
+        directory: routed.clone(),
+        mover: Some(routed),
+        probe,
         always_shared: false,
     })
 }
@@ -282,6 +315,7 @@ async fn serve_etcd(
     Ok(Served {
         probe: proxy.probe(),
         directory: proxy,
+        mover: None,
         always_shared: true,
     })
 }
@@ -339,6 +373,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     if !config.gateway {
         validate_name(&config.tenant).map_err(|e| RunError::Config(format!("--tenant: {e}")))?;
+        if !config.extra_endpoint.is_empty() {
+            return Err(RunError::Config(
+                "--extra-endpoint names datastores a gateway's tenants moved to: it needs \
+                 --gateway"
+                    .into(),
+            ));
+        }
     }
     let served = if etcd_proxy::is_etcd_endpoint(&endpoint) {
         serve_etcd(&config, &endpoint, &redacted, limits).await?
@@ -353,6 +394,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .ok_or_else(|| RunError::Config("the tenant could not be created".into()))?;
         tenant.set_quota(quota).await?;
     }
+    // A sidecar whose tenant a live migration moved away stops: it has no credentials for
+    // the target (the migration records only its redacted name), so whoever wires it (the
+    // controller, or an operator) restarts it with the new --endpoint.
+    let moved = Arc::new(tokio::sync::Notify::new());
+    let moved_away = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tenancy = if config.gateway {
         Tenancy::gateway(
             served.directory.clone(),
@@ -365,6 +411,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             .get(&config.tenant, true)
             .await?
             .ok_or_else(|| RunError::Config("the tenant's keyspace could not be created".into()))?;
+        tokio::spawn(watch_for_move(
+            tenant.clone(),
+            moved.clone(),
+            moved_away.clone(),
+        ));
         Tenancy::single(tenant)
     };
     let tenants = served.directory.clone();
@@ -376,7 +427,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE || served.always_shared;
     if let Some(path) = &config.admin_socket {
-        serve_admin_socket(path, tenants.clone())?;
+        serve_admin_socket(path, tenants.clone(), served.mover.clone())?;
     }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness::start(served.probe.clone(), health_reporter).await;
@@ -443,6 +494,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             tenants: tenants.clone(),
             admin_identities: config.admin_identity.clone(),
             local: false,
+            mover: served.mover.clone(),
         }))
         .add_service(ClusterServer::new(ClusterService {
             tenancy,
@@ -462,9 +514,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             // Without TCP_NODELAY, the tail of a large response (a page of a list) waits for
             // the client's delayed ACK, about 40 ms.
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown_signal(readiness.clone()))
-                .await?;
+            let stopping = Arc::new(tokio::sync::Notify::new());
+            let serving = router.serve_with_incoming_shutdown(
+                incoming,
+                shutdown_signal(readiness.clone(), moved.clone(), stopping.clone()),
+            );
+            until_grace_ends(serving, stopping).await?;
         }
         ListenAddress::Unix(path) => {
             // A socket left by a previous run would make bind fail.
@@ -474,22 +529,85 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     address: path.clone(),
                     source,
                 })?;
-            router
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    shutdown_signal(readiness.clone()),
-                )
-                .await?;
+            let stopping = Arc::new(tokio::sync::Notify::new());
+            let serving = router.serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                shutdown_signal(readiness.clone(), moved.clone(), stopping.clone()),
+            );
+            until_grace_ends(serving, stopping).await?;
         }
+    }
+    if moved_away.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(RunError::Moved {
+            tenant: config.tenant.clone(),
+        });
     }
     info!("kine-rs stopped");
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM; health turns NOT_SERVING as the shutdown begins.
-async fn shutdown_signal(readiness: Readiness) {
-    wait_for_signal().await;
+/// How often a sidecar asks whether its tenant was moved.
+const MOVE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Notifies `moved` once the tenant was moved away by a live migration.
+async fn watch_for_move(
+    tenant: Arc<dyn crate::served::ServedTenant>,
+    moved: Arc<tokio::sync::Notify>,
+    moved_away: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut interval = tokio::time::interval(MOVE_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Ok(true) = tenant.moved().await {
+            warn!(
+                tenant = tenant.name(),
+                "the tenant was moved to another datastore; stopping"
+            );
+            moved_away.store(true, std::sync::atomic::Ordering::Release);
+            moved.notify_one();
+            return;
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (or the tenant's move); health turns NOT_SERVING as the
+/// shutdown begins.
+async fn shutdown_signal(
+    readiness: Readiness,
+    moved: Arc<tokio::sync::Notify>,
+    stopping: Arc<tokio::sync::Notify>,
+) {
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = moved.notified() => {}
+    }
     readiness.shutting_down().await;
+    stopping.notify_one();
+}
+
+/// How long a shutdown waits for open streams (watches, keep-alives) to end: clients keep
+/// them open for ever, so a graceful stop would otherwise never end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs `serving` until it ends, or until [`SHUTDOWN_GRACE`] after `stopping`.
+async fn until_grace_ends<F>(
+    serving: F,
+    stopping: Arc<tokio::sync::Notify>,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    tokio::select! {
+        result = serving => result,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("streams still open {}s into the shutdown: closing them", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -515,7 +633,11 @@ async fn wait_for_signal() {
 }
 
 /// Serves the admin API alone on a local unix socket, readable and writable by the owner only.
-fn serve_admin_socket(path: &str, tenants: Arc<dyn TenantDirectory>) -> Result<(), RunError> {
+fn serve_admin_socket(
+    path: &str,
+    tenants: Arc<dyn TenantDirectory>,
+    mover: Option<Arc<RoutedTenants>>,
+) -> Result<(), RunError> {
     use std::os::unix::fs::PermissionsExt;
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(path);
@@ -529,6 +651,7 @@ fn serve_admin_socket(path: &str, tenants: Arc<dyn TenantDirectory>) -> Result<(
         tenants,
         admin_identities: Vec::new(),
         local: true,
+        mover,
     }));
     info!(socket = path, "serving the admin API");
     tokio::spawn(async move {

@@ -78,6 +78,18 @@ pub trait ServedTenant: Send + Sync + 'static {
     /// lands until it is unfrozen.
     async fn set_frozen(&self, frozen: bool) -> Result<()>;
     async fn set_quota(&self, quota: Quota) -> Result<()>;
+
+    /// Whether a live migration moved the tenant to another datastore (this one keeps its
+    /// data frozen). A datastore that is never a migration's source answers `false`.
+    async fn moved(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The tenant as served after it moved to another datastore inside this process (a
+    /// gateway's migration): streams opened before the move carry on there.
+    fn successor(&self) -> Option<Arc<dyn ServedTenant>> {
+        None
+    }
 }
 
 /// The tenants of one datastore, for the gateway and the admin API.

@@ -161,6 +161,15 @@ impl Tenants {
         keyspace
     }
 
+    /// Stops serving tenant `name` from this datastore in this process (it moved): its open
+    /// keyspace, if any, for the caller to hand on.
+    pub fn forget(&self, name: &str) -> Option<Arc<Keyspace>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
     /// Every keyspace open in this process.
     pub fn open_keyspaces(&self) -> Vec<Arc<Keyspace>> {
         self.open

@@ -580,7 +580,7 @@ impl<'t> Applier<'t> {
     }
 }
 
-fn compare_kv(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+pub(crate) fn compare_kv(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
     let ordering = match target {
         CompareTarget::Value => {

@@ -775,3 +775,116 @@ async fn cluster_members_go_down_and_come_back() -> Result<()> {
     drop(kine);
     Ok(())
 }
+
+/// A number field of `kine-rs tenant … -o json` output.
+fn json_number(text: &str, field: &str) -> Result<i64> {
+    let value: serde_json::Value = serde_json::from_str(text.trim())?;
+    value
+        .get(field)
+        .and_then(|v| v.as_i64())
+        .context(format!("{field} in {text}"))
+}
+
+/// Quotas on the etcd datastore: keys and bytes, etcd's error, deletes pass; the usage kept
+/// by two proxies writing at once equals a count of the tenant's keys; a quota set on a
+/// tenant with data counts it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quotas_kept_in_etcd_by_two_proxies() -> Result<()> {
+    let etcd = spawn_etcd_with(ETCD_ARGS);
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("admin.sock").display().to_string();
+    let endpoint = format!("etcd://{}", etcd.address);
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["--tenant", "q"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let p1 = spawn_kine(endpoint.clone(), args(&["--admin-socket", &socket])).await?;
+    let p2 = spawn_kine(endpoint.clone(), args(&[])).await?;
+    let mut c1 = connect(&p1.endpoint, None).await?;
+    let mut c2 = connect(&p2.endpoint, None).await?;
+
+    // Data before any quota; then a quota of 3 keys counts it.
+    c1.put("k1", "x", None).await?;
+    admin(&socket, &["set-quota", "q", "--keys", "3"]).await?;
+    let status = admin(&socket, &["status", "q", "-o", "json"]).await?;
+    ensure!(json_number(&status, "keys")? == 1, "{status}");
+    c2.put("k2", "x", None).await?;
+    c1.put("k3", "x", None).await?;
+    let over = c2.put("k4", "x", None).await;
+    let Err(etcd_client::Error::GRpcStatus(over)) = over else {
+        bail!("a fourth key passed a quota of 3: {over:?}");
+    };
+    ensure!(
+        over.code() == Code::ResourceExhausted
+            && over.message() == "etcdserver: mvcc: database space exceeded",
+        "{over:?}"
+    );
+    // Overwrites and deletes pass; a transaction counts the puts of both branches.
+    c1.put("k3", "overwrite", None).await?;
+    c2.delete("k3", None).await?;
+    let txn = Txn::new()
+        .when([Compare::version("k1", CompareOp::Equal, 1)])
+        .and_then([TxnOp::put("t1", "v", None)])
+        .or_else([TxnOp::put("t2", "v", None)]);
+    ensure!(
+        code_of(c1.txn(txn).await) == Some(Code::ResourceExhausted),
+        "two new keys in a tenant with room for one"
+    );
+    c1.put("k4", "x", None).await?;
+
+    // Bytes, with room for the writers below.
+    admin(&socket, &["set-quota", "q", "--bytes", "100000"]).await?;
+    expect_code(
+        c1.put("big", vec![0u8; 200_000], None).await,
+        Code::ResourceExhausted,
+    )?;
+
+    // Two proxies, several writers each, puts, overwrites and deletes at once: the usage
+    // record is exact.
+    let mut tasks = Vec::new();
+    for (p, client) in [(1, &c1), (2, &c2)] {
+        for w in 0..3 {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..30 {
+                    let key = format!("w/{}", (i * 7 + w) % 20);
+                    let value = "v".repeat((p * 10 + i) % 40);
+                    if i % 5 == 4 {
+                        client.delete(key, None).await?;
+                    } else {
+                        client.put(key, value, None).await?;
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let all = c1.get("", Some(GetOptions::new().with_all_keys())).await?;
+    let keys = all.kvs().len() as i64;
+    let bytes: i64 = all
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().len() + kv.value().len()) as i64)
+        .sum();
+    let status = admin(&socket, &["status", "q", "-o", "json"]).await?;
+    ensure!(
+        json_number(&status, "keys")? == keys && json_number(&status, "bytes")? == bytes,
+        "usage {status} differs from the tenant's {keys} keys and {bytes} bytes"
+    );
+    ensure!(
+        c2.status().await?.db_size() == bytes,
+        "Status reports the usage"
+    );
+
+    // No quota: writes are plain again, and any size passes.
+    admin(&socket, &["set-quota", "q"]).await?;
+    c2.put("big", vec![0u8; 200_000], None).await?;
+    drop((p1, p2));
+    Ok(())
+}

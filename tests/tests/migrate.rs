@@ -310,7 +310,7 @@ pairs! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_writer_and_watcher_across_the_cutover() -> Result<()> {
     let (source, target) = (Store::new(Backend::Postgres), Store::new(Backend::Mysql));
-    let (_source_server, mut client) = source.serve().await?;
+    let (mut source_server, mut client) = source.serve().await?;
     for i in 0..300 {
         client.put(format!("/live/seed{i:03}"), "s", None).await?;
     }
@@ -409,6 +409,23 @@ async fn live_writer_and_watcher_across_the_cutover() -> Result<()> {
         seen.len(),
         expected.len()
     );
+    // The sidecar that served the source learns of the move and stops, failing, so that it
+    // is restarted with the new endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = source_server.exit_status() {
+            break status;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the source's sidecar still serves a moved tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        !status.success(),
+        "the source's sidecar exited with {status}"
+    );
     for (i, revision) in acknowledged {
         let got = moved.get(format!("/live/w{i:06}"), None).await?;
         let kv = got
@@ -490,5 +507,223 @@ async fn killed_migration_resumes_or_aborts() -> Result<()> {
         .await?
         .count();
     ensure!(count == 3002, "{count} keys on the target");
+    Ok(())
+}
+
+/// A gateway on PostgreSQL moves its tenant to MariaDB live (`kine-rs tenant migrate`), and
+/// the tenant's client notices nothing but a short freeze: the same connection, watch stream
+/// and keep-alive stream carry on across the cutover on the same revisions; every
+/// acknowledged write is seen once, in order; the lease outlives its TTL on the target; a
+/// restarted gateway serves the tenant from the target when given it as `--extra-endpoint`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateway_moves_a_tenant_live() -> Result<()> {
+    use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (source, target) = (Store::new(Backend::Postgres), Store::new(Backend::Mysql));
+    let dir = tempfile::tempdir()?;
+    let pki = kine_tests::pki::Pki::write(dir.path(), &["t"]);
+    let socket = dir.path().join("admin.sock").display().to_string();
+    let gateway_args = |extra: &[&str]| -> Vec<String> {
+        [
+            "--gateway",
+            "--gateway-create-tenants",
+            "--server-cert-file",
+            &pki.server_cert,
+            "--server-key-file",
+            &pki.server_key,
+            "--trusted-ca-file",
+            &pki.ca,
+            "--admin-socket",
+            &socket,
+            "--compact-interval",
+            "0",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let start_gateway = |args: Vec<String>| {
+        let endpoint = source.endpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kine_tests::spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
+        })
+    };
+    let connect = |address: String| {
+        let (cert, key) = pki.client("t");
+        let tls = TlsOptions::new()
+            .domain_name("localhost")
+            .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).expect("ca")))
+            .identity(Identity::from_pem(
+                std::fs::read(cert).expect("cert"),
+                std::fs::read(key).expect("key"),
+            ));
+        async move {
+            let options = ConnectOptions::new()
+                .with_tls(tls)
+                .with_connect_timeout(Duration::from_secs(5));
+            Ok::<_, anyhow::Error>(
+                Client::connect([format!("https://{address}")], Some(options)).await?,
+            )
+        }
+    };
+    let gateway = start_gateway(gateway_args(&[])).await?;
+    let mut client = connect(gateway.address.clone()).await?;
+    for i in 0..200 {
+        client.put(format!("/seed/{i:03}"), "s", None).await?;
+    }
+    let lease = client.lease_grant(4, None).await?.id();
+    client
+        .put("/leased", "l", Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    let (mut keeper, mut renewals) = client.lease_keep_alive(lease).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_keeping = stop.clone();
+    let keeping = tokio::spawn(async move {
+        let mut answered = 0;
+        while !stop_keeping.load(Ordering::SeqCst) {
+            if keeper.keep_alive().await.is_err() {
+                return answered;
+            }
+            match renewals.message().await {
+                Ok(Some(answer)) if answer.ttl() > 0 => answered += 1,
+                _ => return answered,
+            }
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        answered
+    });
+    let start = client
+        .get("/", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    let (mut stream, _) = watch(
+        &mut client,
+        "/live/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(start + 1),
+        ),
+    )
+    .await?;
+    let writer = {
+        let mut client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut acknowledged, mut refused) = (Vec::new(), 0u32);
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match client
+                    .put(format!("/live/w{i:06}"), format!("{i}"), None)
+                    .await
+                {
+                    Ok(response) => {
+                        acknowledged.push(response.header().map_or(0, |h| h.revision()))
+                    }
+                    // The freeze: refused, not applied; the client goes on.
+                    Err(_) => refused += 1,
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (acknowledged, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let to = target.endpoint.clone();
+    let admin_socket = socket.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(kine_rs_binary())
+            .args(["tenant", "--admin-socket", &admin_socket, "-o", "json"])
+            .args(["migrate", "t", "--to", &to])
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await??;
+    ensure!(
+        output.status.success(),
+        "kine-rs tenant migrate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let moved_at = summary["revision"].as_i64().context("revision")?;
+    ensure!(
+        !summary["target"].as_str().unwrap_or_default().is_empty(),
+        "{summary}"
+    );
+    // Writes go on through the same connection, now to the target; and the lease outlives
+    // its TTL there.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (acknowledged, refused) = writer.await?;
+    ensure!(
+        acknowledged.iter().any(|r| *r > moved_at),
+        "no write landed after the move at {moved_at} ({} acknowledged, {refused} refused)",
+        acknowledged.len()
+    );
+    ensure!(
+        client.get("/leased", None).await?.count() == 1,
+        "the lease expired on the target although kept alive"
+    );
+    ensure!(
+        client.lease_time_to_live(lease, None).await?.ttl() > 0,
+        "the lease is gone"
+    );
+    // The watch stream opened before the move saw every acknowledged write once, in order.
+    let events = collect_events(&mut stream, acknowledged.len()).await?;
+    let seen: Vec<i64> = events.iter().map(|e| e.revision).collect();
+    ensure!(
+        seen == acknowledged,
+        "the watch saw {} revisions, {} were acknowledged (first differences: {:?})",
+        seen.len(),
+        acknowledged.len(),
+        seen.iter().zip(&acknowledged).find(|(a, b)| a != b)
+    );
+    // The keep-alive stream carried on too.
+    drop(client);
+    let renewed = tokio::time::timeout(Duration::from_secs(10), keeping).await??;
+    ensure!(
+        renewed >= 6,
+        "the keep-alive stream answered only {renewed} times"
+    );
+
+    // A restarted gateway serves the tenant from the target when it has it...
+    drop(gateway);
+    let gateway = start_gateway(gateway_args(&["--extra-endpoint", &target.endpoint])).await?;
+    let mut client = connect(gateway.address.clone()).await?;
+    let live = client
+        .get(
+            "/live/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?;
+    ensure!(
+        live.count() as usize == acknowledged.len(),
+        "{} keys after the restart, {} acknowledged",
+        live.count(),
+        acknowledged.len()
+    );
+    let put = client.put("/after-restart", "v", None).await?;
+    ensure!(
+        put.header().context("header")?.revision() > *acknowledged.last().context("writes")?,
+        "revisions go on after the restart"
+    );
+    // ... and refuses it, naming the move, when it does not.
+    drop(gateway);
+    let gateway = start_gateway(gateway_args(&[])).await?;
+    let mut client = connect(gateway.address.clone()).await?;
+    match client.get("/live/", None).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => ensure!(
+            status.message().contains("moved to another datastore"),
+            "{status:?}"
+        ),
+        other => anyhow::bail!("a gateway without the target served the moved tenant: {other:?}"),
+    }
     Ok(())
 }

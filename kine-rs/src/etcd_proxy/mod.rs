@@ -9,6 +9,7 @@
 //! of a frozen tenant, atomically, whichever proxy they come through.
 
 pub mod prefix;
+mod quota;
 pub mod rewrite;
 mod tenant;
 mod watch;
@@ -45,6 +46,8 @@ use crate::txn::RequestLimits;
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
 /// How long one connection attempt to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections to each etcd member.
+const CONNECTIONS_PER_MEMBER: usize = 4;
 /// Keys read per page when a tenant's size is summed.
 const USAGE_PAGE: i64 = 1000;
 
@@ -187,6 +190,16 @@ impl Control {
         self.key("frozen", name)
     }
 
+    /// The tenant's quota (`keys bytes`); absent when it has none.
+    pub fn quota(&self, name: &str) -> Bytes {
+        self.key("quota", name)
+    }
+
+    /// The tenant's usage while it has a quota ([`quota::UsageRecord`]).
+    pub fn usage(&self, name: &str) -> Bytes {
+        self.key("usage", name)
+    }
+
     /// The tenant's compaction revision (decimal); absent when never compacted.
     pub fn compacted(&self, name: &str) -> Bytes {
         self.key("compacted", name)
@@ -292,11 +305,6 @@ impl EtcdProxy {
         options: ProxyOptions,
     ) -> std::result::Result<Arc<Self>, ConnectError> {
         let template = PrefixTemplate::parse(&options.prefix).map_err(ConnectError::Endpoint)?;
-        if options.default_quota != Quota::default() {
-            return Err(ConnectError::Endpoint(
-                "quotas are not supported on the etcd datastore yet".into(),
-            ));
-        }
         let (members, scheme_tls) = parse_endpoint(endpoint)?;
         let tls = scheme_tls || options.tls.any();
         let tls_config = if tls {
@@ -321,7 +329,18 @@ impl EtcdProxy {
             }
             endpoints.push(endpoint);
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
+        // Several connections per member: one HTTP/2 connection carrying every client's
+        // requests is a bottleneck of its own.
+        let (channel, changes) =
+            Channel::balance_channel::<(usize, usize)>(endpoints.len() * CONNECTIONS_PER_MEMBER);
+        for (member, endpoint) in endpoints.into_iter().enumerate() {
+            for copy in 0..CONNECTIONS_PER_MEMBER {
+                let _ = changes.try_send(tonic::transport::channel::Change::Insert(
+                    (member, copy),
+                    endpoint.clone(),
+                ));
+            }
+        }
         let proxy = Arc::new(EtcdProxy {
             upstream: Upstream::new(channel),
             control: Control {
@@ -446,6 +465,8 @@ impl EtcdProxy {
                 success: vec![
                     get_op(self.control.frozen(name)),
                     get_op(self.control.compacted(name)),
+                    get_op(self.control.quota(name)),
+                    get_op(self.control.usage(name)),
                 ],
                 failure: vec![],
             })
@@ -458,7 +479,22 @@ impl EtcdProxy {
         let compact_revision = range_at(&response.responses, 1)
             .and_then(|r| r.kvs.first())
             .map_or(-1, |kv| parse_number(&kv.value));
-        let (keys, bytes, revision) = usage(&self.upstream, &prefix).await?;
+        let revision = response.header.map_or(0, |h| h.revision);
+        let quota_kv = range_at(&response.responses, 2).and_then(|r| r.kvs.first());
+        let quota = quota_kv.map_or(Quota::default(), |kv| quota::decode_quota(&kv.value));
+        let counted = range_at(&response.responses, 3)
+            .and_then(|r| r.kvs.first())
+            .and_then(|kv| match quota::UsageRecord::decode(&kv.value) {
+                Some(quota::UsageRecord::Counted(usage)) => Some(usage),
+                _ => None,
+            });
+        let (keys, bytes) = match counted {
+            Some(usage) => (usage.keys, usage.bytes),
+            None => {
+                let (keys, bytes, _) = usage(&self.upstream, &prefix).await?;
+                (keys, bytes)
+            }
+        };
         Ok(KeyspaceState {
             id: 0,
             revision,
@@ -467,7 +503,7 @@ impl EtcdProxy {
             frozen_at_ms: frozen_at_ms.unwrap_or(0),
             keys,
             bytes,
-            quota: Quota::default(),
+            quota,
             migration: MigrationRole::None,
             pinned_revision: 0,
         })
@@ -551,11 +587,12 @@ impl TenantDirectory for EtcdProxy {
             return Ok(Some(tenant));
         }
         let prefix = self.tenant_prefix(name)?;
+        let mut created = false;
         if !self.exists(name).await? {
             if !create {
                 return Ok(None);
             }
-            self.register(name, self.default_quota).await?;
+            created = self.register(name, self.default_quota).await?;
         }
         let tenant = Arc::new(ProxiedTenant::new(
             name.to_string(),
@@ -564,18 +601,30 @@ impl TenantDirectory for EtcdProxy {
             self.upstream.clone(),
             self.limits,
         ));
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let tenant = open.entry(name.to_string()).or_insert(tenant).clone();
-        crate::metrics::open_tenants(open.len());
+        let tenant = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let tenant = open.entry(name.to_string()).or_insert(tenant).clone();
+            crate::metrics::open_tenants(open.len());
+            tenant
+        };
+        if created && self.default_quota != Quota::default() {
+            tenant.set_quota(self.default_quota).await?;
+        }
         Ok(Some(tenant))
     }
 
     async fn create(&self, name: &str, quota: Option<Quota>) -> Result<bool> {
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        if quota.is_some_and(|q| q != Quota::default()) {
-            return Err(KineError::Unsupported("a quota on the etcd datastore"));
+        let quota = quota.unwrap_or(self.default_quota);
+        if !self.register(name, quota).await? {
+            return Ok(false);
         }
-        self.register(name, Quota::default()).await
+        if quota != Quota::default()
+            && let Some(tenant) = self.get(name, false).await?
+        {
+            tenant.set_quota(quota).await?;
+        }
+        Ok(true)
     }
 
     async fn state(&self, name: &str) -> Result<Option<KeyspaceState>> {
@@ -684,6 +733,8 @@ impl TenantDirectory for EtcdProxy {
                     delete_op(leases.prefix().clone(), leases.end().clone()),
                     delete_op(self.control.frozen(name), Bytes::new()),
                     delete_op(self.control.compacted(name), Bytes::new()),
+                    delete_op(self.control.quota(name), Bytes::new()),
+                    delete_op(self.control.usage(name), Bytes::new()),
                     delete_op(self.control.registry(name), Bytes::new()),
                 ],
                 failure: vec![],

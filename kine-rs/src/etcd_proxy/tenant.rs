@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kine_proto::etcdserverpb::request_op::Request;
@@ -23,7 +23,7 @@ use tonic::Streaming;
 use super::prefix::KeyPrefix;
 use super::{
     Control, Upstream, absent, compact_shared, delete_op, get_op, parse_number, present, put_op,
-    range_at, rewrite, upstream_error, usage,
+    quota, range_at, rewrite, upstream_error, usage,
 };
 use crate::error::{KineError, Result};
 use crate::keyspace::MAX_LEASE_TTL;
@@ -32,6 +32,47 @@ use crate::range;
 use crate::served::{ServedTenant, StatusFacts, WatchRequests, WatchResponses};
 use crate::storage::Quota;
 use crate::txn::{self, RequestLimits};
+
+/// How long a write waits for the tenant's usage record to be free (counted, and not
+/// changed by a concurrent write) before giving up with `Unavailable`.
+const QUOTA_WAIT: Duration = Duration::from_secs(10);
+/// A "counting" usage record older than this was left by a process that died counting.
+const COUNTING_TAKEOVER_MS: i64 = 10_000;
+
+/// How one write attempt ended.
+enum Attempt {
+    Done(TxnResponse),
+    /// The tenant has a quota: write with usage.
+    QuotaSet,
+    /// The tenant has no quota (any more): write plainly.
+    NoQuota,
+    /// The usage record changed or is being counted: try again.
+    Again,
+}
+
+/// A transaction of one operation.
+fn single(request: Request) -> TxnRequest {
+    TxnRequest {
+        compare: vec![],
+        success: vec![RequestOp {
+            request: Some(request),
+        }],
+        failure: vec![],
+    }
+}
+
+/// A compare that holds while `key`'s mod revision is `revision` (0: the key is absent).
+fn mod_revision_is(key: Bytes, revision: i64) -> Compare {
+    Compare {
+        result: kine_proto::etcdserverpb::compare::CompareResult::Equal as i32,
+        target: kine_proto::etcdserverpb::compare::CompareTarget::Mod as i32,
+        key,
+        range_end: Bytes::new(),
+        target_union: Some(kine_proto::etcdserverpb::compare::TargetUnion::ModRevision(
+            revision,
+        )),
+    }
+}
 
 /// One keep-alive stream to etcd, shared by the tenant's keep-alives (one at a time).
 type KeepAliveStream = (
@@ -49,6 +90,10 @@ pub struct ProxiedTenant {
     /// Leases this process saw the tenant own (a cache of the ownership records).
     owned: std::sync::Mutex<HashSet<i64>>,
     keep_alive: tokio::sync::Mutex<Option<KeepAliveStream>>,
+    /// Whether the tenant was last seen with a quota (a hint: etcd's records decide).
+    quota_mode: AtomicBool,
+    /// Serializes this process's writes of the tenant while it has a quota.
+    quota_turn: tokio::sync::Mutex<()>,
     watches: AtomicI64,
     closed: tokio::sync::watch::Sender<bool>,
     /// When the tenant cache last handed it out.
@@ -77,6 +122,8 @@ impl ProxiedTenant {
             limits,
             owned: std::sync::Mutex::new(HashSet::new()),
             keep_alive: tokio::sync::Mutex::new(None),
+            quota_mode: AtomicBool::new(false),
+            quota_turn: tokio::sync::Mutex::new(()),
             watches: AtomicI64::new(0),
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
@@ -140,40 +187,246 @@ impl ProxiedTenant {
         Ok((revision, response.header.unwrap_or_default()))
     }
 
-    /// Sends `ops` in a transaction that etcd applies only while the tenant is not frozen and
-    /// every lease in `leases` is the tenant's.
-    async fn guarded(&self, leases: &[i64], ops: Vec<RequestOp>) -> Result<TxnResponse> {
-        let frozen = self.control.frozen(&self.name);
-        let mut compare = vec![absent(frozen.clone())];
+    /// The compares every write carries: the tenant is not frozen, and every lease in
+    /// `leases` is the tenant's.
+    fn guard(&self, leases: &[i64]) -> Vec<Compare> {
+        let mut compare = vec![absent(self.control.frozen(&self.name))];
         let mut seen = HashSet::new();
         for &lease in leases {
             if seen.insert(lease) {
                 compare.push(present(self.control.lease(&self.name, lease)));
             }
         }
+        compare
+    }
+
+    /// Writes `op` (the tenant's request `own`, prefixed) in a transaction that etcd applies
+    /// only while the tenant is not frozen and owns every lease in `leases`; while the tenant
+    /// has a quota, also checks it and keeps its usage ([`super::quota`]). The answer's first
+    /// response is `op`'s.
+    async fn write(&self, leases: &[i64], own: &TxnRequest, op: RequestOp) -> Result<TxnResponse> {
+        let deadline = Instant::now() + QUOTA_WAIT;
+        loop {
+            if !self.quota_mode.load(Ordering::Acquire) {
+                match self.write_plain(leases, op.clone()).await? {
+                    Attempt::Done(response) => return Ok(response),
+                    Attempt::QuotaSet => self.quota_mode.store(true, Ordering::Release),
+                    Attempt::NoQuota | Attempt::Again => {}
+                }
+                continue;
+            }
+            // One quota write of the tenant at a time in this process: they would only
+            // invalidate each other's snapshots.
+            let _turn = self.quota_turn.lock().await;
+            match self.write_counted(leases, own, op.clone()).await? {
+                Attempt::Done(response) => return Ok(response),
+                Attempt::NoQuota => self.quota_mode.store(false, Ordering::Release),
+                Attempt::QuotaSet | Attempt::Again => {
+                    if Instant::now() > deadline {
+                        return Err(KineError::Unavailable(
+                            "the tenant's usage record stayed busy".into(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A write of a tenant without a quota: guarded by the quota record's absence too.
+    async fn write_plain(&self, leases: &[i64], op: RequestOp) -> Result<Attempt> {
+        let mut compare = self.guard(leases);
+        compare.push(absent(self.control.quota(&self.name)));
         let response = self
             .upstream
             .kv
             .clone()
             .txn(TxnRequest {
                 compare,
-                success: ops,
-                failure: vec![get_op(frozen)],
+                success: vec![op],
+                failure: vec![
+                    get_op(self.control.frozen(&self.name)),
+                    get_op(self.control.quota(&self.name)),
+                ],
             })
             .await
             .map_err(upstream_error)?
             .into_inner();
         if response.succeeded {
-            return Ok(response);
+            return Ok(Attempt::Done(response));
         }
-        let is_frozen = range_at(&response.responses, 0).is_some_and(|r| !r.kvs.is_empty());
-        Err(if is_frozen {
-            KineError::Frozen {
-                tenant: self.name.clone(),
+        let found = |i| range_at(&response.responses, i).is_some_and(|r| !r.kvs.is_empty());
+        if found(0) {
+            return Err(self.frozen_error());
+        }
+        if found(1) {
+            return Ok(Attempt::QuotaSet);
+        }
+        Err(KineError::LeaseNotFound)
+    }
+
+    /// A write of a tenant with a quota: read what it touches and the usage, evaluate, check,
+    /// and write with the new usage if the usage record did not change meanwhile.
+    async fn write_counted(
+        &self,
+        leases: &[i64],
+        own: &TxnRequest,
+        op: RequestOp,
+    ) -> Result<Attempt> {
+        let mut ranges = Vec::new();
+        quota::ranges_read(own, &mut ranges);
+        let mut reads = vec![
+            get_op(self.control.quota(&self.name)),
+            get_op(self.control.usage(&self.name)),
+        ];
+        for (key, range_end) in &ranges {
+            let (key, range_end) = self.prefix.range(key, range_end);
+            reads.push(RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key,
+                    range_end,
+                    ..Default::default()
+                })),
+            });
+        }
+        let read = self
+            .upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![],
+                success: reads,
+                failure: vec![],
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        let Some(quota_kv) = range_at(&read.responses, 0).and_then(|r| r.kvs.first()) else {
+            return Ok(Attempt::NoQuota);
+        };
+        let limits = quota::decode_quota(&quota_kv.value);
+        let Some(usage_kv) = range_at(&read.responses, 1).and_then(|r| r.kvs.first()) else {
+            // A quota without usage (never left so by kine-rs): count it.
+            self.count_usage(0).await?;
+            return Ok(Attempt::Again);
+        };
+        let seen = usage_kv.mod_revision;
+        let usage = match quota::UsageRecord::decode(&usage_kv.value) {
+            Some(quota::UsageRecord::Counted(usage)) => usage,
+            Some(quota::UsageRecord::Counting { since_ms }) => {
+                // Another process is counting; take over if it died doing so.
+                if now_ms() - since_ms > COUNTING_TAKEOVER_MS {
+                    self.count_usage(seen).await?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Ok(Attempt::Again);
             }
-        } else {
-            KineError::LeaseNotFound
-        })
+            None => {
+                self.count_usage(seen).await?;
+                return Ok(Attempt::Again);
+            }
+        };
+        let mut snapshot = quota::Snapshot::default();
+        for index in 2..read.responses.len() {
+            if let Some(range) = range_at(&read.responses, index) {
+                for kv in &range.kvs {
+                    let mut kv = kv.clone();
+                    rewrite::strip_kv(&self.prefix, &mut kv);
+                    snapshot.insert(kv);
+                }
+            }
+        }
+        snapshot.check(limits, usage, own)?;
+        let delta = snapshot.apply(own);
+        let after = quota::UsageRecord::Counted(quota::Usage {
+            keys: usage.keys + delta.keys,
+            bytes: usage.bytes + delta.bytes,
+        });
+        let mut compare = self.guard(leases);
+        compare.push(mod_revision_is(self.control.usage(&self.name), seen));
+        let response = self
+            .upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare,
+                success: vec![
+                    op,
+                    put_op(self.control.usage(&self.name), after.encode(), 0),
+                ],
+                failure: vec![
+                    get_op(self.control.frozen(&self.name)),
+                    get_op(self.control.usage(&self.name)),
+                ],
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        if response.succeeded {
+            return Ok(Attempt::Done(response));
+        }
+        if range_at(&response.responses, 0).is_some_and(|r| !r.kvs.is_empty()) {
+            return Err(self.frozen_error());
+        }
+        let now = range_at(&response.responses, 1).and_then(|r| r.kvs.first());
+        if now.map(|kv| kv.mod_revision) != Some(seen) {
+            return Ok(Attempt::Again);
+        }
+        Err(KineError::LeaseNotFound)
+    }
+
+    /// Counts the tenant's usage and stores it, if the usage record is still the one at
+    /// `seen` (0: absent). Writes wait while the record says "counting", so the count is of
+    /// a tenant nobody writes to.
+    async fn count_usage(&self, seen: i64) -> Result<()> {
+        let (keys, bytes, _) = usage(&self.upstream, &self.prefix).await?;
+        let record = quota::UsageRecord::Counted(quota::Usage { keys, bytes });
+        self.upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![mod_revision_is(self.control.usage(&self.name), seen)],
+                success: vec![put_op(self.control.usage(&self.name), record.encode(), 0)],
+                failure: vec![],
+            })
+            .await
+            .map_err(upstream_error)?;
+        Ok(())
+    }
+
+    fn frozen_error(&self) -> KineError {
+        KineError::Frozen {
+            tenant: self.name.clone(),
+        }
+    }
+
+    /// The tenant's quota and usage, when it has a quota.
+    pub async fn quota_usage(&self) -> Result<Option<(Quota, Option<quota::Usage>)>> {
+        let response = self
+            .upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![],
+                success: vec![
+                    get_op(self.control.quota(&self.name)),
+                    get_op(self.control.usage(&self.name)),
+                ],
+                failure: vec![],
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        let Some(quota_kv) = range_at(&response.responses, 0).and_then(|r| r.kvs.first()) else {
+            return Ok(None);
+        };
+        let usage = range_at(&response.responses, 1)
+            .and_then(|r| r.kvs.first())
+            .and_then(|kv| match quota::UsageRecord::decode(&kv.value) {
+                Some(quota::UsageRecord::Counted(usage)) => Some(usage),
+                _ => None,
+            });
+        Ok(Some((quota::decode_quota(&quota_kv.value), usage)))
     }
 
     /// Whether the tenant owns lease `id`.
@@ -340,13 +593,15 @@ impl ServedTenant for ProxiedTenant {
         } else {
             Vec::new()
         };
+        let own = single(Request::RequestPut(request.clone()));
         let request = rewrite::put_request(&self.prefix, request);
         let response = self
-            .guarded(
+            .write(
                 &leases,
-                vec![RequestOp {
+                &own,
+                RequestOp {
                     request: Some(Request::RequestPut(request)),
-                }],
+                },
             )
             .await?;
         let header = response.header;
@@ -368,13 +623,15 @@ impl ServedTenant for ProxiedTenant {
     async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         txn::check_delete(&request)?;
         self.check_size(&request)?;
+        let own = single(Request::RequestDeleteRange(request.clone()));
         let request = rewrite::delete_request(&self.prefix, request);
         let response = self
-            .guarded(
+            .write(
                 &[],
-                vec![RequestOp {
+                &own,
+                RequestOp {
                     request: Some(Request::RequestDeleteRange(request)),
-                }],
+                },
             )
             .await?;
         let header = response.header;
@@ -411,15 +668,17 @@ impl ServedTenant for ProxiedTenant {
         }
         let mut leases = Vec::new();
         rewrite::txn_leases(&request, &mut leases);
+        let own = request.clone();
         let request = rewrite::txn_request(&self.prefix, request);
         // The client's transaction, whole, as the one operation of the guarded one: etcd
         // evaluates the client's compares only when the guard holds.
         let response = self
-            .guarded(
+            .write(
                 &leases,
-                vec![RequestOp {
+                &own,
+                RequestOp {
                     request: Some(Request::RequestTxn(request)),
-                }],
+                },
             )
             .await?;
         let header = response.header;
@@ -699,10 +958,17 @@ impl ServedTenant for ProxiedTenant {
     }
 
     async fn status(&self, _whole_datastore: bool) -> Result<StatusFacts> {
-        // The shared etcd's size would tell of other tenants: always the tenant's own.
-        let (_, bytes, revision) = usage(&self.upstream, &self.prefix).await?;
+        // The shared etcd's size would tell of other tenants: always the tenant's own, from
+        // the usage record when the tenant has a quota, else counted.
         let mut header = self.current_header().await?;
-        header.revision = header.revision.max(revision);
+        let bytes = match self.quota_usage().await? {
+            Some((_, Some(usage))) => usage.bytes,
+            _ => {
+                let (_, bytes, revision) = usage(&self.upstream, &self.prefix).await?;
+                header.revision = header.revision.max(revision);
+                bytes
+            }
+        };
         Ok(StatusFacts {
             header,
             db_size: bytes,
@@ -739,8 +1005,48 @@ impl ServedTenant for ProxiedTenant {
     }
 
     async fn set_quota(&self, quota: Quota) -> Result<()> {
-        if quota != Quota::default() {
-            return Err(KineError::Unsupported("a quota on the etcd datastore"));
+        let quota_key = self.control.quota(&self.name);
+        let usage_key = self.control.usage(&self.name);
+        if quota == Quota::default() {
+            // No quota: writes stop keeping the usage.
+            self.upstream
+                .kv
+                .clone()
+                .txn(TxnRequest {
+                    compare: vec![],
+                    success: vec![
+                        delete_op(quota_key, Bytes::new()),
+                        delete_op(usage_key, Bytes::new()),
+                    ],
+                    failure: vec![],
+                })
+                .await
+                .map_err(upstream_error)?;
+            self.quota_mode.store(false, Ordering::Release);
+            return Ok(());
+        }
+        // A first quota: store it with a "counting" usage (writes wait from then on), count
+        // the tenant, store the usage. A quota already there: change its limits only.
+        let counting = quota::UsageRecord::Counting { since_ms: now_ms() };
+        let response = self
+            .upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![absent(quota_key.clone())],
+                success: vec![
+                    put_op(quota_key.clone(), quota::encode_quota(quota), 0),
+                    put_op(usage_key, counting.encode(), 0),
+                ],
+                failure: vec![put_op(quota_key, quota::encode_quota(quota), 0)],
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        self.quota_mode.store(true, Ordering::Release);
+        if response.succeeded {
+            let revision = response.header.map_or(0, |h| h.revision);
+            self.count_usage(revision).await?;
         }
         Ok(())
     }

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use kine_proto::kine::admin::v1::tenant_admin_server::TenantAdmin;
 use kine_proto::kine::admin::v1::{
     self as pb, CreateTenantRequest, DeleteTenantRequest, DeleteTenantResponse,
-    FreezeTenantRequest, ListTenantsRequest, ListTenantsResponse, SetQuotaRequest,
-    TenantStatusRequest, UnfreezeTenantRequest,
+    FreezeTenantRequest, ListTenantsRequest, ListTenantsResponse, MigrateTenantRequest,
+    MigrateTenantResponse, SetQuotaRequest, TenantStatusRequest, UnfreezeTenantRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::certificate_names;
 use crate::error::KineError;
+use crate::routes::{MoveError, RoutedTenants};
+use crate::run::redact_endpoint;
 use crate::served::TenantDirectory;
 use crate::storage::{KeyspaceState, Quota};
 use crate::tenants::validate_name;
@@ -26,6 +28,8 @@ pub struct AdminService {
     pub admin_identities: Vec<String>,
     /// Served on the local admin socket: every caller may.
     pub local: bool,
+    /// A gateway on a database datastore moves tenants itself; elsewhere `None`.
+    pub mover: Option<Arc<RoutedTenants>>,
 }
 
 impl AdminService {
@@ -172,6 +176,44 @@ impl TenantAdmin for AdminService {
             .ok_or_else(|| KineError::UnknownTenant(request.name.clone()))?;
         keyspace.set_quota(quota).await?;
         Ok(Response::new(self.status(&request.name).await?))
+    }
+
+    async fn migrate_tenant(
+        &self,
+        request: Request<MigrateTenantRequest>,
+    ) -> Result<Response<MigrateTenantResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let Some(mover) = &self.mover else {
+            return Err(KineError::Unsupported(
+                "moving a tenant through the admin API of a process that is not a gateway on a \
+                 database datastore (use `kine-rs migrate`)",
+            )
+            .into());
+        };
+        let summary = mover
+            .move_tenant(&request.name, &request.to)
+            .await
+            .map_err(|error| match error {
+                MoveError::Request(error) => Status::from(error),
+                // The engine's messages name tenants, revisions and datastores without
+                // credentials.
+                MoveError::Migration(error) => Status::failed_precondition(format!(
+                    "kine-rs: the migration of tenant {:?} stopped: {error}",
+                    request.name
+                )),
+            })?;
+        let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Ok(Response::new(MigrateTenantResponse {
+            name: summary.tenant,
+            target: redact_endpoint(&request.to),
+            revision: summary.revision,
+            keys: summary.keys as i64,
+            events: summary.events as i64,
+            leases: summary.leases as i64,
+            freeze_window_ms: millis(summary.freeze_window),
+            duration_ms: millis(summary.duration),
+        }))
     }
 
     async fn delete_tenant(

@@ -45,11 +45,15 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let tenant = self.tenancy.keyspace(&request).await?;
+        let mut tenant = self.tenancy.keyspace(&request).await?;
         let mut requests = request.into_inner();
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok(Some(request)) = requests.message().await {
+                // A tenant moved by this gateway keeps its leases on the new datastore.
+                while let Some(next) = tenant.successor() {
+                    tenant = next;
+                }
                 let response = tenant
                     .lease_keep_alive(request.id)
                     .await

@@ -139,14 +139,26 @@ impl WatchStream {
                 },
                 _ = ticker.tick() => self.progress_tick().await,
                 _ = closed.changed() => {
-                    let deleted = *closed.borrow_and_update();
-                    if deleted {
+                    let ended = *closed.borrow_and_update();
+                    if !ended {
+                        Ok(())
+                    } else if let Some(next) = self.keyspace.successor() {
+                        // Moved inside this process: carry on from the new datastore, which
+                        // has the same revisions; a gap is read from its history.
+                        let open = self.watchers.len() as i64;
+                        self.keyspace.watch_count(-open);
+                        next.watch_count(open);
+                        self.keyspace = next;
+                        let (published, receiver) = self.keyspace.hub().subscribe().await;
+                        batches = receiver;
+                        closed = self.keyspace.closed();
+                        self.catch_up_all(published).await
+                    } else {
                         let _ = self.out.send(Err(Status::not_found(format!(
                             "kine-rs: tenant {:?} was deleted", self.keyspace.name()
                         )))).await;
                         return;
                     }
-                    Ok(())
                 }
             };
             if step.is_err() {
@@ -335,6 +347,19 @@ impl WatchStream {
                 watcher.next = up_to + 1;
             }
         }
+    }
+
+    /// Brings every watcher up to `revision` from history.
+    async fn catch_up_all(&mut self, revision: Revision) -> Result<(), Disconnected> {
+        if revision <= self.position {
+            return Ok(());
+        }
+        let ids: Vec<i64> = self.watchers.keys().copied().collect();
+        for id in ids {
+            self.catch_up(id, revision).await?;
+        }
+        self.position = revision;
+        Ok(())
     }
 
     async fn deliver(&mut self, batch: &EventBatch) -> Result<(), Disconnected> {

@@ -1,0 +1,137 @@
+//! The tenant's keyspace in its datastore, through the kine-rs library: created with its
+//! quota, frozen and unfrozen (`spec.writable`), measured, deleted.
+//!
+//! In sidecar mode nothing else serves the tenant's admin API to the controller, so the
+//! controller opens the tenant's datastore itself (with the tenant's own login) and changes
+//! the keyspace's state there: a freeze is a fact in the datastore, which every kine-rs
+//! process serving the tenant obeys atomically (the invariant kine-rs keeps).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kine::storage::{Backend, BackendOptions, KeyspaceState, MigrationRole, Quota};
+use sha2::{Digest, Sha256};
+
+use crate::credentials::Sensitive;
+
+/// How long opening a datastore through kine-rs may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Backends opened by the controller, one per tenant endpoint, kept open (opening runs
+/// kine-rs's schema migrations and, on PostgreSQL, starts a listener).
+#[derive(Default)]
+pub struct Backends {
+    open: tokio::sync::Mutex<HashMap<String, Arc<dyn Backend>>>,
+}
+
+impl Backends {
+    /// The backend of `endpoint` (keyed by a hash: the map holds no credentials as keys).
+    pub async fn open(&self, endpoint: &Sensitive) -> Result<Arc<dyn Backend>, String> {
+        let key = hex::encode(Sha256::digest(endpoint.expose().as_bytes()));
+        let mut open = self.open.lock().await;
+        if let Some(backend) = open.get(&key) {
+            return Ok(backend.clone());
+        }
+        let options = BackendOptions::default();
+        let backend = match tokio::time::timeout(
+            OPEN_TIMEOUT,
+            kine::storage::open(endpoint.expose(), &options),
+        )
+        .await
+        {
+            Ok(Ok(backend)) => backend,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot open {}: {e}",
+                    kine::run::redact_endpoint(endpoint.expose())
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "opening {} took longer than {OPEN_TIMEOUT:?}",
+                    kine::run::redact_endpoint(endpoint.expose())
+                ));
+            }
+        };
+        open.insert(key, backend.clone());
+        Ok(backend)
+    }
+
+    /// Forgets the backend of `endpoint` (after its database was dropped).
+    pub async fn forget(&self, endpoint: &Sensitive) {
+        let key = hex::encode(Sha256::digest(endpoint.expose().as_bytes()));
+        self.open.lock().await.remove(&key);
+    }
+}
+
+/// Creates the tenant's keyspace if needed and gives it `quota` and the freeze `frozen`.
+pub async fn ensure(
+    backend: &dyn Backend,
+    tenant: &str,
+    quota: Quota,
+    frozen: bool,
+) -> Result<KeyspaceState, String> {
+    let id = backend
+        .keyspace(tenant, true)
+        .await
+        .map_err(|e| format!("creating keyspace {tenant}: {e}"))?
+        .ok_or_else(|| format!("keyspace {tenant} could not be created"))?;
+    let state = backend
+        .state(id)
+        .await
+        .map_err(|e| format!("reading keyspace {tenant}: {e}"))?;
+    match state.migration {
+        MigrationRole::Moved => {
+            return Err(format!(
+                "keyspace {tenant} was moved away from this datastore by a migration"
+            ));
+        }
+        MigrationRole::Importing => {
+            return Err(format!(
+                "keyspace {tenant} is an unfinished migration import here"
+            ));
+        }
+        MigrationRole::None | MigrationRole::Source => {}
+    }
+    if state.quota == quota && state.frozen == frozen {
+        return Ok(state);
+    }
+    let mut txn = backend
+        .begin_write(id)
+        .await
+        .map_err(|e| format!("writing keyspace {tenant}: {e}"))?;
+    let current = txn.state();
+    if current.frozen != frozen {
+        txn.set_frozen(frozen)
+            .await
+            .map_err(|e| format!("setting the freeze of {tenant}: {e}"))?;
+    }
+    if current.quota != quota {
+        txn.set_quota(quota)
+            .await
+            .map_err(|e| format!("setting the quota of {tenant}: {e}"))?;
+    }
+    txn.commit(current.revision)
+        .await
+        .map_err(|e| format!("committing keyspace {tenant}: {e}"))?;
+    backend
+        .state(id)
+        .await
+        .map_err(|e| format!("reading keyspace {tenant}: {e}"))
+}
+
+/// Deletes the tenant's keyspace and its data; whether it existed.
+pub async fn delete(backend: &dyn Backend, tenant: &str) -> Result<bool, String> {
+    let Some(id) = backend
+        .keyspace(tenant, false)
+        .await
+        .map_err(|e| format!("finding keyspace {tenant}: {e}"))?
+    else {
+        return Ok(false);
+    };
+    backend
+        .delete_keyspace(id)
+        .await
+        .map_err(|e| format!("deleting keyspace {tenant}: {e}"))
+}

@@ -1,0 +1,303 @@
+//! Wiring a tenant kube-apiserver workload to kine-rs: a kine-rs sidecar container in its
+//! pod, serving on a unix socket in a memory `emptyDir` shared with kube-apiserver, whose
+//! `--etcd-servers` points at that socket; the sidecar's endpoint and tenant come from the
+//! binding's Secret (env `KINE_ENDPOINT`, `KINE_TENANT`), and a checksum annotation on the
+//! pod template rolls the pods when the connection or the sidecar changes.
+//!
+//! The workload is changed by server-side apply with the field manager
+//! [`WIRING_MANAGER`], forced: the kube-apiserver container's `args` is an atomic list, so
+//! the controller takes it over whole (it keeps every argument except the etcd connection
+//! ones, `--etcd-servers`, `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`). Arguments
+//! given in `command` rather than `args` are not rewritten.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, PodSpec, ResourceRequirements, SecretKeySelector,
+    SecurityContext, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::crd::WorkloadKind;
+use crate::credentials::Sensitive;
+
+/// Where the socket lives, in both containers.
+pub const SOCKET_DIR: &str = "/run/kine-rs";
+/// The socket's file name.
+pub const SOCKET_FILE: &str = "kine.sock";
+/// The shared memory volume.
+pub const SOCKET_VOLUME: &str = "kine-rs-socket";
+/// The sidecar container's name.
+pub const SIDECAR_NAME: &str = "kine-rs";
+/// The pod template annotation that changes with the configuration.
+pub const CHECKSUM_ANNOTATION: &str = "kine-rs.io/config-checksum";
+/// The field manager of the workload patch.
+pub const WIRING_MANAGER: &str = "kine-rs-controller-wiring";
+/// The Secret keys the sidecar reads.
+pub const SECRET_ENDPOINT_KEY: &str = "endpoint";
+pub const SECRET_TENANT_KEY: &str = "tenant";
+
+/// The kube-apiserver flags the wiring replaces.
+const ETCD_FLAGS: &[&str] = &[
+    "--etcd-servers",
+    "--etcd-cafile",
+    "--etcd-certfile",
+    "--etcd-keyfile",
+];
+
+/// The sidecar's image and resources (the controller's flags; the chart's values).
+#[derive(Clone, Debug)]
+pub struct SidecarSettings {
+    pub image: String,
+    pub image_pull_policy: String,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    /// More kine-rs flags for every sidecar.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for SidecarSettings {
+    fn default() -> Self {
+        SidecarSettings {
+            image: "ghcr.io/kine-rs/kine-rs:latest".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            cpu_request: "50m".into(),
+            memory_request: "64Mi".into(),
+            memory_limit: "256Mi".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// `unix://` URL of the socket.
+pub fn etcd_servers() -> String {
+    format!("unix://{SOCKET_DIR}/{SOCKET_FILE}")
+}
+
+/// kube-apiserver's arguments with the etcd connection pointed at the sidecar.
+pub fn apiserver_args(existing: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(existing.len() + 1);
+    let mut skip_value = false;
+    for arg in existing {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        let name = arg.split('=').next().unwrap_or(arg);
+        if ETCD_FLAGS.contains(&name) {
+            // `--flag value` takes the next argument too.
+            skip_value = !arg.contains('=');
+            continue;
+        }
+        out.push(arg.clone());
+    }
+    out.push(format!("--etcd-servers={}", etcd_servers()));
+    out
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The sidecar container.
+pub fn sidecar_container(settings: &SidecarSettings, secret: &str) -> Container {
+    let mut args = vec![format!("--listen-address={}", etcd_servers())];
+    args.extend(settings.extra_args.iter().cloned());
+    let quantity = |q: &str| Quantity(q.to_string());
+    Container {
+        name: SIDECAR_NAME.to_string(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.image_pull_policy.clone()),
+        args: Some(args),
+        env: Some(vec![
+            secret_env("KINE_ENDPOINT", secret, SECRET_ENDPOINT_KEY),
+            secret_env("KINE_TENANT", secret, SECRET_TENANT_KEY),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: SOCKET_VOLUME.to_string(),
+            mount_path: SOCKET_DIR.to_string(),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity(&settings.cpu_request)),
+                ("memory".to_string(), quantity(&settings.memory_request)),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                quantity(&settings.memory_limit),
+            )])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A checksum of what the pod's kine-rs runs with (its endpoint, tenant and container).
+pub fn checksum(endpoint: &Sensitive, tenant: &str, sidecar: &Container) -> String {
+    let mut hash = Sha256::new();
+    hash.update(endpoint.expose().as_bytes());
+    hash.update([0]);
+    hash.update(tenant.as_bytes());
+    hash.update([0]);
+    hash.update(serde_json::to_vec(sidecar).unwrap_or_default());
+    hex::encode(hash.finalize())
+}
+
+/// The kube-apiserver container of a pod: `wanted`, else the one named `kube-apiserver`,
+/// else the first (never the sidecar).
+pub fn apiserver_container<'a>(
+    pod: &'a PodSpec,
+    wanted: Option<&str>,
+) -> Result<&'a Container, String> {
+    let containers = &pod.containers;
+    let found = match wanted {
+        Some(name) => containers.iter().find(|c| c.name == name),
+        None => containers
+            .iter()
+            .find(|c| c.name == "kube-apiserver")
+            .or_else(|| containers.iter().find(|c| c.name != SIDECAR_NAME)),
+    };
+    found.ok_or_else(|| match wanted {
+        Some(name) => format!("has no container named {name:?}"),
+        None => "has no container".to_string(),
+    })
+}
+
+/// The server-side apply body for the workload.
+pub fn workload_patch(
+    kind: WorkloadKind,
+    name: &str,
+    namespace: &str,
+    apiserver: &str,
+    args: &[String],
+    sidecar: &Container,
+    checksum: &str,
+) -> Value {
+    let kind = match kind {
+        WorkloadKind::Deployment => "Deployment",
+        WorkloadKind::StatefulSet => "StatefulSet",
+    };
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "template": {
+                "metadata": { "annotations": { CHECKSUM_ANNOTATION: checksum } },
+                "spec": {
+                    "containers": [
+                        {
+                            "name": apiserver,
+                            "args": args,
+                            "volumeMounts": [
+                                { "name": SOCKET_VOLUME, "mountPath": SOCKET_DIR }
+                            ]
+                        },
+                        sidecar
+                    ],
+                    "volumes": [
+                        { "name": SOCKET_VOLUME, "emptyDir": { "medium": "Memory" } }
+                    ]
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apiserver_args_point_at_the_socket() {
+        let args: Vec<String> = [
+            "--secure-port=6443",
+            "--etcd-servers=https://old:2379",
+            "--etcd-cafile",
+            "/ca.crt",
+            "--etcd-prefix=/registry",
+            "--etcd-certfile=/c",
+            "--etcd-keyfile=/k",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            apiserver_args(&args),
+            [
+                "--secure-port=6443",
+                "--etcd-prefix=/registry",
+                "--etcd-servers=unix:///run/kine-rs/kine.sock"
+            ]
+        );
+        // Idempotent.
+        let once = apiserver_args(&args);
+        assert_eq!(apiserver_args(&once), once);
+    }
+
+    #[test]
+    fn the_checksum_follows_the_configuration() {
+        let settings = SidecarSettings::default();
+        let sidecar = sidecar_container(&settings, "s");
+        let a = checksum(&Sensitive("postgres://a".into()), "t", &sidecar);
+        assert_eq!(
+            a,
+            checksum(&Sensitive("postgres://a".into()), "t", &sidecar)
+        );
+        assert_ne!(
+            a,
+            checksum(&Sensitive("postgres://b".into()), "t", &sidecar)
+        );
+        let other = sidecar_container(
+            &SidecarSettings {
+                image: "other".into(),
+                ..settings
+            },
+            "s",
+        );
+        assert_ne!(a, checksum(&Sensitive("postgres://a".into()), "t", &other));
+    }
+
+    #[test]
+    fn finds_the_apiserver_container() {
+        let pod = PodSpec {
+            containers: vec![
+                Container {
+                    name: SIDECAR_NAME.into(),
+                    ..Default::default()
+                },
+                Container {
+                    name: "api".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            apiserver_container(&pod, None).map(|c| c.name.as_str()),
+            Ok("api")
+        );
+        assert!(apiserver_container(&pod, Some("nope")).is_err());
+    }
+}
