@@ -109,6 +109,7 @@ impl Stream for ResponseReceiver {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A panic is how a test reports.
 mod tests {
     use super::*;
     use futures::StreamExt;

@@ -178,6 +178,7 @@ impl Drop for BatchReceiver {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A panic is how a test reports.
 mod tests {
     use super::*;
 
