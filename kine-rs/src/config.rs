@@ -74,6 +74,50 @@ pub struct Config {
     #[arg(long, env = "KINE_MAX_TXN_OPS", default_value_t = 128)]
     pub max_txn_ops: usize,
 
+    /// Most watchers one Watch stream may hold; a create beyond it is refused (answered
+    /// created and canceled, with a reason), as etcd answers creates it cannot serve. etcd
+    /// has no such limit.
+    #[arg(long, env = "KINE_MAX_WATCHES_PER_STREAM", default_value_t = 10_000)]
+    pub max_watches_per_stream: usize,
+
+    /// Most leases one tenant may hold at once; a grant beyond it gets `ResourceExhausted`
+    /// with a message naming this flag. etcd has no such limit.
+    #[arg(long, env = "KINE_MAX_LEASES_PER_TENANT", default_value_t = 100_000)]
+    pub max_leases_per_tenant: u64,
+
+    /// Bytes of responses one Watch stream holds for a client that reads slower than events
+    /// come; past it, the stream waits for the client and reads what it missed from history
+    /// when it goes on.
+    #[arg(long, env = "KINE_WATCH_STREAM_BUFFER_BYTES", default_value_t = 4 << 20)]
+    pub watch_stream_buffer_bytes: usize,
+
+    /// Bytes of new events a tenant's watch hub holds for streams that have not read them yet;
+    /// past it, the oldest go and those streams read them from history instead.
+    #[arg(long, env = "KINE_WATCH_HUB_BUFFER_BYTES", default_value_t = 16 << 20)]
+    pub watch_hub_buffer_bytes: usize,
+
+    /// Most concurrent HTTP/2 streams (requests and open watch or keep-alive streams) per
+    /// client connection (etcd's `--max-concurrent-streams`, unlimited there by default);
+    /// clients queue requests beyond it.
+    #[arg(long, env = "KINE_MAX_CONCURRENT_STREAMS", default_value_t = 1000)]
+    pub max_concurrent_streams: u32,
+
+    /// How often the server pings an idle client connection (etcd's
+    /// `--grpc-keepalive-interval`); `0` disables.
+    #[arg(long, env = "KINE_GRPC_KEEPALIVE_INTERVAL", default_value = "2h", value_parser = parse_duration)]
+    pub grpc_keepalive_interval: Duration,
+
+    /// How long the server waits for a ping's answer before closing the connection (etcd's
+    /// `--grpc-keepalive-timeout`).
+    #[arg(long, env = "KINE_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout: Duration,
+
+    /// Close a tenant this process holds open (its writer, caches) after it went unused this
+    /// long with no watch or keep-alive stream open (Go duration); it reopens on its next
+    /// request. `0` keeps tenants open.
+    #[arg(long, env = "KINE_TENANT_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub tenant_idle_timeout: Duration,
+
     /// Connections to the datastore kept open while idle (PostgreSQL, MySQL); 0 or less
     /// keeps none.
     #[arg(
@@ -238,6 +282,9 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// peers refuse messages over `i32::MAX` bytes.
 pub const MAX_REQUEST_BYTES: usize = i32::MAX as usize;
 
+/// The smallest watch buffer: below a few KiB every response would wait for the client.
+pub const MIN_BUFFER_BYTES: usize = 4096;
+
 impl Config {
     /// Refuses flag values the server cannot run with, naming the flag, before anything
     /// starts: they would otherwise fail (or panic) later, at the first timer or request.
@@ -255,6 +302,34 @@ impl Config {
         }
         if self.max_txn_ops == 0 {
             return Err("--max-txn-ops must be at least 1".into());
+        }
+        if self.max_watches_per_stream == 0 {
+            return Err("--max-watches-per-stream must be at least 1".into());
+        }
+        if self.max_leases_per_tenant == 0 || self.max_leases_per_tenant > i64::MAX as u64 {
+            return Err(format!(
+                "--max-leases-per-tenant must be between 1 and {}",
+                i64::MAX
+            ));
+        }
+        if self.watch_stream_buffer_bytes < MIN_BUFFER_BYTES {
+            return Err(format!(
+                "--watch-stream-buffer-bytes must be at least {MIN_BUFFER_BYTES}"
+            ));
+        }
+        if self.watch_hub_buffer_bytes < MIN_BUFFER_BYTES {
+            return Err(format!(
+                "--watch-hub-buffer-bytes must be at least {MIN_BUFFER_BYTES}"
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
+        }
+        if !self.grpc_keepalive_interval.is_zero() && self.grpc_keepalive_timeout.is_zero() {
+            return Err(
+                "--grpc-keepalive-timeout must be longer than 0 while keepalive pings are on"
+                    .into(),
+            );
         }
         if self.compact_min_retain < 0 {
             return Err("--compact-min-retain must be 0 or more".into());

@@ -35,6 +35,12 @@ pub enum KineError {
     LeaseTtlTooLarge,
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// The tenant holds the most leases `--max-leases-per-tenant` allows (etcd has no such
+    /// limit, so no etcd message fits; the code is the one of etcd's quota errors).
+    #[error(
+        "kine-rs: the tenant holds {max} leases, the most --max-leases-per-tenant allows; revoke leases or raise the limit"
+    )]
+    TooManyLeases { max: i64 },
     /// The datastore cannot index a key this long (etcd itself has no key limit).
     #[error(
         "kine-rs: a key of {len} bytes is longer than the {max} bytes the {driver} datastore can store"
@@ -128,7 +134,7 @@ impl KineError {
             | KineError::Frozen { .. }
             | KineError::CompactionPinned { .. } => Code::FailedPrecondition,
             KineError::TenantImporting { .. } | KineError::TenantMoved { .. } => Code::Unavailable,
-            KineError::NoSpace => Code::ResourceExhausted,
+            KineError::NoSpace | KineError::TooManyLeases { .. } => Code::ResourceExhausted,
             KineError::Unsupported(_) => Code::Unimplemented,
             KineError::Unavailable(_) | KineError::Conflict(_) | KineError::Stopped => {
                 Code::Unavailable
@@ -301,6 +307,11 @@ mod tests {
                 KineError::NoSpace,
                 Code::ResourceExhausted,
                 "etcdserver: mvcc: database space exceeded",
+            ),
+            (
+                KineError::TooManyLeases { max: 5 },
+                Code::ResourceExhausted,
+                "kine-rs: the tenant holds 5 leases, the most --max-leases-per-tenant allows; revoke leases or raise the limit",
             ),
             (
                 KineError::KeyTooLong {

@@ -75,6 +75,14 @@ pub struct Keyspace {
     /// streams carry on there.
     closed: tokio::sync::watch::Sender<bool>,
     successor: std::sync::Mutex<Option<Arc<Keyspace>>>,
+    /// When the tenant cache last handed it out.
+    last_use: crate::tenants::LastUse,
+}
+
+impl crate::tenants::Cached for Keyspace {
+    fn last_use(&self) -> &crate::tenants::LastUse {
+        &self.last_use
+    }
 }
 
 impl Drop for Keyspace {
@@ -111,7 +119,12 @@ impl Keyspace {
             }
             MigrationRole::None | MigrationRole::Source => {}
         }
-        let hub = Arc::new(WatchHub::new(backend.clone(), id, state.revision));
+        let hub = Arc::new(WatchHub::new(
+            backend.clone(),
+            id,
+            state.revision,
+            limits.watch_hub_buffer_bytes,
+        ));
         let (sender, queue) = mpsc::channel(4096);
         let tasks = vec![tokio::spawn(writer::run(
             backend.clone(),
@@ -132,6 +145,7 @@ impl Keyspace {
             watches: AtomicI64::new(0),
             renewals: std::sync::Mutex::new(HashMap::new()),
             closed: tokio::sync::watch::Sender::new(false),
+            last_use: Default::default(),
             successor: std::sync::Mutex::new(None),
         })))
     }
@@ -382,6 +396,7 @@ impl Keyspace {
             .write(WriteOp::LeaseGrant {
                 id: request.id,
                 ttl,
+                max_leases: self.limits.max_leases_per_tenant,
             })
             .await?
         {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::warn;
@@ -110,6 +111,7 @@ pub struct Metrics {
     pub sql_errors: Family<QueryErrorLabels, Counter>,
     pub sql_slow: Family<QueryLabels, Counter>,
     pub write_batch_size: Histogram,
+    pub open_tenants: Gauge,
 }
 
 static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
@@ -166,7 +168,14 @@ impl Metrics {
             "Write requests committed together in one database transaction (group commit)",
             write_batch_size.clone(),
         );
+        let open_tenants = Gauge::default();
+        registry.register(
+            "open_tenants",
+            "Tenants this process holds open (idle ones are closed after --tenant-idle-timeout)",
+            open_tenants.clone(),
+        );
         Arc::new(Metrics {
+            open_tenants,
             registry,
             requests,
             latency,
@@ -237,6 +246,13 @@ pub fn sql_query(
             "slow SQL query"
         );
     }
+}
+
+/// Records how many tenants this process holds open.
+pub fn open_tenants(count: usize) {
+    Metrics::global()
+        .open_tenants
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
 }
 
 /// Records how many write requests one group commit applied.

@@ -245,6 +245,24 @@ impl TenantDirectory for RoutedTenants {
             .map_or_else(|| self.home.watches(name), |tenants| tenants.watches(name))
     }
 
+    fn evict_idle(&self, idle: Duration) -> usize {
+        let others: Vec<Arc<Tenants>> = self
+            .others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let open = others
+            .iter()
+            .fold(self.home.evict_idle(idle), |open, tenants| {
+                open + tenants.evict_idle(idle)
+            });
+        // Each datastore set the gauge to its own count; the process serves the sum.
+        crate::metrics::open_tenants(open);
+        open
+    }
+
     async fn delete(&self, name: &str, force: bool) -> Result<bool> {
         let tenants = self.home_of(name).await?;
         let deleted = tenants.delete(name, force).await?;

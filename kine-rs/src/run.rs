@@ -349,6 +349,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let limits = RequestLimits {
         max_request_bytes: config.max_request_bytes,
         max_txn_ops: config.max_txn_ops,
+        max_watches_per_stream: config.max_watches_per_stream,
+        max_leases_per_tenant: i64::try_from(config.max_leases_per_tenant).unwrap_or(i64::MAX),
+        watch_stream_buffer_bytes: config.watch_stream_buffer_bytes,
+        watch_hub_buffer_bytes: config.watch_hub_buffer_bytes,
     };
     let quota = Quota {
         keys: config.quota_keys,
@@ -415,6 +419,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Tenancy::single(tenant)
     };
     let tenants = served.directory.clone();
+    if !config.tenant_idle_timeout.is_zero() {
+        tokio::spawn(tenants::close_idle_tenants(
+            tenants.clone(),
+            config.tenant_idle_timeout,
+        ));
+    }
     let shared = config.gateway || config.tenant != DEFAULT_KEYSPACE || served.always_shared;
     if let Some(path) = &config.admin_socket {
         serve_admin_socket(path, tenants.clone(), served.mover.clone())?;
@@ -432,7 +442,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
 
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let mut builder = Server::builder();
+    let keepalive =
+        (!config.grpc_keepalive_interval.is_zero()).then_some(config.grpc_keepalive_interval);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout));
     if let (Some(cert), Some(key)) = (&config.server_cert_file, &config.server_key_file) {
         let read = |path: &str| {
             std::fs::read(path).map_err(|e| RunError::Tls(format!("cannot read {path}: {e}")))
@@ -460,6 +475,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             WatchServer::new(WatchService {
                 tenancy: tenancy.clone(),
                 progress_notify_interval: config.watch_progress_notify_interval,
+                stream_buffer_bytes: config.watch_stream_buffer_bytes,
             })
             .max_decoding_message_size(max_message),
         )

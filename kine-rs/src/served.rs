@@ -14,9 +14,7 @@ use kine_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveResponse, LeaseLeasesResponse,
     LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse, WatchRequest,
-    WatchResponse,
 };
-use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::error::Result;
@@ -25,8 +23,9 @@ use crate::storage::{KeyspaceState, Quota};
 /// The requests of one Watch stream, as the client sends them.
 pub type WatchRequests =
     Pin<Box<dyn Stream<Item = std::result::Result<WatchRequest, Status>> + Send>>;
-/// Where the responses of one Watch stream go.
-pub type WatchResponses = mpsc::Sender<std::result::Result<WatchResponse, Status>>;
+/// Where the responses of one Watch stream go (bounded in bytes, see
+/// [`crate::watch::outbox`]).
+pub type WatchResponses = crate::watch::outbox::ResponseSender;
 
 /// What Maintenance.Status reports of a tenant.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +106,9 @@ pub trait TenantDirectory: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<(String, KeyspaceState)>>;
     /// Watchers open on tenant `name` in this process.
     fn watches(&self, name: &str) -> i64;
+    /// Closes the tenants unused for `idle` that have no stream or request open in this
+    /// process (they reopen on their next request); returns how many stay open.
+    fn evict_idle(&self, idle: Duration) -> usize;
     /// Deletes tenant `name` with its data; refused while it has open watches unless
     /// `force`. `false` when it did not exist.
     async fn delete(&self, name: &str, force: bool) -> Result<bool>;

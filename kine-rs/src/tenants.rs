@@ -5,6 +5,7 @@
 //! the datastore only as a bound parameter.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,62 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
              characters)",
             name.chars().take(80).collect::<String>()
         ))
+    }
+}
+
+/// When a cached tenant was last asked for, for closing idle ones.
+#[derive(Debug)]
+pub struct LastUse(AtomicI64);
+
+impl Default for LastUse {
+    fn default() -> Self {
+        LastUse(AtomicI64::new(now_ms()))
+    }
+}
+
+impl LastUse {
+    /// Records a use now.
+    pub fn touch(&self) {
+        self.0.fetch_max(now_ms(), Ordering::AcqRel);
+    }
+
+    /// Milliseconds since the last use.
+    pub fn idle_ms(&self) -> i64 {
+        now_ms().saturating_sub(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// A tenant held in a process's cache of open tenants.
+pub trait Cached {
+    fn last_use(&self) -> &LastUse;
+}
+
+/// Removes from `open` the tenants unused for `idle` that nothing else holds: no watch or
+/// keep-alive stream (each holds the tenant) and no request in flight. Decided under the
+/// cache's lock, which every lookup takes to clone a tenant, so none is handed out while
+/// it goes; a later request opens it afresh. Returns how many remain open.
+pub fn evict_idle<T: Cached>(open: &Mutex<HashMap<String, Arc<T>>>, idle: Duration) -> usize {
+    let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+    open.retain(|name, tenant| {
+        let evict = Arc::strong_count(tenant) == 1 && tenant.last_use().idle_ms() >= idle_ms;
+        if evict {
+            tracing::debug!(tenant = %name, "closing an idle tenant");
+        }
+        !evict
+    });
+    crate::metrics::open_tenants(open.len());
+    open.len()
+}
+
+/// Closes idle tenants of `directory` every so often (`--tenant-idle-timeout`).
+pub async fn close_idle_tenants(directory: Arc<dyn TenantDirectory>, idle: Duration) {
+    let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        directory.evict_idle(idle);
     }
 }
 
@@ -92,11 +149,16 @@ impl Tenants {
     }
 
     fn cached(&self, name: &str) -> Option<Arc<Keyspace>> {
-        self.open
+        let keyspace = self
+            .open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .cloned()
+            .cloned();
+        if let Some(keyspace) = &keyspace {
+            keyspace.last_use().touch();
+        }
+        keyspace
     }
 
     /// Stops serving tenant `name` from this datastore in this process (it moved): its open
@@ -156,10 +218,9 @@ impl Tenants {
                 keyspace.set_quota(self.default_quota).await?;
             }
         }
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), keyspace.clone());
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.insert(name.to_string(), keyspace.clone());
+        crate::metrics::open_tenants(open.len());
         Ok(Some(keyspace))
     }
 
@@ -335,6 +396,10 @@ impl TenantDirectory for Tenants {
 
     fn watches(&self, name: &str) -> i64 {
         Tenants::watches(self, name)
+    }
+
+    fn evict_idle(&self, idle: Duration) -> usize {
+        evict_idle(&self.open, idle)
     }
 
     async fn delete(&self, name: &str, force: bool) -> Result<bool> {

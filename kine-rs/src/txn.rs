@@ -26,13 +26,23 @@ use crate::storage::{RangeQuery, WriteTxn};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Limits a request is checked against.
+/// Limits requests and clients are held to.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
     /// Largest accepted write request, encoded (etcd's `--max-request-bytes`).
     pub max_request_bytes: usize,
     /// Most operations in one transaction level (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// Most watchers on one Watch stream (`--max-watches-per-stream`).
+    pub max_watches_per_stream: usize,
+    /// Most leases of one tenant (`--max-leases-per-tenant`).
+    pub max_leases_per_tenant: i64,
+    /// Bytes of responses one Watch stream buffers for its client
+    /// (`--watch-stream-buffer-bytes`).
+    pub watch_stream_buffer_bytes: usize,
+    /// Bytes of events a tenant's watch hub holds for streams that have not read them
+    /// (`--watch-hub-buffer-bytes`).
+    pub watch_hub_buffer_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -40,6 +50,10 @@ impl Default for RequestLimits {
         RequestLimits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
+            max_watches_per_stream: 10_000,
+            max_leases_per_tenant: 100_000,
+            watch_stream_buffer_bytes: 4 << 20,
+            watch_hub_buffer_bytes: 16 << 20,
         }
     }
 }

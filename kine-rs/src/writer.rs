@@ -45,6 +45,8 @@ pub enum WriteOp {
     LeaseGrant {
         id: i64,
         ttl: i64,
+        /// Most leases the keyspace may hold (`--max-leases-per-tenant`).
+        max_leases: i64,
     },
     LeaseRevoke {
         id: i64,
@@ -268,9 +270,18 @@ async fn apply_one(
             }
             Ok(WriteOutcome::Done(*revision))
         }
-        WriteOp::LeaseGrant { id, ttl } => {
+        WriteOp::LeaseGrant {
+            id,
+            ttl,
+            max_leases,
+        } => {
             if state.frozen {
                 return Err(frozen());
+            }
+            // Counted under the keyspace lock, so processes sharing the datastore cannot
+            // together pass the limit.
+            if txn.lease_count().await? >= *max_leases {
+                return Err(KineError::TooManyLeases { max: *max_leases });
             }
             let id = if *id == 0 {
                 let id = new_lease_id(txn, *last_lease_id).await?;

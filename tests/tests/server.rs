@@ -106,6 +106,38 @@ fn flags_that_would_break_the_server_are_refused_by_name() {
             "--max-request-bytes",
         ),
         (&["--max-txn-ops", "0"], "--max-txn-ops"),
+        // Limits of issue 14: zero would refuse every watch, lease or request.
+        (
+            &["--max-watches-per-stream", "0"],
+            "--max-watches-per-stream",
+        ),
+        (&["--max-leases-per-tenant", "0"], "--max-leases-per-tenant"),
+        (&["--max-leases-per-tenant=-1"], "--max-leases-per-tenant"),
+        (
+            &["--watch-stream-buffer-bytes", "100"],
+            "--watch-stream-buffer-bytes",
+        ),
+        (
+            &["--watch-hub-buffer-bytes", "0"],
+            "--watch-hub-buffer-bytes",
+        ),
+        (
+            &["--max-concurrent-streams", "0"],
+            "--max-concurrent-streams",
+        ),
+        (
+            &["--max-concurrent-streams", "4294967296"],
+            "--max-concurrent-streams",
+        ),
+        (
+            &["--grpc-keepalive-timeout", "0"],
+            "--grpc-keepalive-timeout",
+        ),
+        (
+            &["--grpc-keepalive-interval", "8761h"],
+            "--grpc-keepalive-interval",
+        ),
+        (&["--tenant-idle-timeout", "5"], "--tenant-idle-timeout"),
     ];
     for (flags, name) in cases {
         let mut args = vec!["--endpoint", "memory://", "--listen-address", &listen];

@@ -399,11 +399,16 @@ impl EtcdProxy {
     }
 
     fn cached(&self, name: &str) -> Option<Arc<ProxiedTenant>> {
-        self.open
+        let tenant = self
+            .open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .cloned()
+            .cloned();
+        if let Some(tenant) = &tenant {
+            crate::tenants::Cached::last_use(&**tenant).touch();
+        }
+        tenant
     }
 
     fn tenant_prefix(&self, name: &str) -> Result<KeyPrefix> {
@@ -596,13 +601,12 @@ impl TenantDirectory for EtcdProxy {
             self.upstream.clone(),
             self.limits,
         ));
-        let tenant = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_insert(tenant)
-            .clone();
+        let tenant = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let tenant = open.entry(name.to_string()).or_insert(tenant).clone();
+            crate::metrics::open_tenants(open.len());
+            tenant
+        };
         if created && self.default_quota != Quota::default() {
             tenant.set_quota(self.default_quota).await?;
         }
@@ -664,6 +668,10 @@ impl TenantDirectory for EtcdProxy {
 
     fn watches(&self, name: &str) -> i64 {
         self.cached(name).map_or(0, |tenant| tenant.watches())
+    }
+
+    fn evict_idle(&self, idle: Duration) -> usize {
+        crate::tenants::evict_idle(&self.open, idle)
     }
 
     async fn delete(&self, name: &str, force: bool) -> Result<bool> {

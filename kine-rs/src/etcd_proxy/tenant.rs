@@ -96,6 +96,14 @@ pub struct ProxiedTenant {
     quota_turn: tokio::sync::Mutex<()>,
     watches: AtomicI64,
     closed: tokio::sync::watch::Sender<bool>,
+    /// When the tenant cache last handed it out.
+    last_use: crate::tenants::LastUse,
+}
+
+impl crate::tenants::Cached for ProxiedTenant {
+    fn last_use(&self) -> &crate::tenants::LastUse {
+        &self.last_use
+    }
 }
 
 impl ProxiedTenant {
@@ -118,11 +126,16 @@ impl ProxiedTenant {
             quota_turn: tokio::sync::Mutex::new(()),
             watches: AtomicI64::new(0),
             closed: tokio::sync::watch::Sender::new(false),
+            last_use: Default::default(),
         }
     }
 
     pub fn prefix(&self) -> &KeyPrefix {
         &self.prefix
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
     }
 
     pub fn upstream(&self) -> &Upstream {
@@ -763,6 +776,27 @@ impl ServedTenant for ProxiedTenant {
             return Err(KineError::Frozen {
                 tenant: self.name.clone(),
             });
+        }
+        // The tenant's leases are its ownership records: one count-only read. (Two grants
+        // racing may both pass at the limit; etcd holds no lock to prevent it cheaply.)
+        let max = self.limits.max_leases_per_tenant;
+        let leases = self.control.leases(&self.name);
+        let held = self
+            .upstream
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: leases.prefix().clone(),
+                range_end: leases.end().clone(),
+                count_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner()
+            .count;
+        if held >= max {
+            return Err(KineError::TooManyLeases { max });
         }
         let granted = self
             .upstream

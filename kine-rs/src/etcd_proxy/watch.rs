@@ -44,6 +44,9 @@ enum Pending {
     },
     /// A watcher re-created after the upstream stream broke.
     Resume { id: i64 },
+    /// A client's create refused here (over `--max-watches-per-stream`): answered once the
+    /// creates sent before it are, since clients match answers to their creates in order.
+    Refused { reason: String },
 }
 
 struct Session {
@@ -187,12 +190,17 @@ impl Session {
             self.pending.push_back(Pending::Resume { id });
         }
         for pending in unanswered {
-            if let Pending::Client { request, compacted } = pending {
-                first.push(create(request.clone()));
-                self.pending
-                    .push_back(Pending::Client { request, compacted });
+            match pending {
+                Pending::Client { request, compacted } => {
+                    first.push(create(request.clone()));
+                    self.pending
+                        .push_back(Pending::Client { request, compacted });
+                }
+                Pending::Refused { reason } => self.pending.push_back(Pending::Refused { reason }),
+                Pending::Resume { .. } => {}
             }
         }
+        self.answer_refused().await?;
         if first.is_empty() {
             // Nothing to watch: the next request opens a stream.
             return Ok(());
@@ -221,6 +229,18 @@ impl Session {
                 } else {
                     None
                 };
+                let max = self.tenant.limits().max_watches_per_stream;
+                let creating = self
+                    .pending
+                    .iter()
+                    .filter(|p| matches!(p, Pending::Client { .. }))
+                    .count();
+                if self.watchers.len() + creating >= max {
+                    self.pending.push_back(Pending::Refused {
+                        reason: crate::watch::stream::too_many_watches(max),
+                    });
+                    return self.answer_refused().await;
+                }
                 let prefix = self.tenant.prefix();
                 (create_request.key, create_request.range_end) =
                     prefix.range(&create_request.key, &create_request.range_end);
@@ -265,54 +285,12 @@ impl Session {
         let id = response.watch_id;
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
         if response.created {
+            self.answer_refused().await?;
             let Some(pending) = self.pending.pop_front() else {
                 return self.send(response).await;
             };
-            match pending {
-                Pending::Client { request, compacted } => {
-                    if response.canceled {
-                        return self.send(response).await;
-                    }
-                    let next = if request.start_revision > 0 {
-                        request.start_revision
-                    } else {
-                        revision + 1
-                    };
-                    self.watchers.insert(id, Forwarded { request, next });
-                    self.tenant.watch_count(1);
-                    self.send(response).await?;
-                    if let Some(compact_revision) = compacted {
-                        // Below the tenant's compaction: canceled as etcd cancels a watch
-                        // whose start revision was compacted away.
-                        self.remove(id);
-                        self.canceled_here.insert(id);
-                        self.forward(WatchRequest {
-                            request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
-                                watch_id: id,
-                            })),
-                        })
-                        .await?;
-                        self.send(WatchResponse {
-                            header: Some(response_header(revision.max(compact_revision))),
-                            watch_id: id,
-                            canceled: true,
-                            compact_revision,
-                            ..Default::default()
-                        })
-                        .await?;
-                    }
-                    Ok(())
-                }
-                Pending::Resume { id: resumed } => {
-                    if response.canceled {
-                        // The watcher could not be re-created: tell the client it ended.
-                        self.remove(resumed);
-                        response.watch_id = resumed;
-                        return self.send(response).await;
-                    }
-                    Ok(())
-                }
-            }
+            self.created(pending, response).await?;
+            self.answer_refused().await
         } else if response.canceled {
             if self.canceled_here.contains(&id) && !self.watchers.contains_key(&id) {
                 // etcd's answer to the proxy's own cancel of a compacted watcher.
@@ -347,6 +325,79 @@ impl Session {
             }
             self.send(response).await
         }
+    }
+
+    /// etcd's answer to the create `pending` stood for.
+    async fn created(&mut self, pending: Pending, mut response: WatchResponse) -> Result<(), Stop> {
+        let id = response.watch_id;
+        let revision = response.header.as_ref().map_or(0, |h| h.revision);
+        match pending {
+            Pending::Client { request, compacted } => {
+                if response.canceled {
+                    return self.send(response).await;
+                }
+                let next = if request.start_revision > 0 {
+                    request.start_revision
+                } else {
+                    revision + 1
+                };
+                self.watchers.insert(id, Forwarded { request, next });
+                self.tenant.watch_count(1);
+                self.send(response).await?;
+                if let Some(compact_revision) = compacted {
+                    // Below the tenant's compaction: canceled as etcd cancels a watch
+                    // whose start revision was compacted away.
+                    self.remove(id);
+                    self.canceled_here.insert(id);
+                    self.forward(WatchRequest {
+                        request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                            watch_id: id,
+                        })),
+                    })
+                    .await?;
+                    self.send(WatchResponse {
+                        header: Some(response_header(revision.max(compact_revision))),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision,
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
+            Pending::Resume { id: resumed } => {
+                if response.canceled {
+                    // The watcher could not be re-created: tell the client it ended.
+                    self.remove(resumed);
+                    response.watch_id = resumed;
+                    return self.send(response).await;
+                }
+                Ok(())
+            }
+            // Answered before any later create's answer is looked at.
+            Pending::Refused { .. } => Ok(()),
+        }
+    }
+
+    /// Answers the refused creates at the head of the queue (every create before them has
+    /// been answered).
+    async fn answer_refused(&mut self) -> Result<(), Stop> {
+        while let Some(Pending::Refused { .. }) = self.pending.front() {
+            let Some(Pending::Refused { reason }) = self.pending.pop_front() else {
+                break;
+            };
+            let response = WatchResponse {
+                header: Some(self.header().await),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            };
+            self.send(response).await?;
+        }
+        Ok(())
     }
 
     fn remove(&mut self, id: i64) {

@@ -2,35 +2,34 @@
 
 use std::time::Duration;
 
+use kine_proto::etcdserverpb::WatchRequest;
 use kine_proto::etcdserverpb::watch_server::Watch;
-use kine_proto::etcdserverpb::{WatchRequest, WatchResponse};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Tenancy;
-
-/// Responses buffered per stream before its task waits for the client.
-const STREAM_BUFFER: usize = 128;
+use crate::watch::outbox::{self, ResponseReceiver};
 
 /// Serves Watch.
 pub struct WatchService {
     pub tenancy: Tenancy,
     pub progress_notify_interval: Duration,
+    /// Bytes of responses buffered per stream before its task waits for the client
+    /// (`--watch-stream-buffer-bytes`).
+    pub stream_buffer_bytes: usize,
 }
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream = ResponseReceiver;
 
     async fn watch(
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let tenant = self.tenancy.keyspace(&request).await?;
-        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let (sender, receiver) = outbox::channel(self.stream_buffer_bytes);
         let requests = Box::pin(request.into_inner());
         tokio::spawn(tenant.watch(requests, sender, self.progress_notify_interval));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(receiver))
     }
 }

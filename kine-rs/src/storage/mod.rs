@@ -321,6 +321,9 @@ pub trait WriteTxn: Send {
     /// The largest id of the keyspace's leases; 0 without leases.
     async fn max_lease_id(&mut self) -> Result<i64>;
 
+    /// How many leases the keyspace holds (including this transaction's changes).
+    async fn lease_count(&mut self) -> Result<i64>;
+
     /// Stores a new lease.
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()>;
 

@@ -1411,6 +1411,18 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         D::DB::int(&row, 0)
     }
 
+    async fn lease_count(&mut self) -> Result<i64> {
+        let row = fetch_optional::<D>(
+            &mut self.tx,
+            "lease_count",
+            "SELECT COUNT(*) FROM leases WHERE keyspace = ?",
+            &[Arg::Int(self.keyspace)],
+        )
+        .await?
+        .ok_or_else(|| KineError::Storage("COUNT returned no row".into()))?;
+        D::DB::int(&row, 0)
+    }
+
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
         execute::<D>(
             &mut self.tx,

@@ -77,15 +77,49 @@ pub async fn open(path: &str, options: &BackendOptions) -> Result<SqliteBackend>
 /// removed when the backend is dropped.
 pub async fn open_memory() -> Result<SqliteBackend> {
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::Builder::new().prefix("kine-rs-").tempdir_in(shm)
+    let parent = if shm.is_dir() {
+        shm.to_path_buf()
     } else {
-        tempfile::Builder::new().prefix("kine-rs-").tempdir()
-    }
-    .map_err(|e| KineError::Unavailable(format!("cannot create a scratch directory: {e}")))?;
+        std::env::temp_dir()
+    };
+    // A process killed with SIGKILL never drops its directory; on tmpfs that is RAM lost
+    // until reboot. The directory names its process, so the next one removes the orphans.
+    remove_orphaned_scratch(&parent);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+        .tempdir_in(&parent)
+        .map_err(|e| KineError::Unavailable(format!("cannot create a scratch directory: {e}")))?;
     let path = dir.path().join("state.db");
     let path = path.to_string_lossy().into_owned();
     connect(&path, SqliteSynchronous::Off, Some(dir)).await
+}
+
+/// `memory://` directories are named `kine-rs-mem-<pid>-<random>`.
+const SCRATCH_PREFIX: &str = "kine-rs-mem-";
+
+/// Removes the `memory://` directories in `parent` whose process is gone.
+fn remove_orphaned_scratch(parent: &Path) {
+    // Without /proc nothing says which processes are alive: leave everything.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 async fn connect(
@@ -183,5 +217,32 @@ struct Resources {
 impl Drop for Resources {
     fn drop(&mut self) {
         self.checkpoints.abort();
+    }
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+
+    #[test]
+    fn orphaned_memory_directories_are_removed_and_live_ones_kept() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        // Above Linux's largest pid_max (2^22): no such process.
+        let orphan = parent.path().join(format!("{SCRATCH_PREFIX}4294967-abc"));
+        let live = parent
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-def", std::process::id()));
+        let unrelated = parent.path().join("kine-rs-other");
+        for dir in [&orphan, &live, &unrelated] {
+            std::fs::create_dir(dir).expect("mkdir");
+            std::fs::write(dir.join("state.db"), b"x").expect("write");
+        }
+        remove_orphaned_scratch(parent.path());
+        assert!(!orphan.exists(), "the dead process's directory stays");
+        assert!(live.exists(), "this process's directory was removed");
+        assert!(
+            unrelated.exists(),
+            "a directory that is not ours was removed"
+        );
     }
 }

@@ -5,6 +5,10 @@
 //! watchers see it). It learns of commits from this process's writer immediately and, for
 //! backends shared by several processes, by polling (or the backend's notifications).
 //!
+//! The broadcast buffer ([`Ring`]) is bounded in bytes (`--watch-hub-buffer-bytes`): a stream
+//! that stops reading makes the hub drop the oldest batches, not hold them; that stream then
+//! reads what it missed from history, in steps bounded in bytes too ([`StepSizer`]).
+//!
 //! A hub runs only while someone watches: the first subscriber starts its task (and its
 //! broadcast buffer), and the task ends when the last subscriber has gone. A gateway holding
 //! thousands of idle tenants therefore polls nothing for them.
@@ -14,17 +18,20 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::{Notify, broadcast};
 use tracing::warn;
+
+use super::ring::{BatchReceiver, Ring};
 
 use crate::error::KineError;
 use crate::model::{Event, Revision};
 use crate::storage::{Backend, Change, KeyspaceId};
 
-/// Revisions read from the backend per step.
+/// Most revisions read from the backend per step.
 const REVISIONS_PER_BATCH: i64 = 1000;
-/// Batches kept for slow streams before they fall back to reading history.
-const CHANNEL_CAPACITY: usize = 1024;
+/// Revisions of the first step, before the size of revisions is known.
+const FIRST_STEP: i64 = 16;
 /// How often a hub checks the backend when nothing told it of a commit.
 const SAFETY_POLL: Duration = Duration::from_secs(1);
 
@@ -47,18 +54,65 @@ pub struct WatchHub {
     wake: Notify,
     /// The highest revision this process knows to be committed.
     committed: AtomicI64,
+    /// Most bytes of batches held for streams that have not read them.
+    buffer_bytes: usize,
 }
 
 struct HubState {
     published: Revision,
     /// `Some` exactly while the hub's task runs.
-    sender: Option<broadcast::Sender<Arc<EventBatch>>>,
+    sender: Option<Arc<Ring>>,
+}
+
+/// Sizes steps of reading events so that one step holds about `budget` bytes: revisions can
+/// be tiny or carry megabytes (a step of 1,000 revisions of 1 MiB values would read 2 GiB
+/// with their previous values), so the step follows the bytes per revision seen so far.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSizer {
+    step: i64,
+    budget: usize,
+}
+
+impl StepSizer {
+    pub fn new(budget: usize) -> Self {
+        StepSizer {
+            step: FIRST_STEP,
+            budget: budget.max(1),
+        }
+    }
+
+    /// Revisions to read next.
+    pub fn step(&self) -> i64 {
+        self.step
+    }
+
+    /// Learns that `revisions` revisions held `bytes` bytes.
+    pub fn observe(&mut self, revisions: i64, bytes: usize) {
+        let revisions = revisions.max(1);
+        if bytes > self.budget {
+            let fitting = (revisions as u128 * self.budget as u128 / bytes as u128) as i64;
+            self.step = fitting.clamp(1, REVISIONS_PER_BATCH);
+        } else if bytes <= self.budget / 2 && revisions >= self.step {
+            self.step = (self.step * 2).min(REVISIONS_PER_BATCH);
+        }
+    }
+}
+
+/// The bytes `events` take, encoded.
+pub fn events_bytes(events: &[Event]) -> usize {
+    events.iter().map(|e| e.encoded_len() + 4).sum()
 }
 
 impl WatchHub {
     /// A hub that starts after revision `published`.
-    pub fn new(backend: Arc<dyn Backend>, keyspace: KeyspaceId, published: Revision) -> Self {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        keyspace: KeyspaceId,
+        published: Revision,
+        buffer_bytes: usize,
+    ) -> Self {
         WatchHub {
+            buffer_bytes,
             backend,
             keyspace,
             state: Mutex::new(HubState {
@@ -93,7 +147,7 @@ impl WatchHub {
 
     /// The last broadcast revision and a receiver of every batch after it; starts the hub's
     /// task when it is not running.
-    pub async fn subscribe(self: &Arc<Self>) -> (Revision, broadcast::Receiver<Arc<EventBatch>>) {
+    pub async fn subscribe(self: &Arc<Self>) -> (Revision, BatchReceiver) {
         if !self.running() {
             // Nobody receives batches: skip ahead to the current revision, so the task does
             // not replay what happened while nobody watched (streams read their own history).
@@ -109,7 +163,8 @@ impl WatchHub {
         let receiver = match &hub.sender {
             Some(sender) => sender.subscribe(),
             None => {
-                let (sender, receiver) = broadcast::channel(CHANNEL_CAPACITY);
+                let sender = Ring::new(self.buffer_bytes);
+                let receiver = sender.subscribe();
                 hub.sender = Some(sender);
                 tokio::spawn(self.clone().run());
                 receiver
@@ -145,8 +200,9 @@ impl WatchHub {
     async fn run(self: Arc<Self>) {
         let poll = self.backend.poll_interval().unwrap_or(SAFETY_POLL);
         let mut changes = self.backend.changes();
+        let mut sizer = StepSizer::new(self.tail_step_bytes());
         // Commits made before the task started.
-        self.tail().await;
+        self.tail(&mut sizer).await;
         loop {
             if self.idle() {
                 return;
@@ -173,16 +229,31 @@ impl WatchHub {
                     }
                 }
             }
-            self.tail().await;
+            self.tail(&mut sizer).await;
         }
     }
 
-    async fn tail(&self) {
+    /// Bytes one step of the hub's reading holds: a fraction of the buffer, so that a step
+    /// never pushes out most of what slower streams have not read yet.
+    fn tail_step_bytes(&self) -> usize {
+        (self.buffer_bytes / 4).max(1)
+    }
+
+    /// Bytes of batches held for streams that have not read them.
+    pub fn held_bytes(&self) -> usize {
+        self.lock()
+            .sender
+            .as_ref()
+            .map_or(0, |ring| ring.held_bytes())
+    }
+
+    async fn tail(&self, sizer: &mut StepSizer) {
         loop {
             let after = self.published();
+            let step = sizer.step();
             let events = match self
                 .backend
-                .events(self.keyspace, after, after + REVISIONS_PER_BATCH, None)
+                .events(self.keyspace, after, after + step, None)
                 .await
             {
                 Ok(events) => events,
@@ -191,11 +262,14 @@ impl WatchHub {
                     // read history, and cancel their watchers as compacted, like etcd.
                     match self.backend.state(self.keyspace).await {
                         Ok(state) => {
-                            self.publish(EventBatch {
-                                after: state.compact_revision,
-                                revision: state.compact_revision,
-                                events: Vec::new(),
-                            });
+                            self.publish(
+                                EventBatch {
+                                    after: state.compact_revision,
+                                    revision: state.compact_revision,
+                                    events: Vec::new(),
+                                },
+                                0,
+                            );
                             continue;
                         }
                         Err(error) => {
@@ -216,21 +290,26 @@ impl WatchHub {
             else {
                 return;
             };
-            self.publish(EventBatch {
-                after,
-                revision,
-                events,
-            });
+            let bytes = events_bytes(&events);
+            sizer.observe(revision - after, bytes);
+            self.publish(
+                EventBatch {
+                    after,
+                    revision,
+                    events,
+                },
+                bytes,
+            );
         }
     }
 
-    fn publish(&self, batch: EventBatch) {
+    fn publish(&self, batch: EventBatch, bytes: usize) {
         let mut hub = self.lock();
         hub.published = batch.revision;
         self.committed.fetch_max(batch.revision, Ordering::AcqRel);
         // No receivers is fine: nobody watches.
         if let Some(sender) = &hub.sender {
-            let _ = sender.send(Arc::new(batch));
+            sender.send(Arc::new(batch), bytes);
         }
     }
 }

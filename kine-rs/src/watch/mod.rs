@@ -2,4 +2,6 @@
 //! gRPC Watch stream that serves that stream's watchers from the hub and from history.
 
 pub mod hub;
+pub mod outbox;
+pub mod ring;
 pub mod stream;

@@ -13,17 +13,14 @@ use kine_proto::etcdserverpb::watch_create_request::FilterType;
 use kine_proto::etcdserverpb::watch_request::RequestUnion;
 use kine_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tonic::Status;
 
 use crate::error::{KineError, Result};
 use crate::keyspace::Keyspace;
 use crate::model::{Event, EventType, KeyRange, Revision};
-use crate::served::WatchRequests;
-use crate::watch::hub::EventBatch;
-
-/// Revisions of history read per step when a watcher catches up.
-const HISTORY_STEP: i64 = 1000;
+use crate::served::{WatchRequests, WatchResponses};
+use crate::watch::hub::{EventBatch, StepSizer, events_bytes};
 
 struct Watcher {
     range: KeyRange,
@@ -67,6 +64,14 @@ impl Watcher {
     }
 }
 
+/// Why a create beyond `--max-watches-per-stream` is refused.
+pub fn too_many_watches(max: usize) -> String {
+    format!(
+        "kine-rs: this watch stream holds {max} watchers, the most --max-watches-per-stream \
+         allows; cancel some or open another stream"
+    )
+}
+
 impl Drop for WatchStream {
     fn drop(&mut self) {
         self.keyspace.watch_count(-(self.watchers.len() as i64));
@@ -79,7 +84,7 @@ struct Disconnected;
 /// Serves one Watch stream until the client closes it.
 pub struct WatchStream {
     keyspace: Arc<Keyspace>,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: WatchResponses,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
     /// Every event up to this revision has been handled for every watcher.
@@ -89,16 +94,17 @@ pub struct WatchStream {
     /// The highest header revision sent: no later response reports less.
     header_floor: Revision,
     progress_interval: Duration,
+    /// How many revisions of history one step of catching up reads: about as many bytes as
+    /// the stream's response buffer holds, so a lagging stream holds at most about twice that.
+    history_step: StepSizer,
 }
 
 impl WatchStream {
     /// A stream of `keyspace` answering into `out`.
-    pub fn new(
-        keyspace: Arc<Keyspace>,
-        out: mpsc::Sender<Result<WatchResponse, Status>>,
-        progress_interval: Duration,
-    ) -> Self {
+    pub fn new(keyspace: Arc<Keyspace>, out: WatchResponses, progress_interval: Duration) -> Self {
+        let history_step = StepSizer::new(keyspace.limits().watch_stream_buffer_bytes);
         WatchStream {
+            history_step,
             keyspace,
             out,
             watchers: BTreeMap::new(),
@@ -231,6 +237,10 @@ impl WatchStream {
         {
             return self.send(refused("mvcc: watcher range is empty")).await;
         }
+        let max = self.keyspace.limits().max_watches_per_stream;
+        if self.watchers.len() >= max {
+            return self.send(refused(&too_many_watches(max))).await;
+        }
         let id = if create.watch_id != 0 {
             if self.watchers.contains_key(&create.watch_id) {
                 return self
@@ -301,7 +311,7 @@ impl WatchStream {
                 return Ok(());
             }
             let after = watcher.next - 1;
-            let up_to = (after + HISTORY_STEP).min(target);
+            let up_to = (after + self.history_step.step()).min(target);
             let events = self
                 .keyspace
                 .backend()
@@ -323,11 +333,15 @@ impl WatchStream {
                     return Err(Disconnected);
                 }
             };
+            self.history_step
+                .observe(up_to - after, events_bytes(&events));
             let selected: Vec<Event> = events
                 .iter()
                 .filter(|e| watcher.wants(e))
                 .map(|e| watcher.prepare(e))
                 .collect();
+            // Not held while waiting for the client to take the responses.
+            drop(events);
             self.send_events(id, up_to, selected).await?;
             if let Some(watcher) = self.watchers.get_mut(&id) {
                 watcher.next = up_to + 1;

@@ -210,6 +210,20 @@ impl WriteTxn for NatsWriteTxn {
             .unwrap_or(0))
     }
 
+    async fn lease_count(&mut self) -> Result<i64> {
+        // The stored leases adjusted by this transaction's own, without copying them all.
+        let keyspace = self.keyspace.read();
+        let mut count = keyspace.leases.len() as i64;
+        for (id, lease) in &self.leases {
+            match (lease.is_some(), keyspace.leases.contains_key(id)) {
+                (true, false) => count += 1,
+                (false, true) => count -= 1,
+                _ => {}
+            }
+        }
+        Ok(count)
+    }
+
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
         self.store_lease(lease);
         Ok(())
