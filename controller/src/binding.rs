@@ -37,7 +37,7 @@ use crate::credentials::{self, Sensitive};
 use crate::error::{Error, Result};
 use crate::provision::{self, TenantLogin};
 use crate::wiring::{self, SECRET_ENDPOINT_KEY, SECRET_TENANT_KEY, WIRING_MANAGER};
-use crate::{Context, FIELD_MANAGER, migration, scheduler, tenant};
+use crate::{Context, FIELD_MANAGER, migration, scheduler};
 
 /// The finalizer that cleans up a tenant per its deletion policy.
 pub const FINALIZER: &str = "kine-rs.io/tenant-cleanup";
@@ -341,8 +341,8 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
         bytes: quota.bytes.unwrap_or(0),
     };
     let keyspace = async {
-        let backend = ctx.backends.open(&endpoint).await?;
-        tenant::ensure(&*backend, &tenant, quota, !binding.spec.writable).await
+        let store = ctx.backends.open(&endpoint).await?;
+        store.ensure(&tenant, quota, !binding.spec.writable).await
     };
     let state = match keyspace.await {
         Ok(state) => state,
@@ -740,9 +740,12 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
         };
         let admin = credentials::admin_login(&ctx.client, &store).await?;
         let login = TenantLogin::new(&tenant, Sensitive(password.unwrap_or_default()));
-        if store.spec.driver == crate::crd::Driver::NATS {
+        if matches!(
+            store.spec.driver,
+            crate::crd::Driver::NATS | crate::crd::Driver::Etcd
+        ) {
             let endpoint = provision::tenant_endpoint(&admin, &login);
-            let backend = ctx
+            let opened = ctx
                 .backends
                 .open(&endpoint)
                 .await
@@ -750,7 +753,8 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
                     tenant: tenant.clone(),
                     reason,
                 })?;
-            tenant::delete(&*backend, &tenant)
+            opened
+                .delete(&tenant)
                 .await
                 .map_err(|reason| Error::Tenant {
                     tenant: tenant.clone(),

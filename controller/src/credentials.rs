@@ -63,6 +63,9 @@ pub struct AdminLogin {
     pub driver: Driver,
     pub host: String,
     pub port: u16,
+    /// Every endpoint as `host:port` (`[v6]:port`), the first one being `host`, `port`: etcd
+    /// clients balance over all members; the databases use the first.
+    pub members: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Sensitive>,
 }
@@ -124,6 +127,11 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         .first()
         .ok_or_else(|| Error::Invalid("spec.endpoints is empty".into()))?;
     let (host, port) = host_port(endpoint, default_port(store.spec.driver))?;
+    let mut members = Vec::with_capacity(store.spec.endpoints.len());
+    for endpoint in &store.spec.endpoints {
+        let (host, port) = host_port(endpoint, default_port(store.spec.driver))?;
+        members.push(join_host_port(&host, port));
+    }
     let (username, password) = match &store.spec.basic_auth {
         Some(auth) => (
             Some(
@@ -140,9 +148,19 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         driver: store.spec.driver,
         host,
         port,
+        members,
         username,
         password,
     })
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Percent-encodes a URL's user-info part (user or password).

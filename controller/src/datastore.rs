@@ -1,6 +1,6 @@
 //! The DataStore reconciler: checks that the datastore answers and takes its admin login
 //! (condition `Ready` with a reason: `Reachable`, `Unreachable`, `CredentialsUnavailable`,
-//! `DriverNotSupported`, `ModeNotSupported`, `TLSNotSupported`), counts the tenants placed on
+//! `AuthNotSupported` (etcd with `basicAuth`), `ModeNotSupported`, `TLSNotSupported`), counts the tenants placed on
 //! it (`usedBy`, `tenants`, `bytes`), and, with a finalizer, refuses its deletion while
 //! tenants use it (condition `DeletionBlocked` names them). A store that does not answer is
 //! retried every 15 seconds: a status, never a crash loop.
@@ -79,13 +79,6 @@ pub async fn users(ctx: &Context, name: &str) -> Result<(Vec<String>, i64)> {
 
 /// Why the store cannot be used, if it cannot: (reason, message).
 async fn check(store: &DataStore, ctx: &Context) -> Option<(&'static str, String)> {
-    if store.spec.driver == Driver::Etcd {
-        return Some((
-            "DriverNotSupported",
-            "the etcd driver is accepted in the API but not provisioned by this controller yet"
-                .into(),
-        ));
-    }
     if store.spec.mode == Mode::Gateway {
         return Some((
             "ModeNotSupported",
@@ -106,6 +99,11 @@ async fn check(store: &DataStore, ctx: &Context) -> Option<(&'static str, String
         Ok(admin) => admin,
         Err(e) => return Some(("CredentialsUnavailable", e.to_string())),
     };
+    if store.spec.driver == Driver::Etcd
+        && let Err(e) = provision::etcd::supported(&admin)
+    {
+        return Some(("AuthNotSupported", e));
+    }
     match provision::check(&admin).await {
         Ok(()) => None,
         Err(e) => Some(("Unreachable", e)),

@@ -77,8 +77,8 @@ pub async fn run(
     status: &TenantDatastoreStatus,
     job: Move<'_>,
 ) -> Result<Summary, String> {
-    let source = ctx.backends.open(job.source).await?;
-    let target = ctx.backends.open(job.target).await?;
+    let source = ctx.backends.open(job.source).await?.database()?;
+    let target = ctx.backends.open(job.target).await?.database()?;
     let mut options = Options::new(job.tenant);
     options.source_name = format!("DataStore {}", job.from);
     options.target_name = format!("DataStore {}", job.to);

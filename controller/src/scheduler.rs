@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{DataStore, Driver, Mode};
+use crate::crd::{DataStore, Mode};
 
 /// The tenants a store without `maxTenants` is deemed to take, for spreading.
 const UNLIMITED_TENANTS: f64 = 1000.0;
@@ -68,7 +68,6 @@ pub fn pick<'a>(
         .filter(|s| {
             s.status.as_ref().is_some_and(|st| st.ready)
                 && s.spec.mode == Mode::Sidecar
-                && s.spec.driver != Driver::Etcd
                 && s.meta().deletion_timestamp.is_none()
         })
         .collect();
@@ -107,7 +106,7 @@ fn names(stores: &[&DataStore]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Capacity, DataStoreSpec, DataStoreStatus};
+    use crate::crd::{Capacity, DataStoreSpec, DataStoreStatus, Driver};
 
     fn store(name: &str, tenants: u32, max: Option<u32>, labels: &[(&str, &str)]) -> DataStore {
         let mut s = DataStore::new(

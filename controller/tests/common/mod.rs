@@ -492,3 +492,75 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// A program named by `$var`; panics when it is not set or missing (tests never skip).
+pub fn required_binary(var: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("${var} is not set: the path of {what} (scripts/test.sh sets it)")
+    });
+    assert!(
+        path.is_file(),
+        "{what} is missing at {} (${var})",
+        path.display()
+    );
+    path
+}
+
+/// A single-member etcd 3.5 (the oracle, `$ETCD_BIN`) on free loopback ports, data in
+/// `dir`, with `--max-txn-ops 256` (the kine-rs proxy nests a client's transaction of up to
+/// 128 operations in one of its own); returns it and its `host:port`.
+pub fn spawn_etcd(dir: &Path) -> (ChildGuard, String) {
+    let bin = required_binary("ETCD_BIN", "etcd 3.5");
+    std::fs::create_dir_all(dir).expect("etcd dir");
+    let address = format!("127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let log = dir.join("etcd.log");
+    let file = std::fs::File::create(&log).expect("etcd log");
+    let mut child = Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--name",
+            "e2e",
+            "--max-txn-ops",
+            "256",
+            "--log-level",
+            "warn",
+        ])
+        .arg(format!("--listen-client-urls=http://{address}"))
+        .arg(format!("--advertise-client-urls=http://{address}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=e2e={peer}"))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("start etcd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("etcd exited ({status}):\n{}", log_tail(&log, 30));
+        }
+        assert!(Instant::now() < deadline, "etcd did not listen within 30s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (ChildGuard(child, log.display().to_string()), address)
+}
+
+/// Runs etcdctl (`$ETCDCTL_BIN`) against `address`; panics when it fails.
+pub fn etcdctl(address: &str, args: &[&str]) -> String {
+    let mut command = Command::new(required_binary("ETCDCTL_BIN", "etcdctl 3.5"));
+    command
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=http://{address}"))
+        .args(args);
+    let out = run_bounded(command);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
