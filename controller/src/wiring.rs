@@ -4,6 +4,13 @@
 //! binding's Secret (env `KINE_ENDPOINT`, `KINE_TENANT`), and a checksum annotation on the
 //! pod template rolls the pods when the connection or the sidecar changes.
 //!
+//! In gateway mode there is no sidecar: kube-apiserver's `--etcd-servers` are the gateway's
+//! addresses (`https://…`), and `--etcd-cafile/--etcd-certfile/--etcd-keyfile` the CA and
+//! the tenant's client certificate, from the binding's Secret mounted at [`TLS_DIR`]. A
+//! re-issued certificate does not roll the pods: the kubelet refreshes the mounted Secret and
+//! kube-apiserver's etcd client reads the key pair again at each new connection; the checksum
+//! covers the addresses, the tenant and the CA.
+//!
 //! The workload is changed by server-side apply with the field manager
 //! [`WIRING_MANAGER`], forced: the kube-apiserver container's `args` is an atomic list, so
 //! the controller takes it over whole (it keeps every argument except the etcd connection
@@ -38,6 +45,14 @@ pub const WIRING_MANAGER: &str = "kine-rs-controller-wiring";
 /// The Secret keys the sidecar reads.
 pub const SECRET_ENDPOINT_KEY: &str = "endpoint";
 pub const SECRET_TENANT_KEY: &str = "tenant";
+/// Gateway mode: the Secret volume with the CA and the tenant's certificate.
+pub const TLS_VOLUME: &str = "kine-rs-tls";
+/// Where it is mounted in the kube-apiserver container.
+pub const TLS_DIR: &str = "/etc/kine-rs/tls";
+/// The Secret keys of the CA, the tenant's certificate and its key.
+pub const SECRET_CA_KEY: &str = "ca.crt";
+pub const SECRET_CERT_KEY: &str = "tls.crt";
+pub const SECRET_KEY_KEY: &str = "tls.key";
 
 /// The kube-apiserver flags the wiring replaces.
 const ETCD_FLAGS: &[&str] = &[
@@ -79,6 +94,22 @@ pub fn etcd_servers() -> String {
 
 /// kube-apiserver's arguments with the etcd connection pointed at the sidecar.
 pub fn apiserver_args(existing: &[String]) -> Vec<String> {
+    replace_etcd_args(existing, &[format!("--etcd-servers={}", etcd_servers())])
+}
+
+/// kube-apiserver's etcd arguments in gateway mode: the gateway's addresses and the files of
+/// the mounted Secret.
+pub fn gateway_etcd_args(servers: &str) -> Vec<String> {
+    vec![
+        format!("--etcd-servers={servers}"),
+        format!("--etcd-cafile={TLS_DIR}/{SECRET_CA_KEY}"),
+        format!("--etcd-certfile={TLS_DIR}/{SECRET_CERT_KEY}"),
+        format!("--etcd-keyfile={TLS_DIR}/{SECRET_KEY_KEY}"),
+    ]
+}
+
+/// `existing` without its etcd connection arguments, then `etcd`.
+pub fn replace_etcd_args(existing: &[String], etcd: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(existing.len() + 1);
     let mut skip_value = false;
     for arg in existing {
@@ -94,7 +125,7 @@ pub fn apiserver_args(existing: &[String]) -> Vec<String> {
         }
         out.push(arg.clone());
     }
-    out.push(format!("--etcd-servers={}", etcd_servers()));
+    out.extend(etcd.iter().cloned());
     out
 }
 
@@ -162,6 +193,68 @@ pub fn checksum(endpoint: &Sensitive, tenant: &str, sidecar: &Container) -> Stri
     hash.update([0]);
     hash.update(serde_json::to_vec(sidecar).unwrap_or_default());
     hex::encode(hash.finalize())
+}
+
+/// A checksum of what a gateway-wired pod connects with (addresses, tenant, CA).
+pub fn gateway_checksum(servers: &str, tenant: &str, ca_pem: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [servers, tenant, ca_pem] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
+}
+
+/// The server-side apply body for a workload wired to a gateway: kube-apiserver's
+/// arguments and the Secret volume; no sidecar (one this field manager added before goes).
+pub fn gateway_patch(
+    kind: WorkloadKind,
+    name: &str,
+    namespace: &str,
+    apiserver: &str,
+    args: &[String],
+    secret: &str,
+    checksum: &str,
+) -> Value {
+    let kind = match kind {
+        WorkloadKind::Deployment => "Deployment",
+        WorkloadKind::StatefulSet => "StatefulSet",
+    };
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "template": {
+                "metadata": { "annotations": { CHECKSUM_ANNOTATION: checksum } },
+                "spec": {
+                    "containers": [
+                        {
+                            "name": apiserver,
+                            "args": args,
+                            "volumeMounts": [
+                                { "name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": true }
+                            ]
+                        }
+                    ],
+                    "volumes": [
+                        {
+                            "name": TLS_VOLUME,
+                            "secret": {
+                                "secretName": secret,
+                                "defaultMode": 0o440,
+                                "items": [
+                                    { "key": SECRET_CA_KEY, "path": SECRET_CA_KEY },
+                                    { "key": SECRET_CERT_KEY, "path": SECRET_CERT_KEY },
+                                    { "key": SECRET_KEY_KEY, "path": SECRET_KEY_KEY }
+                                ]
+                            }
+                        }
+                    ]
+                }
+            }
+        }
+    })
 }
 
 /// The kube-apiserver container of a pod: `wanted`, else the one named `kube-apiserver`,
@@ -254,6 +347,42 @@ mod tests {
         // Idempotent.
         let once = apiserver_args(&args);
         assert_eq!(apiserver_args(&once), once);
+    }
+
+    #[test]
+    fn gateway_args_name_the_gateway_and_the_mounted_files() {
+        let sidecar_wired = apiserver_args(&["--secure-port=6443".to_string()]);
+        let args = replace_etcd_args(&sidecar_wired, &gateway_etcd_args("https://gw:2379"));
+        assert_eq!(
+            args,
+            [
+                "--secure-port=6443",
+                "--etcd-servers=https://gw:2379",
+                "--etcd-cafile=/etc/kine-rs/tls/ca.crt",
+                "--etcd-certfile=/etc/kine-rs/tls/tls.crt",
+                "--etcd-keyfile=/etc/kine-rs/tls/tls.key",
+            ]
+        );
+        assert_eq!(
+            replace_etcd_args(&args, &gateway_etcd_args("https://gw:2379")),
+            args
+        );
+        let patch = gateway_patch(
+            WorkloadKind::Deployment,
+            "api",
+            "ns",
+            "kube-apiserver",
+            &args,
+            "b-kine-rs",
+            "sum",
+        );
+        let pod = &patch["spec"]["template"]["spec"];
+        assert_eq!(pod["containers"].as_array().map(Vec::len), Some(1));
+        assert_eq!(pod["volumes"][0]["secret"]["secretName"], "b-kine-rs");
+        assert_ne!(
+            gateway_checksum("https://gw:2379", "t", "ca1"),
+            gateway_checksum("https://gw:2379", "t", "ca2")
+        );
     }
 
     #[test]
