@@ -424,21 +424,27 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
         }
     };
     let existing = container.args.as_deref().unwrap_or_default();
+    let workload = wiring::WorkloadRef {
+        kind: target.kind,
+        name: &target.name,
+        namespace: &run.namespace,
+        container: &container.name,
+    };
     let patch = match &prepared.wiring {
-        Wired::Sidecar { sidecar, checksum } => wiring::workload_patch(
-            target.kind,
-            &target.name,
-            &run.namespace,
-            &container.name,
+        Wired::Sidecar {
+            sidecar,
+            tls_keys,
+            checksum,
+        } => wiring::workload_patch(
+            workload,
             &wiring::apiserver_args(existing),
             sidecar,
+            &secret_name,
+            tls_keys,
             checksum,
         ),
         Wired::Gateway { servers, checksum } => wiring::gateway_patch(
-            target.kind,
-            &target.name,
-            &run.namespace,
-            &container.name,
+            workload,
             &wiring::replace_etcd_args(existing, &wiring::gateway_etcd_args(servers)),
             &secret_name,
             checksum,
@@ -488,6 +494,8 @@ enum Wired {
     /// A kine-rs sidecar; the checksum of its configuration.
     Sidecar {
         sidecar: Box<Container>,
+        /// The Secret keys of the datastore's TLS files the sidecar mounts.
+        tls_keys: Vec<&'static str>,
         checksum: String,
     },
     /// The gateway's addresses (`--etcd-servers`) and the checksum of the connection.
@@ -544,7 +552,7 @@ async fn prepare_sidecar(
     let endpoint = provision::tenant_endpoint(&admin, &login);
     let frozen = !run.binding.spec.writable;
     let keyspace = async {
-        let opened = ctx.backends.open(&endpoint).await?;
+        let opened = ctx.backends.open(&endpoint, admin.tls.as_ref()).await?;
         opened.ensure(tenant, quota, frozen).await
     };
     let state = match keyspace.await {
@@ -570,18 +578,27 @@ async fn prepare_sidecar(
     }
     run.status.certificate_not_after = None;
     run.status.certificate_renewal = None;
-    let sidecar = wiring::sidecar_container(&ctx.sidecar, &secret_name(&run.name));
-    let checksum = wiring::checksum(&endpoint, tenant, &sidecar);
-    let data = BTreeMap::from([
+    let sidecar =
+        wiring::sidecar_container(&ctx.sidecar, &secret_name(&run.name), admin.tls.as_ref());
+    let mut data = BTreeMap::from([
         (SECRET_ENDPOINT_KEY.to_string(), endpoint),
         (SECRET_TENANT_KEY.to_string(), Sensitive(tenant.to_string())),
         (SECRET_PASSWORD_KEY.to_string(), login.password.clone()),
         (SECRET_DATASTORE_KEY.to_string(), Sensitive(store_name)),
     ]);
+    if let Some(tls) = &admin.tls {
+        data.extend(tls.secret_data());
+    }
+    let checksum = wiring::checksum(&data, &sidecar);
     Ok(Ok(Prepared {
         data,
         wiring: Wired::Sidecar {
             sidecar: Box::new(sidecar),
+            tls_keys: admin
+                .tls
+                .as_ref()
+                .map(|tls| tls.mounted_keys())
+                .unwrap_or_default(),
             checksum,
         },
         requeue: READY_REQUEUE,
@@ -835,6 +852,8 @@ async fn migrate(
             to: &to_name,
             source: &source,
             target: &target,
+            source_tls: source_admin.tls.as_ref(),
+            target_tls: target_admin.tls.as_ref(),
         };
         migration::run(ctx, &run.namespace, &run.name, &run.status, job).await
     }
@@ -959,7 +978,7 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
             let endpoint = provision::tenant_endpoint(&admin, &login);
             let opened = ctx
                 .backends
-                .open(&endpoint)
+                .open(&endpoint, admin.tls.as_ref())
                 .await
                 .map_err(|reason| Error::Tenant {
                     tenant: tenant.clone(),
@@ -974,7 +993,10 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
                 })?;
         } else {
             ctx.backends
-                .forget(&provision::tenant_endpoint(&admin, &login))
+                .forget(
+                    &provision::tenant_endpoint(&admin, &login),
+                    admin.tls.as_ref(),
+                )
                 .await;
             provision::drop_tenant(&admin, &login)
                 .await

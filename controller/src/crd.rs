@@ -121,8 +121,11 @@ pub struct ClientCertificate {
 /// gateway trusts (its `--trusted-ca-file`) and that verifies the gateway's server
 /// certificate; the controller signs tenants' client certificates with it.
 /// `clientCertificate`, if given, is the controller's own admin certificate for the gateway
-/// (otherwise the controller issues itself one, CN = `gateway.adminIdentity`). In `Sidecar`
-/// mode it is not supported yet (reason `TLSNotSupported`).
+/// (otherwise the controller issues itself one, CN = `gateway.adminIdentity`).
+///
+/// In `Sidecar` mode: TLS to the database server. `certificateAuthority.certificate`
+/// verifies the server (PostgreSQL and MySQL: verify-full, the name in `endpoints`);
+/// `clientCertificate`, if given, authenticates the controller and the sidecars to it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsConfig {

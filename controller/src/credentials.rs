@@ -68,6 +68,8 @@ pub struct AdminLogin {
     pub members: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Sensitive>,
+    /// TLS to the server (`tlsConfig`), if set.
+    pub tls: Option<crate::datastore_tls::DatastoreTls>,
 }
 
 /// Splits `host:port` (also `[v6]:port`, or a bare host), with the driver's default port.
@@ -143,6 +145,11 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         ),
         None => (None, None),
     };
+    let tls = match store.spec.mode {
+        crate::crd::Mode::Sidecar => crate::datastore_tls::resolve(client, store).await?,
+        // A gateway's tlsConfig is its CA (see `gateway`), not TLS to a database.
+        crate::crd::Mode::Gateway => None,
+    };
     Ok(AdminLogin {
         datastore: name,
         driver: store.spec.driver,
@@ -151,6 +158,7 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         members,
         username,
         password,
+        tls,
     })
 }
 

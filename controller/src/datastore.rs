@@ -1,6 +1,6 @@
 //! The DataStore reconciler: checks that the datastore answers and takes its admin login
 //! (condition `Ready` with a reason: `Reachable`, `Unreachable`, `CredentialsUnavailable`,
-//! `AuthNotSupported` (etcd with `basicAuth`), `TLSNotSupported`; in Gateway mode
+//! `AuthNotSupported` (etcd with `basicAuth`); in Gateway mode
 //! `CertificateAuthorityInvalid` and `AdminAccessDenied`), counts the tenants placed on
 //! it (`usedBy`, `tenants`, `bytes`), and, with a finalizer, refuses its deletion while
 //! tenants use it (condition `DeletionBlocked` names them). A store that does not answer is
@@ -91,14 +91,6 @@ async fn check(store: &DataStore, ctx: &Context) -> Option<(&'static str, String
             .await
             .err()
             .map(|problem| (problem.reason, problem.message));
-    }
-    if store.spec.tls_config.is_some() {
-        return Some((
-            "TLSNotSupported",
-            "tlsConfig (TLS to the datastore) is not wired to the sidecars by this controller \
-             yet"
-            .into(),
-        ));
     }
     let admin = match credentials::admin_login(&ctx.client, store).await {
         Ok(admin) => admin,

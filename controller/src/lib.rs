@@ -17,6 +17,7 @@ pub mod controller;
 pub mod crd;
 pub mod credentials;
 pub mod datastore;
+pub mod datastore_tls;
 pub mod error;
 pub mod gateway;
 pub mod leader;

@@ -15,10 +15,22 @@ use std::time::Duration;
 
 use kine::etcd_proxy::EtcdProxy;
 use kine::served::TenantDirectory;
-use kine::storage::{Backend, BackendOptions, KeyspaceState, MigrationRole, Quota};
+use kine::storage::{Backend, BackendOptions, KeyspaceState, MigrationRole, Quota, TlsFiles};
 use sha2::{Digest, Sha256};
 
 use crate::credentials::Sensitive;
+use crate::datastore_tls::DatastoreTls;
+
+/// The map key of an endpoint with its TLS files.
+fn key(endpoint: &Sensitive, files: &TlsFiles) -> String {
+    let mut hash = Sha256::new();
+    hash.update(endpoint.expose().as_bytes());
+    for file in [&files.ca_file, &files.cert_file, &files.key_file] {
+        hash.update([0]);
+        hash.update(file.as_deref().unwrap_or_default().as_bytes());
+    }
+    hex::encode(hash.finalize())
+}
 
 /// How long opening a datastore through kine-rs may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -92,19 +104,32 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// The datastore of `endpoint` (keyed by a hash: the map holds no credentials as keys).
-    pub async fn open(&self, endpoint: &Sensitive) -> Result<Store, String> {
-        let key = hex::encode(Sha256::digest(endpoint.expose().as_bytes()));
+    /// The datastore of `endpoint`, with TLS `tls` (keyed by a hash: the map holds no
+    /// credentials as keys).
+    pub async fn open(
+        &self,
+        endpoint: &Sensitive,
+        tls: Option<&DatastoreTls>,
+    ) -> Result<Store, String> {
+        let files = match tls {
+            Some(tls) => tls.files()?,
+            None => TlsFiles::default(),
+        };
+        let key = key(endpoint, &files);
         let mut open = self.open.lock().await;
         if let Some(store) = open.get(&key) {
             return Ok(store.clone());
         }
         if kine::etcd_proxy::is_etcd_endpoint(endpoint.expose()) {
-            let store = Store::Etcd(crate::provision::etcd::connect(endpoint.expose()).await?);
+            let store =
+                Store::Etcd(crate::provision::etcd::connect(endpoint.expose(), files).await?);
             open.insert(key, store.clone());
             return Ok(store);
         }
-        let options = BackendOptions::default();
+        let options = BackendOptions {
+            tls: files,
+            ..BackendOptions::default()
+        };
         let backend = match tokio::time::timeout(
             OPEN_TIMEOUT,
             kine::storage::open(endpoint.expose(), &options),
@@ -131,9 +156,9 @@ impl Backends {
     }
 
     /// Forgets the backend of `endpoint` (after its database was dropped).
-    pub async fn forget(&self, endpoint: &Sensitive) {
-        let key = hex::encode(Sha256::digest(endpoint.expose().as_bytes()));
-        self.open.lock().await.remove(&key);
+    pub async fn forget(&self, endpoint: &Sensitive, tls: Option<&DatastoreTls>) {
+        let files = tls.and_then(|tls| tls.files().ok()).unwrap_or_default();
+        self.open.lock().await.remove(&key(endpoint, &files));
     }
 }
 

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::WorkloadKind;
 use crate::credentials::Sensitive;
+use crate::datastore_tls::{self, DatastoreTls};
 
 /// Where the socket lives, in both containers.
 pub const SOCKET_DIR: &str = "/run/kine-rs";
@@ -144,9 +145,34 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// The sidecar container.
-pub fn sidecar_container(settings: &SidecarSettings, secret: &str) -> Container {
+/// The sidecar's volume of the datastore's TLS files (from the binding's Secret).
+pub const DATASTORE_TLS_VOLUME: &str = "kine-rs-datastore-tls";
+
+/// The sidecar container (with `tls`: kine-rs's TLS flags and the files' volume).
+pub fn sidecar_container(
+    settings: &SidecarSettings,
+    secret: &str,
+    tls: Option<&DatastoreTls>,
+) -> Container {
     let mut args = vec![format!("--listen-address={}", etcd_servers())];
+    let mut mounts = vec![VolumeMount {
+        name: SOCKET_VOLUME.to_string(),
+        mount_path: SOCKET_DIR.to_string(),
+        ..Default::default()
+    }];
+    let env = vec![
+        secret_env("KINE_ENDPOINT", secret, SECRET_ENDPOINT_KEY),
+        secret_env("KINE_TENANT", secret, SECRET_TENANT_KEY),
+    ];
+    if let Some(tls) = tls {
+        args.extend(tls.sidecar_args());
+        mounts.push(VolumeMount {
+            name: DATASTORE_TLS_VOLUME.to_string(),
+            mount_path: datastore_tls::MOUNT_DIR.to_string(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     args.extend(settings.extra_args.iter().cloned());
     let quantity = |q: &str| Quantity(q.to_string());
     Container {
@@ -154,15 +180,8 @@ pub fn sidecar_container(settings: &SidecarSettings, secret: &str) -> Container 
         image: Some(settings.image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         args: Some(args),
-        env: Some(vec![
-            secret_env("KINE_ENDPOINT", secret, SECRET_ENDPOINT_KEY),
-            secret_env("KINE_TENANT", secret, SECRET_TENANT_KEY),
-        ]),
-        volume_mounts: Some(vec![VolumeMount {
-            name: SOCKET_VOLUME.to_string(),
-            mount_path: SOCKET_DIR.to_string(),
-            ..Default::default()
-        }]),
+        env: Some(env),
+        volume_mounts: Some(mounts),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".to_string(), quantity(&settings.cpu_request)),
@@ -184,13 +203,16 @@ pub fn sidecar_container(settings: &SidecarSettings, secret: &str) -> Container 
     }
 }
 
-/// A checksum of what the pod's kine-rs runs with (its endpoint, tenant and container).
-pub fn checksum(endpoint: &Sensitive, tenant: &str, sidecar: &Container) -> String {
+/// A checksum of what the pod's kine-rs runs with (its Secret's data: endpoint, tenant,
+/// TLS files; and its container).
+pub fn checksum(data: &BTreeMap<String, Sensitive>, sidecar: &Container) -> String {
     let mut hash = Sha256::new();
-    hash.update(endpoint.expose().as_bytes());
-    hash.update([0]);
-    hash.update(tenant.as_bytes());
-    hash.update([0]);
+    for (key, value) in data {
+        hash.update(key.as_bytes());
+        hash.update([0]);
+        hash.update(value.expose().as_bytes());
+        hash.update([0]);
+    }
     hash.update(serde_json::to_vec(sidecar).unwrap_or_default());
     hex::encode(hash.finalize())
 }
@@ -205,32 +227,44 @@ pub fn gateway_checksum(servers: &str, tenant: &str, ca_pem: &str) -> String {
     hex::encode(hash.finalize())
 }
 
+/// The workload being wired and its kube-apiserver container.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkloadRef<'a> {
+    pub kind: WorkloadKind,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    /// The kube-apiserver container's name.
+    pub container: &'a str,
+}
+
+impl WorkloadRef<'_> {
+    fn kind(&self) -> &'static str {
+        match self.kind {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+        }
+    }
+}
+
 /// The server-side apply body for a workload wired to a gateway: kube-apiserver's
 /// arguments and the Secret volume; no sidecar (one this field manager added before goes).
 pub fn gateway_patch(
-    kind: WorkloadKind,
-    name: &str,
-    namespace: &str,
-    apiserver: &str,
+    workload: WorkloadRef<'_>,
     args: &[String],
     secret: &str,
     checksum: &str,
 ) -> Value {
-    let kind = match kind {
-        WorkloadKind::Deployment => "Deployment",
-        WorkloadKind::StatefulSet => "StatefulSet",
-    };
     json!({
         "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": { "name": name, "namespace": namespace },
+        "kind": workload.kind(),
+        "metadata": { "name": workload.name, "namespace": workload.namespace },
         "spec": {
             "template": {
                 "metadata": { "annotations": { CHECKSUM_ANNOTATION: checksum } },
                 "spec": {
                     "containers": [
                         {
-                            "name": apiserver,
+                            "name": workload.container,
                             "args": args,
                             "volumeMounts": [
                                 { "name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": true }
@@ -279,29 +313,35 @@ pub fn apiserver_container<'a>(
 
 /// The server-side apply body for the workload.
 pub fn workload_patch(
-    kind: WorkloadKind,
-    name: &str,
-    namespace: &str,
-    apiserver: &str,
+    workload: WorkloadRef<'_>,
     args: &[String],
     sidecar: &Container,
+    secret: &str,
+    tls_keys: &[&str],
     checksum: &str,
 ) -> Value {
-    let kind = match kind {
-        WorkloadKind::Deployment => "Deployment",
-        WorkloadKind::StatefulSet => "StatefulSet",
-    };
+    let mut volumes = vec![json!({ "name": SOCKET_VOLUME, "emptyDir": { "medium": "Memory" } })];
+    if !tls_keys.is_empty() {
+        let items: Vec<Value> = tls_keys
+            .iter()
+            .map(|k| json!({ "key": k, "path": k }))
+            .collect();
+        volumes.push(json!({
+            "name": DATASTORE_TLS_VOLUME,
+            "secret": { "secretName": secret, "defaultMode": 0o440, "items": items }
+        }));
+    }
     json!({
         "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": { "name": name, "namespace": namespace },
+        "kind": workload.kind(),
+        "metadata": { "name": workload.name, "namespace": workload.namespace },
         "spec": {
             "template": {
                 "metadata": { "annotations": { CHECKSUM_ANNOTATION: checksum } },
                 "spec": {
                     "containers": [
                         {
-                            "name": apiserver,
+                            "name": workload.container,
                             "args": args,
                             "volumeMounts": [
                                 { "name": SOCKET_VOLUME, "mountPath": SOCKET_DIR }
@@ -309,9 +349,7 @@ pub fn workload_patch(
                         },
                         sidecar
                     ],
-                    "volumes": [
-                        { "name": SOCKET_VOLUME, "emptyDir": { "medium": "Memory" } }
-                    ]
+                    "volumes": volumes
                 }
             }
         }
@@ -367,15 +405,13 @@ mod tests {
             replace_etcd_args(&args, &gateway_etcd_args("https://gw:2379")),
             args
         );
-        let patch = gateway_patch(
-            WorkloadKind::Deployment,
-            "api",
-            "ns",
-            "kube-apiserver",
-            &args,
-            "b-kine-rs",
-            "sum",
-        );
+        let workload = WorkloadRef {
+            kind: WorkloadKind::Deployment,
+            name: "api",
+            namespace: "ns",
+            container: "kube-apiserver",
+        };
+        let patch = gateway_patch(workload, &args, "b-kine-rs", "sum");
         let pod = &patch["spec"]["template"]["spec"];
         assert_eq!(pod["containers"].as_array().map(Vec::len), Some(1));
         assert_eq!(pod["volumes"][0]["secret"]["secretName"], "b-kine-rs");
@@ -388,24 +424,47 @@ mod tests {
     #[test]
     fn the_checksum_follows_the_configuration() {
         let settings = SidecarSettings::default();
-        let sidecar = sidecar_container(&settings, "s");
-        let a = checksum(&Sensitive("postgres://a".into()), "t", &sidecar);
-        assert_eq!(
-            a,
-            checksum(&Sensitive("postgres://a".into()), "t", &sidecar)
-        );
-        assert_ne!(
-            a,
-            checksum(&Sensitive("postgres://b".into()), "t", &sidecar)
-        );
+        let sidecar = sidecar_container(&settings, "s", None);
+        let data = |endpoint: &str| {
+            BTreeMap::from([
+                ("endpoint".to_string(), Sensitive(endpoint.into())),
+                ("tenant".to_string(), Sensitive("t".into())),
+            ])
+        };
+        let a = checksum(&data("postgres://a"), &sidecar);
+        assert_eq!(a, checksum(&data("postgres://a"), &sidecar));
+        assert_ne!(a, checksum(&data("postgres://b"), &sidecar));
         let other = sidecar_container(
             &SidecarSettings {
                 image: "other".into(),
-                ..settings
+                ..settings.clone()
             },
             "s",
+            None,
         );
-        assert_ne!(a, checksum(&Sensitive("postgres://a".into()), "t", &other));
+        assert_ne!(a, checksum(&data("postgres://a"), &other));
+        // TLS to the datastore: flags, a read-only mount, the Secret's keys as a volume.
+        let tls = DatastoreTls {
+            ca: "ca".into(),
+            client: None,
+        };
+        let with_tls = sidecar_container(&settings, "s", Some(&tls));
+        assert!(
+            with_tls
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a.starts_with("--ca-file="))
+        );
+        let workload = WorkloadRef {
+            kind: WorkloadKind::Deployment,
+            name: "api",
+            namespace: "ns",
+            container: "kube-apiserver",
+        };
+        let patch = workload_patch(workload, &[], &with_tls, "s", &tls.mounted_keys(), "sum");
+        let volumes = &patch["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(volumes[1]["secret"]["items"][0]["key"], "datastore-ca.crt");
     }
 
     #[test]

@@ -521,3 +521,50 @@ async fn a_move_to_a_gateway_datastore_is_refused_with_a_reason() {
     let action = reconcile.await.expect("task").expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }
+
+/// Sidecar mode with a `tlsConfig` that has no CA: not Ready with a reason, before any
+/// connection (the server could not be verified).
+#[tokio::test]
+async fn a_tls_config_without_a_ca_is_not_ready_with_a_reason() {
+    let (ctx, mut api) = context();
+    let mut object = store("PostgreSQL", false);
+    object.spec.tls_config = Some(
+        serde_json::from_value(json!({"clientCertificate": {
+            "certificate": {"content": b64("-----BEGIN CERTIFICATE-----\n")},
+            "privateKey": {"content": b64("secret key")},
+        }}))
+        .expect("tlsConfig"),
+    );
+    let reconcile = tokio::spawn(kine_controller::datastore::reconcile(
+        Arc::new(object.clone()),
+        ctx,
+    ));
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("nothing"),
+    )
+    .await;
+    let patch = expect(
+        &mut api,
+        "PATCH",
+        "/apis/kine-rs.io/v1alpha1/datastores/s1/status",
+        200,
+        serde_json::to_value(&object).expect("json"),
+    )
+    .await;
+    let ready = &patch["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "CredentialsUnavailable", "{patch}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("certificateAuthority"),
+        "{patch}"
+    );
+    assert!(!patch.to_string().contains("secret key"), "{patch}");
+    let action = reconcile.await.expect("task").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+}

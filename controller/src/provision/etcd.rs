@@ -44,9 +44,9 @@ pub fn supported(admin: &AdminLogin) -> Result<(), String> {
 
 /// Connects to the cluster through the proxy (a quorum read answers), within
 /// [`CONNECT_TIMEOUT`].
-pub async fn connect(endpoint: &str) -> Result<Arc<EtcdProxy>, String> {
+pub async fn connect(endpoint: &str, tls: TlsFiles) -> Result<Arc<EtcdProxy>, String> {
     let options = ProxyOptions {
-        tls: TlsFiles::default(),
+        tls,
         limits: RequestLimits::default(),
         prefix: TENANT_PREFIX.to_string(),
         default_quota: Quota::default(),
@@ -64,5 +64,9 @@ pub async fn connect(endpoint: &str) -> Result<Arc<EtcdProxy>, String> {
 /// Whether the cluster answers a quorum read.
 pub async fn check(admin: &AdminLogin) -> Result<(), String> {
     supported(admin)?;
-    connect(&endpoint(admin)).await.map(|_| ())
+    let tls = match &admin.tls {
+        Some(tls) => tls.files()?,
+        None => TlsFiles::default(),
+    };
+    connect(&endpoint(admin), tls).await.map(|_| ())
 }

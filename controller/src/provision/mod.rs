@@ -195,6 +195,7 @@ mod tests {
             members: vec!["db:5432".into()],
             username: Some("postgres".into()),
             password: None,
+            tls: None,
         };
         let login = TenantLogin {
             database: "kine_x".into(),
