@@ -163,6 +163,31 @@ impl Run<'_> {
     }
 }
 
+/// The binding (`namespace/name`) other than `binding` whose tenant is `tenant`, if any.
+async fn claimed_by_another(
+    ctx: &Context,
+    binding: &TenantDatastore,
+    tenant: &str,
+) -> Result<Option<String>> {
+    let all: Api<TenantDatastore> = Api::all(ctx.client.clone());
+    let uid = binding.meta().uid.clone();
+    for other in all.list(&ListParams::default()).await? {
+        if other.meta().uid == uid {
+            continue;
+        }
+        let claimed = other.spec.tenant.as_deref() == Some(tenant)
+            || other.status.as_ref().and_then(|s| s.tenant.as_deref()) == Some(tenant);
+        if claimed {
+            return Ok(Some(format!(
+                "{}/{}",
+                other.namespace().unwrap_or_default(),
+                other.name_any()
+            )));
+        }
+    }
+    Ok(None)
+}
+
 async fn get_store(ctx: &Context, name: &str) -> Result<Option<DataStore>> {
     let stores: Api<DataStore> = Api::all(ctx.client.clone());
     Ok(stores.get_opt(name).await?)
@@ -202,6 +227,17 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
         }
     };
     run.status.tenant = Some(tenant.clone());
+    // A tenant name is one binding's: another binding naming the same tenant (`spec.tenant`
+    // is free text) would take over its login, keyspace or client certificate.
+    if let Some(other) = claimed_by_another(ctx, binding, &tenant).await? {
+        return run
+            .wait(
+                Phase::Failed,
+                "TenantInUse",
+                format!("tenant {tenant} belongs to TenantDatastore {other}"),
+            )
+            .await;
+    }
     let secret_name = secret_name(&run.name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &run.namespace);
     let secret = secrets.get_opt(&secret_name).await?;
@@ -625,6 +661,19 @@ async fn prepare_gateway(
                 .await?));
         }
     };
+    // A tenant certificate whose CN is the controller's admin identity would be an admin
+    // certificate of the gateway.
+    if gateway.admin_identity().as_deref() == Some(tenant) {
+        return Ok(Err(run
+            .wait(
+                Phase::Failed,
+                "InvalidTenant",
+                format!(
+                    "tenant {tenant} is the admin identity of DataStore {store_name}'s gateway"
+                ),
+            )
+            .await?));
+    }
     let status = match gateway
         .ensure_tenant(tenant, quota, !run.binding.spec.writable)
         .await

@@ -57,8 +57,9 @@ pub enum Mode {
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySettings {
     /// The common name of the certificate the controller calls the gateway's admin API with
-    /// (one of the gateway's `--admin-identity`); default `kine-rs-controller`. Not used when
-    /// `tlsConfig.clientCertificate` is given.
+    /// (one of the gateway's `--admin-identity`); default `system:kine-rs-controller`. Not
+    /// used when `tlsConfig.clientCertificate` is given. Choose one that is not a DNS label
+    /// (tenant names are): a tenant of that name is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_identity: Option<String>,
     /// Lifetime of the tenants' client certificates, in hours (default 2160, 90 days); each

@@ -21,8 +21,9 @@ use crate::certificates::{self, Authority};
 use crate::crd::DataStore;
 use crate::credentials::{self, Sensitive};
 
-/// The admin identity the controller issues itself when the DataStore names none.
-pub const DEFAULT_ADMIN_IDENTITY: &str = "kine-rs-controller";
+/// The admin identity the controller issues itself when the DataStore names none. Not a DNS
+/// label (`:`), so no tenant, whose name is one, can be issued a certificate with it.
+pub const DEFAULT_ADMIN_IDENTITY: &str = "system:kine-rs-controller";
 /// The gateway's default port.
 pub const DEFAULT_PORT: u16 = 2379;
 /// How long the controller's own admin certificate lives (one is made per connection).
@@ -223,14 +224,16 @@ impl Gateway {
     }
 
     fn admin_identity_hint(&self) -> String {
-        x509_parser::pem::parse_x509_pem(self.admin_certificate.as_bytes())
-            .ok()
-            .and_then(|(_, pem)| {
-                let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
-                let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-                Some(cn.to_string())
-            })
+        self.admin_identity()
             .unwrap_or_else(|| "<the certificate's CN>".to_string())
+    }
+
+    /// The common name of the controller's admin certificate.
+    pub fn admin_identity(&self) -> Option<String> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.admin_certificate.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+        Some(cn.to_string())
     }
 
     /// Creates the tenant if needed, and gives it `quota` and the freeze `frozen`; returns

@@ -115,7 +115,7 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
     assert!(full_render.contains("--gateway-create-tenants"));
     assert!(default.contains("--sidecar-image=ghcr.io/kine-rs/kine-rs:0.1.0"));
 
-    assert!(full_render.contains("--admin-identity=kine-rs-controller"));
+    assert!(full_render.contains("\"--admin-identity=system:kine-rs-controller\""));
     assert!(full_render.contains("name: gateway-ca, namespace: kine-system, keyPath: tls.key"));
 
     // Without a TLS Secret, the chart generates a CA and a server certificate for the

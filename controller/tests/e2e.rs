@@ -1694,7 +1694,7 @@ spec:
     )
     .expect("the chart's CA");
     let admin = authority
-        .issue("kine-rs-controller", Duration::from_secs(600))
+        .issue("system:kine-rs-controller", Duration::from_secs(600))
         .expect("admin certificate");
     std::fs::write(dir.join("admin.crt"), &admin.certificate_pem).expect("write");
     std::fs::write(dir.join("admin.key"), admin.key_pem.expose()).expect("write");

@@ -231,6 +231,15 @@ async fn a_binding_to_a_missing_datastore_waits_with_a_reason() {
         body.clone(),
     )
     .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
+    )
+    .await;
     expect(
         &mut api,
         "GET",
@@ -322,6 +331,15 @@ async fn with_no_datastore_and_none_matching_the_binding_waits() {
         "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1",
         200,
         body.clone(),
+    )
+    .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
     )
     .await;
     expect(
@@ -469,6 +487,15 @@ async fn a_move_to_a_gateway_datastore_is_refused_with_a_reason() {
         body.clone(),
     )
     .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
+    )
+    .await;
     expect(
         &mut api,
         "GET",
@@ -565,6 +592,55 @@ async fn a_tls_config_without_a_ca_is_not_ready_with_a_reason() {
         "{patch}"
     );
     assert!(!patch.to_string().contains("secret key"), "{patch}");
+    let action = reconcile.await.expect("task").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+}
+
+/// A tenant name another binding already has is refused (`TenantInUse`): it would take over
+/// that tenant's login, keyspace or certificate.
+#[tokio::test]
+async fn a_tenant_name_another_binding_has_is_refused() {
+    let (ctx, mut api) = context();
+    let object = binding(json!({"apiServer": {"name": "api"}, "tenant": "shared"}));
+    let reconcile = tokio::spawn(kine_controller::binding::reconcile(
+        Arc::new(object.clone()),
+        ctx,
+    ));
+    let body = serde_json::to_value(&object).expect("json");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1",
+        200,
+        body.clone(),
+    )
+    .await;
+    let mut others = bindings_on("s1");
+    others["items"][0]["status"]["tenant"] = json!("shared");
+    others["items"][0]["metadata"]["namespace"] = json!("victim");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        others,
+    )
+    .await;
+    let patch = expect(
+        &mut api,
+        "PATCH",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1/status",
+        200,
+        body,
+    )
+    .await;
+    let ready = &patch["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "TenantInUse", "{patch}");
+    assert_eq!(
+        ready["message"],
+        "tenant shared belongs to TenantDatastore victim/b1"
+    );
+    assert_eq!(patch["status"]["phase"], "Failed");
     let action = reconcile.await.expect("task").expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }
