@@ -1,9 +1,16 @@
 //! The TenantDatastore reconciler: places the tenant (the binding's `dataStore`, or the
-//! [`scheduler`](crate::scheduler)'s pick), provisions its database and login
-//! ([`provision`]), creates its keyspace with its quota and freeze ([`tenant`]), writes the
-//! connection Secret `<binding>-kine-rs` (keys `endpoint`, `tenant`, `password`,
-//! `dataStore`), and wires the kube-apiserver workload ([`wiring`]). A change of
-//! `spec.dataStore` migrates the tenant first ([`migration`]).
+//! [`scheduler`](crate::scheduler)'s pick), then per the DataStore's mode:
+//! * Sidecar: provisions its database and login ([`provision`]), creates its keyspace with
+//!   its quota and freeze ([`tenant`]), writes the connection Secret `<binding>-kine-rs`
+//!   (keys `endpoint`, `tenant`, `password`, `dataStore`) and wires a kine-rs sidecar;
+//! * Gateway: creates the tenant with its quota and freeze through the gateway's admin API
+//!   ([`gateway`](crate::gateway)), issues its client certificate with the DataStore's CA
+//!   (CN = tenant; re-issued after two thirds of its lifetime, [`certificates`]), writes the
+//!   Secret (keys `endpoint`, `tenant`, `dataStore`, `ca.crt`, `tls.crt`, `tls.key`) and wires
+//!   kube-apiserver to the gateway with those files ([`wiring`]).
+//!
+//! A change of `spec.dataStore` migrates the tenant first ([`migration`]; sidecar stores
+//! other than etcd only).
 //!
 //! Waiting is a status, not an error: a missing DataStore (`DataStoreNotFound`), one not
 //! Ready (`DataStoreNotReady`), no store with room (`NoDataStoreAvailable`), a missing
@@ -20,7 +27,7 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PodSpec, Secret};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -30,14 +37,15 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use crate::crd::{
-    DataStore, DeletionPolicy, MigrationStatus, Phase, TenantDatastore, TenantDatastoreStatus,
-    WorkloadKind, set_condition,
+    DataStore, DeletionPolicy, Driver, MigrationStatus, Mode, Phase, TenantDatastore,
+    TenantDatastoreStatus, WorkloadKind, set_condition,
 };
 use crate::credentials::{self, Sensitive};
 use crate::error::{Error, Result};
+use crate::gateway::Gateway;
 use crate::provision::{self, TenantLogin};
 use crate::wiring::{self, SECRET_ENDPOINT_KEY, SECRET_TENANT_KEY, WIRING_MANAGER};
-use crate::{Context, FIELD_MANAGER, migration, scheduler, tenant};
+use crate::{Context, FIELD_MANAGER, certificates, migration, scheduler};
 
 /// The finalizer that cleans up a tenant per its deletion policy.
 pub const FINALIZER: &str = "kine-rs.io/tenant-cleanup";
@@ -155,6 +163,31 @@ impl Run<'_> {
     }
 }
 
+/// The binding (`namespace/name`) other than `binding` whose tenant is `tenant`, if any.
+async fn claimed_by_another(
+    ctx: &Context,
+    binding: &TenantDatastore,
+    tenant: &str,
+) -> Result<Option<String>> {
+    let all: Api<TenantDatastore> = Api::all(ctx.client.clone());
+    let uid = binding.meta().uid.clone();
+    for other in all.list(&ListParams::default()).await? {
+        if other.meta().uid == uid {
+            continue;
+        }
+        let claimed = other.spec.tenant.as_deref() == Some(tenant)
+            || other.status.as_ref().and_then(|s| s.tenant.as_deref()) == Some(tenant);
+        if claimed {
+            return Ok(Some(format!(
+                "{}/{}",
+                other.namespace().unwrap_or_default(),
+                other.name_any()
+            )));
+        }
+    }
+    Ok(None)
+}
+
 async fn get_store(ctx: &Context, name: &str) -> Result<Option<DataStore>> {
     let stores: Api<DataStore> = Api::all(ctx.client.clone());
     Ok(stores.get_opt(name).await?)
@@ -194,6 +227,17 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
         }
     };
     run.status.tenant = Some(tenant.clone());
+    // A tenant name is one binding's: another binding naming the same tenant (`spec.tenant`
+    // is free text) would take over its login, keyspace or client certificate.
+    if let Some(other) = claimed_by_another(ctx, binding, &tenant).await? {
+        return run
+            .wait(
+                Phase::Failed,
+                "TenantInUse",
+                format!("tenant {tenant} belongs to TenantDatastore {other}"),
+            )
+            .await;
+    }
     let secret_name = secret_name(&run.name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &run.namespace);
     let secret = secrets.get_opt(&secret_name).await?;
@@ -299,90 +343,36 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
         }
     };
 
-    // Provision the database and login.
-    let admin = match credentials::admin_login(&ctx.client, &store).await {
-        Ok(admin) => admin,
-        Err(e) => {
-            return run
-                .wait(Phase::Failed, "CredentialsUnavailable", e.to_string())
-                .await;
-        }
-    };
-    let password = match target_password {
-        Some((store, password)) if store == store_name => password,
-        _ => match (
-            secret_value(secret.as_ref(), SECRET_DATASTORE_KEY),
-            secret_value(secret.as_ref(), SECRET_PASSWORD_KEY),
-        ) {
-            (Some(store), Some(password)) if store == store_name => Sensitive(password),
-            _ => provision::random_password(),
-        },
-    };
-    let login = TenantLogin::new(&tenant, password);
+    // Provision the tenant: what its Secret holds and how the workload is wired.
     let first_time = run.status.current_data_store.is_none();
-    run.status.phase = if first_time {
-        Phase::Provisioning
-    } else {
-        run.status.phase
-    };
-    if let Err(e) = provision::ensure(&admin, &login).await {
-        return run
-            .wait(
-                Phase::Failed,
-                "ProvisioningFailed",
-                format!("DataStore {store_name}: {e}"),
-            )
-            .await;
+    if first_time {
+        run.status.phase = Phase::Provisioning;
     }
-    let endpoint = provision::tenant_endpoint(&admin, &login);
     let quota = binding.spec.quota.unwrap_or_default();
     let quota = kine::storage::Quota {
         keys: quota.keys.unwrap_or(0),
         bytes: quota.bytes.unwrap_or(0),
     };
-    let keyspace = async {
-        let backend = ctx.backends.open(&endpoint).await?;
-        tenant::ensure(&*backend, &tenant, quota, !binding.spec.writable).await
+    let prepared = if store.spec.mode == Mode::Gateway {
+        prepare_gateway(&mut run, &store, &tenant, quota, secret.as_ref()).await?
+    } else {
+        prepare_sidecar(
+            &mut run,
+            &store,
+            &tenant,
+            quota,
+            secret.as_ref(),
+            target_password,
+        )
+        .await?
     };
-    let state = match keyspace.await {
-        Ok(state) => state,
-        Err(e) => {
-            return run
-                .wait(
-                    Phase::Failed,
-                    "TenantFailed",
-                    format!("DataStore {store_name}: {e}"),
-                )
-                .await;
-        }
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(action) => return Ok(action),
     };
     run.status.current_data_store = Some(store_name.clone());
-    run.status.keys = state.keys;
-    run.status.bytes = state.bytes;
-    if matches!(
-        store.spec.driver,
-        crate::crd::Driver::PostgreSQL | crate::crd::Driver::MySQL
-    ) {
-        run.status.database = Some(login.database.clone());
-        run.status.user = Some(login.user.clone());
-    } else {
-        run.status.database = None;
-        run.status.user = None;
-    }
 
     // The Secret.
-    let mut data = BTreeMap::from([
-        (
-            SECRET_ENDPOINT_KEY.to_string(),
-            endpoint.expose().to_string(),
-        ),
-        (SECRET_TENANT_KEY.to_string(), tenant.clone()),
-        (
-            SECRET_PASSWORD_KEY.to_string(),
-            login.password.expose().to_string(),
-        ),
-        (SECRET_DATASTORE_KEY.to_string(), store_name.clone()),
-    ]);
     if let Some(owner) = binding.controller_owner_ref(&()) {
         let secret = Secret {
             metadata: ObjectMeta {
@@ -397,9 +387,10 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
             },
             type_: Some("Opaque".into()),
             data: Some(
-                std::mem::take(&mut data)
-                    .into_iter()
-                    .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                prepared
+                    .data
+                    .iter()
+                    .map(|(k, v)| (k.clone(), ByteString(v.expose().as_bytes().to_vec())))
                     .collect(),
             ),
             ..Default::default()
@@ -426,8 +417,6 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
     }
 
     // The workload.
-    let sidecar = wiring::sidecar_container(&ctx.sidecar, &secret_name);
-    let checksum = wiring::checksum(&endpoint, &tenant, &sidecar);
     let target = &binding.spec.api_server;
     let pod: Option<PodSpec> = match target.kind {
         WorkloadKind::Deployment => {
@@ -470,16 +459,33 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
                 .await;
         }
     };
-    let args = wiring::apiserver_args(container.args.as_deref().unwrap_or_default());
-    let patch = wiring::workload_patch(
-        target.kind,
-        &target.name,
-        &run.namespace,
-        &container.name,
-        &args,
-        &sidecar,
-        &checksum,
-    );
+    let existing = container.args.as_deref().unwrap_or_default();
+    let workload = wiring::WorkloadRef {
+        kind: target.kind,
+        name: &target.name,
+        namespace: &run.namespace,
+        container: &container.name,
+    };
+    let patch = match &prepared.wiring {
+        Wired::Sidecar {
+            sidecar,
+            tls_keys,
+            checksum,
+        } => wiring::workload_patch(
+            workload,
+            &wiring::apiserver_args(existing),
+            sidecar,
+            &secret_name,
+            tls_keys,
+            checksum,
+        ),
+        Wired::Gateway { servers, checksum } => wiring::gateway_patch(
+            workload,
+            &wiring::replace_etcd_args(existing, &wiring::gateway_etcd_args(servers)),
+            &secret_name,
+            checksum,
+        ),
+    };
     let params = PatchParams::apply(WIRING_MANAGER).force();
     match target.kind {
         WorkloadKind::Deployment => {
@@ -516,7 +522,253 @@ async fn apply(cached: &TenantDatastore, ctx: &Context) -> Result<Action> {
     );
     run.status.observed_generation = run.generation;
     run.write_status().await?;
-    Ok(Action::requeue(READY_REQUEUE))
+    Ok(Action::requeue(prepared.requeue.min(READY_REQUEUE)))
+}
+
+/// How the workload is wired.
+enum Wired {
+    /// A kine-rs sidecar; the checksum of its configuration.
+    Sidecar {
+        sidecar: Box<Container>,
+        /// The Secret keys of the datastore's TLS files the sidecar mounts.
+        tls_keys: Vec<&'static str>,
+        checksum: String,
+    },
+    /// The gateway's addresses (`--etcd-servers`) and the checksum of the connection.
+    Gateway { servers: String, checksum: String },
+}
+
+/// A provisioned tenant: its Secret's data, its wiring, when to look again.
+struct Prepared {
+    data: BTreeMap<String, Sensitive>,
+    wiring: Wired,
+    requeue: Duration,
+}
+
+/// Sidecar mode: the tenant's database and login, its keyspace with quota and freeze (through
+/// the kine-rs library), the sidecar. `Ok(Err(action))`: waiting (status written).
+async fn prepare_sidecar(
+    run: &mut Run<'_>,
+    store: &DataStore,
+    tenant: &str,
+    quota: kine::storage::Quota,
+    secret: Option<&Secret>,
+    target_password: Option<(String, Sensitive)>,
+) -> Result<Result<Prepared, Action>> {
+    let ctx = run.ctx;
+    let store_name = store.name_any();
+    let admin = match credentials::admin_login(&ctx.client, store).await {
+        Ok(admin) => admin,
+        Err(e) => {
+            return Ok(Err(run
+                .wait(Phase::Failed, "CredentialsUnavailable", e.to_string())
+                .await?));
+        }
+    };
+    let password = match target_password {
+        Some((store, password)) if store == store_name => password,
+        _ => match (
+            secret_value(secret, SECRET_DATASTORE_KEY),
+            secret_value(secret, SECRET_PASSWORD_KEY),
+        ) {
+            (Some(store), Some(password)) if store == store_name => Sensitive(password),
+            _ => provision::random_password(),
+        },
+    };
+    let login = TenantLogin::new(tenant, password);
+    if let Err(e) = provision::ensure(&admin, &login).await {
+        return Ok(Err(run
+            .wait(
+                Phase::Failed,
+                "ProvisioningFailed",
+                format!("DataStore {store_name}: {e}"),
+            )
+            .await?));
+    }
+    let endpoint = provision::tenant_endpoint(&admin, &login);
+    let frozen = !run.binding.spec.writable;
+    let keyspace = async {
+        let opened = ctx.backends.open(&endpoint, admin.tls.as_ref()).await?;
+        opened.ensure(tenant, quota, frozen).await
+    };
+    let state = match keyspace.await {
+        Ok(state) => state,
+        Err(e) => {
+            return Ok(Err(run
+                .wait(
+                    Phase::Failed,
+                    "TenantFailed",
+                    format!("DataStore {store_name}: {e}"),
+                )
+                .await?));
+        }
+    };
+    run.status.keys = state.keys;
+    run.status.bytes = state.bytes;
+    if matches!(store.spec.driver, Driver::PostgreSQL | Driver::MySQL) {
+        run.status.database = Some(login.database.clone());
+        run.status.user = Some(login.user.clone());
+    } else {
+        run.status.database = None;
+        run.status.user = None;
+    }
+    run.status.certificate_not_after = None;
+    run.status.certificate_renewal = None;
+    let sidecar =
+        wiring::sidecar_container(&ctx.sidecar, &secret_name(&run.name), admin.tls.as_ref());
+    let mut data = BTreeMap::from([
+        (SECRET_ENDPOINT_KEY.to_string(), endpoint),
+        (SECRET_TENANT_KEY.to_string(), Sensitive(tenant.to_string())),
+        (SECRET_PASSWORD_KEY.to_string(), login.password.clone()),
+        (SECRET_DATASTORE_KEY.to_string(), Sensitive(store_name)),
+    ]);
+    if let Some(tls) = &admin.tls {
+        data.extend(tls.secret_data());
+    }
+    let checksum = wiring::checksum(&data, &sidecar);
+    Ok(Ok(Prepared {
+        data,
+        wiring: Wired::Sidecar {
+            sidecar: Box::new(sidecar),
+            tls_keys: admin
+                .tls
+                .as_ref()
+                .map(|tls| tls.mounted_keys())
+                .unwrap_or_default(),
+            checksum,
+        },
+        requeue: READY_REQUEUE,
+    }))
+}
+
+/// Gateway mode: the tenant made (with quota and freeze) through the gateway's admin API,
+/// its client certificate issued by the DataStore's CA (CN = tenant) or kept until two
+/// thirds of its lifetime. `Ok(Err(action))`: waiting (status written).
+async fn prepare_gateway(
+    run: &mut Run<'_>,
+    store: &DataStore,
+    tenant: &str,
+    quota: kine::storage::Quota,
+    secret: Option<&Secret>,
+) -> Result<Result<Prepared, Action>> {
+    let ctx = run.ctx;
+    let store_name = store.name_any();
+    let gateway = match Gateway::of(&ctx.client, store).await {
+        Ok(gateway) => gateway,
+        Err(problem) => {
+            return Ok(Err(run
+                .wait(Phase::Failed, problem.reason, problem.message)
+                .await?));
+        }
+    };
+    // A tenant certificate whose CN is the controller's admin identity would be an admin
+    // certificate of the gateway.
+    if gateway.admin_identity().as_deref() == Some(tenant) {
+        return Ok(Err(run
+            .wait(
+                Phase::Failed,
+                "InvalidTenant",
+                format!(
+                    "tenant {tenant} is the admin identity of DataStore {store_name}'s gateway"
+                ),
+            )
+            .await?));
+    }
+    let status = match gateway
+        .ensure_tenant(tenant, quota, !run.binding.spec.writable)
+        .await
+    {
+        Ok(status) => status,
+        Err(e) => {
+            return Ok(Err(run
+                .wait(
+                    Phase::Failed,
+                    "TenantFailed",
+                    format!("DataStore {store_name}: {e}"),
+                )
+                .await?));
+        }
+    };
+    run.status.keys = status.keys;
+    run.status.bytes = status.bytes;
+    run.status.database = None;
+    run.status.user = None;
+
+    // The certificate: kept while valid for this tenant and CA, else issued.
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let current_ca = secret_value(secret, wiring::SECRET_CA_KEY);
+    let current_cert = secret_value(secret, wiring::SECRET_CERT_KEY);
+    let current_key = secret_value(secret, wiring::SECRET_KEY_KEY);
+    let decision = if current_ca.as_deref() != Some(gateway.authority.certificate_pem.as_str())
+        || current_key.is_none()
+    {
+        certificates::Renewal::Issue("the Secret does not hold this CA's certificate".into())
+    } else {
+        certificates::renewal(&gateway.authority, current_cert.as_deref(), tenant, now)
+    };
+    let (certificate, key, not_after, renew_at) = match (decision, current_cert, current_key) {
+        (
+            certificates::Renewal::Keep {
+                renew_at,
+                not_after,
+            },
+            Some(cert),
+            Some(key),
+        ) => (cert, Sensitive(key), not_after, renew_at),
+        (decision, _, _) => {
+            let issued = match gateway.authority.issue(tenant, gateway.lifetime) {
+                Ok(issued) => issued,
+                Err(e) => {
+                    return Ok(Err(run
+                        .wait(Phase::Failed, "CertificateAuthorityInvalid", e)
+                        .await?));
+                }
+            };
+            let why = match decision {
+                certificates::Renewal::Issue(why) => why,
+                certificates::Renewal::Keep { .. } => "the Secret misses it".into(),
+            };
+            info!(%tenant, reason = %why, "client certificate issued");
+            let not_after = issued.not_after.unix_timestamp();
+            let lifetime = i64::try_from(gateway.lifetime.as_secs()).unwrap_or(i64::MAX);
+            let renew_at = not_after - lifetime / 3;
+            if !first_issue(secret) {
+                run.event(
+                    EventType::Normal,
+                    "CertificateRotated",
+                    format!("client certificate of tenant {tenant} re-issued: {why}"),
+                )
+                .await;
+            }
+            (issued.certificate_pem, issued.key_pem, not_after, renew_at)
+        }
+    };
+    run.status.certificate_not_after = Some(certificates::rfc3339(not_after));
+    run.status.certificate_renewal = Some(certificates::rfc3339(renew_at));
+    let servers = gateway.etcd_servers();
+    let checksum = wiring::gateway_checksum(&servers, tenant, &gateway.authority.certificate_pem);
+    let data = BTreeMap::from([
+        (SECRET_ENDPOINT_KEY.to_string(), Sensitive(servers.clone())),
+        (SECRET_TENANT_KEY.to_string(), Sensitive(tenant.to_string())),
+        (SECRET_DATASTORE_KEY.to_string(), Sensitive(store_name)),
+        (
+            wiring::SECRET_CA_KEY.to_string(),
+            Sensitive(gateway.authority.certificate_pem.clone()),
+        ),
+        (wiring::SECRET_CERT_KEY.to_string(), Sensitive(certificate)),
+        (wiring::SECRET_KEY_KEY.to_string(), key),
+    ]);
+    let until_renewal = u64::try_from(renew_at.saturating_sub(now)).unwrap_or(0);
+    Ok(Ok(Prepared {
+        data,
+        wiring: Wired::Gateway { servers, checksum },
+        requeue: Duration::from_secs(until_renewal.max(1)),
+    }))
+}
+
+/// Whether the Secret never held a certificate (the first issue is not a rotation).
+fn first_issue(secret: Option<&Secret>) -> bool {
+    secret_value(secret, wiring::SECRET_CERT_KEY).is_none()
 }
 
 /// Moves the tenant from `current` to `to`. `Ok(Ok(password))`: moved, with the target
@@ -539,12 +791,23 @@ async fn migrate(
             )
             .await?));
     };
-    if from.spec.driver == crate::crd::Driver::Etcd || to.spec.driver == crate::crd::Driver::Etcd {
+    if from.spec.driver == Driver::Etcd || to.spec.driver == Driver::Etcd {
         return Ok(Err(run
             .wait(
                 Phase::Failed,
                 "MigrationNotSupported",
                 "migrating to or from an etcd DataStore is not supported".into(),
+            )
+            .await?));
+    }
+    if from.spec.mode == Mode::Gateway || to.spec.mode == Mode::Gateway {
+        return Ok(Err(run
+            .wait(
+                Phase::Failed,
+                "MigrationNotSupported",
+                "migrating to or from a Gateway DataStore is not supported by the controller \
+                 (a gateway moves its own tenants: kine-rs tenant migrate)"
+                    .into(),
             )
             .await?));
     }
@@ -638,6 +901,8 @@ async fn migrate(
             to: &to_name,
             source: &source,
             target: &target,
+            source_tls: source_admin.tls.as_ref(),
+            target_tls: target_admin.tls.as_ref(),
         };
         migration::run(ctx, &run.namespace, &run.name, &run.status, job).await
     }
@@ -738,19 +1003,38 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
             warn!(datastore = %store_name, "DataStore gone: nothing to drop there");
             continue;
         };
-        let admin = credentials::admin_login(&ctx.client, &store).await?;
-        let login = TenantLogin::new(&tenant, Sensitive(password.unwrap_or_default()));
-        if store.spec.driver == crate::crd::Driver::NATS {
-            let endpoint = provision::tenant_endpoint(&admin, &login);
-            let backend = ctx
-                .backends
-                .open(&endpoint)
+        if store.spec.mode == Mode::Gateway {
+            let gateway =
+                Gateway::of(&ctx.client, &store)
+                    .await
+                    .map_err(|problem| Error::Datastore {
+                        datastore: store_name.clone(),
+                        reason: problem.message,
+                    })?;
+            gateway
+                .delete_tenant(&tenant)
                 .await
                 .map_err(|reason| Error::Tenant {
                     tenant: tenant.clone(),
                     reason,
                 })?;
-            tenant::delete(&*backend, &tenant)
+            info!(datastore = %store_name, %tenant, "tenant dropped from the gateway (deletionPolicy Delete)");
+            continue;
+        }
+        let admin = credentials::admin_login(&ctx.client, &store).await?;
+        let login = TenantLogin::new(&tenant, Sensitive(password.unwrap_or_default()));
+        if matches!(store.spec.driver, Driver::NATS | Driver::Etcd) {
+            let endpoint = provision::tenant_endpoint(&admin, &login);
+            let opened = ctx
+                .backends
+                .open(&endpoint, admin.tls.as_ref())
+                .await
+                .map_err(|reason| Error::Tenant {
+                    tenant: tenant.clone(),
+                    reason,
+                })?;
+            opened
+                .delete(&tenant)
                 .await
                 .map_err(|reason| Error::Tenant {
                     tenant: tenant.clone(),
@@ -758,7 +1042,10 @@ async fn cleanup(binding: &TenantDatastore, ctx: &Context) -> Result<Action> {
                 })?;
         } else {
             ctx.backends
-                .forget(&provision::tenant_endpoint(&admin, &login))
+                .forget(
+                    &provision::tenant_endpoint(&admin, &login),
+                    admin.tls.as_ref(),
+                )
                 .await;
             provision::drop_tenant(&admin, &login)
                 .await

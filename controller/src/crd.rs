@@ -47,8 +47,26 @@ pub enum Mode {
     /// A kine-rs sidecar in every tenant apiserver pod, talking to the database directly.
     #[default]
     Sidecar,
-    /// A shared kine-rs gateway; tenants are told apart by client certificates.
+    /// A shared kine-rs gateway (`kine-rs --gateway`); tenants are told apart by client
+    /// certificates the controller issues with the DataStore's CA.
     Gateway,
+}
+
+/// Gateway mode: how the controller talks to the gateway and what it issues.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySettings {
+    /// The common name of the certificate the controller calls the gateway's admin API with
+    /// (one of the gateway's `--admin-identity`); default `system:kine-rs-controller`. Not
+    /// used when `tlsConfig.clientCertificate` is given. Choose one that is not a DNS label
+    /// (tenant names are): a tenant of that name is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_identity: Option<String>,
+    /// Lifetime of the tenants' client certificates, in hours (default 2160, 90 days); each
+    /// is re-issued after two thirds of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub certificate_lifetime_hours: Option<u32>,
 }
 
 /// Kamaji's `ContentRef`: a value given inline (`content`, base64 in YAML, as Kamaji's
@@ -98,8 +116,17 @@ pub struct ClientCertificate {
     pub private_key: ContentRef,
 }
 
-/// TLS towards the datastore (Kamaji's `TLSConfig`). Not supported by this controller yet:
-/// a DataStore that sets it is reported not Ready with reason `TLSNotSupported`.
+/// TLS towards the datastore (Kamaji's `TLSConfig`).
+///
+/// In `Gateway` mode: `certificateAuthority` (certificate and private key) is the CA the
+/// gateway trusts (its `--trusted-ca-file`) and that verifies the gateway's server
+/// certificate; the controller signs tenants' client certificates with it.
+/// `clientCertificate`, if given, is the controller's own admin certificate for the gateway
+/// (otherwise the controller issues itself one, CN = `gateway.adminIdentity`).
+///
+/// In `Sidecar` mode: TLS to the database server. `certificateAuthority.certificate`
+/// verifies the server (PostgreSQL and MySQL: verify-full, the name in `endpoints`);
+/// `clientCertificate`, if given, authenticates the controller and the sidecars to it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsConfig {
@@ -167,9 +194,15 @@ pub struct DataStoreSpec {
     pub basic_auth: Option<BasicAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_config: Option<TlsConfig>,
-    /// `Sidecar` (default) or `Gateway` (not supported by this controller yet).
+    /// `Sidecar` (default): a kine-rs sidecar per tenant pod, talking to the database at
+    /// `endpoints`. `Gateway`: `endpoints` are the shared kine-rs gateway's addresses (as
+    /// tenant apiservers dial them), `driver` the database behind it, and tenants get client
+    /// certificates signed by `tlsConfig.certificateAuthority`.
     #[serde(default)]
     pub mode: Mode,
+    /// Gateway mode settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySettings>,
     /// Limits the scheduler keeps to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
@@ -350,6 +383,12 @@ pub struct TenantDatastoreStatus {
     /// The Secret holding the tenant's connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// Gateway mode: when the tenant's client certificate expires (RFC 3339), and when the
+    /// controller re-issues it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_renewal: Option<String>,
     #[serde(default)]
     pub keys: i64,
     #[serde(default)]

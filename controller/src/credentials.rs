@@ -63,8 +63,13 @@ pub struct AdminLogin {
     pub driver: Driver,
     pub host: String,
     pub port: u16,
+    /// Every endpoint as `host:port` (`[v6]:port`), the first one being `host`, `port`: etcd
+    /// clients balance over all members; the databases use the first.
+    pub members: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Sensitive>,
+    /// TLS to the server (`tlsConfig`), if set.
+    pub tls: Option<crate::datastore_tls::DatastoreTls>,
 }
 
 /// Splits `host:port` (also `[v6]:port`, or a bare host), with the driver's default port.
@@ -124,6 +129,11 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         .first()
         .ok_or_else(|| Error::Invalid("spec.endpoints is empty".into()))?;
     let (host, port) = host_port(endpoint, default_port(store.spec.driver))?;
+    let mut members = Vec::with_capacity(store.spec.endpoints.len());
+    for endpoint in &store.spec.endpoints {
+        let (host, port) = host_port(endpoint, default_port(store.spec.driver))?;
+        members.push(join_host_port(&host, port));
+    }
     let (username, password) = match &store.spec.basic_auth {
         Some(auth) => (
             Some(
@@ -135,14 +145,30 @@ pub async fn admin_login(client: &Client, store: &DataStore) -> Result<AdminLogi
         ),
         None => (None, None),
     };
+    let tls = match store.spec.mode {
+        crate::crd::Mode::Sidecar => crate::datastore_tls::resolve(client, store).await?,
+        // A gateway's tlsConfig is its CA (see `gateway`), not TLS to a database.
+        crate::crd::Mode::Gateway => None,
+    };
     Ok(AdminLogin {
         datastore: name,
         driver: store.spec.driver,
         host,
         port,
+        members,
         username,
         password,
+        tls,
     })
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Percent-encodes a URL's user-info part (user or password).

@@ -1,6 +1,7 @@
 //! The DataStore reconciler: checks that the datastore answers and takes its admin login
 //! (condition `Ready` with a reason: `Reachable`, `Unreachable`, `CredentialsUnavailable`,
-//! `DriverNotSupported`, `ModeNotSupported`, `TLSNotSupported`), counts the tenants placed on
+//! `AuthNotSupported` (etcd with `basicAuth`); in Gateway mode
+//! `CertificateAuthorityInvalid` and `AdminAccessDenied`), counts the tenants placed on
 //! it (`usedBy`, `tenants`, `bytes`), and, with a finalizer, refuses its deletion while
 //! tenants use it (condition `DeletionBlocked` names them). A store that does not answer is
 //! retried every 15 seconds: a status, never a crash loop.
@@ -17,6 +18,7 @@ use tracing::{info, instrument, warn};
 
 use crate::crd::{DataStore, DataStoreStatus, Driver, Mode, TenantDatastore, set_condition};
 use crate::error::{Error, Result};
+use crate::gateway::Gateway;
 use crate::metrics::StoreLabels;
 use crate::{Context, FIELD_MANAGER, credentials, provision};
 
@@ -79,33 +81,26 @@ pub async fn users(ctx: &Context, name: &str) -> Result<(Vec<String>, i64)> {
 
 /// Why the store cannot be used, if it cannot: (reason, message).
 async fn check(store: &DataStore, ctx: &Context) -> Option<(&'static str, String)> {
-    if store.spec.driver == Driver::Etcd {
-        return Some((
-            "DriverNotSupported",
-            "the etcd driver is accepted in the API but not provisioned by this controller yet"
-                .into(),
-        ));
-    }
     if store.spec.mode == Mode::Gateway {
-        return Some((
-            "ModeNotSupported",
-            "Gateway mode (per-tenant client certificates) is not implemented by this \
-             controller yet; use Sidecar"
-                .into(),
-        ));
-    }
-    if store.spec.tls_config.is_some() {
-        return Some((
-            "TLSNotSupported",
-            "tlsConfig (TLS to the datastore) is not wired to the sidecars by this controller \
-             yet"
-            .into(),
-        ));
+        let gateway = match Gateway::of(&ctx.client, store).await {
+            Ok(gateway) => gateway,
+            Err(problem) => return Some((problem.reason, problem.message)),
+        };
+        return gateway
+            .check()
+            .await
+            .err()
+            .map(|problem| (problem.reason, problem.message));
     }
     let admin = match credentials::admin_login(&ctx.client, store).await {
         Ok(admin) => admin,
         Err(e) => return Some(("CredentialsUnavailable", e.to_string())),
     };
+    if store.spec.driver == Driver::Etcd
+        && let Err(e) = provision::etcd::supported(&admin)
+    {
+        return Some(("AuthNotSupported", e));
+    }
     match provision::check(&admin).await {
         Ok(()) => None,
         Err(e) => Some(("Unreachable", e)),
@@ -125,11 +120,19 @@ async fn apply(store: &DataStore, ctx: &Context) -> Result<Action> {
             "Ready",
             true,
             "Reachable",
-            format!(
-                "{} at {} answers and takes the admin login",
-                store.spec.driver.as_str(),
-                store.spec.endpoints.first().cloned().unwrap_or_default()
-            ),
+            if store.spec.mode == Mode::Gateway {
+                format!(
+                    "the kine-rs gateway at {} answers and takes the controller's admin \
+                     certificate",
+                    store.spec.endpoints.join(", ")
+                )
+            } else {
+                format!(
+                    "{} at {} answers and takes the admin login",
+                    store.spec.driver.as_str(),
+                    store.spec.endpoints.first().cloned().unwrap_or_default()
+                )
+            },
             generation,
         ),
         Some((reason, message)) => {

@@ -1,19 +1,25 @@
-//! kine-rs-controller: provisions kine-rs tenants in shared datastores, wires tenant
-//! kube-apiservers to them through a kine-rs sidecar, freezes them, and live-migrates them
-//! between datastores with the kine-rs migration engine, in process.
+//! kine-rs-controller: provisions kine-rs tenants in shared datastores (PostgreSQL, MySQL,
+//! NATS, etcd) or in a shared kine-rs gateway, wires tenant kube-apiservers to them (a kine-rs
+//! sidecar, or the gateway with a client certificate per tenant), freezes them, and
+//! live-migrates them between datastores with the kine-rs migration engine, in process.
 //!
 //! One concept per module: [`crd`] (the resources), [`credentials`] (ContentRefs and the
 //! admin login), [`provision`] (databases and logins per driver), [`tenant`] (the tenant's
-//! keyspace through the kine-rs library), [`scheduler`] (placing new tenants), [`wiring`]
-//! (the sidecar and the workload patch), [`migration`], [`datastore`] and [`binding`] (the
-//! two reconcilers), [`metrics`], [`leader`] (leader election), [`controller`] (running them).
+//! keyspace through the kine-rs library), [`gateway`] (a gateway's admin API),
+//! [`certificates`] (tenants' client certificates), [`scheduler`] (placing new tenants),
+//! [`wiring`] (the sidecar or gateway workload patch), [`migration`], [`datastore`] and
+//! [`binding`] (the two reconcilers), [`metrics`], [`leader`] (leader election),
+//! [`controller`] (running them).
 
 pub mod binding;
+pub mod certificates;
 pub mod controller;
 pub mod crd;
 pub mod credentials;
 pub mod datastore;
+pub mod datastore_tls;
 pub mod error;
+pub mod gateway;
 pub mod leader;
 pub mod metrics;
 pub mod migration;

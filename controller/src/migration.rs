@@ -32,6 +32,8 @@ pub struct Move<'a> {
     pub to: &'a str,
     pub source: &'a Sensitive,
     pub target: &'a Sensitive,
+    pub source_tls: Option<&'a crate::datastore_tls::DatastoreTls>,
+    pub target_tls: Option<&'a crate::datastore_tls::DatastoreTls>,
 }
 
 fn progress_status(base: &MigrationStatus, p: &Progress) -> MigrationStatus {
@@ -77,8 +79,16 @@ pub async fn run(
     status: &TenantDatastoreStatus,
     job: Move<'_>,
 ) -> Result<Summary, String> {
-    let source = ctx.backends.open(job.source).await?;
-    let target = ctx.backends.open(job.target).await?;
+    let source = ctx
+        .backends
+        .open(job.source, job.source_tls)
+        .await?
+        .database()?;
+    let target = ctx
+        .backends
+        .open(job.target, job.target_tls)
+        .await?
+        .database()?;
     let mut options = Options::new(job.tenant);
     options.source_name = format!("DataStore {}", job.from);
     options.target_name = format!("DataStore {}", job.to);

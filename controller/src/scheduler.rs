@@ -1,5 +1,5 @@
 //! Placing a new tenant: among the DataStores whose labels match the binding's selector, that
-//! are Ready, in sidecar mode, and not full (`capacity.maxTenants`, `capacity.maxBytes`),
+//! are Ready and not full (`capacity.maxTenants`, `capacity.maxBytes`),
 //! the one with the most free room, as a fraction of its capacity (a store without limits
 //! counts as 1,000 tenants); ties go to the fewest tenants, then to the name. So new tenants
 //! spread over the stores and a full store is skipped.
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{DataStore, Driver, Mode};
+use crate::crd::DataStore;
 
 /// The tenants a store without `maxTenants` is deemed to take, for spreading.
 const UNLIMITED_TENANTS: f64 = 1000.0;
@@ -66,15 +66,12 @@ pub fn pick<'a>(
         .iter()
         .copied()
         .filter(|s| {
-            s.status.as_ref().is_some_and(|st| st.ready)
-                && s.spec.mode == Mode::Sidecar
-                && s.spec.driver != Driver::Etcd
-                && s.meta().deletion_timestamp.is_none()
+            s.status.as_ref().is_some_and(|st| st.ready) && s.meta().deletion_timestamp.is_none()
         })
         .collect();
     if usable.is_empty() {
         return Err(NoStore(format!(
-            "none of the matching DataStores ({}) is Ready in Sidecar mode",
+            "none of the matching DataStores ({}) is Ready",
             names(&selected)
         )));
     }
@@ -107,7 +104,7 @@ fn names(stores: &[&DataStore]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Capacity, DataStoreSpec, DataStoreStatus};
+    use crate::crd::{Capacity, DataStoreSpec, DataStoreStatus, Driver, Mode};
 
     fn store(name: &str, tenants: u32, max: Option<u32>, labels: &[(&str, &str)]) -> DataStore {
         let mut s = DataStore::new(
@@ -118,6 +115,7 @@ mod tests {
                 basic_auth: None,
                 tls_config: None,
                 mode: Mode::Sidecar,
+                gateway: None,
                 capacity: Some(Capacity {
                     max_tenants: max,
                     max_bytes: None,

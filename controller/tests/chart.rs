@@ -1,7 +1,8 @@
 //! The Helm chart `charts/kine-rs`: `helm lint` and `helm template` (helm v3.22.0 from
 //! `scripts/peers.sh`, `$HELM_BIN`) with the default values and with `ci/full-values.yaml`,
 //! and the rendered manifests (CRDs included) validated by a real kube-apiserver v1.36.3 with
-//! a server-side dry run. Also: the gateway refuses to render without its Secrets, and the
+//! a server-side dry run. Also: the gateway refuses to render without its datastore Secret,
+//! generates its CA and server certificate when given no TLS Secret, and the
 //! controller's ClusterRole grants no wildcard and no verb beyond what the controller uses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -99,6 +100,7 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "DataStore",
             "Deployment",
             "Deployment",
             "PodDisruptionBudget",
@@ -113,7 +115,55 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
     assert!(full_render.contains("--gateway-create-tenants"));
     assert!(default.contains("--sidecar-image=ghcr.io/kine-rs/kine-rs:0.1.0"));
 
-    // The gateway needs its datastore and TLS Secrets.
+    assert!(full_render.contains("\"--admin-identity=system:kine-rs-controller\""));
+    assert!(full_render.contains("name: gateway-ca, namespace: kine-system, keyPath: tls.key"));
+
+    // Without a TLS Secret, the chart generates a CA and a server certificate for the
+    // Service's names, and its DataStore signs with that CA.
+    let generated = helm_ok(&[
+        "template",
+        "kine-rs",
+        chart,
+        "--namespace",
+        "kine-system",
+        "--set",
+        "gateway.enabled=true",
+        "--set",
+        "gateway.endpointSecret.name=db",
+    ]);
+    assert_eq!(
+        kinds(&generated).iter().filter(|k| *k == "Secret").count(),
+        2,
+        "{generated}"
+    );
+    assert!(
+        generated.contains("name: kine-rs-gateway-ca\n"),
+        "{generated}"
+    );
+    assert!(generated.contains("secretName: kine-rs-gateway-tls"));
+    assert!(
+        generated.contains("{name: kine-rs-gateway-ca, namespace: kine-system, keyPath: tls.crt}")
+    );
+    assert!(generated.contains("- \"kine-rs-gateway.kine-system.svc:2379\""));
+    // Your own TLS Secret with a DataStore needs the CA's key.
+    let out = helm(&[
+        "template",
+        "kine-rs",
+        chart,
+        "--set",
+        "gateway.enabled=true",
+        "--set",
+        "gateway.endpointSecret.name=db",
+        "--set",
+        "gateway.tlsSecret=mine",
+    ]);
+    assert!(
+        !out.status.success() && out.stderr.contains("gateway.caSecret"),
+        "{}",
+        out.stderr
+    );
+
+    // The gateway needs its datastore Secret.
     let out = helm(&[
         "template",
         "kine-rs",
@@ -171,11 +221,17 @@ fn chart_lints_renders_and_passes_a_server_side_dry_run() {
     }
 
     // A real kube-apiserver validates every rendered object (server-side dry run).
+    // (The CRDs are installed first: a DataStore cannot be dry-run before its CRD exists.)
     let management = Management::start();
+    management.install_crds();
     management
         .api
         .kubectl(&["create", "namespace", "kine-system"]);
-    for (name, text) in [("default", &default), ("full", &full_render)] {
+    for (name, text) in [
+        ("default", &default),
+        ("full", &full_render),
+        ("generated", &generated),
+    ] {
         let path = management.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, text).expect("write manifests");
         let out = management.api.kubectl(&[

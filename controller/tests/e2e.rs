@@ -194,7 +194,18 @@ impl TenantPod {
         let volume_dir = dir.join("run-kine-rs");
         let _ = std::fs::remove_dir_all(&volume_dir);
         std::fs::create_dir_all(&volume_dir).expect("socket dir");
-        let mount = |text: &str| text.replace("/run/kine-rs", &volume_dir.display().to_string());
+        // The datastore's TLS files, when the sidecar mounts them.
+        let tls_dir = dir.join("datastore-tls");
+        let has_tls = pod["volumes"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|v| v["name"] == "kine-rs-datastore-tls"));
+        if has_tls {
+            mount_secret_volume(management, NS, pod, "kine-rs-datastore-tls", &tls_dir);
+        }
+        let mount = |text: &str| {
+            text.replace("/etc/kine-rs/datastore-tls", &tls_dir.display().to_string())
+                .replace("/run/kine-rs", &volume_dir.display().to_string())
+        };
         let containers = pod["containers"].as_array().expect("containers");
         let find = |name: &str| {
             containers
@@ -1058,6 +1069,883 @@ spec:
     });
     eprintln!(
         "nats_scheduled_end_to_end passed in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// The keys etcd holds under `prefix`.
+fn etcd_keys(address: &str, prefix: &str) -> Vec<String> {
+    common::etcdctl(address, &["get", prefix, "--prefix", "--keys-only"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// etcd (the oracle etcd 3.5, through kine-rs's tenant-prefixing proxy): a DataStore on it
+/// is Ready (one with `basicAuth` is not: `AuthNotSupported`); a binding registers its tenant
+/// in etcd (kine-rs's records under `/_kine-rs/`, with its quota), the wired pod's sidecar
+/// serves the tenant kube-apiserver from the prefix `/<tenant>/`, kubectl works; a freeze is
+/// a record in etcd that the sidecar obeys; `Delete` removes the tenant's keys and records.
+#[test]
+fn etcd_end_to_end() {
+    let started = Instant::now();
+    let (management, _metrics_port) = setup();
+    let api = &management.api;
+    let (_etcd, etcd) = common::spawn_etcd(&management.dir.path().join("etcd"));
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: etcd-1}}
+spec:
+  driver: etcd
+  endpoints: ["{etcd}"]
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: etcd-login}}
+spec:
+  driver: etcd
+  endpoints: ["{etcd}"]
+  basicAuth:
+    username: {{content: "{}"}}
+    password: {{content: "{}"}}
+"#,
+        base64(b"root"),
+        base64(b"secret")
+    ));
+    let ready = wait_condition(api, &["datastore", "etcd-1"], "Ready", "True Reachable");
+    assert!(ready.contains(&etcd), "{ready}");
+    let refused = wait_condition(
+        api,
+        &["datastore", "etcd-login"],
+        "Ready",
+        "False AuthNotSupported",
+    );
+    assert!(!refused.contains("secret"), "{refused}");
+    api.kubectl(&["delete", "datastore", "etcd-login"]);
+
+    let tenant_dir = management.dir.path().join("tenant-e");
+    let tenant_port = free_port();
+    api.apply(&apiserver_deployment(
+        "api-e",
+        &tenant_dir.join("files"),
+        tenant_port,
+    ));
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: e1, namespace: {NS}}}
+spec:
+  apiServer: {{name: api-e}}
+  dataStore: etcd-1
+  quota: {{keys: 100000}}
+  deletionPolicy: Delete
+"#
+    ));
+    wait_for(api, &["-n", NS, "tds", "e1"], "{.status.phase}", |p| {
+        p == "Ready"
+    });
+    let tenant = api.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "tds",
+        "e1",
+        "-o",
+        "jsonpath={.status.tenant}",
+    ]);
+    assert_eq!(
+        secret_value(api, "e1-kine-rs", "endpoint"),
+        format!("etcd://{etcd}")
+    );
+    assert_eq!(secret_value(api, "e1-kine-rs", "tenant"), tenant);
+    // The tenant's records in etcd: registered, with its quota.
+    let records = etcd_keys(&etcd, "/_kine-rs/");
+    for record in [
+        format!("/_kine-rs/tenants/{tenant}"),
+        format!("/_kine-rs/quota/{tenant}"),
+    ] {
+        assert!(records.contains(&record), "{record} not in {records:?}");
+    }
+    let wired = deployment(api, "api-e");
+    let args = wired["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--etcd-servers=unix:///run/kine-rs/kine.sock"),
+        "{args}"
+    );
+    eprintln!(
+        "[{:.0?}] tenant on etcd provisioned and wired",
+        started.elapsed()
+    );
+
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-e");
+    pod.api
+        .kubectl(&["create", "configmap", "on-etcd", "--from-literal=a=e"]);
+    assert_eq!(
+        pod.api
+            .kubectl(&["get", "configmap", "on-etcd", "-o", "jsonpath={.data.a}"]),
+        "e"
+    );
+    let keys = etcd_keys(&etcd, &format!("/{tenant}/"));
+    assert!(
+        // kube-apiserver's `/registry/…` keys, under the tenant's prefix `/<tenant>/`.
+        keys.contains(&format!("/{tenant}//registry/configmaps/default/on-etcd")),
+        "the tenant's keys are not under its prefix: {keys:?}"
+    );
+    assert!(
+        etcd_keys(&etcd, "/registry/").is_empty(),
+        "keys outside the tenant's prefix"
+    );
+    eprintln!("[{:.0?}] kubectl works on etcd", started.elapsed());
+
+    // Freeze: a record in etcd that the sidecar obeys; unfreeze.
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "e1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":false}}"#,
+    ]);
+    wait_for(api, &["-n", NS, "tds", "e1"], "{.status.phase}", |p| {
+        p == "Frozen"
+    });
+    assert!(etcd_keys(&etcd, "/_kine-rs/frozen/").contains(&format!("/_kine-rs/frozen/{tenant}")));
+    let out = pod
+        .api
+        .try_kubectl(&["create", "configmap", "frozen", "--from-literal=a=x"]);
+    assert!(
+        !out.status.success(),
+        "a write to a frozen tenant: {}",
+        out.stdout
+    );
+    pod.api.kubectl(&["get", "configmap", "on-etcd"]);
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "e1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":true}}"#,
+    ]);
+    wait_for(api, &["-n", NS, "tds", "e1"], "{.status.phase}", |p| {
+        p == "Ready"
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pod
+        .api
+        .try_kubectl(&["create", "configmap", "thawed", "--from-literal=a=t"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "writes did not come back");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(pod);
+    eprintln!("[{:.0?}] freeze and unfreeze on etcd", started.elapsed());
+
+    // Delete: the tenant's keys and records go.
+    api.kubectl(&["-n", NS, "delete", "tds", "e1", "--timeout=60s"]);
+    assert!(etcd_keys(&etcd, &format!("/{tenant}/")).is_empty());
+    let left: Vec<String> = etcd_keys(&etcd, "/_kine-rs/")
+        .into_iter()
+        .filter(|k| k.ends_with(&format!("/{tenant}")))
+        .collect();
+    assert!(left.is_empty(), "records left: {left:?}");
+    api.kubectl(&["delete", "datastore", "etcd-1", "--timeout=60s"]);
+    eprintln!("etcd_end_to_end passed in {:.1?}", started.elapsed());
+}
+
+/// `kubectl get secret NAME -n NAMESPACE`'s data, decoded.
+fn secret_data(api: &ApiServer, namespace: &str, name: &str) -> HashMap<String, String> {
+    let secret: Value =
+        serde_json::from_str(&api.kubectl(&["-n", namespace, "get", "secret", name, "-o", "json"]))
+            .expect("secret json");
+    secret["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let text = common::base64_decode(v.as_str().expect("base64 value"));
+            (
+                k.clone(),
+                String::from_utf8(text).expect("utf-8 secret value"),
+            )
+        })
+        .collect()
+}
+
+/// Writes the items of the Secret volume `volume` of `pod` to `dir` (what the kubelet
+/// would mount).
+fn mount_secret_volume(api: &ApiServer, namespace: &str, pod: &Value, volume: &str, dir: &Path) {
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == volume)
+        .unwrap_or_else(|| panic!("no volume {volume} in {pod}"));
+    let name = volume["secret"]["secretName"].as_str().expect("secretName");
+    let data = secret_data(api, namespace, name);
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("volume dir");
+    match volume["secret"]["items"].as_array() {
+        Some(items) => {
+            for item in items {
+                let key = item["key"].as_str().expect("key");
+                let path = item["path"].as_str().expect("path");
+                std::fs::write(dir.join(path), &data[key]).expect("write item");
+            }
+        }
+        None => {
+            for (key, value) in &data {
+                std::fs::write(dir.join(key), value).expect("write key");
+            }
+        }
+    }
+}
+
+/// The chart's gateway, run locally from its rendered Deployment: args (the TLS volume
+/// becomes a directory, `0.0.0.0` loopback) and env (from the endpoint Secret).
+fn start_gateway(api: &ApiServer, dir: &Path, name: &str, port: u16) -> ChildGuard {
+    let deployment: Value = serde_json::from_str(&api.kubectl(&[
+        "-n",
+        "kine-system",
+        "get",
+        "deployment",
+        name,
+        "-o",
+        "json",
+    ]))
+    .expect("deployment json");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let tls_dir = dir.join("gateway-tls");
+    mount_secret_volume(api, "kine-system", pod, "tls", &tls_dir);
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .expect("arg")
+                .replace("/etc/kine-rs/tls", &tls_dir.display().to_string())
+                .replace("0.0.0.0:", "127.0.0.1:")
+        })
+        .collect();
+    let mut env = Vec::new();
+    for var in container["env"].as_array().expect("env") {
+        let key_ref = &var["valueFrom"]["secretKeyRef"];
+        let data = secret_data(api, "kine-system", key_ref["name"].as_str().expect("name"));
+        env.push((
+            var["name"].as_str().expect("env name").to_string(),
+            data[key_ref["key"].as_str().expect("key")].clone(),
+        ));
+    }
+    spawn_kine(
+        &args,
+        &env,
+        &dir.join("gateway.log"),
+        &format!("127.0.0.1:{port}"),
+    )
+}
+
+/// A tenant kube-apiserver wired to a gateway, run locally from the Deployment's container
+/// spec; the Secret volume `kine-rs-tls` becomes a directory.
+fn start_gateway_tenant(management: &ApiServer, dir: &Path, port: u16, name: &str) -> ApiServer {
+    let deployment = deployment(management, name);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1, "no sidecar in gateway mode: {pod}");
+    let tls_dir = dir.join("kine-rs-tls");
+    mount_secret_volume(management, NS, pod, "kine-rs-tls", &tls_dir);
+    let args: Vec<String> = containers[0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .expect("arg")
+                .replace("/etc/kine-rs/tls", &tls_dir.display().to_string())
+        })
+        .collect();
+    ApiServer::start(&dir.join("tenant-api"), port, &args)
+}
+
+/// The common name of a PEM certificate.
+fn common_name(pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).expect("x509");
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .expect("CN")
+        .to_string()
+}
+
+/// Gateway mode, with the chart's gateway: `helm template` renders the gateway (Deployment,
+/// generated CA and server certificate, its `mode: Gateway` DataStore); the test applies them
+/// and runs the gateway locally from the rendered Deployment (on PostgreSQL). The controller
+/// creates two tenants through the gateway's admin API, issues each a client certificate
+/// signed by the chart's CA (CN = tenant), and wires two tenant kube-apiservers with
+/// `--etcd-servers=https://gateway` and the Secret's files, no sidecar; both serve kubectl
+/// and neither sees the other's objects. A wrong admin identity gets `AdminAccessDenied`; a
+/// certificate that no longer fits is re-issued (Event `CertificateRotated`); a freeze goes
+/// through the admin API; `Delete` deletes the tenant in the gateway.
+#[test]
+fn gateway_end_to_end() {
+    let started = Instant::now();
+    let (management, _metrics_port) = setup();
+    let api = &management.api;
+    let dir = management.dir.path().join("gateway");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let gw_port = free_port();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/kine-rs");
+    let rendered = common::run_bounded({
+        let mut helm = std::process::Command::new(common::helm_binary());
+        helm.args([
+            "template",
+            "kine-rs",
+            chart,
+            "--namespace",
+            "kine-system",
+            "--set",
+            "gateway.enabled=true",
+            "--set",
+            "gateway.endpointSecret.name=gateway-datastore",
+            "--set",
+            &format!("gateway.port={gw_port}"),
+            "--set",
+            &format!("gateway.metricsPort={}", free_port()),
+            "--set",
+            "gateway.generatedTls.extraIpAddresses={127.0.0.1}",
+            "--set",
+            &format!("gateway.dataStore.endpoints={{127.0.0.1:{gw_port}}}"),
+            "--set",
+            "gateway.dataStore.certificateLifetimeHours=24",
+            "--show-only",
+            "templates/gateway/tls.yaml",
+            "--show-only",
+            "templates/gateway/datastore.yaml",
+            "--show-only",
+            "templates/gateway/deployment.yaml",
+        ]);
+        helm
+    });
+    assert!(
+        rendered.status.success(),
+        "helm template: {}",
+        rendered.stderr
+    );
+    // The gateway's database: a PostgreSQL database of its own (kine-rs creates it).
+    let pg_url = std::env::var("KINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let gw_database = format!("kine_gw_e2e_{}", std::process::id());
+    let gw_endpoint = format!(
+        "{}/{gw_database}",
+        pg_url
+            .rsplit_once('/')
+            .map_or(pg_url.as_str(), |(base, _)| base)
+    );
+    api.kubectl(&[
+        "-n",
+        "kine-system",
+        "create",
+        "secret",
+        "generic",
+        "gateway-datastore",
+        &format!("--from-literal=endpoint={gw_endpoint}"),
+    ]);
+    api.apply(&rendered.stdout);
+    let _gateway = start_gateway(api, &dir, "kine-rs-gateway", gw_port);
+    let ready = wait_condition(
+        api,
+        &["datastore", "kine-rs-gateway"],
+        "Ready",
+        "True Reachable",
+    );
+    assert!(ready.contains("gateway"), "{ready}");
+    eprintln!(
+        "[{:.0?}] the chart's gateway runs and its DataStore is Ready",
+        started.elapsed()
+    );
+
+    // An admin identity the gateway does not know: a clear condition.
+    let denied: Value = {
+        let mut store: Value = serde_json::from_str(&api.kubectl(&[
+            "get",
+            "datastore",
+            "kine-rs-gateway",
+            "-o",
+            "json",
+        ]))
+        .expect("datastore json");
+        serde_json::json!({
+            "apiVersion": "kine-rs.io/v1alpha1",
+            "kind": "DataStore",
+            "metadata": {"name": "gw-denied"},
+            "spec": {
+                "driver": "PostgreSQL",
+                "mode": "Gateway",
+                "endpoints": store["spec"]["endpoints"].take(),
+                "tlsConfig": store["spec"]["tlsConfig"].take(),
+                "gateway": {"adminIdentity": "not-an-admin"},
+            }
+        })
+    };
+    api.apply(&denied.to_string());
+    let why = wait_condition(
+        api,
+        &["datastore", "gw-denied"],
+        "Ready",
+        "False AdminAccessDenied",
+    );
+    assert!(why.contains("--admin-identity not-an-admin"), "{why}");
+    api.kubectl(&["delete", "datastore", "gw-denied"]);
+
+    // Two tenants on the gateway.
+    let mut pods = Vec::new();
+    for name in ["g1", "g2"] {
+        let tenant_dir = dir.join(name);
+        let port = free_port();
+        api.apply(&apiserver_deployment(
+            &format!("api-{name}"),
+            &tenant_dir.join("files"),
+            port,
+        ));
+        api.apply(&format!(
+            r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  apiServer: {{name: api-{name}}}
+  dataStore: kine-rs-gateway
+  quota: {{keys: 50000}}
+  deletionPolicy: Delete
+"#
+        ));
+        pods.push((name, tenant_dir, port));
+    }
+    let mut tenants = Vec::new();
+    for (name, _, _) in &pods {
+        wait_for(api, &["-n", NS, "tds", name], "{.status.phase}", |p| {
+            p == "Ready"
+        });
+        let tenant = api.kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "tds",
+            name,
+            "-o",
+            "jsonpath={.status.tenant}",
+        ]);
+        let data = secret_data(api, NS, &format!("{name}-kine-rs"));
+        assert_eq!(common_name(&data["tls.crt"]), tenant);
+        assert_eq!(
+            data["ca.crt"],
+            secret_data(api, "kine-system", "kine-rs-gateway-ca")["tls.crt"]
+        );
+        assert_eq!(data["endpoint"], format!("https://127.0.0.1:{gw_port}"));
+        assert!(!data.contains_key("password"), "{:?}", data.keys());
+        let not_after = api.kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "tds",
+            name,
+            "-o",
+            "jsonpath={.status.certificateNotAfter}",
+        ]);
+        assert!(!not_after.is_empty());
+        let wired = deployment(api, &format!("api-{name}"));
+        let args = wired["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        for expected in [
+            format!("--etcd-servers=https://127.0.0.1:{gw_port}"),
+            "--etcd-certfile=/etc/kine-rs/tls/tls.crt".to_string(),
+        ] {
+            assert!(args.contains(&expected), "{expected} not in {args}");
+        }
+        tenants.push(tenant);
+    }
+    eprintln!(
+        "[{:.0?}] two tenants on the gateway, certificates issued",
+        started.elapsed()
+    );
+
+    let g1 = start_gateway_tenant(api, &pods[0].1, pods[0].2, "api-g1");
+    let g2 = start_gateway_tenant(api, &pods[1].1, pods[1].2, "api-g2");
+    g1.kubectl(&["create", "configmap", "only-g1", "--from-literal=a=1"]);
+    g2.kubectl(&["create", "configmap", "only-g2", "--from-literal=a=2"]);
+    assert!(
+        !g1.try_kubectl(&["get", "configmap", "only-g2"])
+            .status
+            .success()
+    );
+    assert!(
+        !g2.try_kubectl(&["get", "configmap", "only-g1"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        g1.kubectl(&["get", "configmap", "only-g1", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    eprintln!(
+        "[{:.0?}] both tenants serve kubectl, isolated",
+        started.elapsed()
+    );
+
+    // Freeze g1 through the gateway's admin API.
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "g1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":false}}"#,
+    ]);
+    wait_for(api, &["-n", NS, "tds", "g1"], "{.status.phase}", |p| {
+        p == "Frozen"
+    });
+    let out = g1.try_kubectl(&["create", "configmap", "frozen", "--from-literal=a=x"]);
+    assert!(
+        !out.status.success(),
+        "a write to a frozen tenant: {}",
+        out.stdout
+    );
+    g2.kubectl(&[
+        "create",
+        "configmap",
+        "g2-still-writes",
+        "--from-literal=a=2",
+    ]);
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "tds",
+        "g1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"writable":true}}"#,
+    ]);
+    wait_for(api, &["-n", NS, "tds", "g1"], "{.status.phase}", |p| {
+        p == "Ready"
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !g1
+        .try_kubectl(&["create", "configmap", "thawed", "--from-literal=a=t"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "writes did not come back");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("[{:.0?}] freeze through the gateway", started.elapsed());
+
+    // A certificate that no longer fits (g2's in g1's Secret) is re-issued.
+    let g2_cert = secret_data(api, NS, "g2-kine-rs")["tls.crt"].clone();
+    let patch = serde_json::json!({"data": {"tls.crt": base64(g2_cert.as_bytes())}});
+    api.kubectl(&[
+        "-n",
+        NS,
+        "patch",
+        "secret",
+        "g1-kine-rs",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common_name(&secret_data(api, NS, "g1-kine-rs")["tls.crt"]) != tenants[0] {
+        assert!(
+            Instant::now() < deadline,
+            "g1's certificate was not re-issued"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let notes = events(api, "CertificateRotated", "g1");
+    assert!(notes.iter().any(|n| n.contains("is not for")), "{notes:?}");
+    drop(g1);
+    // The tenant apiserver starts again with the new files.
+    let g1 = start_gateway_tenant(api, &pods[0].1, pods[0].2, "api-g1");
+    g1.kubectl(&["get", "configmap", "only-g1"]);
+    drop(g1);
+    eprintln!("[{:.0?}] certificate re-issued", started.elapsed());
+
+    // Delete: the tenant is deleted in the gateway (g2's apiserver loses it).
+    drop(g2);
+    api.kubectl(&["-n", NS, "delete", "tds", "g2", "--timeout=60s"]);
+    let ca = secret_data(api, "kine-system", "kine-rs-gateway-ca");
+    let authority = kine_controller::certificates::Authority::load(
+        &ca["tls.crt"],
+        &kine_controller::credentials::Sensitive(ca["tls.key"].clone()),
+    )
+    .expect("the chart's CA");
+    let admin = authority
+        .issue("system:kine-rs-controller", Duration::from_secs(600))
+        .expect("admin certificate");
+    std::fs::write(dir.join("admin.crt"), &admin.certificate_pem).expect("write");
+    std::fs::write(dir.join("admin.key"), admin.key_pem.expose()).expect("write");
+    std::fs::write(dir.join("ca.crt"), &ca["tls.crt"]).expect("write");
+    let tenant_cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(common::kine_rs_binary());
+        command.args([
+            "tenant",
+            "--endpoint",
+            &format!("https://127.0.0.1:{gw_port}"),
+            "--cacert",
+            &dir.join("ca.crt").display().to_string(),
+            "--cert",
+            &dir.join("admin.crt").display().to_string(),
+            "--key",
+            &dir.join("admin.key").display().to_string(),
+        ]);
+        command.args(args);
+        common::run_bounded(command)
+    };
+    let listed = tenant_cli(&["list"]);
+    assert!(listed.status.success(), "{}", listed.stderr);
+    assert!(listed.stdout.contains(&tenants[0]), "{}", listed.stdout);
+    assert!(!listed.stdout.contains(&tenants[1]), "{}", listed.stdout);
+    api.kubectl(&["-n", NS, "delete", "tds", "g1", "--timeout=60s"]);
+    let listed = tenant_cli(&["list"]);
+    assert!(!listed.stdout.contains(&tenants[0]), "{}", listed.stdout);
+    drop(_gateway);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut pg = sqlx::PgConnection::connect(&pg_url)
+                .await
+                .expect("postgres");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{gw_database}\" WITH (FORCE)"
+            )))
+            .execute(&mut pg)
+            .await
+            .expect("drop the gateway's database");
+        });
+    eprintln!("gateway_end_to_end passed in {:.1?}", started.elapsed());
+}
+
+/// An etcd DataStore over mutual TLS, as Kamaji's etcd DataStores are: etcd requires client
+/// certificates; the DataStore's `tlsConfig` gives the CA (inline) and the client
+/// certificate (from a Secret). The controller reaches etcd with them, the binding's Secret
+/// carries them to the sidecar (mounted, `--ca-file/--cert-file/--key-file`), and the tenant
+/// kube-apiserver serves kubectl through it. Without `tlsConfig` the same etcd is
+/// `Unreachable`.
+#[test]
+fn etcd_over_mutual_tls_end_to_end() {
+    let started = Instant::now();
+    let (management, _metrics_port) = setup();
+    let api = &management.api;
+    let pki = common::Pki::new("kine-rs");
+    let (_etcd, etcd) =
+        common::spawn_etcd_with(&management.dir.path().join("etcd-tls"), Some(&pki));
+    api.kubectl(&[
+        "-n",
+        "kine-system",
+        "create",
+        "secret",
+        "generic",
+        "etcd-client",
+        &format!("--from-literal=tls.crt={}", pki.client.0),
+        &format!("--from-literal=tls.key={}", pki.client.1),
+    ]);
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: etcd-tls}}
+spec:
+  driver: etcd
+  endpoints: ["{etcd}"]
+  tlsConfig:
+    certificateAuthority:
+      certificate: {{content: "{}"}}
+    clientCertificate:
+      certificate: {{secretReference: {{name: etcd-client, namespace: kine-system, keyPath: tls.crt}}}}
+      privateKey: {{secretReference: {{name: etcd-client, namespace: kine-system, keyPath: tls.key}}}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: etcd-plain}}
+spec:
+  driver: etcd
+  endpoints: ["{etcd}"]
+"#,
+        base64(pki.ca.as_bytes())
+    ));
+    wait_condition(api, &["datastore", "etcd-tls"], "Ready", "True Reachable");
+    wait_condition(
+        api,
+        &["datastore", "etcd-plain"],
+        "Ready",
+        "False Unreachable",
+    );
+    api.kubectl(&["delete", "datastore", "etcd-plain"]);
+
+    let tenant_dir = management.dir.path().join("tenant-t");
+    let tenant_port = free_port();
+    api.apply(&apiserver_deployment(
+        "api-t",
+        &tenant_dir.join("files"),
+        tenant_port,
+    ));
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: t1, namespace: {NS}}}
+spec:
+  apiServer: {{name: api-t}}
+  dataStore: etcd-tls
+  deletionPolicy: Delete
+"#
+    ));
+    wait_for(api, &["-n", NS, "tds", "t1"], "{.status.phase}", |p| {
+        p == "Ready"
+    });
+    let data = secret_data(api, NS, "t1-kine-rs");
+    assert_eq!(data["datastore-ca.crt"], pki.ca);
+    assert_eq!(data["datastore-client.crt"], pki.client.0);
+    let wired = deployment(api, "api-t");
+    let sidecar = wired["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "kine-rs")
+        .expect("sidecar")
+        .clone();
+    let args = sidecar["args"].to_string();
+    assert!(
+        args.contains("--cert-file=/etc/kine-rs/datastore-tls/datastore-client.crt"),
+        "{args}"
+    );
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-t");
+    pod.api
+        .kubectl(&["create", "configmap", "over-tls", "--from-literal=a=s"]);
+    assert_eq!(
+        pod.api
+            .kubectl(&["get", "configmap", "over-tls", "-o", "jsonpath={.data.a}"]),
+        "s"
+    );
+    drop(pod);
+    api.kubectl(&["-n", NS, "delete", "tds", "t1", "--timeout=60s"]);
+    api.kubectl(&["delete", "datastore", "etcd-tls", "--timeout=60s"]);
+    eprintln!(
+        "etcd_over_mutual_tls_end_to_end passed in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// A PostgreSQL DataStore over TLS: the server (the test's own) refuses connections without
+/// TLS; the DataStore's `tlsConfig.certificateAuthority` makes the controller and the sidecar
+/// connect with TLS, verifying the server's certificate and name (verify-full): with another
+/// CA the same server is `Unreachable`. The tenant's database and login are made over TLS and its
+/// kube-apiserver serves kubectl through the sidecar.
+#[test]
+fn postgres_over_tls_end_to_end() {
+    let started = Instant::now();
+    let (management, _metrics_port) = setup();
+    let api = &management.api;
+    let pki = common::Pki::new("unused");
+    let pg = common::TlsPostgres::start(&pki);
+    let port = pg.port;
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: pg-tls}}
+spec:
+  driver: PostgreSQL
+  endpoints: ["127.0.0.1:{port}"]
+  basicAuth:
+    username: {{content: "{user}"}}
+    password: {{content: ""}}
+  tlsConfig:
+    certificateAuthority:
+      certificate: {{content: "{ca}"}}
+---
+apiVersion: kine-rs.io/v1alpha1
+kind: DataStore
+metadata: {{name: pg-other-ca}}
+spec:
+  driver: PostgreSQL
+  endpoints: ["127.0.0.1:{port}"]
+  basicAuth:
+    username: {{content: "{user}"}}
+    password: {{content: ""}}
+  tlsConfig:
+    certificateAuthority:
+      certificate: {{content: "{other}"}}
+"#,
+        user = base64(b"postgres"),
+        ca = base64(pki.ca.as_bytes()),
+        other = base64(common::Pki::new("other").ca.as_bytes())
+    ));
+    wait_condition(api, &["datastore", "pg-tls"], "Ready", "True Reachable");
+    let refused = wait_condition(
+        api,
+        &["datastore", "pg-other-ca"],
+        "Ready",
+        "False Unreachable",
+    );
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    api.kubectl(&["delete", "datastore", "pg-other-ca"]);
+
+    let tenant_dir = management.dir.path().join("tenant-p");
+    let tenant_port = free_port();
+    api.apply(&apiserver_deployment(
+        "api-p",
+        &tenant_dir.join("files"),
+        tenant_port,
+    ));
+    api.apply(&format!(
+        r#"
+apiVersion: kine-rs.io/v1alpha1
+kind: TenantDatastore
+metadata: {{name: p1, namespace: {NS}}}
+spec:
+  apiServer: {{name: api-p}}
+  dataStore: pg-tls
+  deletionPolicy: Delete
+"#
+    ));
+    wait_for(api, &["-n", NS, "tds", "p1"], "{.status.phase}", |p| {
+        p == "Ready"
+    });
+    let data = secret_data(api, NS, "p1-kine-rs");
+    assert_eq!(data["datastore-ca.crt"], pki.ca);
+    assert!(!data.contains_key("datastore-client.key"));
+    let pod = TenantPod::start(api, &tenant_dir, tenant_port, "api-p");
+    pod.api
+        .kubectl(&["create", "configmap", "over-tls", "--from-literal=a=p"]);
+    assert_eq!(
+        pod.api
+            .kubectl(&["get", "configmap", "over-tls", "-o", "jsonpath={.data.a}"]),
+        "p"
+    );
+    drop(pod);
+    // Delete drops the database and login, over TLS too.
+    api.kubectl(&["-n", NS, "delete", "tds", "p1", "--timeout=60s"]);
+    api.kubectl(&["delete", "datastore", "pg-tls", "--timeout=60s"]);
+    drop(pg);
+    eprintln!(
+        "postgres_over_tls_end_to_end passed in {:.1?}",
         started.elapsed()
     );
 }

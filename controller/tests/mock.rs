@@ -87,9 +87,18 @@ fn bindings_on(store: &str) -> Value {
 }
 
 #[tokio::test]
-async fn an_etcd_datastore_is_not_ready_with_a_reason_and_counts_its_users() {
+async fn an_etcd_datastore_with_a_login_is_not_ready_with_a_reason_and_counts_its_users() {
     let (ctx, mut api) = context();
-    let object = store("etcd", false);
+    let mut object = store("etcd", false);
+    // etcd user authentication is not supported by kine-rs's etcd proxy: refused before
+    // any connection is tried.
+    object.spec.basic_auth = Some(
+        serde_json::from_value(json!({
+            "username": {"content": "cm9vdA=="},
+            "password": {"content": "aHVudGVyMg=="},
+        }))
+        .expect("basicAuth"),
+    );
     let reconcile = tokio::spawn(kine_controller::datastore::reconcile(
         Arc::new(object.clone()),
         ctx,
@@ -118,7 +127,8 @@ async fn an_etcd_datastore_is_not_ready_with_a_reason_and_counts_its_users() {
     let ready = &status["conditions"][0];
     assert_eq!(ready["type"], "Ready");
     assert_eq!(ready["status"], "False");
-    assert_eq!(ready["reason"], "DriverNotSupported");
+    assert_eq!(ready["reason"], "AuthNotSupported");
+    assert!(!patch.to_string().contains("hunter2"), "{patch}");
     let action = reconcile.await.expect("task").expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }
@@ -221,6 +231,15 @@ async fn a_binding_to_a_missing_datastore_waits_with_a_reason() {
         body.clone(),
     )
     .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
+    )
+    .await;
     expect(
         &mut api,
         "GET",
@@ -314,6 +333,15 @@ async fn with_no_datastore_and_none_matching_the_binding_waits() {
         body.clone(),
     )
     .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
+    )
+    .await;
     expect(
         &mut api,
         "GET",
@@ -345,4 +373,274 @@ async fn with_no_datastore_and_none_matching_the_binding_waits() {
     assert_eq!(ready["reason"], "NoDataStoreAvailable", "{patch}");
     assert!(ready["message"].as_str().expect("message").contains("tier"));
     reconcile.await.expect("task").expect("reconcile");
+}
+
+/// A self-signed CA certificate (PEM) and its key.
+fn ca_pem() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mock CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).expect("CA");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn b64(text: &str) -> String {
+    use std::fmt::Write;
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Gateway mode without the CA's private key: not Ready, `CertificateAuthorityInvalid`,
+/// before any connection; with a key of another CA: the same reason, saying so.
+#[tokio::test]
+async fn a_gateway_datastore_without_its_ca_key_is_not_ready_with_a_reason() {
+    let (certificate, _) = ca_pem();
+    let (_, other_key) = ca_pem();
+    for (private_key, expected) in [
+        (None, "privateKey is required"),
+        (Some(other_key), "does not belong to its certificate"),
+    ] {
+        let (ctx, mut api) = context();
+        let mut object = store("PostgreSQL", false);
+        let mut ca = json!({"certificate": {"content": b64(&certificate)}});
+        if let Some(key) = &private_key {
+            ca["privateKey"] = json!({"content": b64(key)});
+        }
+        object.spec.mode = kine_controller::crd::Mode::Gateway;
+        object.spec.tls_config =
+            Some(serde_json::from_value(json!({"certificateAuthority": ca})).expect("tlsConfig"));
+        let reconcile = tokio::spawn(kine_controller::datastore::reconcile(
+            Arc::new(object.clone()),
+            ctx,
+        ));
+        expect(
+            &mut api,
+            "GET",
+            "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+            200,
+            bindings_on("nothing"),
+        )
+        .await;
+        let patch = expect(
+            &mut api,
+            "PATCH",
+            "/apis/kine-rs.io/v1alpha1/datastores/s1/status",
+            200,
+            serde_json::to_value(&object).expect("json"),
+        )
+        .await;
+        let ready = &patch["status"]["conditions"][0];
+        assert_eq!(ready["reason"], "CertificateAuthorityInvalid", "{patch}");
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(expected),
+            "{patch}"
+        );
+        assert!(!patch.to_string().contains("PRIVATE KEY"), "{patch}");
+        let action = reconcile.await.expect("task").expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    }
+}
+
+/// A move to a Gateway DataStore is refused with a reason (the controller's migration
+/// engine does not move tenants into a gateway); the tenant stays where it is.
+#[tokio::test]
+async fn a_move_to_a_gateway_datastore_is_refused_with_a_reason() {
+    let (ctx, mut api) = context();
+    let mut object = binding(json!({"apiServer": {"name": "api"}, "dataStore": "gw"}));
+    object.status = Some(
+        serde_json::from_value(json!({"phase": "Ready", "currentDataStore": "pg",
+                                      "tenant": "t-1"}))
+        .expect("status"),
+    );
+    let reconcile = tokio::spawn(kine_controller::binding::reconcile(
+        Arc::new(object.clone()),
+        ctx,
+    ));
+    let body = serde_json::to_value(&object).expect("json");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1",
+        200,
+        body.clone(),
+    )
+    .await;
+    // No other binding claims the tenant.
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("elsewhere-too"),
+    )
+    .await;
+    expect(
+        &mut api,
+        "GET",
+        "/api/v1/namespaces/ns1/secrets/b1-kine-rs",
+        404,
+        not_found("secret"),
+    )
+    .await;
+    let mut gateway = serde_json::to_value(store("PostgreSQL", false)).expect("json");
+    gateway["metadata"]["name"] = json!("gw");
+    gateway["spec"]["mode"] = json!("Gateway");
+    gateway["status"] = json!({"ready": true});
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/datastores/gw",
+        200,
+        gateway,
+    )
+    .await;
+    let mut pg = serde_json::to_value(store("PostgreSQL", false)).expect("json");
+    pg["metadata"]["name"] = json!("pg");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/datastores/pg",
+        200,
+        pg,
+    )
+    .await;
+    let patch = expect(
+        &mut api,
+        "PATCH",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1/status",
+        200,
+        body,
+    )
+    .await;
+    let status = &patch["status"];
+    assert_eq!(status["currentDataStore"], "pg", "{patch}");
+    let ready = &status["conditions"][0];
+    assert_eq!(ready["reason"], "MigrationNotSupported", "{patch}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Gateway DataStore"),
+        "{patch}"
+    );
+    let action = reconcile.await.expect("task").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+}
+
+/// Sidecar mode with a `tlsConfig` that has no CA: not Ready with a reason, before any
+/// connection (the server could not be verified).
+#[tokio::test]
+async fn a_tls_config_without_a_ca_is_not_ready_with_a_reason() {
+    let (ctx, mut api) = context();
+    let mut object = store("PostgreSQL", false);
+    object.spec.tls_config = Some(
+        serde_json::from_value(json!({"clientCertificate": {
+            "certificate": {"content": b64("-----BEGIN CERTIFICATE-----\n")},
+            "privateKey": {"content": b64("secret key")},
+        }}))
+        .expect("tlsConfig"),
+    );
+    let reconcile = tokio::spawn(kine_controller::datastore::reconcile(
+        Arc::new(object.clone()),
+        ctx,
+    ));
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        bindings_on("nothing"),
+    )
+    .await;
+    let patch = expect(
+        &mut api,
+        "PATCH",
+        "/apis/kine-rs.io/v1alpha1/datastores/s1/status",
+        200,
+        serde_json::to_value(&object).expect("json"),
+    )
+    .await;
+    let ready = &patch["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "CredentialsUnavailable", "{patch}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("certificateAuthority"),
+        "{patch}"
+    );
+    assert!(!patch.to_string().contains("secret key"), "{patch}");
+    let action = reconcile.await.expect("task").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+}
+
+/// A tenant name another binding already has is refused (`TenantInUse`): it would take over
+/// that tenant's login, keyspace or certificate.
+#[tokio::test]
+async fn a_tenant_name_another_binding_has_is_refused() {
+    let (ctx, mut api) = context();
+    let object = binding(json!({"apiServer": {"name": "api"}, "tenant": "shared"}));
+    let reconcile = tokio::spawn(kine_controller::binding::reconcile(
+        Arc::new(object.clone()),
+        ctx,
+    ));
+    let body = serde_json::to_value(&object).expect("json");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1",
+        200,
+        body.clone(),
+    )
+    .await;
+    let mut others = bindings_on("s1");
+    others["items"][0]["status"]["tenant"] = json!("shared");
+    others["items"][0]["metadata"]["namespace"] = json!("victim");
+    expect(
+        &mut api,
+        "GET",
+        "/apis/kine-rs.io/v1alpha1/tenantdatastores",
+        200,
+        others,
+    )
+    .await;
+    let patch = expect(
+        &mut api,
+        "PATCH",
+        "/apis/kine-rs.io/v1alpha1/namespaces/ns1/tenantdatastores/b1/status",
+        200,
+        body,
+    )
+    .await;
+    let ready = &patch["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "TenantInUse", "{patch}");
+    assert_eq!(
+        ready["message"],
+        "tenant shared belongs to TenantDatastore victim/b1"
+    );
+    assert_eq!(patch["status"]["phase"], "Failed");
+    let action = reconcile.await.expect("task").expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }

@@ -3,6 +3,8 @@
 //! * PostgreSQL and MySQL: one database per tenant and a login that may use only that
 //!   database, with a random password (see [`postgres`], [`mysql`]). The tenant's kine-rs
 //!   creates its tables there on first start (it owns them).
+//! * etcd: nothing up front either: the tenant's records (registration, quota, freeze) are
+//!   written through kine-rs's etcd proxy ([`etcd`], [`crate::tenant`]).
 //! * NATS: nothing up front: tenants share the DataStore's streams (kine-rs keeps one
 //!   keyspace per tenant in them) and kine-rs logs in with the DataStore's credentials
 //!   ([`nats`]).
@@ -12,6 +14,7 @@
 //! `^[a-z0-9_]+$` before use and are quoted anyway; passwords are sent as escaped literals
 //! (DDL takes no bind parameters) with statement logging off, so they never reach a log.
 
+pub mod etcd;
 pub mod mysql;
 pub mod nats;
 pub mod postgres;
@@ -101,7 +104,7 @@ pub async fn check(admin: &AdminLogin) -> Result<(), String> {
         Driver::PostgreSQL => postgres::check(admin).await,
         Driver::MySQL => mysql::check(admin).await,
         Driver::NATS => nats::check(admin).await,
-        Driver::Etcd => Err("the etcd driver is not supported by this controller yet".into()),
+        Driver::Etcd => etcd::check(admin).await,
     }
 }
 
@@ -111,18 +114,17 @@ pub async fn ensure(admin: &AdminLogin, login: &TenantLogin) -> Result<(), Strin
         Driver::PostgreSQL => postgres::ensure(admin, login).await,
         Driver::MySQL => mysql::ensure(admin, login).await,
         Driver::NATS => Ok(()),
-        Driver::Etcd => Err("the etcd driver is not supported by this controller yet".into()),
+        Driver::Etcd => etcd::supported(admin),
     }
 }
 
-/// Drops the tenant's database and login (NATS: nothing; the keyspace is deleted by the
-/// caller through kine-rs).
+/// Drops the tenant's database and login (NATS, etcd: nothing; the keyspace is deleted by
+/// the caller through kine-rs).
 pub async fn drop_tenant(admin: &AdminLogin, login: &TenantLogin) -> Result<(), String> {
     match admin.driver {
         Driver::PostgreSQL => postgres::drop_tenant(admin, login).await,
         Driver::MySQL => mysql::drop_tenant(admin, login).await,
-        Driver::NATS => Ok(()),
-        Driver::Etcd => Err("the etcd driver is not supported by this controller yet".into()),
+        Driver::NATS | Driver::Etcd => Ok(()),
     }
 }
 
@@ -144,7 +146,8 @@ pub fn tenant_endpoint(admin: &AdminLogin, login: &TenantLogin) -> Sensitive {
             "mysql://{user}:{password}@tcp({host}:{})/{}",
             admin.port, login.database
         ),
-        Driver::NATS | Driver::Etcd => {
+        Driver::Etcd => etcd::endpoint(admin),
+        Driver::NATS => {
             let userinfo = match (&admin.username, &admin.password) {
                 (Some(u), Some(p)) => {
                     format!("{}:{}@", encode_userinfo(u), encode_userinfo(p.expose()))
@@ -152,12 +155,7 @@ pub fn tenant_endpoint(admin: &AdminLogin, login: &TenantLogin) -> Sensitive {
                 (Some(u), None) => format!("{}@", encode_userinfo(u)),
                 _ => String::new(),
             };
-            let scheme = if admin.driver == Driver::NATS {
-                "nats"
-            } else {
-                "etcd"
-            };
-            format!("{scheme}://{userinfo}{host}:{}", admin.port)
+            format!("nats://{userinfo}{host}:{}", admin.port)
         }
     })
 }
@@ -194,8 +192,10 @@ mod tests {
             driver: Driver::PostgreSQL,
             host: "db".into(),
             port: 5432,
+            members: vec!["db:5432".into()],
             username: Some("postgres".into()),
             password: None,
+            tls: None,
         };
         let login = TenantLogin {
             database: "kine_x".into(),
@@ -226,5 +226,22 @@ mod tests {
             tenant_endpoint(&nats, &login).expose(),
             "nats://u:p%40ss@db:4222"
         );
+        let etcd = AdminLogin {
+            driver: Driver::Etcd,
+            members: vec!["e1:2379".into(), "[::1]:2380".into()],
+            username: None,
+            password: None,
+            ..nats
+        };
+        assert_eq!(
+            tenant_endpoint(&etcd, &login).expose(),
+            "etcd://e1:2379,[::1]:2380"
+        );
+        assert!(etcd::supported(&etcd).is_ok());
+        let with_login = AdminLogin {
+            username: Some("root".into()),
+            ..etcd
+        };
+        assert!(etcd::supported(&with_login).is_err());
     }
 }

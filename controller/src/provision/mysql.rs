@@ -24,6 +24,16 @@ async fn connect(admin: &AdminLogin) -> Result<MySqlConnection, String> {
     if let Some(password) = admin.password.as_ref().filter(|p| !p.expose().is_empty()) {
         options = options.password(password.expose());
     }
+    if let Some(tls) = &admin.tls {
+        options = options
+            .ssl_mode(sqlx::mysql::MySqlSslMode::VerifyIdentity)
+            .ssl_ca_from_pem(tls.ca.as_bytes().to_vec());
+        if let Some((cert, key)) = &tls.client {
+            options = options
+                .ssl_client_cert_from_pem(cert.as_bytes())
+                .ssl_client_key_from_pem(key.expose().as_bytes());
+        }
+    }
     match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("28000") => {

@@ -14,7 +14,10 @@ pub async fn check(admin: &AdminLogin) -> Result<(), String> {
         password: Sensitive(String::new()),
     };
     let endpoint = tenant_endpoint(admin, &login);
-    let options = kine::storage::BackendOptions::default();
+    let mut options = kine::storage::BackendOptions::default();
+    if let Some(tls) = &admin.tls {
+        options.tls = tls.files()?;
+    }
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
         kine::storage::open(endpoint.expose(), &options),

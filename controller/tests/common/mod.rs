@@ -492,3 +492,288 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// A program named by `$var`; panics when it is not set or missing (tests never skip).
+pub fn required_binary(var: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("${var} is not set: the path of {what} (scripts/test.sh sets it)")
+    });
+    assert!(
+        path.is_file(),
+        "{what} is missing at {} (${var})",
+        path.display()
+    );
+    path
+}
+
+/// A single-member etcd 3.5 (the oracle, `$ETCD_BIN`) on free loopback ports, data in
+/// `dir`, with `--max-txn-ops 256` (the kine-rs proxy nests a client's transaction of up to
+/// 128 operations in one of its own); returns it and its `host:port`.
+pub fn spawn_etcd(dir: &Path) -> (ChildGuard, String) {
+    spawn_etcd_with(dir, None)
+}
+
+/// PEMs of a test PKI: a CA, a server certificate for 127.0.0.1/localhost, a client one.
+pub struct Pki {
+    pub ca: String,
+    pub server: (String, String),
+    pub client: (String, String),
+}
+
+impl Pki {
+    pub fn new(client_name: &str) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "e2e CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(sans).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("leaf");
+            (cert.pem(), key.serialize_pem())
+        };
+        Pki {
+            ca: ca.pem(),
+            server: leaf(
+                "server",
+                vec!["127.0.0.1".into(), "localhost".into()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            client: leaf(client_name, vec![], ExtendedKeyUsagePurpose::ClientAuth),
+        }
+    }
+}
+
+/// Like [`spawn_etcd`]; with `pki`, etcd serves TLS with its server certificate and requires
+/// client certificates signed by its CA (`--client-cert-auth`).
+pub fn spawn_etcd_with(dir: &Path, pki: Option<&Pki>) -> (ChildGuard, String) {
+    let bin = required_binary("ETCD_BIN", "etcd 3.5");
+    std::fs::create_dir_all(dir).expect("etcd dir");
+    let address = format!("127.0.0.1:{}", free_port());
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    let mut tls_args: Vec<String> = Vec::new();
+    if let Some(pki) = pki {
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write pki");
+            path.display().to_string()
+        };
+        tls_args = vec![
+            format!("--trusted-ca-file={}", write("ca.crt", &pki.ca)),
+            format!("--cert-file={}", write("server.crt", &pki.server.0)),
+            format!("--key-file={}", write("server.key", &pki.server.1)),
+            "--client-cert-auth".into(),
+        ];
+    }
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let log = dir.join("etcd.log");
+    let file = std::fs::File::create(&log).expect("etcd log");
+    let mut child = Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--name",
+            "e2e",
+            "--max-txn-ops",
+            "256",
+            "--log-level",
+            "warn",
+        ])
+        .arg(format!("--listen-client-urls={scheme}://{address}"))
+        .arg(format!("--advertise-client-urls={scheme}://{address}"))
+        .args(&tls_args)
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=e2e={peer}"))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("start etcd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("etcd exited ({status}):\n{}", log_tail(&log, 30));
+        }
+        assert!(Instant::now() < deadline, "etcd did not listen within 30s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (ChildGuard(child, log.display().to_string()), address)
+}
+
+/// Runs etcdctl (`$ETCDCTL_BIN`) against `address`; panics when it fails.
+pub fn etcdctl(address: &str, args: &[&str]) -> String {
+    let mut command = Command::new(required_binary("ETCDCTL_BIN", "etcdctl 3.5"));
+    command
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=http://{address}"))
+        .args(args);
+    let out = run_bounded(command);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// Decodes standard base64 (what Secrets' data holds).
+pub fn base64_decode(text: &str) -> Vec<u8> {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+    {
+        let v = T.iter().position(|t| *t == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// A PostgreSQL server of the test's own that accepts only TLS connections (`hostnossl`
+/// rejected), with `pki`'s server certificate; `postgres` logs in without a password, other
+/// roles with theirs. From Debian's `postgresql-15` binaries, run as user `postgres` (when the
+/// test runs as root). Stopped when dropped.
+pub struct TlsPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl TlsPostgres {
+    fn command(&self, binary: &str) -> Command {
+        let path = self.bin.join(binary);
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if is_root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    pub fn start(pki: &Pki) -> TlsPostgres {
+        let bin = std::env::var_os("KINE_TEST_PG_BINDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        assert!(
+            bin.join("initdb").is_file(),
+            "PostgreSQL's server binaries are missing at {} (apt-get install postgresql-15, or \
+             set KINE_TEST_PG_BINDIR)",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("kine-ctrl-pg-tls")
+            .tempdir()
+            .expect("tempdir");
+        let server = TlsPostgres {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        let root = server.dir.path();
+        std::fs::write(root.join("server.crt"), &pki.server.0).expect("write cert");
+        std::fs::write(root.join("server.key"), &pki.server.1).expect("write key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            root.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod key");
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(root)
+            .status();
+        let data = root.join("data");
+        let out = run_bounded({
+            let mut c = server.command("initdb");
+            c.args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data);
+            c
+        });
+        assert!(out.status.success(), "initdb: {}{}", out.stdout, out.stderr);
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all postgres 127.0.0.1/32 trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .expect("pg_hba.conf");
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c ssl=on -c ssl_cert_file={} -c \
+             ssl_key_file={} -c fsync=off",
+            server.port,
+            root.display(),
+            root.join("server.crt").display(),
+            root.join("server.key").display()
+        );
+        let out = run_bounded({
+            let mut c = server.command("pg_ctl");
+            c.arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(root.join("server.log"))
+                .args(["-o", &options, "-w", "-t", "60", "start"]);
+            c
+        });
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}\n{}",
+            out.stdout,
+            out.stderr,
+            std::fs::read_to_string(root.join("server.log")).unwrap_or_default()
+        );
+        server
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = run_bounded({
+            let mut c = self.command("pg_ctl");
+            c.arg("-D").arg(self.dir.path().join("data")).args([
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ]);
+            c
+        });
+    }
+}
