@@ -929,3 +929,245 @@ async fn bad_sources_are_refused_clearly() -> Result<()> {
     );
     Ok(())
 }
+
+/// A program of `scripts/peers.sh`'s cache (kube-apiserver, kubectl v1.36.3), or `$VAR`;
+/// missing fails the test.
+fn kube_peer(var: &str, name: &str) -> PathBuf {
+    let path = std::env::var(var).map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(format!(".cache/kine-rs-peers/{name}-v1.36.3/{name}"))
+    });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/peers.sh",
+        path.display()
+    );
+    path
+}
+
+/// A kube-apiserver, killed when dropped, and the kubeconfig to reach it.
+struct ApiServer {
+    child: Child,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var_os("KINE_TEST_LOG").is_some() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("kube-apiserver log (end):\n{}", tail.join("\n"));
+        }
+    }
+}
+
+const TOKEN: &str = "kine-rs-migrate-token";
+
+/// Starts a kube-apiserver on `etcd_servers` with `--etcd-prefix=prefix`; waits for `/readyz`.
+fn start_apiserver(etcd_servers: &str, prefix: &str) -> Result<ApiServer> {
+    let dir = tempfile::tempdir()?;
+    let key_pair = rcgen::KeyPair::generate()?;
+    let key = dir.path().join("sa.key");
+    std::fs::write(&key, key_pair.serialize_pem())?;
+    let public_key = dir.path().join("sa.pub");
+    std::fs::write(&public_key, key_pair.public_key_pem())?;
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, format!("{TOKEN},admin,admin,system:masters\n"))?;
+    let port = free_port();
+    let log = dir.path().join("kube-apiserver.log");
+    let file = std::fs::File::create(&log)?;
+    let child = Command::new(kube_peer("KUBE_APISERVER_BIN", "kube-apiserver"))
+        .arg(format!("--etcd-servers={etcd_servers}"))
+        .arg(format!("--etcd-prefix={prefix}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", dir.path().join("certs").display()))
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!(
+            "--service-account-key-file={}",
+            public_key.display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            key.display()
+        ))
+        .arg(format!("--token-auth-file={}", tokens.display()))
+        .arg("--authorization-mode=AlwaysAllow")
+        .arg("--service-cluster-ip-range=10.96.0.0/16")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("start kube-apiserver")?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: k\n  cluster:\n    server: https://127.0.0.1:{port}\n    \
+             insecure-skip-tls-verify: true\n\
+             users:\n- name: admin\n  user:\n    token: {TOKEN}\n\
+             contexts:\n- name: k\n  context:\n    cluster: k\n    user: admin\n\
+             current-context: k\n"
+        ),
+    )?;
+    let server = ApiServer {
+        child,
+        kubeconfig,
+        log,
+        _dir: dir,
+    };
+    let started = std::time::Instant::now();
+    loop {
+        if kubectl(&server, &["get", "--raw=/readyz", "--request-timeout=5s"])
+            .is_ok_and(|out| out.trim() == "ok")
+        {
+            return Ok(server);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "kube-apiserver was not ready within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Runs kubectl against `server`: what it printed, or its error output.
+fn kubectl(server: &ApiServer, args: &[&str]) -> Result<String> {
+    let output = Command::new(kube_peer("KUBECTL_BIN", "kubectl"))
+        .env("KUBECONFIG", &server.kubeconfig)
+        .arg("--request-timeout=30s")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).to_string())
+}
+
+/// A kube-apiserver with `--etcd-prefix=/tenant1` on a real etcd (Kamaji's layout) writes a
+/// namespace and a configmap; it is stopped, the prefix moves to kine-rs on SQLite, and a
+/// kube-apiserver with `--etcd-prefix=/` on kine-rs serves the same objects with the same
+/// resourceVersions, and goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_moves_from_an_etcd_prefix() -> Result<()> {
+    let etcd = spawn_etcd();
+    let target = target(Backend::Sqlite);
+    let endpoint = etcd.endpoint.clone();
+    let (rv, listed) = tokio::task::spawn_blocking(move || -> Result<(String, String)> {
+        let before = start_apiserver(&endpoint, "/tenant1")?;
+        kubectl(&before, &["create", "namespace", "moved"])?;
+        kubectl(
+            &before,
+            &[
+                "-n",
+                "moved",
+                "create",
+                "configmap",
+                "cm1",
+                "--from-literal=a=1",
+            ],
+        )?;
+        kubectl(
+            &before,
+            &[
+                "-n",
+                "moved",
+                "patch",
+                "configmap",
+                "cm1",
+                "--type=merge",
+                "-p",
+                r#"{"data":{"a":"2"}}"#,
+            ],
+        )?;
+        let rv = kubectl(
+            &before,
+            &[
+                "-n",
+                "moved",
+                "get",
+                "configmap",
+                "cm1",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )?;
+        let listed = kubectl(&before, &["get", "namespaces", "-o", "name"])?;
+        // The tenant's apiserver stops (its writers), then the move.
+        drop(before);
+        Ok((rv, listed))
+    })
+    .await??;
+    let lines = migrate(strings(&[
+        "--from",
+        &etcd.endpoint,
+        "--from-prefix",
+        "/tenant1",
+        "--to",
+        &target.endpoint,
+        "--source-writers-stopped",
+    ]))
+    .await
+    .map_err(anyhow::Error::msg)?;
+    ensure!(lines.last().is_some_and(|l| l["event"] == "summary"));
+    let (server, _) = serve_and_connect(&target.endpoint, &[]).await?;
+    let kine_rs = server.endpoint.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let after = start_apiserver(&kine_rs, "/")?;
+        let moved_rv = kubectl(
+            &after,
+            &[
+                "-n",
+                "moved",
+                "get",
+                "configmap",
+                "cm1",
+                "-o",
+                "jsonpath={.metadata.resourceVersion} {.data.a}",
+            ],
+        )?;
+        ensure!(moved_rv == format!("{rv} 2"), "{moved_rv} != {rv} 2");
+        let namespaces = kubectl(&after, &["get", "namespaces", "-o", "name"])?;
+        ensure!(namespaces == listed, "{namespaces} != {listed}");
+        kubectl(
+            &after,
+            &[
+                "-n",
+                "moved",
+                "patch",
+                "configmap",
+                "cm1",
+                "--type=merge",
+                "-p",
+                r#"{"data":{"a":"3"}}"#,
+            ],
+        )?;
+        let next: u64 = kubectl(
+            &after,
+            &[
+                "-n",
+                "moved",
+                "get",
+                "configmap",
+                "cm1",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )?
+        .trim()
+        .parse()?;
+        ensure!(next > rv.trim().parse::<u64>()?, "{next} after {rv}");
+        Ok(())
+    })
+    .await??;
+    drop(server);
+    Ok(())
+}

@@ -134,8 +134,8 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
                     .ok_or_else(|| super::MigrateError::UnknownTenant(tenant.clone()))?;
                 &backend_source
             }
-            Opened::Kine(kine) => kine,
-            Opened::Etcd(etcd) => etcd,
+            Opened::Kine(kine) => &**kine,
+            Opened::Etcd(etcd) => &**etcd,
         };
         if args.dry_run {
             let plan = super::plan_from(source, &tenant).await?;
@@ -223,8 +223,8 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
 /// The source a `--from` names.
 enum Opened {
     Backend(Arc<dyn Backend>),
-    Kine(KineSource),
-    Etcd(EtcdPrefixSource),
+    Kine(Box<KineSource>),
+    Etcd(Box<EtcdPrefixSource>),
 }
 
 async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
@@ -233,11 +233,11 @@ async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
         if args.from_prefix.is_some() {
             bail!("--from-prefix is for an etcd --from, not kine's table");
         }
-        return Ok(Opened::Kine(
+        return Ok(Opened::Kine(Box::new(
             KineSource::open(&args.from, &args.from_kine_table)
                 .await
                 .map_err(|e| anyhow::anyhow!("--from {name}: {e}"))?,
-        ));
+        )));
     }
     if crate::etcd_proxy::is_etcd_endpoint(&args.from) {
         let Some(prefix) = &args.from_prefix else {
@@ -246,11 +246,11 @@ async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
                  --etcd-prefix whose keys move, e.g. /tenant1)"
             );
         };
-        return Ok(Opened::Etcd(
+        return Ok(Opened::Etcd(Box::new(
             EtcdPrefixSource::open(&args.from, prefix)
                 .await
                 .map_err(|e| anyhow::anyhow!("--from {name}: {e}"))?,
-        ));
+        )));
     }
     if args.from_prefix.is_some() {
         bail!("--from-prefix is for an etcd --from (etcd://HOST:PORT)");

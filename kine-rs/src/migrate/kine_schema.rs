@@ -379,7 +379,7 @@ impl KineSource {
 
     async fn has_trigger(&self, what: &str) -> Result<bool> {
         let name = self.trigger(what);
-        Ok(self.triggers().await?.iter().any(|t| *t == name))
+        Ok(self.triggers().await?.contains(&name))
     }
 
     async fn drop_trigger(&self, what: &str) -> Result<()> {
