@@ -386,8 +386,10 @@ impl KineSource {
         let trigger = self.quoted_trigger(what);
         match self.db {
             Db::Postgres(_) => {
+                // (Without the notices PostgreSQL sends for what does not exist.)
                 self.exec(&format!(
-                    "DROP TRIGGER IF EXISTS {trigger} ON {}; DROP FUNCTION IF EXISTS {trigger}()",
+                    "SET client_min_messages = warning; \
+                     DROP TRIGGER IF EXISTS {trigger} ON {}; DROP FUNCTION IF EXISTS {trigger}()",
                     self.quoted()
                 ))
                 .await
