@@ -637,7 +637,9 @@ async fn etcd_prefix(to: Backend) -> Result<()> {
     .await
     .map_err(anyhow::Error::msg)?;
     ensure!(
-        plan[0]["keys"] == 25 && plan[0]["leases"] == 1,
+        plan[0]["keys"] == 25
+            && plan[0]["leases"] == 1
+            && plan[0]["compact_revision"] == compact_at,
         "plan: {plan:?}"
     );
     ensure!(

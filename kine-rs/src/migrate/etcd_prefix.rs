@@ -189,35 +189,37 @@ impl EtcdPrefixSource {
         ))
     }
 
-    /// etcd's compaction revision, learnt the only way a client can: a watch from revision 1
-    /// is cancelled with it (on a key no one writes, so a history never compacted sends
-    /// nothing).
-    async fn compact_revision(&self) -> Result<Revision> {
-        let (requests, receiver) = tokio::sync::mpsc::channel(2);
-        let create = WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+    /// etcd's compaction revision (-1 when never compacted). A client learns it only by
+    /// trying: a read at a revision below it fails, so a binary search over reads of one
+    /// absent key (a few dozen tiny requests) finds the lowest revision still readable.
+    async fn compact_revision(&self, current: Revision) -> Result<Revision> {
+        let readable = |revision: Revision| async move {
+            let request = RangeRequest {
                 key: Bytes::from_static(b"\0kine-rs/compaction-probe"),
-                start_revision: 1,
+                revision,
+                count_only: true,
                 ..Default::default()
-            })),
+            };
+            match self.kv.clone().range(request).await.map_err(upstream_error) {
+                Ok(_) => Ok(true),
+                Err(KineError::Etcd { message, .. }) if message.contains("compacted") => Ok(false),
+                Err(error) => Err(error),
+            }
         };
-        let _ = requests.send(create).await;
-        let mut stream = self
-            .watch
-            .clone()
-            .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
-        let first = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
-            .await
-            .map_err(|_| KineError::Unavailable("etcd's watch did not answer".into()))?
-            .map_err(upstream_error)?;
-        drop(requests);
-        Ok(match first {
-            Some(response) if response.compact_revision > 0 => response.compact_revision,
-            _ => -1,
-        })
+        if current <= 1 || readable(1).await? {
+            return Ok(-1);
+        }
+        // Not readable at `low`, readable at `high`.
+        let (mut low, mut high) = (1, current);
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if readable(middle).await? {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        Ok(high)
     }
 
     /// A key under the prefix (`/tenant1/…`, not `/tenant10/…`), without it.
@@ -247,7 +249,11 @@ impl Source for EtcdPrefixSource {
     async fn state(&self) -> Result<SourceState> {
         let local = self.local();
         let (revision, keys) = self.count(0).await?;
-        let compact = self.compact_revision().await?;
+        // Once pinned, the copy's history begins at the snapshot: the target's compaction.
+        let compact = match local.pinned {
+            Some(pinned) => pinned,
+            None => self.compact_revision(revision).await?,
+        };
         let bytes = match local.usage {
             Some((_, bytes)) => bytes,
             None => {
@@ -273,11 +279,7 @@ impl Source for EtcdPrefixSource {
         };
         Ok(SourceState {
             revision,
-            // The copy's history begins at the snapshot: that is the target's compaction.
-            compact_revision: match local.pinned {
-                Some(pinned) => pinned.max(compact),
-                None => compact,
-            },
+            compact_revision: compact,
             keys,
             bytes,
             frozen: local.frozen,

@@ -104,7 +104,8 @@ pub fn validate_table(table: &str) -> Result<(), KineSourceError> {
 }
 
 /// A message safe to put between single quotes in SQL (and in PL/pgSQL's `RAISE`, where `%`
-/// is special): anything outside a small alphabet becomes `_`.
+/// is special): anything outside a small alphabet becomes `_`; at most 128 characters
+/// (MySQL's limit for `MESSAGE_TEXT`).
 fn safe_message(text: &str) -> String {
     text.chars()
         .map(|c| {
@@ -114,7 +115,7 @@ fn safe_message(text: &str) -> String {
                 '_'
             }
         })
-        .take(200)
+        .take(128)
         .collect()
 }
 
@@ -733,10 +734,7 @@ impl Source for KineSource {
             "moved",
             "INSERT",
             None,
-            &format!(
-                "kine-rs: this datastore was moved to {target}; it is kept read-only (start \
-                 kine-rs on the target)"
-            ),
+            &format!("kine-rs: this datastore was moved to {target} (kept read-only)"),
         )
         .await?;
         self.drop_trigger("freeze").await?;

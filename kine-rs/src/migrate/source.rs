@@ -13,6 +13,12 @@
 //! * [`super::etcd_prefix::EtcdPrefixSource`]: the keys under a prefix of a plain etcd (what a
 //!   kube-apiserver with `--etcd-prefix` writes, e.g. Kamaji's layout), read only; etcd
 //!   cannot be frozen by a client, so the writers must be stopped and the freeze is checked.
+//!
+//! A tenant of the etcd proxy (`crate::etcd_proxy`) would plug in the same way: an
+//! [`super::etcd_prefix::EtcdPrefixSource`] over the tenant's prefix whose `freeze`,
+//! `release` and `mark_moved` write the proxy's own freeze record (every proxy's write
+//! transactions compare on it, so the freeze is a fact in etcd and `needs_stopped_writers`
+//! is false). Not done yet.
 
 use async_trait::async_trait;
 use bytes::Bytes;
