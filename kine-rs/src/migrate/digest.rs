@@ -73,9 +73,10 @@ impl Digest {
             for kv in &page {
                 digest.add_kv(kv);
             }
+            // Until an empty page: a source may return short pages before its end.
             match page.last() {
-                Some(last) if page.len() as i64 == PAGE => after = Some(last.key.clone()),
-                _ => return Ok(digest),
+                Some(last) => after = Some(last.key.clone()),
+                None => return Ok(digest),
             }
         }
     }
