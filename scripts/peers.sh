@@ -7,6 +7,8 @@
 #   $KINE_PEERS_CACHE/helm-<helm version>/helm   (helm.sh/helm/v3, for the chart's tests)
 #   $KINE_PEERS_CACHE/nats-server-<version>/nats-server   (newer than Debian's 2.9; it has
 #     JetStream's `sync_interval: always`, which the bench uses to fsync as etcd does)
+#   $KINE_PEERS_CACHE/kine-<kine version>/kine   (github.com/k3s-io/kine, the peer users switch
+#                                                 from; `kine-rs migrate --from kine+...` tests)
 #
 # (KINE_PEERS_CACHE defaults to $HOME/.cache/kine-rs-peers; the version to v1.36.3, override
 # with KINE_PEERS_KUBE_VERSION.) A binary already there is not built again. Nothing here is
@@ -31,6 +33,7 @@ set -euo pipefail
 KUBE_VERSION=${KINE_PEERS_KUBE_VERSION:-v1.36.3}
 HELM_VERSION=${KINE_PEERS_HELM_VERSION:-v3.22.0}
 NATS_VERSION=${KINE_PEERS_NATS_VERSION:-v2.15.2}
+KINE_VERSION=${KINE_PEERS_KINE_VERSION:-v0.17.5}
 CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
 
 log() { printf '%s\n' "$*" >&2; }
@@ -221,8 +224,32 @@ case "$got" in
 *) die "$nats_bin --version says '$got', expected $NATS_VERSION" ;;
 esac
 log "$nats_bin ($got)"
+# kine: a scratch module too (`go get -tool`), built with CGO_ENABLED=0 (kine then uses its
+# pure-Go SQLite driver). Built once, like the others.
+kine_bin="$CACHE/kine-$KINE_VERSION/kine"
+if [ ! -x "$kine_bin" ]; then
+    t0=$(date +%s)
+    log "building kine $KINE_VERSION from Go modules (once per machine)"
+    scratch="$CACHE/src-kine-$KINE_VERSION"
+    (
+        mkdir -p "$scratch" && cd "$scratch" || exit 1
+        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
+        nice -n 10 go get -tool "github.com/k3s-io/kine@$KINE_VERSION" >&2 ||
+            die "go get -tool github.com/k3s-io/kine@$KINE_VERSION"
+        mkdir -p "$(dirname "$kine_bin")"
+        CGO_ENABLED=0 nice -n 10 go build -trimpath \
+            -ldflags "-s -w -X github.com/k3s-io/kine/pkg/version.Version=$KINE_VERSION" \
+            -o "$kine_bin.tmp" github.com/k3s-io/kine || die "go build github.com/k3s-io/kine@$KINE_VERSION"
+        mv -f "$kine_bin.tmp" "$kine_bin"
+        echo "$(since "$t0")" >"$(dirname "$kine_bin")/build-seconds"
+    ) || exit 1
+    log "built kine $KINE_VERSION in $(since "$t0")s"
+fi
+"$kine_bin" --help >/dev/null 2>&1 || die "$kine_bin --help failed"
+log "$kine_bin ($KINE_VERSION)"
 
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
 echo "export HELM_BIN=$helm_bin"
 echo "export NATS_SERVER_BIN=$nats_bin"
+echo "export KINE_BIN=$kine_bin"

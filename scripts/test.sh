@@ -13,7 +13,11 @@
 #     ~/.cache/kine-rs-peers once per machine (needs Go 1.26+; ~20 minutes on 2 busy cores the
 #     first time, nothing afterwards). A build that fails fails the test command;
 #   - helm v3.22.0, built from Go modules by scripts/peers.sh the same way (about 2 minutes
-#     the first time), for the chart's tests (helm lint, helm template).
+#     the first time), for the chart's tests (helm lint, helm template);
+#   - kine v0.17.5 (github.com/k3s-io/kine), built the same way (about 4 minutes the first
+#     time), for the tests of `kine-rs migrate --from kine+...`;
+#   - nats-server v2.15.2, built the same way (about 4 minutes the first time), started
+#     beside Debian's on 127.0.0.1:4223.
 # It starts the local services the backend tests talk to when they do not answer:
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
@@ -27,7 +31,7 @@
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
 # (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN,
-# NATS_SERVER_BIN (scripts/peers.sh).
+# NATS_SERVER_BIN, KINE_BIN (scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -242,13 +246,15 @@ provision_database_servers() {
 # which prints the `export` lines for their paths. A failure is fatal: the kube-apiserver
 # tests must not be skipped silently.
 provision_kube_peers() {
-    say "kube-apiserver, kubectl and helm (scripts/peers.sh; built once per machine)"
+    say "kube-apiserver, kubectl, helm, kine and nats-server (scripts/peers.sh; built once per machine)"
     local exports
-    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver, kubectl or helm (see above)"
+    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver, kubectl, helm, kine or nats-server (see above)"
     eval "$exports"
     echo "KUBE_APISERVER_BIN=$KUBE_APISERVER_BIN"
     echo "KUBECTL_BIN=$KUBECTL_BIN"
     echo "HELM_BIN=$HELM_BIN"
+    echo "KINE_BIN=$KINE_BIN"
+    echo "NATS_SERVER_BIN=$NATS_SERVER_BIN"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::{Options, Phase, Progress, Summary};
+use super::etcd_prefix::EtcdPrefixSource;
+use super::kine_schema::{KineSource, is_kine_endpoint};
+use super::{BackendSource, Options, Phase, Progress, Source, Summary};
 use crate::run::redact_endpoint;
 use crate::storage::{self, Backend, BackendOptions, MigrationRole};
 use crate::tenants::validate_name;
@@ -16,9 +18,26 @@ use crate::tenants::validate_name;
 /// `kine-rs migrate`: what to move, from where to where.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
-    /// The datastore the tenant is in, as `--endpoint` names it.
+    /// The datastore the tenant is in, as `--endpoint` names it; or kine's own table
+    /// (`kine+postgres://…`, `kine+mysql://…`, `kine+sqlite://PATH`); or a plain etcd
+    /// (`etcd://HOST:PORT`) with `--from-prefix`.
     #[arg(long)]
     pub from: String,
+
+    /// With an etcd `--from`: the prefix whose keys move (the apiserver's `--etcd-prefix`,
+    /// e.g. `/tenant1`); keys arrive without it.
+    #[arg(long)]
+    pub from_prefix: Option<String>,
+
+    /// With a `kine+…` `--from`: the name of kine's table.
+    #[arg(long, default_value = "kine")]
+    pub from_kine_table: String,
+
+    /// The writers of a source kine-rs cannot freeze (a plain etcd) are stopped: cut over.
+    /// Without it such a migration copies and stops before the freeze (a rerun with it
+    /// resumes). A write seen after the freeze point still aborts the switch.
+    #[arg(long)]
+    pub source_writers_stopped: bool,
 
     /// The datastore to move it to, as `--endpoint` names it.
     #[arg(long)]
@@ -78,33 +97,55 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     if !args.all_tenants {
         validate_name(&args.tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
     }
-    let (source_name, target_name) = (redact_endpoint(&args.from), redact_endpoint(&args.to));
+    let (mut source_name, target_name) = (redact_endpoint(&args.from), redact_endpoint(&args.to));
+    if let Some(prefix) = &args.from_prefix {
+        source_name = format!("{source_name} (prefix {prefix})");
+    }
     if source_name == target_name {
         bail!("--from and --to name the same datastore ({source_name})");
     }
-    let source = open(&args.from, "--from").await?;
+    let source = open_source(&args).await?;
     let target = open(&args.to, "--to").await?;
 
-    let tenants = if args.all_tenants {
-        source
+    let tenants = match &source {
+        Opened::Backend(backend) if args.all_tenants => backend
             .keyspaces()
             .await
             .context("listing the source's tenants")?
             .into_iter()
             .filter(|(_, state)| state.migration != MigrationRole::Moved)
             .map(|(name, _)| name)
-            .collect()
-    } else {
-        vec![args.tenant.clone()]
+            .collect(),
+        Opened::Backend(_) => vec![args.tenant.clone()],
+        _ if args.all_tenants => {
+            bail!(
+                "--all-tenants: kine's table and an etcd prefix hold one tenant; name it with --tenant"
+            )
+        }
+        _ => vec![args.tenant.clone()],
     };
     for tenant in tenants {
+        let backend_source;
+        let source: &dyn Source = match &source {
+            Opened::Backend(backend) => {
+                backend_source = BackendSource::open(&**backend, &tenant)
+                    .await
+                    .with_context(|| format!("reading tenant {tenant:?} of the source"))?
+                    .ok_or_else(|| super::MigrateError::UnknownTenant(tenant.clone()))?;
+                &backend_source
+            }
+            Opened::Kine(kine) => &**kine,
+            Opened::Etcd(etcd) => &**etcd,
+        };
         if args.dry_run {
-            let plan = super::plan(&*source, &tenant).await?;
+            let plan = super::plan_from(source, &tenant).await?;
+            let freeze = freeze_note(source);
             if json {
                 print_json(json!({
                     "event": "plan",
                     "tenant": plan.tenant,
                     "from": source_name,
+                    "source": source.describe(),
                     "to": target_name,
                     "keys": plan.keys,
                     "bytes": plan.bytes,
@@ -113,14 +154,16 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
                     "history_revisions": plan.history_revisions,
                     "leases": plan.leases,
                     "frozen": plan.frozen,
+                    "freeze": freeze,
                     "estimated_seconds": plan.estimated.as_secs_f64(),
                 }));
             } else {
                 println!(
-                    "tenant {:?}: {} keys ({}), revision {} (compacted at {}), {} revisions of \
-                     history to replay, {} leases{}; about {} to move from {source_name} to \
-                     {target_name}. Nothing was changed (--dry-run).",
+                    "tenant {:?} ({}): {} keys ({}), revision {} (compacted at {}), {} revisions \
+                     of history to replay, {} leases{}; about {} to move from {source_name} to \
+                     {target_name}. Freeze: {freeze}. Nothing was changed (--dry-run).",
                     plan.tenant,
+                    source.describe(),
                     plan.keys,
                     human_bytes(plan.bytes.max(0) as u64),
                     plan.revision,
@@ -134,7 +177,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             continue;
         }
         if args.abort {
-            let aborted = super::abort(&*source, &*target, &tenant).await?;
+            let aborted = super::abort_from(source, &*target, &tenant).await?;
             if json {
                 print_json(json!({
                     "event": "aborted",
@@ -165,15 +208,65 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             page_keys: args.page_keys,
             window_revisions: args.window_revisions,
             freeze_lag: args.freeze_lag,
+            writers_stopped: args.source_writers_stopped,
             ..Options::new(&tenant)
         };
         let mut printer = ProgressPrinter::new(json);
-        let result = super::run(&*source, &*target, &options, &mut |p| printer.show(p)).await;
+        let result = super::run_from(source, &*target, &options, &mut |p| printer.show(p)).await;
         printer.finish();
         let summary = result?;
         print_summary(&summary, &source_name, &target_name, json);
     }
     Ok(())
+}
+
+/// The source a `--from` names.
+enum Opened {
+    Backend(Arc<dyn Backend>),
+    Kine(Box<KineSource>),
+    Etcd(Box<EtcdPrefixSource>),
+}
+
+async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
+    let name = redact_endpoint(&args.from);
+    if is_kine_endpoint(&args.from) {
+        if args.from_prefix.is_some() {
+            bail!("--from-prefix is for an etcd --from, not kine's table");
+        }
+        return Ok(Opened::Kine(Box::new(
+            KineSource::open(&args.from, &args.from_kine_table)
+                .await
+                .map_err(|e| anyhow::anyhow!("--from {name}: {e}"))?,
+        )));
+    }
+    if crate::etcd_proxy::is_etcd_endpoint(&args.from) {
+        let Some(prefix) = &args.from_prefix else {
+            bail!(
+                "--from {name}: an etcd source needs --from-prefix (the kube-apiserver's \
+                 --etcd-prefix whose keys move, e.g. /tenant1)"
+            );
+        };
+        return Ok(Opened::Etcd(Box::new(
+            EtcdPrefixSource::open(&args.from, prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("--from {name}: {e}"))?,
+        )));
+    }
+    if args.from_prefix.is_some() {
+        bail!("--from-prefix is for an etcd --from (etcd://HOST:PORT)");
+    }
+    Ok(Opened::Backend(open(&args.from, "--from").await?))
+}
+
+/// How the source is frozen for the cut-over, for the plan.
+fn freeze_note(source: &dyn Source) -> &'static str {
+    if source.needs_stopped_writers() {
+        "kine-rs cannot freeze a plain etcd: stop the tenant's writers and pass \
+         --source-writers-stopped; a write after the freeze point aborts the switch"
+    } else {
+        "writes refused by the datastore itself for the final catch-up, then the source is \
+         marked moved"
+    }
 }
 
 async fn open(endpoint: &str, flag: &str) -> anyhow::Result<Arc<dyn Backend>> {

@@ -6,8 +6,10 @@ use std::fmt;
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::model::{KeyRange, RangeEnd, Revision};
+use crate::model::{KeyRange, KeyValue, RangeEnd, Revision};
 use crate::storage::{Backend, KeyspaceId, RangeQuery};
+
+use super::source::Source;
 
 /// Keys read per page.
 const PAGE: i64 = 1000;
@@ -50,6 +52,35 @@ impl Digest {
         }
     }
 
+    fn add_kv(&mut self, kv: &KeyValue) {
+        self.keys += 1;
+        self.add(&kv.key);
+        self.add(&kv.value);
+        for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
+            self.add(&n.to_le_bytes());
+        }
+    }
+
+    /// The digest of what `source` holds at `revision` (with the compaction revision the
+    /// target was given: the source's, or the snapshot's where history before it is not
+    /// copied).
+    pub async fn of_source(source: &dyn Source, revision: Revision) -> Result<Self> {
+        let state = source.state().await?;
+        let mut digest = Digest::new(state.compact_revision);
+        let mut after: Option<Bytes> = None;
+        loop {
+            let page = source.page(revision, after.as_deref(), PAGE).await?;
+            for kv in &page {
+                digest.add_kv(kv);
+            }
+            // Until an empty page: a source may return short pages before its end.
+            match page.last() {
+                Some(last) => after = Some(last.key.clone()),
+                None => return Ok(digest),
+            }
+        }
+    }
+
     /// The digest of `keyspace` at `revision`.
     pub async fn of(
         backend: &dyn Backend,
@@ -81,12 +112,7 @@ impl Digest {
             let more = rows.kvs.len() as i64 > PAGE;
             let page = &rows.kvs[..rows.kvs.len().min(PAGE as usize)];
             for kv in page {
-                digest.keys += 1;
-                digest.add(&kv.key);
-                digest.add(&kv.value);
-                for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
-                    digest.add(&n.to_le_bytes());
-                }
+                digest.add_kv(kv);
             }
             match page.last() {
                 Some(last) if more => {

@@ -35,7 +35,10 @@
 
 pub mod command;
 mod digest;
+pub mod etcd_prefix;
+pub mod kine_schema;
 mod record;
+pub mod source;
 
 use std::time::{Duration, Instant};
 
@@ -43,11 +46,12 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::error::KineError;
-use crate::model::{Event, EventType, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision, now_ms};
-use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery};
+use crate::model::{Event, EventType, KeyValue, LeaseRecord, Revision, now_ms};
+use crate::storage::{Backend, KeyspaceId, MigrationRole};
 
 pub use digest::Digest;
 pub use record::{SourceRecord, TargetCheckpoint, TargetPhase};
+pub use source::{BackendSource, Source, SourceState};
 
 /// Why a migration stopped.
 #[derive(Debug, Error)]
@@ -79,6 +83,21 @@ pub enum MigrateError {
          source was unfrozen and the import removed"
     )]
     EventsDiffer { after: Revision, up_to: Revision },
+    #[error(
+        "the source was written after the freeze point (revision {final_revision}): {what}; \
+         its writers are not stopped. Nothing was switched: the source keeps serving and the \
+         import was removed"
+    )]
+    SourceWritten {
+        final_revision: Revision,
+        what: String,
+    },
+    #[error(
+        "{0} stays writable during the copy (kine-rs cannot freeze it): stop its writers \
+         (e.g. scale the kube-apiserver to zero) and pass --source-writers-stopped to cut over; \
+         any write after the freeze point is still detected and aborts the switch"
+    )]
+    WritersNotStopped(String),
     #[error("a migration record of tenant {tenant:?} cannot be read: {reason}")]
     BadRecord { tenant: String, reason: String },
     #[error(
@@ -123,6 +142,9 @@ pub struct Options {
     /// ... or once this many passes have run, whatever the lag (a source written faster than
     /// it can be copied still moves, with a longer freeze).
     pub max_tail_passes: u32,
+    /// The caller says the source's writers are stopped: needed to cut over from a source
+    /// kine-rs cannot freeze (a plain etcd).
+    pub writers_stopped: bool,
 }
 
 impl Options {
@@ -136,6 +158,7 @@ impl Options {
             window_revisions: 1000,
             freeze_lag: 100,
             max_tail_passes: 50,
+            writers_stopped: false,
         }
     }
 }
@@ -225,12 +248,17 @@ pub struct Plan {
     pub estimated: Duration,
 }
 
-/// The size of moving `tenant`; changes nothing.
+/// The size of moving `tenant` of a datastore kine-rs owns; changes nothing.
 pub async fn plan(source: &dyn Backend, tenant: &str) -> Result<Plan> {
-    let id = source_keyspace(source, tenant).await?;
-    let state = source.state(id).await.source()?;
-    let leases = source.leases(id).await.source()?.len();
-    let start = snapshot_revision(&state);
+    let source = open_backend_source(source, tenant).await?;
+    plan_from(&source, tenant).await
+}
+
+/// The size of moving the tenant `source` holds; changes nothing.
+pub async fn plan_from(source: &dyn Source, tenant: &str) -> Result<Plan> {
+    let state = source.state().await.source()?;
+    let leases = source.leases().await.source()?.len();
+    let start = state.compact_revision.max(1);
     let history = (state.revision - start).max(0);
     // Measured on this project's two-core machines: tens of thousands of rows a second;
     // an estimate, printed as such.
@@ -248,56 +276,44 @@ pub async fn plan(source: &dyn Backend, tenant: &str) -> Result<Plan> {
     })
 }
 
-async fn source_keyspace(source: &dyn Backend, tenant: &str) -> Result<KeyspaceId> {
-    source
-        .keyspace(tenant, false)
+async fn open_backend_source<'a>(
+    source: &'a dyn Backend,
+    tenant: &str,
+) -> Result<BackendSource<'a>> {
+    BackendSource::open(source, tenant)
         .await
         .source()?
         .ok_or_else(|| MigrateError::UnknownTenant(tenant.to_string()))
 }
 
-/// The revision the snapshot is read at: the compaction revision, or the first revision of a
-/// keyspace never compacted.
-fn snapshot_revision(state: &KeyspaceState) -> Revision {
-    state.compact_revision.max(1)
-}
-
-/// Moves `options.tenant` from `source` to `target`, resuming an interrupted run.
+/// Moves `options.tenant` from `source` to `target` (both datastores kine-rs owns),
+/// resuming an interrupted run.
 pub async fn run(
     source: &dyn Backend,
     target: &dyn Backend,
     options: &Options,
     report: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Summary> {
+    let source = open_backend_source(source, &options.tenant).await?;
+    run_from(&source, target, options, report).await
+}
+
+/// Moves the tenant `source` holds into the keyspace `options.tenant` of `target`,
+/// resuming an interrupted run.
+pub async fn run_from(
+    source: &dyn Source,
+    target: &dyn Backend,
+    options: &Options,
+    report: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Summary> {
     let started = Instant::now();
     let tenant = options.tenant.as_str();
-    let source_id = source_keyspace(source, tenant).await?;
-    let mut source_state = source.state(source_id).await.source()?;
-    let source_record = read_source_record(source, source_id, tenant).await?;
-    if source_state.migration == MigrationRole::Moved {
+    if source.state().await.source()?.moved {
         return Err(MigrateError::AlreadyMoved(tenant.to_string()));
     }
     // An interrupted run may have left the source frozen: writes come back first.
-    if source_state.migration == MigrationRole::Source
-        && source_record.as_ref().is_some_and(|r| r.froze)
-    {
-        let mut txn = source.begin_write(source_id).await.source()?;
-        let state = txn.state();
-        txn.set_frozen(false).await.source()?;
-        let record = SourceRecord {
-            froze: false,
-            ..source_record.clone().unwrap_or_default()
-        };
-        txn.set_migration(
-            MigrationRole::Source,
-            state.pinned_revision,
-            Some(&record.encode()),
-        )
-        .await
-        .source()?;
-        txn.commit(state.revision).await.source()?;
-        source_state = source.state(source_id).await.source()?;
-    }
+    source.recover().await.source()?;
+    let source_state = source.state().await.source()?;
 
     let target_id = target
         .keyspace(tenant, true)
@@ -316,18 +332,20 @@ pub async fn run(
                     tenant: tenant.to_string(),
                     reason,
                 })?;
+            // The source must still hold (and pin) the history after the snapshot's
+            // revision, or what the copy needs may be gone: start over.
+            let resumable = match &checkpoint {
+                Some(checkpoint) => source
+                    .can_resume(checkpoint.snapshot_revision)
+                    .await
+                    .source()?,
+                None => false,
+            };
             match checkpoint {
-                // The source must still be pinned at the snapshot's revision, or history the
-                // copy needs may be gone: start over.
-                Some(checkpoint)
-                    if source_state.migration == MigrationRole::Source
-                        && source_state.pinned_revision == checkpoint.snapshot_revision =>
-                {
-                    (checkpoint, true)
-                }
+                Some(checkpoint) if resumable => (checkpoint, true),
                 _ => {
                     target.delete_keyspace(target_id).await.target()?;
-                    return Box::pin(run(source, target, options, report)).await;
+                    return Box::pin(run_from(source, target, options, report)).await;
                 }
             }
         }
@@ -336,10 +354,7 @@ pub async fn run(
                 && target_state.keys == 0
                 && target.leases(target_id).await.target()?.is_empty() =>
         {
-            (
-                start(source, source_id, target, target_id, options).await?,
-                false,
-            )
+            (start(source, target, target_id, options).await?, false)
         }
         _ => return Err(MigrateError::TargetNotEmpty(tenant.to_string())),
     };
@@ -359,7 +374,7 @@ pub async fn run(
     // Snapshot: the next page is read while the current one is written.
     if checkpoint.phase == TargetPhase::Snapshot {
         let mut page_keys = options.page_keys.max(1);
-        let mut rows = read_page(source, source_id, &checkpoint, page_keys).await?;
+        let mut rows = read_page(source, &checkpoint, page_keys).await?;
         loop {
             page_keys = next_page_keys(&rows, options.page_keys);
             let after = rows.last().map(|kv| kv.key.clone());
@@ -372,7 +387,7 @@ pub async fn run(
                 if last_page {
                     Ok(Vec::new())
                 } else {
-                    read_page(source, source_id, &at, page_keys).await
+                    read_page(source, &at, page_keys).await
                 }
             };
             let (written, read) = tokio::join!(
@@ -396,7 +411,6 @@ pub async fn run(
     progress.phase = Phase::Tail;
     tail(
         source,
-        source_id,
         target,
         target_id,
         options,
@@ -410,12 +424,12 @@ pub async fn run(
     report(&progress);
     let verified_at = checkpoint.applied;
     let (source_digest, target_digest) = tokio::join!(
-        Digest::of(source, source_id, verified_at),
+        Digest::of_source(source, verified_at),
         Digest::of(target, target_id, verified_at)
     );
     let (source_digest, target_digest) = (source_digest.source()?, target_digest.target()?);
     if source_digest != target_digest {
-        let _ = release_source(source, source_id, false).await;
+        let _ = source.release(false).await;
         let _ = target.delete_keyspace(target_id).await;
         return Err(MigrateError::VerifyFailed {
             revision: verified_at,
@@ -426,7 +440,6 @@ pub async fn run(
     progress.phase = Phase::Tail;
     tail(
         source,
-        source_id,
         target,
         target_id,
         options,
@@ -438,14 +451,17 @@ pub async fn run(
     .await?;
 
     // Freeze, and the last events.
+    if source.needs_stopped_writers() && !options.writers_stopped {
+        // Copied so far and kept (a rerun with the flag resumes): only the switch waits.
+        return Err(MigrateError::WritersNotStopped(source.describe()));
+    }
     progress.phase = Phase::Freeze;
     let frozen_at = Instant::now();
-    let final_state = freeze_source(source, source_id, options).await?;
+    let final_state = source.freeze(&options.target_name).await.source()?;
     let finish = async {
         while checkpoint.applied < final_state.revision {
             copy_window(
                 source,
-                source_id,
                 target,
                 target_id,
                 options,
@@ -470,10 +486,10 @@ pub async fn run(
                 .revision
                 .min(from + options.window_revisions.max(1));
             let (source_events, target_events) = tokio::join!(
-                source.events(source_id, from, to, None),
+                source.events(from, to),
                 target.events(target_id, from, to, None)
             );
-            if source_events.source()? != target_events.target()? {
+            if without_prev(source_events.source()?) != without_prev(target_events.target()?) {
                 return Err(MigrateError::EventsDiffer {
                     after: from,
                     up_to: to,
@@ -481,9 +497,12 @@ pub async fn run(
             }
             from = to;
         }
+        // Nothing landed on the source after the final revision (where the datastore does
+        // not enforce the freeze itself, this is where a stray write is caught).
+        source.check_frozen(final_state.revision).await?;
         progress.phase = Phase::Switch;
         report(&progress);
-        let leases = switch_target(source, source_id, &final_state, target, target_id).await?;
+        let leases = switch_target(source, &final_state, target, target_id).await?;
         Ok(leases)
     }
     .await;
@@ -494,8 +513,11 @@ pub async fn run(
             // Before the target serves, the source is the tenant's home: writable again. A
             // copy that differs is removed; any other failure keeps its checkpoint (and the
             // source's pin) for a rerun to resume.
-            let differs = matches!(error, MigrateError::EventsDiffer { .. });
-            let _ = release_source(source, source_id, !differs).await;
+            let differs = matches!(
+                error,
+                MigrateError::EventsDiffer { .. } | MigrateError::SourceWritten { .. }
+            );
+            let _ = source.release(!differs).await;
             if differs {
                 let _ = target.delete_keyspace(target_id).await;
             }
@@ -503,10 +525,11 @@ pub async fn run(
         }
     };
     let freeze_window = frozen_at.elapsed();
-    mark_moved(source, source_id, options).await?;
+    source.mark_moved(&options.target_name).await.source()?;
     progress.phase = Phase::Done;
     progress.elapsed = started.elapsed();
     report(&progress);
+    let target_state = target.state(target_id).await.target()?;
     Ok(Summary {
         tenant: tenant.to_string(),
         duration: started.elapsed(),
@@ -516,48 +539,29 @@ pub async fn run(
         leases,
         freeze_window,
         revision: final_state.revision,
-        compact_revision: final_state.compact_revision,
+        compact_revision: target_state.compact_revision,
         digest,
         resumed,
     })
 }
 
-async fn read_source_record(
-    source: &dyn Backend,
-    id: KeyspaceId,
-    tenant: &str,
-) -> Result<Option<SourceRecord>> {
-    let text = source.migration_record(id).await.source()?;
-    text.as_deref()
-        .map(SourceRecord::decode)
-        .transpose()
-        .map_err(|reason| MigrateError::BadRecord {
-            tenant: tenant.to_string(),
-            reason,
-        })
+/// Events without their `prev_kv` (which the target builds from its own history).
+fn without_prev(mut events: Vec<Event>) -> Vec<Event> {
+    for event in &mut events {
+        event.prev_kv = None;
+    }
+    events
 }
 
 /// Pins the source at its snapshot revision and marks the target importing.
 async fn start(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
+    source: &dyn Source,
     target: &dyn Backend,
     target_id: KeyspaceId,
     options: &Options,
 ) -> Result<TargetCheckpoint> {
-    let mut txn = source.begin_write(source_id).await.source()?;
-    let state = txn.state();
-    // Read under the lock: no compaction can pass the pin once this commits.
-    let snapshot = snapshot_revision(&state);
-    let record = SourceRecord {
-        target: options.target_name.clone(),
-        froze: false,
-    };
-    txn.set_migration(MigrationRole::Source, snapshot, Some(&record.encode()))
-        .await
-        .source()?;
-    txn.commit(state.revision).await.source()?;
-
+    let snapshot = source.pin(&options.target_name).await.source()?;
+    let state = source.state().await.source()?;
     let checkpoint = TargetCheckpoint {
         source: options.source_name.clone(),
         phase: TargetPhase::Snapshot,
@@ -571,10 +575,11 @@ async fn start(
     };
     let mut txn = target.begin_write(target_id).await.target()?;
     let target_state = txn.state();
-    if state.compact_revision > 0 {
-        txn.set_compact_revision(state.compact_revision)
-            .await
-            .target()?;
+    // Reads below the snapshot are not copied: on the target they are compacted. (Equal to
+    // the source's compaction revision where the source pins its history from there.)
+    let compact = state.compact_revision.max(snapshot.min(state.revision));
+    if compact > 1 || state.compact_revision > 0 {
+        txn.set_compact_revision(compact).await.target()?;
     }
     txn.set_migration(MigrationRole::Importing, 0, Some(&checkpoint.encode()))
         .await
@@ -588,8 +593,7 @@ async fn start(
 /// one is written.
 #[allow(clippy::too_many_arguments)]
 async fn tail(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
+    source: &dyn Source,
     target: &dyn Backend,
     target_id: KeyspaceId,
     options: &Options,
@@ -600,7 +604,7 @@ async fn tail(
 ) -> Result<()> {
     let mut passes = 0;
     loop {
-        let head = source.state(source_id).await.source()?.revision;
+        let head = source.state().await.source()?.revision;
         progress.source_revision = head;
         let behind = head - checkpoint.applied;
         if behind <= options.freeze_lag || passes >= options.max_tail_passes {
@@ -609,12 +613,12 @@ async fn tail(
         passes += 1;
         let window = options.window_revisions.max(1);
         let mut up_to = head.min(checkpoint.applied + window);
-        let mut events = read_window(source, source_id, checkpoint.applied, up_to).await?;
+        let mut events = source.events(checkpoint.applied, up_to).await.source()?;
         loop {
             let next_up_to = head.min(up_to + window);
             let reading = async {
                 if up_to < head {
-                    read_window(source, source_id, up_to, next_up_to).await
+                    source.events(up_to, next_up_to).await.source()
                 } else {
                     Ok(Vec::new())
                 }
@@ -653,42 +657,18 @@ fn next_page_keys(rows: &[KeyValue], page_keys: i64) -> i64 {
 
 /// The keys of the snapshot after the checkpoint's last key, at most `page_keys`.
 async fn read_page(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
+    source: &dyn Source,
     checkpoint: &TargetCheckpoint,
     page_keys: i64,
 ) -> Result<Vec<KeyValue>> {
-    // Keys after the last one copied: the smallest key greater than it is itself + "\0".
-    let start = match &checkpoint.after_key {
-        Some(key) => {
-            let mut next = key.to_vec();
-            next.push(0);
-            Bytes::from(next)
-        }
-        None => Bytes::new(),
-    };
-    let range = KeyRange {
-        start,
-        end: RangeEnd::Unbounded,
-    };
-    // One more than the page, as a paginating client asks: the datastore then knows the
-    // next page's count from this one's instead of counting the rest of the range again.
-    let mut rows = source
-        .range(
-            source_id,
-            RangeQuery {
-                range: &range,
-                revision: checkpoint.snapshot_revision,
-                limit: Some(page_keys.max(1) + 1),
-                keys_only: false,
-                count_only: false,
-            },
+    source
+        .page(
+            checkpoint.snapshot_revision,
+            checkpoint.after_key.as_deref(),
+            page_keys.max(1),
         )
         .await
-        .source()?
-        .kvs;
-    rows.truncate(page_keys.max(1) as usize);
-    Ok(rows)
+        .source()
 }
 
 /// Writes a page of the snapshot with the checkpoint after it; an empty page ends the
@@ -730,21 +710,19 @@ async fn write_page(
 /// Copies the next page of the snapshot, or ends the snapshot phase.
 #[cfg(test)]
 async fn copy_page(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
+    source: &dyn Source,
     target: &dyn Backend,
     target_id: KeyspaceId,
     options: &Options,
     checkpoint: &mut TargetCheckpoint,
 ) -> Result<()> {
-    let rows = read_page(source, source_id, checkpoint, options.page_keys).await?;
+    let rows = read_page(source, checkpoint, options.page_keys).await?;
     write_page(target, target_id, checkpoint, &rows).await
 }
 
 /// Copies the events of the next window of revisions, up to `head` at most.
 async fn copy_window(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
+    source: &dyn Source,
     target: &dyn Backend,
     target_id: KeyspaceId,
     options: &Options,
@@ -752,18 +730,8 @@ async fn copy_window(
     head: Revision,
 ) -> Result<()> {
     let up_to = head.min(checkpoint.applied + options.window_revisions.max(1));
-    let events = read_window(source, source_id, checkpoint.applied, up_to).await?;
+    let events = source.events(checkpoint.applied, up_to).await.source()?;
     write_window(target, target_id, checkpoint, &events, up_to).await
-}
-
-/// The events with revisions in `(after, up_to]`.
-async fn read_window(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
-    after: Revision,
-    up_to: Revision,
-) -> Result<Vec<Event>> {
-    source.events(source_id, after, up_to, None).await.source()
 }
 
 /// Writes the events of a window, with the checkpoint after it (`up_to`).
@@ -802,91 +770,36 @@ async fn write_window(
     txn.set_migration(MigrationRole::Importing, 0, Some(&next.encode()))
         .await
         .target()?;
-    txn.commit(up_to).await.target()?;
+    txn.commit(up_to.max(txn_revision_floor(checkpoint)))
+        .await
+        .target()?;
     *checkpoint = next;
     Ok(())
 }
 
-/// Freezes the source (recording that the migration froze it); returns its final state.
-async fn freeze_source(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
-    options: &Options,
-) -> Result<KeyspaceState> {
-    let mut txn = source.begin_write(source_id).await.source()?;
-    let state = txn.state();
-    let record = SourceRecord {
-        target: options.target_name.clone(),
-        // A source frozen by hand before the migration stays frozen if it fails.
-        froze: !state.frozen,
-    };
-    txn.set_frozen(true).await.source()?;
-    txn.set_migration(
-        MigrationRole::Source,
-        state.pinned_revision,
-        Some(&record.encode()),
-    )
-    .await
-    .source()?;
-    let frozen = txn.state();
-    txn.commit(state.revision).await.source()?;
-    Ok(frozen)
-}
-
-/// Unfreezes the source if this migration froze it and drops its pin; with `keep_pin`
-/// the pin (and record) stay, so a rerun can resume the import.
-async fn release_source(source: &dyn Backend, source_id: KeyspaceId, keep_pin: bool) -> Result<()> {
-    let record = source.migration_record(source_id).await.source()?;
-    let record = record
-        .as_deref()
-        .map(SourceRecord::decode)
-        .transpose()
-        .ok()
-        .flatten();
-    let mut txn = source.begin_write(source_id).await.source()?;
-    let state = txn.state();
-    if state.migration == MigrationRole::Moved {
-        return Ok(());
-    }
-    if record.as_ref().is_some_and(|r| r.froze) {
-        txn.set_frozen(false).await.source()?;
-    }
-    if keep_pin && state.migration == MigrationRole::Source {
-        let record = SourceRecord {
-            froze: false,
-            ..record.unwrap_or_default()
-        };
-        txn.set_migration(
-            MigrationRole::Source,
-            state.pinned_revision,
-            Some(&record.encode()),
-        )
-        .await
-        .source()?;
-    } else {
-        txn.set_migration(MigrationRole::None, 0, None)
-            .await
-            .source()?;
-    }
-    txn.commit(state.revision).await.source()?;
-    Ok(())
+/// The target's counter never goes below the snapshot's revision.
+fn txn_revision_floor(checkpoint: &TargetCheckpoint) -> Revision {
+    checkpoint.snapshot_revision
 }
 
 /// Gives the target the source's leases with their remaining TTLs, and makes it serve.
 async fn switch_target(
-    source: &dyn Backend,
-    source_id: KeyspaceId,
-    frozen: &KeyspaceState,
+    source: &dyn Source,
+    frozen: &SourceState,
     target: &dyn Backend,
     target_id: KeyspaceId,
 ) -> Result<u64> {
-    let leases = source.leases(source_id).await.source()?;
+    let leases = source.leases().await.source()?;
     let mut txn = target.begin_write(target_id).await.target()?;
     for existing in target.leases(target_id).await.target()? {
         txn.delete_lease(existing.id).await.target()?;
     }
     // Expiry paused at the source's freeze: each lease keeps the time it had left then.
-    let paused = (now_ms() - frozen.frozen_at_ms).max(0);
+    let paused = if frozen.frozen_at_ms > 0 {
+        (now_ms() - frozen.frozen_at_ms).max(0)
+    } else {
+        0
+    };
     for lease in &leases {
         txn.insert_lease(LeaseRecord {
             expires_at_ms: lease.expires_at_ms.saturating_add(paused),
@@ -905,21 +818,6 @@ async fn switch_target(
     Ok(leases.len() as u64)
 }
 
-/// Marks the source moved: frozen for good, not served, its pin released.
-async fn mark_moved(source: &dyn Backend, source_id: KeyspaceId, options: &Options) -> Result<()> {
-    let mut txn = source.begin_write(source_id).await.source()?;
-    let state = txn.state();
-    let record = SourceRecord {
-        target: options.target_name.clone(),
-        froze: false,
-    };
-    txn.set_migration(MigrationRole::Moved, 0, Some(&record.encode()))
-        .await
-        .source()?;
-    txn.commit(state.revision).await.source()?;
-    Ok(())
-}
-
 /// What `--abort` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Aborted {
@@ -932,14 +830,23 @@ pub struct Aborted {
 /// Rolls an unfinished migration back: the source is writable and unpinned, the target's
 /// unfinished import is deleted. A finished migration is not undone.
 pub async fn abort(source: &dyn Backend, target: &dyn Backend, tenant: &str) -> Result<Aborted> {
-    let source_id = source_keyspace(source, tenant).await?;
-    let state = source.state(source_id).await.source()?;
-    if state.migration == MigrationRole::Moved {
+    let source = open_backend_source(source, tenant).await?;
+    abort_from(&source, target, tenant).await
+}
+
+/// [`abort`] for any [`Source`].
+pub async fn abort_from(
+    source: &dyn Source,
+    target: &dyn Backend,
+    tenant: &str,
+) -> Result<Aborted> {
+    let state = source.state().await.source()?;
+    if state.moved {
         return Err(MigrateError::Finished(tenant.to_string()));
     }
-    let source_released = state.migration == MigrationRole::Source;
+    let source_released = state.pinned;
     if source_released {
-        release_source(source, source_id, false).await?;
+        source.release(false).await.source()?;
     }
     let mut import_removed = false;
     if let Some(target_id) = target.keyspace(tenant, false).await.target()?

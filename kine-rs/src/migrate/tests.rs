@@ -187,25 +187,20 @@ async fn resumes_from_the_checkpoint_and_aborts() {
     // An interrupted run: pinned, a few pages copied, the source frozen by the migration.
     let opts = options("t2");
     let source_id = served.id();
+    let src = BackendSource::open(&*source, "t2")
+        .await
+        .unwrap()
+        .expect("source");
     let target_id = target.keyspace("t2", true).await.unwrap().unwrap();
-    let mut checkpoint = start(&*source, source_id, &*target, target_id, &opts)
+    let mut checkpoint = start(&src, &*target, target_id, &opts)
         .await
         .expect("start");
     for _ in 0..3 {
-        copy_page(
-            &*source,
-            source_id,
-            &*target,
-            target_id,
-            &opts,
-            &mut checkpoint,
-        )
-        .await
-        .expect("page");
+        copy_page(&src, &*target, target_id, &opts, &mut checkpoint)
+            .await
+            .expect("page");
     }
-    freeze_source(&*source, source_id, &opts)
-        .await
-        .expect("freeze");
+    src.freeze(&opts.target_name).await.expect("freeze");
     // Compaction may not pass the pin while the migration is unfinished.
     assert!(matches!(
         served
@@ -247,20 +242,13 @@ async fn resumes_from_the_checkpoint_and_aborts() {
     // Interrupted again, then resumed: the rerun unfreezes first, continues from the pages
     // already copied, and ends equal.
     let target_id = target.keyspace("t2", true).await.unwrap().unwrap();
-    let mut checkpoint = start(&*source, source_id, &*target, target_id, &opts)
+    let mut checkpoint = start(&src, &*target, target_id, &opts)
         .await
         .expect("start");
     for _ in 0..2 {
-        copy_page(
-            &*source,
-            source_id,
-            &*target,
-            target_id,
-            &opts,
-            &mut checkpoint,
-        )
-        .await
-        .expect("page");
+        copy_page(&src, &*target, target_id, &opts, &mut checkpoint)
+            .await
+            .expect("page");
     }
     assert!(matches!(
         served
@@ -271,9 +259,7 @@ async fn resumes_from_the_checkpoint_and_aborts() {
             .await,
         Err(KineError::CompactionPinned { pinned: 200 })
     ));
-    freeze_source(&*source, source_id, &opts)
-        .await
-        .expect("freeze");
+    src.freeze(&opts.target_name).await.expect("freeze");
     let summary = run(&*source, &*target, &opts, &mut |_| ())
         .await
         .expect("resume");
