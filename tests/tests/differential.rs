@@ -62,3 +62,8 @@ async fn memory_seed_5_matches_etcd() {
 async fn harness_self_check_etcd_against_etcd() {
     matrix_run(6, Target::Etcd).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_seed_7_matches_etcd() {
+    matrix_run(7, Target::KineRs(Backend::Nats)).await;
+}
