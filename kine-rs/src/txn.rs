@@ -20,9 +20,9 @@ use kine_proto::etcdserverpb::{
 };
 
 use crate::error::{KineError, Result};
-use crate::model::{KeyRange, KeyValue, Revision};
+use crate::model::{KeyRange, KeyValue, RangeEnd, Revision};
 use crate::range;
-use crate::storage::{RangeQuery, WriteTxn};
+use crate::storage::{Backend, KeyspaceId, RangeQuery, RangeRows, WriteTxn};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -268,6 +268,151 @@ pub fn put_costs(request: &TxnRequest) -> Vec<(Bytes, i64)> {
     out
 }
 
+/// Writes since a read outside the lock below which catching it up is always tried, however
+/// small the range (see [`Applier::catch_up`]).
+const MIN_CATCH_UP_WRITES: i64 = 1024;
+
+/// What a read asks, as the key of a read made before the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    start: Bytes,
+    end: Option<Bytes>,
+    unbounded: bool,
+    revision: Revision,
+    limit: Option<i64>,
+    keys_only: bool,
+    count_only: bool,
+}
+
+impl Shape {
+    fn of(query: &RangeQuery<'_>) -> Self {
+        let (end, unbounded) = match &query.range.end {
+            RangeEnd::Single => (None, false),
+            RangeEnd::Unbounded => (None, true),
+            RangeEnd::Before(end) => (Some(end.clone()), false),
+        };
+        Shape {
+            start: query.range.start.clone(),
+            end,
+            unbounded,
+            revision: query.revision.max(0),
+            limit: query.limit,
+            keys_only: query.keys_only,
+            count_only: query.count_only,
+        }
+    }
+}
+
+/// A wide read of a transaction, made before its write lock was taken.
+#[derive(Debug)]
+struct PreRead {
+    /// The revision whose state it holds.
+    at: Revision,
+    kvs: Vec<KeyValue>,
+    /// Keys in the range at `at`.
+    count: i64,
+    /// Whether `kvs` holds every key of the range (no limit cut it, not count-only).
+    complete: bool,
+}
+
+/// The wide reads of a transaction (compares and range ops over more than one key), made
+/// before its write lock is taken; see [`pre_read`].
+#[derive(Debug, Default)]
+pub struct PreReads {
+    reads: std::collections::HashMap<Shape, PreRead>,
+}
+
+/// The query a compare reads: every key of its range, with values only when it compares
+/// them.
+fn compare_query<'a>(range: &'a KeyRange, target: CompareTarget) -> RangeQuery<'a> {
+    RangeQuery {
+        range,
+        revision: 0,
+        limit: None,
+        keys_only: target != CompareTarget::Value,
+        count_only: false,
+    }
+}
+
+/// Collects the ranges of `request` wider than one key (compares and range ops, both branches,
+/// nested transactions), one of each.
+fn wide_ranges(
+    request: &TxnRequest,
+    out: &mut Vec<(KeyRange, Option<RangeRequest>, CompareTarget)>,
+) {
+    for compare in &request.compare {
+        if !compare.range_end.is_empty() {
+            let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+            let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
+            out.push((range, None, target));
+        }
+    }
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) if !r.range_end.is_empty() => {
+                let range = KeyRange::new(r.key.clone(), r.range_end.clone());
+                out.push((range, Some(r.clone()), CompareTarget::Version));
+            }
+            Some(Request::RequestTxn(t)) => wide_ranges(t, out),
+            _ => {}
+        }
+    }
+}
+
+/// Reads the wide ranges of `request` (compares and range ops over more than one key) from
+/// the datastore's read path, before the transaction takes the keyspace's write lock; the
+/// writer then only catches each read up with the keys written since
+/// ([`Applier::catch_up`]), so a transaction over a huge range costs the writer the writes
+/// made meanwhile, not the range. `None` when there is nothing wide to read.
+///
+/// Every read is its own consistent snapshot at some revision, which it records; a read
+/// that fails (compacted, future revision, an unavailable datastore) is left out, and the
+/// writer reads that range itself, answering exactly as before.
+pub async fn pre_read(
+    backend: &dyn Backend,
+    keyspace: KeyspaceId,
+    request: &TxnRequest,
+) -> Option<PreReads> {
+    let mut ranges = Vec::new();
+    wide_ranges(request, &mut ranges);
+    if ranges.is_empty() {
+        return None;
+    }
+    let mut reads = std::collections::HashMap::new();
+    for (range, op, target) in &ranges {
+        let query = match op {
+            Some(r) => range::query(r, range),
+            None => compare_query(range, *target),
+        };
+        let shape = Shape::of(&query);
+        if reads.contains_key(&shape) {
+            continue;
+        }
+        let Ok(rows) = backend.range(keyspace, query.clone()).await else {
+            continue;
+        };
+        let at = if query.revision > 0 {
+            query.revision.min(rows.revision)
+        } else {
+            rows.revision
+        };
+        let complete = !query.count_only
+            && query
+                .limit
+                .is_none_or(|limit| (rows.kvs.len() as i64) < limit);
+        reads.insert(
+            shape,
+            PreRead {
+                at,
+                kvs: rows.kvs,
+                count: rows.count,
+                complete,
+            },
+        );
+    }
+    Some(PreReads { reads })
+}
+
 /// Which branch each transaction on the chosen path takes: the outer one, then its nested
 /// transactions in order.
 struct Path {
@@ -294,6 +439,8 @@ pub struct Applier<'t> {
     writes: i64,
     /// Sub-revision counter shared across the database transaction.
     sub: &'t mut i64,
+    /// Wide reads made before the lock was taken, caught up here.
+    pre_reads: Option<&'t PreReads>,
 }
 
 impl<'t> Applier<'t> {
@@ -304,7 +451,14 @@ impl<'t> Applier<'t> {
             base,
             writes: 0,
             sub,
+            pre_reads: None,
         }
+    }
+
+    /// Serves the transaction's wide reads from `pre_reads` where it can.
+    pub fn with_pre_reads(mut self, pre_reads: Option<&'t PreReads>) -> Self {
+        self.pre_reads = pre_reads;
+        self
     }
 
     /// The revision after the transaction: `base + 1` if it wrote anything.
@@ -361,8 +515,17 @@ impl<'t> Applier<'t> {
         let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
         let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
         // Under the write lock: read values only when the compare needs them (a compare of
-        // versions over a wide range would otherwise load every value of it).
-        let kvs = self.current(&range, target != CompareTarget::Value).await?;
+        // versions over a wide range would otherwise load every value of it), and a range
+        // read before the lock only where it changed since.
+        let query = compare_query(&range, target);
+        let caught_up = match self.pre_read(&query) {
+            Some(pre) => self.catch_up(pre, &query).await?,
+            None => None,
+        };
+        let kvs = match caught_up {
+            Some(rows) => rows.kvs,
+            None => self.current(&range, query.keys_only).await?,
+        };
         if kvs.is_empty() {
             // A missing key has no value to compare: etcd fails every value compare on it.
             if target == CompareTarget::Value {
@@ -506,14 +669,115 @@ impl<'t> Applier<'t> {
     async fn range(&mut self, request: &RangeRequest) -> Result<RangeResponse> {
         let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
         let mut query = range::query(request, &key_range);
+        let pre = self.pre_read(&query);
         let revision = self.revision();
         // Reading at the revision being written is reading the current state.
         if query.revision >= revision {
             query.revision = 0;
         }
-        let mut rows = self.txn.range(query).await?;
+        let served = match pre {
+            Some(pre) if query.revision <= 0 => self.catch_up(pre, &query).await?,
+            // History does not change: a read of it before the lock is the answer.
+            Some(pre) if pre.at == query.revision => Some(RangeRows {
+                revision,
+                kvs: pre.kvs.clone(),
+                count: pre.count,
+            }),
+            _ => None,
+        };
+        let mut rows = match served {
+            Some(rows) => rows,
+            None => self.txn.range(query).await?,
+        };
         rows.revision = revision;
         Ok(range::finish(request, rows))
+    }
+
+    /// The read of `query` made before the lock, if there is one.
+    fn pre_read(&self, query: &RangeQuery<'_>) -> Option<&'t PreRead> {
+        self.pre_reads?.reads.get(&Shape::of(query))
+    }
+
+    /// The current state (this transaction's writes included) of what `query` reads, from a
+    /// read of it at `pre.at` and the keys written since; `None` when that cannot be told
+    /// (then the caller reads the range itself). The work is bounded by the writes since
+    /// `pre.at` (and the request's limit when keys past a deleted one are needed), not by
+    /// the size of the range.
+    async fn catch_up(
+        &mut self,
+        pre: &PreRead,
+        query: &RangeQuery<'_>,
+    ) -> Result<Option<RangeRows>> {
+        // Past this many writes, reading the range itself is no more work.
+        let limit = pre.count.max(MIN_CATCH_UP_WRITES);
+        let Some(written) = self.txn.written_since(query.range, pre.at, limit).await? else {
+            return Ok(None);
+        };
+        let keys: Vec<Bytes> = written.iter().map(|w| w.key.clone()).collect();
+        self.txn.prefetch(&keys).await?;
+        // Without every key of the range, `pre.kvs` is exact up to its last key only.
+        let window_end = (!pre.complete).then(|| pre.kvs.last().map(|kv| kv.key.clone()));
+        let in_window = |key: &Bytes| match &window_end {
+            None => true,
+            Some(None) => false,
+            Some(Some(last)) => key <= last,
+        };
+        let mut kvs: std::collections::BTreeMap<Bytes, KeyValue> = pre
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.clone()))
+            .collect();
+        let mut count = pre.count;
+        for w in &written {
+            let now = self.txn.get(&w.key).await?;
+            count += i64::from(now.is_some()) - i64::from(w.live_before);
+            if !in_window(&w.key) {
+                continue;
+            }
+            match now {
+                Some(mut kv) => {
+                    if query.keys_only {
+                        kv.value = Bytes::new();
+                    }
+                    kvs.insert(w.key.clone(), kv);
+                }
+                None => {
+                    kvs.remove(&w.key);
+                }
+            }
+        }
+        let mut kvs: Vec<KeyValue> = kvs.into_values().collect();
+        if query.count_only {
+            kvs.clear();
+        } else if let (Some(Some(last)), Some(limit)) = (&window_end, query.limit)
+            && (kvs.len() as i64) < limit
+            && count > kvs.len() as i64
+        {
+            // Keys of the window were deleted: the next ones come from past its end, at
+            // most as many as were deleted.
+            let mut start = last.to_vec();
+            start.push(0);
+            let rest = KeyRange {
+                start: Bytes::from(start),
+                end: query.range.end.clone(),
+            };
+            let more = self
+                .txn
+                .range(RangeQuery {
+                    range: &rest,
+                    revision: 0,
+                    limit: Some(limit - kvs.len() as i64),
+                    keys_only: query.keys_only,
+                    count_only: false,
+                })
+                .await?;
+            kvs.extend(more.kvs);
+        }
+        Ok(Some(RangeRows {
+            revision: self.revision(),
+            kvs,
+            count,
+        }))
     }
 
     async fn put(&mut self, request: &PutRequest) -> Result<PutResponse> {
