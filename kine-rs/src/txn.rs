@@ -6,6 +6,38 @@
 //! range). Only then are the operations applied in order; from there on nothing but a
 //! datastore failure can fail, so a rejected request never leaves half its writes behind.
 //! Plain Put and DeleteRange run as one-operation transactions.
+//!
+//! # Wide reads are made before the write lock
+//!
+//! Everything above runs in the keyspace's writer, holding its write lock (on PostgreSQL and
+//! MySQL the keyspace row lock every writer of the tenant waits for; on SQLite the database's
+//! single write lock, which every writer of every tenant waits for). A compare or range op
+//! over a huge range read there would stall them all for as long as the read takes. So a
+//! transaction's *wide* reads (compares and range ops with a `range_end`, in both branches and
+//! nested transactions) are made first, by the request's own task, from the datastore's read
+//! path: each in one consistent snapshot at some revision `R0` ([`pre_read`]). Under the lock,
+//! [`Applier`] then turns each into the exact read it would have made there
+//! (`Applier::catch_up`): it asks for the keys written after `R0`
+//! ([`WriteTxn::written_since`](crate::storage::WriteTxn::written_since), a scan of the
+//! keyspace's rows by revision, not of the range; writes of earlier transactions of the same
+//! group commit and of this transaction's own earlier ops included), looks each up as it is
+//! now, and patches the read: values replaced, deleted keys dropped, new keys added, the count
+//! adjusted by what each key was at `R0` (its first write after `R0` says: a tombstone or a
+//! put keeping an older create revision means it was live). A read cut by a limit is exact up
+//! to its last key; when deletes shrank it below the limit, the keys past it are read under
+//! the lock, at most as many as were deleted. A read of an older revision needs nothing: that
+//! history does not change.
+//!
+//! The semantics are etcd's exactly, because the result *is* the state under the lock: a range
+//! op still sees the writes of the ops before it, compares are still atomic with the writes,
+//! and the response's revision is the one the writer assigns. What the writer does for a wide
+//! read is bounded by the writes made meanwhile, not by the size of the range. It reads the
+//! range itself, as before, when that cannot be told: more writes since `R0` than the range
+//! holds (then reading the range is no more work), a compaction above `R0` in between (its
+//! purge may have removed the writes to look at), a read that failed before the lock, or a
+//! backend without the scan (NATS, whose reads under the lock are of its in-memory image).
+//! Point reads (one key) stay under the lock: they are one lookup, batched for the whole group
+//! commit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -891,6 +923,7 @@ pub fn header(revision: Revision) -> ResponseHeader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A panic is how a test reports.
 mod tests {
     use super::*;
 
@@ -958,5 +991,199 @@ mod tests {
             check_txn(&too_many, &limits),
             Err(KineError::TooManyOps)
         ));
+    }
+
+    fn range_op(key: &str, end: &str, limit: i64, keys_only: bool, count_only: bool) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                range_end: Bytes::copy_from_slice(end.as_bytes()),
+                limit,
+                keys_only,
+                count_only,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn put_value(key: String, value: String) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: Bytes::from(key),
+                value: Bytes::from(value),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn delete_range(key: String, end: String) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: Bytes::from(key),
+                range_end: Bytes::from(end),
+                prev_kv: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Runs `request` in a write transaction of its own; commits it when `commit`, else
+    /// rolls it back.
+    async fn run(
+        backend: &dyn Backend,
+        keyspace: KeyspaceId,
+        request: &TxnRequest,
+        pre_reads: Option<&PreReads>,
+        commit: bool,
+    ) -> Result<TxnResponse> {
+        let mut txn = backend.begin_write(keyspace).await.unwrap();
+        let base = txn.state().revision;
+        let mut sub = 0;
+        let (response, revision) = {
+            let mut applier = Applier::new(&mut *txn, base, &mut sub).with_pre_reads(pre_reads);
+            let response = applier.txn(request, false).await;
+            (response, applier.revision())
+        };
+        if commit {
+            txn.commit(revision).await.unwrap();
+        }
+        response
+    }
+
+    /// Transactions whose wide reads were made several writes (and sometimes a compaction)
+    /// earlier answer exactly as when every read is made under the lock: compares, ranges
+    /// with limits, counts, keys only, from-key, sorted, historic, and reads of the
+    /// transaction's own writes.
+    #[tokio::test]
+    async fn caught_up_reads_answer_as_reads_under_the_lock() {
+        use crate::storage::sqlite;
+        let backend = sqlite::open_memory().await.unwrap();
+        let keyspace = backend.keyspace("t", true).await.unwrap().unwrap();
+        let key = |i: u64| format!("k{:02}", i % 40);
+        let load = TxnRequest {
+            compare: vec![],
+            success: (0..40)
+                .map(|i| put_value(key(i), format!("v{i}")))
+                .collect(),
+            failure: vec![],
+        };
+        run(&backend, keyspace, &load, None, true).await.unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut answered = 0;
+        for round in 0..40u64 {
+            let revision = backend.state(keyspace).await.unwrap().revision;
+            let compare = Compare {
+                key: Bytes::from_static(b"k10"),
+                range_end: Bytes::from_static(b"k30"),
+                target: CompareTarget::Version as i32,
+                result: CompareResult::Greater as i32,
+                target_union: Some(TargetUnion::Version(0)),
+            };
+            let value_compare = Compare {
+                key: Bytes::from_static(b"k00"),
+                range_end: Bytes::from_static(b"k05"),
+                target: CompareTarget::Value as i32,
+                result: CompareResult::Greater as i32,
+                target_union: Some(TargetUnion::Value(Bytes::from_static(b"v"))),
+            };
+            let mut sorted = RangeRequest {
+                key: Bytes::from_static(b"k"),
+                range_end: Bytes::from_static(b"l"),
+                limit: 3,
+                sort_order: 2,
+                sort_target: 2,
+                ..Default::default()
+            };
+            let historic = RangeRequest {
+                key: Bytes::from_static(b"k"),
+                range_end: Bytes::from_static(b"l"),
+                revision: revision - (random() % 3) as i64,
+                limit: (random() % 4) as i64,
+                ..Default::default()
+            };
+            sorted.limit = 1 + (random() % 3) as i64;
+            let reads = vec![
+                range_op("k05", "k35", 1 + (random() % 6) as i64, false, false),
+                range_op("k", "l", 0, false, true),
+                range_op("k00", "k20", 3, true, false),
+                range_op("k25", "\0", 4, false, false),
+                range_op("k", "l", 0, true, false),
+                RequestOp {
+                    request: Some(Request::RequestRange(sorted)),
+                },
+                RequestOp {
+                    request: Some(Request::RequestRange(historic)),
+                },
+            ];
+            let a = format!("k{:02}", random() % 40);
+            let b = format!("k{:02}", random() % 40);
+            let (low, high) = if a < b { (a, b) } else { (b, a) };
+            let probes = vec![
+                TxnRequest {
+                    compare: vec![compare.clone(), value_compare.clone()],
+                    success: reads.clone(),
+                    failure: reads[..3].to_vec(),
+                },
+                TxnRequest {
+                    compare: vec![compare],
+                    success: [
+                        vec![
+                            put_value(key(random()), "mine".into()),
+                            delete_range(low.clone(), high.clone()),
+                        ],
+                        reads.clone(),
+                    ]
+                    .concat(),
+                    failure: vec![],
+                },
+            ];
+            let mut pre_reads = Vec::new();
+            for probe in &probes {
+                pre_reads.push(pre_read(&backend, keyspace, probe).await.unwrap());
+            }
+            // Writes between the reads and the lock: puts (new keys and overwrites) and
+            // deletes of ranges; sometimes a compaction past the reads.
+            for _ in 0..random() % 6 {
+                let i = random();
+                let op = if i % 3 == 0 {
+                    delete_range(key(i), key(i + 1 + random() % 4))
+                } else {
+                    put_value(key(i), format!("w{round}-{i}"))
+                };
+                let request = TxnRequest {
+                    compare: vec![],
+                    success: vec![op],
+                    failure: vec![],
+                };
+                run(&backend, keyspace, &request, None, true).await.unwrap();
+            }
+            if round % 7 == 6 {
+                let mut txn = backend.begin_write(keyspace).await.unwrap();
+                let at = txn.state().revision;
+                txn.set_compact_revision(at).await.unwrap();
+                txn.commit(at).await.unwrap();
+                crate::writer::purge(&backend, keyspace, at).await.unwrap();
+            }
+            for (probe, pre) in probes.iter().zip(&pre_reads) {
+                let expected = run(&backend, keyspace, probe, None, false).await;
+                let caught_up = run(&backend, keyspace, probe, Some(pre), false).await;
+                // Errors (a historic read of a compacted revision) must match too.
+                assert_eq!(
+                    format!("{caught_up:?}"),
+                    format!("{expected:?}"),
+                    "round {round}: {probe:?}"
+                );
+                if expected.is_ok() {
+                    answered += 1;
+                }
+            }
+        }
+        assert!(answered > 40, "only {answered} probes were answered");
     }
 }
