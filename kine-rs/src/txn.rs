@@ -1022,7 +1022,6 @@ mod tests {
                 key: Bytes::from(key),
                 range_end: Bytes::from(end),
                 prev_kv: true,
-                ..Default::default()
             })),
         }
     }
