@@ -96,6 +96,13 @@ pub struct Config {
     #[arg(long, env = "KINE_WATCH_HUB_BUFFER_BYTES", default_value_t = 16 << 20)]
     pub watch_hub_buffer_bytes: usize,
 
+    /// SQLite: size of the write-ahead log past which the background checkpoint truncates it.
+    /// A truncating checkpoint briefly holds off writers while it waits (a bounded time) for
+    /// readers of older snapshots to finish; below this size only checkpoints that never
+    /// block anyone run, and those cannot shrink the log while readers keep overlapping.
+    #[arg(long, env = "KINE_SQLITE_WAL_LIMIT_BYTES", default_value_t = 64 << 20)]
+    pub sqlite_wal_limit_bytes: u64,
+
     /// Most concurrent HTTP/2 streams (requests and open watch or keep-alive streams) per
     /// client connection (etcd's `--max-concurrent-streams`, unlimited there by default);
     /// clients queue requests beyond it.
@@ -321,6 +328,9 @@ impl Config {
             return Err(format!(
                 "--watch-hub-buffer-bytes must be at least {MIN_BUFFER_BYTES}"
             ));
+        }
+        if self.sqlite_wal_limit_bytes == 0 {
+            return Err("--sqlite-wal-limit-bytes must be at least 1".into());
         }
         if self.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be at least 1".into());

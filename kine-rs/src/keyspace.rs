@@ -334,6 +334,7 @@ impl Keyspace {
             .write(WriteOp::Txn {
                 request: txn,
                 plain_put,
+                pre_reads: None,
             })
             .await?
         {
@@ -350,10 +351,14 @@ impl Keyspace {
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
         txn::check_txn(&request, &self.limits)?;
         self.check_size(&request)?;
+        // Wide reads happen here, outside the keyspace's write lock; the writer only catches
+        // them up (see `crate::txn`).
+        let pre_reads = txn::pre_read(&*self.backend, self.id, &request).await;
         match self
             .write(WriteOp::Txn {
                 request,
                 plain_put: false,
+                pre_reads,
             })
             .await?
         {

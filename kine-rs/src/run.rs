@@ -167,6 +167,7 @@ fn backend_options(config: &Config) -> BackendOptions {
     let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     BackendOptions {
         relaxed_durability: false,
+        sqlite_wal_limit_bytes: config.sqlite_wal_limit_bytes,
         pool: PoolOptions {
             max_open: positive(config.datastore_max_open_connections),
             max_idle: positive(config.datastore_max_idle_connections),

@@ -6,6 +6,38 @@
 //! range). Only then are the operations applied in order; from there on nothing but a
 //! datastore failure can fail, so a rejected request never leaves half its writes behind.
 //! Plain Put and DeleteRange run as one-operation transactions.
+//!
+//! # Wide reads are made before the write lock
+//!
+//! Everything above runs in the keyspace's writer, holding its write lock (on PostgreSQL and
+//! MySQL the keyspace row lock every writer of the tenant waits for; on SQLite the database's
+//! single write lock, which every writer of every tenant waits for). A compare or range op
+//! over a huge range read there would stall them all for as long as the read takes. So a
+//! transaction's *wide* reads (compares and range ops with a `range_end`, in both branches and
+//! nested transactions) are made first, by the request's own task, from the datastore's read
+//! path: each in one consistent snapshot at some revision `R0` ([`pre_read`]). Under the lock,
+//! [`Applier`] then turns each into the exact read it would have made there
+//! (`Applier::catch_up`): it asks for the keys written after `R0`
+//! ([`WriteTxn::written_since`](crate::storage::WriteTxn::written_since), a scan of the
+//! keyspace's rows by revision, not of the range; writes of earlier transactions of the same
+//! group commit and of this transaction's own earlier ops included), looks each up as it is
+//! now, and patches the read: values replaced, deleted keys dropped, new keys added, the count
+//! adjusted by what each key was at `R0` (its first write after `R0` says: a tombstone or a
+//! put keeping an older create revision means it was live). A read cut by a limit is exact up
+//! to its last key; when deletes shrank it below the limit, the keys past it are read under
+//! the lock, at most as many as were deleted. A read of an older revision needs nothing: that
+//! history does not change.
+//!
+//! The semantics are etcd's exactly, because the result *is* the state under the lock: a range
+//! op still sees the writes of the ops before it, compares are still atomic with the writes,
+//! and the response's revision is the one the writer assigns. What the writer does for a wide
+//! read is bounded by the writes made meanwhile, not by the size of the range. It reads the
+//! range itself, as before, when that cannot be told: more writes since `R0` than the range
+//! holds (then reading the range is no more work), a compaction above `R0` in between (its
+//! purge may have removed the writes to look at), a read that failed before the lock, or a
+//! backend without the scan (NATS, whose reads under the lock are of its in-memory image).
+//! Point reads (one key) stay under the lock: they are one lookup, batched for the whole group
+//! commit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +52,9 @@ use kine_proto::etcdserverpb::{
 };
 
 use crate::error::{KineError, Result};
-use crate::model::{KeyRange, KeyValue, Revision};
+use crate::model::{KeyRange, KeyValue, RangeEnd, Revision};
 use crate::range;
-use crate::storage::{RangeQuery, WriteTxn};
+use crate::storage::{Backend, KeyspaceId, RangeQuery, RangeRows, WriteTxn};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -268,6 +300,151 @@ pub fn put_costs(request: &TxnRequest) -> Vec<(Bytes, i64)> {
     out
 }
 
+/// Writes since a read outside the lock below which catching it up is always tried, however
+/// small the range (see [`Applier::catch_up`]).
+const MIN_CATCH_UP_WRITES: i64 = 1024;
+
+/// What a read asks, as the key of a read made before the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    start: Bytes,
+    end: Option<Bytes>,
+    unbounded: bool,
+    revision: Revision,
+    limit: Option<i64>,
+    keys_only: bool,
+    count_only: bool,
+}
+
+impl Shape {
+    fn of(query: &RangeQuery<'_>) -> Self {
+        let (end, unbounded) = match &query.range.end {
+            RangeEnd::Single => (None, false),
+            RangeEnd::Unbounded => (None, true),
+            RangeEnd::Before(end) => (Some(end.clone()), false),
+        };
+        Shape {
+            start: query.range.start.clone(),
+            end,
+            unbounded,
+            revision: query.revision.max(0),
+            limit: query.limit,
+            keys_only: query.keys_only,
+            count_only: query.count_only,
+        }
+    }
+}
+
+/// A wide read of a transaction, made before its write lock was taken.
+#[derive(Debug)]
+struct PreRead {
+    /// The revision whose state it holds.
+    at: Revision,
+    kvs: Vec<KeyValue>,
+    /// Keys in the range at `at`.
+    count: i64,
+    /// Whether `kvs` holds every key of the range (no limit cut it, not count-only).
+    complete: bool,
+}
+
+/// The wide reads of a transaction (compares and range ops over more than one key), made
+/// before its write lock is taken; see [`pre_read`].
+#[derive(Debug, Default)]
+pub struct PreReads {
+    reads: std::collections::HashMap<Shape, PreRead>,
+}
+
+/// The query a compare reads: every key of its range, with values only when it compares
+/// them.
+fn compare_query<'a>(range: &'a KeyRange, target: CompareTarget) -> RangeQuery<'a> {
+    RangeQuery {
+        range,
+        revision: 0,
+        limit: None,
+        keys_only: target != CompareTarget::Value,
+        count_only: false,
+    }
+}
+
+/// Collects the ranges of `request` wider than one key (compares and range ops, both branches,
+/// nested transactions), one of each.
+fn wide_ranges(
+    request: &TxnRequest,
+    out: &mut Vec<(KeyRange, Option<RangeRequest>, CompareTarget)>,
+) {
+    for compare in &request.compare {
+        if !compare.range_end.is_empty() {
+            let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+            let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
+            out.push((range, None, target));
+        }
+    }
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) if !r.range_end.is_empty() => {
+                let range = KeyRange::new(r.key.clone(), r.range_end.clone());
+                out.push((range, Some(r.clone()), CompareTarget::Version));
+            }
+            Some(Request::RequestTxn(t)) => wide_ranges(t, out),
+            _ => {}
+        }
+    }
+}
+
+/// Reads the wide ranges of `request` (compares and range ops over more than one key) from
+/// the datastore's read path, before the transaction takes the keyspace's write lock; the
+/// writer then only catches each read up with the keys written since
+/// ([`Applier::catch_up`]), so a transaction over a huge range costs the writer the writes
+/// made meanwhile, not the range. `None` when there is nothing wide to read.
+///
+/// Every read is its own consistent snapshot at some revision, which it records; a read
+/// that fails (compacted, future revision, an unavailable datastore) is left out, and the
+/// writer reads that range itself, answering exactly as before.
+pub async fn pre_read(
+    backend: &dyn Backend,
+    keyspace: KeyspaceId,
+    request: &TxnRequest,
+) -> Option<PreReads> {
+    let mut ranges = Vec::new();
+    wide_ranges(request, &mut ranges);
+    if ranges.is_empty() {
+        return None;
+    }
+    let mut reads = std::collections::HashMap::new();
+    for (range, op, target) in &ranges {
+        let query = match op {
+            Some(r) => range::query(r, range),
+            None => compare_query(range, *target),
+        };
+        let shape = Shape::of(&query);
+        if reads.contains_key(&shape) {
+            continue;
+        }
+        let Ok(rows) = backend.range(keyspace, query.clone()).await else {
+            continue;
+        };
+        let at = if query.revision > 0 {
+            query.revision.min(rows.revision)
+        } else {
+            rows.revision
+        };
+        let complete = !query.count_only
+            && query
+                .limit
+                .is_none_or(|limit| (rows.kvs.len() as i64) < limit);
+        reads.insert(
+            shape,
+            PreRead {
+                at,
+                kvs: rows.kvs,
+                count: rows.count,
+                complete,
+            },
+        );
+    }
+    Some(PreReads { reads })
+}
+
 /// Which branch each transaction on the chosen path takes: the outer one, then its nested
 /// transactions in order.
 struct Path {
@@ -294,6 +471,8 @@ pub struct Applier<'t> {
     writes: i64,
     /// Sub-revision counter shared across the database transaction.
     sub: &'t mut i64,
+    /// Wide reads made before the lock was taken, caught up here.
+    pre_reads: Option<&'t PreReads>,
 }
 
 impl<'t> Applier<'t> {
@@ -304,7 +483,14 @@ impl<'t> Applier<'t> {
             base,
             writes: 0,
             sub,
+            pre_reads: None,
         }
+    }
+
+    /// Serves the transaction's wide reads from `pre_reads` where it can.
+    pub fn with_pre_reads(mut self, pre_reads: Option<&'t PreReads>) -> Self {
+        self.pre_reads = pre_reads;
+        self
     }
 
     /// The revision after the transaction: `base + 1` if it wrote anything.
@@ -361,8 +547,17 @@ impl<'t> Applier<'t> {
         let range = KeyRange::new(compare.key.clone(), compare.range_end.clone());
         let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
         // Under the write lock: read values only when the compare needs them (a compare of
-        // versions over a wide range would otherwise load every value of it).
-        let kvs = self.current(&range, target != CompareTarget::Value).await?;
+        // versions over a wide range would otherwise load every value of it), and a range
+        // read before the lock only where it changed since.
+        let query = compare_query(&range, target);
+        let caught_up = match self.pre_read(&query) {
+            Some(pre) => self.catch_up(pre, &query).await?,
+            None => None,
+        };
+        let kvs = match caught_up {
+            Some(rows) => rows.kvs,
+            None => self.current(&range, query.keys_only).await?,
+        };
         if kvs.is_empty() {
             // A missing key has no value to compare: etcd fails every value compare on it.
             if target == CompareTarget::Value {
@@ -506,14 +701,115 @@ impl<'t> Applier<'t> {
     async fn range(&mut self, request: &RangeRequest) -> Result<RangeResponse> {
         let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
         let mut query = range::query(request, &key_range);
+        let pre = self.pre_read(&query);
         let revision = self.revision();
         // Reading at the revision being written is reading the current state.
         if query.revision >= revision {
             query.revision = 0;
         }
-        let mut rows = self.txn.range(query).await?;
+        let served = match pre {
+            Some(pre) if query.revision <= 0 => self.catch_up(pre, &query).await?,
+            // History does not change: a read of it before the lock is the answer.
+            Some(pre) if pre.at == query.revision => Some(RangeRows {
+                revision,
+                kvs: pre.kvs.clone(),
+                count: pre.count,
+            }),
+            _ => None,
+        };
+        let mut rows = match served {
+            Some(rows) => rows,
+            None => self.txn.range(query).await?,
+        };
         rows.revision = revision;
         Ok(range::finish(request, rows))
+    }
+
+    /// The read of `query` made before the lock, if there is one.
+    fn pre_read(&self, query: &RangeQuery<'_>) -> Option<&'t PreRead> {
+        self.pre_reads?.reads.get(&Shape::of(query))
+    }
+
+    /// The current state (this transaction's writes included) of what `query` reads, from a
+    /// read of it at `pre.at` and the keys written since; `None` when that cannot be told
+    /// (then the caller reads the range itself). The work is bounded by the writes since
+    /// `pre.at` (and the request's limit when keys past a deleted one are needed), not by
+    /// the size of the range.
+    async fn catch_up(
+        &mut self,
+        pre: &PreRead,
+        query: &RangeQuery<'_>,
+    ) -> Result<Option<RangeRows>> {
+        // Past this many writes, reading the range itself is no more work.
+        let limit = pre.count.max(MIN_CATCH_UP_WRITES);
+        let Some(written) = self.txn.written_since(query.range, pre.at, limit).await? else {
+            return Ok(None);
+        };
+        let keys: Vec<Bytes> = written.iter().map(|w| w.key.clone()).collect();
+        self.txn.prefetch(&keys).await?;
+        // Without every key of the range, `pre.kvs` is exact up to its last key only.
+        let window_end = (!pre.complete).then(|| pre.kvs.last().map(|kv| kv.key.clone()));
+        let in_window = |key: &Bytes| match &window_end {
+            None => true,
+            Some(None) => false,
+            Some(Some(last)) => key <= last,
+        };
+        let mut kvs: std::collections::BTreeMap<Bytes, KeyValue> = pre
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.clone()))
+            .collect();
+        let mut count = pre.count;
+        for w in &written {
+            let now = self.txn.get(&w.key).await?;
+            count += i64::from(now.is_some()) - i64::from(w.live_before);
+            if !in_window(&w.key) {
+                continue;
+            }
+            match now {
+                Some(mut kv) => {
+                    if query.keys_only {
+                        kv.value = Bytes::new();
+                    }
+                    kvs.insert(w.key.clone(), kv);
+                }
+                None => {
+                    kvs.remove(&w.key);
+                }
+            }
+        }
+        let mut kvs: Vec<KeyValue> = kvs.into_values().collect();
+        if query.count_only {
+            kvs.clear();
+        } else if let (Some(Some(last)), Some(limit)) = (&window_end, query.limit)
+            && (kvs.len() as i64) < limit
+            && count > kvs.len() as i64
+        {
+            // Keys of the window were deleted: the next ones come from past its end, at
+            // most as many as were deleted.
+            let mut start = last.to_vec();
+            start.push(0);
+            let rest = KeyRange {
+                start: Bytes::from(start),
+                end: query.range.end.clone(),
+            };
+            let more = self
+                .txn
+                .range(RangeQuery {
+                    range: &rest,
+                    revision: 0,
+                    limit: Some(limit - kvs.len() as i64),
+                    keys_only: query.keys_only,
+                    count_only: false,
+                })
+                .await?;
+            kvs.extend(more.kvs);
+        }
+        Ok(Some(RangeRows {
+            revision: self.revision(),
+            kvs,
+            count,
+        }))
     }
 
     async fn put(&mut self, request: &PutRequest) -> Result<PutResponse> {
@@ -627,6 +923,7 @@ pub fn header(revision: Revision) -> ResponseHeader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A panic is how a test reports.
 mod tests {
     use super::*;
 
@@ -694,5 +991,198 @@ mod tests {
             check_txn(&too_many, &limits),
             Err(KineError::TooManyOps)
         ));
+    }
+
+    fn range_op(key: &str, end: &str, limit: i64, keys_only: bool, count_only: bool) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                range_end: Bytes::copy_from_slice(end.as_bytes()),
+                limit,
+                keys_only,
+                count_only,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn put_value(key: String, value: String) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: Bytes::from(key),
+                value: Bytes::from(value),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn delete_range(key: String, end: String) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: Bytes::from(key),
+                range_end: Bytes::from(end),
+                prev_kv: true,
+            })),
+        }
+    }
+
+    /// Runs `request` in a write transaction of its own; commits it when `commit`, else
+    /// rolls it back.
+    async fn run(
+        backend: &dyn Backend,
+        keyspace: KeyspaceId,
+        request: &TxnRequest,
+        pre_reads: Option<&PreReads>,
+        commit: bool,
+    ) -> Result<TxnResponse> {
+        let mut txn = backend.begin_write(keyspace).await.unwrap();
+        let base = txn.state().revision;
+        let mut sub = 0;
+        let (response, revision) = {
+            let mut applier = Applier::new(&mut *txn, base, &mut sub).with_pre_reads(pre_reads);
+            let response = applier.txn(request, false).await;
+            (response, applier.revision())
+        };
+        if commit {
+            txn.commit(revision).await.unwrap();
+        }
+        response
+    }
+
+    /// Transactions whose wide reads were made several writes (and sometimes a compaction)
+    /// earlier answer exactly as when every read is made under the lock: compares, ranges
+    /// with limits, counts, keys only, from-key, sorted, historic, and reads of the
+    /// transaction's own writes.
+    #[tokio::test]
+    async fn caught_up_reads_answer_as_reads_under_the_lock() {
+        use crate::storage::sqlite;
+        let backend = sqlite::open_memory().await.unwrap();
+        let keyspace = backend.keyspace("t", true).await.unwrap().unwrap();
+        let key = |i: u64| format!("k{:02}", i % 40);
+        let load = TxnRequest {
+            compare: vec![],
+            success: (0..40)
+                .map(|i| put_value(key(i), format!("v{i}")))
+                .collect(),
+            failure: vec![],
+        };
+        run(&backend, keyspace, &load, None, true).await.unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut answered = 0;
+        for round in 0..40u64 {
+            let revision = backend.state(keyspace).await.unwrap().revision;
+            let compare = Compare {
+                key: Bytes::from_static(b"k10"),
+                range_end: Bytes::from_static(b"k30"),
+                target: CompareTarget::Version as i32,
+                result: CompareResult::Greater as i32,
+                target_union: Some(TargetUnion::Version(0)),
+            };
+            let value_compare = Compare {
+                key: Bytes::from_static(b"k00"),
+                range_end: Bytes::from_static(b"k05"),
+                target: CompareTarget::Value as i32,
+                result: CompareResult::Greater as i32,
+                target_union: Some(TargetUnion::Value(Bytes::from_static(b"v"))),
+            };
+            let mut sorted = RangeRequest {
+                key: Bytes::from_static(b"k"),
+                range_end: Bytes::from_static(b"l"),
+                limit: 3,
+                sort_order: 2,
+                sort_target: 2,
+                ..Default::default()
+            };
+            let historic = RangeRequest {
+                key: Bytes::from_static(b"k"),
+                range_end: Bytes::from_static(b"l"),
+                revision: revision - (random() % 3) as i64,
+                limit: (random() % 4) as i64,
+                ..Default::default()
+            };
+            sorted.limit = 1 + (random() % 3) as i64;
+            let reads = vec![
+                range_op("k05", "k35", 1 + (random() % 6) as i64, false, false),
+                range_op("k", "l", 0, false, true),
+                range_op("k00", "k20", 3, true, false),
+                range_op("k25", "\0", 4, false, false),
+                range_op("k", "l", 0, true, false),
+                RequestOp {
+                    request: Some(Request::RequestRange(sorted)),
+                },
+                RequestOp {
+                    request: Some(Request::RequestRange(historic)),
+                },
+            ];
+            let a = format!("k{:02}", random() % 40);
+            let b = format!("k{:02}", random() % 40);
+            let (low, high) = if a < b { (a, b) } else { (b, a) };
+            let probes = vec![
+                TxnRequest {
+                    compare: vec![compare.clone(), value_compare.clone()],
+                    success: reads.clone(),
+                    failure: reads[..3].to_vec(),
+                },
+                TxnRequest {
+                    compare: vec![compare],
+                    success: [
+                        vec![
+                            put_value(key(random()), "mine".into()),
+                            delete_range(low.clone(), high.clone()),
+                        ],
+                        reads.clone(),
+                    ]
+                    .concat(),
+                    failure: vec![],
+                },
+            ];
+            let mut pre_reads = Vec::new();
+            for probe in &probes {
+                pre_reads.push(pre_read(&backend, keyspace, probe).await.unwrap());
+            }
+            // Writes between the reads and the lock: puts (new keys and overwrites) and
+            // deletes of ranges; sometimes a compaction past the reads.
+            for _ in 0..random() % 6 {
+                let i = random();
+                let op = if i % 3 == 0 {
+                    delete_range(key(i), key(i + 1 + random() % 4))
+                } else {
+                    put_value(key(i), format!("w{round}-{i}"))
+                };
+                let request = TxnRequest {
+                    compare: vec![],
+                    success: vec![op],
+                    failure: vec![],
+                };
+                run(&backend, keyspace, &request, None, true).await.unwrap();
+            }
+            if round % 7 == 6 {
+                let mut txn = backend.begin_write(keyspace).await.unwrap();
+                let at = txn.state().revision;
+                txn.set_compact_revision(at).await.unwrap();
+                txn.commit(at).await.unwrap();
+                crate::writer::purge(&backend, keyspace, at).await.unwrap();
+            }
+            for (probe, pre) in probes.iter().zip(&pre_reads) {
+                let expected = run(&backend, keyspace, probe, None, false).await;
+                let caught_up = run(&backend, keyspace, probe, Some(pre), false).await;
+                // Errors (a historic read of a compacted revision) must match too.
+                assert_eq!(
+                    format!("{caught_up:?}"),
+                    format!("{expected:?}"),
+                    "round {round}: {probe:?}"
+                );
+                if expected.is_ok() {
+                    answered += 1;
+                }
+            }
+        }
+        assert!(answered > 40, "only {answered} probes were answered");
     }
 }

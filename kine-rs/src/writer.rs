@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, WriteTxn};
-use crate::txn::{Applier, has_writes, point_keys, put_costs};
+use crate::txn::{Applier, PreReads, has_writes, point_keys, put_costs};
 use crate::watch::hub::WatchHub;
 
 /// Most requests that share one database transaction.
@@ -34,6 +34,8 @@ pub enum WriteOp {
     Txn {
         request: TxnRequest,
         plain_put: bool,
+        /// Its wide reads, made before it reached the writer ([`crate::txn::pre_read`]).
+        pre_reads: Option<PreReads>,
     },
     /// Compacts at `revision`. Without `physical`, the writer purges the compacted rows in
     /// the background; with it, the caller purges them before it answers.
@@ -236,12 +238,16 @@ async fn apply_one(
         });
     }
     match op {
-        WriteOp::Txn { request, plain_put } => {
+        WriteOp::Txn {
+            request,
+            plain_put,
+            pre_reads,
+        } => {
             if state.frozen && has_writes(request) {
                 return Err(frozen());
             }
             check_quota(txn, &state, request).await?;
-            let mut applier = Applier::new(txn, *revision, sub);
+            let mut applier = Applier::new(txn, *revision, sub).with_pre_reads(pre_reads.as_ref());
             let response = applier.txn(request, *plain_put).await?;
             *revision = applier.revision();
             Ok(WriteOutcome::Txn(response))

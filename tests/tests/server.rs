@@ -112,6 +112,10 @@ fn flags_that_would_break_the_server_are_refused_by_name() {
             "--max-watches-per-stream",
         ),
         (&["--max-leases-per-tenant", "0"], "--max-leases-per-tenant"),
+        (
+            &["--sqlite-wal-limit-bytes", "0"],
+            "--sqlite-wal-limit-bytes",
+        ),
         (&["--max-leases-per-tenant=-1"], "--max-leases-per-tenant"),
         (
             &["--watch-stream-buffer-bytes", "100"],

@@ -172,6 +172,14 @@ pub struct RangeRows {
     pub count: i64,
 }
 
+/// A key written after some revision (see [`WriteTxn::written_since`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub key: Bytes,
+    /// Whether the key was live at that revision.
+    pub live_before: bool,
+}
+
 /// A datastore that holds keyspaces.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -308,6 +316,23 @@ pub trait WriteTxn: Send {
     /// returned `revision` is the transaction's starting revision; callers set their own.
     async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows>;
 
+    /// The keys in `range` written after revision `after` (this transaction's own writes
+    /// included), each once, with whether it was live at `after`: what turns a read made at
+    /// `after` outside the lock into a read of the current state (see [`crate::txn`]).
+    ///
+    /// Looks at no more than `limit` writes; `None` when there were more, when compaction may
+    /// have removed some of them (the compaction revision is above `after`), or when the
+    /// backend cannot tell. The caller then reads the range itself.
+    async fn written_since(
+        &mut self,
+        range: &KeyRange,
+        after: Revision,
+        limit: i64,
+    ) -> Result<Option<Vec<Written>>> {
+        let _ = (range, after, limit);
+        Ok(None)
+    }
+
     /// Writes `kv` as the key's new current row (its revisions and version as given) at
     /// position `sub` in its revision, superseding the key's previous row.
     async fn put(&mut self, kv: &KeyValue, sub: i64) -> Result<()>;
@@ -394,6 +419,9 @@ pub struct BackendOptions {
     /// Trade durability for speed: acknowledged writes may be lost on power failure (never on
     /// a crash of kine-rs itself).
     pub relaxed_durability: bool,
+    /// SQLite: the write-ahead log's size past which it is truncated (`--sqlite-wal-limit-bytes`);
+    /// 0 for the default.
+    pub sqlite_wal_limit_bytes: u64,
     /// The connection pool of a database server (PostgreSQL, MySQL).
     pub pool: PoolOptions,
     /// TLS to a database server.

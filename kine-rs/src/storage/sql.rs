@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use super::page_counts::PageCounts;
 use super::{
     Backend, Change, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows,
-    WriteTxn,
+    WriteTxn, Written,
 };
 use crate::error::{KineError, Result};
 use crate::metrics;
@@ -1364,6 +1364,53 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             kvs,
             count,
         })
+    }
+
+    async fn written_since(
+        &mut self,
+        range: &KeyRange,
+        after: Revision,
+        limit: i64,
+    ) -> Result<Option<Vec<Written>>> {
+        // Compaction at C purges tombstones below C and rows superseded at or before C: a
+        // write after `after` may be gone once C passes `after + 1`. (Purges take this lock,
+        // so none runs while it is held.) A read from after this transaction's start cannot
+        // be caught up either (a keyspace deleted and created again).
+        if self.state.compact_revision > after || after > self.start.revision {
+            return Ok(None);
+        }
+        self.flush().await?;
+        // Every write of the keyspace after `after`, in order, by its primary key (keyspace,
+        // mod_revision, sub); the range filters here, so no plan walks the range's keys.
+        let rows = fetch_all::<D>(
+            &mut self.tx,
+            "written_since",
+            "SELECT `key`, create_revision, mod_revision, deleted FROM kv \
+             WHERE keyspace = ? AND mod_revision > ? ORDER BY mod_revision, sub LIMIT ?",
+            &[
+                Arg::Int(self.keyspace),
+                Arg::Int(after),
+                Arg::Int(limit.saturating_add(1)),
+            ],
+        )
+        .await?;
+        if rows.len() as i64 > limit {
+            return Ok(None);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut written = Vec::new();
+        for row in &rows {
+            let key = Bytes::from(D::DB::bytes(row, 0)?);
+            if !range.contains(&key) || !seen.insert(key.clone()) {
+                continue;
+            }
+            // The key's first write after `after` tells what it was at `after`: a tombstone
+            // is only written over a live key, and a put keeps the create revision of a live
+            // key (a new key's create revision is the put's own).
+            let live_before = D::DB::flag(row, 3)? || D::DB::int(row, 1)? < D::DB::int(row, 2)?;
+            written.push(Written { key, live_before });
+        }
+        Ok(Some(written))
     }
 
     fn key_limit(&self) -> Option<(usize, &'static str)> {

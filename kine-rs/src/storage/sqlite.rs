@@ -9,6 +9,17 @@
 //! The writer never checkpoints: a checkpoint copies the WAL into the database file and syncs
 //! it, and done inside a commit it stalls every write queued behind it. A connection of its
 //! own runs passive checkpoints (which never block the writer) in the background instead.
+//!
+//! Passive checkpoints alone cannot bound the WAL: SQLite starts it over from the beginning
+//! only when a write begins while no reader uses it, and under a constant stream of
+//! overlapping readers (lists, watches catching up) that never happens, so the file grows
+//! with every write. Once it passes `--sqlite-wal-limit-bytes`, the background connection
+//! runs a `TRUNCATE` checkpoint: it holds the write lock while it copies what is left and
+//! waits for the readers of older snapshots to finish (readers that start meanwhile read the
+//! database file, not the WAL), then empties the file. The wait is bounded, so a writer is
+//! held off at most that long; when readers outlast it the checkpoint gives up without harm
+//! and the next one waits twice as long, up to [`MAX_TRUNCATE_WAIT`] (well below the writer's
+//! busy timeout), so the log shrinks as soon as the longest running reads end.
 //! The writer keeps a large page cache, so the index pages a batch of scattered keys touches
 //! stay in memory (the cache only grows as it is used; an idle process stays small).
 
@@ -70,7 +81,11 @@ pub async fn open(path: &str, options: &BackendOptions) -> Result<SqliteBackend>
     } else {
         SqliteSynchronous::Full
     };
-    connect(path, synchronous, None).await
+    let wal_limit = match options.sqlite_wal_limit_bytes {
+        0 => DEFAULT_WAL_LIMIT_BYTES,
+        limit => limit,
+    };
+    connect(path, synchronous, None, wal_limit).await
 }
 
 /// Opens a fresh database in a temporary directory (on tmpfs where the machine has one),
@@ -91,7 +106,13 @@ pub async fn open_memory() -> Result<SqliteBackend> {
         .map_err(|e| KineError::Unavailable(format!("cannot create a scratch directory: {e}")))?;
     let path = dir.path().join("state.db");
     let path = path.to_string_lossy().into_owned();
-    connect(&path, SqliteSynchronous::Off, Some(dir)).await
+    connect(
+        &path,
+        SqliteSynchronous::Off,
+        Some(dir),
+        DEFAULT_WAL_LIMIT_BYTES,
+    )
+    .await
 }
 
 /// `memory://` directories are named `kine-rs-mem-<pid>-<random>`.
@@ -126,6 +147,7 @@ async fn connect(
     path: &str,
     synchronous: SqliteSynchronous,
     scratch: Option<tempfile::TempDir>,
+    wal_limit: u64,
 ) -> Result<SqliteBackend> {
     let options = SqliteConnectOptions::from_str("sqlite://")?
         .filename(path)
@@ -170,7 +192,8 @@ async fn connect(
         .min_connections(1)
         .connect_with(options.read_only(true))
         .await?;
-    let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer));
+    let wal = std::path::PathBuf::from(format!("{path}-wal"));
+    let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer, wal, wal_limit));
     Ok(SqlBackend::new(
         readers,
         writers,
@@ -190,21 +213,65 @@ const WRITER_CACHE_KIB: &str = "-65536";
 /// How often the background checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
+/// The WAL size past which it is truncated when `--sqlite-wal-limit-bytes` is not given.
+pub const DEFAULT_WAL_LIMIT_BYTES: u64 = 64 << 20;
+/// How long the first truncating checkpoint past the limit waits for readers.
+const MIN_TRUNCATE_WAIT: Duration = Duration::from_millis(50);
+/// The longest a truncating checkpoint waits for readers (and so holds writers off); well
+/// below the writer's busy timeout (10 s), so no write fails for it.
+pub const MAX_TRUNCATE_WAIT: Duration = Duration::from_secs(2);
+
 /// Copies committed WAL frames into the database file, off the write path. Passive: it never
 /// waits for (or blocks) the writer or readers, and copies what it can; SQLite restarts the WAL
-/// from its beginning once everything in it is copied and no reader needs it.
-async fn checkpoint_in_background(pool: sqlx::SqlitePool) {
+/// from its beginning once everything in it is copied and no reader needs it. Past `limit`
+/// bytes, truncates the WAL instead (see the module docs).
+async fn checkpoint_in_background(pool: sqlx::SqlitePool, wal: std::path::PathBuf, limit: u64) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = MIN_TRUNCATE_WAIT;
     loop {
         every.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(%error, "SQLite checkpoint failed; retrying");
+        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        if size <= limit {
+            wait = MIN_TRUNCATE_WAIT;
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(%error, "SQLite checkpoint failed; retrying");
+            }
+            continue;
+        }
+        match truncate_wal(&pool, wait).await {
+            Ok(true) => wait = MIN_TRUNCATE_WAIT,
+            Ok(false) => {
+                tracing::debug!(
+                    size,
+                    wait_ms = wait.as_millis() as u64,
+                    "SQLite WAL past its limit: readers outlasted the truncating checkpoint; \
+                     the next one waits longer"
+                );
+                wait = (wait * 2).min(MAX_TRUNCATE_WAIT);
+            }
+            Err(error) => tracing::warn!(%error, "SQLite checkpoint failed; retrying"),
         }
     }
+}
+
+/// Runs a `TRUNCATE` checkpoint that waits at most `wait` for readers; whether it completed.
+async fn truncate_wal(pool: &sqlx::SqlitePool, wait: Duration) -> Result<bool> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {}",
+        wait.as_millis()
+    )))
+    .execute(&mut *conn)
+    .await?;
+    // One row: (1 when it could not finish, frames in the WAL, frames copied).
+    let busy: i64 = sqlx::query_scalar("PRAGMA wal_checkpoint(TRUNCATE)")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(busy == 0)
 }
 
 /// What an SQLite backend owns besides its pools.
