@@ -544,23 +544,24 @@ impl ServedTenant for ProxiedTenant {
         let mut response = if revision > 0 {
             // Read the tenant's compaction revision in the same read, so the answer is
             // consistent with it.
-            let response = self
-                .upstream
-                .kv
-                .clone()
-                .txn(TxnRequest {
-                    compare: vec![],
-                    success: vec![
-                        get_op(self.control.compacted(&self.name)),
-                        RequestOp {
-                            request: Some(Request::RequestRange(request)),
-                        },
-                    ],
-                    failure: vec![],
-                })
-                .await
-                .map_err(upstream_error)?
-                .into_inner();
+            let read = TxnRequest {
+                compare: vec![],
+                success: vec![
+                    get_op(self.control.compacted(&self.name)),
+                    RequestOp {
+                        request: Some(Request::RequestRange(request)),
+                    },
+                ],
+                failure: vec![],
+            };
+            let response = retry_read(|| {
+                let mut kv = self.upstream.kv.clone();
+                let read = read.clone();
+                async move { kv.txn(read).await }
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
             let compacted = range_at(&response.responses, 0)
                 .and_then(|r| r.kvs.first())
                 .map_or(-1, |kv| parse_number(&kv.value));
@@ -573,13 +574,14 @@ impl ServedTenant for ProxiedTenant {
             range.header = response.header;
             range
         } else {
-            self.upstream
-                .kv
-                .clone()
-                .range(request)
-                .await
-                .map_err(upstream_error)?
-                .into_inner()
+            retry_read(|| {
+                let mut kv = self.upstream.kv.clone();
+                let request = request.clone();
+                async move { kv.range(request).await }
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner()
         };
         rewrite::range_response(&self.prefix, &mut response);
         Ok(response)
@@ -1049,5 +1051,30 @@ impl ServedTenant for ProxiedTenant {
             self.count_usage(revision).await?;
         }
         Ok(())
+    }
+}
+
+/// Runs a read against etcd, again (up to 3 times, 50/100/150 ms apart) when the connection
+/// it went out on failed: reads change nothing, so one caught on the connection to a member
+/// that just went down is retried on the others, as etcd's own client does. Writes are never
+/// retried here (one may have been applied).
+async fn retry_read<T, F, Fut>(mut read: F) -> std::result::Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    let mut attempt = 0u64;
+    loop {
+        match read().await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && !status.message().starts_with("etcdserver:")
+                    && attempt < 3 =>
+            {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+            }
+            other => return other,
+        }
     }
 }
