@@ -562,11 +562,12 @@ per_backend! {
     postgres: Backend::Postgres,
     mysql: Backend::Mysql,
     nats: Backend::Nats,
+    nats_newest: Backend::NatsNewest,
 }
 
 #[test]
 fn every_backend_is_covered() {
-    assert_eq!(Backend::all().len(), 5);
+    assert_eq!(Backend::all().len(), 6);
 }
 
 /// Two sidecar processes of one tenant share a database; writers hammer both; after
