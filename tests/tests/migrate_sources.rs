@@ -9,6 +9,11 @@
 //!   move without the prefix and keep etcd's revisions; another prefix stays behind; the
 //!   cut-over waits for `--source-writers-stopped`; a write after the freeze point aborts it;
 //!   a live writer and watcher run through the copy;
+//! * **a tenant of the etcd proxy** (kine-rs `--endpoint etcd://…`) on the same etcd, with a
+//!   writer and a watcher through the proxy and another tenant writing beside it: revisions,
+//!   versions, history after the tenant's compaction and the lease move; the proxy's own
+//!   freeze refuses writes from the freeze on, the tenant is marked moved (its sidecar stops,
+//!   a new proxy refuses it); an unknown tenant, a bad name and an etcd target are refused;
 //! * bad input: a table that is not kine's, a prefix with no keys, an unreachable etcd: clear
 //!   errors, and the target is never created.
 
@@ -21,7 +26,10 @@ use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use kine_tests::conformance::{collect_events, watch};
-use kine_tests::{Backend, TestDatabase, free_port, kine_rs_binary, serve_and_connect, spawn_etcd};
+use kine_tests::{
+    Backend, ChildGuard, TestDatabase, free_port, kine_rs_binary, serve_and_connect, spawn_etcd,
+    spawn_etcd_with, spawn_kine_on,
+};
 
 /// Path of k3s-io/kine: `$KINE_BIN`, else where `scripts/peers.sh` builds it. A missing
 /// binary fails the test (run `scripts/peers.sh`).
@@ -898,7 +906,10 @@ async fn bad_sources_are_refused_clearly() -> Result<()> {
             strings(&["--from", &etcd.endpoint, "--from-prefix", "/nothing"]),
             "no key under",
         ),
-        (strings(&["--from", &etcd.endpoint]), "needs --from-prefix"),
+        (
+            strings(&["--from", &etcd.endpoint]),
+            "is not a tenant of the etcd proxy",
+        ),
         (
             strings(&["--from", &etcd.endpoint, "--from-prefix", "/"]),
             "a prefix is a key path",
@@ -1266,4 +1277,370 @@ async fn kine_schema_killed_migration_resumes_or_aborts() -> Result<()> {
         .count();
     ensure!(count == 402, "{count} keys on the target");
     Ok(())
+}
+
+/// (key, value, create revision, mod revision, version, lease) of every key of `client`'s
+/// range `[key, range_end)` (all keys when both are empty).
+async fn full_state(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<Vec<(String, String, i64, i64, i64, i64)>> {
+    let options = if prefix.is_empty() {
+        GetOptions::new().with_all_keys()
+    } else {
+        GetOptions::new().with_prefix()
+    };
+    let response = client.get(prefix, Some(options)).await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str()
+                    .unwrap_or_default()
+                    .trim_start_matches(prefix)
+                    .to_string(),
+                kv.value_str().unwrap_or_default().to_string(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect())
+}
+
+/// Starts a kine-rs proxy sidecar of tenant `tenant` on the etcd at `address`.
+async fn spawn_proxy(address: &str, tenant: &str) -> Result<ChildGuard> {
+    let endpoint = format!("etcd://{address}");
+    let tenant = tenant.to_string();
+    Ok(tokio::task::spawn_blocking(move || {
+        spawn_kine_on(
+            &endpoint,
+            tempfile::tempdir().expect("tempdir"),
+            &["--tenant", &tenant, "--compact-interval", "0"],
+        )
+    })
+    .await?)
+}
+
+async fn connect_ready(endpoint: &str) -> Result<Client> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut client) = Client::connect([endpoint], None).await
+            && client.get("probe", None).await.is_ok()
+        {
+            return Ok(client);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{endpoint} not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn grpc_code<T>(result: &Result<T, etcd_client::Error>) -> Option<tonic::Code> {
+    match result {
+        Err(etcd_client::Error::GRpcStatus(status)) => Some(status.code()),
+        _ => None,
+    }
+}
+
+/// Tenant `t` of a kine-rs proxy on a real etcd moves to `to` while a writer and a watcher
+/// use it through the proxy and another tenant writes to the same etcd: the proxy's freeze
+/// refuses writes (FailedPrecondition), every acknowledged write is on the target at its
+/// revision, the watcher saw each once, versions, history after the tenant's compaction and
+/// the lease (with its TTL) are there; the tenant is marked moved (its sidecar stops, a new
+/// proxy refuses it), its keys stay in etcd; a kine-rs on the target serves it.
+async fn etcd_proxy_tenant(to: Backend) -> Result<()> {
+    let etcd = spawn_etcd_with(&["--max-txn-ops", "256"]);
+    let target = target(to);
+    let mut raw = Client::connect([etcd.endpoint.as_str()], None).await?;
+    let mut proxy = spawn_proxy(&etcd.address, "t").await?;
+    let mut client = connect_ready(&proxy.endpoint).await?;
+    for round in 0..3 {
+        for i in 0..20 {
+            client
+                .put(format!("/registry/k{i:02}"), format!("v{round}"), None)
+                .await?;
+            // Another tenant's keys, written beside: etcd's revisions are shared.
+            raw.put(format!("/u/registry/k{i:02}"), "other", None)
+                .await?;
+        }
+    }
+    let compact_at = header(client.get("/", None).await?.header())? - 20;
+    client.compact(compact_at, None).await?;
+    let lease = client.lease_grant(300, None).await?.id();
+    client
+        .put(
+            "/registry/leased",
+            "l",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    client.delete("/registry/k00", None).await?;
+    let from = [
+        "--from",
+        &format!("etcd://{}", etcd.address),
+        "--tenant",
+        "t",
+    ]
+    .map(String::from);
+
+    // The plan.
+    let plan = migrate(
+        [
+            from.to_vec(),
+            strings(&["--to", &target.endpoint, "--dry-run"]),
+        ]
+        .concat(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    ensure!(
+        plan[0]["keys"] == 20
+            && plan[0]["leases"] == 1
+            && plan[0]["compact_revision"] == compact_at
+            && plan[0]["freeze"]
+                .as_str()
+                .is_some_and(|f| f.contains("refused by the datastore itself")),
+        "plan: {plan:?}"
+    );
+    // Bad input: an unknown tenant, a name that is not one, etcd as the target.
+    for (args, expected) in [
+        (
+            strings(&["--tenant", "nope", "--to", &target.endpoint]),
+            "is not a tenant of the etcd proxy",
+        ),
+        (
+            strings(&["--tenant", "Bad_Name", "--to", &target.endpoint]),
+            "invalid tenant name",
+        ),
+        (
+            strings(&["--tenant", "t", "--to", &etcd.endpoint]),
+            "cannot be a migration target",
+        ),
+    ] {
+        let result = migrate(
+            [
+                strings(&["--from", &format!("etcd://{}", etcd.address)]),
+                args.clone(),
+            ]
+            .concat(),
+        )
+        .await;
+        ensure!(
+            result.as_ref().is_err_and(|e| e.contains(expected)),
+            "{args:?}: expected {expected:?}, got {result:?}"
+        );
+    }
+
+    // A writer and a watcher through the proxy, another tenant writing beside, during the
+    // migration.
+    let start = header(client.get("/", None).await?.header())?;
+    let (mut stream, _) = watch(
+        &mut client,
+        "/live/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(start + 1),
+        ),
+    )
+    .await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // (revision acknowledged) or (gRPC code refused), in order.
+            let mut outcomes: Vec<Result<i64, Option<tonic::Code>>> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let result = client
+                    .put(format!("/live/w{i:06}"), format!("{i}"), None)
+                    .await;
+                outcomes.push(match &result {
+                    Ok(response) => Ok(response.header().map_or(0, |h| h.revision())),
+                    Err(_) => Err(grpc_code(&result)),
+                });
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            outcomes
+        })
+    };
+    let other = {
+        let mut raw = raw.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = raw.put(format!("/u/live/{i}"), "x", None).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = migrate(
+        [
+            from.to_vec(),
+            strings(&["--to", &target.endpoint, "--page-keys", "6"]),
+        ]
+        .concat(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outcomes = writer.await?;
+    other.await?;
+    let summary = lines.last().context("no summary")?.clone();
+    ensure!(summary["event"] == "summary", "{summary}");
+    let last = summary["revision"].as_i64().context("revision")?;
+    ensure!(summary["leases"] == 1, "{summary}");
+    ensure!(summary["compact_revision"] == compact_at, "{summary}");
+
+    // Acknowledged until the freeze, refused with FailedPrecondition from then on (then the
+    // sidecar stops: Unavailable); never acknowledged after a refusal.
+    let first_refused = outcomes
+        .iter()
+        .position(Result::is_err)
+        .context("no write was refused after the freeze")?;
+    ensure!(
+        outcomes[first_refused] == Err(Some(tonic::Code::FailedPrecondition)),
+        "first refusal: {:?}",
+        outcomes[first_refused]
+    );
+    ensure!(
+        outcomes[first_refused..].iter().all(Result::is_err),
+        "a write was acknowledged after the freeze"
+    );
+    let written: Vec<i64> = outcomes[..first_refused]
+        .iter()
+        .map(|r| *r.as_ref().unwrap_or(&0))
+        .collect();
+    ensure!(written.len() > 20, "{} writes", written.len());
+    ensure!(
+        written.iter().all(|r| *r <= last),
+        "a write acknowledged after the switch revision {last}"
+    );
+    // The watcher through the proxy saw each acknowledged write once, in order.
+    let seen = collect_events(&mut stream, written.len()).await?;
+    let watched: Vec<i64> = seen.iter().map(|e| e.revision).collect();
+    ensure!(watched == written, "the watcher missed writes");
+
+    // Moved: the sidecar stops by itself; a new proxy refuses the tenant.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while proxy.is_running() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar kept serving the moved tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let endpoint = format!("etcd://{}", etcd.address);
+    let refused = tokio::task::spawn_blocking(move || {
+        Command::new(kine_rs_binary())
+            .args(["--endpoint", &endpoint, "--tenant", "t"])
+            .args(["--listen-address", &format!("127.0.0.1:{}", free_port())])
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await??;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("moved to another datastore"),
+        "a new proxy of the moved tenant: {}: {stderr}",
+        refused.status
+    );
+    // etcd keeps the tenant's keys (frozen, marked moved, no pin left); the other tenant's
+    // stay untouched.
+    let records = full_state(&mut raw, "/_kine-rs/").await?;
+    let names: Vec<&str> = records.iter().map(|r| r.0.as_str()).collect();
+    ensure!(
+        names.contains(&"frozen/t") && names.contains(&"moved/t"),
+        "{names:?}"
+    );
+    ensure!(!names.iter().any(|n| n.starts_with("pinned/")), "{names:?}");
+    ensure!(full_state(&mut raw, "/u/registry/").await?.len() == 20);
+
+    // A kine-rs on the target serves the tenant with the same keys, revisions, versions,
+    // history after the compaction, the lease.
+    let (_server, mut moved) = serve_and_connect(&target.endpoint, &["--tenant", "t"]).await?;
+    ensure!(header(moved.get("/", None).await?.header())? == last);
+    let expected = full_state(&mut raw, "/t/").await?;
+    let got = full_state(&mut moved, "").await?;
+    ensure!(got == expected, "{got:#?} != {expected:#?}");
+    ensure!(
+        got.iter()
+            .any(|(key, _, _, _, version, _)| key == "/registry/k05" && *version == 3)
+    );
+    let on_etcd = raw
+        .get(
+            "/t//registry/k05",
+            Some(GetOptions::new().with_revision(compact_at)),
+        )
+        .await?
+        .kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
+    let on_target = moved
+        .get(
+            "/registry/k05",
+            Some(GetOptions::new().with_revision(compact_at)),
+        )
+        .await?
+        .kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.mod_revision()));
+    ensure!(
+        on_target == on_etcd && on_etcd.is_some(),
+        "{on_target:?} != {on_etcd:?}"
+    );
+    let error = moved
+        .get(
+            "/registry/k05",
+            Some(GetOptions::new().with_revision(compact_at - 1)),
+        )
+        .await
+        .err()
+        .context("a read below the compaction succeeded")?;
+    ensure!(error.to_string().contains("compacted"), "{error}");
+    let (mut resumed, _) = watch(
+        &mut moved,
+        "/live/",
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(start + 1),
+        ),
+    )
+    .await?;
+    let again: Vec<i64> = collect_events(&mut resumed, written.len())
+        .await?
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    ensure!(again == written, "the watch resumed on the target differs");
+    let ttl = moved.lease_time_to_live(lease, None).await?;
+    ensure!(
+        ttl.ttl() > 250 && ttl.ttl() <= 300 && ttl.granted_ttl() == 300,
+        "{ttl:?}"
+    );
+    let put = moved.put("/registry/after", "1", None).await?;
+    ensure!(header(put.header())? == last + 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_proxy_tenant_to_postgres() -> Result<()> {
+    etcd_proxy_tenant(Backend::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_proxy_tenant_to_sqlite() -> Result<()> {
+    etcd_proxy_tenant(Backend::Sqlite).await
 }

@@ -9,7 +9,7 @@
 //! of a frozen tenant, atomically, whichever proxy they come through.
 
 pub mod prefix;
-mod quota;
+pub(crate) mod quota;
 pub mod rewrite;
 mod tenant;
 mod watch;
@@ -139,7 +139,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn new(channel: Channel) -> Self {
+    pub fn new(channel: Channel) -> Self {
         Upstream {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
             watch: WatchClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
@@ -172,6 +172,13 @@ pub struct Control {
 }
 
 impl Control {
+    /// The records of the tenants of `template` (`--etcd-tenant-prefix`).
+    pub fn of(template: &PrefixTemplate) -> Self {
+        Control {
+            root: template.control_root(),
+        }
+    }
+
     fn key(&self, kind: &str, name: &str) -> Bytes {
         Bytes::from(format!("{}{kind}/{name}", self.root))
     }
@@ -209,6 +216,23 @@ impl Control {
         KeyPrefix::new(format!("{}compacted/", self.root))
     }
 
+    /// Present while a migration copies the tenant away (`kine-rs migrate`): its value (JSON,
+    /// [`PinRecord`]) holds the revision the copy's history starts at, which the shared
+    /// etcd's compaction never passes ([`compact_shared`]).
+    pub fn pinned(&self, name: &str) -> Bytes {
+        self.key("pinned", name)
+    }
+
+    pub fn pinned_prefix(&self) -> KeyPrefix {
+        KeyPrefix::new(format!("{}pinned/", self.root))
+    }
+
+    /// Present once a migration moved the tenant to another datastore; its value is the
+    /// target, without credentials. The tenant stays frozen; proxies no longer open it.
+    pub fn moved(&self, name: &str) -> Bytes {
+        self.key("moved", name)
+    }
+
     /// The keys that say which tenant owns which lease: attached to the lease, so they go
     /// when it goes.
     pub fn leases(&self, name: &str) -> KeyPrefix {
@@ -220,6 +244,38 @@ impl Control {
     }
 }
 
+/// A migration's pin of a tenant: the value of [`Control::pinned`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinRecord {
+    /// The revision the copy's history starts at: the shared etcd is not compacted past it.
+    pub revision: i64,
+    /// The target datastore, without credentials.
+    pub target: String,
+    /// The migration froze the tenant (and unfreezes it if it stops before the switch).
+    pub froze: bool,
+}
+
+impl PinRecord {
+    pub fn encode(&self) -> String {
+        serde_json::json!({
+            "revision": self.revision,
+            "target": self.target,
+            "froze": self.froze,
+        })
+        .to_string()
+    }
+
+    /// `None` when `value` is not a pin record.
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+        Some(PinRecord {
+            revision: value["revision"].as_i64()?,
+            target: value["target"].as_str().unwrap_or_default().to_string(),
+            froze: value["froze"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
 /// A compare that holds while `key` does not exist.
 pub fn absent(key: Bytes) -> Compare {
     Compare {
@@ -228,6 +284,19 @@ pub fn absent(key: Bytes) -> Compare {
         key,
         range_end: Bytes::new(),
         target_union: Some(TargetUnion::Version(0)),
+    }
+}
+
+/// A compare that holds while `key`'s mod revision is `revision` (0: the key is absent).
+pub fn mod_revision_is(key: Bytes, revision: i64) -> Compare {
+    Compare {
+        result: kine_proto::etcdserverpb::compare::CompareResult::Equal as i32,
+        target: kine_proto::etcdserverpb::compare::CompareTarget::Mod as i32,
+        key,
+        range_end: Bytes::new(),
+        target_union: Some(kine_proto::etcdserverpb::compare::TargetUnion::ModRevision(
+            revision,
+        )),
     }
 }
 
@@ -288,6 +357,15 @@ fn record(quota: Quota) -> String {
     serde_json::json!({ "quota_keys": quota.keys, "quota_bytes": quota.bytes }).to_string()
 }
 
+/// Whether a tenant exists in the shared etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Absent,
+    Registered,
+    /// A migration moved it to another datastore: its keys stay, frozen, until it is deleted.
+    Moved,
+}
+
 /// The tenants of one etcd cluster, served through this process.
 pub struct EtcdProxy {
     upstream: Upstream,
@@ -343,9 +421,7 @@ impl EtcdProxy {
         }
         let proxy = Arc::new(EtcdProxy {
             upstream: Upstream::new(channel),
-            control: Control {
-                root: template.control_root(),
-            },
+            control: Control::of(&template),
             template,
             limits: options.limits,
             default_quota: options.default_quota,
@@ -437,19 +513,41 @@ impl EtcdProxy {
     }
 
     async fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.presence(name).await? != Presence::Absent)
+    }
+
+    /// Whether tenant `name` is registered, and whether a migration moved it away.
+    async fn presence(&self, name: &str) -> Result<Presence> {
+        let count = |key: Bytes| RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key,
+                count_only: true,
+                ..Default::default()
+            })),
+        };
         let response = self
             .upstream
             .kv
             .clone()
-            .range(RangeRequest {
-                key: self.control.registry(name),
-                count_only: true,
-                ..Default::default()
+            .txn(TxnRequest {
+                compare: vec![],
+                success: vec![
+                    count(self.control.registry(name)),
+                    count(self.control.moved(name)),
+                ],
+                failure: vec![],
             })
             .await
             .map_err(upstream_error)?
             .into_inner();
-        Ok(response.count > 0)
+        let found = |index| range_at(&response.responses, index).is_some_and(|r| r.count > 0);
+        Ok(if found(1) {
+            Presence::Moved
+        } else if found(0) {
+            Presence::Registered
+        } else {
+            Presence::Absent
+        })
     }
 
     /// A tenant's counters: the cluster's revision, the tenant's compaction revision, freeze,
@@ -467,12 +565,25 @@ impl EtcdProxy {
                     get_op(self.control.compacted(name)),
                     get_op(self.control.quota(name)),
                     get_op(self.control.usage(name)),
+                    get_op(self.control.moved(name)),
+                    get_op(self.control.pinned(name)),
                 ],
                 failure: vec![],
             })
             .await
             .map_err(upstream_error)?
             .into_inner();
+        let pin = range_at(&response.responses, 5)
+            .and_then(|r| r.kvs.first())
+            .and_then(|kv| PinRecord::decode(&kv.value));
+        let (migration, pinned_revision) =
+            if range_at(&response.responses, 4).is_some_and(|r| !r.kvs.is_empty()) {
+                (MigrationRole::Moved, 0)
+            } else if let Some(pin) = pin {
+                (MigrationRole::Source, pin.revision)
+            } else {
+                (MigrationRole::None, 0)
+            };
         let frozen_at_ms = range_at(&response.responses, 0)
             .and_then(|r| r.kvs.first())
             .map(|kv| parse_number(&kv.value).max(1));
@@ -504,8 +615,8 @@ impl EtcdProxy {
             keys,
             bytes,
             quota,
-            migration: MigrationRole::None,
-            pinned_revision: 0,
+            migration,
+            pinned_revision,
         })
     }
 }
@@ -588,11 +699,15 @@ impl TenantDirectory for EtcdProxy {
         }
         let prefix = self.tenant_prefix(name)?;
         let mut created = false;
-        if !self.exists(name).await? {
-            if !create {
-                return Ok(None);
+        match self.presence(name).await? {
+            Presence::Registered => {}
+            Presence::Moved => {
+                return Err(KineError::TenantMoved {
+                    tenant: name.to_string(),
+                });
             }
-            created = self.register(name, self.default_quota).await?;
+            Presence::Absent if !create => return Ok(None),
+            Presence::Absent => created = self.register(name, self.default_quota).await?,
         }
         let tenant = Arc::new(ProxiedTenant::new(
             name.to_string(),
@@ -735,6 +850,8 @@ impl TenantDirectory for EtcdProxy {
                     delete_op(self.control.compacted(name), Bytes::new()),
                     delete_op(self.control.quota(name), Bytes::new()),
                     delete_op(self.control.usage(name), Bytes::new()),
+                    delete_op(self.control.pinned(name), Bytes::new()),
+                    delete_op(self.control.moved(name), Bytes::new()),
                     delete_op(self.control.registry(name), Bytes::new()),
                 ],
                 failure: vec![],
@@ -756,11 +873,16 @@ impl TenantDirectory for EtcdProxy {
 }
 
 /// Compacts the shared etcd up to the lowest compaction revision of every tenant (a tenant
-/// that never compacted holds it back), so no tenant loses history it can still read.
+/// that never compacted holds it back), so no tenant loses history it can still read; and
+/// never past a migration's pin ([`Control::pinned`]), so a copy reading a tenant's history
+/// keeps it. (A pin is written only while the tenant's compaction record is unchanged since
+/// the copy read it, so a compaction computed from the records before the pin stops at or
+/// below the pinned revision too.)
 pub async fn compact_shared(upstream: &Upstream, control: &Control) -> Result<()> {
     let mut kv = upstream.kv.clone();
     let registry = control.registry_prefix();
     let compacted = control.compacted_prefix();
+    let pinned = control.pinned_prefix();
     let response = kv
         .txn(TxnRequest {
             compare: vec![],
@@ -780,6 +902,13 @@ pub async fn compact_shared(upstream: &Upstream, control: &Control) -> Result<()
                         ..Default::default()
                     })),
                 },
+                RequestOp {
+                    request: Some(Request::RequestRange(RangeRequest {
+                        key: pinned.prefix().clone(),
+                        range_end: pinned.end().clone(),
+                        ..Default::default()
+                    })),
+                },
             ],
             failure: vec![],
         })
@@ -793,10 +922,16 @@ pub async fn compact_shared(upstream: &Upstream, control: &Control) -> Result<()
     if revisions.kvs.is_empty() || (revisions.kvs.len() as i64) < tenants {
         return Ok(());
     }
+    let pins = range_at(&response.responses, 2).map_or(&[][..], |r| &r.kvs[..]);
     let lowest = revisions
         .kvs
         .iter()
         .map(|kv| parse_number(&kv.value))
+        // An unreadable pin holds everything back rather than nothing.
+        .chain(
+            pins.iter()
+                .map(|kv| PinRecord::decode(&kv.value).map_or(0, |pin| pin.revision)),
+        )
         .min()
         .unwrap_or(0);
     if lowest <= 0 {

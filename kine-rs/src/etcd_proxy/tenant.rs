@@ -22,8 +22,8 @@ use tonic::Streaming;
 
 use super::prefix::KeyPrefix;
 use super::{
-    Control, Upstream, absent, compact_shared, delete_op, get_op, parse_number, present, put_op,
-    quota, range_at, rewrite, upstream_error, usage,
+    Control, Upstream, absent, compact_shared, delete_op, get_op, mod_revision_is, parse_number,
+    present, put_op, quota, range_at, rewrite, upstream_error, usage,
 };
 use crate::error::{KineError, Result};
 use crate::keyspace::MAX_LEASE_TTL;
@@ -58,19 +58,6 @@ fn single(request: Request) -> TxnRequest {
             request: Some(request),
         }],
         failure: vec![],
-    }
-}
-
-/// A compare that holds while `key`'s mod revision is `revision` (0: the key is absent).
-fn mod_revision_is(key: Bytes, revision: i64) -> Compare {
-    Compare {
-        result: kine_proto::etcdserverpb::compare::CompareResult::Equal as i32,
-        target: kine_proto::etcdserverpb::compare::CompareTarget::Mod as i32,
-        key,
-        range_end: Bytes::new(),
-        target_union: Some(kine_proto::etcdserverpb::compare::TargetUnion::ModRevision(
-            revision,
-        )),
     }
 }
 
@@ -978,6 +965,22 @@ impl ServedTenant for ProxiedTenant {
         })
     }
 
+    async fn moved(&self) -> Result<bool> {
+        let response = self
+            .upstream
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: self.control.moved(&self.name),
+                count_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        Ok(response.count > 0)
+    }
+
     async fn defragment(&self, _whole_datastore: bool) -> Result<()> {
         // A tenant does not get to defragment the shared cluster.
         Ok(())
@@ -991,9 +994,15 @@ impl ServedTenant for ProxiedTenant {
             delete_op(key.clone(), Bytes::new())
         };
         // Freezing keeps the time of the first freeze; etcd orders this write with every
-        // guarded write, so once it returns none of them lands.
-        let compare = if frozen { vec![absent(key)] } else { vec![] };
-        self.upstream
+        // guarded write, so once it returns none of them lands. A tenant a migration moved
+        // away stays frozen.
+        let compare = if frozen {
+            vec![absent(key)]
+        } else {
+            vec![absent(self.control.moved(&self.name))]
+        };
+        let response = self
+            .upstream
             .kv
             .clone()
             .txn(TxnRequest {
@@ -1002,7 +1011,13 @@ impl ServedTenant for ProxiedTenant {
                 failure: vec![],
             })
             .await
-            .map_err(upstream_error)?;
+            .map_err(upstream_error)?
+            .into_inner();
+        if !frozen && !response.succeeded {
+            return Err(KineError::TenantMoved {
+                tenant: self.name.clone(),
+            });
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use super::etcd_prefix::EtcdPrefixSource;
+use super::etcd_tenant::EtcdTenantSource;
 use super::kine_schema::{KineSource, is_kine_endpoint};
 use super::{BackendSource, Options, Phase, Progress, Source, Summary};
 use crate::run::redact_endpoint;
@@ -18,9 +19,10 @@ use crate::tenants::validate_name;
 /// `kine-rs migrate`: what to move, from where to where.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
-    /// The datastore the tenant is in, as `--endpoint` names it; or kine's own table
-    /// (`kine+postgres://…`, `kine+mysql://…`, `kine+sqlite://PATH`); or a plain etcd
-    /// (`etcd://HOST:PORT`) with `--from-prefix`.
+    /// The datastore the tenant is in, as `--endpoint` names it (an etcd cluster,
+    /// `etcd://HOST:PORT[,HOST:PORT]`, is read as the etcd proxy's tenant `--tenant`); or
+    /// kine's own table (`kine+postgres://…`, `kine+mysql://…`, `kine+sqlite://PATH`); or a
+    /// plain etcd's keys under `--from-prefix`.
     #[arg(long)]
     pub from: String,
 
@@ -28,6 +30,11 @@ pub struct MigrateArgs {
     /// e.g. `/tenant1`); keys arrive without it.
     #[arg(long)]
     pub from_prefix: Option<String>,
+
+    /// With an etcd `--from` and no `--from-prefix`: where the etcd proxy keeps its tenants'
+    /// keys, as the proxy's `--etcd-tenant-prefix` says (`{tenant}` stands for `--tenant`).
+    #[arg(long, default_value = "/{tenant}/")]
+    pub etcd_tenant_prefix: String,
 
     /// With a `kine+…` `--from`: the name of kine's table.
     #[arg(long, default_value = "kine")]
@@ -39,7 +46,8 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub source_writers_stopped: bool,
 
-    /// The datastore to move it to, as `--endpoint` names it.
+    /// The datastore to move it to, as `--endpoint` names it (SQLite, PostgreSQL, MySQL,
+    /// NATS; not etcd, which cannot keep the tenant's revisions).
     #[arg(long)]
     pub to: String,
 
@@ -98,6 +106,11 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         validate_name(&args.tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
     }
     let (mut source_name, target_name) = (redact_endpoint(&args.from), redact_endpoint(&args.to));
+    if crate::etcd_proxy::is_etcd_endpoint(&args.to) {
+        bail!(
+            "--to {target_name}: an etcd cluster cannot be a migration target: etcd gives every              write a revision of its own, so the tenant's revisions, create revisions and              versions cannot be kept (every client would have to relist and every watch start              over), and importing with new revisions (--allow-new-revisions) is not supported              yet"
+        );
+    }
     if let Some(prefix) = &args.from_prefix {
         source_name = format!("{source_name} (prefix {prefix})");
     }
@@ -119,7 +132,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         Opened::Backend(_) => vec![args.tenant.clone()],
         _ if args.all_tenants => {
             bail!(
-                "--all-tenants: kine's table and an etcd prefix hold one tenant; name it with --tenant"
+                "--all-tenants: kine's table and an etcd prefix hold one tenant, and the etcd                  proxy's tenants move one at a time; name it with --tenant"
             )
         }
         _ => vec![args.tenant.clone()],
@@ -136,6 +149,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             }
             Opened::Kine(kine) => &**kine,
             Opened::Etcd(etcd) => &**etcd,
+            Opened::EtcdTenant(etcd) => &**etcd,
         };
         if args.dry_run {
             let plan = super::plan_from(source, &tenant).await?;
@@ -225,6 +239,7 @@ enum Opened {
     Backend(Arc<dyn Backend>),
     Kine(Box<KineSource>),
     Etcd(Box<EtcdPrefixSource>),
+    EtcdTenant(Box<EtcdTenantSource>),
 }
 
 async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
@@ -241,10 +256,17 @@ async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
     }
     if crate::etcd_proxy::is_etcd_endpoint(&args.from) {
         let Some(prefix) = &args.from_prefix else {
-            bail!(
-                "--from {name}: an etcd source needs --from-prefix (the kube-apiserver's \
-                 --etcd-prefix whose keys move, e.g. /tenant1)"
-            );
+            if args.all_tenants {
+                bail!(
+                    "--all-tenants: the etcd proxy's tenants move one at a time; name one with \
+                     --tenant"
+                );
+            }
+            return Ok(Opened::EtcdTenant(Box::new(
+                EtcdTenantSource::open(&args.from, &args.etcd_tenant_prefix, &args.tenant)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--from {name}: {e}"))?,
+            )));
         };
         return Ok(Opened::Etcd(Box::new(
             EtcdPrefixSource::open(&args.from, prefix)
@@ -254,6 +276,9 @@ async fn open_source(args: &MigrateArgs) -> anyhow::Result<Opened> {
     }
     if args.from_prefix.is_some() {
         bail!("--from-prefix is for an etcd --from (etcd://HOST:PORT)");
+    }
+    if args.etcd_tenant_prefix != "/{tenant}/" {
+        bail!("--etcd-tenant-prefix is for an etcd --from (etcd://HOST:PORT)");
     }
     Ok(Opened::Backend(open(&args.from, "--from").await?))
 }

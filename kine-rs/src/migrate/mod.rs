@@ -35,7 +35,9 @@
 
 pub mod command;
 mod digest;
+mod etcd_keys;
 pub mod etcd_prefix;
+pub mod etcd_tenant;
 pub mod kine_schema;
 mod record;
 pub mod source;
@@ -499,15 +501,19 @@ pub async fn run_from(
         }
         // Nothing landed on the source after the final revision (where the datastore does
         // not enforce the freeze itself, this is where a stray write is caught).
+        let switch_at = source
+            .switch_revision(final_state.revision)
+            .await
+            .source()?;
         source.check_frozen(final_state.revision).await?;
         progress.phase = Phase::Switch;
         report(&progress);
-        let leases = switch_target(source, &final_state, target, target_id).await?;
-        Ok(leases)
+        let leases = switch_target(source, &final_state, switch_at, target, target_id).await?;
+        Ok((leases, switch_at))
     }
     .await;
     let digest = source_digest;
-    let leases = match finish {
+    let (leases, switch_at) = match finish {
         Ok(done) => done,
         Err(error) => {
             // Before the target serves, the source is the tenant's home: writable again. A
@@ -538,7 +544,7 @@ pub async fn run_from(
         events: checkpoint.events,
         leases,
         freeze_window,
-        revision: final_state.revision,
+        revision: switch_at,
         compact_revision: target_state.compact_revision,
         digest,
         resumed,
@@ -786,6 +792,7 @@ fn txn_revision_floor(checkpoint: &TargetCheckpoint) -> Revision {
 async fn switch_target(
     source: &dyn Source,
     frozen: &SourceState,
+    revision: Revision,
     target: &dyn Backend,
     target_id: KeyspaceId,
 ) -> Result<u64> {
@@ -814,7 +821,7 @@ async fn switch_target(
     txn.set_migration(MigrationRole::None, 0, None)
         .await
         .target()?;
-    txn.commit(frozen.revision).await.target()?;
+    txn.commit(revision.max(frozen.revision)).await.target()?;
     Ok(leases.len() as u64)
 }
 

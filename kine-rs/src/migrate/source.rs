@@ -14,11 +14,11 @@
 //!   kube-apiserver with `--etcd-prefix` writes, e.g. Kamaji's layout), read only; etcd
 //!   cannot be frozen by a client, so the writers must be stopped and the freeze is checked.
 //!
-//! A tenant of the etcd proxy (`crate::etcd_proxy`) would plug in the same way: an
-//! [`super::etcd_prefix::EtcdPrefixSource`] over the tenant's prefix whose `freeze`,
-//! `release` and `mark_moved` write the proxy's own freeze record (every proxy's write
-//! transactions compare on it, so the freeze is a fact in etcd and `needs_stopped_writers`
-//! is false). Not done yet.
+//! * [`super::etcd_tenant::EtcdTenantSource`]: a tenant of kine-rs's etcd proxy
+//!   (`crate::etcd_proxy`), read like an etcd prefix (the reading both share is
+//!   [`super::etcd_keys::EtcdKeys`]); the pin, the freeze and the "moved" mark are the proxy's
+//!   own records in etcd (every proxy's write transactions compare on the freeze record, so
+//!   the freeze is a fact in etcd and `needs_stopped_writers` is false).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -107,6 +107,14 @@ pub trait Source: Send + Sync {
     ) -> std::result::Result<(), super::MigrateError> {
         let _ = final_revision;
         Ok(())
+    }
+
+    /// The revision the target takes over at, once the source is frozen at
+    /// `final_revision` and nothing was written since: that revision, unless the source
+    /// answered clients with header revisions beyond its own writes (a tenant of the etcd
+    /// proxy, whose headers are the shared etcd's), which the target must not hand out again.
+    async fn switch_revision(&self, final_revision: Revision) -> Result<Revision> {
+        Ok(final_revision)
     }
 
     /// Unfreezes the source if the migration froze it; drops the pin unless `keep_pin`
