@@ -320,11 +320,12 @@ async fn apply_one(
             Ok(WriteOutcome::Done(*revision))
         }
         WriteOp::LeaseExpire { id } => {
+            let now = now_ms();
             let expired = txn
                 .lease(*id)
                 .await?
-                .is_some_and(|lease| lease.expires_at_ms <= now_ms());
-            if !state.frozen && expired {
+                .is_some_and(|lease| lease.expires_at_ms <= now);
+            if !state.frozen && expired && txn.claim_expiry(*id, now).await? {
                 let mut applier = Applier::new(txn, *revision, sub);
                 applier.revoke(*id).await?;
                 *revision = applier.revision();

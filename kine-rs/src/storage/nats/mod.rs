@@ -586,7 +586,19 @@ impl Backend for NatsBackend {
             return Ok(None);
         }
         let expires_at_ms = now_ms.saturating_add(lease.ttl.saturating_mul(1000));
-        self.directory.renew(keyspace, id, expires_at_ms).await?;
+        let granted_until = {
+            let image = handle.read();
+            image.leases.get(&id).map_or(i64::MIN, |l| l.expires_at_ms)
+        };
+        if !self
+            .directory
+            .renew(keyspace, id, expires_at_ms, granted_until, now_ms)
+            .await?
+        {
+            // An expiry in some process claimed it first: gone, as etcd answers a
+            // keep-alive that comes too late.
+            return Ok(None);
+        }
         Ok(Some(LeaseRecord {
             expires_at_ms,
             ..lease

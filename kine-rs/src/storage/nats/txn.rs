@@ -201,6 +201,12 @@ impl WriteTxn for NatsWriteTxn {
         }
     }
 
+    async fn claim_expiry(&mut self, id: i64, now_ms: i64) -> Result<bool> {
+        self.directory
+            .claim_expiry(self.keyspace.id, id, now_ms)
+            .await
+    }
+
     async fn max_lease_id(&mut self) -> Result<i64> {
         Ok(self
             .all_leases()
