@@ -148,6 +148,39 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// The keys under `prefix`, without it, in key order: one keys-only read. Also the
+    /// read's header.
+    pub async fn keys_under(
+        &self,
+        prefix: &KeyPrefix,
+    ) -> Result<(Vec<Bytes>, Option<kine_proto::etcdserverpb::ResponseHeader>)> {
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: prefix.prefix().clone(),
+                range_end: prefix.end().clone(),
+                keys_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        let keys = response
+            .kvs
+            .iter()
+            .filter_map(|kv| prefix.strip(&kv.key))
+            .collect();
+        Ok((keys, response.header))
+    }
+}
+
+/// The lease id a lease ownership record names (its key's last part, in hex).
+pub fn lease_id_of(hex: &[u8]) -> Option<i64> {
+    i64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
 /// An error answered by etcd (or by the connection to it), as the client will see it: etcd's
 /// own errors pass unchanged; a failed connection is `Unavailable` without its details.
 pub fn upstream_error(status: tonic::Status) -> KineError {
@@ -751,25 +784,12 @@ impl TenantDirectory for EtcdProxy {
     }
 
     async fn list(&self) -> Result<Vec<(String, KeyspaceState)>> {
-        let registry = self.control.registry_prefix();
-        let response = self
+        let (names, _) = self
             .upstream
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: registry.prefix().clone(),
-                range_end: registry.end().clone(),
-                keys_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
+            .keys_under(&self.control.registry_prefix())
+            .await?;
         let mut tenants = Vec::new();
-        for kv in response.kvs {
-            let Some(name) = registry.strip(&kv.key) else {
-                continue;
-            };
+        for name in names {
             let Ok(name) = String::from_utf8(name.to_vec()) else {
                 continue;
             };

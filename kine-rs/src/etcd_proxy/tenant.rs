@@ -22,8 +22,8 @@ use tonic::Streaming;
 
 use super::prefix::KeyPrefix;
 use super::{
-    Control, Upstream, absent, compact_shared, delete_op, get_op, mod_revision_is, parse_number,
-    present, put_op, quota, range_at, rewrite, upstream_error, usage,
+    Control, Upstream, absent, compact_shared, delete_op, get_op, lease_id_of, mod_revision_is,
+    parse_number, present, put_op, quota, range_at, rewrite, upstream_error, usage,
 };
 use crate::error::{KineError, Result};
 use crate::keyspace::MAX_LEASE_TTL;
@@ -905,31 +905,17 @@ impl ServedTenant for ProxiedTenant {
     }
 
     async fn lease_leases(&self) -> Result<LeaseLeasesResponse> {
-        let leases = self.control.leases(&self.name);
-        let response = self
+        let (ids, header) = self
             .upstream
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: leases.prefix().clone(),
-                range_end: leases.end().clone(),
-                keys_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
+            .keys_under(&self.control.leases(&self.name))
+            .await?;
         Ok(LeaseLeasesResponse {
-            leases: response
-                .kvs
+            leases: ids
                 .iter()
-                .filter_map(|kv| {
-                    let hex = leases.strip(&kv.key)?;
-                    i64::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
-                })
+                .filter_map(|hex| lease_id_of(hex))
                 .map(|id| LeaseStatus { id })
                 .collect(),
-            header: response.header,
+            header,
         })
     }
 

@@ -42,8 +42,8 @@ use crate::error::{KineError, Result};
 use crate::etcd_proxy::prefix::PrefixTemplate;
 use crate::etcd_proxy::quota::decode_quota;
 use crate::etcd_proxy::{
-    Control, PinRecord, absent, delete_op, get_op, mod_revision_is, parse_number, present, put_op,
-    range_at, upstream_error,
+    Control, PinRecord, absent, delete_op, get_op, lease_id_of, mod_revision_is, parse_number,
+    present, put_op, range_at, upstream_error,
 };
 use crate::model::{Event, KeyValue, LeaseRecord, Revision, now_ms};
 use crate::storage::Quota;
@@ -318,29 +318,13 @@ impl Source for EtcdTenantSource {
     }
 
     async fn leases(&self) -> Result<Vec<LeaseRecord>> {
-        let owned = self.control.leases(&self.tenant);
-        let response = self
+        let (ids, _) = self
             .keys
             .upstream
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: owned.prefix().clone(),
-                range_end: owned.end().clone(),
-                keys_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
+            .keys_under(&self.control.leases(&self.tenant))
+            .await?;
         let mut leases = Vec::new();
-        for kv in response.kvs {
-            let Some(id) = owned
-                .strip(&kv.key)
-                .and_then(|hex| i64::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok())
-            else {
-                continue;
-            };
+        for id in ids.iter().filter_map(|hex| lease_id_of(hex)) {
             if let Some((lease, _)) = self.keys.lease(id).await? {
                 leases.push(lease);
             }
