@@ -61,11 +61,121 @@ fn kube_apiserver_on_etcd_proxy() {
     run_on(Store::EtcdProxy);
 }
 
+/// kube-apiserver on a gateway (mTLS, its client certificate names tenant `t`) keeps
+/// serving while the gateway moves `t` from PostgreSQL to MariaDB (`kine-rs tenant migrate`):
+/// a `kubectl get -w` started before the move goes on and shows what is created after it,
+/// objects keep their resourceVersions, and writes after the move get later ones.
+#[test]
+fn kube_apiserver_through_a_gateway_migration() {
+    let cluster = Cluster::start(Store::Gateway);
+    cluster.kubectl(&["create", "namespace", "move"]);
+    for i in 0..5 {
+        cluster.kubectl(&[
+            "-n",
+            "move",
+            "create",
+            "configmap",
+            &format!("before-{i}"),
+            "--from-literal=a=1",
+        ]);
+    }
+    let before = cluster.resource_version("move", "configmap/before-4");
+
+    let mut watch = cluster
+        .command(&["-n", "move", "get", "configmaps", "-w", "-o", "name"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl get -w");
+    let stdout = watch.stdout.take().expect("stdout");
+    let (lines, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(line) if line.trim() == name => return,
+                Ok(_) => {}
+                Err(e) => panic!("kubectl get -w did not show {name}: {e}"),
+            }
+        }
+    };
+    wait_for("configmap/before-4");
+
+    let target = TestDatabase::new(Backend::Mysql).expect("mysql");
+    let socket = cluster.admin_socket.clone().expect("admin socket");
+    let mut migrate = Command::new(kine_tests::kine_rs_binary());
+    migrate
+        .args(["tenant", "--admin-socket", &socket, "-o", "json"])
+        .args(["migrate", "t", "--to", &target.endpoint]);
+    let moved = run_bounded(migrate, Duration::from_secs(180));
+    assert!(
+        moved.status.success(),
+        "kine-rs tenant migrate failed: {}\n{}",
+        moved.stdout,
+        moved.stderr
+    );
+    // The summary: the target took over at or after the last revision the apiserver had
+    // written, with everything the apiserver wrote copied (as keys or as events).
+    let summary: serde_json::Value = moved
+        .stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no JSON summary: {}", moved.stdout));
+    eprintln!("moved: {summary}");
+    let count = |field: &str| summary[field].as_u64().unwrap_or(0);
+    assert!(count("revision") >= before, "{summary}");
+    assert!(count("keys") + count("events") >= 5, "{summary}");
+
+    for i in 0..5 {
+        cluster.kubectl(&[
+            "-n",
+            "move",
+            "create",
+            "configmap",
+            &format!("after-{i}"),
+            "--from-literal=a=2",
+        ]);
+    }
+    for i in 0..5 {
+        wait_for(&format!("configmap/after-{i}"));
+    }
+    assert!(
+        watch.try_wait().expect("try_wait").is_none(),
+        "kubectl get -w ended across the move"
+    );
+    assert_eq!(
+        cluster.resource_version("move", "configmap/before-4"),
+        before
+    );
+    assert!(cluster.resource_version("move", "configmap/after-0") > before);
+    cluster.kubectl(&["-n", "move", "delete", "configmap", "before-0"]);
+    let listed = cluster.kubectl(&["-n", "move", "get", "configmaps", "-o", "name"]);
+    assert!(
+        !listed.contains("configmap/before-0") && listed.contains("configmap/after-4"),
+        "{listed}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
 /// What kine-rs stores the apiserver's state in.
 #[derive(Debug, Clone, Copy)]
 enum Store {
     Backend(Backend),
     EtcdProxy,
+    /// A gateway (mTLS, tenant `t` = the apiserver's client certificate) on PostgreSQL,
+    /// with an admin socket.
+    Gateway,
 }
 
 /// A program from `$VAR`, else from `scripts/peers.sh`'s cache; panics when missing.
@@ -156,6 +266,9 @@ struct Cluster {
     cache_dir: PathBuf,
     apiserver_log: PathBuf,
     kine_log: PathBuf,
+    /// The gateway's admin socket (`Store::Gateway`).
+    admin_socket: Option<String>,
+    _pki_dir: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
 
@@ -188,6 +301,7 @@ impl Cluster {
         let (database, etcd) = match store {
             Store::Backend(backend) => (TestDatabase::new(backend), None),
             Store::EtcdProxy => (None, Some(spawn_etcd())),
+            Store::Gateway => (TestDatabase::new(Backend::Postgres), None),
         };
         let endpoint = match (&database, &etcd) {
             (Some(database), _) => database.endpoint.clone(),
@@ -195,9 +309,48 @@ impl Cluster {
             (None, None) => format!("sqlite://{}", kine_dir.path().join("state.db").display()),
         };
         // kine-rs's own compaction is off: only the apiserver's compactor compacts here.
-        let (mut kine, kine_log) =
-            spawn_kine_logged(&endpoint, kine_dir, &["--compact-interval", "0"]);
+        let mut kine_args = vec!["--compact-interval".to_string(), "0".to_string()];
+        let pki_dir = tempfile::tempdir().expect("tempdir");
+        let pki = kine_tests::pki::Pki::write(pki_dir.path(), &["t"]);
+        let gateway = matches!(store, Store::Gateway);
+        let admin_socket = gateway.then(|| {
+            pki_dir
+                .path()
+                .join("admin.sock")
+                .to_string_lossy()
+                .into_owned()
+        });
+        if let Some(socket) = &admin_socket {
+            kine_args.extend(
+                [
+                    "--gateway",
+                    "--gateway-create-tenants",
+                    "--server-cert-file",
+                    &pki.server_cert,
+                    "--server-key-file",
+                    &pki.server_key,
+                    "--trusted-ca-file",
+                    &pki.ca,
+                    "--admin-socket",
+                    socket,
+                ]
+                .map(String::from),
+            );
+        }
+        let kine_args: Vec<&str> = kine_args.iter().map(String::as_str).collect();
+        let (mut kine, kine_log) = spawn_kine_logged(&endpoint, kine_dir, &kine_args);
         kine.database = database;
+        let etcd_flags: Vec<String> = if gateway {
+            let (cert, key) = pki.client("t");
+            vec![
+                format!("--etcd-servers=https://{}", kine.address),
+                format!("--etcd-cafile={}", pki.ca),
+                format!("--etcd-certfile={cert}"),
+                format!("--etcd-keyfile={key}"),
+            ]
+        } else {
+            vec![format!("--etcd-servers={}", kine.endpoint)]
+        };
 
         let dir = tempfile::tempdir().expect("tempdir");
         // One ECDSA P-256 key signs service-account tokens (PKCS#8 PEM), its public half
@@ -214,7 +367,7 @@ impl Cluster {
         let apiserver_log = dir.path().join("kube-apiserver.log");
         let log = std::fs::File::create(&apiserver_log).expect("log file");
         let apiserver = Command::new(&apiserver_bin)
-            .arg(format!("--etcd-servers={}", kine.endpoint))
+            .args(&etcd_flags)
             .arg(format!("--etcd-compaction-interval={COMPACTION_INTERVAL}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={port}"))
@@ -259,6 +412,8 @@ impl Cluster {
             cache_dir: dir.path().join("kubectl-cache"),
             apiserver_log,
             kine_log,
+            admin_socket,
+            _pki_dir: pki_dir,
             _dir: dir,
         };
         cluster.wait_ready();
