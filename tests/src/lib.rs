@@ -218,12 +218,22 @@ pub fn mysql_client_args(url: &str) -> Option<Vec<String>> {
     Some(args)
 }
 
-/// Picks a free TCP port on 127.0.0.1.
+/// Picks a free TCP port on 127.0.0.1, never the same twice in one test process: the
+/// kernel may hand a just-released port out again, and two servers started side by side on
+/// one port meant a test's client talking to the other test's server.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free loopback port");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Path of the `kine-rs` binary built by `cargo build` next to the test executable.
