@@ -191,6 +191,25 @@ impl ProxiedTenant {
     /// only while the tenant is not frozen and owns every lease in `leases`; while the tenant
     /// has a quota, also checks it and keeps its usage ([`super::quota`]). The answer's first
     /// response is `op`'s.
+    /// [`Self::write`] of the client's one request `op`: its answer, and the header of the
+    /// guarding transaction (the revision the client sees).
+    async fn write_one(
+        &self,
+        leases: &[i64],
+        own: &TxnRequest,
+        op: Request,
+    ) -> Result<(Option<Response>, Option<ResponseHeader>)> {
+        let response = self
+            .write(leases, own, RequestOp { request: Some(op) })
+            .await?;
+        let answer = response
+            .responses
+            .into_iter()
+            .next()
+            .and_then(|op| op.response);
+        Ok((answer, response.header))
+    }
+
     async fn write(&self, leases: &[i64], own: &TxnRequest, op: RequestOp) -> Result<TxnResponse> {
         let deadline = Instant::now() + QUOTA_WAIT;
         loop {
@@ -584,23 +603,11 @@ impl ServedTenant for ProxiedTenant {
         };
         let own = single(Request::RequestPut(request.clone()));
         let request = rewrite::put_request(&self.prefix, request);
-        let response = self
-            .write(
-                &leases,
-                &own,
-                RequestOp {
-                    request: Some(Request::RequestPut(request)),
-                },
-            )
-            .await?;
-        let header = response.header;
-        match response
-            .responses
-            .into_iter()
-            .next()
-            .and_then(|op| op.response)
+        match self
+            .write_one(&leases, &own, Request::RequestPut(request))
+            .await?
         {
-            Some(Response::ResponsePut(mut put)) => {
+            (Some(Response::ResponsePut(mut put)), header) => {
                 put.header = header;
                 rewrite::put_response(&self.prefix, &mut put);
                 Ok(put)
@@ -614,23 +621,11 @@ impl ServedTenant for ProxiedTenant {
         self.check_size(&request)?;
         let own = single(Request::RequestDeleteRange(request.clone()));
         let request = rewrite::delete_request(&self.prefix, request);
-        let response = self
-            .write(
-                &[],
-                &own,
-                RequestOp {
-                    request: Some(Request::RequestDeleteRange(request)),
-                },
-            )
-            .await?;
-        let header = response.header;
-        match response
-            .responses
-            .into_iter()
-            .next()
-            .and_then(|op| op.response)
+        match self
+            .write_one(&[], &own, Request::RequestDeleteRange(request))
+            .await?
         {
-            Some(Response::ResponseDeleteRange(mut delete)) => {
+            (Some(Response::ResponseDeleteRange(mut delete)), header) => {
                 delete.header = header;
                 rewrite::delete_response(&self.prefix, &mut delete);
                 Ok(delete)
@@ -661,23 +656,11 @@ impl ServedTenant for ProxiedTenant {
         let request = rewrite::txn_request(&self.prefix, request);
         // The client's transaction, whole, as the one operation of the guarded one: etcd
         // evaluates the client's compares only when the guard holds.
-        let response = self
-            .write(
-                &leases,
-                &own,
-                RequestOp {
-                    request: Some(Request::RequestTxn(request)),
-                },
-            )
-            .await?;
-        let header = response.header;
-        match response
-            .responses
-            .into_iter()
-            .next()
-            .and_then(|op| op.response)
+        match self
+            .write_one(&leases, &own, Request::RequestTxn(request))
+            .await?
         {
-            Some(Response::ResponseTxn(mut inner)) => {
+            (Some(Response::ResponseTxn(mut inner)), header) => {
                 inner.header = header;
                 rewrite::txn_response(&self.prefix, &mut inner);
                 Ok(inner)
