@@ -26,7 +26,8 @@
 #   KINE_BENCH_MYSQL_URL     server for the MariaDB runs  (mysql://root@127.0.0.1:3306/mysql)
 #
 # With postgres among the targets it also measures a gateway holding 1,000 tenants with a
-# watch each (mTLS, a client certificate per tenant; etcd: 1,000 watches on 1,000 connections).
+# watch each (mTLS, a client certificate per tenant; etcd: 1,000 watches on 1,000 connections),
+# and a noisy neighbour: one tenant's creates beside a hostile tenant (etcd: two prefixes).
 #
 # Every request loop is bounded (by duration or count); the whole run takes about 4 minutes
 # on a 2-core machine once the binaries are built.
@@ -521,6 +522,45 @@ case " $TARGETS " in
     ;;
 esac
 
+# A noisy neighbour (issue 14): in a kine-rs gateway on a fresh PostgreSQL database, tenant B
+# creates keys at 16 clients alone, then while tenant A runs the worst load the API allows
+# (keep-alive flood over 1,000 leases, transactions comparing and reading 100,000 keys,
+# 2,000 watches fed by a writer, four watchers that never read under 1 MiB values); B's
+# throughput and p99 in both phases and the server's RSS before, at peak and after. etcd has
+# no tenants: A and B are two prefixes of the same etcd, same load. About 40 s per target.
+NOISY_LABEL="noisy neighbour: tenant B's creates ×16, alone and beside a hostile tenant A (PostgreSQL gateway)"
+NOISY_GOAL="B keeps ≥ 80% of its throughput, p99 ≤ 2×, RSS bounded"
+NOISY_ARGS=(--clients 16 --conns 4 --val-size 1024 --duration "$((DURATION * 2))"
+    --a-keys 100000 --a-huge-txn-clients 2 --a-watches 2000 --a-leases 1000 --a-slow-watchers 4)
+
+case " $TARGETS " in
+*" postgres "*)
+    say "noisy neighbour"
+    NOISY_NOTE="noisy neighbour: kine-rs gateway (mTLS) on a fresh PostgreSQL database; B = 16 clients creating 1 KiB keys for
+  $((DURATION * 2)) s alone, then $((DURATION * 2)) s while A floods keep-alives of 1,000 leases, runs 2 clients of txns over 100,000 keys,
+  holds 2,000 watches fed by a writer and 4 never-reading watchers under 1 MiB puts; the load tool (A and B) runs on the
+  same 2 cores. etcd: A and B are two prefixes of one etcd"
+    [ -f "$WORK/pki/tenant-0001.pem" ] || "$KINE_LOAD_BIN" pki --dir "$WORK/pki" --clients 2 2>>"$WORK/kine-load.log" ||
+        die "kine-load pki failed (see $WORK/kine-load.log)"
+    case " $TARGETS " in
+    *" etcd "*)
+        ETCD_DATA="$WORK/etcd-noisy-data" start_etcd
+        load etcd "$NOISY_LABEL" "$NOISY_GOAL" noisy-neighbour --endpoints "$SERVER_URL" --no-tenants \
+            --server-pid "$SERVER_PID" "${NOISY_ARGS[@]}"
+        stop "$SERVER_PID"
+        ;;
+    esac
+    fresh_endpoint postgres
+    start_kine postgres-noisy "$ENDPOINT" --gateway --gateway-create-tenants \
+        --server-cert-file "$WORK/pki/server.pem" --server-key-file "$WORK/pki/server-key.pem" \
+        --trusted-ca-file "$WORK/pki/ca.pem"
+    sleep 1
+    load postgres "$NOISY_LABEL" "$NOISY_GOAL" noisy-neighbour --endpoints "https://${SERVER_URL#http://}" \
+        --tls-domain localhost --pki-dir "$WORK/pki" --server-pid "$SERVER_PID" "${NOISY_ARGS[@]}"
+    stop "$SERVER_PID"
+    ;;
+esac
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +585,7 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "- cells: ops/s (ratio to etcd), latency p50 (ratio) / p99; lists: median time of a whole paginated list at"
     echo "  one revision; every answer is checked (counts, versions, order); errors are shown when any"
     echo "- $GATEWAY_NOTE"
+    [ -n "${NOISY_NOTE:-}" ] && echo "- $NOISY_NOTE"
     echo
     "$KINE_LOAD_BIN" table --input "$RESULTS"
 } >"$WORK/latest.md"

@@ -216,40 +216,48 @@ impl Access {
                 ca,
                 dir,
                 domain,
-            } => {
-                let name = tenant_name(i);
-                let read = |file: String| {
-                    let path = dir.join(file);
-                    std::fs::read(&path).with_context(|| {
-                        format!(
-                            "reading {} (write it with `kine-load pki --dir {} --clients N`)",
-                            path.display(),
-                            dir.display()
-                        )
-                    })
-                };
-                let identity = Identity::from_pem(
-                    read(format!("{name}.pem"))?,
-                    read(format!("{name}-key.pem"))?,
-                );
-                let mut tls = ClientTlsConfig::new()
-                    .ca_certificate(ca.clone())
-                    .identity(identity);
-                if let Some(domain) = domain {
-                    tls = tls.domain_name(domain.clone());
-                }
-                let channel = Endpoint::from_shared(url.clone())
-                    .with_context(|| format!("bad endpoint {url}"))?
-                    .tls_config(tls)?
-                    .connect_timeout(OP_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("connecting as {name}: {e:?}"))?;
-                Ok(channel)
-            }
+            } => connect_as(url, ca, dir, &tenant_name(i), domain.as_deref()).await,
         }
     }
+}
+
+/// Opens an mTLS connection to `url` as `name`, with the certificate `name.pem` and key
+/// `name-key.pem` from `dir` (written by `kine-load pki`).
+pub(crate) async fn connect_as(
+    url: &str,
+    ca: &Certificate,
+    dir: &Path,
+    name: &str,
+    domain: Option<&str>,
+) -> Result<Channel> {
+    let read = |file: String| {
+        let path = dir.join(file);
+        std::fs::read(&path).with_context(|| {
+            format!(
+                "reading {} (write it with `kine-load pki --dir {} --clients N`)",
+                path.display(),
+                dir.display()
+            )
+        })
+    };
+    let identity = Identity::from_pem(
+        read(format!("{name}.pem"))?,
+        read(format!("{name}-key.pem"))?,
+    );
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .identity(identity);
+    if let Some(domain) = domain {
+        tls = tls.domain_name(domain);
+    }
+    Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad endpoint {url}"))?
+        .tls_config(tls)?
+        .connect_timeout(OP_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting as {name}: {e:?}"))
 }
 
 /// Opens tenant `i`'s connection and watch.

@@ -10,6 +10,7 @@
 //! kine-load watch-latency --endpoints http://A --watch-endpoint http://B --rate 1000
 //! kine-load pki --dir pki --clients 1000   # CA, server and tenant-NNNN client certificates
 //! kine-load gateway-watch --endpoints https://127.0.0.1:2379 --pki-dir pki --tenants 1000 --hold 10
+//! kine-load noisy-neighbour --endpoints https://127.0.0.1:2379 --pki-dir pki --clients 16 --server-pid PID
 //! kine-load table --input results.jsonl     # the side-by-side Markdown table of run.sh
 //! ```
 //!
@@ -17,6 +18,7 @@
 //! whichever comes first.
 
 mod gateway;
+mod noisy;
 mod report;
 mod workloads;
 
@@ -59,6 +61,12 @@ enum Command {
     /// bounds opening and writing. Without `--pki-dir`, the watches share `--conns` plain
     /// connections; `--no-tenants` (etcd) gives each tenant a prefix of its own instead.
     GatewayWatch(gateway::GatewayOpts),
+    /// Tenant B's creates at `--clients` clients, alone and then while tenant A runs the worst
+    /// load the API allows (keep-alive flood, huge-range transactions, thousands of watches,
+    /// watchers that never read under 1 MiB values); B's throughput and latency in both phases
+    /// and the server's memory (`--server-pid`). A gateway with `--pki-dir` (A = tenant-0000,
+    /// B = tenant-0001), or two prefixes with `--no-tenants`.
+    NoisyNeighbour(noisy::NoisyOpts),
     /// Writes a throwaway PKI for `gateway-watch` into `--dir`: `ca.pem`, `server.pem` and
     /// `server-key.pem` (for `localhost` and 127.0.0.1), and `tenant-NNNN.pem` and
     /// `tenant-NNNN-key.pem` (common name `tenant-NNNN`) for `--clients` tenants.
@@ -185,6 +193,7 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         let mut gateway_opts = None;
+        let mut noisy_opts = None;
         let (name, opts) = match cli.command {
             Command::Table { input } => {
                 print!("{}", report::table(&input)?);
@@ -214,13 +223,19 @@ fn main() -> Result<()> {
                 gateway_opts = Some(g);
                 ("gateway-watch", opts)
             }
+            Command::NoisyNeighbour(n) => {
+                let opts = n.opts.clone();
+                noisy_opts = Some(n);
+                ("noisy-neighbour", opts)
+            }
         };
         if opts.endpoints.is_empty() {
             anyhow::bail!("no --endpoints");
         }
-        let report = match gateway_opts {
-            Some(g) => gateway::gateway_watch(&g).await?,
-            None => match name {
+        let report = match (gateway_opts, noisy_opts) {
+            (Some(g), _) => gateway::gateway_watch(&g).await?,
+            (_, Some(n)) => noisy::noisy_neighbour(&n).await?,
+            _ => match name {
                 "put" => workloads::put(&opts).await?,
                 "txn-create" => workloads::txn_create(&opts).await?,
                 "txn-update" => workloads::txn_update(&opts).await?,

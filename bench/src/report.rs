@@ -206,7 +206,7 @@ fn extra(v: &Value, key: &str) -> Option<f64> {
 /// The figure a ratio is taken of.
 fn headline(v: &Value) -> f64 {
     match v.get("workload").and_then(Value::as_str).unwrap_or("") {
-        "put" | "txn-create" | "txn-update" => num(v, "ops_per_sec"),
+        "put" | "txn-create" | "txn-update" | "noisy-neighbour" => num(v, "ops_per_sec"),
         "watch-latency" => num(v, "p99_ms"),
         "rss" => extra(v, "rss_mib").unwrap_or(0.0),
         "gateway-watch" => extra(v, "open_s").unwrap_or(0.0),
@@ -281,6 +281,33 @@ fn cell(v: &Value, base: Option<&Value>) -> String {
                 "{seconds:.2} s{} ({:.0} keys)",
                 ratio(seconds, base.and_then(|b| extra(b, "first_read_s"))),
                 extra(v, "keys").unwrap_or(0.0),
+            )
+        }
+        "noisy-neighbour" => {
+            let ops = num(v, "ops_per_sec");
+            let mib =
+                |key: &str| extra(v, key).map_or_else(|| "?".to_string(), |m| format!("{m:.0}"));
+            format!(
+                "B alone {:.0}/s, p99 {:.1} ms; with A {ops:.0}/s{} ({:.0}% kept), p99 {:.1} ms \
+                 ({:.2}× alone); RSS {} → {} (peak) → {} MiB; A: {:.0} keep-alives, {:.0} huge \
+                 txns, {:.0} × 1 MiB puts, {:.0} watches ({:.0} events), {:.0} never-reading \
+                 watchers, {:.0} refusals",
+                extra(v, "alone_ops_per_sec").unwrap_or(0.0),
+                extra(v, "alone_p99_ms").unwrap_or(0.0),
+                ratio(ops, base.map(|b| num(b, "ops_per_sec"))),
+                extra(v, "kept").unwrap_or(0.0) * 100.0,
+                num(v, "p99_ms"),
+                extra(v, "p99_vs_alone").unwrap_or(0.0),
+                mib("rss_before_mib"),
+                mib("rss_peak_mib"),
+                mib("rss_after_mib"),
+                extra(v, "a_keepalives").unwrap_or(0.0),
+                extra(v, "a_huge_txns").unwrap_or(0.0),
+                extra(v, "a_big_puts").unwrap_or(0.0),
+                extra(v, "a_watches_open").unwrap_or(0.0),
+                extra(v, "a_watch_events").unwrap_or(0.0),
+                extra(v, "a_slow_watchers_open").unwrap_or(0.0),
+                extra(v, "a_refused").unwrap_or(0.0),
             )
         }
         _ => format!("{:.2} ms", num(v, "p50_ms")),

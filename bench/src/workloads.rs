@@ -47,6 +47,13 @@ impl Budget {
         })
     }
 
+    fn for_duration(duration: Duration) -> Arc<Budget> {
+        Arc::new(Budget {
+            deadline: Instant::now() + duration,
+            remaining: None,
+        })
+    }
+
     /// Whether one more operation may start.
     fn take(&self) -> bool {
         if Instant::now() >= self.deadline {
@@ -87,7 +94,7 @@ fn value(size: usize) -> Bytes {
 }
 
 /// Number of keys under `prefix` now (a count-only range).
-async fn count_prefix(channel: &Channel, prefix: &str) -> Result<i64> {
+pub(crate) async fn count_prefix(channel: &Channel, prefix: &str) -> Result<i64> {
     let response = kv_client(channel)
         .range(RangeRequest {
             key: Bytes::copy_from_slice(prefix.as_bytes()),
@@ -229,12 +236,45 @@ fn create_txn(key: Bytes, value: Bytes) -> TxnRequest {
 pub async fn txn_create(opts: &Opts) -> Result<Report> {
     let prefix = opts.prefix("txn-create");
     let channels = connect(&opts.endpoints, opts.conns).await?;
-    let budget = Budget::new(opts);
-    let value = value(opts.val_size);
     let start = Instant::now();
-    let mut stats = run_clients(opts, &channels, |c, channel| {
-        let (budget, value, prefix, key_size) =
-            (budget.clone(), value.clone(), prefix.clone(), opts.key_size);
+    let mut stats = creates(opts, &channels, &prefix, Budget::new(opts)).await?;
+    let elapsed = start.elapsed();
+    let count = count_prefix(&channels[0], &prefix).await?;
+    check_count(&mut stats, count);
+    Ok(stats.into_report(elapsed))
+}
+
+/// `opts.clients` clients creating fresh keys under `prefix` until `budget` runs out, each
+/// answer checked; then the count of the prefix checked against the acknowledged creates.
+pub(crate) async fn checked_creates(
+    opts: &Opts,
+    channels: &[Channel],
+    prefix: &str,
+    duration: Duration,
+) -> Result<(Stats, Duration)> {
+    let start = Instant::now();
+    let mut stats = creates(opts, channels, prefix, Budget::for_duration(duration)).await?;
+    let elapsed = start.elapsed();
+    let count = count_prefix(&channels[0], prefix).await?;
+    check_count(&mut stats, count);
+    Ok((stats, elapsed))
+}
+
+/// The clients of the create workload.
+async fn creates(
+    opts: &Opts,
+    channels: &[Channel],
+    prefix: &str,
+    budget: Arc<Budget>,
+) -> Result<Stats> {
+    let value = value(opts.val_size);
+    run_clients(opts, channels, |c, channel| {
+        let (budget, value, prefix, key_size) = (
+            budget.clone(),
+            value.clone(),
+            prefix.to_string(),
+            opts.key_size,
+        );
         async move {
             let mut kv = kv_client(&channel);
             let mut stats = Stats::default();
@@ -262,11 +302,7 @@ pub async fn txn_create(opts: &Opts) -> Result<Report> {
             stats
         }
     })
-    .await?;
-    let elapsed = start.elapsed();
-    let count = count_prefix(&channels[0], &prefix).await?;
-    check_count(&mut stats, count);
-    Ok(stats.into_report(elapsed))
+    .await
 }
 
 /// The one key of a single-key range response, with its mod revision.

@@ -85,6 +85,13 @@ pub struct Config {
     #[arg(long, env = "KINE_MAX_LEASES_PER_TENANT", default_value_t = 100_000)]
     pub max_leases_per_tenant: u64,
 
+    /// Lease keep-alives of one tenant answered per second (0: no limit). Beyond it the
+    /// tenant's keep-alive streams are read more slowly, so a flood cannot take the CPU and
+    /// datastore connections other tenants need; no keep-alive is refused. etcd answers as
+    /// fast as it can.
+    #[arg(long, env = "KINE_MAX_KEEPALIVES_PER_SECOND", default_value_t = 10_000)]
+    pub max_keepalives_per_second: u32,
+
     /// Bytes of responses one Watch stream holds for a client that reads slower than events
     /// come; past it, the stream waits for the client and reads what it missed from history
     /// when it goes on.

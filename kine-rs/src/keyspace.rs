@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use crate::error::{KineError, Result};
 use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
 use crate::range;
+use crate::rate::RateLimit;
+use crate::renewals::Renewer;
 use crate::served::{ServedTenant, StatusFacts, WatchRequests, WatchResponses};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota};
 use crate::txn::{self, RequestLimits};
@@ -70,6 +72,10 @@ pub struct Keyspace {
     watches: AtomicI64,
     /// Keep-alives this process stored lately, by lease: when, and the lease as renewed.
     renewals: std::sync::Mutex<HashMap<i64, (i64, LeaseRecord)>>,
+    /// Stores the renewals the coalescing window does not answer, in batches.
+    renewer: Renewer,
+    /// The tenant's keep-alive rate in this process.
+    keep_alive_rate: Option<RateLimit>,
     /// Set when the keyspace is deleted: its watch and keep-alive streams end. Or when it
     /// moved to another datastore inside this process: then `successor` serves it, and the
     /// streams carry on there.
@@ -126,13 +132,17 @@ impl Keyspace {
             limits.watch_hub_buffer_bytes,
         ));
         let (sender, queue) = mpsc::channel(4096);
-        let tasks = vec![tokio::spawn(writer::run(
-            backend.clone(),
-            id,
-            name.to_string(),
-            hub.clone(),
-            queue,
-        ))];
+        let (renewer, renewals) = Renewer::start(backend.clone(), id);
+        let tasks = vec![
+            tokio::spawn(writer::run(
+                backend.clone(),
+                id,
+                name.to_string(),
+                hub.clone(),
+                queue,
+            )),
+            renewals,
+        ];
         Ok(Some(Arc::new(Keyspace {
             name: name.to_string(),
             id,
@@ -144,6 +154,8 @@ impl Keyspace {
             tasks,
             watches: AtomicI64::new(0),
             renewals: std::sync::Mutex::new(HashMap::new()),
+            renewer,
+            keep_alive_rate: RateLimit::new(limits.keepalives_per_second),
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
             successor: std::sync::Mutex::new(None),
@@ -431,7 +443,7 @@ impl Keyspace {
         if let Some(lease) = self.recent_renewal(id, now) {
             return Ok(Some(lease));
         }
-        let renewed = self.backend.renew_lease(self.id, id, now).await?;
+        let renewed = self.renewer.renew(id).await?;
         let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
         match renewed {
             Some(lease) => {
@@ -534,6 +546,12 @@ impl ServedTenant for Keyspace {
         Ok(LeaseRevokeResponse {
             header: Some(header),
         })
+    }
+
+    async fn admit_keep_alive(&self) {
+        if let Some(rate) = &self.keep_alive_rate {
+            rate.admit().await;
+        }
     }
 
     async fn lease_keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse> {

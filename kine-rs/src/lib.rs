@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod range;
+pub mod rate;
+pub mod renewals;
 pub mod routes;
 pub mod run;
 pub mod served;

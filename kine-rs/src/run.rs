@@ -352,6 +352,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         max_txn_ops: config.max_txn_ops,
         max_watches_per_stream: config.max_watches_per_stream,
         max_leases_per_tenant: i64::try_from(config.max_leases_per_tenant).unwrap_or(i64::MAX),
+        keepalives_per_second: config.max_keepalives_per_second,
         watch_stream_buffer_bytes: config.watch_stream_buffer_bytes,
         watch_hub_buffer_bytes: config.watch_hub_buffer_bytes,
     };

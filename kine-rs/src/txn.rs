@@ -69,6 +69,9 @@ pub struct RequestLimits {
     pub max_watches_per_stream: usize,
     /// Most leases of one tenant (`--max-leases-per-tenant`).
     pub max_leases_per_tenant: i64,
+    /// Keep-alives of one tenant answered per second, 0 for no limit
+    /// (`--max-keepalives-per-second`).
+    pub keepalives_per_second: u32,
     /// Bytes of responses one Watch stream buffers for its client
     /// (`--watch-stream-buffer-bytes`).
     pub watch_stream_buffer_bytes: usize,
@@ -84,6 +87,7 @@ impl Default for RequestLimits {
             max_txn_ops: 128,
             max_watches_per_stream: 10_000,
             max_leases_per_tenant: 100_000,
+            keepalives_per_second: 10_000,
             watch_stream_buffer_bytes: 4 << 20,
             watch_hub_buffer_bytes: 16 << 20,
         }

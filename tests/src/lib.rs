@@ -238,19 +238,30 @@ pub fn free_port() -> u16 {
 
 /// Path of the `kine-rs` binary built by `cargo build` next to the test executable.
 pub fn kine_rs_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("KINE_RS_BIN") {
+    workspace_binary("kine-rs", "KINE_RS_BIN")
+}
+
+/// Path of the `kine-load` load tool (`bench/`), built next to the test executable.
+pub fn kine_load_binary() -> PathBuf {
+    workspace_binary("kine-load", "KINE_LOAD_BIN")
+}
+
+/// `$env_var`, else the binary `name` that `cargo build --bins` put next to the test
+/// executable.
+fn workspace_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env_var) {
         return PathBuf::from(path);
     }
-    // target/<profile>/deps/<test-exe> -> target/<profile>/kine-rs
+    // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("kine-rs");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --bins` first (the README's test command does)",
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
         bin.display()
     );
     bin

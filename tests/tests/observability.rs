@@ -468,3 +468,67 @@ fn a_keep_alive_flood_is_not_a_write_per_message() {
         "{renewals} renewals stored for {KEEP_ALIVES} keep-alives"
     );
 }
+
+/// A keep-alive flood over many leases is stored in batches: 512 leases kept alive once each
+/// through one stream take a few `lease_renew` statements (each renews up to 256 leases),
+/// not 512, so one tenant's flood holds one datastore connection at a time instead of
+/// competing with every tenant's writers for them. Each answer is still the lease's own, in
+/// the order asked.
+#[test]
+fn keep_alives_of_many_leases_are_stored_in_batches() {
+    const LEASES: usize = 512;
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(
+        &endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        use kine_proto::etcdserverpb::lease_client::LeaseClient;
+        use kine_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest};
+        let channel = tonic::transport::Endpoint::from_shared(kine.endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = LeaseClient::new(channel);
+        let mut leases = Vec::with_capacity(LEASES);
+        for _ in 0..LEASES {
+            let granted = client
+                .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+                .await
+                .expect("grant");
+            leases.push(granted.into_inner().id);
+        }
+        let requests: Vec<LeaseKeepAliveRequest> = leases
+            .iter()
+            .map(|id| LeaseKeepAliveRequest { id: *id })
+            .collect();
+        let mut answers = client
+            .lease_keep_alive(futures::stream::iter(requests))
+            .await
+            .expect("keep-alive stream")
+            .into_inner();
+        for id in &leases {
+            let answer = tokio::time::timeout(Duration::from_secs(30), answers.message())
+                .await
+                .expect("a keep-alive answer in time")
+                .expect("stream")
+                .expect("stream open");
+            assert_eq!((answer.id, answer.ttl), (*id, 60));
+        }
+    });
+    let body = http_get(&metrics_address, "/metrics");
+    let renewals = sample(
+        &body,
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
+    )
+    .expect("lease_renew statements are counted");
+    assert!(
+        renewals <= (LEASES / 8) as f64,
+        "{renewals} renewal statements for {LEASES} leases kept alive at once"
+    );
+}

@@ -77,6 +77,8 @@ pub struct ProxiedTenant {
     /// Leases this process saw the tenant own (a cache of the ownership records).
     owned: std::sync::Mutex<HashSet<i64>>,
     keep_alive: tokio::sync::Mutex<Option<KeepAliveStream>>,
+    /// The tenant's keep-alive rate in this process.
+    keep_alive_rate: Option<crate::rate::RateLimit>,
     /// Whether the tenant was last seen with a quota (a hint: etcd's records decide).
     quota_mode: AtomicBool,
     /// Serializes this process's writes of the tenant while it has a quota.
@@ -109,6 +111,7 @@ impl ProxiedTenant {
             limits,
             owned: std::sync::Mutex::new(HashSet::new()),
             keep_alive: tokio::sync::Mutex::new(None),
+            keep_alive_rate: crate::rate::RateLimit::new(limits.keepalives_per_second),
             quota_mode: AtomicBool::new(false),
             quota_turn: tokio::sync::Mutex::new(()),
             watches: AtomicI64::new(0),
@@ -837,6 +840,12 @@ impl ServedTenant for ProxiedTenant {
             .map_err(upstream_error)?
             .into_inner();
         Ok(response)
+    }
+
+    async fn admit_keep_alive(&self) {
+        if let Some(rate) = &self.keep_alive_rate {
+            rate.admit().await;
+        }
     }
 
     async fn lease_keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse> {

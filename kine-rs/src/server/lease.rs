@@ -1,5 +1,7 @@
 //! etcd's Lease service.
 
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use kine_proto::etcdserverpb::lease_server::Lease;
 use kine_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -11,6 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Tenancy;
+
+/// Keep-alives of one stream being renewed at once; the stream reads no further meanwhile.
+const MAX_RENEWING_PER_STREAM: usize = 64;
 
 /// Serves LeaseGrant, LeaseRevoke, LeaseKeepAlive, LeaseTimeToLive and LeaseLeases.
 pub struct LeaseService {
@@ -49,17 +54,33 @@ impl Lease for LeaseService {
         let mut requests = request.into_inner();
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {
-            while let Ok(Some(request)) = requests.message().await {
-                // A tenant moved by this gateway keeps its leases on the new datastore.
-                while let Some(next) = tenant.successor() {
-                    tenant = next;
-                }
-                let response = tenant
-                    .lease_keep_alive(request.id)
-                    .await
-                    .map_err(Status::from);
-                if sender.send(response).await.is_err() {
-                    return;
+            // Several keep-alives of a stream are renewed at once (so a flood's renewals
+            // batch in the datastore) and answered in the order they came, as etcd does.
+            let mut renewing = FuturesOrdered::new();
+            let mut open = true;
+            while open || !renewing.is_empty() {
+                tokio::select! {
+                    biased;
+                    Some(response) = renewing.next(), if !renewing.is_empty() => {
+                        if sender.send(response).await.is_err() {
+                            return;
+                        }
+                    }
+                    request = requests.message(), if open && renewing.len() < MAX_RENEWING_PER_STREAM => {
+                        let Ok(Some(request)) = request else {
+                            open = false;
+                            continue;
+                        };
+                        // A tenant moved by this gateway keeps its leases on the new datastore.
+                        while let Some(next) = tenant.successor() {
+                            tenant = next;
+                        }
+                        let tenant = tenant.clone();
+                        renewing.push_back(async move {
+                            tenant.admit_keep_alive().await;
+                            tenant.lease_keep_alive(request.id).await.map_err(Status::from)
+                        });
+                    }
                 }
             }
         });

@@ -251,6 +251,21 @@ pub trait Backend: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<LeaseRecord>>;
 
+    /// [`Backend::renew_lease`] for several leases at once (a keep-alive flood's batch); the
+    /// answers in the order of `ids`. Datastores that can store them together override it.
+    async fn renew_leases(
+        &self,
+        keyspace: KeyspaceId,
+        ids: &[i64],
+        now_ms: i64,
+    ) -> Result<Vec<Option<LeaseRecord>>> {
+        let mut renewed = Vec::with_capacity(ids.len());
+        for id in ids {
+            renewed.push(self.renew_lease(keyspace, *id, now_ms).await?);
+        }
+        Ok(renewed)
+    }
+
     /// Physically removes up to `batch` rows that compaction at `revision` made unreachable;
     /// returns how many it removed (0 when done).
     async fn purge_compacted(

@@ -849,26 +849,65 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         id: i64,
         now_ms: i64,
     ) -> Result<Option<LeaseRecord>> {
+        Ok(self
+            .renew_leases(keyspace, &[id], now_ms)
+            .await?
+            .pop()
+            .flatten())
+    }
+
+    /// One statement renews a batch of leases (the list padded to a power of two, so the
+    /// statements stay few and prepared), one reads back those it renewed: after it a renewed
+    /// lease's deadline is ahead of `now_ms`, and one it did not renew has passed.
+    async fn renew_leases(
+        &self,
+        keyspace: KeyspaceId,
+        ids: &[i64],
+        now_ms: i64,
+    ) -> Result<Vec<Option<LeaseRecord>>> {
+        let mut renewed = HashMap::with_capacity(ids.len());
         let mut conn = acquire::<D>(&self.writers).await?;
-        let renewed = execute::<D>(
-            &mut conn,
-            "lease_renew",
-            "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
-             WHERE keyspace = ? AND id = ? AND (expires_at_ms > ? OR expires_at_ms > \
-             (SELECT frozen_at_ms FROM keyspaces WHERE id = ? AND frozen = 1))",
-            &[
-                Arg::Int(now_ms),
-                Arg::Int(keyspace),
-                Arg::Int(id),
-                Arg::Int(now_ms),
-                Arg::Int(keyspace),
-            ],
-        )
-        .await?;
-        if renewed == 0 {
-            return Ok(None);
+        for chunk in ids.chunks(crate::renewals::MAX_BATCH) {
+            let size = chunk.len().next_power_of_two();
+            let last = chunk[chunk.len() - 1];
+            let listed = chunk
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(last, size - chunk.len()));
+            let list = placeholders(size);
+            let mut args = vec![Arg::Int(now_ms), Arg::Int(keyspace)];
+            args.extend(listed.clone().map(Arg::Int));
+            args.extend([Arg::Int(now_ms), Arg::Int(keyspace)]);
+            execute::<D>(
+                &mut conn,
+                "lease_renew",
+                &format!(
+                    "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
+                     WHERE keyspace = ? AND id IN ({list}) AND (expires_at_ms > ? OR \
+                     expires_at_ms > (SELECT frozen_at_ms FROM keyspaces WHERE id = ? AND frozen = 1))"
+                ),
+                &args,
+            )
+            .await?;
+            let mut args = vec![Arg::Int(keyspace)];
+            args.extend(listed.map(Arg::Int));
+            args.push(Arg::Int(now_ms));
+            let rows = fetch_all::<D>(
+                &mut conn,
+                "lease_renewed",
+                &format!(
+                    "SELECT id, ttl, expires_at_ms FROM leases \
+                     WHERE keyspace = ? AND id IN ({list}) AND expires_at_ms > ?"
+                ),
+                &args,
+            )
+            .await?;
+            for row in &rows {
+                let lease = lease_from_row::<D>(row)?;
+                renewed.insert(lease.id, lease);
+            }
         }
-        lease_on::<D>(&mut conn, keyspace, id, false).await
+        Ok(ids.iter().map(|id| renewed.get(id).copied()).collect())
     }
 
     async fn purge_compacted(
