@@ -50,6 +50,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS_PER_MEMBER: usize = 4;
 /// Keys read per page when a tenant's size is summed.
 const USAGE_PAGE: i64 = 1000;
+/// How often the keeper looks for frozen tenants whose leases it must renew.
+const FROZEN_KEEPER_TICK: Duration = Duration::from_millis(250);
 
 /// Whether `endpoint` names an etcd cluster.
 pub fn is_etcd_endpoint(endpoint: &str) -> bool {
@@ -228,6 +230,10 @@ impl Control {
     /// Present while the tenant is frozen; its value is when the freeze began (ms).
     pub fn frozen(&self, name: &str) -> Bytes {
         self.key("frozen", name)
+    }
+
+    pub fn frozen_prefix(&self) -> KeyPrefix {
+        KeyPrefix::new(format!("{}frozen/", self.root))
     }
 
     /// The tenant's quota (`keys bytes`); absent when it has none.
@@ -480,6 +486,7 @@ impl EtcdProxy {
             members = members.len(),
             "serving tenants of an etcd cluster"
         );
+        tokio::spawn(keep_frozen_leases(Arc::downgrade(&proxy)));
         Ok(proxy)
     }
 
@@ -505,6 +512,15 @@ impl EtcdProxy {
             let proxy = proxy.clone();
             Box::pin(async move { proxy.ping().await.is_ok() })
         })
+    }
+
+    /// An open tenant, without counting it as used (the idle timeout still closes it).
+    fn cached_quietly(&self, name: &str) -> Option<Arc<ProxiedTenant>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn cached(&self, name: &str) -> Option<Arc<ProxiedTenant>> {
@@ -651,6 +667,48 @@ impl EtcdProxy {
             migration,
             pinned_revision,
         })
+    }
+}
+
+/// While a tenant this process has open is frozen, whoever froze it (this process, another
+/// proxy, `kine-rs migrate`), renews its leases so that none expires
+/// ([`ProxiedTenant::renew_frozen_leases`]): one keys-only read of the freeze records per
+/// tick. Ends with the proxy.
+async fn keep_frozen_leases(proxy: std::sync::Weak<EtcdProxy>) {
+    let mut renewing: std::collections::HashSet<String> = Default::default();
+    loop {
+        tokio::time::sleep(FROZEN_KEEPER_TICK).await;
+        let Some(proxy) = proxy.upgrade() else { return };
+        let frozen = match proxy
+            .upstream
+            .keys_under(&proxy.control.frozen_prefix())
+            .await
+        {
+            Ok((names, _)) => names,
+            Err(error) => {
+                warn!(%error, "cannot read the tenants' freezes (their leases are not renewed)");
+                continue;
+            }
+        };
+        let frozen: std::collections::HashSet<String> = frozen
+            .iter()
+            .filter_map(|name| String::from_utf8(name.to_vec()).ok())
+            .collect();
+        for name in renewing.difference(&frozen) {
+            if let Some(tenant) = proxy.cached_quietly(name) {
+                tenant.thawed().await;
+            }
+        }
+        renewing.clear();
+        for name in frozen {
+            let Some(tenant) = proxy.cached_quietly(&name) else {
+                continue;
+            };
+            if let Err(error) = tenant.renew_frozen_leases().await {
+                warn!(tenant = name, %error, "cannot renew a frozen tenant's leases");
+            }
+            renewing.insert(name);
+        }
     }
 }
 
