@@ -877,10 +877,12 @@ impl ServedTenant for ProxiedTenant {
             .map_err(upstream_error)?
             .into_inner()
             .keys;
-        let keys: Vec<Bytes> = attached
+        let mut keys: Vec<Bytes> = attached
             .into_iter()
             .filter(|key| self.prefix.strip(key).is_some())
             .collect();
+        // In key order, as etcd's revoke deletes them: watchers see the events in that order.
+        keys.sort();
         let record = self.control.lease(&self.name, id);
         if keys.len() < REVOKE_IN_ONE_TXN {
             let mut success: Vec<RequestOp> = keys

@@ -28,6 +28,8 @@ const UPSTREAM_BUFFER: usize = 256;
 /// In etcd's cancel reason of a watch its user may not read (or whose stream's token is no
 /// longer valid); etcd 3.5 words it `rpc error: code = PermissionDenied desc = ...`.
 const PERMISSION_DENIED: &str = "etcdserver: permission denied";
+/// etcd's cancel reason for a create naming a watch id in use on the stream.
+const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 /// Longest wait between attempts to reopen the upstream stream.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -236,6 +238,16 @@ impl Session {
                 } else {
                     None
                 };
+                if create_request.watch_id != 0
+                    && self.canceled_here.contains(&create_request.watch_id)
+                {
+                    // etcd keeps the id of a watcher it canceled as compacted until the
+                    // client cancels it; so does the proxy for those it canceled itself.
+                    self.pending.push_back(Pending::Refused {
+                        reason: DUPLICATE_WATCH_ID.to_string(),
+                    });
+                    return self.answer_refused().await;
+                }
                 let max = self.tenant.limits().max_watches_per_stream;
                 let creating = self
                     .pending
