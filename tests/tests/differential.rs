@@ -3,7 +3,8 @@
 //! what is ignored and why, and the one named etcd bug the comparison does not copy).
 //!
 //! `DIFF_SEED` (number, 0x-hex or `random`), `DIFF_OPS` (default 10,000), `DIFF_TARGET`
-//! (`kine-rs`, the default, or `etcd` to validate the harness against a second etcd) and
+//! (`kine-rs`, the default, `proxy` for kine-rs's etcd proxy in front of a private etcd, or
+//! `etcd` to validate the harness against a second etcd) and
 //! `DIFF_BACKEND` (`memory`, `sqlite`, `postgres`, `mysql` or `nats`) tune a run; the seed is always printed.
 
 use kine_tests::Backend;
@@ -66,4 +67,17 @@ async fn harness_self_check_etcd_against_etcd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_seed_7_matches_etcd() {
     matrix_run(7, Target::KineRs(Backend::Nats)).await;
+}
+
+/// Through the etcd proxy (tenant `t` of a private etcd): its revisions are etcd's, with
+/// gaps where kine-rs's own records took one; they are mapped to the oracle's write by
+/// write, never ignored (`kine_tests::differential` `revmap`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_proxy_seed_8_matches_etcd() {
+    matrix_run(8, Target::EtcdProxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_proxy_seed_9_matches_etcd() {
+    matrix_run(9, Target::EtcdProxy).await;
 }

@@ -888,3 +888,84 @@ async fn quotas_kept_in_etcd_by_two_proxies() -> Result<()> {
     drop((p1, p2));
     Ok(())
 }
+
+/// Whether `key` of `client`'s tenant exists.
+async fn exists(client: &mut Client, key: &str) -> Result<bool> {
+    Ok(client.get(key, None).await?.count() == 1)
+}
+
+/// Waits up to `within` for `key` to be gone.
+async fn gone_within(client: &mut Client, key: &str, within: Duration) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if !exists(client, key).await? {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
+/// Lease expiry is a write (it deletes the lease's keys), so a frozen tenant's leases do not
+/// expire, as on the other datastores: the proxy renews them while the freeze lasts, whether
+/// it froze the tenant itself (admin socket) or another process wrote the freeze record (as
+/// `kine-rs migrate` does). A revoke is refused and deletes nothing. After the unfreeze the
+/// leases run out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_frozen_tenant_do_not_expire() -> Result<()> {
+    let etcd = spawn_etcd_with(ETCD_ARGS);
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("admin.sock").display().to_string();
+    let kine = spawn_kine(
+        format!("etcd://{}", etcd.address),
+        ["--tenant", "ft", "--admin-socket", &socket]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    )
+    .await?;
+    let mut client = connect(&kine.endpoint, None).await?;
+    let mut raw = Client::connect([etcd.endpoint.as_str()], None).await?;
+    // Longer than the 2 s leases below live without renewal.
+    let frozen_for = Duration::from_secs(5);
+
+    // Frozen through this proxy.
+    let lease = client.lease_grant(2, None).await?.id();
+    client
+        .put("leased", "v", Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    admin(&socket, &["freeze", "ft"]).await?;
+    tokio::time::sleep(frozen_for).await;
+    ensure!(
+        exists(&mut client, "leased").await?,
+        "a lease expired while its tenant was frozen (admin freeze)"
+    );
+    expect_code(client.lease_revoke(lease).await, Code::FailedPrecondition)?;
+    ensure!(
+        exists(&mut client, "leased").await?,
+        "a refused revoke deleted the key"
+    );
+    admin(&socket, &["unfreeze", "ft"]).await?;
+    ensure!(
+        gone_within(&mut client, "leased", Duration::from_secs(15)).await?,
+        "the lease did not expire after the unfreeze"
+    );
+
+    // Frozen by another process: the freeze record written into etcd directly.
+    let lease = client.lease_grant(2, None).await?.id();
+    client
+        .put("leased2", "v", Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    raw.put("/_kine-rs/frozen/ft", "1", None).await?;
+    tokio::time::sleep(frozen_for).await;
+    ensure!(
+        exists(&mut client, "leased2").await?,
+        "a lease expired while its tenant was frozen (freeze record from elsewhere)"
+    );
+    raw.delete("/_kine-rs/frozen/ft", None).await?;
+    ensure!(
+        gone_within(&mut client, "leased2", Duration::from_secs(15)).await?,
+        "the lease did not expire after the freeze record went"
+    );
+    Ok(())
+}

@@ -315,8 +315,8 @@ fn slow_queries_are_logged_by_kind_without_values() {
     );
 }
 
-/// Whatever form a datastore password takes in `--endpoint` (`user:pass@`, `?password=`,
-/// `sslpassword=`), it appears nowhere in kine-rs's output, also while kine-rs waits for an
+/// Whatever form a datastore password takes in `--endpoint` (`user:pass@` of PostgreSQL,
+/// MySQL or etcd, `?password=`, `sslpassword=`), it appears nowhere in kine-rs's output, also while kine-rs waits for an
 /// unreachable datastore and logs every attempt.
 #[test]
 fn endpoint_secrets_never_reach_the_log() {
@@ -348,6 +348,14 @@ fn endpoint_secrets_never_reach_the_log() {
         (
             format!("mysql://kine@127.0.0.1:{port}/kine?password=Secret6-query"),
             "Secret6-query",
+        ),
+        (
+            format!("etcd://kine:Secret7-etcd@127.0.0.1:{port}"),
+            "Secret7-etcd",
+        ),
+        (
+            format!("etcd://kine:Secret8%40members@127.0.0.1:{port},http://127.0.0.1:{port}"),
+            "Secret8",
         ),
     ];
     for (endpoint, secret) in &cases {

@@ -8,6 +8,7 @@
 //! proxy sends carries a compare on the tenant's freeze record, so etcd itself refuses writes
 //! of a frozen tenant, atomically, whichever proxy they come through.
 
+pub mod auth;
 pub mod prefix;
 pub(crate) mod quota;
 pub mod rewrite;
@@ -31,6 +32,8 @@ use kine_proto::etcdserverpb::{
 };
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use self::auth::{AuthChannel, Credentials};
 use tracing::{info, warn};
 
 use self::prefix::{KeyPrefix, PrefixTemplate};
@@ -50,6 +53,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTIONS_PER_MEMBER: usize = 4;
 /// Keys read per page when a tenant's size is summed.
 const USAGE_PAGE: i64 = 1000;
+/// How often the keeper looks for frozen tenants whose leases it must renew.
+const FROZEN_KEEPER_TICK: Duration = Duration::from_millis(250);
 
 /// Whether `endpoint` names an etcd cluster.
 pub fn is_etcd_endpoint(endpoint: &str) -> bool {
@@ -77,13 +82,31 @@ pub enum ConnectError {
     Endpoint(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(
+        "etcd refused kine-rs: {0} (the user needs read and write access to the tenants' \
+         prefixes and to kine-rs's records, `/_kine-rs/`)"
+    )]
+    Refused(String),
+    #[error("etcd refused kine-rs's user: {0}")]
+    Login(String),
     #[error("no member answered within {seconds}s: {reason}")]
     Unreachable { seconds: u64, reason: String },
 }
 
-/// The members of `etcd://HOST:PORT,HOST:PORT` (also `etcds://`, `http://`, `https://`), as
-/// URLs, and whether TLS is asked for by the scheme.
-pub fn parse_endpoint(endpoint: &str) -> std::result::Result<(Vec<String>, bool), ConnectError> {
+/// What an etcd endpoint names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdEndpoint {
+    /// `HOST:PORT` of each member.
+    pub members: Vec<String>,
+    /// TLS asked for by the scheme (`etcds://`, `https://`).
+    pub tls: bool,
+    /// `USER:PASSWORD@` before the members: etcd's user authentication.
+    pub credentials: Option<auth::Credentials>,
+}
+
+/// Parses `etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]` (also `etcds://`, `http://`,
+/// `https://`; user and password %-escaped as in any URL).
+pub fn parse_endpoint(endpoint: &str) -> std::result::Result<EtcdEndpoint, ConnectError> {
     let (rest, tls) = if let Some(rest) = endpoint.strip_prefix("etcd://") {
         (rest, false)
     } else if let Some(rest) = endpoint.strip_prefix("etcds://") {
@@ -94,16 +117,14 @@ pub fn parse_endpoint(endpoint: &str) -> std::result::Result<(Vec<String>, bool)
         (rest, true)
     } else {
         return Err(ConnectError::Endpoint(
-            "an etcd endpoint is etcd://HOST:PORT[,HOST:PORT...]".into(),
+            "an etcd endpoint is etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]".into(),
         ));
     };
-    if rest.contains('@') {
-        return Err(ConnectError::Endpoint(
-            "etcd user authentication is not supported by the etcd proxy; use client \
-             certificates (--cert-file, --key-file)"
-                .into(),
-        ));
-    }
+    // Host names never hold an `@`; an unescaped one in the password is taken as typed.
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, members)) => (Some(parse_credentials(userinfo)?), members),
+        None => (None, rest),
+    };
     let mut members = Vec::new();
     for member in rest.split(',') {
         // Each member may repeat the scheme (`http://a:2379,http://b:2379`, as etcdctl takes).
@@ -127,24 +148,80 @@ pub fn parse_endpoint(endpoint: &str) -> std::result::Result<(Vec<String>, bool)
         };
         members.push(member);
     }
-    Ok((members, tls))
+    Ok(EtcdEndpoint {
+        members,
+        tls,
+        credentials,
+    })
+}
+
+/// `USER:PASSWORD` of an etcd endpoint; never quoted in an error, which may be logged.
+fn parse_credentials(userinfo: &str) -> std::result::Result<auth::Credentials, ConnectError> {
+    let missing = || {
+        ConnectError::Endpoint(
+            "etcd credentials are USER:PASSWORD@ before the members (%-escape `:`, `@`, `%` \
+             in them)"
+                .into(),
+        )
+    };
+    let (user, password) = userinfo.split_once(':').ok_or_else(missing)?;
+    let (user, password) = (percent_decode(user)?, percent_decode(password)?);
+    if user.is_empty() || password.is_empty() {
+        return Err(missing());
+    }
+    Ok(auth::Credentials::new(user, password))
+}
+
+/// Decodes the `%XX` escapes of a user name or password.
+fn percent_decode(text: &str) -> std::result::Result<String, ConnectError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = text
+                .get(i + 1..i + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| {
+                    ConnectError::Endpoint(
+                        "a malformed %-escape in the etcd endpoint's credentials".into(),
+                    )
+                })?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ConnectError::Endpoint("the etcd endpoint's credentials are not UTF-8".into()))
 }
 
 /// Clients of the etcd cluster; cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
-    pub kv: KvClient<Channel>,
-    pub watch: WatchClient<Channel>,
-    pub lease: LeaseClient<Channel>,
+    pub kv: KvClient<AuthChannel>,
+    pub watch: WatchClient<AuthChannel>,
+    pub lease: LeaseClient<AuthChannel>,
+    channel: AuthChannel,
 }
 
 impl Upstream {
-    pub fn new(channel: Channel) -> Self {
+    /// Clients over `channel`, authenticating as `credentials` when given.
+    pub fn new(channel: Channel, credentials: Option<Credentials>) -> Self {
+        let channel = AuthChannel::new(channel, credentials);
         Upstream {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
             watch: WatchClient::new(channel.clone()).max_decoding_message_size(usize::MAX),
-            lease: LeaseClient::new(channel),
+            lease: LeaseClient::new(channel.clone()),
+            channel,
         }
+    }
+
+    /// The connection's authentication (to renew a token a stream was refused for).
+    pub fn auth(&self) -> &AuthChannel {
+        &self.channel
     }
 }
 
@@ -228,6 +305,10 @@ impl Control {
     /// Present while the tenant is frozen; its value is when the freeze began (ms).
     pub fn frozen(&self, name: &str) -> Bytes {
         self.key("frozen", name)
+    }
+
+    pub fn frozen_prefix(&self) -> KeyPrefix {
+        KeyPrefix::new(format!("{}frozen/", self.root))
     }
 
     /// The tenant's quota (`keys bytes`); absent when it has none.
@@ -416,7 +497,11 @@ impl EtcdProxy {
         options: ProxyOptions,
     ) -> std::result::Result<Arc<Self>, ConnectError> {
         let template = PrefixTemplate::parse(&options.prefix).map_err(ConnectError::Endpoint)?;
-        let (members, scheme_tls) = parse_endpoint(endpoint)?;
+        let EtcdEndpoint {
+            members,
+            tls: scheme_tls,
+            credentials,
+        } = parse_endpoint(endpoint)?;
         let tls = scheme_tls || options.tls.any();
         let tls_config = if tls {
             Some(client_tls(&options.tls)?)
@@ -453,7 +538,7 @@ impl EtcdProxy {
             }
         }
         let proxy = Arc::new(EtcdProxy {
-            upstream: Upstream::new(channel),
+            upstream: Upstream::new(channel, credentials),
             control: Control::of(&template),
             template,
             limits: options.limits,
@@ -464,8 +549,18 @@ impl EtcdProxy {
         loop {
             match proxy.ping().await {
                 Ok(()) => break,
+                // Waiting does not mend wrong credentials or a role without kine-rs's records.
+                Err(KineError::Etcd { message, .. }) if auth::is_refused_login(&message) => {
+                    return Err(ConnectError::Login(message));
+                }
+                Err(KineError::Etcd {
+                    code: Code::PermissionDenied,
+                    message,
+                }) => {
+                    return Err(ConnectError::Refused(message));
+                }
                 Err(error) if Instant::now() < deadline => {
-                    warn!(%error, "waiting for the etcd cluster");
+                    warn!(%error, "waiting for the datastore (etcd cluster)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(error) => {
@@ -480,6 +575,7 @@ impl EtcdProxy {
             members = members.len(),
             "serving tenants of an etcd cluster"
         );
+        tokio::spawn(keep_frozen_leases(Arc::downgrade(&proxy)));
         Ok(proxy)
     }
 
@@ -505,6 +601,15 @@ impl EtcdProxy {
             let proxy = proxy.clone();
             Box::pin(async move { proxy.ping().await.is_ok() })
         })
+    }
+
+    /// An open tenant, without counting it as used (the idle timeout still closes it).
+    fn cached_quietly(&self, name: &str) -> Option<Arc<ProxiedTenant>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn cached(&self, name: &str) -> Option<Arc<ProxiedTenant>> {
@@ -651,6 +756,48 @@ impl EtcdProxy {
             migration,
             pinned_revision,
         })
+    }
+}
+
+/// While a tenant this process has open is frozen, whoever froze it (this process, another
+/// proxy, `kine-rs migrate`), renews its leases so that none expires
+/// ([`ProxiedTenant::renew_frozen_leases`]): one keys-only read of the freeze records per
+/// tick. Ends with the proxy.
+async fn keep_frozen_leases(proxy: std::sync::Weak<EtcdProxy>) {
+    let mut renewing: std::collections::HashSet<String> = Default::default();
+    loop {
+        tokio::time::sleep(FROZEN_KEEPER_TICK).await;
+        let Some(proxy) = proxy.upgrade() else { return };
+        let frozen = match proxy
+            .upstream
+            .keys_under(&proxy.control.frozen_prefix())
+            .await
+        {
+            Ok((names, _)) => names,
+            Err(error) => {
+                warn!(%error, "cannot read the tenants' freezes (their leases are not renewed)");
+                continue;
+            }
+        };
+        let frozen: std::collections::HashSet<String> = frozen
+            .iter()
+            .filter_map(|name| String::from_utf8(name.to_vec()).ok())
+            .collect();
+        for name in renewing.difference(&frozen) {
+            if let Some(tenant) = proxy.cached_quietly(name) {
+                tenant.thawed().await;
+            }
+        }
+        renewing.clear();
+        for name in frozen {
+            let Some(tenant) = proxy.cached_quietly(&name) else {
+                continue;
+            };
+            if let Err(error) = tenant.renew_frozen_leases().await {
+                warn!(tenant = name, %error, "cannot renew a frozen tenant's leases");
+            }
+            renewing.insert(name);
+        }
     }
 }
 

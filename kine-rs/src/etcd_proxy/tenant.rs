@@ -1,7 +1,7 @@
 //! One tenant served from the shared etcd: requests confined to its prefix, writes guarded by
 //! its freeze record, leases checked against its ownership records.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +38,11 @@ use crate::txn::{self, RequestLimits};
 const QUOTA_WAIT: Duration = Duration::from_secs(10);
 /// A "counting" usage record older than this was left by a process that died counting.
 const COUNTING_TAKEOVER_MS: i64 = 10_000;
+/// A revoke deletes the lease's keys in one guarded transaction when it has fewer keys than
+/// this (etcd's default `--max-txn-ops` is 128).
+const REVOKE_IN_ONE_TXN: usize = 100;
+/// The shortest time between two renewals of a frozen tenant's lease.
+const MIN_FROZEN_RENEWAL: Duration = Duration::from_millis(500);
 
 /// How one write attempt ended.
 enum Attempt {
@@ -79,6 +84,8 @@ pub struct ProxiedTenant {
     keep_alive: tokio::sync::Mutex<Option<KeepAliveStream>>,
     /// The tenant's keep-alive rate in this process.
     keep_alive_rate: Option<crate::rate::RateLimit>,
+    /// While the tenant is frozen: its leases, and when each is to be renewed next.
+    frozen_renewals: tokio::sync::Mutex<HashMap<i64, Instant>>,
     /// Whether the tenant was last seen with a quota (a hint: etcd's records decide).
     quota_mode: AtomicBool,
     /// Serializes this process's writes of the tenant while it has a quota.
@@ -112,6 +119,7 @@ impl ProxiedTenant {
             owned: std::sync::Mutex::new(HashSet::new()),
             keep_alive: tokio::sync::Mutex::new(None),
             keep_alive_rate: crate::rate::RateLimit::new(limits.keepalives_per_second),
+            frozen_renewals: tokio::sync::Mutex::new(HashMap::new()),
             quota_mode: AtomicBool::new(false),
             quota_turn: tokio::sync::Mutex::new(()),
             watches: AtomicI64::new(0),
@@ -502,6 +510,41 @@ impl ProxiedTenant {
         Ok(self.compact_revision().await?.1)
     }
 
+    /// Lease expiry is a write (it deletes the lease's keys), and a frozen tenant takes none:
+    /// while it is frozen, each of its leases is renewed once a third of its TTL has passed
+    /// since the last renewal, so none expires. (etcd cannot pause a lease: a renewal gives
+    /// it its whole TTL again, so after the freeze a lease has at least the time it had left
+    /// when the freeze began, and at most its TTL.) Called by the proxy's keeper while the
+    /// freeze record exists, and at once by the freeze itself.
+    pub async fn renew_frozen_leases(&self) -> Result<()> {
+        let (held, _) = self
+            .upstream
+            .keys_under(&self.control.leases(&self.name))
+            .await?;
+        let held: HashSet<i64> = held.iter().filter_map(|hex| lease_id_of(hex)).collect();
+        let mut due = self.frozen_renewals.lock().await;
+        due.retain(|id, _| held.contains(id));
+        for id in held {
+            let now = Instant::now();
+            if due.get(&id).is_some_and(|at| *at > now) {
+                continue;
+            }
+            let renewed = self.keep_alive_once(id).await?;
+            if renewed.ttl > 0 {
+                let third = Duration::from_millis(renewed.ttl as u64 * 1000 / 3);
+                due.insert(id, now + third.max(MIN_FROZEN_RENEWAL));
+            } else {
+                due.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenant is not frozen (any more): its leases run on their own.
+    pub async fn thawed(&self) {
+        self.frozen_renewals.lock().await.clear();
+    }
+
     async fn keep_alive_once(&self, id: i64) -> Result<LeaseKeepAliveResponse> {
         let mut stream = self.keep_alive.lock().await;
         let request = LeaseKeepAliveRequest { id };
@@ -822,13 +865,66 @@ impl ServedTenant for ProxiedTenant {
     }
 
     async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse> {
-        if !self.owns(id).await? {
-            return Err(KineError::LeaseNotFound);
-        }
-        if self.is_frozen().await? {
-            return Err(KineError::Frozen {
-                tenant: self.name.clone(),
-            });
+        // etcd's revoke cannot carry a compare. So the lease's keys (what a revoke changes)
+        // are deleted by a transaction that etcd runs only while the tenant is not frozen
+        // and owns the lease, in one revision as a revoke deletes them; the ownership record
+        // goes with them, so no later put attaches a key; then etcd revokes the emptied
+        // lease, which takes no revision. A key attached by a put racing this, between the
+        // read of the keys and the transaction, goes with the revoke, unguarded.
+        let attached = self
+            .upstream
+            .lease
+            .clone()
+            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
+            .await
+            .map_err(upstream_error)?
+            .into_inner()
+            .keys;
+        let mut keys: Vec<Bytes> = attached
+            .into_iter()
+            .filter(|key| self.prefix.strip(key).is_some())
+            .collect();
+        // In key order, as etcd's revoke deletes them: watchers see the events in that order.
+        keys.sort();
+        let record = self.control.lease(&self.name, id);
+        if keys.len() < REVOKE_IN_ONE_TXN {
+            let mut success: Vec<RequestOp> = keys
+                .into_iter()
+                .map(|key| delete_op(key, Bytes::new()))
+                .collect();
+            success.push(delete_op(record.clone(), Bytes::new()));
+            let response = self
+                .upstream
+                .kv
+                .clone()
+                .txn(TxnRequest {
+                    compare: vec![absent(self.control.frozen(&self.name)), present(record)],
+                    success,
+                    failure: vec![get_op(self.control.frozen(&self.name))],
+                })
+                .await
+                .map_err(upstream_error)?
+                .into_inner();
+            if !response.succeeded {
+                if range_at(&response.responses, 0).is_some_and(|r| !r.kvs.is_empty()) {
+                    return Err(KineError::Frozen {
+                        tenant: self.name.clone(),
+                    });
+                }
+                self.forget(id);
+                return Err(KineError::LeaseNotFound);
+            }
+        } else {
+            // More keys than a transaction holds: checked first, so a freeze that lands
+            // between the check and the revoke does not stop it.
+            if !self.owns(id).await? {
+                return Err(KineError::LeaseNotFound);
+            }
+            if self.is_frozen().await? {
+                return Err(KineError::Frozen {
+                    tenant: self.name.clone(),
+                });
+            }
         }
         self.forget(id);
         let response = self
@@ -995,6 +1091,12 @@ impl ServedTenant for ProxiedTenant {
             return Err(KineError::TenantMoved {
                 tenant: self.name.clone(),
             });
+        }
+        if frozen {
+            // At once, not at the keeper's next tick: a lease about to expire must not.
+            self.renew_frozen_leases().await?;
+        } else {
+            self.thawed().await;
         }
         Ok(())
     }

@@ -25,6 +25,11 @@ use crate::served::{WatchRequests, WatchResponses};
 
 /// Requests buffered towards etcd.
 const UPSTREAM_BUFFER: usize = 256;
+/// In etcd's cancel reason of a watch its user may not read (or whose stream's token is no
+/// longer valid); etcd 3.5 words it `rpc error: code = PermissionDenied desc = ...`.
+const PERMISSION_DENIED: &str = "etcdserver: permission denied";
+/// etcd's cancel reason for a create naming a watch id in use on the stream.
+const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 /// Longest wait between attempts to reopen the upstream stream.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -58,6 +63,9 @@ struct Session {
     /// proxy's cancel is not shown; the client's own cancel later gets one.
     canceled_here: HashSet<i64>,
     upstream: Option<(mpsc::Sender<WatchRequest>, Streaming<WatchResponse>)>,
+    /// The upstream stream was reopened with a new token after etcd refused a create, and
+    /// no create succeeded since: a second refusal is the user's lack of permission.
+    token_renewed: bool,
 }
 
 /// The client went away, or the tenant did.
@@ -72,6 +80,7 @@ pub async fn serve(tenant: Arc<ProxiedTenant>, mut requests: WatchRequests, out:
         pending: VecDeque::new(),
         canceled_here: HashSet::new(),
         upstream: None,
+        token_renewed: false,
     };
     loop {
         let step = match session.upstream.as_mut() {
@@ -229,6 +238,16 @@ impl Session {
                 } else {
                     None
                 };
+                if create_request.watch_id != 0
+                    && self.canceled_here.contains(&create_request.watch_id)
+                {
+                    // etcd keeps the id of a watcher it canceled as compacted until the
+                    // client cancels it; so does the proxy for those it canceled itself.
+                    self.pending.push_back(Pending::Refused {
+                        reason: DUPLICATE_WATCH_ID.to_string(),
+                    });
+                    return self.answer_refused().await;
+                }
                 let max = self.tenant.limits().max_watches_per_stream;
                 let creating = self
                     .pending
@@ -331,6 +350,16 @@ impl Session {
     async fn created(&mut self, pending: Pending, mut response: WatchResponse) -> Result<(), Stop> {
         let id = response.watch_id;
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
+        if response.canceled && self.stale_token(&response) {
+            // Sent again, first, on a stream opened with a new token.
+            self.pending.push_front(pending);
+            self.token_renewed = true;
+            self.tenant.upstream().auth().forget_token();
+            return self.reconnect().await;
+        }
+        if !response.canceled {
+            self.token_renewed = false;
+        }
         match pending {
             Pending::Client { request, compacted } => {
                 if response.canceled {
@@ -378,6 +407,15 @@ impl Session {
             // Answered before any later create's answer is looked at.
             Pending::Refused { .. } => Ok(()),
         }
+    }
+
+    /// Whether etcd refused a create for the token the stream was opened with: a stream keeps
+    /// its token, which may have expired since (etcd then answers `permission denied`), so
+    /// the stream is reopened once with a new one.
+    fn stale_token(&self, response: &WatchResponse) -> bool {
+        response.cancel_reason.contains(PERMISSION_DENIED)
+            && self.tenant.upstream().auth().authenticates()
+            && !self.token_renewed
     }
 
     /// Answers the refused creates at the head of the queue (every create before them has

@@ -76,8 +76,11 @@ impl EtcdKeys {
     /// Clients of the etcd at `endpoint` (plain `etcd://HOST:PORT[,HOST:PORT]`) for the keys
     /// starting with `start`, arriving without `strip` (a prefix of `start`); connects lazily.
     pub fn new(endpoint: &str, strip: Bytes, start: Bytes) -> Result<Self, EtcdSourceError> {
-        let (members, tls) =
-            parse_endpoint(endpoint).map_err(|e| EtcdSourceError::Endpoint(e.to_string()))?;
+        let crate::etcd_proxy::EtcdEndpoint {
+            members,
+            tls,
+            credentials,
+        } = parse_endpoint(endpoint).map_err(|e| EtcdSourceError::Endpoint(e.to_string()))?;
         if tls {
             return Err(EtcdSourceError::Endpoint(
                 "reading a TLS etcd (etcds://, https://) is not supported by kine-rs migrate \
@@ -100,7 +103,7 @@ impl EtcdKeys {
         let channel = Channel::balance_list(endpoints.into_iter());
         let end = crate::etcd_proxy::prefix::prefix_end(&start);
         Ok(EtcdKeys {
-            upstream: Upstream::new(channel),
+            upstream: Upstream::new(channel, credentials),
             endpoint: members.join(","),
             strip,
             start,

@@ -17,10 +17,12 @@
 //!   held: the copy then stops with "compacted" and a rerun starts over.
 //! * **Freeze**: the proxy's own freeze record (`/_kine-rs/frozen/NAME`): every write
 //!   transaction of every kine-rs proxy compares on it, so once it is written etcd itself
-//!   refuses the tenant's writes, through any proxy. Leases are etcd's and keep running (a
-//!   lease revoked by a request that passed the proxy's check before the freeze, or expiring
-//!   in the freeze window, is a change after the freeze point: it is looked for before the
-//!   switch and aborts it, the tenant unfrozen, as for a plain etcd prefix).
+//!   refuses the tenant's writes, through any proxy. Leases are etcd's: the proxies that
+//!   have the tenant open renew them while it is frozen, but one expiring in the freeze
+//!   window anyway (no proxy open, or before a proxy saw the freeze), or revoked by a
+//!   request that passed the proxy's check first (a lease of 100+ keys), is a change after
+//!   the freeze point: it is looked for before the switch and aborts it, the tenant
+//!   unfrozen, as for a plain etcd prefix.
 //! * **Moved**: once the target serves, `/_kine-rs/moved/NAME` names it; the tenant stays
 //!   frozen (and cannot be unfrozen), proxies no longer open it (a sidecar serving it stops,
 //!   as a database-backed one does), and its keys stay until `kine-rs tenant delete`.
@@ -224,8 +226,8 @@ impl Source for EtcdTenantSource {
             keys: records.keys,
             bytes,
             frozen: records.frozen,
-            // etcd's leases keep running while the tenant is frozen (the proxy cannot pause
-            // them): the TTLs read at the switch are what is left, no pause to add.
+            // etcd's leases are renewed, not paused, while the tenant is frozen: the TTLs
+            // read at the switch are what is left, no pause to add.
             frozen_at_ms: 0,
             moved: records.moved,
             pinned: records.pin.is_some(),

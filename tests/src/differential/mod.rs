@@ -9,30 +9,35 @@
 //!   CI is reproducible. The seed is always printed.
 //! - `DIFF_OPS`: the number of top-level operations (default 10,000).
 //! - `DIFF_TARGET`: `kine-rs` (default; on `DIFF_BACKEND` = `memory` (default), `sqlite`, `postgres` or
-//!   `mysql`)
+//!   `mysql`), `proxy` (kine-rs's etcd proxy in front of a private etcd; its revisions are
+//!   mapped to the oracle's, see [`revmap`])
 //!   or `etcd` (a second etcd: must give zero mismatches, which validates the normalization).
 //! - `DIFF_TRACE`: print every operation as it runs.
 //! - `ETCD_BIN`: the oracle etcd (default: `etcd` on PATH, which should be 3.5.1).
 
 mod compare;
 mod ops;
+mod revmap;
 mod server;
 mod watch;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kine_proto::etcdserverpb::alarm_request::AlarmAction;
 use kine_proto::etcdserverpb::{
-    AlarmRequest, DefragmentRequest, LeaseLeasesRequest, ResponseHeader, WatchCreateRequest,
+    AlarmRequest, DefragmentRequest, LeaseLeasesRequest, RangeRequest, ResponseHeader,
+    WatchCreateRequest,
 };
 
 pub use crate::spawn_etcd_with;
 use crate::{Backend, ChildGuard, spawn_kine};
 use compare::{Outcome, outcome, same};
 use ops::{Ctx, Gen, Op};
+use revmap::RevisionMap;
 use server::{Clients, call};
 use watch::{GlobalLog, SideWatches, WATCH_WAIT, WatchSpec};
 
@@ -50,6 +55,9 @@ pub enum Target {
     KineRs(Backend),
     /// A second real etcd (validates the harness: must never mismatch).
     Etcd,
+    /// kine-rs's etcd proxy (tenant `t`) in front of a private etcd: revisions are mapped
+    /// ([`revmap`]).
+    EtcdProxy,
 }
 
 /// A differential run's settings.
@@ -99,7 +107,8 @@ impl Config {
         let target = match std::env::var("DIFF_TARGET").as_deref() {
             Err(_) | Ok("kine-rs") | Ok("kine") => Target::KineRs(backend),
             Ok("etcd") => Target::Etcd,
-            Ok(other) => anyhow::bail!("DIFF_TARGET={other:?}: expected kine-rs or etcd"),
+            Ok("proxy") => Target::EtcdProxy,
+            Ok(other) => anyhow::bail!("DIFF_TARGET={other:?}: expected kine-rs, proxy or etcd"),
         };
         let trace = std::env::var_os("DIFF_TRACE").is_some();
         Ok(Config {
@@ -114,6 +123,7 @@ impl Config {
         match self.target {
             Target::KineRs(backend) => format!("kine-rs ({backend:?} backend)"),
             Target::Etcd => "a second etcd".to_string(),
+            Target::EtcdProxy => "kine-rs's etcd proxy".to_string(),
         }
     }
 }
@@ -141,6 +151,11 @@ pub struct Summary {
 enum TargetProcess {
     Kine(ChildGuard),
     Etcd(crate::ChildGuard),
+    /// kine-rs (dropped first), then the etcd behind it.
+    Proxy {
+        kine: ChildGuard,
+        _etcd: Box<ChildGuard>,
+    },
 }
 
 impl TargetProcess {
@@ -148,7 +163,31 @@ impl TargetProcess {
         match self {
             TargetProcess::Kine(g) => &g.endpoint,
             TargetProcess::Etcd(g) => &g.endpoint,
+            TargetProcess::Proxy { kine, .. } => &kine.endpoint,
         }
+    }
+}
+
+/// etcd behind the proxy: as fast as the oracle, and with room for the operations of the
+/// transaction guarding a client's (README, "The etcd proxy").
+const PROXIED_ETCD: &[&str] = &[
+    "--unsafe-no-fsync",
+    "--snapshot-count",
+    "1000000",
+    "--max-txn-ops",
+    "256",
+];
+
+fn spawn_proxy() -> TargetProcess {
+    let etcd = spawn_etcd_with(PROXIED_ETCD);
+    let kine = crate::spawn_kine_on(
+        &format!("etcd://{}", etcd.address),
+        tempfile::tempdir().expect("tempdir"),
+        &["--tenant", "t", "--compact-interval", "0"],
+    );
+    TargetProcess::Proxy {
+        kine,
+        _etcd: Box::new(etcd),
     }
 }
 
@@ -172,12 +211,30 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
     let target_proc = tokio::task::spawn_blocking(move || match target {
         Target::KineRs(backend) => TargetProcess::Kine(spawn_kine(backend)),
         Target::Etcd => TargetProcess::Etcd(spawn_etcd_with(FAST_ETCD)),
+        Target::EtcdProxy => spawn_proxy(),
     })
     .await
     .context("start the target")?;
     let oracle = Clients::connect(&oracle_proc.endpoint, "etcd (oracle)").await?;
     let target_clients = Clients::connect(target_proc.endpoint(), &cfg.target_name()).await?;
-    let mut runner = Runner::new(cfg.clone(), oracle, target_clients);
+    let revisions = match cfg.target {
+        Target::EtcdProxy => {
+            // The oracle is at revision 1, empty; the proxy's etcd at whatever registering
+            // the tenant took.
+            let probe = RangeRequest {
+                key: "differential-probe".into(),
+                ..Default::default()
+            };
+            let start = call(target_clients.kv.clone().range(probe))
+                .await
+                .context("the proxy's first revision")?;
+            Some(Arc::new(Mutex::new(RevisionMap::new(rev_of(
+                &start.header,
+            )))))
+        }
+        _ => None,
+    };
+    let mut runner = Runner::new(cfg.clone(), oracle, target_clients, revisions);
     let started = Instant::now();
     let result = runner.run_all().await;
     drop(target_proc);
@@ -230,6 +287,8 @@ impl Mismatch {
 
 struct Runner {
     cfg: Config,
+    /// The target's revisions as the oracle's (the etcd proxy only).
+    revisions: Option<Arc<Mutex<RevisionMap>>>,
     generator: Gen,
     oracle: Clients,
     target: Clients,
@@ -249,10 +308,16 @@ fn rev_of(h: &Option<ResponseHeader>) -> i64 {
 }
 
 impl Runner {
-    fn new(cfg: Config, oracle: Clients, target: Clients) -> Runner {
-        let ow = SideWatches::new(&oracle, "etcd");
-        let tw = SideWatches::new(&target, "target");
+    fn new(
+        cfg: Config,
+        oracle: Clients,
+        target: Clients,
+        revisions: Option<Arc<Mutex<RevisionMap>>>,
+    ) -> Runner {
+        let ow = SideWatches::new(&oracle, "etcd", None);
+        let tw = SideWatches::new(&target, "target", revisions.clone());
         Runner {
+            revisions,
             generator: Gen::new(cfg.seed),
             cfg,
             oracle,
@@ -269,8 +334,52 @@ impl Runner {
         }
     }
 
+    /// Whether the target's watches are etcd's (a second etcd, or the one behind the
+    /// proxy): they share the named etcd exception.
     fn target_is_etcd(&self) -> bool {
-        self.cfg.target == Target::Etcd
+        matches!(self.cfg.target, Target::Etcd | Target::EtcdProxy)
+    }
+
+    /// The revision map, when the target needs one.
+    fn map(&self) -> Option<std::sync::MutexGuard<'_, RevisionMap>> {
+        self.revisions
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Before a request naming `revision` (the oracle's): when it is a future one, the
+    /// target's current revision is asked, so that it maps to as far in the target's future.
+    async fn prepare(&mut self, revision: i64) {
+        if !self.map().is_some_and(|m| m.is_future(revision)) {
+            return;
+        }
+        let probe = RangeRequest {
+            key: "differential-probe".into(),
+            ..Default::default()
+        };
+        if let Ok(r) = call(self.target.kv.clone().range(probe)).await
+            && let Some(mut map) = self.map()
+        {
+            map.set_target_now(rev_of(&r.header));
+        }
+    }
+
+    /// Records the revisions a write took on both sides (when both answered), then gives the
+    /// target's answer the oracle's revisions.
+    fn map_back<T>(
+        &self,
+        a: &Outcome<T>,
+        b: &mut Outcome<T>,
+        header: impl Fn(&T) -> &Option<ResponseHeader>,
+        map_response: impl Fn(&RevisionMap, &mut T),
+    ) {
+        let Some(mut map) = self.map() else { return };
+        if let (Ok(a), Ok(b)) = (a, &*b) {
+            map.record(rev_of(header(a)), rev_of(header(b)));
+        }
+        if let Ok(b) = b {
+            map_response(&map, b);
+        }
     }
 
     fn report(&self, m: &Mismatch) -> String {
@@ -278,7 +387,7 @@ impl Runner {
         let mut s = format!(
             "\n==== differential mismatch: etcd (oracle) vs {target} ====\n\
              seed: {seed} (0x{seed:x})   op index: {idx} (of {ops})   store revision: {rev}, compacted: {crev}\n\
-             reproduce: DIFF_SEED={seed} DIFF_OPS={upto} cargo test -p kine-tests --test differential\n\
+             reproduce: DIFF_SEED={seed} DIFF_OPS={upto} DIFF_TARGET={target_env} cargo test -p kine-tests --test differential random_sequences_match_etcd\n\
              what: {what}\n",
             seed = self.cfg.seed,
             idx = self.op_index,
@@ -287,6 +396,16 @@ impl Runner {
             crev = self.compact_rev,
             upto = self.op_index + 1,
             what = m.what,
+            target_env = match self.cfg.target {
+                Target::KineRs(backend) => {
+                    format!(
+                        "kine-rs DIFF_BACKEND={}",
+                        format!("{backend:?}").to_lowercase()
+                    )
+                }
+                Target::Etcd => "etcd".to_string(),
+                Target::EtcdProxy => "proxy".to_string(),
+            },
         );
         if !m.request.is_empty() {
             s.push_str(&format!("request:\n  {}\n", m.request));
@@ -391,6 +510,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.kv.clone(), self.target.kv.clone());
                 let (a, b) = tokio::join!(call(o.put(req.clone())), call(t.put(req.clone())));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::put_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -406,6 +526,7 @@ impl Runner {
                     call(t.delete_range(req.clone()))
                 );
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::delete_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -414,10 +535,32 @@ impl Runner {
                 }
                 self.check("DeleteRange", &req, &a, &b)
             }
-            Op::Txn(req) => {
+            Op::Txn(mut req) => {
+                if self.cfg.target == Target::EtcdProxy {
+                    ops::end_from_key_deletes(&mut req);
+                    let granted = call(
+                        self.oracle
+                            .lease
+                            .clone()
+                            .lease_leases(LeaseLeasesRequest {}),
+                    )
+                    .await
+                    .map(|r| r.leases.iter().map(|l| l.id).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                    // Lease 0 is "no lease".
+                    let mut granted = granted;
+                    granted.push(0);
+                    ops::drop_unknown_leases(&mut req, &granted);
+                }
+                self.prepare(RevisionMap::txn_revisions(&req)).await;
+                let mut treq = req.clone();
+                if let Some(map) = self.map() {
+                    map.txn_request(&mut treq);
+                }
                 let (mut o, mut t) = (self.oracle.kv.clone(), self.target.kv.clone());
-                let (a, b) = tokio::join!(call(o.txn(req.clone())), call(t.txn(req.clone())));
+                let (a, b) = tokio::join!(call(o.txn(req.clone())), call(t.txn(treq)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::txn_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -446,9 +589,15 @@ impl Runner {
                 // a compaction cancels does not depend on timing.
                 self.sync_all().await?;
                 self.wait_catch_up().await;
+                self.prepare(req.revision).await;
+                let mut treq = req;
+                if let Some(map) = self.map() {
+                    map.compaction_request(&mut treq);
+                }
                 let (mut o, mut t) = (self.oracle.kv.clone(), self.target.kv.clone());
-                let (a, b) = tokio::join!(call(o.compact(req)), call(t.compact(req)));
+                let (a, b) = tokio::join!(call(o.compact(req)), call(t.compact(treq)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, |m, r| m.header(&mut r.header));
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                     self.compact_rev = self.compact_rev.max(req.revision);
@@ -462,6 +611,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.lease.clone(), self.target.lease.clone());
                 let (a, b) = tokio::join!(call(o.lease_grant(req)), call(t.lease_grant(req)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::grant_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -474,6 +624,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.lease.clone(), self.target.lease.clone());
                 let (a, b) = tokio::join!(call(o.lease_revoke(req)), call(t.lease_revoke(req)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::revoke_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -489,6 +640,7 @@ impl Runner {
                     call(t.lease_time_to_live(req))
                 );
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::ttl_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -503,6 +655,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.lease.clone(), self.target.lease.clone());
                 let (a, b) = tokio::join!(call(o.lease_leases(req)), call(t.lease_leases(req)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::leases_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -516,6 +669,7 @@ impl Runner {
                 let t = self.target.keep_alive_stream();
                 let (a, b) = tokio::join!(o.keep_alive(req), t.keep_alive(req));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, RevisionMap::keep_alive_response);
                 if let Ok(r) = &a {
                     self.seen(&r.header);
                 }
@@ -533,6 +687,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.maint.clone(), self.target.maint.clone());
                 let (a, b) = tokio::join!(call(o.alarm(req)), call(t.alarm(req)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, |m, r| m.header(&mut r.header));
                 for r in [&mut a, &mut b].into_iter().flatten() {
                     compare::norm_alarm(r);
                 }
@@ -543,6 +698,7 @@ impl Runner {
                 let (mut o, mut t) = (self.oracle.maint.clone(), self.target.maint.clone());
                 let (a, b) = tokio::join!(call(o.defragment(req)), call(t.defragment(req)));
                 let (mut a, mut b) = (outcome(a), outcome(b));
+                self.map_back(&a, &mut b, |r| &r.header, |m, r| m.header(&mut r.header));
                 for r in [&mut a, &mut b].into_iter().flatten() {
                     compare::norm_defrag(r);
                 }
@@ -561,10 +717,16 @@ impl Runner {
         }
     }
 
-    async fn range(&mut self, req: kine_proto::etcdserverpb::RangeRequest) -> Result<(), Mismatch> {
+    async fn range(&mut self, req: RangeRequest) -> Result<(), Mismatch> {
+        self.prepare(RevisionMap::range_revisions(&req)).await;
+        let mut treq = req.clone();
+        if let Some(map) = self.map() {
+            map.range_request(&mut treq);
+        }
         let (mut o, mut t) = (self.oracle.kv.clone(), self.target.kv.clone());
-        let (a, b) = tokio::join!(call(o.range(req.clone())), call(t.range(req.clone())));
+        let (a, b) = tokio::join!(call(o.range(req.clone())), call(t.range(treq)));
         let (mut a, mut b) = (outcome(a), outcome(b));
+        self.map_back(&a, &mut b, |r| &r.header, RevisionMap::range_response);
         let served_at = match &a {
             Ok(r) => {
                 self.seen(&r.header);
@@ -631,8 +793,13 @@ impl Runner {
             open: false,
             bug_case,
         });
+        self.prepare(req.start_revision).await;
+        let mut treq = req.clone();
+        if let Some(map) = self.map() {
+            map.watch_create(&mut treq);
+        }
         self.ow.send_create(stream, idx, req.clone());
-        self.tw.send_create(stream, idx, req.clone());
+        self.tw.send_create(stream, idx, treq);
         let deadline = Instant::now() + WATCH_WAIT;
         let created = |w: &SideWatches| w.watches[idx].created.is_some();
         let (ok_o, ok_t) = tokio::join!(

@@ -161,6 +161,9 @@ struct StreamState {
 /// One server's watch streams and what they delivered.
 pub(crate) struct SideWatches {
     pub name: &'static str,
+    /// The target's revisions as the oracle's (the etcd proxy): applied to every response
+    /// as it arrives, before the checks.
+    revisions: Option<std::sync::Arc<std::sync::Mutex<super::revmap::RevisionMap>>>,
     streams: Vec<StreamState>,
     pub watches: Vec<SideWatch>,
     /// Broken invariants, in arrival order.
@@ -168,9 +171,14 @@ pub(crate) struct SideWatches {
 }
 
 impl SideWatches {
-    pub fn new(clients: &Clients, name: &'static str) -> SideWatches {
+    pub fn new(
+        clients: &Clients,
+        name: &'static str,
+        revisions: Option<std::sync::Arc<std::sync::Mutex<super::revmap::RevisionMap>>>,
+    ) -> SideWatches {
         SideWatches {
             name,
+            revisions,
             streams: (0..STREAMS)
                 .map(|_| StreamState {
                     raw: clients.open_watch_stream(),
@@ -248,6 +256,12 @@ impl SideWatches {
     }
 
     fn route(&mut self, s: usize, mut resp: WatchResponse) {
+        if let Some(revisions) = &self.revisions {
+            revisions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .watch_response(&mut resp);
+        }
         let name = self.name;
         let st = &mut self.streams[s];
         let hrev = resp.header.as_ref().map_or(0, |h| h.revision);
