@@ -192,6 +192,10 @@ impl From<sqlx::Error> for KineError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => KineError::Unavailable(error.to_string()),
+            // Nothing was written: the batch is run again under the lock.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(KEYSPACE_CHANGED) => {
+                KineError::Conflict(error.to_string())
+            }
             sqlx::Error::Database(db) if db.code().as_deref().is_some_and(is_transient) => {
                 KineError::Unavailable(error.to_string())
             }
@@ -199,6 +203,10 @@ impl From<sqlx::Error> for KineError {
         }
     }
 }
+
+/// The SQLSTATE kine-rs's PostgreSQL function `kine_rs_commit` (migration 0007) raises when
+/// the keyspace changed between a write batch's unlocked read and its commit.
+pub const KEYSPACE_CHANGED: &str = "KR001";
 
 /// Database error codes (SQLite result codes, SQLSTATEs of PostgreSQL and MySQL) of failures
 /// that a retry may not meet: the server is going away or overloaded, or the transaction lost

@@ -117,6 +117,11 @@ pub async fn run(
         crate::metrics::write_batch(batch.len());
         let mut purge_at;
         let mut conflicts = 0;
+        // Batches of transactions first try without holding the keyspace lock across their
+        // round trips (PostgreSQL: one read, one commit call); after a conflict, under it.
+        let only_txns = batch
+            .iter()
+            .all(|command| matches!(command.op, WriteOp::Txn { .. }));
         let outcomes = loop {
             purge_at = None;
             let attempt = apply_batch(
@@ -124,6 +129,7 @@ pub async fn run(
                 keyspace,
                 &tenant,
                 &batch,
+                only_txns && conflicts == 0,
                 &mut purge_at,
                 &mut last_lease_id,
             )
@@ -184,17 +190,17 @@ async fn apply_batch(
     keyspace: KeyspaceId,
     tenant: &str,
     batch: &[WriteCommand],
+    optimistic: bool,
     purge_at: &mut Option<Revision>,
     last_lease_id: &mut i64,
 ) -> BatchResult {
-    let mut txn = backend.begin_write(keyspace).await?;
     let mut keys = Vec::new();
     for command in batch {
         if let WriteOp::Txn { request, .. } = &command.op {
             point_keys(request, &mut keys);
         }
     }
-    txn.prefetch(&keys).await?;
+    let mut txn = backend.begin_batch(keyspace, &keys, optimistic).await?;
     let mut revision = txn.state().revision;
     let mut sub = 0i64;
     let mut outcomes = Vec::with_capacity(batch.len());

@@ -228,6 +228,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a write transaction holding the keyspace's write lock.
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
 
+    /// Starts the write transaction of a group-commit batch naming `keys`, with their current
+    /// rows looked up ([`WriteTxn::prefetch`]). With `optimistic`, a datastore may read
+    /// without the write lock and take it only to commit, failing the commit with
+    /// [`KineError::Conflict`](crate::error::KineError::Conflict) (nothing written) when the
+    /// keyspace changed since it read; the caller then runs the batch again without.
+    async fn begin_batch(
+        &self,
+        keyspace: KeyspaceId,
+        keys: &[Bytes],
+        optimistic: bool,
+    ) -> Result<Box<dyn WriteTxn>> {
+        let _ = optimistic;
+        let mut txn = self.begin_write(keyspace).await?;
+        txn.prefetch(keys).await?;
+        Ok(txn)
+    }
+
     /// One lease, if it exists.
     async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>>;
 

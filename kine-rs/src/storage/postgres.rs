@@ -5,6 +5,15 @@
 //! in REPEATABLE READ so the revision checks and the rows come from one snapshot. Every write
 //! transaction announces itself with `pg_notify` (delivered only if it commits), and one
 //! LISTEN connection per process feeds the watch hubs.
+//!
+//! A batch of transactions first costs two round trips: one statement reads the keyspace row
+//! (its counters and its version, the row's `ctid`) with the batch's keys' current rows,
+//! without a lock; then one call of `kine_rs_commit` (migration 0007), in its own implicit
+//! transaction, takes the lock, checks the row is still that version, supersedes, inserts,
+//! stores the counters, notifies and commits. A keyspace changed in between (another
+//! process's commit, a freeze, a purge) makes the call refuse and write nothing; the writer
+//! runs the batch again under the lock. A batch that needs more than point reads and writes
+//! (a range read, a lease, a compaction, a freeze) takes the lock as soon as it does.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -54,6 +63,12 @@ impl Dialect for Postgres {
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
     const ARRAYS: bool = true;
+    const COMMIT_BATCH: Option<&'static str> = Some(
+        "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS TID[]), \
+         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
+         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), \
+         CAST(? AS SMALLINT[]), CAST(? AS BIGINT[]))",
+    );
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")

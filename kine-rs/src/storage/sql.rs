@@ -249,6 +249,15 @@ pub trait Dialect: Send + Sync + 'static {
     /// whatever its size (PostgreSQL), instead of multi-row statements in power-of-two shapes.
     const ARRAYS: bool = false;
 
+    /// A call committing a whole write batch that was read without the keyspace lock, where
+    /// the database has one (PostgreSQL's `kine_rs_commit`, migration 0007). Its parameters:
+    /// keyspace, the [`ROW_ID`](Dialect::ROW_ID) of the keyspace row as read, revision, live
+    /// keys, bytes, the row ids and revisions of the rows to supersede, then the new rows as
+    /// arrays of their columns. It fails with [`crate::error::KEYSPACE_CHANGED`] when the
+    /// keyspace row changed since the read. Needs [`ROW_ID`](Dialect::ROW_ID) and
+    /// [`ARRAYS`](Dialect::ARRAYS).
+    const COMMIT_BATCH: Option<&'static str> = None;
+
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
 
@@ -383,6 +392,34 @@ async fn read_state<D: Dialect>(
     .await?
     .ok_or(KineError::KeyspaceDeleted)?;
     state_from_row::<D>(&row, keyspace)
+}
+
+/// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_ID`]; `None`
+/// without one); with `lock`, under its row lock.
+async fn read_state_version<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    lock: bool,
+) -> Result<(KeyspaceState, Option<String>)> {
+    let Some((column, _)) = D::ROW_ID else {
+        return Ok((read_state::<D>(conn, keyspace, lock).await?, None));
+    };
+    let sql = format!(
+        "SELECT {STATE_COLUMNS}, CAST({column} AS TEXT) FROM keyspaces WHERE id = ?{}",
+        if lock { D::LOCK } else { "" }
+    );
+    let row = fetch_optional::<D>(
+        conn,
+        if lock { "state_lock" } else { "state" },
+        &sql,
+        &[Arg::Int(keyspace)],
+    )
+    .await?
+    .ok_or(KineError::KeyspaceDeleted)?;
+    Ok((
+        state_from_row::<D>(&row, keyspace)?,
+        Some(D::DB::text(&row, 10)?),
+    ))
 }
 
 /// Columns of a keyspace row, in the order [`state_from_row`] decodes.
@@ -796,7 +833,10 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
         Ok(Box::new(SqlWriteTxn::<D> {
-            tx,
+            tx: Some(tx),
+            conn: None,
+            read_version: None,
+            writers: self.writers.clone(),
             keyspace,
             start: state,
             state,
@@ -804,6 +844,64 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             supersede: Vec::new(),
             pending: Vec::new(),
         }))
+    }
+
+    async fn begin_batch(
+        &self,
+        keyspace: KeyspaceId,
+        keys: &[Bytes],
+        optimistic: bool,
+    ) -> Result<Box<dyn WriteTxn>> {
+        let Some((column, _)) = D::ROW_ID.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
+        else {
+            let mut txn = self.begin_write(keyspace).await?;
+            txn.prefetch(keys).await?;
+            return Ok(txn);
+        };
+        // One statement, one snapshot: the keyspace row (its counters and version) and the
+        // current rows of the batch's first keys, read without a transaction or lock.
+        let mut conn = acquire::<D>(&self.writers).await?;
+        let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let first = chunk_sizes(sorted.len(), MAX_ROWS_PER_STATEMENT)
+            .next()
+            .unwrap_or(0);
+        let (first, rest) = sorted.split_at(first);
+        let mut sql = format!("SELECT {STATE_COLUMNS}, CAST(s.{column} AS TEXT)");
+        let mut args = Vec::new();
+        if !first.is_empty() {
+            let (current, current_args) = current_rows_sql::<D>(keyspace, first);
+            sql.push_str(&format!(
+                ", r.* FROM keyspaces s LEFT JOIN ({current}) r ON TRUE"
+            ));
+            args = current_args;
+        } else {
+            sql.push_str(" FROM keyspaces s");
+        }
+        sql.push_str(" WHERE s.id = ?");
+        args.push(Arg::Int(keyspace));
+        let rows = fetch_all::<D>(&mut conn, "batch_read", &sql, &args).await?;
+        let row = rows.first().ok_or(KineError::KeyspaceDeleted)?;
+        let state = state_from_row::<D>(row, keyspace)?;
+        let version = D::DB::text(row, 10)?;
+        let mut txn = SqlWriteTxn::<D> {
+            tx: None,
+            conn: Some(conn),
+            read_version: Some(version),
+            writers: self.writers.clone(),
+            keyspace,
+            start: state,
+            state,
+            known: HashMap::new(),
+            supersede: Vec::new(),
+            pending: Vec::new(),
+        };
+        if !first.is_empty() {
+            txn.remember(first, &rows, 11)?;
+        }
+        txn.load(rest).await?;
+        Ok(Box::new(txn))
     }
 
     async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>> {
@@ -936,6 +1034,17 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             &args,
         )
         .await?;
+        if tombstones > 0 && D::COMMIT_BATCH.is_some() {
+            // A batch that read a purged tombstone as its key's current row without the lock
+            // must not commit: a new version of the keyspace row tells it.
+            execute::<D>(
+                &mut tx,
+                "purge",
+                "UPDATE keyspaces SET revision = revision WHERE id = ?",
+                &[Arg::Int(keyspace)],
+            )
+            .await?;
+        }
         commit::<D>(tx).await?;
         Ok(superseded + tombstones)
     }
@@ -963,7 +1072,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 }
 
-/// A write transaction holding the keyspace's row lock.
+/// A write transaction holding the keyspace's row lock, or, for a batch begun optimistically
+/// on a database with [`Dialect::COMMIT_BATCH`], reading without it until it needs it.
 ///
 /// Writes are buffered and reach the database in a few multi-row statements (at commit, or
 /// before a read that needs them): one `UPDATE` superseding the keys' stored current rows,
@@ -971,7 +1081,16 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 /// one statement for a whole batch with [`WriteTxn::prefetch`]) answers point reads, so a
 /// group-commit batch costs a handful of round trips whatever its size.
 struct SqlWriteTxn<D: Dialect> {
-    tx: Transaction<'static, D::DB>,
+    /// The transaction holding the keyspace's row lock; `None` while the batch reads without
+    /// it ([`Dialect::COMMIT_BATCH`]).
+    tx: Option<Transaction<'static, D::DB>>,
+    /// Without the lock: the connection the batch reads on, outside any transaction.
+    conn: Option<PoolConnection<D::DB>>,
+    /// Without the lock: the version ([`Dialect::ROW_ID`]) of the keyspace row the batch
+    /// read; the lock, once taken, must find the same one.
+    read_version: Option<String>,
+    /// Where the lock's transaction comes from.
+    writers: Pool<D::DB>,
     keyspace: KeyspaceId,
     /// The counters as read under the lock.
     start: KeyspaceState,
@@ -1054,7 +1173,7 @@ fn current_rows_sql<'a, D: Dialect>(
     keys: &[&'a [u8]],
 ) -> (String, Vec<Arg<'a>>) {
     let row_id = D::ROW_ID
-        .map(|(column, _)| format!(", CAST({column} AS TEXT)"))
+        .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
         .unwrap_or_default();
     let select = format!(
         "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
@@ -1170,37 +1289,115 @@ impl<D: Dialect> SqlWriteTxn<D> {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let (sql, args) = current_rows_sql::<D>(self.keyspace, chunk);
-            for row in fetch_all::<D>(&mut self.tx, "get", &sql, &args).await? {
-                let kv = kv_from_row::<D>(&row, 0)?;
-                let deleted = D::DB::flag(&row, 6)?;
-                let row_id = match D::ROW_ID {
-                    Some(_) => Some(D::DB::text(&row, 7)?),
-                    None => None,
-                };
+            let conn = reader::<D>(&mut self.tx, &mut self.conn)?;
+            let rows = fetch_all::<D>(conn, "get", &sql, &args).await?;
+            self.remember(chunk, &rows, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Records the current rows of `keys` read in `rows` (columns from `offset` on, as
+    /// [`current_rows_sql`] returns them, NULL where a joined row found none); the other keys
+    /// of `keys` have no current row.
+    fn remember(&mut self, keys: &[&[u8]], rows: &[Row<D>], offset: usize) -> Result<()> {
+        for row in rows {
+            if D::DB::opt_bytes(row, offset)?.is_none() {
+                continue;
+            }
+            let kv = kv_from_row::<D>(row, offset)?;
+            let deleted = D::DB::flag(row, offset + 6)?;
+            let row_id = match D::ROW_ID {
+                Some(_) => Some(D::DB::text(row, offset + 7)?),
+                None => None,
+            };
+            self.known.insert(
+                kv.key.clone(),
+                KnownKey {
+                    live: (!deleted).then_some(kv),
+                    stored_current: true,
+                    row_id,
+                    pending: None,
+                },
+            );
+        }
+        for key in keys {
+            if !self.known.contains_key(*key) {
                 self.known.insert(
-                    kv.key.clone(),
+                    Bytes::copy_from_slice(key),
                     KnownKey {
-                        live: (!deleted).then_some(kv),
-                        stored_current: true,
-                        row_id,
+                        live: None,
+                        stored_current: false,
+                        row_id: None,
                         pending: None,
                     },
                 );
             }
-            for key in chunk {
-                if !self.known.contains_key(*key) {
-                    self.known.insert(
-                        Bytes::copy_from_slice(key),
-                        KnownKey {
-                            live: None,
-                            stored_current: false,
-                            row_id: None,
-                            pending: None,
-                        },
-                    );
-                }
-            }
         }
+        Ok(())
+    }
+
+    /// Takes the keyspace's row lock, if the batch read without it: in a new transaction,
+    /// checking that the keyspace row is still the version the batch read (else nothing it
+    /// decided may stand: [`KineError::Conflict`]).
+    async fn lock(&mut self) -> Result<()> {
+        if self.tx.is_some() {
+            return Ok(());
+        }
+        // Give the reading connection back first: a writer never holds two.
+        self.conn = None;
+        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
+        let (_, version) = read_state_version::<D>(&mut tx, self.keyspace, true).await?;
+        if self.read_version.is_none() || version != self.read_version {
+            return Err(KineError::Conflict(format!(
+                "keyspace {} changed between a write batch's read and its lock",
+                self.keyspace
+            )));
+        }
+        self.tx = Some(tx);
+        Ok(())
+    }
+
+    /// Commits a batch that read without the lock, with one call of the database's
+    /// [`Dialect::COMMIT_BATCH`]: lock, check, supersede, insert, counters, announcement, and
+    /// the commit itself (the call is its own transaction; the database answers after its
+    /// commit is durable).
+    async fn commit_unlocked(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        let wrote = revision != self.start.revision
+            || self.state.keys != self.start.keys
+            || self.state.bytes != self.start.bytes
+            || !self.pending.is_empty()
+            || !self.supersede.is_empty();
+        if !wrote {
+            // Only reads, answered from one snapshot: nothing to commit.
+            return Ok(());
+        }
+        let (Some(sql), Some(version)) = (D::COMMIT_BATCH, self.read_version.clone()) else {
+            return Err(KineError::Storage(
+                "a write batch read without the lock on a database that cannot commit it".into(),
+            ));
+        };
+        let mut args = vec![
+            Arg::Int(self.keyspace),
+            Arg::Text(&version),
+            Arg::Int(revision),
+            Arg::Int(self.state.keys),
+            Arg::Int(self.state.bytes),
+            Arg::Texts(
+                self.supersede
+                    .iter()
+                    .map(|row| row.row_id.as_deref().unwrap_or_default())
+                    .collect(),
+            ),
+            Arg::Ints(self.supersede.iter().map(|row| row.revision).collect()),
+        ];
+        let (_, rows) = insert_rows_unnest(self.keyspace, &self.pending);
+        args.extend(rows.into_iter().skip(1));
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(KineError::Storage(
+                "a write batch lost its connection".into(),
+            ));
+        };
+        execute::<D>(conn, "commit_batch", sql, &args).await?;
         Ok(())
     }
 
@@ -1249,6 +1446,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
 
     /// Writes the buffered rows, so statements that read the table see them.
     async fn flush(&mut self) -> Result<()> {
+        self.lock().await?;
         let supersede = std::mem::take(&mut self.supersede);
         let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
             .iter()
@@ -1269,7 +1467,8 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 let (chunk, tail) = rest.split_at(size);
                 rest = tail;
                 let (sql, args) = supersede_sql::<D>(self.keyspace, chunk);
-                let changed = execute::<D>(&mut self.tx, "supersede", &sql, &args).await?;
+                let changed =
+                    execute::<D>(held::<D>(&mut self.tx)?, "supersede", &sql, &args).await?;
                 if changed != size as u64 {
                     return Err(KineError::Storage(format!(
                         "superseding {size} current rows changed {changed}"
@@ -1280,7 +1479,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         let pending = std::mem::take(&mut self.pending);
         if D::ARRAYS && !pending.is_empty() {
             let (sql, args) = insert_rows_unnest(self.keyspace, &pending);
-            execute::<D>(&mut self.tx, "insert_kv", sql, &args).await?;
+            execute::<D>(held::<D>(&mut self.tx)?, "insert_kv", sql, &args).await?;
         }
         let mut rest = if D::ARRAYS {
             &[][..]
@@ -1313,7 +1512,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
                     Arg::Int(row.superseded),
                 ]);
             }
-            execute::<D>(&mut self.tx, "insert_kv", &sql, &args).await?;
+            execute::<D>(held::<D>(&mut self.tx)?, "insert_kv", &sql, &args).await?;
         }
         for known in self.known.values_mut() {
             if known.pending.take().is_some() {
@@ -1385,7 +1584,8 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             });
         }
         self.flush().await?;
-        let (kvs, count) = range_on::<D>(&mut self.tx, self.keyspace, &query, at, None).await?;
+        let (kvs, count) =
+            range_on::<D>(held::<D>(&mut self.tx)?, self.keyspace, &query, at, None).await?;
         if at.is_none() && !query.keys_only && !query.count_only {
             for kv in &kvs {
                 self.known
@@ -1422,7 +1622,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         // Every write of the keyspace after `after`, in order, by its primary key (keyspace,
         // mod_revision, sub); the range filters here, so no plan walks the range's keys.
         let rows = fetch_all::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "written_since",
             "SELECT `key`, create_revision, mod_revision, deleted FROM kv \
              WHERE keyspace = ? AND mod_revision > ? ORDER BY mod_revision, sub LIMIT ?",
@@ -1481,13 +1681,15 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn lease(&mut self, id: i64) -> Result<Option<LeaseRecord>> {
+        self.lock().await?;
         // Locked, so a concurrent renewal cannot slip between an expiry's check and revoke.
-        lease_on::<D>(&mut self.tx, self.keyspace, id, true).await
+        lease_on::<D>(held::<D>(&mut self.tx)?, self.keyspace, id, true).await
     }
 
     async fn max_lease_id(&mut self) -> Result<i64> {
+        self.lock().await?;
         let row = fetch_optional::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "lease_max",
             "SELECT COALESCE(MAX(id), 0) FROM leases WHERE keyspace = ?",
             &[Arg::Int(self.keyspace)],
@@ -1498,8 +1700,9 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn lease_count(&mut self) -> Result<i64> {
+        self.lock().await?;
         let row = fetch_optional::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "lease_count",
             "SELECT COUNT(*) FROM leases WHERE keyspace = ?",
             &[Arg::Int(self.keyspace)],
@@ -1510,8 +1713,9 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn insert_lease(&mut self, lease: LeaseRecord) -> Result<()> {
+        self.lock().await?;
         execute::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "lease_insert",
             "INSERT INTO leases (keyspace, id, ttl, expires_at_ms) VALUES (?, ?, ?, ?)",
             &[
@@ -1526,8 +1730,9 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn delete_lease(&mut self, id: i64) -> Result<()> {
+        self.lock().await?;
         execute::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "lease_delete",
             "DELETE FROM leases WHERE keyspace = ? AND id = ?",
             &[Arg::Int(self.keyspace), Arg::Int(id)],
@@ -1538,12 +1743,13 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
 
     async fn lease_keys(&mut self, id: i64) -> Result<Vec<Bytes>> {
         self.flush().await?;
-        lease_keys_on::<D>(&mut self.tx, self.keyspace, id).await
+        lease_keys_on::<D>(held::<D>(&mut self.tx)?, self.keyspace, id).await
     }
 
     async fn set_compact_revision(&mut self, revision: Revision) -> Result<()> {
+        self.lock().await?;
         execute::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "compact",
             "UPDATE keyspaces SET compact_revision = ? WHERE id = ?",
             &[Arg::Int(revision), Arg::Int(self.keyspace)],
@@ -1557,13 +1763,14 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         if frozen == self.state.frozen {
             return Ok(());
         }
+        self.lock().await?;
         let now = now_ms();
         if !frozen && self.state.frozen_at_ms > 0 {
             // Expiry was paused: every deadline moves by the time spent frozen, but no lease
             // gets more than its TTL from now (one renewed while frozen already has it).
             let paused = (now - self.state.frozen_at_ms).max(0);
             execute::<D>(
-                &mut self.tx,
+                held::<D>(&mut self.tx)?,
                 "unfreeze_leases",
                 "UPDATE leases SET expires_at_ms = CASE \
                  WHEN expires_at_ms + ? < ? + ttl * 1000 THEN expires_at_ms + ? \
@@ -1580,7 +1787,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         }
         let frozen_at = if frozen { now } else { 0 };
         execute::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "freeze",
             "UPDATE keyspaces SET frozen = ?, frozen_at_ms = ? WHERE id = ?",
             &[
@@ -1601,6 +1808,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         pinned_revision: Revision,
         record: Option<&str>,
     ) -> Result<()> {
+        self.lock().await?;
         let args = [
             Arg::Int(role.code()),
             Arg::Int(pinned_revision),
@@ -1625,15 +1833,16 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             ],
             None => args.to_vec(),
         };
-        execute::<D>(&mut self.tx, "migration", sql, &args).await?;
+        execute::<D>(held::<D>(&mut self.tx)?, "migration", sql, &args).await?;
         self.state.migration = role;
         self.state.pinned_revision = pinned_revision;
         Ok(())
     }
 
     async fn set_quota(&mut self, quota: Quota) -> Result<()> {
+        self.lock().await?;
         execute::<D>(
-            &mut self.tx,
+            held::<D>(&mut self.tx)?,
             "quota",
             "UPDATE keyspaces SET quota_keys = ?, quota_bytes = ? WHERE id = ?",
             &[
@@ -1648,6 +1857,10 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        // Without the lock, unless a superseded row is known only by key (read by a range).
+        if self.tx.is_none() && self.supersede.iter().all(|row| row.row_id.is_some()) {
+            return self.commit_unlocked(revision).await;
+        }
         self.flush().await?;
         if revision != self.start.revision
             || self.state.keys != self.start.keys
@@ -1660,7 +1873,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
                 announce.unwrap_or_default()
             );
             execute::<D>(
-                &mut self.tx,
+                held::<D>(&mut self.tx)?,
                 "revision",
                 &sql,
                 &[
@@ -1672,7 +1885,38 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             )
             .await?;
         }
-        commit::<D>(self.tx).await?;
+        let tx = self
+            .tx
+            .take()
+            .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
+        commit::<D>(tx).await?;
         Ok(())
+    }
+}
+
+/// The connection of a write transaction that holds the keyspace lock.
+fn held<'a, D: Dialect>(
+    tx: &'a mut Option<Transaction<'static, D::DB>>,
+) -> Result<&'a mut Conn<D>> {
+    match tx {
+        Some(tx) => Ok(&mut **tx),
+        None => Err(KineError::Storage(
+            "a write statement ran without the keyspace lock".into(),
+        )),
+    }
+}
+
+/// The connection a write transaction reads on: its transaction's, or, before it took the
+/// lock, the one it reads on outside a transaction.
+fn reader<'a, D: Dialect>(
+    tx: &'a mut Option<Transaction<'static, D::DB>>,
+    conn: &'a mut Option<PoolConnection<D::DB>>,
+) -> Result<&'a mut Conn<D>> {
+    match (tx, conn) {
+        (Some(tx), _) => Ok(&mut **tx),
+        (None, Some(conn)) => Ok(&mut **conn),
+        (None, None) => Err(KineError::Storage(
+            "a write transaction has no connection".into(),
+        )),
     }
 }
