@@ -4,6 +4,11 @@
 //! Each etcd transaction keeps its own revision; all of them become durable together, and
 //! none is acknowledged before the database commit returns. One bad request only fails
 //! itself: requests are fully checked before they write, so the rest of the batch commits.
+//!
+//! Where the datastore allows it (NATS, [`WriteTxn::commit_pipelined`]), the next batch is
+//! evaluated and sent while the previous one's commit is still on its way; answers and
+//! watchers still follow commits in revision order, and a batch whose commit lost a race is
+//! evaluated again on its own after the batches before it have settled.
 
 use std::sync::Arc;
 
@@ -13,7 +18,9 @@ use tracing::warn;
 
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
-use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, WriteTxn};
+use crate::storage::{
+    Backend, KeyspaceId, KeyspaceState, MigrationRole, PendingCommit, Quota, WriteTxn,
+};
 use crate::txn::{Applier, PreReads, has_writes, point_keys, put_costs};
 use crate::watch::hub::WatchHub;
 
@@ -95,6 +102,31 @@ fn conflict_pause(conflicts: u32) -> std::time::Duration {
     std::time::Duration::from_millis((nanos ^ u64::from(std::process::id())) % (bound + 1))
 }
 
+/// A batch whose commit is on its way.
+struct Flying {
+    commands: Vec<WriteCommand>,
+    outcomes: Vec<Result<WriteOutcome>>,
+    revision: Revision,
+    purge_at: Option<Revision>,
+    ack: PendingCommit,
+}
+
+/// What the writer waits for next.
+enum Next {
+    Command(Option<WriteCommand>),
+    Acked(Result<()>),
+}
+
+/// The writer of one keyspace, and what it keeps between batches.
+struct Writer {
+    backend: Arc<dyn Backend>,
+    keyspace: KeyspaceId,
+    tenant: String,
+    hub: Arc<WatchHub>,
+    /// The last lease id this writer chose (see [`new_lease_id`]).
+    last_lease_id: i64,
+}
+
 /// Runs the writer of `keyspace` until every sender is gone.
 pub async fn run(
     backend: Arc<dyn Backend>,
@@ -103,20 +135,148 @@ pub async fn run(
     hub: Arc<WatchHub>,
     mut queue: mpsc::Receiver<WriteCommand>,
 ) {
-    let mut batch: Vec<WriteCommand> = Vec::with_capacity(MAX_BATCH);
-    // The last lease id this writer chose (see [`new_lease_id`]).
-    let mut last_lease_id = 0i64;
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    let mut writer = Writer {
+        backend,
+        keyspace,
+        tenant,
+        hub,
+        last_lease_id: 0,
+    };
+    let mut flying: Option<Flying> = None;
+    // Requests that came while a batch was in flight: they go together once it settles (one
+    // message, one sync), or on top of it when they fill a batch.
+    let mut waiting: Vec<WriteCommand> = Vec::with_capacity(MAX_BATCH);
+    let mut closed = false;
+    loop {
+        if flying.is_none() && waiting.is_empty() {
+            match queue.recv().await {
+                Some(command) => waiting.push(command),
+                None => break,
+            }
+        }
+        while waiting.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(command) => batch.push(command),
+                Ok(command) => waiting.push(command),
                 Err(_) => break,
             }
         }
-        crate::metrics::write_batch(batch.len());
-        let mut purge_at;
+        if let Some(batch) = flying.as_mut()
+            && waiting.len() < MAX_BATCH
+        {
+            let next = if closed {
+                Next::Acked((&mut batch.ack).await)
+            } else {
+                tokio::select! {
+                    biased;
+                    acked = &mut batch.ack => Next::Acked(acked),
+                    command = queue.recv() => Next::Command(command),
+                }
+            };
+            match next {
+                Next::Acked(acked) => {
+                    if let Some(batch) = flying.take() {
+                        writer.settle(batch, acked).await;
+                    }
+                }
+                Next::Command(Some(command)) => {
+                    waiting.push(command);
+                    continue;
+                }
+                Next::Command(None) => {
+                    closed = true;
+                    continue;
+                }
+            }
+        }
+        if waiting.is_empty() {
+            if closed {
+                break;
+            }
+            continue;
+        }
+        let commands = std::mem::replace(&mut waiting, Vec::with_capacity(MAX_BATCH));
+        crate::metrics::write_batch(commands.len());
+        let mut purge_at = None;
+        let attempt = writer.send(&commands, &mut purge_at).await;
+        // The batch below settles first: answers and watchers go in revision order.
+        if let Some(batch) = flying.take() {
+            let acked = batch.ack.await;
+            let batch = Flying {
+                ack: Box::pin(std::future::ready(Ok(()))),
+                ..batch
+            };
+            writer.settle(batch, acked).await;
+        }
+        match attempt {
+            Ok((outcomes, revision, ack)) => {
+                flying = Some(Flying {
+                    commands,
+                    outcomes,
+                    revision,
+                    purge_at,
+                    ack,
+                });
+            }
+            Err(error) => {
+                let result = match error {
+                    KineError::Conflict(_) => writer.commit_alone(&commands, &mut purge_at).await,
+                    error => Err(error),
+                };
+                writer.deliver(commands, result, purge_at);
+            }
+        }
+    }
+    if let Some(batch) = flying.take() {
+        let acked = batch.ack.await;
+        let batch = Flying {
+            ack: Box::pin(std::future::ready(Ok(()))),
+            ..batch
+        };
+        writer.settle(batch, acked).await;
+    }
+}
+
+impl Writer {
+    /// Evaluates a batch on a group transaction and starts its commit.
+    async fn send(
+        &mut self,
+        commands: &[WriteCommand],
+        purge_at: &mut Option<Revision>,
+    ) -> Result<(Vec<Result<WriteOutcome>>, Revision, PendingCommit)> {
+        let txn = self.backend.begin_group_write(self.keyspace).await?;
+        let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
+        let ack = txn.commit_pipelined(revision).await?;
+        Ok((outcomes, revision, ack))
+    }
+
+    /// Finishes a batch whose commit has come back: answers it, or evaluates it again on its
+    /// own when the commit lost a race.
+    async fn settle(&mut self, batch: Flying, acked: Result<()>) {
+        let Flying {
+            commands,
+            outcomes,
+            revision,
+            mut purge_at,
+            ..
+        } = batch;
+        let result = match acked {
+            Ok(()) => Ok((outcomes, revision)),
+            Err(KineError::Conflict(_)) => self.commit_alone(&commands, &mut purge_at).await,
+            Err(error) => Err(error),
+        };
+        self.deliver(commands, result, purge_at);
+    }
+
+    /// Evaluates and commits a batch on a transaction of its own, again after each lost
+    /// commit race (another process committed first: nothing was written, and the batch is
+    /// evaluated again on the new state, like a client's own retry would be).
+    async fn commit_alone(
+        &mut self,
+        commands: &[WriteCommand],
+        purge_at: &mut Option<Revision>,
+    ) -> BatchResult {
         let mut conflicts = 0;
+<<<<<<< HEAD
         // Batches of transactions first try without holding the keyspace lock across their
         // round trips (PostgreSQL: one read, one commit call); after a conflict, under it.
         let only_txns = batch
@@ -133,40 +293,95 @@ pub async fn run(
                 &mut purge_at,
                 &mut last_lease_id,
             )
+=======
+        loop {
+            *purge_at = None;
+            let attempt = async {
+                let txn = self.backend.begin_write(self.keyspace).await?;
+                let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
+                txn.commit(revision).await?;
+                Ok((outcomes, revision))
+            }
+>>>>>>> nats
             .await;
             match attempt {
-                // Another process committed first (NATS): nothing was written; the batch is
-                // evaluated again on the new state, like a client's own retry would be.
                 Err(KineError::Conflict(_)) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
                     tokio::time::sleep(conflict_pause(conflicts)).await;
                 }
-                outcomes => break outcomes,
+                outcome => return outcome,
             }
-        };
-        match outcomes {
+        }
+    }
+
+    /// Answers every request of a batch and tells the watchers; schedules the purge after a
+    /// compaction.
+    fn deliver(
+        &self,
+        commands: Vec<WriteCommand>,
+        result: BatchResult,
+        mut purge_at: Option<Revision>,
+    ) {
+        match result {
             Ok((outcomes, revision)) => {
-                hub.committed(revision);
-                for (command, outcome) in batch.drain(..).zip(outcomes) {
+                self.hub.committed(revision);
+                for (command, outcome) in commands.into_iter().zip(outcomes) {
                     let _ = command.reply.send(outcome);
                 }
             }
             Err(error) => {
                 warn!(%error, "write transaction failed");
-                for command in batch.drain(..) {
+                for command in commands {
                     let _ = command.reply.send(Err(error.clone()));
                 }
                 purge_at = None;
             }
         }
         if let Some(revision) = purge_at {
-            let backend = backend.clone();
+            let backend = self.backend.clone();
+            let keyspace = self.keyspace;
             tokio::spawn(async move {
                 if let Err(error) = purge(&*backend, keyspace, revision).await {
                     warn!(%error, revision, "purging compacted history failed; the next compaction retries");
                 }
             });
         }
+    }
+
+    /// Applies every request of a batch to `txn`, each with its own revision.
+    async fn evaluate(
+        &mut self,
+        mut txn: Box<dyn WriteTxn>,
+        commands: &[WriteCommand],
+        purge_at: &mut Option<Revision>,
+    ) -> Result<(Box<dyn WriteTxn>, Vec<Result<WriteOutcome>>, Revision)> {
+        let mut keys = Vec::new();
+        for command in commands {
+            if let WriteOp::Txn { request, .. } = &command.op {
+                point_keys(request, &mut keys);
+            }
+        }
+        txn.prefetch(&keys).await?;
+        let mut revision = txn.state().revision;
+        let mut sub = 0i64;
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for command in commands {
+            let outcome = apply_one(
+                &mut *txn,
+                &self.tenant,
+                &command.op,
+                &mut revision,
+                &mut sub,
+                purge_at,
+                &mut self.last_lease_id,
+            )
+            .await;
+            match outcome {
+                Err(error) if error.is_datastore_failure() => return Err(error),
+                outcome => outcomes.push(outcome),
+            }
+        }
+        Ok((txn, outcomes, revision))
     }
 }
 
@@ -185,6 +400,7 @@ pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revisi
 
 type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
 
+<<<<<<< HEAD
 async fn apply_batch(
     backend: &dyn Backend,
     keyspace: KeyspaceId,
@@ -224,6 +440,8 @@ async fn apply_batch(
     Ok((outcomes, revision))
 }
 
+=======
+>>>>>>> nats
 async fn apply_one(
     txn: &mut dyn WriteTxn,
     tenant: &str,

@@ -18,12 +18,18 @@ use kine_tests::{Backend, ChildGuard, TestDatabase, serve_and_connect};
 const WRITERS: usize = 4;
 /// Puts per writer task.
 const PUTS: usize = 40;
+/// Writer tasks per process when more requests than one batch holds (256) queue while a
+/// batch is in flight, so each process sends batches on top of its batch in flight (NATS),
+/// and commit races with the other process hit batches computed on top of one that loses.
+const BUSY_WRITERS: usize = 320;
+/// Puts per busy writer task.
+const BUSY_PUTS: usize = 3;
 
 async fn start(endpoint: String) -> Result<(ChildGuard, Client)> {
     serve_and_connect(&endpoint, &[]).await
 }
 
-async fn two_processes_one_database(backend: Backend) -> Result<()> {
+async fn two_processes_one_database(backend: Backend, writers: usize, puts: usize) -> Result<()> {
     let database = TestDatabase::new(backend).context("a database server backend")?;
     // The first process creates the database and its schema; the second finds them.
     let (_a, mut client_a) = start(database.endpoint.clone()).await?;
@@ -46,11 +52,11 @@ async fn two_processes_one_database(backend: Backend) -> Result<()> {
 
     let mut tasks = Vec::new();
     for (process, client) in [("a", &client_a), ("b", &client_b)] {
-        for writer in 0..WRITERS {
+        for writer in 0..writers {
             let mut client = client.clone();
             tasks.push(tokio::spawn(async move {
                 let mut written = Vec::new();
-                for i in 0..PUTS {
+                for i in 0..puts {
                     let key = format!("mp/{process}/{writer}/{}", i % 7);
                     let value = format!("{process}-{writer}-{i}");
                     let response = client.put(key.as_str(), value.as_str(), None).await?;
@@ -285,9 +291,13 @@ async fn mysql_lease_ids_increase_across_processes() {
 }
 
 async fn run(backend: Backend) {
+    run_with(backend, WRITERS, PUTS).await;
+}
+
+async fn run_with(backend: Backend, writers: usize, puts: usize) {
     let outcome = tokio::time::timeout(
         Duration::from_secs(120),
-        two_processes_one_database(backend),
+        two_processes_one_database(backend, writers, puts),
     )
     .await;
     match outcome {
@@ -409,4 +419,14 @@ async fn postgres_increments_across_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_increments_across_processes() {
     run_increments(Backend::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_busy_two_processes_one_database() {
+    run_with(Backend::Nats, BUSY_WRITERS, BUSY_PUTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_newest_busy_two_processes_one_database() {
+    run_with(Backend::NatsNewest, BUSY_WRITERS, BUSY_PUTS).await;
 }

@@ -228,6 +228,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a write transaction holding the keyspace's write lock.
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
 
+<<<<<<< HEAD
     /// Starts the write transaction of a group-commit batch naming `keys`, with their current
     /// rows looked up ([`WriteTxn::prefetch`]). With `optimistic`, a datastore may read
     /// without the write lock and take it only to commit, failing the commit with
@@ -243,6 +244,15 @@ pub trait Backend: Send + Sync + 'static {
         let mut txn = self.begin_write(keyspace).await?;
         txn.prefetch(keys).await?;
         Ok(txn)
+=======
+    /// Starts a write transaction for the keyspace's writer (group commit), which commits it
+    /// with [`WriteTxn::commit_pipelined`] and retries it on [`KineError::Conflict`] with
+    /// [`Backend::begin_write`]. A datastore may start it on top of this process's commit
+    /// still awaiting its acknowledgement, or from state that may lag other processes as
+    /// long as its commit then fails with a conflict. By default, [`Backend::begin_write`].
+    async fn begin_group_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
+        self.begin_write(keyspace).await
+>>>>>>> nats
     }
 
     /// One lease, if it exists.
@@ -421,7 +431,19 @@ pub trait WriteTxn: Send {
 
     /// Stores `revision` as the keyspace's counter and commits.
     async fn commit(self: Box<Self>, revision: Revision) -> Result<()>;
+
+    /// Starts the commit and returns once the next write transaction may begin; the
+    /// returned [`PendingCommit`] resolves when the commit is durable (or has failed), and
+    /// nothing of it may be acknowledged before. By default, commits before returning.
+    async fn commit_pipelined(self: Box<Self>, revision: Revision) -> Result<PendingCommit> {
+        self.commit(revision).await?;
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
 }
+
+/// A commit on its way: resolves once it is durable, or failed (see
+/// [`WriteTxn::commit_pipelined`]).
+pub type PendingCommit = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// Opens the backend an `--endpoint` names.
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>> {

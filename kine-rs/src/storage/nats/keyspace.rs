@@ -8,10 +8,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode, consumer, response::Response, stream};
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use tracing::{error, warn};
 use super::codec::{self, Batch, CHUNK_HEADER, parse_chunk};
 use super::errors::unavailable;
 use super::image::{Image, Partial};
+use super::inflight::InFlight;
 use crate::error::{KineError, Result};
 use crate::storage::{Change, KeyspaceId};
 
@@ -45,6 +46,8 @@ pub struct Keyspace {
     /// what it held, so the keyspace is not served from it any more.
     undecodable: std::sync::atomic::AtomicU64,
     follower: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This process's last published batch while its acknowledgement is awaited.
+    in_flight: std::sync::Mutex<Option<Arc<InFlight>>>,
 }
 
 impl Drop for Keyspace {
@@ -95,6 +98,7 @@ impl Keyspace {
             deleted: AtomicBool::new(false),
             undecodable: std::sync::atomic::AtomicU64::new(0),
             follower: std::sync::Mutex::new(None),
+            in_flight: std::sync::Mutex::new(None),
         });
         // Fails with KeyspaceDeleted before a follower starts when the stream is missing.
         keyspace.last_sequence().await?;
@@ -126,6 +130,18 @@ impl Keyspace {
         if self.is_deleted() {
             return Err(KineError::KeyspaceDeleted);
         }
+        let started = Instant::now();
+        let result = self.ask_last_sequence().await;
+        crate::metrics::sql_query(
+            "nats",
+            "stream_info",
+            started.elapsed(),
+            result.as_ref().err(),
+        );
+        result
+    }
+
+    async fn ask_last_sequence(&self) -> Result<u64> {
         let response: Response<stream::Info> = self
             .js
             .request(
@@ -153,7 +169,7 @@ impl Keyspace {
         self.wait_applied(last).await
     }
 
-    async fn wait_applied(&self, sequence: u64) -> Result<()> {
+    pub async fn wait_applied(&self, sequence: u64) -> Result<()> {
         self.check_decodable()?;
         let mut applied = self.applied.subscribe();
         let caught_up = tokio::time::timeout(
@@ -281,10 +297,119 @@ impl Keyspace {
         self.applied.send_replace(last);
     }
 
+    /// This process's batch in flight, if any.
+    pub fn in_flight(&self) -> Option<Arc<InFlight>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_in_flight(&self, batch: Arc<InFlight>) {
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+    }
+
+    /// Forgets `batch` as the batch in flight, unless a newer one took its place.
+    pub fn clear_in_flight(&self, batch: &Arc<InFlight>) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if in_flight
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, batch))
+        {
+            *in_flight = None;
+        }
+    }
+
+    /// Waits until this process has no batch in flight (called with the write lock held,
+    /// so no new one starts).
+    pub async fn settle_in_flight(&self) {
+        if let Some(batch) = self.in_flight() {
+            batch.settled().await;
+            self.clear_in_flight(&batch);
+        }
+    }
+
+    /// Applies this process's own batch stored at sequence `last` (one message) when the
+    /// image ends right before it; `false` when the image has not reached it yet (then the
+    /// follower applies it).
+    pub fn apply_after(&self, last: u64, batch: Batch) -> bool {
+        let mut image = self.write();
+        if image.seq >= last {
+            return true;
+        }
+        if image.seq + 1 != last {
+            return false;
+        }
+        image.seq = last;
+        image.partial = None;
+        image.apply(batch);
+        drop(image);
+        self.applied.send_replace(last);
+        true
+    }
+
+    /// Sends one encoded batch as a single message stored only right after sequence
+    /// `expected` and, with `parent`, only when the stream's last message is that message id;
+    /// returns without waiting for the acknowledgement.
+    pub async fn send_batch(
+        &self,
+        data: Bytes,
+        expected: u64,
+        msg_id: &str,
+        parent: Option<&str>,
+    ) -> Result<PublishAckFuture> {
+        let mut message = PublishMessage::build()
+            .payload(data)
+            .expected_last_sequence(expected)
+            .message_id(msg_id);
+        if let Some(parent) = parent {
+            message = message.expected_last_message_id(parent);
+        }
+        self.connected()?;
+        self.js
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(|error| self.publish_error(error))
+    }
+
+    /// Refuses to publish while the client is not connected: async-nats would hold the
+    /// message and send it after reconnecting, so a write whose client was told it failed
+    /// (the acknowledgement timed out) could land later.
+    fn connected(&self) -> Result<()> {
+        match self.js.client().connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(KineError::Unavailable(
+                "NATS: not connected to the server".into(),
+            )),
+        }
+    }
+
+    /// The error a failed publish stands for.
+    pub fn publish_error(&self, error: PublishError) -> KineError {
+        match error.kind() {
+            PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId => {
+                KineError::Conflict("another process committed to this keyspace first".into())
+            }
+            PublishErrorKind::StreamNotFound => {
+                self.mark_deleted();
+                KineError::KeyspaceDeleted
+            }
+            _ => unavailable("publishing a write batch", error),
+        }
+    }
+
     /// Publishes `batch` (in chunks of at most `max_chunk` bytes) right after stream sequence
     /// `expected`; returns the sequence of its last message. Fails with
     /// [`KineError::Conflict`] when another message got there first.
     pub async fn publish(&self, batch: &Batch, expected: u64, max_chunk: usize) -> Result<u64> {
+        let started = Instant::now();
+        let result = self.publish_chunks(batch, expected, max_chunk).await;
+        // One observation per batch: the wait for every chunk's acknowledgement.
+        crate::metrics::sql_query("nats", "publish", started.elapsed(), result.as_ref().err());
+        result
+    }
+
+    async fn publish_chunks(&self, batch: &Batch, expected: u64, max_chunk: usize) -> Result<u64> {
         let data = batch.encode_bytes();
         let chunks = codec::chunks(&data, max_chunk);
         let count = chunks.len();
@@ -296,6 +421,7 @@ impl Keyspace {
             if count > 1 {
                 message = message.header(CHUNK_HEADER, format!("{index}/{count}").as_str());
             }
+            self.connected()?;
             let ack = async {
                 self.js
                     .send_publish(self.subject.clone(), message)
@@ -305,18 +431,7 @@ impl Keyspace {
             .await;
             match ack {
                 Ok(ack) => last = ack.sequence,
-                Err(error) => {
-                    return Err(match error.kind() {
-                        PublishErrorKind::WrongLastSequence => KineError::Conflict(
-                            "another process committed to this keyspace first".into(),
-                        ),
-                        PublishErrorKind::StreamNotFound => {
-                            self.mark_deleted();
-                            KineError::KeyspaceDeleted
-                        }
-                        _ => unavailable("publishing a write batch", error),
-                    });
-                }
+                Err(error) => return Err(self.publish_error(error)),
             }
         }
         Ok(last)

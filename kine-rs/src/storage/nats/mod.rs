@@ -22,6 +22,15 @@
 //! several per message with group commit): gapless and ordered because each batch is
 //! computed on the state left by the previous one.
 //!
+//! **The writer's batches skip the round trip.** A batch of the keyspace's writer starts
+//! from the image without asking the server where the stream ends (the expected sequence
+//! catches an image that lags another process; a batch that publishes nothing confirms the
+//! last sequence instead), and the requests that arrive while a batch is in flight wait for
+//! its acknowledgement and then go together in the next message, so each JetStream sync
+//! carries everything that queued during the one before. A batch that fills up while
+//! another is in flight is sent on top of it ([`inflight`]): stored only right after that
+//! message, by sequence and message id.
+//!
 //! **Every process keeps an in-memory MVCC image per open keyspace** ([`image::Image`]):
 //! rows by key with their history, an event log, leases, counters. It is rebuilt by
 //! replaying the stream on open and kept current by an ordered push consumer
@@ -65,10 +74,11 @@ mod directory;
 mod endpoint;
 mod errors;
 mod image;
+mod inflight;
 mod keyspace;
 mod txn;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -402,7 +412,11 @@ impl Backend for NatsBackend {
     async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool> {
         let open = self.cached(keyspace);
         let _guard = match &open {
-            Some(open) => Some(open.write_lock.clone().lock_owned().await),
+            Some(open) => {
+                let guard = open.write_lock.clone().lock_owned().await;
+                open.settle_in_flight().await;
+                Some(guard)
+            }
             None => None,
         };
         if let Some(name) = self.name_of(keyspace).await? {
@@ -505,6 +519,7 @@ impl Backend for NatsBackend {
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let handle = self.handle(keyspace).await?;
         let guard = handle.write_lock.clone().lock_owned().await;
+        handle.settle_in_flight().await;
         if let Err(error) = handle.sync().await {
             if matches!(error, KineError::KeyspaceDeleted) {
                 self.forget(keyspace);
@@ -526,6 +541,57 @@ impl Backend for NatsBackend {
             leases: HashMap::new(),
             batch: codec::Batch::default(),
             max_chunk: self.max_chunk,
+            synced: true,
+            parent: None,
+            own_keys: HashSet::new(),
+            own_leases: HashSet::new(),
+        }))
+    }
+
+    async fn begin_group_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
+        // No round trip: on top of this process's batch in flight, or from the image. A
+        // commit from a state that lags the stream fails with a conflict, and the writer
+        // evaluates the batch again with `begin_write`.
+        let handle = self.handle(keyspace).await?;
+        let guard = handle.write_lock.clone().lock_owned().await;
+        let parent = match handle.in_flight() {
+            // Its own parent is applied (or failed) first: the overlay is its writes only.
+            Some(parent) if parent.parent_settled().await => Some(parent),
+            Some(_) => return Err(KineError::Conflict("an earlier batch failed".into())),
+            None => None,
+        };
+        let (start_seq, state, written, leases) = match &parent {
+            Some(parent) => (
+                parent.seq,
+                parent.state,
+                parent.written.clone(),
+                parent.leases.clone(),
+            ),
+            None => {
+                let image = handle.read();
+                (
+                    image.seq,
+                    image.state(keyspace),
+                    HashMap::new(),
+                    HashMap::new(),
+                )
+            }
+        };
+        Ok(Box::new(NatsWriteTxn {
+            keyspace: handle,
+            directory: self.directory.clone(),
+            _guard: guard,
+            start_seq,
+            start: state,
+            state,
+            written,
+            leases,
+            batch: codec::Batch::default(),
+            max_chunk: self.max_chunk,
+            synced: false,
+            parent,
+            own_keys: HashSet::new(),
+            own_leases: HashSet::new(),
         }))
     }
 
@@ -615,6 +681,7 @@ impl Backend for NatsBackend {
         // is cut: a snapshot of the retained state, then a purge of everything before it.
         let handle = self.handle(keyspace).await?;
         let _guard = handle.write_lock.clone().lock_owned().await;
+        handle.settle_in_flight().await;
         handle.sync().await?;
         let (snapshot, start) = {
             let image = handle.read();

@@ -3,8 +3,14 @@
 //! `Nats-Expected-Last-Sequence` set to the sequence the transaction started from, so two
 //! processes can never both commit on the same state. The loser's commit fails with
 //! [`KineError::Conflict`], which the writer retries on a fresh transaction.
+//!
+//! The writer's transactions ([`crate::storage::Backend::begin_group_write`]) start without
+//! asking the server where the stream ends, from the image or on top of this process's batch
+//! still in flight (see [`super::inflight`]); the expected sequence makes their commit fail
+//! when the image was behind, and a transaction that publishes nothing confirms that the
+//! stream still ends where its reads started.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -14,10 +20,13 @@ use tokio::sync::OwnedMutexGuard;
 use super::codec::{self, Batch, Freeze, LeaseOp, Migration, QuotaSetting};
 use super::directory::Directory;
 use super::image::{collect, live_size};
+use super::inflight::{self, InFlight};
 use super::keyspace::Keyspace;
-use crate::error::Result;
+use crate::error::{KineError, Result};
 use crate::model::{KeyValue, LeaseRecord, Revision, now_ms};
-use crate::storage::{KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows, WriteTxn};
+use crate::storage::{
+    KeyspaceState, MigrationRole, PendingCommit, Quota, RangeQuery, RangeRows, WriteTxn,
+};
 
 pub struct NatsWriteTxn {
     pub keyspace: Arc<Keyspace>,
@@ -34,6 +43,32 @@ pub struct NatsWriteTxn {
     pub batch: Batch,
     /// Largest payload of one message.
     pub max_chunk: usize,
+    /// Whether `start_seq` was the stream's last sequence when the transaction began.
+    pub synced: bool,
+    /// This process's batch in flight the transaction started on (its writes are in
+    /// `written` and `leases`, and `start_seq` is where it lands).
+    pub parent: Option<Arc<InFlight>>,
+    /// Keys and leases this transaction wrote itself (not inherited from `parent`).
+    pub own_keys: HashSet<Bytes>,
+    pub own_leases: HashSet<i64>,
+}
+
+fn conflict() -> KineError {
+    KineError::Conflict("the keyspace changed while the transaction was evaluated".into())
+}
+
+/// A fresh, unique `Nats-Msg-Id` for a batch.
+fn message_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "kine-{:x}-{:x}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A lease's effective deadline: the later of its stored one and its last keep-alive's.
@@ -80,6 +115,7 @@ impl NatsWriteTxn {
             value: kv.value.clone(),
             deleted,
         });
+        self.own_keys.insert(kv.key.clone());
         self.written
             .insert(kv.key.clone(), (!deleted).then_some(kv));
     }
@@ -91,6 +127,7 @@ impl NatsWriteTxn {
             expires_at_ms: lease.expires_at_ms,
             delete: false,
         });
+        self.own_leases.insert(lease.id);
         self.leases.insert(lease.id, Some(lease));
     }
 
@@ -136,6 +173,11 @@ impl WriteTxn for NatsWriteTxn {
 
     async fn range(&mut self, query: RangeQuery<'_>) -> Result<RangeRows> {
         let (kvs, count) = if query.revision > 0 {
+            if self.parent.is_some() && query.revision > self.keyspace.read().revision {
+                // A revision of the batch in flight, which the image does not hold yet:
+                // evaluated again once it has settled.
+                return Err(conflict());
+            }
             // Older revisions: this transaction's writes are all newer.
             self.keyspace.read().range(
                 query.range,
@@ -241,6 +283,7 @@ impl WriteTxn for NatsWriteTxn {
             delete: true,
             ..LeaseOp::default()
         });
+        self.own_leases.insert(id);
         self.leases.insert(id, None);
         Ok(())
     }
@@ -325,7 +368,18 @@ impl WriteTxn for NatsWriteTxn {
     }
 
     async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        if let Some(parent) = self.parent.take() {
+            // Chunks (and transactions that publish nothing) go after the batch in flight.
+            if !parent.settled().await {
+                return Err(conflict());
+            }
+            self.synced = false;
+        }
         if self.is_empty(revision) {
+            // Its reads were of the stream up to `start_seq`: still the latest?
+            if !self.synced && self.keyspace.last_sequence().await? != self.start_seq {
+                return Err(conflict());
+            }
             return Ok(());
         }
         self.batch.revision = revision;
@@ -347,5 +401,82 @@ impl WriteTxn for NatsWriteTxn {
             self.directory.forget(self.keyspace.id, id).await;
         }
         Ok(())
+    }
+
+    async fn commit_pipelined(mut self: Box<Self>, revision: Revision) -> Result<PendingCommit> {
+        self.batch.revision = revision;
+        let data = self.batch.encode_bytes();
+        if self.is_empty(revision) || data.len() > self.max_chunk {
+            self.commit(revision).await?;
+            return Ok(Box::pin(std::future::ready(Ok(()))));
+        }
+        let msg_id = message_id();
+        let started = std::time::Instant::now();
+        let ack = self
+            .keyspace
+            .send_batch(
+                data,
+                self.start_seq,
+                &msg_id,
+                self.parent.as_ref().map(|parent| parent.msg_id.as_str()),
+            )
+            .await?;
+        let last = self.start_seq + 1;
+        let granted_or_revoked: Vec<i64> = {
+            let image = self.keyspace.read();
+            self.batch
+                .leases
+                .iter()
+                .filter(|op| op.delete || !image.leases.contains_key(&op.id))
+                .map(|op| op.id)
+                .collect()
+        };
+        let (mut written, mut leases) = (
+            std::mem::take(&mut self.written),
+            std::mem::take(&mut self.leases),
+        );
+        inflight::own(&mut written, &self.own_keys);
+        inflight::own(&mut leases, &self.own_leases);
+        // The next batch's revisions follow this one's.
+        self.state.revision = revision;
+        let in_flight = Arc::new(InFlight::new(
+            last,
+            msg_id,
+            self.state,
+            written,
+            leases,
+            self.parent.take(),
+        ));
+        self.keyspace.set_in_flight(in_flight.clone());
+        let batch = std::mem::take(&mut self.batch);
+        let (keyspace, directory) = (self.keyspace.clone(), self.directory.clone());
+        // Releases the write lock: the next transaction may start on top of this batch.
+        drop(self);
+        let settle = tokio::spawn(async move {
+            let acked = ack.await.map_err(|error| keyspace.publish_error(error));
+            crate::metrics::sql_query("nats", "publish", started.elapsed(), acked.as_ref().err());
+            // Applied in stream order: after the batch below it.
+            let parent_stored = in_flight.parent_settled().await;
+            let result = match acked {
+                Ok(ack) if parent_stored && keyspace.apply_after(ack.sequence, batch) => Ok(()),
+                // Stored after a batch whose acknowledgement was lost: the follower applies
+                // both, in order.
+                Ok(ack) => keyspace.wait_applied(ack.sequence).await,
+                Err(error) => Err(error),
+            };
+            in_flight.settle(result.is_ok());
+            keyspace.clear_in_flight(&in_flight);
+            if result.is_ok() {
+                for id in granted_or_revoked {
+                    directory.forget(keyspace.id, id).await;
+                }
+            }
+            result
+        });
+        Ok(Box::pin(async move {
+            settle.await.map_err(|error| {
+                KineError::Storage(format!("NATS: a commit task failed: {error}"))
+            })?
+        }))
     }
 }
