@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use kine_proto::etcdserverpb::{TxnRequest, TxnResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
@@ -243,7 +244,16 @@ impl Writer {
         commands: &[WriteCommand],
         purge_at: &mut Option<Revision>,
     ) -> Result<(Vec<Result<WriteOutcome>>, Revision, PendingCommit)> {
-        let txn = self.backend.begin_group_write(self.keyspace).await?;
+        // Batches of transactions only may be read without the keyspace lock held across
+        // their round trips (PostgreSQL: one read, one commit call); a conflict runs the batch
+        // again under it (`commit_alone`).
+        let optimistic = commands
+            .iter()
+            .all(|command| matches!(command.op, WriteOp::Txn { .. }));
+        let txn = self
+            .backend
+            .begin_group_write(self.keyspace, &batch_keys(commands), optimistic)
+            .await?;
         let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
         let ack = txn.commit_pipelined(revision).await?;
         Ok((outcomes, revision, ack))
@@ -276,33 +286,15 @@ impl Writer {
         purge_at: &mut Option<Revision>,
     ) -> BatchResult {
         let mut conflicts = 0;
-<<<<<<< HEAD
-        // Batches of transactions first try without holding the keyspace lock across their
-        // round trips (PostgreSQL: one read, one commit call); after a conflict, under it.
-        let only_txns = batch
-            .iter()
-            .all(|command| matches!(command.op, WriteOp::Txn { .. }));
-        let outcomes = loop {
-            purge_at = None;
-            let attempt = apply_batch(
-                &*backend,
-                keyspace,
-                &tenant,
-                &batch,
-                only_txns && conflicts == 0,
-                &mut purge_at,
-                &mut last_lease_id,
-            )
-=======
         loop {
             *purge_at = None;
             let attempt = async {
-                let txn = self.backend.begin_write(self.keyspace).await?;
+                let mut txn = self.backend.begin_write(self.keyspace).await?;
+                txn.prefetch(&batch_keys(commands)).await?;
                 let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
                 txn.commit(revision).await?;
                 Ok((outcomes, revision))
             }
->>>>>>> nats
             .await;
             match attempt {
                 Err(KineError::Conflict(_)) if conflicts < MAX_CONFLICT_RETRIES => {
@@ -348,20 +340,14 @@ impl Writer {
         }
     }
 
-    /// Applies every request of a batch to `txn`, each with its own revision.
+    /// Applies every request of a batch to `txn` (its keys prefetched, [`batch_keys`]), each
+    /// with its own revision.
     async fn evaluate(
         &mut self,
         mut txn: Box<dyn WriteTxn>,
         commands: &[WriteCommand],
         purge_at: &mut Option<Revision>,
     ) -> Result<(Box<dyn WriteTxn>, Vec<Result<WriteOutcome>>, Revision)> {
-        let mut keys = Vec::new();
-        for command in commands {
-            if let WriteOp::Txn { request, .. } = &command.op {
-                point_keys(request, &mut keys);
-            }
-        }
-        txn.prefetch(&keys).await?;
         let mut revision = txn.state().revision;
         let mut sub = 0i64;
         let mut outcomes = Vec::with_capacity(commands.len());
@@ -400,48 +386,17 @@ pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revisi
 
 type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
 
-<<<<<<< HEAD
-async fn apply_batch(
-    backend: &dyn Backend,
-    keyspace: KeyspaceId,
-    tenant: &str,
-    batch: &[WriteCommand],
-    optimistic: bool,
-    purge_at: &mut Option<Revision>,
-    last_lease_id: &mut i64,
-) -> BatchResult {
+/// The keys a batch's transactions name, to look up in one go before it is applied.
+fn batch_keys(commands: &[WriteCommand]) -> Vec<Bytes> {
     let mut keys = Vec::new();
-    for command in batch {
+    for command in commands {
         if let WriteOp::Txn { request, .. } = &command.op {
             point_keys(request, &mut keys);
         }
     }
-    let mut txn = backend.begin_batch(keyspace, &keys, optimistic).await?;
-    let mut revision = txn.state().revision;
-    let mut sub = 0i64;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for command in batch {
-        let outcome = apply_one(
-            &mut *txn,
-            tenant,
-            &command.op,
-            &mut revision,
-            &mut sub,
-            purge_at,
-            last_lease_id,
-        )
-        .await;
-        match outcome {
-            Err(error) if error.is_datastore_failure() => return Err(error),
-            outcome => outcomes.push(outcome),
-        }
-    }
-    txn.commit(revision).await?;
-    Ok((outcomes, revision))
+    keys
 }
 
-=======
->>>>>>> nats
 async fn apply_one(
     txn: &mut dyn WriteTxn,
     tenant: &str,

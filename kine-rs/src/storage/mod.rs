@@ -228,13 +228,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a write transaction holding the keyspace's write lock.
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
 
-<<<<<<< HEAD
     /// Starts the write transaction of a group-commit batch naming `keys`, with their current
-    /// rows looked up ([`WriteTxn::prefetch`]). With `optimistic`, a datastore may read
-    /// without the write lock and take it only to commit, failing the commit with
-    /// [`KineError::Conflict`](crate::error::KineError::Conflict) (nothing written) when the
-    /// keyspace changed since it read; the caller then runs the batch again without.
-    async fn begin_batch(
+    /// rows looked up ([`WriteTxn::prefetch`]). The writer commits it with
+    /// [`WriteTxn::commit_pipelined`] and, on [`KineError::Conflict`](crate::error::KineError::Conflict)
+    /// (nothing written), runs the batch again on [`Backend::begin_write`]. So a datastore
+    /// may start it without the write lock, taking the lock only to commit and refusing a
+    /// keyspace changed since it read (PostgreSQL, when `optimistic`: the batch holds only
+    /// transactions), or on top of this process's commit still awaiting its acknowledgement,
+    /// from state that may lag other processes (NATS). By default, `begin_write` and
+    /// `prefetch`.
+    async fn begin_group_write(
         &self,
         keyspace: KeyspaceId,
         keys: &[Bytes],
@@ -244,15 +247,6 @@ pub trait Backend: Send + Sync + 'static {
         let mut txn = self.begin_write(keyspace).await?;
         txn.prefetch(keys).await?;
         Ok(txn)
-=======
-    /// Starts a write transaction for the keyspace's writer (group commit), which commits it
-    /// with [`WriteTxn::commit_pipelined`] and retries it on [`KineError::Conflict`] with
-    /// [`Backend::begin_write`]. A datastore may start it on top of this process's commit
-    /// still awaiting its acknowledgement, or from state that may lag other processes as
-    /// long as its commit then fails with a conflict. By default, [`Backend::begin_write`].
-    async fn begin_group_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
-        self.begin_write(keyspace).await
->>>>>>> nats
     }
 
     /// One lease, if it exists.

@@ -846,7 +846,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         }))
     }
 
-    async fn begin_batch(
+    async fn begin_group_write(
         &self,
         keyspace: KeyspaceId,
         keys: &[Bytes],

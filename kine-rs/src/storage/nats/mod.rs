@@ -231,6 +231,54 @@ async fn account_info(js: &jetstream::Context) -> Result<serde_json::Value> {
 }
 
 impl NatsBackend {
+    /// [`Backend::begin_group_write`] before the batch's keys are looked up.
+    async fn begin_group_write_unfetched(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
+        // No round trip: on top of this process's batch in flight, or from the image. A
+        // commit from a state that lags the stream fails with a conflict, and the writer
+        // evaluates the batch again with `begin_write`.
+        let handle = self.handle(keyspace).await?;
+        let guard = handle.write_lock.clone().lock_owned().await;
+        let parent = match handle.in_flight() {
+            // Its own parent is applied (or failed) first: the overlay is its writes only.
+            Some(parent) if parent.parent_settled().await => Some(parent),
+            Some(_) => return Err(KineError::Conflict("an earlier batch failed".into())),
+            None => None,
+        };
+        let (start_seq, state, written, leases) = match &parent {
+            Some(parent) => (
+                parent.seq,
+                parent.state,
+                parent.written.clone(),
+                parent.leases.clone(),
+            ),
+            None => {
+                let image = handle.read();
+                (
+                    image.seq,
+                    image.state(keyspace),
+                    HashMap::new(),
+                    HashMap::new(),
+                )
+            }
+        };
+        Ok(Box::new(NatsWriteTxn {
+            keyspace: handle,
+            directory: self.directory.clone(),
+            _guard: guard,
+            start_seq,
+            start: state,
+            state,
+            written,
+            leases,
+            batch: codec::Batch::default(),
+            max_chunk: self.max_chunk,
+            synced: false,
+            parent,
+            own_keys: HashSet::new(),
+            own_leases: HashSet::new(),
+        }))
+    }
+
     fn cached(&self, id: KeyspaceId) -> Option<Arc<Keyspace>> {
         self.open
             .lock()
@@ -548,51 +596,15 @@ impl Backend for NatsBackend {
         }))
     }
 
-    async fn begin_group_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
-        // No round trip: on top of this process's batch in flight, or from the image. A
-        // commit from a state that lags the stream fails with a conflict, and the writer
-        // evaluates the batch again with `begin_write`.
-        let handle = self.handle(keyspace).await?;
-        let guard = handle.write_lock.clone().lock_owned().await;
-        let parent = match handle.in_flight() {
-            // Its own parent is applied (or failed) first: the overlay is its writes only.
-            Some(parent) if parent.parent_settled().await => Some(parent),
-            Some(_) => return Err(KineError::Conflict("an earlier batch failed".into())),
-            None => None,
-        };
-        let (start_seq, state, written, leases) = match &parent {
-            Some(parent) => (
-                parent.seq,
-                parent.state,
-                parent.written.clone(),
-                parent.leases.clone(),
-            ),
-            None => {
-                let image = handle.read();
-                (
-                    image.seq,
-                    image.state(keyspace),
-                    HashMap::new(),
-                    HashMap::new(),
-                )
-            }
-        };
-        Ok(Box::new(NatsWriteTxn {
-            keyspace: handle,
-            directory: self.directory.clone(),
-            _guard: guard,
-            start_seq,
-            start: state,
-            state,
-            written,
-            leases,
-            batch: codec::Batch::default(),
-            max_chunk: self.max_chunk,
-            synced: false,
-            parent,
-            own_keys: HashSet::new(),
-            own_leases: HashSet::new(),
-        }))
+    async fn begin_group_write(
+        &self,
+        keyspace: KeyspaceId,
+        keys: &[Bytes],
+        _optimistic: bool,
+    ) -> Result<Box<dyn WriteTxn>> {
+        let mut txn = self.begin_group_write_unfetched(keyspace).await?;
+        txn.prefetch(keys).await?;
+        Ok(txn)
     }
 
     async fn lease(&self, keyspace: KeyspaceId, id: i64) -> Result<Option<LeaseRecord>> {
