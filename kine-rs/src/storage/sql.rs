@@ -379,19 +379,7 @@ async fn read_state<D: Dialect>(
     keyspace: KeyspaceId,
     lock: bool,
 ) -> Result<KeyspaceState> {
-    let sql = format!(
-        "SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?{}",
-        if lock { D::LOCK } else { "" }
-    );
-    let row = fetch_optional::<D>(
-        conn,
-        if lock { "state_lock" } else { "state" },
-        &sql,
-        &[Arg::Int(keyspace)],
-    )
-    .await?
-    .ok_or(KineError::KeyspaceDeleted)?;
-    state_from_row::<D>(&row, keyspace)
+    Ok(read_state_row::<D>(conn, keyspace, lock, false).await?.0)
 }
 
 /// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_ID`]; `None`
@@ -401,11 +389,21 @@ async fn read_state_version<D: Dialect>(
     keyspace: KeyspaceId,
     lock: bool,
 ) -> Result<(KeyspaceState, Option<String>)> {
-    let Some((column, _)) = D::ROW_ID else {
-        return Ok((read_state::<D>(conn, keyspace, lock).await?, None));
-    };
+    read_state_row::<D>(conn, keyspace, lock, true).await
+}
+
+async fn read_state_row<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    lock: bool,
+    with_version: bool,
+) -> Result<(KeyspaceState, Option<String>)> {
+    let version = D::ROW_ID
+        .filter(|_| with_version)
+        .map(|(column, _)| format!(", CAST({column} AS TEXT)"));
     let sql = format!(
-        "SELECT {STATE_COLUMNS}, CAST({column} AS TEXT) FROM keyspaces WHERE id = ?{}",
+        "SELECT {STATE_COLUMNS}{} FROM keyspaces WHERE id = ?{}",
+        version.as_deref().unwrap_or(""),
         if lock { D::LOCK } else { "" }
     );
     let row = fetch_optional::<D>(
@@ -416,10 +414,11 @@ async fn read_state_version<D: Dialect>(
     )
     .await?
     .ok_or(KineError::KeyspaceDeleted)?;
-    Ok((
-        state_from_row::<D>(&row, keyspace)?,
-        Some(D::DB::text(&row, 10)?),
-    ))
+    let state = state_from_row::<D>(&row, keyspace)?;
+    match version {
+        Some(_) => Ok((state, Some(D::DB::text(&row, 10)?))),
+        None => Ok((state, None)),
+    }
 }
 
 /// Columns of a keyspace row, in the order [`state_from_row`] decodes.
