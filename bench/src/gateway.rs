@@ -195,8 +195,8 @@ async fn watcher(
 }
 
 /// How tenants reach the target.
-enum Access {
-    /// One mTLS connection per tenant, with its own certificate.
+pub(crate) enum Access {
+    /// A new mTLS connection per call, with the tenant's own certificate.
     Tls {
         url: String,
         ca: Certificate,
@@ -205,12 +205,32 @@ enum Access {
     },
     /// Plain connections shared by all tenants.
     Shared(Vec<Channel>),
+    /// A new plain connection per call (a target without tenants).
+    Fresh(Vec<String>),
 }
 
 impl Access {
-    async fn channel(&self, i: usize) -> Result<Channel> {
+    /// mTLS to the first of `endpoints` with the certificates `kine-load pki` wrote in `dir`.
+    pub(crate) fn tls(endpoints: &[String], dir: &Path, domain: Option<String>) -> Result<Access> {
+        let url = endpoints[0].clone();
+        if !url.starts_with("https://") {
+            bail!("--pki-dir needs an https:// endpoint, not {url}");
+        }
+        let ca = std::fs::read(dir.join("ca.pem"))
+            .with_context(|| format!("reading {}/ca.pem", dir.display()))?;
+        Ok(Access::Tls {
+            url,
+            ca: Certificate::from_pem(ca),
+            dir: dir.to_path_buf(),
+            domain,
+        })
+    }
+
+    /// A connection of tenant `i`.
+    pub(crate) async fn channel(&self, i: usize) -> Result<Channel> {
         match self {
             Access::Shared(channels) => Ok(channels[i % channels.len()].clone()),
+            Access::Fresh(endpoints) => Ok(connect(endpoints, 1).await?.remove(0)),
             Access::Tls {
                 url,
                 ca,
@@ -328,20 +348,7 @@ pub async fn gateway_watch(g: &GatewayOpts) -> Result<Report> {
     let opts = &g.opts;
     let prefix = opts.prefix("gateway-watch");
     let access = match &g.pki_dir {
-        Some(dir) => {
-            let url = opts.endpoints[0].clone();
-            if !url.starts_with("https://") {
-                bail!("--pki-dir needs an https:// endpoint, not {url}");
-            }
-            let ca = std::fs::read(dir.join("ca.pem"))
-                .with_context(|| format!("reading {}/ca.pem", dir.display()))?;
-            Access::Tls {
-                url,
-                ca: Certificate::from_pem(ca),
-                dir: dir.clone(),
-                domain: g.tls_domain.clone(),
-            }
-        }
+        Some(dir) => Access::tls(&opts.endpoints, dir, g.tls_domain.clone())?,
         None => Access::Shared(connect(&opts.endpoints, opts.conns).await?),
     };
     let n = g.tenants.max(1);
@@ -499,6 +506,8 @@ pub async fn gateway_watch(g: &GatewayOpts) -> Result<Report> {
             (Access::Tls { .. }, true) => "mtls, one connection per watch, a prefix each",
             (Access::Shared(_), false) => "plain, shared connections",
             (Access::Shared(_), true) => "plain, shared connections, a prefix each",
+            (Access::Fresh(_), false) => "plain, one connection per tenant",
+            (Access::Fresh(_), true) => "plain, one connection per watch, a prefix each",
         }),
     );
     stats.set("open_s", json!(secs(open_elapsed)));

@@ -34,12 +34,12 @@ use kine_proto::etcdserverpb::{
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tonic::Streaming;
-use tonic::transport::{Certificate, Channel};
+use tonic::transport::Channel;
 
-use crate::gateway::{connect_as, tenant_name};
+use crate::Opts;
+use crate::gateway::Access;
 use crate::report::{Report, Stats};
 use crate::workloads::{MAX_MESSAGE, checked_creates, kv_client, prefix_end};
-use crate::{Opts, connect};
 
 /// Watches per Watch stream of A's watch load (etcd has no limit; kine-rs allows 10,000).
 const WATCHES_PER_STREAM: usize = 1000;
@@ -131,32 +131,6 @@ impl Noise {
     }
 }
 
-/// How the two tenants reach the target.
-enum Access {
-    Tls {
-        url: String,
-        ca: Certificate,
-        dir: PathBuf,
-        domain: Option<String>,
-    },
-    Plain(Vec<String>),
-}
-
-impl Access {
-    /// A new connection of tenant `tenant` (0 = A, 1 = B).
-    async fn connect(&self, tenant: usize) -> Result<Channel> {
-        match self {
-            Access::Tls {
-                url,
-                ca,
-                dir,
-                domain,
-            } => connect_as(url, ca, dir, &tenant_name(tenant), domain.as_deref()).await,
-            Access::Plain(endpoints) => Ok(connect(endpoints, 1).await?.remove(0)),
-        }
-    }
-}
-
 /// VmRSS of `pid` in MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -171,30 +145,17 @@ pub async fn noisy_neighbour(n: &NoisyOpts) -> Result<Report> {
     let base = opts.prefix("noisy-neighbour");
     let (a_prefix, b_prefix) = (format!("{base}a/"), format!("{base}b/"));
     let access = match &n.pki_dir {
-        Some(dir) => {
-            let url = opts.endpoints[0].clone();
-            if !url.starts_with("https://") {
-                bail!("--pki-dir needs an https:// endpoint, not {url}");
-            }
-            let ca = std::fs::read(dir.join("ca.pem"))
-                .with_context(|| format!("reading {}/ca.pem", dir.display()))?;
-            Access::Tls {
-                url,
-                ca: Certificate::from_pem(ca),
-                dir: dir.clone(),
-                domain: n.tls_domain.clone(),
-            }
-        }
-        None if n.no_tenants => Access::Plain(opts.endpoints.clone()),
+        Some(dir) => Access::tls(&opts.endpoints, dir, n.tls_domain.clone())?,
+        None if n.no_tenants => Access::Fresh(opts.endpoints.clone()),
         None => {
             bail!("give --pki-dir (a kine-rs gateway) or --no-tenants (a target without tenants)")
         }
     };
     let mut b_channels = Vec::new();
     for _ in 0..opts.conns.max(1) {
-        b_channels.push(access.connect(1).await?);
+        b_channels.push(access.channel(1).await?);
     }
-    let a = access.connect(0).await?;
+    let a = access.channel(0).await?;
     let loaded = load(&a, &a_prefix, n.a_keys).await?;
     let rss = || n.server_pid.and_then(rss_mib);
     let rss_before = rss();
@@ -398,7 +359,7 @@ async fn start_noise(
     // Watchers that never read, each on its own connection, under 1 MiB values.
     let big = format!("{prefix}big/");
     for _ in 0..n.a_slow_watchers {
-        let channel = access.connect(0).await?;
+        let channel = access.channel(0).await?;
         let stream = open_watches(&channel, &big, 1).await?;
         if stream.created == 1 {
             noise.slow_watchers_open.fetch_add(1, Ordering::Relaxed);

@@ -267,17 +267,17 @@ async fn lease_ids_increase_across_processes(backend: Backend) -> Result<()> {
     Ok(())
 }
 
-async fn run_leases(backend: Backend) {
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(120),
-        lease_ids_increase_across_processes(backend),
-    )
-    .await;
-    match outcome {
+/// Runs one scenario against `backend` for at most two minutes; panics with its error.
+async fn bounded(backend: Backend, scenario: impl Future<Output = Result<()>>) {
+    match tokio::time::timeout(Duration::from_secs(120), scenario).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => panic!("{backend:?}: {e:#}"),
         Err(_) => panic!("{backend:?}: timed out"),
     }
+}
+
+async fn run_leases(backend: Backend) {
+    bounded(backend, lease_ids_increase_across_processes(backend)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -295,16 +295,7 @@ async fn run(backend: Backend) {
 }
 
 async fn run_with(backend: Backend, writers: usize, puts: usize) {
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(120),
-        two_processes_one_database(backend, writers, puts),
-    )
-    .await;
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{backend:?}: {e:#}"),
-        Err(_) => panic!("{backend:?}: timed out"),
-    }
+    bounded(backend, two_processes_one_database(backend, writers, puts)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,16 +390,7 @@ async fn increments_across_processes(backend: Backend) -> Result<()> {
 }
 
 async fn run_increments(backend: Backend) {
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(120),
-        increments_across_processes(backend),
-    )
-    .await;
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{backend:?}: {e:#}"),
-        Err(_) => panic!("{backend:?}: timed out"),
-    }
+    bounded(backend, increments_across_processes(backend)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

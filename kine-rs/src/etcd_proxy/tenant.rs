@@ -490,12 +490,17 @@ impl ProxiedTenant {
     }
 
     async fn is_frozen(&self) -> Result<bool> {
+        self.record_exists(self.control.frozen(&self.name)).await
+    }
+
+    /// Whether one of kine-rs's records (`/_kine-rs/…`) exists in etcd now.
+    async fn record_exists(&self, key: Bytes) -> Result<bool> {
         let response = self
             .upstream
             .kv
             .clone()
             .range(RangeRequest {
-                key: self.control.frozen(&self.name),
+                key,
                 count_only: true,
                 ..Default::default()
             })
@@ -1040,19 +1045,7 @@ impl ServedTenant for ProxiedTenant {
     }
 
     async fn moved(&self) -> Result<bool> {
-        let response = self
-            .upstream
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: self.control.moved(&self.name),
-                count_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
-        Ok(response.count > 0)
+        self.record_exists(self.control.moved(&self.name)).await
     }
 
     async fn defragment(&self, _whole_datastore: bool) -> Result<()> {
