@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::error::{KineError, Result};
 use crate::model::{KeyRange, LeaseRecord, Revision, now_ms};
 use crate::range;
-use crate::rate::RateLimit;
+use crate::rate::{RateLimit, WorkBudget};
 use crate::renewals::Renewer;
 use crate::served::{ServedTenant, StatusFacts, WatchRequests, WatchResponses};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota};
@@ -76,6 +76,10 @@ pub struct Keyspace {
     renewer: Renewer,
     /// The tenant's keep-alive rate in this process.
     keep_alive_rate: Option<RateLimit>,
+    /// The tenant's budgets of datastore work in this process: rows its reads read, bytes
+    /// its writes write.
+    read_budget: Option<WorkBudget>,
+    write_budget: Option<WorkBudget>,
     /// Set when the keyspace is deleted: its watch and keep-alive streams end. Or when it
     /// moved to another datastore inside this process: then `successor` serves it, and the
     /// streams carry on there.
@@ -156,6 +160,8 @@ impl Keyspace {
             renewals: std::sync::Mutex::new(HashMap::new()),
             renewer,
             keep_alive_rate: RateLimit::new(limits.keepalives_per_second),
+            read_budget: WorkBudget::new(limits.read_rows_per_second),
+            write_budget: WorkBudget::new(limits.write_bytes_per_second),
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
             successor: std::sync::Mutex::new(None),
@@ -290,15 +296,39 @@ impl Keyspace {
         Ok(())
     }
 
+    /// Waits while the tenant owes rows read (`--max-read-rows-per-second`).
+    async fn wait_for_read_budget(&self) {
+        if let Some(budget) = &self.read_budget {
+            budget.wait().await;
+        }
+    }
+
+    fn charge_rows_read(&self, rows: u64) {
+        if let Some(budget) = &self.read_budget {
+            budget.charge(rows.max(1));
+        }
+    }
+
+    /// Waits while the tenant owes bytes written (`--max-write-bytes-per-second`), then
+    /// charges this write's.
+    async fn spend_write_budget(&self, request: &impl Message) {
+        if let Some(budget) = &self.write_budget {
+            budget.wait().await;
+            budget.charge(request.encoded_len() as u64);
+        }
+    }
+
     /// etcd's Range.
     pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
         range::check(&request)?;
+        self.wait_for_read_budget().await;
         let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
         let rows = self.noticed(
             self.backend
                 .range(self.id, range::query(&request, &key_range))
                 .await,
         )?;
+        self.charge_rows_read(rows_read(rows.kvs.len(), rows.count));
         let mut response = range::finish(&request, rows);
         self.fill(&mut response.header, 0);
         Ok(response)
@@ -308,6 +338,7 @@ impl Keyspace {
     pub async fn put(&self, request: PutRequest) -> Result<PutResponse> {
         txn::check_put(&request)?;
         self.check_size(&request)?;
+        self.spend_write_budget(&request).await;
         let response = self.single(Request::RequestPut(request), true).await?;
         match response {
             Response::ResponsePut(mut put) => {
@@ -322,11 +353,15 @@ impl Keyspace {
     pub async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         txn::check_delete(&request)?;
         self.check_size(&request)?;
+        // A delete reads the rows it deletes.
+        self.wait_for_read_budget().await;
+        self.spend_write_budget(&request).await;
         match self
             .single(Request::RequestDeleteRange(request), false)
             .await?
         {
             Response::ResponseDeleteRange(mut delete) => {
+                self.charge_rows_read(u64::try_from(delete.deleted).unwrap_or(0));
                 self.fill(&mut delete.header, 0);
                 Ok(delete)
             }
@@ -363,23 +398,31 @@ impl Keyspace {
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
         txn::check_txn(&request, &self.limits)?;
         self.check_size(&request)?;
+        self.wait_for_read_budget().await;
+        self.spend_write_budget(&request).await;
         // Wide reads happen here, outside the keyspace's write lock; the writer only catches
         // them up (see `crate::txn`).
         let pre_reads = txn::pre_read(&*self.backend, self.id, &request).await;
-        match self
+        let pre_read_rows = pre_reads.as_ref().map_or(0, txn::PreReads::rows_read);
+        let outcome = self
             .write(WriteOp::Txn {
                 request,
                 plain_put: false,
                 pre_reads,
             })
-            .await?
-        {
-            WriteOutcome::Txn(mut response) => {
-                self.fill(&mut response.header, 0);
-                Ok(response)
-            }
-            _ => Err(KineError::Storage("unexpected write outcome".into())),
-        }
+            .await;
+        let response = match outcome {
+            Ok(WriteOutcome::Txn(response)) => Ok(response),
+            Ok(_) => Err(KineError::Storage("unexpected write outcome".into())),
+            Err(error) => Err(error),
+        };
+        // What the writer read itself (narrow reads, or a wide one it had to redo) shows in
+        // the answer's ranges; the wide reads made before it, in the pre-reads.
+        let answered_rows = response.as_ref().map_or(0, txn_rows_read);
+        self.charge_rows_read(pre_read_rows.max(answered_rows));
+        let mut response = response?;
+        self.fill(&mut response.header, 0);
+        Ok(response)
     }
 
     /// etcd's Compact; with `physical`, answers once the compacted rows are purged, and
@@ -497,6 +540,28 @@ impl Keyspace {
     pub async fn leases(&self) -> Result<Vec<LeaseRecord>> {
         self.backend.leases(self.id).await
     }
+}
+
+/// Rows a range read made the datastore read: its count when it returned fewer (a limit, or
+/// count only), since the count was read too.
+fn rows_read(returned: usize, count: i64) -> u64 {
+    (returned as u64).max(u64::try_from(count).unwrap_or(0))
+}
+
+/// Rows the range operations of a transaction's answer read, nested ones included.
+fn txn_rows_read(response: &TxnResponse) -> u64 {
+    response
+        .responses
+        .iter()
+        .map(|op| match &op.response {
+            Some(Response::ResponseRange(range)) => rows_read(range.kvs.len(), range.count),
+            Some(Response::ResponseTxn(nested)) => txn_rows_read(nested),
+            Some(Response::ResponseDeleteRange(delete)) => {
+                u64::try_from(delete.deleted).unwrap_or(0)
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The database-backed served tenant. Inherent methods of the same name do the work; these

@@ -46,6 +46,13 @@ pub const DEFAULT_KEYSPACE: &str = "default";
 /// the server and get etcd's "request is too large" instead of a transport error.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// A gateway tenant's default budgets (`--max-read-rows-per-second`,
+/// `--max-write-bytes-per-second`): far above what a control plane's apiserver needs (its
+/// watch cache serves lists; its writes are small objects), far below what one hostile tenant
+/// can make the datastore do.
+const GATEWAY_READ_ROWS_PER_SECOND: u64 = 200_000;
+const GATEWAY_WRITE_BYTES_PER_SECOND: u64 = 16 << 20;
+
 /// Why kine-rs could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -353,6 +360,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         max_watches_per_stream: config.max_watches_per_stream,
         max_leases_per_tenant: i64::try_from(config.max_leases_per_tenant).unwrap_or(i64::MAX),
         keepalives_per_second: config.max_keepalives_per_second,
+        // Budgets of datastore work share it fairly between the tenants of a gateway; a
+        // process serving one tenant has no neighbour to share with.
+        read_rows_per_second: config
+            .max_read_rows_per_second
+            .unwrap_or(if config.gateway {
+                GATEWAY_READ_ROWS_PER_SECOND
+            } else {
+                0
+            }),
+        write_bytes_per_second: config
+            .max_write_bytes_per_second
+            .unwrap_or(if config.gateway {
+                GATEWAY_WRITE_BYTES_PER_SECOND
+            } else {
+                0
+            }),
         watch_stream_buffer_bytes: config.watch_stream_buffer_bytes,
         watch_hub_buffer_bytes: config.watch_hub_buffer_bytes,
     };

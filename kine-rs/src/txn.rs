@@ -72,6 +72,12 @@ pub struct RequestLimits {
     /// Keep-alives of one tenant answered per second, 0 for no limit
     /// (`--max-keepalives-per-second`).
     pub keepalives_per_second: u32,
+    /// Rows one tenant's reads may make the datastore read per second, 0 for no limit
+    /// (`--max-read-rows-per-second`).
+    pub read_rows_per_second: u64,
+    /// Bytes of write requests of one tenant per second, 0 for no limit
+    /// (`--max-write-bytes-per-second`).
+    pub write_bytes_per_second: u64,
     /// Bytes of responses one Watch stream buffers for its client
     /// (`--watch-stream-buffer-bytes`).
     pub watch_stream_buffer_bytes: usize,
@@ -88,6 +94,8 @@ impl Default for RequestLimits {
             max_watches_per_stream: 10_000,
             max_leases_per_tenant: 100_000,
             keepalives_per_second: 10_000,
+            read_rows_per_second: 0,
+            write_bytes_per_second: 0,
             watch_stream_buffer_bytes: 4 << 20,
             watch_hub_buffer_bytes: 16 << 20,
         }
@@ -356,6 +364,16 @@ struct PreRead {
 #[derive(Debug, Default)]
 pub struct PreReads {
     reads: std::collections::HashMap<Shape, PreRead>,
+}
+
+impl PreReads {
+    /// Rows these reads made the datastore read (a range's count when it returned fewer).
+    pub fn rows_read(&self) -> u64 {
+        self.reads
+            .values()
+            .map(|read| (read.kvs.len() as u64).max(u64::try_from(read.count).unwrap_or(0)))
+            .sum()
+    }
 }
 
 /// The query a compare reads: every key of its range, with values only when it compares

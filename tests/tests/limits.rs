@@ -441,3 +441,138 @@ async fn a_gateway_closes_idle_tenants() -> Result<()> {
     ensure!(value.kvs()[0].value() == b"tenant-5");
     Ok(())
 }
+
+/// A stream the server reads slowly (here keep-alives past `--max-keepalives-per-second`)
+/// holds the request data the client sent ahead. It fills its own HTTP/2 window, not the
+/// connection's: a 1 MiB put on the same connection still goes through. (A guard: a stall of
+/// big puts beside a keep-alive flood was once blamed on this; it is not the cause.)
+#[tokio::test]
+async fn a_stream_read_slowly_does_not_stall_its_connection() -> Result<()> {
+    let (_kine, mut client) =
+        serve_and_connect("memory://", &["--max-keepalives-per-second", "1"]).await?;
+    let lease = client.lease_grant(600, None).await?.id();
+    let (mut keeper, responses) = client.lease_keep_alive(lease).await?;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = sent.clone();
+    let flood = tokio::spawn(async move {
+        loop {
+            keeper.keep_alive().await?;
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    // The flood stops being taken once the stream's window is full: ~1 MiB of keep-alives of
+    // ~15 bytes, 70,000 or so, against one a second read.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        ensure!(!flood.is_finished(), "the keep-alive stream ended");
+        if now > 10_000 && now - last < 100 {
+            break;
+        }
+        ensure!(
+            now < 10_000_000,
+            "the server read {now} keep-alives at one a second"
+        );
+        last = now;
+    }
+    let value = vec![7u8; 1 << 20];
+    tokio::time::timeout(Duration::from_secs(60), client.put("big", value, None))
+        .await
+        .context("a 1 MiB put waited behind a stream the server reads slowly")??;
+    let got = client.get("big", None).await?;
+    ensure!(got.kvs().first().map(|kv| kv.value().len()) == Some(1 << 20));
+    drop(responses);
+    flood.abort();
+    Ok(())
+}
+
+/// A client of gateway `kine` as tenant `name` (a client certificate of `pki`).
+async fn gateway_client(pki: &Pki, kine: &ChildGuard, name: &str) -> Result<Client> {
+    let (cert, key) = pki.client(name);
+    let tls = TlsOptions::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca)?))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    let endpoint = format!("https://{}", kine.address);
+    Ok(Client::connect(
+        [endpoint.as_str()],
+        Some(ConnectOptions::new().with_tls(tls)),
+    )
+    .await?)
+}
+
+/// `--max-read-rows-per-second` and `--max-write-bytes-per-second` are each tenant's own: a
+/// tenant whose read went far past its budget, or whose write did, has its next request
+/// wait until the debt is paid off, while another tenant of the same gateway is served at
+/// once. The debts here are tens of seconds, so "still waiting after 3 s" holds on any
+/// machine; without the budgets nothing waits.
+#[tokio::test]
+async fn a_tenant_past_its_budget_waits_and_its_neighbour_does_not() -> Result<()> {
+    const KEYS: usize = 5_000;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::write(dir.path(), &["tenant-a", "tenant-b"]);
+    let args = [
+        "--gateway",
+        "--gateway-create-tenants",
+        "--server-cert-file",
+        &pki.server_cert,
+        "--server-key-file",
+        &pki.server_key,
+        "--trusted-ca-file",
+        &pki.ca,
+        "--max-read-rows-per-second",
+        "100",
+        "--max-write-bytes-per-second",
+        "65536",
+    ];
+    let kine = spawn_kine_with(Backend::Sqlite, &args);
+    let mut a = gateway_client(&pki, &kine, "tenant-a").await?;
+    let mut b = gateway_client(&pki, &kine, "tenant-b").await?;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+        let puts = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(format!("k/{i:05}"), "v", None))
+            .collect::<Vec<_>>();
+        a.txn(etcd_client::Txn::new().and_then(puts)).await?;
+    }
+    b.put("k", "b", None).await?;
+
+    // Reads: one read of every key puts A 4,900 rows (49 s) in debt.
+    let all = a
+        .get("k/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    ensure!(all.kvs().len() == KEYS, "{} keys", all.kvs().len());
+    let mut waiting = a.clone();
+    let next_read = tokio::spawn(async move { waiting.get("k/00000", None).await });
+    let got = tokio::time::timeout(Duration::from_secs(30), b.get("k", None))
+        .await
+        .context("tenant B's read waited for tenant A's debt")??;
+    ensure!(got.kvs()[0].value() == b"b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        !next_read.is_finished(),
+        "A read 5,000 rows with a budget of 100 a second, and its next read did not wait"
+    );
+    next_read.abort();
+
+    // Writes: a 1 MiB put puts A 16 s in debt.
+    a.put("big", vec![1u8; MIB], None).await?;
+    let mut waiting = a.clone();
+    let next_write = tokio::spawn(async move { waiting.put("small", "x", None).await });
+    tokio::time::timeout(Duration::from_secs(30), b.put("big", vec![2u8; MIB], None))
+        .await
+        .context("tenant B's write waited for tenant A's debt")??;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        !next_write.is_finished(),
+        "A wrote 1 MiB with a budget of 64 KiB a second, and its next write did not wait"
+    );
+    next_write.abort();
+    Ok(())
+}
