@@ -93,10 +93,11 @@ pub struct Config {
     pub max_keepalives_per_second: u32,
 
     /// Rows one tenant's reads may make the datastore read per second (0: no limit; default
-    /// 200,000 in a gateway, no limit otherwise). A range, a transaction's compares and
-    /// ranges, and a delete cost the rows they read (a range's count when it returns fewer).
-    /// A tenant past it has its next requests wait until the rows are paid off; the request
-    /// that went past still runs whole. Nothing is refused. etcd has no such limit.
+    /// 100,000 in a gateway, no limit otherwise). A range, a transaction's compares and
+    /// ranges, and a delete cost the rows they read (a range's count when it returns fewer);
+    /// each event sent to one of the tenant's watchers costs one. A tenant past it has its
+    /// next requests wait until the rows are paid off; the request that went past still runs
+    /// whole. Nothing is refused. etcd has no such limit.
     #[arg(long, env = "KINE_MAX_READ_ROWS_PER_SECOND")]
     pub max_read_rows_per_second: Option<u64>,
 

@@ -296,24 +296,29 @@ impl Keyspace {
         Ok(())
     }
 
-    /// Waits while the tenant owes rows read (`--max-read-rows-per-second`).
-    async fn wait_for_read_budget(&self) {
+    /// Waits while the tenant owes work on either budget (`--max-read-rows-per-second`,
+    /// `--max-write-bytes-per-second`): a tenant in debt is slowed in whatever it asks next.
+    async fn wait_for_budgets(&self) {
         if let Some(budget) = &self.read_budget {
+            budget.wait().await;
+        }
+        if let Some(budget) = &self.write_budget {
             budget.wait().await;
         }
     }
 
-    fn charge_rows_read(&self, rows: u64) {
+    /// Charges rows read: by a request, or events sent to the tenant's watchers (each a row
+    /// encoded and sent, so a writer fanned out to thousands of watchers pays for them).
+    pub fn charge_rows_read(&self, rows: u64) {
         if let Some(budget) = &self.read_budget {
             budget.charge(rows.max(1));
         }
     }
 
-    /// Waits while the tenant owes bytes written (`--max-write-bytes-per-second`), then
-    /// charges this write's.
+    /// Waits while the tenant is in debt, then charges this write's bytes.
     async fn spend_write_budget(&self, request: &impl Message) {
+        self.wait_for_budgets().await;
         if let Some(budget) = &self.write_budget {
-            budget.wait().await;
             budget.charge(request.encoded_len() as u64);
         }
     }
@@ -321,7 +326,7 @@ impl Keyspace {
     /// etcd's Range.
     pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
         range::check(&request)?;
-        self.wait_for_read_budget().await;
+        self.wait_for_budgets().await;
         let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
         let rows = self.noticed(
             self.backend
@@ -353,8 +358,6 @@ impl Keyspace {
     pub async fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         txn::check_delete(&request)?;
         self.check_size(&request)?;
-        // A delete reads the rows it deletes.
-        self.wait_for_read_budget().await;
         self.spend_write_budget(&request).await;
         match self
             .single(Request::RequestDeleteRange(request), false)
@@ -398,7 +401,6 @@ impl Keyspace {
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
         txn::check_txn(&request, &self.limits)?;
         self.check_size(&request)?;
-        self.wait_for_read_budget().await;
         self.spend_write_budget(&request).await;
         // Wide reads happen here, outside the keyspace's write lock; the writer only catches
         // them up (see `crate::txn`).

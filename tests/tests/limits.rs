@@ -507,14 +507,11 @@ async fn gateway_client(pki: &Pki, kine: &ChildGuard, name: &str) -> Result<Clie
     .await?)
 }
 
-/// `--max-read-rows-per-second` and `--max-write-bytes-per-second` are each tenant's own: a
-/// tenant whose read went far past its budget, or whose write did, has its next request
-/// wait until the debt is paid off, while another tenant of the same gateway is served at
-/// once. The debts here are tens of seconds, so "still waiting after 3 s" holds on any
-/// machine; without the budgets nothing waits.
-#[tokio::test]
-async fn a_tenant_past_its_budget_waits_and_its_neighbour_does_not() -> Result<()> {
-    const KEYS: usize = 5_000;
+/// A gateway on SQLite with tenants A and B under these budgets, and a client of each.
+async fn budgeted_gateway(
+    read_rows: &str,
+    write_bytes: &str,
+) -> Result<(tempfile::TempDir, ChildGuard, Client, Client)> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::write(dir.path(), &["tenant-a", "tenant-b"]);
     let args = [
@@ -527,13 +524,25 @@ async fn a_tenant_past_its_budget_waits_and_its_neighbour_does_not() -> Result<(
         "--trusted-ca-file",
         &pki.ca,
         "--max-read-rows-per-second",
-        "100",
+        read_rows,
         "--max-write-bytes-per-second",
-        "65536",
+        write_bytes,
     ];
     let kine = spawn_kine_with(Backend::Sqlite, &args);
-    let mut a = gateway_client(&pki, &kine, "tenant-a").await?;
-    let mut b = gateway_client(&pki, &kine, "tenant-b").await?;
+    let a = gateway_client(&pki, &kine, "tenant-a").await?;
+    let b = gateway_client(&pki, &kine, "tenant-b").await?;
+    Ok((dir, kine, a, b))
+}
+
+/// `--max-read-rows-per-second` and `--max-write-bytes-per-second` are each tenant's own: a
+/// tenant whose read went far past its budget, or whose write did, has its next request
+/// wait until the debt is paid off, while another tenant of the same gateway is served at
+/// once. The debts here are tens of seconds, so "still waiting after 3 s" holds on any
+/// machine; without the budgets nothing waits.
+#[tokio::test]
+async fn a_tenant_past_its_budget_waits_and_its_neighbour_does_not() -> Result<()> {
+    const KEYS: usize = 5_000;
+    let (_dir, _kine, mut a, mut b) = budgeted_gateway("100", "65536").await?;
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
         let puts = chunk
             .iter()
@@ -572,6 +581,43 @@ async fn a_tenant_past_its_budget_waits_and_its_neighbour_does_not() -> Result<(
     ensure!(
         !next_write.is_finished(),
         "A wrote 1 MiB with a budget of 64 KiB a second, and its next write did not wait"
+    );
+    next_write.abort();
+    Ok(())
+}
+
+/// Events sent to a tenant's watchers are charged to its read budget: a write fanned out to
+/// 2,000 watchers costs 2,000 rows, so with a budget of 100 a second the tenant's next write
+/// waits ~19 s, while the other tenant writes at once.
+#[tokio::test]
+async fn events_fanned_out_to_watchers_are_charged_to_their_tenant() -> Result<()> {
+    const WATCHES: usize = 2_000;
+    let (_dir, _kine, mut a, mut b) = budgeted_gateway("100", "0").await?;
+    let mut stream = a.watch("w", None).await?;
+    expect_created(&mut stream).await?;
+    for _ in 1..WATCHES {
+        stream.watch("w", None).await?;
+        expect_created(&mut stream).await?;
+    }
+    a.put("w", "1", None).await?;
+    let mut events = 0;
+    while events < WATCHES {
+        let response = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .context("the watchers' events did not come")??
+            .context("the watch stream ended")?;
+        events += response.events().len();
+    }
+    let mut waiting = a.clone();
+    let next_write = tokio::spawn(async move { waiting.put("w", "2", None).await });
+    tokio::time::timeout(Duration::from_secs(30), b.put("w", "b", None))
+        .await
+        .context("tenant B's write waited for tenant A's debt")??;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        !next_write.is_finished(),
+        "A's write reached {WATCHES} watchers on a budget of 100 rows a second, and its next \
+         write did not wait"
     );
     next_write.abort();
     Ok(())

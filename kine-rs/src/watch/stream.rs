@@ -413,6 +413,7 @@ impl WatchStream {
         };
         watcher.sent_since_tick = true;
         let fragment = watcher.fragment;
+        self.keyspace.charge_rows_read(events.len() as u64);
         let mut response = self.response(revision, id);
         response.events = events;
         let limit = self.keyspace.limits().max_request_bytes;
