@@ -1063,6 +1063,14 @@ async fn transactions_check_the_leases_of_the_branch_taken() -> Result<()> {
                     TxnOp::put(missing.as_str(), "", ignore),
                 ]);
                 outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                // The branch taken by a value compare, told apart by the error.
+                client.put(k4.as_str(), "x", None).await?;
+                let ignore = Some(PutOptions::new().with_ignore_value());
+                let txn = Txn::new()
+                    .when([Compare::value(k4.as_str(), CompareOp::Equal, "x")])
+                    .and_then([TxnOp::put(k1.as_str(), "w", with_lease(lease))])
+                    .or_else([TxnOp::put(missing.as_str(), "", ignore)]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
                 outcomes.push(outcome);
             }
             let direct_outcome = outcomes.pop().context("direct")?;

@@ -436,10 +436,10 @@ impl ProxiedTenant {
         for (key, range_end) in &ranges {
             let (key, range_end) = self.prefix.range(key, range_end);
             reads.push(RequestOp {
+                // Values too: the compares may compare them.
                 request: Some(Request::RequestRange(RangeRequest {
                     key,
                     range_end,
-                    keys_only: true,
                     ..Default::default()
                 })),
             });
