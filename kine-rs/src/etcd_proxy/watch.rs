@@ -279,6 +279,11 @@ impl Session {
                     };
                     return self.send(response).await;
                 }
+                if self.upstream.is_none() && !self.watchers.contains_key(&cancel.watch_id) {
+                    // No stream to etcd, so no such watcher: etcd answers nothing, and a
+                    // stream opened with this cancel would never get its headers.
+                    return Ok(());
+                }
                 self.forward(WatchRequest {
                     request_union: Some(RequestUnion::CancelRequest(cancel)),
                 })
