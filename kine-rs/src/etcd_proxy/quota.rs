@@ -138,6 +138,32 @@ impl Snapshot {
         }
     }
 
+    /// The operations of the path `request` takes on this snapshot, in the order etcd checks
+    /// them (nested transactions' operations in their place).
+    pub fn path_ops<'r>(&self, request: &'r TxnRequest) -> Vec<&'r RequestOp> {
+        let mut ops = Vec::new();
+        self.path(request, &mut ops);
+        ops
+    }
+
+    /// The leases the puts on `request`'s path attach keys to: the only ones etcd checks.
+    pub fn path_leases(&self, request: &TxnRequest) -> Vec<i64> {
+        self.path_ops(request)
+            .into_iter()
+            .filter_map(|op| match &op.request {
+                Some(Request::RequestPut(put)) if put.lease != 0 && !put.ignore_lease => {
+                    Some(put.lease)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `key` is live in the snapshot.
+    pub fn contains(&self, key: &Bytes) -> bool {
+        self.kvs.contains_key(key)
+    }
+
     /// Applies `request` (a transaction of the tenant, keys without prefix) and returns how
     /// the usage changes.
     pub fn apply(&mut self, request: &TxnRequest) -> Usage {

@@ -70,7 +70,13 @@ pub fn txn_writes(request: &TxnRequest) -> bool {
 
 /// The leases the puts of a transaction attach keys to (either branch, any depth).
 pub fn txn_leases(request: &TxnRequest, leases: &mut Vec<i64>) {
-    for op in request.success.iter().chain(&request.failure) {
+    ops_leases(&request.success, leases);
+    ops_leases(&request.failure, leases);
+}
+
+/// The leases the puts of a branch attach keys to (nested transactions: either branch).
+pub fn ops_leases(ops: &[RequestOp], leases: &mut Vec<i64>) {
+    for op in ops {
         match &op.request {
             Some(Request::RequestPut(put)) if put.lease != 0 && !put.ignore_lease => {
                 leases.push(put.lease)

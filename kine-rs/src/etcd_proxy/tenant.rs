@@ -189,44 +189,67 @@ impl ProxiedTenant {
     /// `leases` is the tenant's.
     fn guard(&self, leases: &[i64]) -> Vec<Compare> {
         let mut compare = vec![absent(self.control.frozen(&self.name))];
-        let mut seen = HashSet::new();
-        for &lease in leases {
-            if seen.insert(lease) {
-                compare.push(present(self.control.lease(&self.name, lease)));
-            }
-        }
+        compare.extend(self.owns_all(leases));
         compare
     }
 
-    /// Writes `op` (the tenant's request `own`, prefixed) in a transaction that etcd applies
-    /// only while the tenant is not frozen and owns every lease in `leases`; while the tenant
-    /// has a quota, also checks it and keeps its usage ([`super::quota`]). The answer's first
-    /// response is `op`'s.
-    /// [`Self::write`] of the client's one request `op`: its answer, and the header of the
-    /// guarding transaction (the revision the client sees).
+    /// Compares that hold while the tenant owns every lease in `leases`.
+    fn owns_all(&self, leases: &[i64]) -> Vec<Compare> {
+        let mut seen = HashSet::new();
+        leases
+            .iter()
+            .filter(|&&lease| seen.insert(lease))
+            .map(|&lease| present(self.control.lease(&self.name, lease)))
+            .collect()
+    }
+
+    /// [`Self::write`] of the client's one request `op`: its answer, the header of the
+    /// guarding transaction (the revision the client sees), and whether `checked` was sent.
     async fn write_one(
         &self,
         leases: &[i64],
         own: &TxnRequest,
         op: Request,
-    ) -> Result<(Option<Response>, Option<ResponseHeader>)> {
-        let response = self
-            .write(leases, own, RequestOp { request: Some(op) })
+        checked: Option<Request>,
+    ) -> Result<(Option<Response>, Option<ResponseHeader>, bool)> {
+        let checked = checked.map(|request| RequestOp {
+            request: Some(request),
+        });
+        let (response, sent_checked) = self
+            .write(leases, own, RequestOp { request: Some(op) }, checked)
             .await?;
         let answer = response
             .responses
             .into_iter()
             .next()
             .and_then(|op| op.response);
-        Ok((answer, response.header))
+        Ok((answer, response.header, sent_checked))
     }
 
-    async fn write(&self, leases: &[i64], own: &TxnRequest, op: RequestOp) -> Result<TxnResponse> {
+    /// Writes `op` (the tenant's request `own`, prefixed) in a transaction that etcd applies
+    /// only while the tenant is not frozen and owns the leases `op` attaches keys to; while
+    /// the tenant has a quota, also checks it and keeps its usage ([`super::quota`]). The
+    /// answer's first response is `op`'s. Without a quota, `op` is guarded by the tenant's
+    /// ownership of every lease in `leases`, or, when given, `checked` (a transaction that
+    /// checks its leases itself, [`Self::check_branch_leases`]) is sent instead (then the
+    /// flag answered is true); with a quota, the leases of the path `own` takes on the
+    /// snapshot read are guarded.
+    async fn write(
+        &self,
+        leases: &[i64],
+        own: &TxnRequest,
+        op: RequestOp,
+        checked: Option<RequestOp>,
+    ) -> Result<(TxnResponse, bool)> {
         let deadline = Instant::now() + QUOTA_WAIT;
         loop {
             if !self.quota_mode.load(Ordering::Acquire) {
-                match self.write_plain(leases, op.clone()).await? {
-                    Attempt::Done(response) => return Ok(response),
+                let attempt = match &checked {
+                    Some(checked) => self.write_plain(&[], checked.clone()).await?,
+                    None => self.write_plain(leases, op.clone()).await?,
+                };
+                match attempt {
+                    Attempt::Done(response) => return Ok((response, checked.is_some())),
                     Attempt::QuotaSet => self.quota_mode.store(true, Ordering::Release),
                     Attempt::NoQuota | Attempt::Again => {}
                 }
@@ -235,8 +258,8 @@ impl ProxiedTenant {
             // One quota write of the tenant at a time in this process: they would only
             // invalidate each other's snapshots.
             let _turn = self.quota_turn.lock().await;
-            match self.write_counted(leases, own, op.clone()).await? {
-                Attempt::Done(response) => return Ok(response),
+            match self.write_counted(own, op.clone()).await? {
+                Attempt::Done(response) => return Ok((response, false)),
                 Attempt::NoQuota => self.quota_mode.store(false, Ordering::Release),
                 Attempt::QuotaSet | Attempt::Again => {
                     if Instant::now() > deadline {
@@ -283,12 +306,7 @@ impl ProxiedTenant {
 
     /// A write of a tenant with a quota: read what it touches and the usage, evaluate, check,
     /// and write with the new usage if the usage record did not change meanwhile.
-    async fn write_counted(
-        &self,
-        leases: &[i64],
-        own: &TxnRequest,
-        op: RequestOp,
-    ) -> Result<Attempt> {
+    async fn write_counted(&self, own: &TxnRequest, op: RequestOp) -> Result<Attempt> {
         let mut ranges = Vec::new();
         quota::ranges_read(own, &mut ranges);
         let mut reads = vec![
@@ -354,12 +372,15 @@ impl ProxiedTenant {
             }
         }
         snapshot.check(limits, usage, own)?;
+        // etcd checks the leases of the path it takes only, and the snapshot is exact while
+        // the usage record is unchanged: those are the leases to guard.
+        let leases = snapshot.path_leases(own);
         let delta = snapshot.apply(own);
         let after = quota::UsageRecord::Counted(quota::Usage {
             keys: usage.keys + delta.keys,
             bytes: usage.bytes + delta.bytes,
         });
-        let mut compare = self.guard(leases);
+        let mut compare = self.guard(&leases);
         compare.push(mod_revision_is(self.control.usage(&self.name), seen));
         let response = self
             .upstream
@@ -389,7 +410,124 @@ impl ProxiedTenant {
         if now.map(|kv| kv.mod_revision) != Some(seen) {
             return Ok(Attempt::Again);
         }
-        Err(KineError::LeaseNotFound)
+        match self.refusal(own).await? {
+            Some(error) => Err(error),
+            None => Ok(Attempt::Again),
+        }
+    }
+
+    /// Why etcd would refuse `own` (the tenant's transaction, without prefix) now for its
+    /// puts, as etcd checks them before applying any: along the path the compares choose, in
+    /// order, the first put with `ignore_value`/`ignore_lease` of a key that does not exist
+    /// (`key not found`) or attaching a key to a lease the tenant does not own (`requested
+    /// lease not found`). `None` when nothing is refused any more (the state changed since
+    /// the refused write: it may be sent again). One read; only after a lease check failed.
+    async fn refusal(&self, own: &TxnRequest) -> Result<Option<KineError>> {
+        let mut ranges = Vec::new();
+        quota::ranges_read(own, &mut ranges);
+        let mut leases = Vec::new();
+        rewrite::txn_leases(own, &mut leases);
+        leases.sort_unstable();
+        leases.dedup();
+        let mut reads: Vec<RequestOp> = leases
+            .iter()
+            .map(|&lease| get_op(self.control.lease(&self.name, lease)))
+            .collect();
+        for (key, range_end) in &ranges {
+            let (key, range_end) = self.prefix.range(key, range_end);
+            reads.push(RequestOp {
+                // Values too: the compares may compare them.
+                request: Some(Request::RequestRange(RangeRequest {
+                    key,
+                    range_end,
+                    ..Default::default()
+                })),
+            });
+        }
+        let read = self
+            .upstream
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: vec![],
+                success: reads,
+                failure: vec![],
+            })
+            .await
+            .map_err(upstream_error)?
+            .into_inner();
+        let owned: HashSet<i64> = leases
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| {
+                range_at(&read.responses, *index).is_some_and(|r| !r.kvs.is_empty())
+            })
+            .map(|(_, &lease)| lease)
+            .collect();
+        let mut snapshot = quota::Snapshot::default();
+        for index in leases.len()..read.responses.len() {
+            if let Some(range) = range_at(&read.responses, index) {
+                for kv in &range.kvs {
+                    let mut kv = kv.clone();
+                    rewrite::strip_kv(&self.prefix, &mut kv);
+                    snapshot.insert(kv);
+                }
+            }
+        }
+        for op in snapshot.path_ops(own) {
+            let Some(Request::RequestPut(put)) = &op.request else {
+                continue;
+            };
+            if (put.ignore_value || put.ignore_lease) && !snapshot.contains(&put.key) {
+                return Ok(Some(KineError::KeyNotFound));
+            }
+            if put.lease != 0 && !put.ignore_lease && !owned.contains(&put.lease) {
+                return Ok(Some(KineError::LeaseNotFound));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `request` (a transaction of the tenant, prefixed) with each branch that attaches keys
+    /// to leases wrapped in a transaction that runs the branch only while the tenant owns
+    /// them. etcd checks the leases of the branch it takes only, so a lease named in the other
+    /// one must not refuse the transaction. (Leases of a nested transaction count for the
+    /// branch that holds it, whichever way the nested one goes.) Also which branches
+    /// (success, failure) were wrapped. `None` when the wrapped transaction could pass etcd's
+    /// `--max-txn-ops`, which counts the operations of each level against the levels below:
+    /// then every lease is guarded, as for a put.
+    fn check_branch_leases(&self, mut request: TxnRequest) -> Option<(TxnRequest, [bool; 2])> {
+        let level = request
+            .compare
+            .len()
+            .max(request.success.len())
+            .max(request.failure.len());
+        let mut wrapped = [false; 2];
+        for (branch, ops) in [&mut request.success, &mut request.failure]
+            .into_iter()
+            .enumerate()
+        {
+            let mut leases = Vec::new();
+            rewrite::ops_leases(ops, &mut leases);
+            if leases.is_empty() {
+                continue;
+            }
+            leases.sort_unstable();
+            leases.dedup();
+            if level + leases.len().max(ops.len()) > self.limits.max_txn_ops {
+                return None;
+            }
+            wrapped[branch] = true;
+            let inner = std::mem::take(ops);
+            *ops = vec![RequestOp {
+                request: Some(Request::RequestTxn(TxnRequest {
+                    compare: self.owns_all(&leases),
+                    success: inner,
+                    failure: vec![],
+                })),
+            }];
+        }
+        Some((request, wrapped))
     }
 
     /// Counts the tenant's usage and stores it, if the usage record is still the one at
@@ -655,10 +793,10 @@ impl ServedTenant for ProxiedTenant {
         let own = single(Request::RequestPut(request.clone()));
         let request = rewrite::put_request(&self.prefix, request);
         match self
-            .write_one(&leases, &own, Request::RequestPut(request))
+            .write_one(&leases, &own, Request::RequestPut(request), None)
             .await?
         {
-            (Some(Response::ResponsePut(mut put)), header) => {
+            (Some(Response::ResponsePut(mut put)), header, _) => {
                 put.header = header;
                 rewrite::put_response(&self.prefix, &mut put);
                 Ok(put)
@@ -673,10 +811,10 @@ impl ServedTenant for ProxiedTenant {
         let own = single(Request::RequestDeleteRange(request.clone()));
         let request = rewrite::delete_request(&self.prefix, request);
         match self
-            .write_one(&[], &own, Request::RequestDeleteRange(request))
+            .write_one(&[], &own, Request::RequestDeleteRange(request), None)
             .await?
         {
-            (Some(Response::ResponseDeleteRange(mut delete)), header) => {
+            (Some(Response::ResponseDeleteRange(mut delete)), header, _) => {
                 delete.header = header;
                 rewrite::delete_response(&self.prefix, &mut delete);
                 Ok(delete)
@@ -705,19 +843,46 @@ impl ServedTenant for ProxiedTenant {
         rewrite::txn_leases(&request, &mut leases);
         let own = request.clone();
         let request = rewrite::txn_request(&self.prefix, request);
-        // The client's transaction, whole, as the one operation of the guarded one: etcd
-        // evaluates the client's compares only when the guard holds.
-        match self
-            .write_one(&leases, &own, Request::RequestTxn(request))
-            .await?
-        {
-            (Some(Response::ResponseTxn(mut inner)), header) => {
-                inner.header = header;
-                rewrite::txn_response(&self.prefix, &mut inner);
-                Ok(inner)
+        // Without a quota, a transaction naming leases checks them in the branch that names
+        // them, as etcd checks only the branch it takes.
+        let checked = if leases.is_empty() {
+            None
+        } else {
+            self.check_branch_leases(request.clone())
+        };
+        let (checked, wrapped) = match checked {
+            Some((checked, wrapped)) => (Some(Request::RequestTxn(checked)), wrapped),
+            None => (None, [false; 2]),
+        };
+        // A refused lease check wrote nothing: when etcd would no longer refuse the
+        // transaction, it is sent again (a few times).
+        for _attempt in 0..3 {
+            // The client's transaction, whole, as the one operation of the guarded one: etcd
+            // evaluates the client's compares only when the guard holds.
+            match self
+                .write_one(
+                    &leases,
+                    &own,
+                    Request::RequestTxn(request.clone()),
+                    checked.clone(),
+                )
+                .await?
+            {
+                (Some(Response::ResponseTxn(mut inner)), header, sent_checked) => {
+                    if sent_checked && !unwrap_lease_check(&mut inner, wrapped)? {
+                        match self.refusal(&own).await? {
+                            Some(error) => return Err(error),
+                            None => continue,
+                        }
+                    }
+                    inner.header = header;
+                    rewrite::txn_response(&self.prefix, &mut inner);
+                    return Ok(inner);
+                }
+                _ => return Err(KineError::Storage("etcd answered no transaction".into())),
             }
-            _ => Err(KineError::Storage("etcd answered no transaction".into())),
         }
+        Err(KineError::LeaseNotFound)
     }
 
     async fn compact(&self, request: CompactionRequest) -> Result<CompactionResponse> {
@@ -1139,6 +1304,27 @@ impl ServedTenant for ProxiedTenant {
             self.count_usage(revision).await?;
         }
         Ok(())
+    }
+}
+
+/// Replaces the answer of a branch [`ProxiedTenant::check_branch_leases`] wrapped (the one
+/// etcd took, if wrapped) with the answer of the branch itself; false when the lease check
+/// refused it (then nothing was written).
+fn unwrap_lease_check(response: &mut TxnResponse, wrapped: [bool; 2]) -> Result<bool> {
+    if !wrapped[if response.succeeded { 0 } else { 1 }] {
+        return Ok(true);
+    }
+    match response.responses.pop().and_then(|op| op.response) {
+        Some(Response::ResponseTxn(check)) if response.responses.is_empty() => {
+            if !check.succeeded {
+                return Ok(false);
+            }
+            response.responses = check.responses;
+            Ok(true)
+        }
+        _ => Err(KineError::Storage(
+            "etcd answered no lease check of the transaction's branch".into(),
+        )),
     }
 }
 

@@ -224,6 +224,16 @@ impl Session {
                 if create_request.key.is_empty() {
                     create_request.key = bytes::Bytes::from_static(b"\0");
                 }
+                // A range that ends at or before its key is refused before anything else,
+                // as etcd does (before its duplicate-id check, which the proxy makes for
+                // ids it canceled itself).
+                let end = &create_request.range_end;
+                if !end.is_empty() && end.as_ref() != b"\0" && create_request.key >= *end {
+                    self.pending.push_back(Pending::Refused {
+                        reason: "mvcc: watcher range is empty".to_string(),
+                    });
+                    return self.answer_refused().await;
+                }
                 let compacted = if create_request.start_revision > 0 {
                     match self.tenant.compact_revision().await {
                         Ok((revision, _)) if create_request.start_revision < revision => {
@@ -278,6 +288,11 @@ impl Session {
                         ..Default::default()
                     };
                     return self.send(response).await;
+                }
+                if self.upstream.is_none() && !self.watchers.contains_key(&cancel.watch_id) {
+                    // No stream to etcd, so no such watcher: etcd answers nothing, and a
+                    // stream opened with this cancel would never get its headers.
+                    return Ok(());
                 }
                 self.forward(WatchRequest {
                     request_union: Some(RequestUnion::CancelRequest(cancel)),

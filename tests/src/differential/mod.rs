@@ -550,7 +550,7 @@ impl Runner {
                     // Lease 0 is "no lease".
                     let mut granted = granted;
                     granted.push(0);
-                    ops::drop_unknown_leases(&mut req, &granted);
+                    ops::drop_unknown_nested_leases(&mut req, &granted);
                 }
                 self.prepare(RevisionMap::txn_revisions(&req)).await;
                 let mut treq = req.clone();

@@ -128,14 +128,23 @@ pub(crate) fn end_from_key_deletes(txn: &mut TxnRequest) {
     }
 }
 
-/// For the etcd proxy: a txn's puts name only leases that exist (others are sent without a
-/// lease).
+/// For the etcd proxy: the puts of a txn's nested txns name only leases that exist (others
+/// are sent without a lease); the txn's own branches keep theirs.
 ///
-/// PROXY DIFFERENCE AVOIDED: etcd checks the leases of the branch it takes only; the proxy
-/// checks, in the same etcd transaction, that the tenant owns every lease the txn names in
-/// either branch, so a txn naming a lease that does not exist in the branch not taken is
-/// refused `requested lease not found` where etcd runs it (README, "The etcd proxy").
-pub(crate) fn drop_unknown_leases(txn: &mut TxnRequest, granted: &[i64]) {
+/// PROXY DIFFERENCE AVOIDED: etcd checks the leases of the path it takes only. The proxy
+/// checks the leases of the branch it takes too, but counts a nested txn's leases for the
+/// branch that holds it, so a nested txn naming a lease that does not exist in the branch
+/// not taken is refused `requested lease not found` where etcd runs it (README, "The etcd
+/// proxy").
+pub(crate) fn drop_unknown_nested_leases(txn: &mut TxnRequest, granted: &[i64]) {
+    for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
+        if let Some(Request::RequestTxn(t)) = &mut op.request {
+            drop_unknown_leases(t, granted);
+        }
+    }
+}
+
+fn drop_unknown_leases(txn: &mut TxnRequest, granted: &[i64]) {
     for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
         match &mut op.request {
             Some(Request::RequestPut(p)) if !p.ignore_lease && !granted.contains(&p.lease) => {
