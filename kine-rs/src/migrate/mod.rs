@@ -451,6 +451,29 @@ pub async fn run_from(
         report,
     )
     .await?;
+    // The events copied since the digest are compared now, while the source still takes
+    // writes: they are history, which no later write changes (where the source says so), so
+    // the freeze compares only the few events it copies itself.
+    let mut verified_at = verified_at;
+    if source.history_is_final() {
+        if let Err(error) = compare_events(
+            source,
+            target,
+            target_id,
+            options,
+            verified_at,
+            checkpoint.applied,
+        )
+        .await
+        {
+            if matches!(error, MigrateError::EventsDiffer { .. }) {
+                let _ = source.release(false).await;
+                let _ = target.delete_keyspace(target_id).await;
+            }
+            return Err(error);
+        }
+        verified_at = checkpoint.applied;
+    }
 
     // Freeze, and the last events.
     if source.needs_stopped_writers() && !options.writers_stopped {
@@ -482,23 +505,15 @@ pub async fn run_from(
         // Equal at the verified revision, and the same events since: equal at the final one.
         progress.phase = Phase::Verify;
         report(&progress);
-        let mut from = verified_at;
-        while from < final_state.revision {
-            let to = final_state
-                .revision
-                .min(from + options.window_revisions.max(1));
-            let (source_events, target_events) = tokio::join!(
-                source.events(from, to),
-                target.events(target_id, from, to, None)
-            );
-            if without_prev(source_events.source()?) != without_prev(target_events.target()?) {
-                return Err(MigrateError::EventsDiffer {
-                    after: from,
-                    up_to: to,
-                });
-            }
-            from = to;
-        }
+        compare_events(
+            source,
+            target,
+            target_id,
+            options,
+            verified_at,
+            final_state.revision,
+        )
+        .await?;
         // Nothing landed on the source after the final revision (where the datastore does
         // not enforce the freeze itself, this is where a stray write is caught).
         let switch_at = source
@@ -549,6 +564,29 @@ pub async fn run_from(
         digest,
         resumed,
     })
+}
+
+/// Compares the events of `(from, to]` on both sides, a window at a time.
+async fn compare_events(
+    source: &dyn Source,
+    target: &dyn Backend,
+    target_id: KeyspaceId,
+    options: &Options,
+    mut from: Revision,
+    to: Revision,
+) -> Result<()> {
+    while from < to {
+        let up_to = to.min(from + options.window_revisions.max(1));
+        let (source_events, target_events) = tokio::join!(
+            source.events(from, up_to),
+            target.history(target_id, from, up_to)
+        );
+        if without_prev(source_events.source()?) != without_prev(target_events.target()?) {
+            return Err(MigrateError::EventsDiffer { after: from, up_to });
+        }
+        from = up_to;
+    }
+    Ok(())
 }
 
 /// Events without their `prev_kv` (which the target builds from its own history).
@@ -692,7 +730,9 @@ async fn write_page(
     }
     let mut txn = target.begin_write(target_id).await.target()?;
     let keys: Vec<Bytes> = rows.iter().map(|kv| kv.key.clone()).collect();
-    txn.prefetch(&keys).await.target()?;
+    // Pages hold distinct keys after the last one committed, and no event is copied before
+    // the snapshot ends: none of them is in the import yet, so nothing need be looked up.
+    txn.prefetch_absent(&keys).await.target()?;
     for kv in rows {
         // Rows are identified by (revision, sub): keys written by one transaction need
         // distinct subs, and the snapshot's revisions never meet the tail's.

@@ -64,6 +64,14 @@ pub trait Source: Send + Sync {
         false
     }
 
+    /// Whether the events up to the source's revision, once read, never change: then the
+    /// engine compares the events copied after its digest before the freeze, and the freeze
+    /// only its own. Not so for kine's table, where a lower id may commit after a higher one
+    /// was read (only the freeze waits for every insert in progress).
+    fn history_is_final(&self) -> bool {
+        true
+    }
+
     /// The counters.
     async fn state(&self) -> Result<SourceState>;
 
@@ -270,7 +278,7 @@ impl Source for BackendSource<'_> {
     }
 
     async fn events(&self, after: Revision, up_to: Revision) -> Result<Vec<Event>> {
-        self.backend.events(self.id, after, up_to, None).await
+        self.backend.history(self.id, after, up_to).await
     }
 
     async fn leases(&self) -> Result<Vec<LeaseRecord>> {

@@ -373,3 +373,140 @@ async fn a_copy_that_differs_fails_verification() {
     assert!(target.keyspace("t5", false).await.unwrap().is_none());
     put(&served, "/after", "1", 0).await;
 }
+
+#[tokio::test]
+async fn history_is_events_without_previous_values() {
+    let backend = memory().await;
+    let served = serve(&backend, "t1").await;
+    populate(&served).await;
+    let head = served.state().await.expect("state").revision;
+    // Windows that cut through the history, the deletes and the lease's put.
+    for (after, up_to) in [(199, head), (250, 251), (440, head), (head - 1, head)] {
+        let mut expected = backend
+            .events(served.id(), after, up_to, None)
+            .await
+            .expect("events");
+        assert!(
+            expected.iter().any(|e| e.prev_kv.is_some()) || up_to - after < 5,
+            "the window ({after}, {up_to}] has overwrites"
+        );
+        for event in &mut expected {
+            event.prev_kv = None;
+        }
+        let history = backend
+            .history(served.id(), after, up_to)
+            .await
+            .expect("history");
+        assert_eq!(history, expected, "({after}, {up_to}]");
+    }
+    assert!(matches!(
+        backend.history(served.id(), 10, head).await,
+        Err(KineError::Compacted)
+    ));
+}
+
+/// A source that records the windows of events read from it, and whether the freeze had
+/// begun (a recorder around a real source, not a stand-in).
+struct Recording<'a> {
+    inner: BackendSource<'a>,
+    frozen: std::sync::atomic::AtomicBool,
+    reads: std::sync::Mutex<Vec<(bool, Revision, Revision)>>,
+}
+
+#[async_trait::async_trait]
+impl Source for Recording<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn state(&self) -> crate::error::Result<SourceState> {
+        self.inner.state().await
+    }
+    async fn recover(&self) -> crate::error::Result<()> {
+        self.inner.recover().await
+    }
+    async fn pin(&self, target: &str) -> crate::error::Result<Revision> {
+        self.inner.pin(target).await
+    }
+    async fn can_resume(&self, snapshot: Revision) -> crate::error::Result<bool> {
+        self.inner.can_resume(snapshot).await
+    }
+    async fn page(
+        &self,
+        revision: Revision,
+        after: Option<&[u8]>,
+        limit: i64,
+    ) -> crate::error::Result<Vec<KeyValue>> {
+        self.inner.page(revision, after, limit).await
+    }
+    async fn events(&self, after: Revision, up_to: Revision) -> crate::error::Result<Vec<Event>> {
+        let frozen = self.frozen.load(std::sync::atomic::Ordering::SeqCst);
+        self.reads.lock().unwrap().push((frozen, after, up_to));
+        self.inner.events(after, up_to).await
+    }
+    async fn leases(&self) -> crate::error::Result<Vec<LeaseRecord>> {
+        self.inner.leases().await
+    }
+    async fn freeze(&self, target: &str) -> crate::error::Result<SourceState> {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.freeze(target).await
+    }
+    async fn release(&self, keep_pin: bool) -> crate::error::Result<()> {
+        self.inner.release(keep_pin).await
+    }
+    async fn mark_moved(&self, target: &str) -> crate::error::Result<()> {
+        self.inner.mark_moved(target).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_freeze_reads_only_the_events_after_the_last_tail() {
+    let (source, target) = (memory().await, memory().await);
+    let served = serve(&source, "t6").await;
+    populate(&served).await;
+    let recording = Recording {
+        inner: BackendSource::open(&*source, "t6").await.unwrap().unwrap(),
+        frozen: false.into(),
+        reads: Default::default(),
+    };
+    // Writes while the digest is taken: the tail after it copies them before the freeze
+    // (with no lag allowed, whatever their number).
+    let options = Options {
+        freeze_lag: 0,
+        ..options("t6")
+    };
+    let mut wrote = false;
+    let summary = run_from(&recording, &*target, &options, &mut |progress| {
+        if progress.phase == Phase::Verify && !wrote {
+            wrote = true;
+            let served = served.clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    for i in 0..40 {
+                        put(&served, &format!("/during/{i}"), "v", 0).await;
+                    }
+                })
+            });
+        }
+    })
+    .await
+    .expect("migrate");
+    let reads = recording.reads.lock().unwrap().clone();
+    let copied_before = reads
+        .iter()
+        .filter(|(frozen, _, _)| !frozen)
+        .map(|(_, _, up_to)| *up_to)
+        .max()
+        .unwrap();
+    let first_frozen = reads
+        .iter()
+        .filter(|(frozen, _, _)| *frozen)
+        .map(|(_, after, _)| *after)
+        .min()
+        .unwrap_or(summary.revision);
+    assert!(
+        first_frozen >= copied_before,
+        "frozen, the copy read events after {first_frozen}, before {copied_before}: {reads:?}"
+    );
+    let moved = serve(&target, "t6").await;
+    assert_eq!(all(&moved, 0).await, all(&served, 0).await);
+}

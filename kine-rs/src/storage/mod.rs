@@ -225,6 +225,22 @@ pub trait Backend: Send + Sync + 'static {
         range: Option<&KeyRange>,
     ) -> Result<Vec<Event>>;
 
+    /// The events with revisions in `(after, up_to]`, in revision order, without `prev_kv`:
+    /// what a migration copies (the target builds its own from its history), so a datastore
+    /// may skip the lookup of previous values. By default, [`Backend::events`] without them.
+    async fn history(
+        &self,
+        keyspace: KeyspaceId,
+        after: Revision,
+        up_to: Revision,
+    ) -> Result<Vec<Event>> {
+        let mut events = self.events(keyspace, after, up_to, None).await?;
+        for event in &mut events {
+            event.prev_kv = None;
+        }
+        Ok(events)
+    }
+
     /// Starts a write transaction holding the keyspace's write lock.
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
 
@@ -342,6 +358,14 @@ pub trait WriteTxn: Send {
     async fn prefetch(&mut self, keys: &[Bytes]) -> Result<()> {
         let _ = keys;
         Ok(())
+    }
+
+    /// Like [`prefetch`](WriteTxn::prefetch) for keys the caller knows have no row in the
+    /// keyspace at all (a migration's snapshot page into its own import, whose pages never
+    /// overlap): a datastore may record them as absent without reading. By default, a
+    /// prefetch.
+    async fn prefetch_absent(&mut self, keys: &[Bytes]) -> Result<()> {
+        self.prefetch(keys).await
     }
 
     /// The current, live key-value of `key`.

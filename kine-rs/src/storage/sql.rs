@@ -829,6 +829,46 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         Ok(events)
     }
 
+    async fn history(
+        &self,
+        keyspace: KeyspaceId,
+        after: Revision,
+        up_to: Revision,
+    ) -> Result<Vec<Event>> {
+        // `events` without its self-join for `prev_kv`: one walk of the primary key (keyspace,
+        // mod_revision, sub), and no previous values on the wire.
+        let mut tx = self.begin_read().await?;
+        let state = read_state::<D>(&mut tx, keyspace, false).await?;
+        if after + 1 < state.compact_revision {
+            return Err(KineError::Compacted);
+        }
+        let rows = fetch_all::<D>(
+            &mut tx,
+            "history",
+            "SELECT `key`, create_revision, mod_revision, version, lease, value, deleted \
+             FROM kv WHERE keyspace = ? AND mod_revision > ? AND mod_revision <= ? \
+             ORDER BY mod_revision, sub",
+            &[Arg::Int(keyspace), Arg::Int(after), Arg::Int(up_to)],
+        )
+        .await?;
+        commit::<D>(tx).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let kv = kv_from_row::<D>(&row, 0)?;
+            let (kind, kv) = if D::DB::flag(&row, 6)? {
+                (EventType::Delete, tombstone(kv.key, kv.mod_revision))
+            } else {
+                (EventType::Put, kv)
+            };
+            events.push(Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            });
+        }
+        Ok(events)
+    }
+
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
         Ok(Box::new(SqlWriteTxn::<D> {
@@ -1560,6 +1600,12 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     async fn prefetch(&mut self, keys: &[Bytes]) -> Result<()> {
         let keys: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         self.load(&keys).await
+    }
+
+    async fn prefetch_absent(&mut self, keys: &[Bytes]) -> Result<()> {
+        let keys: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
+        // No rows: every key not known yet is recorded as having no current row.
+        self.remember(&keys, &[], 0)
     }
 
     async fn get(&mut self, key: &[u8]) -> Result<Option<KeyValue>> {
