@@ -93,7 +93,7 @@ pub struct Config {
     pub max_keepalives_per_second: u32,
 
     /// Rows one tenant's reads may make the datastore read per second (0: no limit; default
-    /// 100,000 in a gateway, no limit otherwise). A range, a transaction's compares and
+    /// 50,000 in a gateway, no limit otherwise). A range, a transaction's compares and
     /// ranges, and a delete cost the rows they read (a range's count when it returns fewer);
     /// each event sent to one of the tenant's watchers costs one. A tenant past it has its
     /// next requests wait until the rows are paid off; the request that went past still runs
@@ -102,7 +102,7 @@ pub struct Config {
     pub max_read_rows_per_second: Option<u64>,
 
     /// Bytes of write requests (puts, deletes, transactions) of one tenant per second (0: no
-    /// limit; default 16 MiB in a gateway, no limit otherwise). Past it the tenant's next
+    /// limit; default 8 MiB in a gateway, no limit otherwise). Past it the tenant's next
     /// writes wait; nothing is refused. etcd has no such limit.
     #[arg(long, env = "KINE_MAX_WRITE_BYTES_PER_SECOND")]
     pub max_write_bytes_per_second: Option<u64>,

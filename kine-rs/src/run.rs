@@ -50,8 +50,8 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// `--max-write-bytes-per-second`): far above what a control plane's apiserver needs (its
 /// watch cache serves lists; its writes are small objects), far below what one hostile tenant
 /// can make the datastore do.
-const GATEWAY_READ_ROWS_PER_SECOND: u64 = 100_000;
-const GATEWAY_WRITE_BYTES_PER_SECOND: u64 = 16 << 20;
+const GATEWAY_READ_ROWS_PER_SECOND: u64 = 50_000;
+const GATEWAY_WRITE_BYTES_PER_SECOND: u64 = 8 << 20;
 
 /// Why kine-rs could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
