@@ -614,3 +614,53 @@ fn postgres_current_reads_are_one_statement() {
         );
     });
 }
+
+/// A write batch of up to 128 keys reads their current rows with the keyspace row in one
+/// statement (`batch_read`) on PostgreSQL: no lookups of the rest one after another (`get`),
+/// which the keyspace's next batch would wait for. 100 keys were a read of 64, then 32, then 4.
+#[test]
+fn postgres_write_batch_reads_its_keys_in_one_statement() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(
+        kine_tests::Backend::Postgres,
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let count = |query: &str| {
+        let body = http_get(&metrics_address, "/metrics");
+        sample(
+            &body,
+            &format!(
+                "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let puts = |round: usize| {
+            (0..100)
+                .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
+                .collect::<Vec<_>>()
+        };
+        // Twice: the second batch supersedes the 100 rows the first created.
+        for round in 0..2 {
+            let txn = etcd_client::Txn::new().and_then(puts(round));
+            assert!(client.txn(txn).await.expect("txn").succeeded());
+        }
+        let got = client
+            .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(got.count(), 100);
+        assert!(
+            got.kvs()
+                .iter()
+                .all(|kv| kv.version() == 2 && kv.value() == b"1")
+        );
+    });
+    assert!(count("batch_read") >= 2.0);
+    assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
+}

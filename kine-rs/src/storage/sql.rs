@@ -923,14 +923,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let first = chunk_sizes(sorted.len(), MAX_ROWS_PER_STATEMENT)
-            .next()
-            .unwrap_or(0);
-        let (first, rest) = sorted.split_at(first);
+        // Up to 128 keys in this one statement, padded to a power of two: a batch of 100
+        // keys was a read of 64 and then lookups of 32 and 4, one after another, while the
+        // keyspace's next batch waited.
+        let (first, rest) = sorted.split_at(sorted.len().min(MAX_ROWS_PER_STATEMENT));
+        let first_padded = padded(first);
         let mut sql = format!("SELECT {STATE_COLUMNS}, CAST(s.{column} AS TEXT)");
         let mut args = Vec::new();
         if !first.is_empty() {
-            let (current, current_args) = current_rows_sql::<D>(keyspace, first);
+            let (current, current_args) = current_rows_sql::<D>(keyspace, &first_padded);
             sql.push_str(&format!(
                 ", r.* FROM keyspaces s LEFT JOIN ({current}) r ON TRUE"
             ));
@@ -1207,6 +1208,17 @@ fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
         n -= size;
         Some(size)
     })
+}
+
+/// `keys`, its last key repeated up to the next power of two: statements naming that many
+/// keys come in a few shapes (each prepared once per connection), and one of them reads a
+/// whole chunk. A repeated key's row comes back again, the same.
+fn padded<'a>(keys: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut padded = keys.to_vec();
+    if let Some(last) = keys.last() {
+        padded.resize(keys.len().next_power_of_two(), last);
+    }
+    padded
 }
 
 /// Most rows (or keys) one multi-row statement carries: 128 rows of 10 parameters stay well
