@@ -1216,7 +1216,7 @@ fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
 fn padded<'a>(keys: &[&'a [u8]]) -> Vec<&'a [u8]> {
     let mut padded = keys.to_vec();
     if let Some(last) = keys.last() {
-        padded.resize(keys.len().next_power_of_two(), last);
+        padded.resize(keys.len().next_power_of_two(), *last);
     }
     padded
 }
