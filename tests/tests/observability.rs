@@ -540,3 +540,127 @@ fn keep_alives_of_many_leases_are_stored_in_batches() {
         "{renewals} renewal statements for {LEASES} leases kept alive at once"
     );
 }
+
+/// A read at the current revision whose count follows from its rows (no limit, or one key) is
+/// one statement on PostgreSQL, outside any transaction: it must not begin a read transaction,
+/// and its answers (rows, count, header revision) are those of one snapshot. A limited range
+/// still reads in a transaction (its count is a second statement of the same snapshot).
+#[test]
+fn postgres_current_reads_are_one_statement() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(
+        kine_tests::Backend::Postgres,
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let counts = || {
+        let body = http_get(&metrics_address, "/metrics");
+        let count = |query: &str| {
+            sample(
+                &body,
+                &format!(
+                    "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
+                ),
+            )
+            .unwrap_or(0.0)
+        };
+        (count("range"), count("begin_read"))
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut last = 0;
+        for (key, value) in [("one/a", "1"), ("one/b", "22"), ("one/c", "333")] {
+            last = client
+                .put(key, value, None)
+                .await
+                .expect("put")
+                .header()
+                .expect("header")
+                .revision();
+        }
+        client.delete("one/b", None).await.expect("delete");
+        last += 1;
+        let (ranges, begins) = counts();
+
+        let got = client.get("one/a", None).await.expect("get");
+        assert_eq!(got.header().expect("header").revision(), last);
+        assert_eq!((got.count(), got.kvs()[0].value()), (1, &b"1"[..]));
+        let missing = client.get("one/b", None).await.expect("get deleted");
+        assert_eq!((missing.count(), missing.kvs().len()), (0, 0));
+        let limited_one = etcd_client::GetOptions::new().with_limit(1);
+        let got = client.get("one/c", Some(limited_one)).await.expect("get");
+        assert_eq!((got.count(), got.kvs()[0].value()), (1, &b"333"[..]));
+        let prefix = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_keys_only();
+        let got = client.get("one/", Some(prefix)).await.expect("prefix");
+        let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
+        assert_eq!(keys, [&b"one/a"[..], b"one/c"]);
+        assert_eq!(got.count(), 2);
+        assert!(got.kvs().iter().all(|kv| kv.value().is_empty()));
+        assert_eq!(got.header().expect("header").revision(), last);
+        let (after_ranges, after_begins) = counts();
+        assert_eq!(after_ranges - ranges, 4.0, "one statement per read");
+        assert_eq!(after_begins, begins, "no read transaction");
+
+        let paged = etcd_client::GetOptions::new().with_prefix().with_limit(1);
+        let got = client.get("one/", Some(paged)).await.expect("page");
+        assert_eq!((got.count(), got.kvs().len(), got.more()), (2, 1, true));
+        assert!(
+            counts().1 > begins,
+            "a limited range reads in a transaction"
+        );
+    });
+}
+
+/// A write batch of up to 128 keys reads their current rows with the keyspace row in one
+/// statement (`batch_read`) on PostgreSQL: no lookups of the rest one after another (`get`),
+/// which the keyspace's next batch would wait for. 100 keys were a read of 64, then 32, then 4.
+#[test]
+fn postgres_write_batch_reads_its_keys_in_one_statement() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(
+        kine_tests::Backend::Postgres,
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let count = |query: &str| {
+        let body = http_get(&metrics_address, "/metrics");
+        sample(
+            &body,
+            &format!(
+                "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let puts = |round: usize| {
+            (0..100)
+                .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
+                .collect::<Vec<_>>()
+        };
+        // Twice: the second batch supersedes the 100 rows the first created.
+        for round in 0..2 {
+            let txn = etcd_client::Txn::new().and_then(puts(round));
+            assert!(client.txn(txn).await.expect("txn").succeeded());
+        }
+        let got = client
+            .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(got.count(), 100);
+        assert!(
+            got.kvs()
+                .iter()
+                .all(|kv| kv.version() == 2 && kv.value() == b"1")
+        );
+    });
+    assert!(count("batch_read") >= 2.0);
+    assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
+}

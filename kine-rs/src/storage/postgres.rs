@@ -63,6 +63,7 @@ impl Dialect for Postgres {
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
     const ARRAYS: bool = true;
+    const ONE_STATEMENT_READS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
         "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS TID[]), \
          CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \

@@ -257,6 +257,11 @@ pub trait Dialect: Send + Sync + 'static {
     /// keyspace row changed since the read. Needs [`ROW_ID`](Dialect::ROW_ID) and
     /// [`ARRAYS`](Dialect::ARRAYS).
     const COMMIT_BATCH: Option<&'static str> = None;
+    /// Whether a read at the current revision that needs no separate count may be one
+    /// statement outside a transaction (the keyspace row joined with the range's rows, one
+    /// snapshot): one round trip instead of begin, keyspace row, rows and commit
+    /// (PostgreSQL, where each of those is a round trip to the server).
+    const ONE_STATEMENT_READS: bool = false;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -424,6 +429,8 @@ async fn read_state_row<D: Dialect>(
 /// Columns of a keyspace row, in the order [`state_from_row`] decodes.
 pub(crate) const STATE_COLUMNS: &str = "revision, compact_revision, frozen, frozen_at_ms, \
      keys_count, bytes_used, quota_keys, quota_bytes, migration_role, pinned_revision";
+/// How many columns [`STATE_COLUMNS`] names: the columns joined after them start there.
+const STATE_COLUMN_COUNT: usize = 10;
 
 pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result<KeyspaceState> {
     Ok(KeyspaceState {
@@ -537,6 +544,19 @@ fn range_count_sql<'a>(filters: &[(String, Vec<Arg<'a>>)]) -> (String, Vec<Arg<'
     (format!("SELECT {}", counts.join(" + ")), args)
 }
 
+/// The columns a range returns, as [`kv_from_row`] decodes them; with `keys_only`, empty
+/// values.
+fn range_columns<D: Dialect>(keys_only: bool) -> Cow<'static, str> {
+    if keys_only {
+        Cow::Owned(format!(
+            "`key`, create_revision, mod_revision, version, lease, {} AS value",
+            D::EMPTY_BYTES
+        ))
+    } else {
+        Cow::Borrowed(KV_COLUMNS)
+    }
+}
+
 /// Runs the range query on `conn`: rows (unless `count_only`) and the total count, which is
 /// not counted again when `known_count` has it.
 async fn range_on<D: Dialect>(
@@ -551,14 +571,7 @@ async fn range_on<D: Dialect>(
     let filters = range_filters(keyspace, range, end.as_deref(), at);
     let mut kvs = Vec::new();
     if !query.count_only {
-        let columns = if query.keys_only {
-            Cow::Owned(format!(
-                "`key`, create_revision, mod_revision, version, lease, {} AS value",
-                D::EMPTY_BYTES
-            ))
-        } else {
-            Cow::Borrowed(KV_COLUMNS)
-        };
+        let columns = range_columns::<D>(query.keys_only);
         let (sql, args) = range_rows_sql(&columns, &filters, query.limit);
         for row in fetch_all::<D>(conn, "range", &sql, &args).await? {
             kvs.push(kv_from_row::<D>(&row, 0)?);
@@ -656,6 +669,44 @@ impl<D: Dialect> SqlBackend<D> {
         }
     }
 
+    /// A range at the current revision whose count is the number of its rows, read with
+    /// the keyspace row in one statement outside a transaction: a single statement sees one
+    /// snapshot, so the revision and the rows agree as they do in a read transaction, for
+    /// one round trip instead of four ([`Dialect::ONE_STATEMENT_READS`]).
+    async fn range_current(
+        &self,
+        keyspace: KeyspaceId,
+        query: &RangeQuery<'_>,
+    ) -> Result<RangeRows> {
+        let end = query.range.exclusive_end();
+        let filters = range_filters(keyspace, query.range, end.as_deref(), None);
+        let columns = range_columns::<D>(query.keys_only);
+        let (rows, mut args) = range_rows_sql(&columns, &filters, query.limit);
+        let sql = format!(
+            "SELECT {STATE_COLUMNS}, r.* FROM keyspaces s LEFT JOIN ({rows}) r ON TRUE \
+             WHERE s.id = ?"
+        );
+        args.push(Arg::Int(keyspace));
+        let mut conn = acquire::<D>(&self.readers).await?;
+        let rows = fetch_all::<D>(&mut conn, "range", &sql, &args).await?;
+        let state = state_from_row::<D>(rows.first().ok_or(KineError::KeyspaceDeleted)?, keyspace)?;
+        let mut kvs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // The keyspace row alone (NULL columns of the join): no key in the range.
+            if D::DB::opt_bytes(row, STATE_COLUMN_COUNT)?.is_some() {
+                kvs.push(kv_from_row::<D>(row, STATE_COLUMN_COUNT)?);
+            }
+        }
+        // The join keeps the rows the subquery chose, not necessarily its order.
+        kvs.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let count = kvs.len() as i64;
+        Ok(RangeRows {
+            revision: state.revision,
+            kvs,
+            count,
+        })
+    }
+
     async fn begin_read(&self) -> Result<Transaction<'static, D::DB>> {
         begin::<D>(&self.readers, "begin_read", D::BEGIN_READ).await
     }
@@ -742,6 +793,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 
     async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows> {
+        // At the current revision, with a count that follows from the rows (no limit, or one
+        // key): one statement.
+        if D::ONE_STATEMENT_READS
+            && query.revision <= 0
+            && !query.count_only
+            && (query.limit.is_none() || query.range.end == RangeEnd::Single)
+        {
+            return self.range_current(keyspace, &query).await;
+        }
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
         let at = if query.revision <= 0 || query.revision == state.revision {
@@ -903,14 +963,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let first = chunk_sizes(sorted.len(), MAX_ROWS_PER_STATEMENT)
-            .next()
-            .unwrap_or(0);
-        let (first, rest) = sorted.split_at(first);
+        // Up to 128 keys in this one statement, padded to a power of two: a batch of 100
+        // keys was a read of 64 and then lookups of 32 and 4, one after another, while the
+        // keyspace's next batch waited.
+        let (first, rest) = sorted.split_at(sorted.len().min(MAX_ROWS_PER_STATEMENT));
+        let first_padded = padded(first);
         let mut sql = format!("SELECT {STATE_COLUMNS}, CAST(s.{column} AS TEXT)");
         let mut args = Vec::new();
         if !first.is_empty() {
-            let (current, current_args) = current_rows_sql::<D>(keyspace, first);
+            let (current, current_args) = current_rows_sql::<D>(keyspace, &first_padded);
             sql.push_str(&format!(
                 ", r.* FROM keyspaces s LEFT JOIN ({current}) r ON TRUE"
             ));
@@ -1187,6 +1248,17 @@ fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
         n -= size;
         Some(size)
     })
+}
+
+/// `keys`, its last key repeated up to the next power of two: statements naming that many
+/// keys come in a few shapes (each prepared once per connection), and one of them reads a
+/// whole chunk. A repeated key's row comes back again, the same.
+fn padded<'a>(keys: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut padded = keys.to_vec();
+    if let Some(last) = keys.last() {
+        padded.resize(keys.len().next_power_of_two(), *last);
+    }
+    padded
 }
 
 /// Most rows (or keys) one multi-row statement carries: 128 rows of 10 parameters stay well
