@@ -340,6 +340,21 @@ pub fn spawn_kine_with(backend: Backend, extra_args: &[&str]) -> ChildGuard {
     guard
 }
 
+/// Starts kine-rs on `backend` like [`spawn_kine_with`], its log (stderr) in `kine.log` of
+/// its directory; returns it and the log's path.
+pub fn spawn_kine_with_log(backend: Backend, extra_args: &[&str]) -> (ChildGuard, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = TestDatabase::new(backend);
+    let endpoint = match (backend, &database) {
+        (_, Some(database)) => database.endpoint.clone(),
+        (Backend::Sqlite, None) => format!("sqlite://{}", dir.path().join("state.db").display()),
+        _ => "memory://".to_string(),
+    };
+    let (mut guard, log) = spawn_kine_logged(&endpoint, dir, extra_args);
+    guard.database = database;
+    (guard, log)
+}
+
 /// Starts kine-rs on `backend` with default flags.
 pub fn spawn_kine(backend: Backend) -> ChildGuard {
     spawn_kine_with(backend, &[])

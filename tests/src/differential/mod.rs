@@ -34,7 +34,7 @@ use kine_proto::etcdserverpb::{
 };
 
 pub use crate::spawn_etcd_with;
-use crate::{Backend, ChildGuard, spawn_kine};
+use crate::{Backend, ChildGuard};
 use compare::{Outcome, outcome, same};
 use ops::{Ctx, Gen, Op};
 use revmap::RevisionMap;
@@ -149,7 +149,8 @@ pub struct Summary {
 
 /// The servers of a run; dropped (killed) at its end.
 enum TargetProcess {
-    Kine(ChildGuard),
+    /// kine-rs, and its log.
+    Kine(ChildGuard, std::path::PathBuf),
     Etcd(crate::ChildGuard),
     /// kine-rs (dropped first), then the etcd behind it.
     Proxy {
@@ -161,7 +162,7 @@ enum TargetProcess {
 impl TargetProcess {
     fn endpoint(&self) -> &str {
         match self {
-            TargetProcess::Kine(g) => &g.endpoint,
+            TargetProcess::Kine(g, _) => &g.endpoint,
             TargetProcess::Etcd(g) => &g.endpoint,
             TargetProcess::Proxy { kine, .. } => &kine.endpoint,
         }
@@ -209,7 +210,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
         .context("start the oracle etcd")?;
     let target = cfg.target;
     let target_proc = tokio::task::spawn_blocking(move || match target {
-        Target::KineRs(backend) => TargetProcess::Kine(spawn_kine(backend)),
+        Target::KineRs(backend) => {
+            let (kine, log) = crate::spawn_kine_with_log(backend, &[]);
+            TargetProcess::Kine(kine, log)
+        }
         Target::Etcd => TargetProcess::Etcd(spawn_etcd_with(FAST_ETCD)),
         Target::EtcdProxy => spawn_proxy(),
     })
@@ -237,6 +241,17 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
     let mut runner = Runner::new(cfg.clone(), oracle, target_clients, revisions);
     let started = Instant::now();
     let result = runner.run_all().await;
+    // A mismatch report carries the end of kine-rs's log: a refusal's cause (a datastore's
+    // own error) is only there, never in the answer.
+    let log_tail = match (&result, &target_proc) {
+        (Err(_), TargetProcess::Kine(_, log)) => std::fs::read_to_string(log)
+            .map(|text| {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
     drop(target_proc);
     drop(oracle_proc);
     match result {
@@ -247,7 +262,11 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Summary> {
             eprintln!("differential: passed: {summary:?}");
             Ok(summary)
         }
-        Err(m) => Err(anyhow::anyhow!(runner.report(&m))),
+        Err(m) if log_tail.is_empty() => Err(anyhow::anyhow!(runner.report(&m))),
+        Err(m) => Err(anyhow::anyhow!(
+            "{}\nthe end of kine-rs's log:\n{log_tail}\n",
+            runner.report(&m)
+        )),
     }
 }
 
