@@ -385,24 +385,11 @@ async fn a_gateway_closes_idle_tenants() -> Result<()> {
         "1s",
     ];
     let kine = spawn_kine_with(Backend::Memory, &args);
-    let connect = |name: &str| {
-        let (cert, key) = pki.client(name);
-        let tls = TlsOptions::new()
-            .domain_name("localhost")
-            .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).expect("ca")))
-            .identity(Identity::from_pem(
-                std::fs::read(cert).expect("cert"),
-                std::fs::read(key).expect("key"),
-            ));
-        let options = ConnectOptions::new().with_tls(tls);
-        let endpoint = format!("https://{}", kine.address);
-        async move { Client::connect([endpoint.as_str()], Some(options)).await }
-    };
     // Every tenant writes a key and holds a watch open: none can be closed.
     let mut clients = Vec::new();
     let mut watches = Vec::new();
     for name in &names {
-        let mut client = connect(name).await?;
+        let mut client = gateway_client(&pki, &kine, name).await?;
         client.put("k", name.as_str(), None).await?;
         let mut watch = client.watch("k", None).await?;
         expect_created(&mut watch).await?;

@@ -304,16 +304,14 @@ impl ProxiedTenant {
         Err(KineError::LeaseNotFound)
     }
 
-    /// A write of a tenant with a quota: read what it touches and the usage, evaluate, check,
-    /// and write with the new usage if the usage record did not change meanwhile.
-    async fn write_counted(&self, own: &TxnRequest, op: RequestOp) -> Result<Attempt> {
-        let mut ranges = Vec::new();
-        quota::ranges_read(own, &mut ranges);
-        let mut reads = vec![
-            get_op(self.control.quota(&self.name)),
-            get_op(self.control.usage(&self.name)),
-        ];
-        for (key, range_end) in &ranges {
+    /// `reads`, then every key of the tenant's `ranges` (values too: compares may compare
+    /// them), in one read-only transaction: one snapshot of etcd.
+    async fn read_with_ranges(
+        &self,
+        mut reads: Vec<RequestOp>,
+        ranges: &[(Bytes, Bytes)],
+    ) -> Result<TxnResponse> {
+        for (key, range_end) in ranges {
             let (key, range_end) = self.prefix.range(key, range_end);
             reads.push(RequestOp {
                 request: Some(Request::RequestRange(RangeRequest {
@@ -323,7 +321,7 @@ impl ProxiedTenant {
                 })),
             });
         }
-        let read = self
+        Ok(self
             .upstream
             .kv
             .clone()
@@ -334,7 +332,19 @@ impl ProxiedTenant {
             })
             .await
             .map_err(upstream_error)?
-            .into_inner();
+            .into_inner())
+    }
+
+    /// A write of a tenant with a quota: read what it touches and the usage, evaluate, check,
+    /// and write with the new usage if the usage record did not change meanwhile.
+    async fn write_counted(&self, own: &TxnRequest, op: RequestOp) -> Result<Attempt> {
+        let mut ranges = Vec::new();
+        quota::ranges_read(own, &mut ranges);
+        let reads = vec![
+            get_op(self.control.quota(&self.name)),
+            get_op(self.control.usage(&self.name)),
+        ];
+        let read = self.read_with_ranges(reads, &ranges).await?;
         let Some(quota_kv) = range_at(&read.responses, 0).and_then(|r| r.kvs.first()) else {
             return Ok(Attempt::NoQuota);
         };
@@ -429,33 +439,11 @@ impl ProxiedTenant {
         rewrite::txn_leases(own, &mut leases);
         leases.sort_unstable();
         leases.dedup();
-        let mut reads: Vec<RequestOp> = leases
+        let reads: Vec<RequestOp> = leases
             .iter()
             .map(|&lease| get_op(self.control.lease(&self.name, lease)))
             .collect();
-        for (key, range_end) in &ranges {
-            let (key, range_end) = self.prefix.range(key, range_end);
-            reads.push(RequestOp {
-                // Values too: the compares may compare them.
-                request: Some(Request::RequestRange(RangeRequest {
-                    key,
-                    range_end,
-                    ..Default::default()
-                })),
-            });
-        }
-        let read = self
-            .upstream
-            .kv
-            .clone()
-            .txn(TxnRequest {
-                compare: vec![],
-                success: reads,
-                failure: vec![],
-            })
-            .await
-            .map_err(upstream_error)?
-            .into_inner();
+        let read = self.read_with_ranges(reads, &ranges).await?;
         let owned: HashSet<i64> = leases
             .iter()
             .enumerate()
