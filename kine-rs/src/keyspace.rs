@@ -420,8 +420,10 @@ impl Keyspace {
         };
         // What the writer read itself (narrow reads, or a wide one it had to redo) shows in
         // the answer's ranges; the wide reads made before it, in the pre-reads.
-        let answered_rows = response.as_ref().map_or(0, txn_rows_read);
-        self.charge_rows_read(pre_read_rows.max(answered_rows));
+        if self.read_budget.is_some() {
+            let answered_rows = response.as_ref().map_or(0, txn_rows_read);
+            self.charge_rows_read(pre_read_rows.max(answered_rows));
+        }
         let mut response = response?;
         self.fill(&mut response.header, 0);
         Ok(response)

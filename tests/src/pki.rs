@@ -18,6 +18,21 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// kine-rs's flags for a gateway that creates tenants on first use, serving with this
+    /// PKI's server certificate and trusting its CA (mTLS).
+    pub fn gateway_args(&self) -> Vec<&str> {
+        vec![
+            "--gateway",
+            "--gateway-create-tenants",
+            "--server-cert-file",
+            &self.server_cert,
+            "--server-key-file",
+            &self.server_key,
+            "--trusted-ca-file",
+            &self.ca,
+        ]
+    }
+
     /// Writes the PKI into `dir`, with one client certificate per common name.
     pub fn write(dir: &Path, client_names: &[&str]) -> Pki {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");

@@ -370,20 +370,13 @@ async fn a_gateway_closes_idle_tenants() -> Result<()> {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let pki = Pki::write(dir.path(), &refs);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let args = [
-        "--gateway",
-        "--gateway-create-tenants",
-        "--server-cert-file",
-        &pki.server_cert,
-        "--server-key-file",
-        &pki.server_key,
-        "--trusted-ca-file",
-        &pki.ca,
+    let mut args = pki.gateway_args();
+    args.extend([
         "--metrics-bind-address",
         &metrics,
         "--tenant-idle-timeout",
         "1s",
-    ];
+    ]);
     let kine = spawn_kine_with(Backend::Memory, &args);
     // Every tenant writes a key and holds a watch open: none can be closed.
     let mut clients = Vec::new();
@@ -501,20 +494,13 @@ async fn budgeted_gateway(
 ) -> Result<(tempfile::TempDir, ChildGuard, Client, Client)> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::write(dir.path(), &["tenant-a", "tenant-b"]);
-    let args = [
-        "--gateway",
-        "--gateway-create-tenants",
-        "--server-cert-file",
-        &pki.server_cert,
-        "--server-key-file",
-        &pki.server_key,
-        "--trusted-ca-file",
-        &pki.ca,
+    let mut args = pki.gateway_args();
+    args.extend([
         "--max-read-rows-per-second",
         read_rows,
         "--max-write-bytes-per-second",
         write_bytes,
-    ];
+    ]);
     let kine = spawn_kine_with(Backend::Sqlite, &args);
     let a = gateway_client(&pki, &kine, "tenant-a").await?;
     let b = gateway_client(&pki, &kine, "tenant-b").await?;
