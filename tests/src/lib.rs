@@ -113,6 +113,11 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
+        // For a post-mortem of a failed run: `KINE_TEST_KEEP_DATABASE=1` keeps it.
+        if std::env::var_os("KINE_TEST_KEEP_DATABASE").is_some() {
+            eprintln!("kept the test database {}", self.name);
+            return;
+        }
         let drop_sql = format!("DROP DATABASE IF EXISTS {}", self.name);
         let _ = match self.backend {
             Backend::Postgres => Command::new("psql")

@@ -45,6 +45,7 @@ macro_rules! suite {
             err_request_too_large,
             compact_rpc,
             compact_deleted_keys,
+            compact_put_and_deleted_in_one_revision,
             watch_key,
             watch_many_on_one_stream,
             watch_start_revision_history,

@@ -53,9 +53,10 @@ impl Dialect for Postgres {
         "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING";
     const EMPTY_BYTES: &'static str = "''::bytea";
     const SIZE: &'static str = "SELECT pg_database_size(current_database())::bigint, \
-         (COALESCE(pg_total_relation_size('kv'), 0) + COALESCE(pg_total_relation_size('leases'), 0) \
+         (COALESCE(pg_total_relation_size('kv'), 0) + COALESCE(pg_total_relation_size('kv_head'), 0) \
+         + COALESCE(pg_total_relation_size('leases'), 0) \
          + COALESCE(pg_total_relation_size('keyspaces'), 0))::bigint";
-    const DEFRAGMENT: &'static str = "VACUUM kv, leases, keyspaces";
+    const DEFRAGMENT: &'static str = "VACUUM kv, kv_head, leases, keyspaces";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
     const ANNOUNCE_UPDATE: Option<&'static str> =
@@ -65,11 +66,11 @@ impl Dialect for Postgres {
     const ARRAYS: bool = true;
     const ONE_STATEMENT_READS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
-        "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS TID[]), \
-         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
-         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), \
-         CAST(? AS SMALLINT[]), CAST(? AS BIGINT[]))",
+        "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS BYTEA[]), \
+         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
+         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]))",
     );
+    const HEAD_TABLE: bool = true;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")

@@ -262,6 +262,13 @@ pub trait Dialect: Send + Sync + 'static {
     /// snapshot): one round trip instead of begin, keyspace row, rows and commit
     /// (PostgreSQL, where each of those is a round trip to the server).
     const ONE_STATEMENT_READS: bool = false;
+    /// Whether a key's current row is named by a row of `kv_head` (PostgreSQL, migration
+    /// 0008) instead of marked in `kv.superseded`: `kv` only gets rows appended, and an
+    /// overwrite changes a narrow head row in place instead of rewriting the row it
+    /// supersedes. Statements that read current rows, older revisions or previous values, and
+    /// compaction, take the head table's shape; the write statements are the
+    /// [`ARRAYS`](Dialect::ARRAYS) ones.
+    const HEAD_TABLE: bool = false;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -544,6 +551,138 @@ fn range_count_sql<'a>(filters: &[(String, Vec<Arg<'a>>)]) -> (String, Vec<Arg<'
     (format!("SELECT {}", counts.join(" + ")), args)
 }
 
+/// The statement reading the rows of `range` (up to `end`) live at the current revision
+/// (`at` = None) or at `at`, in key order, at most `limit` of them; with `keys_only`, empty
+/// values. Columns as [`kv_from_row`] decodes them.
+fn range_rows_statement<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    end: Option<&'a [u8]>,
+    at: Option<Revision>,
+    keys_only: bool,
+    limit: Option<i64>,
+) -> (String, Vec<Arg<'a>>) {
+    if !D::HEAD_TABLE {
+        let filters = range_filters(keyspace, range, end, at);
+        return range_rows_sql(&range_columns::<D>(keys_only), &filters, limit);
+    }
+    let value = if keys_only {
+        D::EMPTY_BYTES
+    } else {
+        "kv.value"
+    };
+    let (mut sql, mut args) = match at {
+        // Each current row, through its head.
+        None => head_range_sql(
+            &format!(
+                "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
+                 {value} AS value FROM kv_head h JOIN kv ON kv.keyspace = h.keyspace \
+                 AND kv.mod_revision = h.mod_revision AND kv.sub = h.sub WHERE"
+            ),
+            true,
+            keyspace,
+            range,
+            end,
+        ),
+        // Each key's newest row at or before `at`, unless it is a tombstone.
+        Some(at) => {
+            let (inner, args) = newest_rows_sql(
+                &format!(
+                    "`key`, create_revision, mod_revision, version, lease, {value} AS value, \
+                     deleted"
+                ),
+                keyspace,
+                range,
+                end,
+                at,
+            );
+            (
+                format!(
+                    "SELECT `key`, create_revision, mod_revision, version, lease, value \
+                     FROM ({inner}) AS kv WHERE deleted = 0 ORDER BY `key`"
+                ),
+                args,
+            )
+        }
+    };
+    if let Some(limit) = limit {
+        sql.push_str(" LIMIT ?");
+        args.push(Arg::Int(limit));
+    }
+    (sql, args)
+}
+
+/// The statement counting the rows of `range` live at the current revision or at `at`.
+fn range_count_statement<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    end: Option<&'a [u8]>,
+    at: Option<Revision>,
+) -> (String, Vec<Arg<'a>>) {
+    if !D::HEAD_TABLE {
+        return range_count_sql(&range_filters(keyspace, range, end, at));
+    }
+    match at {
+        None => head_range_sql(
+            "SELECT COUNT(*) FROM kv_head h WHERE",
+            false,
+            keyspace,
+            range,
+            end,
+        ),
+        Some(at) => {
+            let (inner, args) = newest_rows_sql("deleted", keyspace, range, end, at);
+            (
+                format!("SELECT COUNT(*) FROM ({inner}) AS kv WHERE deleted = 0"),
+                args,
+            )
+        }
+    }
+}
+
+/// `select` (ending in `WHERE`) over the heads of the live keys of `range`; with `ordered`,
+/// in key order ([`Dialect::HEAD_TABLE`]).
+fn head_range_sql<'a>(
+    select: &str,
+    ordered: bool,
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    end: Option<&'a [u8]>,
+) -> (String, Vec<Arg<'a>>) {
+    let mut sql = format!("{select} h.keyspace = ? AND h.`key` >= ?");
+    let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
+    if let Some(end) = end {
+        sql.push_str(" AND h.`key` < ?");
+        args.push(Arg::Bytes(end));
+    }
+    sql.push_str(" AND h.deleted = 0");
+    if ordered {
+        sql.push_str(" ORDER BY h.`key`");
+    }
+    (sql, args)
+}
+
+/// The statement selecting `columns` of each key's newest row at or before `at` in `range`,
+/// tombstones included, in key order ([`Dialect::HEAD_TABLE`]: one walk of `kv_key`).
+fn newest_rows_sql<'a>(
+    columns: &str,
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    end: Option<&'a [u8]>,
+    at: Revision,
+) -> (String, Vec<Arg<'a>>) {
+    let mut sql =
+        format!("SELECT DISTINCT ON (`key`) {columns} FROM kv WHERE keyspace = ? AND `key` >= ?");
+    let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
+    if let Some(end) = end {
+        sql.push_str(" AND `key` < ?");
+        args.push(Arg::Bytes(end));
+    }
+    sql.push_str(" AND mod_revision <= ? ORDER BY `key`, mod_revision DESC, sub DESC");
+    args.push(Arg::Int(at));
+    (sql, args)
+}
+
 /// The columns a range returns, as [`kv_from_row`] decodes them; with `keys_only`, empty
 /// values.
 fn range_columns<D: Dialect>(keys_only: bool) -> Cow<'static, str> {
@@ -568,11 +707,16 @@ async fn range_on<D: Dialect>(
 ) -> Result<(Vec<KeyValue>, i64)> {
     let range = query.range;
     let end = range.exclusive_end();
-    let filters = range_filters(keyspace, range, end.as_deref(), at);
     let mut kvs = Vec::new();
     if !query.count_only {
-        let columns = range_columns::<D>(query.keys_only);
-        let (sql, args) = range_rows_sql(&columns, &filters, query.limit);
+        let (sql, args) = range_rows_statement::<D>(
+            keyspace,
+            range,
+            end.as_deref(),
+            at,
+            query.keys_only,
+            query.limit,
+        );
         for row in fetch_all::<D>(conn, "range", &sql, &args).await? {
             kvs.push(kv_from_row::<D>(&row, 0)?);
         }
@@ -585,7 +729,7 @@ async fn range_on<D: Dialect>(
     if let Some(count) = known_count {
         return Ok((kvs, count));
     }
-    let (sql, args) = range_count_sql(&filters);
+    let (sql, args) = range_count_statement::<D>(keyspace, range, end.as_deref(), at);
     let row = fetch_optional::<D>(conn, "range_count", &sql, &args)
         .await?
         .ok_or_else(|| KineError::Storage("COUNT returned no row".into()))?;
@@ -617,14 +761,17 @@ async fn lease_keys_on<D: Dialect>(
     keyspace: KeyspaceId,
     id: i64,
 ) -> Result<Vec<Bytes>> {
-    let rows = fetch_all::<D>(
-        conn,
-        "lease_keys",
+    let sql = if D::HEAD_TABLE {
+        // Every row that named the lease, kept where it is its key's current row.
+        "SELECT h.`key` FROM kv JOIN kv_head h ON h.keyspace = kv.keyspace \
+         AND h.`key` = kv.`key` AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
+         WHERE kv.keyspace = ? AND kv.lease = ? AND kv.lease <> 0 AND h.deleted = 0 \
+         ORDER BY h.`key`"
+    } else {
         "SELECT `key` FROM kv WHERE keyspace = ? AND lease = ? AND lease <> 0 \
-         AND superseded = 9223372036854775807 AND deleted = 0 ORDER BY `key`",
-        &[Arg::Int(keyspace), Arg::Int(id)],
-    )
-    .await?;
+         AND superseded = 9223372036854775807 AND deleted = 0 ORDER BY `key`"
+    };
+    let rows = fetch_all::<D>(conn, "lease_keys", sql, &[Arg::Int(keyspace), Arg::Int(id)]).await?;
     rows.iter()
         .map(|row| Ok(Bytes::from(D::DB::bytes(row, 0)?)))
         .collect()
@@ -679,9 +826,14 @@ impl<D: Dialect> SqlBackend<D> {
         query: &RangeQuery<'_>,
     ) -> Result<RangeRows> {
         let end = query.range.exclusive_end();
-        let filters = range_filters(keyspace, query.range, end.as_deref(), None);
-        let columns = range_columns::<D>(query.keys_only);
-        let (rows, mut args) = range_rows_sql(&columns, &filters, query.limit);
+        let (rows, mut args) = range_rows_statement::<D>(
+            keyspace,
+            query.range,
+            end.as_deref(),
+            None,
+            query.keys_only,
+            query.limit,
+        );
         let sql = format!(
             "SELECT {STATE_COLUMNS}, r.* FROM keyspaces s LEFT JOIN ({rows}) r ON TRUE \
              WHERE s.id = ?"
@@ -846,14 +998,29 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         if after + 1 < state.compact_revision {
             return Err(KineError::Compacted);
         }
-        let mut sql = String::from(
-            "SELECT e.`key`, e.create_revision, e.mod_revision, e.version, e.lease, e.value, \
-             e.deleted, p.`key`, p.create_revision, p.mod_revision, p.version, p.lease, p.value \
-             FROM kv e LEFT JOIN kv p ON p.keyspace = e.keyspace AND p.`key` = e.`key` \
-             AND p.superseded = e.mod_revision AND p.mod_revision < e.mod_revision \
-             AND p.deleted = 0 AND p.superseded <> 9223372036854775807 \
-             WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?",
-        );
+        const COLUMNS: &str = "SELECT e.`key`, e.create_revision, e.mod_revision, e.version, \
+             e.lease, e.value, e.deleted, p.`key`, p.create_revision, p.mod_revision, \
+             p.version, p.lease, p.value";
+        let mut sql = if D::HEAD_TABLE {
+            // The previous value is the key's newest row before the event, unless a tombstone.
+            format!(
+                "{COLUMNS} FROM kv e LEFT JOIN LATERAL (SELECT * FROM (SELECT o.`key`, \
+                 o.create_revision, o.mod_revision, o.version, o.lease, o.value, o.deleted \
+                 FROM kv o WHERE o.keyspace = e.keyspace AND o.`key` = e.`key` \
+                 AND o.mod_revision < e.mod_revision \
+                 ORDER BY o.mod_revision DESC, o.sub DESC LIMIT 1) AS q WHERE q.deleted = 0) \
+                 AS p ON TRUE \
+                 WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?"
+            )
+        } else {
+            format!(
+                "{COLUMNS} FROM kv e LEFT JOIN kv p ON p.keyspace = e.keyspace \
+                 AND p.`key` = e.`key` AND p.superseded = e.mod_revision \
+                 AND p.mod_revision < e.mod_revision AND p.deleted = 0 \
+                 AND p.superseded <> 9223372036854775807 \
+                 WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?"
+            )
+        };
         let end = range.and_then(KeyRange::exclusive_end);
         let mut args = vec![Arg::Int(keyspace), Arg::Int(after), Arg::Int(up_to)];
         if let Some(range) = range {
@@ -1117,6 +1284,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         // Under the keyspace's row lock, so a purge never races (or deadlocks with) a writer
         // superseding the same rows; one bounded batch holds it only briefly.
         let (mut tx, _) = self.begin_locked(keyspace).await?;
+        if D::HEAD_TABLE {
+            let purged = purge_after_head::<D>(&mut tx, keyspace, revision, batch).await?;
+            commit::<D>(tx).await?;
+            return Ok(purged);
+        }
         let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
         let superseded = execute::<D>(
             &mut tx,
@@ -1170,6 +1342,90 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         self.changes.as_ref().map(broadcast::Sender::subscribe)
     }
+}
+
+/// One bounded step of a compaction at `revision` where current rows are in `kv_head`
+/// ([`Dialect::HEAD_TABLE`]), under the keyspace's lock: the rows written since the last step
+/// (`keyspaces.purged_revision`), up to `batch` of them (whole revisions) and none after
+/// `revision`, remove every older row of their keys (older by revision, then by place in
+/// the revision: a transaction may put a key and delete it again); a tombstone among them
+/// below `revision` goes too, with its head, and so does one at the revision the last step
+/// ended at (a tombstone at a compaction revision outlives that compaction). Rows not
+/// superseded at or before `revision` stay, as etcd keeps each key's newest revision. Returns how many rows it removed, at least 1 while rows
+/// remain to walk, 0 once the walk reached `revision`.
+async fn purge_after_head<D: Dialect>(
+    tx: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    revision: Revision,
+    batch: i64,
+) -> Result<u64> {
+    let id = Arg::Int(keyspace);
+    let row = fetch_optional::<D>(
+        tx,
+        "purge",
+        "SELECT purged_revision FROM keyspaces WHERE id = ?",
+        std::slice::from_ref(&id),
+    )
+    .await?
+    .ok_or(KineError::KeyspaceDeleted)?;
+    let from = D::DB::int(&row, 0)?;
+    if from >= revision {
+        return Ok(0);
+    }
+    // The step ends at the revision of its `batch`-th row, or at `revision`.
+    let upto = fetch_optional::<D>(
+        tx,
+        "purge",
+        "SELECT mod_revision FROM kv WHERE keyspace = ? AND mod_revision > ? \
+         AND mod_revision <= ? ORDER BY mod_revision, sub LIMIT 1 OFFSET ?",
+        &[
+            id.clone(),
+            Arg::Int(from),
+            Arg::Int(revision),
+            Arg::Int(batch - 1),
+        ],
+    )
+    .await?;
+    let upto = match upto {
+        Some(row) => D::DB::int(&row, 0)?,
+        None => revision,
+    };
+    let superseded = execute::<D>(
+        tx,
+        "purge",
+        "DELETE FROM kv o USING (SELECT DISTINCT ON (`key`) `key`, mod_revision, sub FROM kv \
+         WHERE keyspace = ? AND mod_revision > ? AND mod_revision <= ? \
+         ORDER BY `key`, mod_revision DESC, sub DESC) AS n \
+         WHERE o.keyspace = ? AND o.`key` = n.`key` \
+         AND (o.mod_revision, o.sub) < (n.mod_revision, n.sub)",
+        &[id.clone(), Arg::Int(from), Arg::Int(upto), id.clone()],
+    )
+    .await?;
+    let tombstones = execute::<D>(
+        tx,
+        "purge",
+        "WITH gone AS (DELETE FROM kv WHERE keyspace = ? AND mod_revision >= ? \
+         AND mod_revision <= ? AND mod_revision < ? AND deleted = 1 \
+         RETURNING `key`, mod_revision, sub) \
+         DELETE FROM kv_head h USING gone WHERE h.keyspace = ? AND h.`key` = gone.`key` \
+         AND h.mod_revision = gone.mod_revision AND h.sub = gone.sub",
+        &[
+            id.clone(),
+            Arg::Int(from),
+            Arg::Int(upto),
+            Arg::Int(revision),
+            id.clone(),
+        ],
+    )
+    .await?;
+    execute::<D>(
+        tx,
+        "purge",
+        "UPDATE keyspaces SET purged_revision = ? WHERE id = ?",
+        &[Arg::Int(upto), id],
+    )
+    .await?;
+    Ok((superseded + tombstones).max(1))
 }
 
 /// A write transaction holding the keyspace's row lock, or, for a batch begun optimistically
@@ -1286,10 +1542,22 @@ fn current_rows_sql<'a, D: Dialect>(
     let row_id = D::ROW_ID
         .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
         .unwrap_or_default();
-    let select = format!(
-        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
-         AND superseded = 9223372036854775807 AND `key`"
-    );
+    let select = if D::HEAD_TABLE {
+        let row_id = D::ROW_ID
+            .map(|(column, _)| format!(", CAST(h.{column} AS TEXT) AS row_id"))
+            .unwrap_or_default();
+        format!(
+            "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
+             kv.value, h.deleted{row_id} FROM kv_head h JOIN kv ON kv.keyspace = h.keyspace \
+             AND kv.mod_revision = h.mod_revision AND kv.sub = h.sub WHERE h.keyspace = ? \
+             AND h.`key`"
+        )
+    } else {
+        format!(
+            "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
+             AND superseded = 9223372036854775807 AND `key`"
+        )
+    };
     if D::KEY_LISTS {
         let sql = format!("{select} IN ({})", placeholders(keys.len()));
         let mut args = Vec::with_capacity(keys.len() + 1);
@@ -1493,16 +1761,8 @@ impl<D: Dialect> SqlWriteTxn<D> {
             Arg::Int(revision),
             Arg::Int(self.state.keys),
             Arg::Int(self.state.bytes),
-            Arg::Texts(
-                self.supersede
-                    .iter()
-                    .map(|row| row.row_id.as_deref().unwrap_or_default())
-                    .collect(),
-            ),
-            Arg::Ints(self.supersede.iter().map(|row| row.revision).collect()),
         ];
-        let (_, rows) = insert_rows_unnest(self.keyspace, &self.pending);
-        args.extend(rows.into_iter().skip(1));
+        args.extend(row_arrays(&self.pending));
         let Some(conn) = self.conn.as_mut() else {
             return Err(KineError::Storage(
                 "a write batch lost its connection".into(),
@@ -1558,7 +1818,11 @@ impl<D: Dialect> SqlWriteTxn<D> {
     /// Writes the buffered rows, so statements that read the table see them.
     async fn flush(&mut self) -> Result<()> {
         self.lock().await?;
-        let supersede = std::mem::take(&mut self.supersede);
+        let mut supersede = std::mem::take(&mut self.supersede);
+        if D::HEAD_TABLE {
+            // The insert below moves each key's head; nothing is rewritten.
+            supersede.clear();
+        }
         let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
             .iter()
             .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
@@ -1635,16 +1899,28 @@ impl<D: Dialect> SqlWriteTxn<D> {
     }
 }
 
-/// One statement inserting every row of `rows`, as arrays of their columns (PostgreSQL).
+/// One statement appending every row of `rows`, as arrays of their columns, and pointing
+/// each key's head at its newest one (PostgreSQL, [`Dialect::HEAD_TABLE`]).
 fn insert_rows_unnest(keyspace: KeyspaceId, rows: &[PendingRow]) -> (&'static str, Vec<Arg<'_>>) {
-    const SQL: &str = "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, \
-         version, lease, value, deleted, superseded) SELECT ?, * FROM unnest(\
+    const SQL: &str = "WITH added AS (INSERT INTO kv (keyspace, `key`, mod_revision, sub, \
+         create_revision, version, lease, value, deleted) SELECT ?, * FROM unnest(\
          CAST(? AS BYTEA[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
-         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]), \
-         CAST(? AS BIGINT[]))";
+         CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[])) \
+         RETURNING keyspace, `key`, mod_revision, sub, deleted) \
+         INSERT INTO kv_head AS h (keyspace, `key`, mod_revision, sub, deleted) \
+         SELECT DISTINCT ON (`key`) * FROM added ORDER BY `key`, mod_revision DESC, sub DESC \
+         ON CONFLICT (keyspace, `key`) DO UPDATE SET mod_revision = EXCLUDED.mod_revision, \
+         sub = EXCLUDED.sub, deleted = EXCLUDED.deleted";
+    let mut args = vec![Arg::Int(keyspace)];
+    args.extend(row_arrays(rows));
+    (SQL, args)
+}
+
+/// The columns of `rows` as arrays, in the order `kine_rs_commit` (migration 0008) and
+/// [`insert_rows_unnest`] take them.
+fn row_arrays(rows: &[PendingRow]) -> Vec<Arg<'_>> {
     let ints = |f: fn(&PendingRow) -> i64| Arg::Ints(rows.iter().map(f).collect());
-    let args = vec![
-        Arg::Int(keyspace),
+    vec![
         Arg::ByteStrings(rows.iter().map(|row| row.kv.key.as_ref()).collect()),
         ints(|row| row.kv.mod_revision),
         ints(|row| row.sub),
@@ -1653,9 +1929,7 @@ fn insert_rows_unnest(keyspace: KeyspaceId, rows: &[PendingRow]) -> (&'static st
         ints(|row| row.kv.lease),
         Arg::ByteStrings(rows.iter().map(|row| row.kv.value.as_ref()).collect()),
         ints(|row| row.deleted as i64),
-        ints(|row| row.superseded),
-    ];
-    (SQL, args)
+    ]
 }
 
 /// The bytes a live key-value counts for in the usage counters.
@@ -1974,8 +2248,11 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
     }
 
     async fn commit(mut self: Box<Self>, revision: Revision) -> Result<()> {
-        // Without the lock, unless a superseded row is known only by key (read by a range).
-        if self.tx.is_none() && self.supersede.iter().all(|row| row.row_id.is_some()) {
+        // Without the lock, unless a superseded row is known only by key (read by a range)
+        // and must be rewritten.
+        if self.tx.is_none()
+            && (D::HEAD_TABLE || self.supersede.iter().all(|row| row.row_id.is_some()))
+        {
             return self.commit_unlocked(revision).await;
         }
         self.flush().await?;

@@ -45,6 +45,15 @@ pub(super) async fn delete_keyspace<D: Dialect>(
         &id,
     )
     .await?;
+    if D::HEAD_TABLE {
+        execute::<D>(
+            &mut tx,
+            "delete_keyspace",
+            "DELETE FROM kv_head WHERE keyspace = ?",
+            &id,
+        )
+        .await?;
+    }
     execute::<D>(
         &mut tx,
         "delete_keyspace",
