@@ -109,6 +109,17 @@ impl TestDatabase {
             backend,
         })
     }
+
+    /// Creates the database now (PostgreSQL), for a test that writes into it before kine-rs
+    /// starts; kine-rs creates it otherwise.
+    pub fn create_postgres(&self) {
+        let status = Command::new("psql")
+            .arg(&self.server)
+            .args(["-X", "-q", "-c", &format!("CREATE DATABASE {}", self.name)])
+            .status()
+            .expect("psql");
+        assert!(status.success(), "cannot create the database {}", self.name);
+    }
 }
 
 impl Drop for TestDatabase {

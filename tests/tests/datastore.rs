@@ -518,3 +518,170 @@ async fn nats_context_file_gives_servers_and_credentials() {
     assert!(status.is_some_and(|s| !s.success()), "{stderr}");
     assert!(stderr.contains("jetstream_domain"), "{stderr}");
 }
+
+/// A PostgreSQL database written by a kine-rs before migration 0008 (current rows marked in
+/// `kv.superseded`) is served after the upgrade as it was: current values, reads at older
+/// revisions, previous values of watch events, and a compaction that purges the old history.
+/// The schema up to 0007 is applied from the repository's own migration files, recorded as
+/// sqlx records them, and rows are written in that schema's model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
+    use sha2::{Digest, Sha384};
+    let database = TestDatabase::new(Backend::Postgres).expect("postgres");
+    let psql = |sql: &str| {
+        let output = Command::new("psql")
+            .arg(&database.endpoint)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("psql");
+        assert!(
+            output.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    database.create_postgres();
+    psql(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, \
+         checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)",
+    );
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kine-rs/migrations/postgres");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the migrations")
+        .map(|entry| entry.expect("an entry").path())
+        .collect();
+    files.sort();
+    for file in files.iter().filter(|file| {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        name.as_ref() < "0008"
+    }) {
+        let text = std::fs::read_to_string(file).expect("a migration");
+        let name = file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let (version, description) = name.split_once('_').expect("NNNN_description");
+        psql(&text);
+        let checksum: String = Sha384::digest(text.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        psql(&format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES ({}, '{}', true, '\\x{checksum}', 1)",
+            version.parse::<i64>().expect("a version"),
+            description.replace('_', " ")
+        ));
+    }
+    // Revisions 2–6 of the keyspace kine-rs serves without tenants: a (v1, then v2), b, and c
+    // put then deleted.
+    psql(
+        "INSERT INTO keyspaces (name, revision, keys_count, bytes_used) \
+         VALUES ('default', 6, 2, 5); \
+         INSERT INTO kv (keyspace, key, mod_revision, sub, create_revision, version, lease, \
+         value, deleted, superseded) VALUES \
+         (1, 'a', 2, 0, 2, 1, 0, 'v1', 0, 3), \
+         (1, 'a', 3, 0, 2, 2, 0, 'v2', 0, 9223372036854775807), \
+         (1, 'b', 4, 0, 4, 1, 0, 'b', 0, 9223372036854775807), \
+         (1, 'c', 5, 0, 5, 1, 0, 'c1', 0, 6), \
+         (1, 'c', 6, 0, 0, 0, 0, '', 1, 9223372036854775807)",
+    );
+
+    let kine = spawn_kine_on(
+        &database.endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &[],
+    );
+    let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let all = || Some(etcd_client::GetOptions::new().with_all_keys());
+    let values = |r: &etcd_client::GetResponse| -> Vec<(String, i64, i64)> {
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                    kv.version(),
+                )
+            })
+            .collect()
+    };
+    let now = client.get("", all()).await.expect("get");
+    assert_eq!(now.header().expect("header").revision(), 6);
+    assert_eq!(values(&now), [("v2".into(), 3, 2), ("b".into(), 4, 1)]);
+    let at = |revision| all().map(|options| options.with_revision(revision));
+    let at_2 = client.get("", at(2)).await.expect("get at 2");
+    assert_eq!(values(&at_2), [("v1".into(), 2, 1)]);
+    let at_5 = client.get("", at(5)).await.expect("get at 5");
+    assert_eq!(
+        values(&at_5),
+        [("v2".into(), 3, 2), ("b".into(), 4, 1), ("c1".into(), 5, 1)]
+    );
+
+    // The history, with previous values, as a watch from revision 2 sees it.
+    let mut stream = client
+        .watch(
+            "",
+            Some(
+                etcd_client::WatchOptions::new()
+                    .with_all_keys()
+                    .with_start_revision(2)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .expect("watch");
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("events in time")
+            .expect("a watch response")
+            .expect("the stream open");
+        for event in response.events() {
+            let kv = event.kv().expect("kv");
+            let prev = event
+                .prev_kv()
+                .map(|prev| String::from_utf8_lossy(prev.value()).into_owned());
+            seen.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.mod_revision(),
+                prev,
+            ));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("a".into(), 2, None),
+            ("a".into(), 3, Some("v1".into())),
+            ("b".into(), 4, None),
+            ("c".into(), 5, None),
+            ("c".into(), 6, Some("c1".into())),
+        ]
+    );
+
+    // New writes, then a compaction that purges what the old model left behind.
+    client.put("a", "v3", None).await.expect("put");
+    client
+        .compact(
+            7,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+    let rows = Command::new("psql")
+        .arg(&database.endpoint)
+        .args(["-X", "-A", "-t", "-c", "SELECT string_agg(convert_from(key, 'UTF8') || mod_revision, ',' ORDER BY mod_revision) FROM kv"])
+        .output()
+        .expect("psql");
+    assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "b4,a7");
+    let after = client.get("", all()).await.expect("get");
+    assert_eq!(values(&after), [("v3".into(), 7, 3), ("b".into(), 4, 1)]);
+}
