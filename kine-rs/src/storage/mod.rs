@@ -17,6 +17,15 @@
 //! * compaction at `C` removes rows superseded at or before `C` and tombstones older than `C`,
 //!   in bounded batches.
 //!
+//! On PostgreSQL the same facts are kept another way (migration 0008), because there an
+//! update writes a whole new copy of the row with new index entries: marking the superseded
+//! row made an overwrite cost about two and a half creates. There `kv` only gets rows
+//! appended, and a narrow table `kv_head` names each key's current row, moved in place on
+//! every write of the key (no index names what changes, so PostgreSQL rewrites it on its page
+//! without index entries). A read at an older revision takes each key's newest row at or
+//! before it, `prev_kv` is the key's newest row before the event, and compaction walks the
+//! rows written since its last pass and removes the rows each of them superseded.
+//!
 //! Rows are identified by `(keyspace, mod_revision, sub)`, so new rows append to the table's
 //! key and to the watch log; the only index ordered by key that a new key touches is the one
 //! of current rows. (A batch of writes to scattered keys dirties one page per key in every

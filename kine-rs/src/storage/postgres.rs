@@ -6,11 +6,15 @@
 //! transaction announces itself with `pg_notify` (delivered only if it commits), and one
 //! LISTEN connection per process feeds the watch hubs.
 //!
+//! A key's current row is the one its row in `kv_head` names (migration 0008): `kv` only gets
+//! rows appended, and an overwrite moves the head in place, which PostgreSQL does without a
+//! new index entry, instead of writing a new version of the superseded row.
+//!
 //! A batch of transactions first costs two round trips: one statement reads the keyspace row
 //! (its counters and its version, the row's `ctid`) with the batch's keys' current rows,
-//! without a lock; then one call of `kine_rs_commit` (migration 0007), in its own implicit
-//! transaction, takes the lock, checks the row is still that version, supersedes, inserts,
-//! stores the counters, notifies and commits. A keyspace changed in between (another
+//! without a lock; then one call of `kine_rs_commit` (migration 0008), in its own implicit
+//! transaction, takes the lock, checks the row is still that version, appends the rows, moves
+//! the heads, stores the counters, notifies and commits. A keyspace changed in between (another
 //! process's commit, a freeze, a purge) makes the call refuse and write nothing; the writer
 //! runs the batch again under the lock. A batch that needs more than point reads and writes
 //! (a range read, a lease, a compaction, a freeze) takes the lock as soon as it does.
