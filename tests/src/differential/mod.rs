@@ -814,8 +814,15 @@ impl Runner {
         });
         self.prepare(req.start_revision).await;
         let mut treq = req.clone();
+        let mut future_start = None;
         if let Some(map) = self.map() {
             map.watch_create(&mut treq);
+            if map.is_future(req.start_revision) {
+                future_start = Some((treq.start_revision, req.start_revision));
+            }
+        }
+        if let Some((sent, oracle_start)) = future_start {
+            self.tw.expect_future_start(idx, sent, oracle_start);
         }
         self.ow.send_create(stream, idx, req.clone());
         self.tw.send_create(stream, idx, treq);
