@@ -1122,9 +1122,13 @@ async fn watch_answers(
 /// A watch stream whose first request cancels a watch it does not have (etcd answers
 /// nothing), then creates one, then one whose range ends before its key (refused), then,
 /// after a compaction, one starting below it (canceled) and one reusing its id with an
-/// empty range (refused for the range first, as etcd checks it before the id): the same
-/// answers through the proxy as from etcd directly. (Through the proxy, such a first cancel
-/// used to open the stream to etcd, which never answered it, and the stream hung.)
+/// empty range (refused for the range first, as etcd checks it before the id), and, on
+/// another stream, one with a chosen id starting below the compaction (canceled) and then
+/// watches whose ids etcd picks (skipping the canceled one's, which it keeps until the client
+/// cancels it): the same answers through the proxy as from etcd directly. (Through the proxy,
+/// such a first cancel used to open the stream to etcd, which never answered it, and the
+/// stream hung; and the proxy's own cancel of the compacted watch freed its id on the stream
+/// to etcd, which then gave it to the next watch.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_answer_as_etcd() -> Result<()> {
     use kine_proto::etcdserverpb::watch_request::RequestUnion;
@@ -1178,6 +1182,21 @@ async fn watch_streams_answer_as_etcd() -> Result<()> {
     ensure!(
         through == direct,
         "after a compaction: through the proxy {through:#?}, etcd {direct:#?}"
+    );
+
+    // A watch the compaction canceled keeps its id until the client cancels it: the ids
+    // etcd picks skip it.
+    let requests = vec![
+        create("a", "", 1, 1),
+        create("a", "", 0, 0),
+        create("a", "", 0, 0),
+        create("a", "", 0, 0),
+    ];
+    let direct = watch_answers(&etcd.endpoint, requests.clone()).await?;
+    let through = watch_answers(&kine.endpoint, requests).await?;
+    ensure!(
+        through == direct,
+        "ids after a compacted watch: through the proxy {through:#?}, etcd {direct:#?}"
     );
     Ok(())
 }

@@ -356,6 +356,12 @@ impl Control {
     pub fn lease(&self, name: &str, id: i64) -> Bytes {
         self.leases(name).key(format!("{id:016x}").as_bytes())
     }
+
+    /// A key nobody writes: the watchers that hold the ids of watches the proxy canceled
+    /// itself (below the tenant's compaction) watch it, so they never deliver anything.
+    pub fn held_watch(&self, name: &str) -> Bytes {
+        self.key("held-watch", name)
+    }
 }
 
 /// A migration's pin of a tenant: the value of [`Control::pinned`].

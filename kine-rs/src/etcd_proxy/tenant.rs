@@ -140,6 +140,11 @@ impl ProxiedTenant {
         &self.upstream
     }
 
+    /// What a watcher holding a canceled watch's id watches ([`Control::held_watch`]).
+    pub fn held_watch_key(&self) -> Bytes {
+        self.control.held_watch(&self.name)
+    }
+
     /// Watchers open on this tenant in this process.
     pub fn watches(&self) -> i64 {
         self.watches.load(Ordering::Acquire)

@@ -834,6 +834,17 @@ impl Runner {
         );
         let a = self.ow.watches[idx].created.clone();
         let b = self.tw.watches[idx].created.clone();
+        if self.cfg.trace {
+            let answer = |r: &Option<kine_proto::etcdserverpb::WatchResponse>| {
+                r.as_ref()
+                    .map(|r| (r.watch_id, r.canceled, r.cancel_reason.clone()))
+            };
+            eprintln!(
+                "  watch #{idx} created: etcd {:?}, target {:?}",
+                answer(&a),
+                answer(&b)
+            );
+        }
         if !ok_o || !ok_t {
             return Err(Mismatch::new(
                 format!(

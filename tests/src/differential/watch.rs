@@ -368,6 +368,13 @@ impl SideWatches {
                 cancel_reason: resp.cancel_reason.clone(),
             });
         }
+        if std::env::var_os("DIFF_TRACE").is_some() && (resp.canceled || resp.compact_revision != 0)
+        {
+            eprintln!(
+                "  {name}: stream {s}: watch #{idx} (id {}) canceled={} compact={} reason={:?}",
+                resp.watch_id, resp.canceled, resp.compact_revision, resp.cancel_reason
+            );
+        }
         if resp.canceled {
             w.canceled = true;
             st.ids.remove(&resp.watch_id);
