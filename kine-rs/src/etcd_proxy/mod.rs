@@ -275,6 +275,11 @@ pub fn upstream_error(status: tonic::Status) -> KineError {
     }
 }
 
+/// A lease id no proxy grants (a tenant asking for it is told it exists): sent in place of a
+/// lease the tenant does not own, so that etcd refuses a put naming it as it refuses a put
+/// naming a lease that does not exist, where and when etcd would check it.
+pub const NO_SUCH_LEASE: i64 = i64::MIN;
+
 /// Where kine-rs keeps its records of the tenants in the shared etcd.
 #[derive(Debug, Clone)]
 pub struct Control {

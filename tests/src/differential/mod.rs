@@ -557,19 +557,6 @@ impl Runner {
             Op::Txn(mut req) => {
                 if self.cfg.target == Target::EtcdProxy {
                     ops::end_from_key_deletes(&mut req);
-                    let granted = call(
-                        self.oracle
-                            .lease
-                            .clone()
-                            .lease_leases(LeaseLeasesRequest {}),
-                    )
-                    .await
-                    .map(|r| r.leases.iter().map(|l| l.id).collect::<Vec<_>>())
-                    .unwrap_or_default();
-                    // Lease 0 is "no lease".
-                    let mut granted = granted;
-                    granted.push(0);
-                    ops::drop_unknown_nested_leases(&mut req, &granted);
                 }
                 self.prepare(RevisionMap::txn_revisions(&req)).await;
                 let mut treq = req.clone();
