@@ -333,8 +333,9 @@ impl Runner {
         target: Clients,
         revisions: Option<Arc<Mutex<RevisionMap>>>,
     ) -> Runner {
-        let ow = SideWatches::new(&oracle, "etcd", None);
-        let tw = SideWatches::new(&target, "target", revisions.clone());
+        let ow = SideWatches::new(&oracle, "etcd", None, true);
+        let target_is_etcd = matches!(cfg.target, Target::Etcd | Target::EtcdProxy);
+        let tw = SideWatches::new(&target, "target", revisions.clone(), target_is_etcd);
         Runner {
             revisions,
             generator: Gen::new(cfg.seed),

@@ -13,7 +13,10 @@
 //! (fragment is off), that events come in revision order, that a response's header revision
 //! is not below its events, and that header revisions never go backwards on a stream (a
 //! response with header revision 0, as etcd sends when it cancels a watch whose start
-//! revision is compacted, is exempt).
+//! revision is compacted, is exempt). On etcd (the oracle, a second etcd, the etcd behind
+//! the proxy) only per watch: a watcher whose events do not fit the stream's buffer (its
+//! reader is behind) becomes a "victim" that etcd sends its events later with their own,
+//! older, header revision, after newer responses of other watchers of the stream.
 //!
 //! KNOWN, NAMED EXCEPTION (etcd-io/etcd#18089, fixed in etcd 3.5.15/3.4.34 and later; the
 //! oracle here is 3.5.1): when compaction ran at revision C and C deleted keys, a watch
@@ -155,6 +158,8 @@ struct StreamState {
     pending_creates: VecDeque<usize>,
     ids: HashMap<i64, usize>,
     last_header_rev: i64,
+    /// The last header revision of each watch id (etcd's guarantee, see the module comment).
+    last_header_rev_of: HashMap<i64, i64>,
     closed: bool,
 }
 
@@ -168,6 +173,8 @@ pub(crate) struct SideWatches {
     pub watches: Vec<SideWatch>,
     /// Broken invariants, in arrival order.
     pub violations: Vec<String>,
+    /// The server is etcd: header revisions are checked per watch, not per stream.
+    headers_per_watch: bool,
     /// Watches created with a future start revision on a target whose revisions are mapped:
     /// harness index -> (the target start revision sent, the oracle's start revision).
     future_starts: HashMap<usize, (i64, i64)>,
@@ -178,6 +185,7 @@ impl SideWatches {
         clients: &Clients,
         name: &'static str,
         revisions: Option<std::sync::Arc<std::sync::Mutex<super::revmap::RevisionMap>>>,
+        headers_per_watch: bool,
     ) -> SideWatches {
         SideWatches {
             name,
@@ -188,11 +196,13 @@ impl SideWatches {
                     pending_creates: VecDeque::new(),
                     ids: HashMap::new(),
                     last_header_rev: 0,
+                    last_header_rev_of: HashMap::new(),
                     closed: false,
                 })
                 .collect(),
             watches: Vec::new(),
             violations: Vec::new(),
+            headers_per_watch,
             future_starts: HashMap::new(),
         }
     }
@@ -289,13 +299,19 @@ impl SideWatches {
         let hrev = resp.header.as_ref().map_or(0, |h| h.revision);
         // etcd sends the "start revision compacted" cancel with no header revision (0):
         // such a response neither counts as going backwards nor moves the stream's mark.
-        if hrev != 0 && hrev < st.last_header_rev {
+        let last = if self.headers_per_watch {
+            // A created response names the id etcd gives the watch (or -1).
+            st.last_header_rev_of.entry(resp.watch_id).or_insert(0)
+        } else {
+            &mut st.last_header_rev
+        };
+        if hrev != 0 && hrev < *last {
             self.violations.push(format!(
                 "{name}: stream {s}: header revision went backwards: {hrev} after {} in {resp:?}",
-                st.last_header_rev
+                *last
             ));
         }
-        st.last_header_rev = st.last_header_rev.max(hrev);
+        *last = (*last).max(hrev);
         if resp.fragment {
             self.violations.push(format!(
                 "{name}: stream {s}: fragmented response without fragment=true: {resp:?}"
