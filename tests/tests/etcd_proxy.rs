@@ -993,7 +993,10 @@ async fn txn_outcome(client: &mut Client, base: &str, txn: Txn, keys: &[&str]) -
 /// exist, or that another tenant holds, in the branch not taken does not stop the
 /// transaction; in the branch taken it does (`requested lease not found`, nothing written),
 /// after an earlier put with `ignore_value` of a missing key (`key not found`) in the same
-/// order as etcd. The same through the proxy as on etcd directly, with and without a quota.
+/// order as etcd; at any depth of nested transactions, whose branch not taken stops nothing
+/// either. The same through the proxy as on etcd directly, with and without a quota.
+/// (Through the proxy, a nested transaction's leases used to count for the branch holding
+/// it, so a lease in the branch a nested transaction does not take refused it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_check_the_leases_of_the_branch_taken() -> Result<()> {
     let etcd = spawn_etcd_with(ETCD_ARGS);
@@ -1015,6 +1018,19 @@ async fn transactions_check_the_leases_of_the_branch_taken() -> Result<()> {
     // Granted in etcd, not by the tenant: another tenant's, as far as the proxy is concerned.
     let foreign = direct.lease_grant(600, None).await?.id();
     let unknown = 0x7e57_1ea5e;
+    // The one id the proxy sends for a lease the tenant does not own: never granted.
+    let reserved = proxied
+        .lease_grant(
+            600,
+            Some(etcd_client::LeaseGrantOptions::new().with_id(i64::MIN)),
+        )
+        .await;
+    ensure!(
+        matches!(&reserved, Err(etcd_client::Error::GRpcStatus(status))
+            if status.message() == "etcdserver: lease already exists"),
+        "granting lease {}: {reserved:?}",
+        i64::MIN
+    );
 
     let with_lease = |lease| Some(PutOptions::new().with_lease(lease));
     for quota in [false, true] {
@@ -1071,6 +1087,66 @@ async fn transactions_check_the_leases_of_the_branch_taken() -> Result<()> {
                     .and_then([TxnOp::put(k1.as_str(), "w", with_lease(lease))])
                     .or_else([TxnOp::put(missing.as_str(), "", ignore)]);
                 outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                // In a nested transaction: the branch it does not take stops nothing...
+                client.delete(k1.as_str(), None).await?;
+                let nested = |then: TxnOp, or_else: TxnOp| {
+                    Txn::new()
+                        .when([Compare::value(k4.as_str(), CompareOp::Equal, "x")])
+                        .and_then([then])
+                        .or_else([or_else])
+                };
+                let txn = Txn::new().and_then([
+                    TxnOp::put(k1.as_str(), "n", None),
+                    TxnOp::txn(nested(
+                        TxnOp::put(k2.as_str(), "n", with_lease(own)),
+                        TxnOp::put(k3.as_str(), "n", with_lease(lease)),
+                    )),
+                ]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                // ...the branch it takes refuses the whole transaction, its enclosing
+                // branch's earlier put included...
+                client.delete(k1.as_str(), None).await?;
+                let txn = Txn::new().and_then([
+                    TxnOp::put(k1.as_str(), "n", None),
+                    TxnOp::txn(nested(
+                        TxnOp::put(k3.as_str(), "n", with_lease(lease)),
+                        TxnOp::put(k2.as_str(), "n", with_lease(own)),
+                    )),
+                ]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                // ...in etcd's order, whichever comes first on the path taken.
+                let ignore = Some(PutOptions::new().with_ignore_value());
+                let txn = Txn::new().and_then([
+                    TxnOp::txn(nested(
+                        TxnOp::put(missing.as_str(), "", ignore.clone()),
+                        TxnOp::put(k2.as_str(), "n", None),
+                    )),
+                    TxnOp::put(k1.as_str(), "n", with_lease(lease)),
+                ]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                let txn = Txn::new().and_then([
+                    TxnOp::put(k1.as_str(), "n", with_lease(lease)),
+                    TxnOp::txn(nested(
+                        TxnOp::put(missing.as_str(), "", ignore.clone()),
+                        TxnOp::put(k2.as_str(), "n", None),
+                    )),
+                ]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                // One put with both: in a transaction, etcd looks for the missing key first;
+                // a put alone, for the lease first.
+                let both = Some(PutOptions::new().with_ignore_value().with_lease(lease));
+                let txn = Txn::new().and_then([TxnOp::put(missing.as_str(), "", both.clone())]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
+                let alone = match client.put(missing.as_str(), "", both.clone()).await {
+                    Ok(_) => "succeeded".to_string(),
+                    Err(etcd_client::Error::GRpcStatus(status)) => {
+                        format!("{:?}: {}", status.code(), status.message())
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                outcome.push(alone);
+                let txn = Txn::new().and_then([TxnOp::put(k4.as_str(), "", both)]);
+                outcome.push(txn_outcome(client, base, txn, &keys).await?);
                 outcomes.push(outcome);
             }
             let direct_outcome = outcomes.pop().context("direct")?;
@@ -1122,9 +1198,13 @@ async fn watch_answers(
 /// A watch stream whose first request cancels a watch it does not have (etcd answers
 /// nothing), then creates one, then one whose range ends before its key (refused), then,
 /// after a compaction, one starting below it (canceled) and one reusing its id with an
-/// empty range (refused for the range first, as etcd checks it before the id): the same
-/// answers through the proxy as from etcd directly. (Through the proxy, such a first cancel
-/// used to open the stream to etcd, which never answered it, and the stream hung.)
+/// empty range (refused for the range first, as etcd checks it before the id), and, on
+/// another stream, one with a chosen id starting below the compaction (canceled) and then
+/// watches whose ids etcd picks (skipping the canceled one's, which it keeps until the client
+/// cancels it): the same answers through the proxy as from etcd directly. (Through the proxy,
+/// such a first cancel used to open the stream to etcd, which never answered it, and the
+/// stream hung; and the proxy's own cancel of the compacted watch freed its id on the stream
+/// to etcd, which then gave it to the next watch.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_answer_as_etcd() -> Result<()> {
     use kine_proto::etcdserverpb::watch_request::RequestUnion;
@@ -1178,6 +1258,21 @@ async fn watch_streams_answer_as_etcd() -> Result<()> {
     ensure!(
         through == direct,
         "after a compaction: through the proxy {through:#?}, etcd {direct:#?}"
+    );
+
+    // A watch the compaction canceled keeps its id until the client cancels it: the ids
+    // etcd picks skip it.
+    let requests = vec![
+        create("a", "", 1, 1),
+        create("a", "", 0, 0),
+        create("a", "", 0, 0),
+        create("a", "", 0, 0),
+    ];
+    let direct = watch_answers(&etcd.endpoint, requests.clone()).await?;
+    let through = watch_answers(&kine.endpoint, requests).await?;
+    ensure!(
+        through == direct,
+        "ids after a compacted watch: through the proxy {through:#?}, etcd {direct:#?}"
     );
     Ok(())
 }

@@ -275,6 +275,11 @@ pub fn upstream_error(status: tonic::Status) -> KineError {
     }
 }
 
+/// A lease id no proxy grants (a tenant asking for it is told it exists): sent in place of a
+/// lease the tenant does not own, so that etcd refuses a put naming it as it refuses a put
+/// naming a lease that does not exist, where and when etcd would check it.
+pub const NO_SUCH_LEASE: i64 = i64::MIN;
+
 /// Where kine-rs keeps its records of the tenants in the shared etcd.
 #[derive(Debug, Clone)]
 pub struct Control {
@@ -355,6 +360,12 @@ impl Control {
 
     pub fn lease(&self, name: &str, id: i64) -> Bytes {
         self.leases(name).key(format!("{id:016x}").as_bytes())
+    }
+
+    /// A key nobody writes: the watchers that hold the ids of watches the proxy canceled
+    /// itself (below the tenant's compaction) watch it, so they never deliver anything.
+    pub fn held_watch(&self, name: &str) -> Bytes {
+        self.key("held-watch", name)
     }
 }
 

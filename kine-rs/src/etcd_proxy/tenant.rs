@@ -22,8 +22,9 @@ use tonic::Streaming;
 
 use super::prefix::KeyPrefix;
 use super::{
-    Control, Upstream, absent, compact_shared, delete_op, get_op, lease_id_of, mod_revision_is,
-    parse_number, present, put_op, quota, range_at, rewrite, upstream_error, usage,
+    Control, NO_SUCH_LEASE, Upstream, absent, compact_shared, delete_op, get_op, lease_id_of,
+    mod_revision_is, parse_number, present, put_op, quota, range_at, rewrite, upstream_error,
+    usage,
 };
 use crate::error::{KineError, Result};
 use crate::keyspace::MAX_LEASE_TTL;
@@ -140,6 +141,11 @@ impl ProxiedTenant {
         &self.upstream
     }
 
+    /// What a watcher holding a canceled watch's id watches ([`Control::held_watch`]).
+    pub fn held_watch_key(&self) -> Bytes {
+        self.control.held_watch(&self.name)
+    }
+
     /// Watchers open on this tenant in this process.
     pub fn watches(&self) -> i64 {
         self.watches.load(Ordering::Acquire)
@@ -231,7 +237,7 @@ impl ProxiedTenant {
     /// the tenant has a quota, also checks it and keeps its usage ([`super::quota`]). The
     /// answer's first response is `op`'s. Without a quota, `op` is guarded by the tenant's
     /// ownership of every lease in `leases`, or, when given, `checked` (a transaction that
-    /// checks its leases itself, [`Self::check_branch_leases`]) is sent instead (then the
+    /// checks its leases itself, [`Self::check_put_leases`]) is sent instead (then the
     /// flag answered is true); with a quota, the leases of the path `own` takes on the
     /// snapshot read are guarded.
     async fn write(
@@ -392,6 +398,7 @@ impl ProxiedTenant {
         });
         let mut compare = self.guard(&leases);
         compare.push(mod_revision_is(self.control.usage(&self.name), seen));
+        let alone = matches!(op.request, Some(Request::RequestPut(_)));
         let response = self
             .upstream
             .kv
@@ -419,6 +426,10 @@ impl ProxiedTenant {
         let now = range_at(&response.responses, 1).and_then(|r| r.kvs.first());
         if now.map(|kv| kv.mod_revision) != Some(seen) {
             return Ok(Attempt::Again);
+        }
+        if alone {
+            // A put alone: etcd looks for its lease before its key.
+            return Err(KineError::LeaseNotFound);
         }
         match self.refusal(own).await? {
             Some(error) => Err(error),
@@ -476,46 +487,49 @@ impl ProxiedTenant {
         Ok(None)
     }
 
-    /// `request` (a transaction of the tenant, prefixed) with each branch that attaches keys
-    /// to leases wrapped in a transaction that runs the branch only while the tenant owns
-    /// them. etcd checks the leases of the branch it takes only, so a lease named in the other
-    /// one must not refuse the transaction. (Leases of a nested transaction count for the
-    /// branch that holds it, whichever way the nested one goes.) Also which branches
-    /// (success, failure) were wrapped. `None` when the wrapped transaction could pass etcd's
-    /// `--max-txn-ops`, which counts the operations of each level against the levels below:
-    /// then every lease is guarded, as for a put.
-    fn check_branch_leases(&self, mut request: TxnRequest) -> Option<(TxnRequest, [bool; 2])> {
-        let level = request
-            .compare
-            .len()
-            .max(request.success.len())
-            .max(request.failure.len());
-        let mut wrapped = [false; 2];
-        for (branch, ops) in [&mut request.success, &mut request.failure]
-            .into_iter()
-            .enumerate()
-        {
-            let mut leases = Vec::new();
-            rewrite::ops_leases(ops, &mut leases);
-            if leases.is_empty() {
-                continue;
+    /// `request` (a transaction of the tenant, prefixed) with each put attaching a key to a
+    /// lease, at any depth, made a transaction of its own: the put while the tenant owns the
+    /// lease, otherwise the same put naming [`NO_SUCH_LEASE`]. etcd evaluates the compares
+    /// of every level before applying anything and then checks the puts of the path they
+    /// chose, in order, refusing the whole transaction at the first that names a missing key
+    /// with `ignore_value`/`ignore_lease` (`key not found`) or a lease that does not exist
+    /// (`requested lease not found`); so a lease the tenant does not own refuses the
+    /// transaction exactly when, and in the order, etcd would refuse a lease that does not
+    /// exist, and one in a branch not taken, at any level, stops nothing. `None` when the
+    /// added levels could pass `--max-txn-ops`, which etcd counts across levels: then every
+    /// lease is guarded, as for a put.
+    fn check_put_leases(&self, mut request: TxnRequest) -> Option<TxnRequest> {
+        self.check_ops_leases(&mut request.success);
+        self.check_ops_leases(&mut request.failure);
+        fits_txn_ops(&request, self.limits.max_txn_ops).then_some(request)
+    }
+
+    fn check_ops_leases(&self, ops: &mut [RequestOp]) {
+        for op in ops {
+            match &mut op.request {
+                Some(Request::RequestPut(put)) if put.lease != 0 && !put.ignore_lease => {
+                    let refused = PutRequest {
+                        lease: NO_SUCH_LEASE,
+                        ..put.clone()
+                    };
+                    let put = put.clone();
+                    op.request = Some(Request::RequestTxn(TxnRequest {
+                        compare: self.owns_all(&[put.lease]),
+                        success: vec![RequestOp {
+                            request: Some(Request::RequestPut(put)),
+                        }],
+                        failure: vec![RequestOp {
+                            request: Some(Request::RequestPut(refused)),
+                        }],
+                    }));
+                }
+                Some(Request::RequestTxn(txn)) => {
+                    self.check_ops_leases(&mut txn.success);
+                    self.check_ops_leases(&mut txn.failure);
+                }
+                _ => {}
             }
-            leases.sort_unstable();
-            leases.dedup();
-            if level + leases.len().max(ops.len()) > self.limits.max_txn_ops {
-                return None;
-            }
-            wrapped[branch] = true;
-            let inner = std::mem::take(ops);
-            *ops = vec![RequestOp {
-                request: Some(Request::RequestTxn(TxnRequest {
-                    compare: self.owns_all(&leases),
-                    success: inner,
-                    failure: vec![],
-                })),
-            }];
         }
-        Some((request, wrapped))
     }
 
     /// Counts the tenant's usage and stores it, if the usage record is still the one at
@@ -780,6 +794,8 @@ impl ServedTenant for ProxiedTenant {
         };
         let own = single(Request::RequestPut(request.clone()));
         let request = rewrite::put_request(&self.prefix, request);
+        // A put alone: etcd looks for its lease before its key, so the guard's refusal
+        // (`requested lease not found`) comes first, as etcd's would.
         match self
             .write_one(&leases, &own, Request::RequestPut(request), None)
             .await?
@@ -831,46 +847,30 @@ impl ServedTenant for ProxiedTenant {
         rewrite::txn_leases(&request, &mut leases);
         let own = request.clone();
         let request = rewrite::txn_request(&self.prefix, request);
-        // Without a quota, a transaction naming leases checks them in the branch that names
-        // them, as etcd checks only the branch it takes.
+        // Without a quota, a transaction naming leases checks each where it is named, as
+        // etcd checks only the path it takes.
         let checked = if leases.is_empty() {
             None
         } else {
-            self.check_branch_leases(request.clone())
+            self.check_put_leases(request.clone())
+                .map(Request::RequestTxn)
         };
-        let (checked, wrapped) = match checked {
-            Some((checked, wrapped)) => (Some(Request::RequestTxn(checked)), wrapped),
-            None => (None, [false; 2]),
-        };
-        // A refused lease check wrote nothing: when etcd would no longer refuse the
-        // transaction, it is sent again (a few times).
-        for _attempt in 0..3 {
-            // The client's transaction, whole, as the one operation of the guarded one: etcd
-            // evaluates the client's compares only when the guard holds.
-            match self
-                .write_one(
-                    &leases,
-                    &own,
-                    Request::RequestTxn(request.clone()),
-                    checked.clone(),
-                )
-                .await?
-            {
-                (Some(Response::ResponseTxn(mut inner)), header, sent_checked) => {
-                    if sent_checked && !unwrap_lease_check(&mut inner, wrapped)? {
-                        match self.refusal(&own).await? {
-                            Some(error) => return Err(error),
-                            None => continue,
-                        }
-                    }
-                    inner.header = header;
-                    rewrite::txn_response(&self.prefix, &mut inner);
-                    return Ok(inner);
+        // The client's transaction, whole, as the one operation of the guarded one: etcd
+        // evaluates the client's compares only when the guard holds.
+        match self
+            .write_one(&leases, &own, Request::RequestTxn(request.clone()), checked)
+            .await?
+        {
+            (Some(Response::ResponseTxn(mut inner)), header, sent_checked) => {
+                if sent_checked {
+                    unwrap_put_checks(&request, &mut inner)?;
                 }
-                _ => return Err(KineError::Storage("etcd answered no transaction".into())),
+                inner.header = header;
+                rewrite::txn_response(&self.prefix, &mut inner);
+                Ok(inner)
             }
+            _ => Err(KineError::Storage("etcd answered no transaction".into())),
         }
-        Err(KineError::LeaseNotFound)
     }
 
     async fn compact(&self, request: CompactionRequest) -> Result<CompactionResponse> {
@@ -947,6 +947,9 @@ impl ServedTenant for ProxiedTenant {
     async fn lease_grant(&self, request: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
         if request.ttl > MAX_LEASE_TTL {
             return Err(KineError::LeaseTtlTooLarge);
+        }
+        if request.id == NO_SUCH_LEASE {
+            return Err(KineError::LeaseExists);
         }
         if self.is_frozen().await? {
             return Err(KineError::Frozen {
@@ -1295,25 +1298,58 @@ impl ServedTenant for ProxiedTenant {
     }
 }
 
-/// Replaces the answer of a branch [`ProxiedTenant::check_branch_leases`] wrapped (the one
-/// etcd took, if wrapped) with the answer of the branch itself; false when the lease check
-/// refused it (then nothing was written).
-fn unwrap_lease_check(response: &mut TxnResponse, wrapped: [bool; 2]) -> Result<bool> {
-    if !wrapped[if response.succeeded { 0 } else { 1 }] {
-        return Ok(true);
-    }
-    match response.responses.pop().and_then(|op| op.response) {
-        Some(Response::ResponseTxn(check)) if response.responses.is_empty() => {
-            if !check.succeeded {
-                return Ok(false);
+/// Whether a transaction passes `max_ops` as etcd counts it: each level's largest list
+/// (compares, success, failure) against what the levels above leave.
+fn fits_txn_ops(request: &TxnRequest, max_ops: usize) -> bool {
+    let ops = request
+        .compare
+        .len()
+        .max(request.success.len())
+        .max(request.failure.len());
+    ops <= max_ops
+        && request
+            .success
+            .iter()
+            .chain(&request.failure)
+            .all(|op| match &op.request {
+                Some(Request::RequestTxn(txn)) => fits_txn_ops(txn, max_ops - ops),
+                _ => true,
+            })
+}
+
+/// Gives the answer of a transaction sent as [`ProxiedTenant::check_put_leases`] made it
+/// (`sent`, the tenant's transaction before that) the shape of the tenant's: each checked
+/// put's answer in place of its check's. A check that took its failure branch (possible
+/// only if a lease [`NO_SUCH_LEASE`] existed) wrote the put without its lease: an error.
+fn unwrap_put_checks(sent: &TxnRequest, response: &mut TxnResponse) -> Result<()> {
+    let ops = if response.succeeded {
+        &sent.success
+    } else {
+        &sent.failure
+    };
+    for (op, answer) in ops.iter().zip(response.responses.iter_mut()) {
+        match (&op.request, &mut answer.response) {
+            (Some(Request::RequestPut(put)), answer) if put.lease != 0 && !put.ignore_lease => {
+                let checked = match answer.take() {
+                    Some(Response::ResponseTxn(mut check)) if check.succeeded => {
+                        check.responses.pop().and_then(|op| op.response)
+                    }
+                    _ => None,
+                };
+                let Some(put_answer @ Response::ResponsePut(_)) = checked else {
+                    return Err(KineError::Storage(format!(
+                        "etcd did not run the lease check of a put as sent (does lease {NO_SUCH_LEASE} exist?)"
+                    )));
+                };
+                *answer = Some(put_answer);
             }
-            response.responses = check.responses;
-            Ok(true)
+            (Some(Request::RequestTxn(txn)), Some(Response::ResponseTxn(nested))) => {
+                unwrap_put_checks(txn, nested)?;
+            }
+            _ => {}
         }
-        _ => Err(KineError::Storage(
-            "etcd answered no lease check of the transaction's branch".into(),
-        )),
     }
+    Ok(())
 }
 
 /// Runs a read against etcd, again (up to 3 times, 50/100/150 ms apart) when the connection

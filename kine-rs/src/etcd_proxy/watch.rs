@@ -42,13 +42,16 @@ struct Forwarded {
 
 /// A create sent to etcd whose answer has not come yet (etcd answers creates in order).
 enum Pending {
-    /// The client's; `compacted` when its start revision is below the tenant's compaction.
+    /// The client's; `compacted` when its start revision is below the tenant's compaction
+    /// (then `request` is the holding watcher sent in its place, see [`Session::held`]).
     Client {
         request: WatchCreateRequest,
         compacted: Option<i64>,
     },
     /// A watcher re-created after the upstream stream broke.
     Resume { id: i64 },
+    /// A holding watcher re-created after the upstream stream broke.
+    Hold { id: i64 },
     /// A client's create refused here (over `--max-watches-per-stream`): answered once the
     /// creates sent before it are, since clients match answers to their creates in order.
     Refused { reason: String },
@@ -59,9 +62,20 @@ struct Session {
     out: WatchResponses,
     watchers: HashMap<i64, Forwarded>,
     pending: VecDeque<Pending>,
-    /// Watchers canceled by the proxy (compacted at the tenant's level): etcd's answer to the
-    /// proxy's cancel is not shown; the client's own cancel later gets one.
+    /// Watches the proxy canceled itself (below the tenant's compaction) that the client has
+    /// not canceled yet. etcd keeps the id of a watch it canceled as compacted until the
+    /// client cancels it: a create naming it is a duplicate, and the ids etcd picks skip it.
+    /// So that the stream to etcd picks ids as the client's etcd would, each such id is
+    /// held there by a watcher of a key nobody writes ([`Control::held_watch`]).
+    ///
+    /// [`Control::held_watch`]: super::Control::held_watch
     canceled_here: HashSet<i64>,
+    /// The ids of `canceled_here` that a holding watcher on the current upstream stream has
+    /// (the client's cancel of one goes to etcd, whose answer it gets).
+    held: HashSet<i64>,
+    /// Holding watchers the proxy cancels on etcd (the client canceled the watch while the
+    /// holder was being re-created): etcd's answer is not shown.
+    releasing: HashSet<i64>,
     upstream: Option<(mpsc::Sender<WatchRequest>, Streaming<WatchResponse>)>,
     /// The upstream stream was reopened with a new token after etcd refused a create, and
     /// no create succeeded since: a second refusal is the user's lack of permission.
@@ -79,6 +93,8 @@ pub async fn serve(tenant: Arc<ProxiedTenant>, mut requests: WatchRequests, out:
         watchers: HashMap::new(),
         pending: VecDeque::new(),
         canceled_here: HashSet::new(),
+        held: HashSet::new(),
+        releasing: HashSet::new(),
         upstream: None,
         token_renewed: false,
     };
@@ -182,6 +198,8 @@ impl Session {
     /// answered) on a new one.
     async fn reconnect(&mut self) -> Result<(), Stop> {
         self.upstream = None;
+        self.held.clear();
+        self.releasing.clear();
         debug!(
             watchers = self.watchers.len(),
             "the watch stream to etcd broke; resuming"
@@ -198,6 +216,12 @@ impl Session {
             first.push(create(request));
             self.pending.push_back(Pending::Resume { id });
         }
+        let mut held: Vec<i64> = self.canceled_here.iter().copied().collect();
+        held.sort_unstable();
+        for id in held {
+            first.push(create(self.holding(id)));
+            self.pending.push_back(Pending::Hold { id });
+        }
         for pending in unanswered {
             match pending {
                 Pending::Client { request, compacted } => {
@@ -206,7 +230,7 @@ impl Session {
                         .push_back(Pending::Client { request, compacted });
                 }
                 Pending::Refused { reason } => self.pending.push_back(Pending::Refused { reason }),
-                Pending::Resume { .. } => {}
+                Pending::Resume { .. } | Pending::Hold { .. } => {}
             }
         }
         self.answer_refused().await?;
@@ -270,9 +294,14 @@ impl Session {
                     });
                     return self.answer_refused().await;
                 }
-                let prefix = self.tenant.prefix();
-                (create_request.key, create_request.range_end) =
-                    prefix.range(&create_request.key, &create_request.range_end);
+                if compacted.is_some() {
+                    // Canceled once created; what etcd keeps meanwhile is the id.
+                    create_request = self.holding(create_request.watch_id);
+                } else {
+                    let prefix = self.tenant.prefix();
+                    (create_request.key, create_request.range_end) =
+                        prefix.range(&create_request.key, &create_request.range_end);
+                }
                 self.pending.push_back(Pending::Client {
                     request: create_request.clone(),
                     compacted,
@@ -280,7 +309,9 @@ impl Session {
                 self.forward(create(create_request)).await
             }
             Some(RequestUnion::CancelRequest(cancel)) => {
-                if self.canceled_here.remove(&cancel.watch_id) {
+                if self.canceled_here.remove(&cancel.watch_id)
+                    && !(self.held.remove(&cancel.watch_id) && self.upstream.is_some())
+                {
                     let response = WatchResponse {
                         header: Some(self.header().await),
                         watch_id: cancel.watch_id,
@@ -309,6 +340,15 @@ impl Session {
         }
     }
 
+    /// The create of a watcher holding watch id `id` on the upstream stream.
+    fn holding(&self, id: i64) -> WatchCreateRequest {
+        WatchCreateRequest {
+            key: self.tenant.held_watch_key(),
+            watch_id: id,
+            ..Default::default()
+        }
+    }
+
     async fn header(&self) -> kine_proto::etcdserverpb::ResponseHeader {
         crate::served::ServedTenant::header(&*self.tenant)
             .await
@@ -326,8 +366,12 @@ impl Session {
             self.created(pending, response).await?;
             self.answer_refused().await
         } else if response.canceled {
+            if self.releasing.remove(&id) {
+                return Ok(());
+            }
             if self.canceled_here.contains(&id) && !self.watchers.contains_key(&id) {
-                // etcd's answer to the proxy's own cancel of a compacted watcher.
+                // A holding watcher ended by etcd: the client was told of its end already.
+                self.held.remove(&id);
                 return Ok(());
             }
             self.remove(id);
@@ -380,35 +424,29 @@ impl Session {
                 if response.canceled {
                     return self.send(response).await;
                 }
-                let next = if request.start_revision > 0 {
-                    request.start_revision
-                } else {
-                    revision + 1
+                let Some(compact_revision) = compacted else {
+                    let next = if request.start_revision > 0 {
+                        request.start_revision
+                    } else {
+                        revision + 1
+                    };
+                    self.watchers.insert(id, Forwarded { request, next });
+                    self.tenant.watch_count(1);
+                    return self.send(response).await;
                 };
-                self.watchers.insert(id, Forwarded { request, next });
-                self.tenant.watch_count(1);
+                // Below the tenant's compaction: created, then canceled as etcd cancels a
+                // watch whose start revision was compacted away; etcd holds the id.
+                self.canceled_here.insert(id);
+                self.held.insert(id);
                 self.send(response).await?;
-                if let Some(compact_revision) = compacted {
-                    // Below the tenant's compaction: canceled as etcd cancels a watch
-                    // whose start revision was compacted away.
-                    self.remove(id);
-                    self.canceled_here.insert(id);
-                    self.forward(WatchRequest {
-                        request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
-                            watch_id: id,
-                        })),
-                    })
-                    .await?;
-                    self.send(WatchResponse {
-                        header: Some(response_header(revision.max(compact_revision))),
-                        watch_id: id,
-                        canceled: true,
-                        compact_revision,
-                        ..Default::default()
-                    })
-                    .await?;
-                }
-                Ok(())
+                self.send(WatchResponse {
+                    header: Some(response_header(revision.max(compact_revision))),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision,
+                    ..Default::default()
+                })
+                .await
             }
             Pending::Resume { id: resumed } => {
                 if response.canceled {
@@ -418,6 +456,23 @@ impl Session {
                     return self.send(response).await;
                 }
                 Ok(())
+            }
+            Pending::Hold { id: held } => {
+                if response.canceled {
+                    return Ok(());
+                }
+                if self.canceled_here.contains(&held) {
+                    self.held.insert(held);
+                    return Ok(());
+                }
+                // The client canceled the watch meanwhile: etcd no longer holds its id.
+                self.releasing.insert(held);
+                self.forward(WatchRequest {
+                    request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                        watch_id: held,
+                    })),
+                })
+                .await
             }
             // Answered before any later create's answer is looked at.
             Pending::Refused { .. } => Ok(()),

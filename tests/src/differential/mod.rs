@@ -333,8 +333,9 @@ impl Runner {
         target: Clients,
         revisions: Option<Arc<Mutex<RevisionMap>>>,
     ) -> Runner {
-        let ow = SideWatches::new(&oracle, "etcd", None);
-        let tw = SideWatches::new(&target, "target", revisions.clone());
+        let ow = SideWatches::new(&oracle, "etcd", None, true);
+        let target_is_etcd = matches!(cfg.target, Target::Etcd | Target::EtcdProxy);
+        let tw = SideWatches::new(&target, "target", revisions.clone(), target_is_etcd);
         Runner {
             revisions,
             generator: Gen::new(cfg.seed),
@@ -557,19 +558,6 @@ impl Runner {
             Op::Txn(mut req) => {
                 if self.cfg.target == Target::EtcdProxy {
                     ops::end_from_key_deletes(&mut req);
-                    let granted = call(
-                        self.oracle
-                            .lease
-                            .clone()
-                            .lease_leases(LeaseLeasesRequest {}),
-                    )
-                    .await
-                    .map(|r| r.leases.iter().map(|l| l.id).collect::<Vec<_>>())
-                    .unwrap_or_default();
-                    // Lease 0 is "no lease".
-                    let mut granted = granted;
-                    granted.push(0);
-                    ops::drop_unknown_nested_leases(&mut req, &granted);
                 }
                 self.prepare(RevisionMap::txn_revisions(&req)).await;
                 let mut treq = req.clone();
@@ -814,8 +802,15 @@ impl Runner {
         });
         self.prepare(req.start_revision).await;
         let mut treq = req.clone();
+        let mut future_start = None;
         if let Some(map) = self.map() {
             map.watch_create(&mut treq);
+            if map.is_future(req.start_revision) {
+                future_start = Some((treq.start_revision, req.start_revision));
+            }
+        }
+        if let Some((sent, oracle_start)) = future_start {
+            self.tw.expect_future_start(idx, sent, oracle_start);
         }
         self.ow.send_create(stream, idx, req.clone());
         self.tw.send_create(stream, idx, treq);
@@ -827,6 +822,17 @@ impl Runner {
         );
         let a = self.ow.watches[idx].created.clone();
         let b = self.tw.watches[idx].created.clone();
+        if self.cfg.trace {
+            let answer = |r: &Option<kine_proto::etcdserverpb::WatchResponse>| {
+                r.as_ref()
+                    .map(|r| (r.watch_id, r.canceled, r.cancel_reason.clone()))
+            };
+            eprintln!(
+                "  watch #{idx} created: etcd {:?}, target {:?}",
+                answer(&a),
+                answer(&b)
+            );
+        }
         if !ok_o || !ok_t {
             return Err(Mismatch::new(
                 format!(

@@ -112,10 +112,13 @@ fn has_from_key_delete(txn: &TxnRequest) -> bool {
 /// For the etcd proxy: a txn's deletes to the end of the keyspace (`\0`) end at `\xff\xff`,
 /// above every key generated, so they delete the same keys.
 ///
-/// PROXY DIFFERENCE AVOIDED: etcd 3.5.1's duplicate-key check of a txn takes the range end
-/// `\0` as a plain (inverted) end, so a put in a nested txn under such a delete passes it;
+/// PROXY DIFFERENCE AVOIDED, and kept: etcd's duplicate-key check of a txn (3.5.1, and
+/// still 3.7) takes the range end `\0` as a plain (inverted) end, so a put of the same txn
+/// under such a delete, at its level or nested, passes it (and etcd deletes, then puts);
 /// through the proxy the end is the tenant's prefix end, and etcd refuses the same txn as
-/// `duplicate key given in txn request` (README, "The etcd proxy").
+/// `duplicate key given in txn request`. The proxy cannot send anything else: an end of
+/// `\0` would delete past the tenant's prefix, any other end is checked, and no other
+/// shape of one etcd transaction deletes a key and then puts it (README, "The etcd proxy").
 pub(crate) fn end_from_key_deletes(txn: &mut TxnRequest) {
     for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
         match &mut op.request {
@@ -123,34 +126,6 @@ pub(crate) fn end_from_key_deletes(txn: &mut TxnRequest) {
                 d.range_end = Bytes::from_static(b"\xff\xff");
             }
             Some(Request::RequestTxn(t)) => end_from_key_deletes(t),
-            _ => {}
-        }
-    }
-}
-
-/// For the etcd proxy: the puts of a txn's nested txns name only leases that exist (others
-/// are sent without a lease); the txn's own branches keep theirs.
-///
-/// PROXY DIFFERENCE AVOIDED: etcd checks the leases of the path it takes only. The proxy
-/// checks the leases of the branch it takes too, but counts a nested txn's leases for the
-/// branch that holds it, so a nested txn naming a lease that does not exist in the branch
-/// not taken is refused `requested lease not found` where etcd runs it (README, "The etcd
-/// proxy").
-pub(crate) fn drop_unknown_nested_leases(txn: &mut TxnRequest, granted: &[i64]) {
-    for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
-        if let Some(Request::RequestTxn(t)) = &mut op.request {
-            drop_unknown_leases(t, granted);
-        }
-    }
-}
-
-fn drop_unknown_leases(txn: &mut TxnRequest, granted: &[i64]) {
-    for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
-        match &mut op.request {
-            Some(Request::RequestPut(p)) if !p.ignore_lease && !granted.contains(&p.lease) => {
-                p.lease = 0;
-            }
-            Some(Request::RequestTxn(t)) => drop_unknown_leases(t, granted),
             _ => {}
         }
     }

@@ -13,7 +13,10 @@
 //! (fragment is off), that events come in revision order, that a response's header revision
 //! is not below its events, and that header revisions never go backwards on a stream (a
 //! response with header revision 0, as etcd sends when it cancels a watch whose start
-//! revision is compacted, is exempt).
+//! revision is compacted, is exempt). On etcd (the oracle, a second etcd, the etcd behind
+//! the proxy) only per watch: a watcher whose events do not fit the stream's buffer (its
+//! reader is behind) becomes a "victim" that etcd sends its events later with their own,
+//! older, header revision, after newer responses of other watchers of the stream.
 //!
 //! KNOWN, NAMED EXCEPTION (etcd-io/etcd#18089, fixed in etcd 3.5.15/3.4.34 and later; the
 //! oracle here is 3.5.1): when compaction ran at revision C and C deleted keys, a watch
@@ -155,6 +158,8 @@ struct StreamState {
     pending_creates: VecDeque<usize>,
     ids: HashMap<i64, usize>,
     last_header_rev: i64,
+    /// The last header revision of each watch id (etcd's guarantee, see the module comment).
+    last_header_rev_of: HashMap<i64, i64>,
     closed: bool,
 }
 
@@ -168,6 +173,11 @@ pub(crate) struct SideWatches {
     pub watches: Vec<SideWatch>,
     /// Broken invariants, in arrival order.
     pub violations: Vec<String>,
+    /// The server is etcd: header revisions are checked per watch, not per stream.
+    headers_per_watch: bool,
+    /// Watches created with a future start revision on a target whose revisions are mapped:
+    /// harness index -> (the target start revision sent, the oracle's start revision).
+    future_starts: HashMap<usize, (i64, i64)>,
 }
 
 impl SideWatches {
@@ -175,6 +185,7 @@ impl SideWatches {
         clients: &Clients,
         name: &'static str,
         revisions: Option<std::sync::Arc<std::sync::Mutex<super::revmap::RevisionMap>>>,
+        headers_per_watch: bool,
     ) -> SideWatches {
         SideWatches {
             name,
@@ -185,12 +196,31 @@ impl SideWatches {
                     pending_creates: VecDeque::new(),
                     ids: HashMap::new(),
                     last_header_rev: 0,
+                    last_header_rev_of: HashMap::new(),
                     closed: false,
                 })
                 .collect(),
             watches: Vec::new(),
             violations: Vec::new(),
+            headers_per_watch,
+            future_starts: HashMap::new(),
         }
+    }
+
+    /// Watch `idx` was sent with start revision `sent` (the target's), standing for the
+    /// oracle's future revision `oracle_start`.
+    ///
+    /// A future revision cannot be mapped exactly: the writes up to it have not happened, and
+    /// kine-rs's own records (a lease grant's ownership record, a compaction's) will take
+    /// target revisions between them. The harness sends as far past the target's current
+    /// revision as the oracle's start is past the oracle's, which is never beyond the target
+    /// revision the oracle's start will turn out to stand for (the target takes at least
+    /// one revision per oracle revision), so the target may also deliver the tenant's
+    /// writes between the two: events at or after `sent` whose oracle revision is below
+    /// `oracle_start` are what the request sent asked for, and are left out of the
+    /// comparison. An event below `sent` is still a difference.
+    pub fn expect_future_start(&mut self, idx: usize, sent: i64, oracle_start: i64) {
+        self.future_starts.insert(idx, (sent, oracle_start));
     }
 
     pub fn send_create(&mut self, stream: usize, idx: usize, req: WatchCreateRequest) {
@@ -256,6 +286,8 @@ impl SideWatches {
     }
 
     fn route(&mut self, s: usize, mut resp: WatchResponse) {
+        // The events' revisions as the target sent them (for `future_starts`).
+        let sent_revs: Vec<i64> = resp.events.iter().map(ev_rev).collect();
         if let Some(revisions) = &self.revisions {
             revisions
                 .lock()
@@ -267,13 +299,19 @@ impl SideWatches {
         let hrev = resp.header.as_ref().map_or(0, |h| h.revision);
         // etcd sends the "start revision compacted" cancel with no header revision (0):
         // such a response neither counts as going backwards nor moves the stream's mark.
-        if hrev != 0 && hrev < st.last_header_rev {
+        let last = if self.headers_per_watch {
+            // A created response names the id etcd gives the watch (or -1).
+            st.last_header_rev_of.entry(resp.watch_id).or_insert(0)
+        } else {
+            &mut st.last_header_rev
+        };
+        if hrev != 0 && hrev < *last {
             self.violations.push(format!(
                 "{name}: stream {s}: header revision went backwards: {hrev} after {} in {resp:?}",
-                st.last_header_rev
+                *last
             ));
         }
-        st.last_header_rev = st.last_header_rev.max(hrev);
+        *last = (*last).max(hrev);
         if resp.fragment {
             self.violations.push(format!(
                 "{name}: stream {s}: fragmented response without fragment=true: {resp:?}"
@@ -307,6 +345,13 @@ impl SideWatches {
             ));
             return;
         };
+        if let Some(&(sent, oracle_start)) = self.future_starts.get(&idx) {
+            let mut sent_revs = sent_revs.iter();
+            resp.events.retain(|ev| {
+                let target_rev = sent_revs.next().copied().unwrap_or(0);
+                !(target_rev >= sent && ev_rev(ev) < oracle_start)
+            });
+        }
         let w = &mut self.watches[idx];
         if let Some(first) = resp.events.first()
             && ev_rev(first) == w.last_event_rev
@@ -338,6 +383,13 @@ impl SideWatches {
                 compact_revision: resp.compact_revision,
                 cancel_reason: resp.cancel_reason.clone(),
             });
+        }
+        if std::env::var_os("DIFF_TRACE").is_some() && (resp.canceled || resp.compact_revision != 0)
+        {
+            eprintln!(
+                "  {name}: stream {s}: watch #{idx} (id {}) canceled={} compact={} reason={:?}",
+                resp.watch_id, resp.canceled, resp.compact_revision, resp.cancel_reason
+            );
         }
         if resp.canceled {
             w.canceled = true;
