@@ -1394,11 +1394,14 @@ async fn purge_after_head<D: Dialect>(
     let superseded = execute::<D>(
         tx,
         "purge",
-        "DELETE FROM kv o USING (SELECT DISTINCT ON (`key`) `key`, mod_revision, sub FROM kv \
+        // Each key's older rows looked up by key (`OFFSET 0` keeps the lookup a lookup: as a
+        // join, a plan made while the table was small would scan it all), removed by row id.
+        "DELETE FROM kv WHERE ctid = ANY(ARRAY(SELECT o.ctid FROM (SELECT DISTINCT ON (`key`) \
+         `key`, mod_revision, sub FROM kv \
          WHERE keyspace = ? AND mod_revision > ? AND mod_revision <= ? \
          ORDER BY `key`, mod_revision DESC, sub DESC) AS n \
-         WHERE o.keyspace = ? AND o.`key` = n.`key` \
-         AND (o.mod_revision, o.sub) < (n.mod_revision, n.sub)",
+         CROSS JOIN LATERAL (SELECT ctid FROM kv o WHERE o.keyspace = ? AND o.`key` = n.`key` \
+         AND (o.mod_revision, o.sub) < (n.mod_revision, n.sub) OFFSET 0) AS o))",
         &[id.clone(), Arg::Int(from), Arg::Int(upto), id.clone()],
     )
     .await?;
@@ -1408,8 +1411,9 @@ async fn purge_after_head<D: Dialect>(
         "WITH gone AS (DELETE FROM kv WHERE keyspace = ? AND mod_revision >= ? \
          AND mod_revision <= ? AND mod_revision < ? AND deleted = 1 \
          RETURNING `key`, mod_revision, sub) \
-         DELETE FROM kv_head h USING gone WHERE h.keyspace = ? AND h.`key` = gone.`key` \
-         AND h.mod_revision = gone.mod_revision AND h.sub = gone.sub",
+         DELETE FROM kv_head WHERE ctid = ANY(ARRAY(SELECT h.ctid FROM gone CROSS JOIN \
+         LATERAL (SELECT ctid FROM kv_head h WHERE h.keyspace = ? AND h.`key` = gone.`key` \
+         AND h.mod_revision = gone.mod_revision AND h.sub = gone.sub OFFSET 0) AS h))",
         &[
             id.clone(),
             Arg::Int(from),
@@ -1547,11 +1551,15 @@ fn current_rows_sql<'a, D: Dialect>(
         let row_id = D::ROW_ID
             .map(|(column, _)| format!(", CAST(h.{column} AS TEXT) AS row_id"))
             .unwrap_or_default();
+        // The head by its primary key, then its row by the table's (`LIMIT 1` keeps that a
+        // lookup: as a plain join, the generic plan made while the table was new scanned
+        // `kv` for every key, 39 ms per batch read).
         format!(
             "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
-             kv.value, h.deleted{row_id} FROM kv_head h JOIN kv ON kv.keyspace = h.keyspace \
-             AND kv.mod_revision = h.mod_revision AND kv.sub = h.sub WHERE h.keyspace = ? \
-             AND h.`key`"
+             kv.value, h.deleted{row_id} FROM kv_head h CROSS JOIN LATERAL (SELECT `key`, \
+             create_revision, mod_revision, version, lease, value FROM kv o \
+             WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
+             AND o.sub = h.sub LIMIT 1) AS kv WHERE h.keyspace = ? AND h.`key`"
         )
     } else {
         format!(
