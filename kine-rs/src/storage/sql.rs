@@ -1547,26 +1547,38 @@ fn current_rows_sql<'a, D: Dialect>(
     let row_id = D::ROW_ID
         .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
         .unwrap_or_default();
-    let select = if D::HEAD_TABLE {
-        let row_id = D::ROW_ID
-            .map(|(column, _)| format!(", CAST(h.{column} AS TEXT) AS row_id"))
-            .unwrap_or_default();
-        // The head by its primary key, then its row by the table's (`LIMIT 1` keeps that a
-        // lookup: as a plain join, the generic plan made while the table was new scanned
-        // `kv` for every key, 39 ms per batch read).
-        format!(
+    if D::HEAD_TABLE {
+        // The heads, one primary-key lookup per key (a plan no statistics change), then
+        // each head's row by `kv`'s primary key in one LATERAL for all of them (`LIMIT 1`
+        // keeps it a lookup: as a plain join, the generic plan made while the table was new
+        // scanned `kv` for every key, 39 ms per batch read; a LATERAL per key took longer to
+        // plan than to run).
+        let heads = vec![
+            format!(
+                "SELECT keyspace, mod_revision, sub, deleted{row_id} FROM kv_head \
+                 WHERE keyspace = ? AND `key` = ?"
+            );
+            keys.len()
+        ]
+        .join(" UNION ALL ");
+        let row_id = if row_id.is_empty() { "" } else { ", h.row_id" };
+        let sql = format!(
             "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
-             kv.value, h.deleted{row_id} FROM kv_head h CROSS JOIN LATERAL (SELECT `key`, \
+             kv.value, h.deleted{row_id} FROM ({heads}) AS h CROSS JOIN LATERAL (SELECT `key`, \
              create_revision, mod_revision, version, lease, value FROM kv o \
              WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
-             AND o.sub = h.sub LIMIT 1) AS kv WHERE h.keyspace = ? AND h.`key`"
-        )
-    } else {
-        format!(
-            "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
-             AND superseded = 9223372036854775807 AND `key`"
-        )
-    };
+             AND o.sub = h.sub LIMIT 1) AS kv"
+        );
+        let args = keys
+            .iter()
+            .flat_map(|key| [Arg::Int(keyspace), Arg::Bytes(key)])
+            .collect();
+        return (sql, args);
+    }
+    let select = format!(
+        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
+         AND superseded = 9223372036854775807 AND `key`"
+    );
     if D::KEY_LISTS {
         let sql = format!("{select} IN ({})", placeholders(keys.len()));
         let mut args = Vec::with_capacity(keys.len() + 1);
