@@ -242,6 +242,11 @@ pub trait Dialect: Send + Sync + 'static {
     const MAX_KEY_BYTES: Option<usize> = None;
     /// The size of a row's value, as a 64-bit integer.
     const VALUE_BYTES: &'static str = "LENGTH(value)";
+    /// Whether a window function over a `UNION ALL` of ordered, limited branches keeps each
+    /// branch's plan. MariaDB 10.11's did not: a page of 1,000 keys at an old revision of a
+    /// million-key keyspace took 5 s (0.05 s without the window), so there a migration's
+    /// snapshot page at an old revision is cut by bytes in this process.
+    const WINDOW_OVER_UNION: bool = true;
     /// The size of a row's key and value together (what a migration's byte budgets count).
     const ROW_BYTES: &'static str = "LENGTH(`key`) + LENGTH(value)";
     /// Whether a statement may look keys up with an `IN` list. PostgreSQL's planner, without
@@ -1039,6 +1044,23 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         };
         let filters = range_filters(keyspace, &range, None, at);
         let (rows, mut args) = range_rows_sql(KV_COLUMNS, &filters, Some(limit.max(1)));
+        if filters.len() > 1 && !D::WINDOW_OVER_UNION {
+            // Cut here instead: the page's count, sized by the engine from the sizes it saw,
+            // bounds what arrives.
+            let rows = fetch_all::<D>(&mut tx, "page", &rows, &args).await?;
+            commit::<D>(tx).await?;
+            let mut kvs = Vec::with_capacity(rows.len());
+            let mut bytes = 0;
+            for row in &rows {
+                let kv = kv_from_row::<D>(row, 0)?;
+                bytes += kv.key.len() + kv.value.len();
+                if !kvs.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                kvs.push(kv);
+            }
+            return Ok(kvs);
+        }
         // The running size of the page's rows in key order keeps the prefix that fits (one
         // row always), on the server: large values past the budget never reach this process.
         let sql = format!(
