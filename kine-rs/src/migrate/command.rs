@@ -79,7 +79,7 @@ pub struct MigrateArgs {
 
     /// Bytes of keys and values a page of the snapshot, a window of events or a page of the
     /// digests holds at most (one key or revision always): with --page-keys and
-    /// --window-revisions, what bounds the memory of the migration (default 8 MiB).
+    /// --window-revisions, what bounds the memory of the migration (default 4 MiB).
     #[arg(long, default_value_t = super::PAGE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
     pub page_bytes: u64,
 

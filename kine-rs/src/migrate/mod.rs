@@ -718,8 +718,10 @@ async fn tail(
 }
 
 /// Bytes of keys and values a snapshot page, a window of events or a digest's page holds
-/// at most, by default (`--page-bytes`).
-pub const PAGE_BYTES: usize = 8 << 20;
+/// at most, by default (`--page-bytes`). A tenant of 1 MiB values moved PostgreSQL →
+/// MariaDB with a peak RSS of 53 MiB at 4 MiB, 72 MiB at 8 MiB (two pages in flight, each
+/// also encoded for the driver).
+pub const PAGE_BYTES: usize = 4 << 20;
 
 /// The number of keys of the next page: `--page-keys`, fewer when values are large, so the
 /// source is not asked for many more rows than the byte budget lets through (it cuts the
