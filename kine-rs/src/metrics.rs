@@ -196,6 +196,53 @@ impl Metrics {
     }
 }
 
+/// Time spent in datastore queries so far, by driver and kind of query: (driver, query,
+/// count, seconds), the slowest kind first. Read from the text exposition (the metric
+/// families cannot be iterated), for a one-off report such as `kine-rs migrate`'s summary.
+pub fn sql_totals() -> Vec<(String, String, u64, f64)> {
+    let text = Metrics::global().render();
+    let mut totals: Vec<(String, String, u64, f64)> = Vec::new();
+    for line in text.lines() {
+        let (is_sum, rest) =
+            if let Some(rest) = line.strip_prefix("kine_sql_query_duration_seconds_sum{") {
+                (true, rest)
+            } else if let Some(rest) = line.strip_prefix("kine_sql_query_duration_seconds_count{") {
+                (false, rest)
+            } else {
+                continue;
+            };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| {
+                    pair.strip_prefix(name)?
+                        .strip_prefix("=\"")?
+                        .strip_suffix('"')
+                })
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (driver, query) = (label("driver"), label("query"));
+        let index = match totals.iter().position(|t| t.0 == driver && t.1 == query) {
+            Some(index) => index,
+            None => {
+                totals.push((driver, query, 0, 0.0));
+                totals.len() - 1
+            }
+        };
+        if is_sum {
+            totals[index].3 = value.parse().unwrap_or(0.0);
+        } else {
+            totals[index].2 = value.parse().unwrap_or(0);
+        }
+    }
+    totals.sort_by(|a, b| b.3.total_cmp(&a.3));
+    totals
+}
+
 /// Sets `--slow-sql-threshold`: queries at least this slow are logged; zero logs none.
 pub fn set_slow_sql_threshold(threshold: Duration) {
     let nanos = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);

@@ -77,6 +77,12 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub page_keys: i64,
 
+    /// Bytes of keys and values a page of the snapshot, a window of events or a page of the
+    /// digests holds at most (one key or revision always): with --page-keys and
+    /// --window-revisions, what bounds the memory of the migration (default 4 MiB).
+    #[arg(long, default_value_t = super::PAGE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub page_bytes: u64,
+
     /// Revisions copied per window of events.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub window_revisions: i64,
@@ -221,6 +227,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             source_name: source_name.clone(),
             page_keys: args.page_keys,
             window_revisions: args.window_revisions,
+            page_bytes: usize::try_from(args.page_bytes).unwrap_or(usize::MAX),
             freeze_lag: args.freeze_lag,
             writers_stopped: args.source_writers_stopped,
             ..Options::new(&tenant)
@@ -409,6 +416,15 @@ fn print_summary(summary: &Summary, from: &str, to: &str, json: bool) {
             "compact_revision": summary.compact_revision,
             "digest": summary.digest.to_string(),
             "resumed": summary.resumed,
+            "largest_page_bytes": summary.largest_page_bytes,
+            // Where the time went: every datastore query of this process so far, by kind
+            // (the source's and the target's run side by side, so the sums overlap).
+            "queries": crate::metrics::sql_totals()
+                .into_iter()
+                .map(|(driver, query, count, seconds)| json!({
+                    "driver": driver, "query": query, "count": count, "seconds": seconds,
+                }))
+                .collect::<Vec<_>>(),
         }));
     } else {
         println!(

@@ -6,13 +6,15 @@ use std::fmt;
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::model::{KeyRange, KeyValue, RangeEnd, Revision};
-use crate::storage::{Backend, KeyspaceId, RangeQuery};
+use crate::model::{KeyValue, Revision};
+use crate::storage::{Backend, KeyspaceId};
 
 use super::source::Source;
 
-/// Keys read per page.
+/// Keys read in the first page.
 const PAGE: i64 = 1000;
+/// Most keys read per page, whatever their size.
+const PAGE_KEYS_MAX: i64 = 10_000;
 
 /// Two 64-bit sums over the same bytes (FNV-1a, and a multiply-add with another constant),
 /// with the number of keys and the compaction revision.
@@ -63,16 +65,24 @@ impl Digest {
 
     /// The digest of what `source` holds at `revision` (with the compaction revision the
     /// target was given: the source's, or the snapshot's where history before it is not
-    /// copied).
-    pub async fn of_source(source: &dyn Source, revision: Revision) -> Result<Self> {
+    /// copied), read in pages of at most `page_bytes` of keys and values.
+    pub async fn of_source(
+        source: &dyn Source,
+        revision: Revision,
+        page_bytes: usize,
+    ) -> Result<Self> {
         let state = source.state().await?;
         let mut digest = Digest::new(state.compact_revision);
         let mut after: Option<Bytes> = None;
+        let mut keys = PAGE;
         loop {
-            let page = source.page(revision, after.as_deref(), PAGE).await?;
+            let page = source
+                .page_within(revision, after.as_deref(), keys, page_bytes)
+                .await?;
             for kv in &page {
                 digest.add_kv(kv);
             }
+            keys = next_keys(&page, page_bytes);
             // Until an empty page: a source may return short pages before its end.
             match page.last() {
                 Some(last) => after = Some(last.key.clone()),
@@ -81,47 +91,41 @@ impl Digest {
         }
     }
 
-    /// The digest of `keyspace` at `revision`.
+    /// The digest of `keyspace` at `revision`, read in pages of at most `page_bytes`.
     pub async fn of(
         backend: &dyn Backend,
         keyspace: KeyspaceId,
         revision: Revision,
+        page_bytes: usize,
     ) -> Result<Self> {
         let state = backend.state(keyspace).await?;
         let mut digest = Digest::new(state.compact_revision);
-        let mut start = Bytes::new();
+        let mut after: Option<Bytes> = None;
+        let mut keys = PAGE;
         loop {
-            let range = KeyRange {
-                start: start.clone(),
-                end: RangeEnd::Unbounded,
-            };
-            let rows = backend
-                .range(
-                    keyspace,
-                    RangeQuery {
-                        range: &range,
-                        revision,
-                        // One more than the page, as a paginating client asks (see
-                        // `read_page`): the rest of the range is not counted again.
-                        limit: Some(PAGE + 1),
-                        keys_only: false,
-                        count_only: false,
-                    },
-                )
+            let page = backend
+                .page_within(keyspace, revision, after.as_deref(), keys, page_bytes)
                 .await?;
-            let more = rows.kvs.len() as i64 > PAGE;
-            let page = &rows.kvs[..rows.kvs.len().min(PAGE as usize)];
-            for kv in page {
+            for kv in &page {
                 digest.add_kv(kv);
             }
+            keys = next_keys(&page, page_bytes);
             match page.last() {
-                Some(last) if more => {
-                    let mut next = last.key.to_vec();
-                    next.push(0);
-                    start = Bytes::from(next);
-                }
-                _ => return Ok(digest),
+                Some(last) => after = Some(last.key.clone()),
+                None => return Ok(digest),
             }
         }
     }
+}
+
+/// The keys to ask for next: as many as fit in `page_bytes` at the last page's size per key
+/// (and one more, so a full page shows it), at most [`PAGE_KEYS_MAX`]: fewer, larger pages
+/// than a fixed count take fewer round trips for small values.
+fn next_keys(page: &[KeyValue], page_bytes: usize) -> i64 {
+    let bytes: usize = page.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    if page.is_empty() || bytes == 0 {
+        return PAGE;
+    }
+    let per_key = (bytes / page.len()).max(1);
+    ((page_bytes / per_key) as i64 + 1).clamp(1, PAGE_KEYS_MAX)
 }

@@ -21,10 +21,9 @@
 //!   the freeze is a fact in etcd and `needs_stopped_writers` is false).
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::error::{KineError, Result};
-use crate::model::{Event, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision};
+use crate::model::{Event, KeyValue, LeaseRecord, Revision};
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery};
 
 use super::record::SourceRecord;
@@ -100,6 +99,34 @@ pub trait Source: Send + Sync {
     /// the target builds its own from its history).
     async fn events(&self, after: Revision, up_to: Revision) -> Result<Vec<Event>>;
 
+    /// [`Source::page`] in bounded memory: no more keys than add up to `max_bytes` of keys
+    /// and values (one key always). By default, a page of `limit` keys: sources whose reads
+    /// cannot be bounded by bytes (etcd) rely on the engine sizing `limit` from the sizes it
+    /// saw.
+    async fn page_within(
+        &self,
+        revision: Revision,
+        after: Option<&[u8]>,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<KeyValue>> {
+        let _ = max_bytes;
+        self.page(revision, after, limit).await
+    }
+
+    /// [`Source::events`] in bounded memory: the events of whole revisions as long as they
+    /// add up to at most `max_bytes` of keys and values (the first revision always), and the
+    /// revision up to which they are complete. By default, the whole window.
+    async fn events_within(
+        &self,
+        after: Revision,
+        up_to: Revision,
+        max_bytes: usize,
+    ) -> Result<(Vec<Event>, Revision)> {
+        let _ = max_bytes;
+        Ok((self.events(after, up_to).await?, up_to))
+    }
+
     /// The leases of the tenant's keys, with their TTLs and deadlines.
     async fn leases(&self) -> Result<Vec<LeaseRecord>>;
 
@@ -133,22 +160,7 @@ pub trait Source: Send + Sync {
     async fn mark_moved(&self, target: &str) -> Result<()>;
 }
 
-/// The keys of a snapshot page after `after`: the smallest key greater than it is itself +
-/// `"\0"`.
-pub fn page_range(after: Option<&[u8]>) -> KeyRange {
-    let start = match after {
-        Some(key) => {
-            let mut next = key.to_vec();
-            next.push(0);
-            Bytes::from(next)
-        }
-        None => Bytes::new(),
-    };
-    KeyRange {
-        start,
-        end: RangeEnd::Unbounded,
-    }
-}
+pub use crate::storage::page_range;
 
 /// A keyspace of a datastore kine-rs owns.
 pub struct BackendSource<'a> {
@@ -279,6 +291,29 @@ impl Source for BackendSource<'_> {
 
     async fn events(&self, after: Revision, up_to: Revision) -> Result<Vec<Event>> {
         self.backend.history(self.id, after, up_to).await
+    }
+
+    async fn page_within(
+        &self,
+        revision: Revision,
+        after: Option<&[u8]>,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<KeyValue>> {
+        (self.backend)
+            .page_within(self.id, revision, after, limit, max_bytes)
+            .await
+    }
+
+    async fn events_within(
+        &self,
+        after: Revision,
+        up_to: Revision,
+        max_bytes: usize,
+    ) -> Result<(Vec<Event>, Revision)> {
+        (self.backend)
+            .history_within(self.id, after, up_to, max_bytes)
+            .await
     }
 
     async fn leases(&self) -> Result<Vec<LeaseRecord>> {

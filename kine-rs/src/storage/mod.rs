@@ -80,7 +80,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::{KineError, Result};
-use crate::model::{Event, KeyRange, KeyValue, LeaseRecord, Revision};
+use crate::model::{Event, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision};
 
 /// A keyspace's identity inside one datastore.
 pub type KeyspaceId = i64;
@@ -189,6 +189,23 @@ pub struct Written {
     pub live_before: bool,
 }
 
+/// The keys of a snapshot page after `after`: the smallest key greater than it is itself +
+/// `"\0"`.
+pub fn page_range(after: Option<&[u8]>) -> KeyRange {
+    let start = match after {
+        Some(key) => {
+            let mut next = key.to_vec();
+            next.push(0);
+            Bytes::from(next)
+        }
+        None => Bytes::new(),
+    };
+    KeyRange {
+        start,
+        end: RangeEnd::Unbounded,
+    }
+}
+
 /// A datastore that holds keyspaces.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -248,6 +265,56 @@ pub trait Backend: Send + Sync + 'static {
             event.prev_kv = None;
         }
         Ok(events)
+    }
+
+    /// [`Backend::history`] in bounded memory, for a migration: the events of whole
+    /// revisions of `(after, up_to]`, in order, as long as their keys and values add up to at
+    /// most `max_bytes` (the first revision always, whatever its size); with the revision up
+    /// to which they are complete (`up_to` when nothing was left out). By default, the whole
+    /// window.
+    async fn history_within(
+        &self,
+        keyspace: KeyspaceId,
+        after: Revision,
+        up_to: Revision,
+        max_bytes: usize,
+    ) -> Result<(Vec<Event>, Revision)> {
+        let _ = max_bytes;
+        Ok((self.history(keyspace, after, up_to).await?, up_to))
+    }
+
+    /// A page of a snapshot in bounded memory, for a migration: the keys live at `revision`
+    /// after `after` (from the start when `None`), in key order, at most `limit` of them and
+    /// no more than add up to `max_bytes` of keys and values (one key always, whatever its
+    /// size). Fails as [`Backend::range`] does for a compacted or future revision. By
+    /// default, a range of `limit` keys.
+    async fn page_within(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+        after: Option<&[u8]>,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<KeyValue>> {
+        let _ = max_bytes;
+        let range = page_range(after);
+        let mut rows = self
+            .range(
+                keyspace,
+                RangeQuery {
+                    range: &range,
+                    revision,
+                    // One more than the page, as a paginating client asks: the datastore
+                    // then knows the next page's count from this one's.
+                    limit: Some(limit.max(1) + 1),
+                    keys_only: false,
+                    count_only: false,
+                },
+            )
+            .await?
+            .kvs;
+        rows.truncate(limit.max(1) as usize);
+        Ok(rows)
     }
 
     /// Starts a write transaction holding the keyspace's write lock.

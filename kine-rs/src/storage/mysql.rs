@@ -46,6 +46,7 @@ impl Dialect for Mysql {
          FROM information_schema.tables WHERE table_schema = DATABASE()";
     const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, leases";
     const MAX_KEY_BYTES: Option<usize> = Some(MAX_KEY_BYTES);
+    const WINDOW_OVER_UNION: bool = false;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE {filter} LIMIT ?")

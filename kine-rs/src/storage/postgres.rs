@@ -50,6 +50,7 @@ impl Dialect for Postgres {
     // key beside up to three integers.
     const MAX_KEY_BYTES: Option<usize> = Some(2600);
     const VALUE_BYTES: &'static str = "CAST(octet_length(value) AS BIGINT)";
+    const ROW_BYTES: &'static str = "CAST(octet_length(`key`) + octet_length(value) AS BIGINT)";
     const BEGIN_WRITE: &'static str = "BEGIN ISOLATION LEVEL READ COMMITTED";
     const BEGIN_READ: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
     const LOCK: &'static str = " FOR UPDATE";
