@@ -151,11 +151,14 @@ impl Subscription {
         self.waker.notify.notified().await;
     }
 
-    /// Whether announcements since the last [`Subscription::published`] name anything after
-    /// `published`; clears the announcement without a revision.
-    pub fn news_after(&self, published: Revision) -> bool {
+    /// Whether an announcement without a revision came since the last call.
+    pub fn take_unknown(&self) -> bool {
         self.waker.unknown.swap(false, Ordering::AcqRel)
-            || self.waker.announced.load(Ordering::Acquire) > published
+    }
+
+    /// The highest revision announced.
+    pub fn announced(&self) -> Revision {
+        self.waker.announced.load(Ordering::Acquire)
     }
 
     /// The hub published up to `revision`.

@@ -27,6 +27,7 @@ use super::ring::{BatchReceiver, Ring};
 
 use crate::error::KineError;
 use crate::model::{Event, Revision};
+use crate::storage::feed::Subscription;
 use crate::storage::{Backend, KeyspaceId};
 
 /// Most revisions read from the backend per step.
@@ -149,7 +150,15 @@ impl WatchHub {
     /// The last broadcast revision and a receiver of every batch after it; starts the hub's
     /// task when it is not running.
     pub async fn subscribe(self: &Arc<Self>) -> (Revision, BatchReceiver) {
+        // A hub that starts from the state read here needs no first read of events.
+        let mut feed = None;
         if !self.running() {
+            // Subscribed to the feed before the state is read, so that what is committed
+            // after the read is announced.
+            let subscription =
+                self.backend
+                    .feed()
+                    .subscribe(self.keyspace, self.published(), &self.backend);
             // Nobody receives batches: skip ahead to the current revision, so the task does
             // not replay what happened while nobody watched (streams read their own history).
             if let Ok(state) = self.backend.state(self.keyspace).await {
@@ -157,6 +166,7 @@ impl WatchHub {
                 if hub.sender.is_none() {
                     hub.published = hub.published.max(state.revision);
                     self.committed.fetch_max(state.revision, Ordering::AcqRel);
+                    feed = Some(subscription);
                 }
             }
         }
@@ -167,7 +177,7 @@ impl WatchHub {
                 let sender = Ring::new(self.buffer_bytes);
                 let receiver = sender.subscribe();
                 hub.sender = Some(sender);
-                tokio::spawn(self.clone().run());
+                tokio::spawn(self.clone().run(feed));
                 receiver
             }
         };
@@ -200,15 +210,25 @@ impl WatchHub {
     /// published ([`crate::storage::feed`]: another process's commit, announced by the
     /// database or found by the feed's one poll for all keyspaces); never on a timer of its
     /// own.
-    async fn run(self: Arc<Self>) {
-        // Subscribed before the first tail: what is committed later is announced, what was
-        // committed before is read by the tail.
-        let feed = self
-            .backend
-            .feed()
-            .subscribe(self.keyspace, self.published(), &self.backend);
+    ///
+    /// `caught_up`: the feed subscription taken before the hub read the keyspace's current
+    /// revision as its start; without it, the hub subscribes and reads what it may have
+    /// missed first.
+    async fn run(self: Arc<Self>, caught_up: Option<Subscription>) {
         let mut sizer = StepSizer::new(self.tail_step_bytes());
-        self.tail(&mut sizer).await;
+        let feed = match caught_up {
+            Some(feed) => feed,
+            None => {
+                // Subscribed before the first tail: what is committed later is announced,
+                // what was committed before is read by the tail.
+                let feed =
+                    self.backend
+                        .feed()
+                        .subscribe(self.keyspace, self.published(), &self.backend);
+                self.tail(&mut sizer, None).await;
+                feed
+            }
+        };
         feed.published(self.published());
         loop {
             if self.idle() {
@@ -221,13 +241,14 @@ impl WatchHub {
                 _ = tokio::time::sleep(IDLE_CHECK) => continue,
             }
             let published = self.published();
-            let local = self.committed.load(Ordering::Acquire) > published;
-            if !local && !feed.news_after(published) {
+            let unknown = feed.take_unknown();
+            let target = self.committed.load(Ordering::Acquire).max(feed.announced());
+            if !unknown && target <= published {
                 // The announcement of a commit already published (this process's own,
                 // echoed by the database).
                 continue;
             }
-            self.tail(&mut sizer).await;
+            self.tail(&mut sizer, (!unknown).then_some(target)).await;
             feed.published(self.published());
         }
     }
@@ -246,7 +267,10 @@ impl WatchHub {
             .map_or(0, |ring| ring.held_bytes())
     }
 
-    async fn tail(&self, sizer: &mut StepSizer) {
+    /// Reads and broadcasts new events until a read finds none or, when the revision to
+    /// reach is known (`until`), until it is reached: a read that would find nothing more
+    /// costs a statement per commit, and a later commit wakes the hub again anyway.
+    async fn tail(&self, sizer: &mut StepSizer, until: Option<Revision>) {
         loop {
             let after = self.published();
             let step = sizer.step();
@@ -299,6 +323,9 @@ impl WatchHub {
                 },
                 bytes,
             );
+            if until.is_some_and(|until| revision >= until) {
+                return;
+            }
         }
     }
 
