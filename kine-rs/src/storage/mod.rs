@@ -539,6 +539,9 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// are opened up front: opening one on demand (TLS, authentication) stalled a watch's
 /// events for 20–90 ms behind it.
 pub const BUSY_CONNECTIONS: u32 = 4;
+/// Connections of a server pool kept for watch hubs' reads of new events and the change
+/// feed's poll, besides the pool of `--datastore-max-open-connections`.
+pub const WATCH_CONNECTIONS: u32 = 4;
 
 impl PoolOptions {
     /// sqlx pool options for these settings, for a server listening on `port` (every new

@@ -182,19 +182,28 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
     let pool: MySqlPool = options
         .pool
         .sqlx(connect.get_port())
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await?;
     MIGRATOR
         .run(&pool)
         .await
         .map_err(|e| migration_error(e, &MIGRATOR))?;
+    // The watch hubs' own few connections (`SqlBackend::with_watch_readers`).
+    let watch_readers: MySqlPool = options
+        .pool
+        .sqlx(connect.get_port())
+        .max_connections(super::WATCH_CONNECTIONS)
+        .min_connections(1)
+        .connect_with(connect)
+        .await?;
     Ok(SqlBackend::new(
         pool.clone(),
         pool,
         Some(POLL_INTERVAL),
         super::feed::CommitFeed::new(),
         Box::new(()),
-    ))
+    )
+    .with_watch_readers(watch_readers))
 }
 
 /// Creates the database `connect` names unless it exists, like kine, connecting to the

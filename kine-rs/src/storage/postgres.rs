@@ -141,24 +141,33 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBa
     let pool: PgPool = options
         .pool
         .sqlx(connect.get_port())
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await?;
     MIGRATOR
         .run(&pool)
         .await
         .map_err(|e| migration_error(e, &MIGRATOR))?;
+    let watch_readers = watch_readers(options, connect).await?;
     let feed = CommitFeed::new();
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(CHANNEL).await?;
     let task = tokio::spawn(listen(pool.clone(), listener, feed.clone()));
     // Notifications announce every commit: the feed polls only as a safety net.
-    Ok(SqlBackend::new(
-        pool.clone(),
-        pool,
-        None,
-        feed,
-        Box::new(AbortOnDrop(task)),
-    ))
+    Ok(
+        SqlBackend::new(pool.clone(), pool, None, feed, Box::new(AbortOnDrop(task)))
+            .with_watch_readers(watch_readers),
+    )
+}
+
+/// The watch hubs' own few connections ([`SqlBackend::with_watch_readers`]).
+async fn watch_readers(options: &BackendOptions, connect: PgConnectOptions) -> Result<PgPool> {
+    Ok(options
+        .pool
+        .sqlx(connect.get_port())
+        .max_connections(super::WATCH_CONNECTIONS)
+        .min_connections(1)
+        .connect_with(connect)
+        .await?)
 }
 
 /// Aborts a task when dropped.

@@ -645,6 +645,10 @@ pub struct SqlBackend<D: Dialect> {
     poll: Option<Duration>,
     /// This process's change feed of the database.
     feed: Arc<CommitFeed>,
+    /// A few connections of their own for the watch hubs' reads of new events and the feed's
+    /// poll, where the database is a server: on the shared pool they waited ~10 ms on average
+    /// for a connection behind writers waiting for their commits to be flushed.
+    watch_readers: Option<Pool<D::DB>>,
     /// Tasks (a notification listener) and resources (a scratch directory) that live as long
     /// as the backend.
     _guard: Box<dyn Send + Sync>,
@@ -667,10 +671,22 @@ impl<D: Dialect> SqlBackend<D> {
             writers,
             poll,
             feed,
+            watch_readers: None,
             _guard: guard,
             page_counts: PageCounts::default(),
             _dialect: PhantomData,
         }
+    }
+
+    /// Serves watch hubs' event reads and the feed's poll from `pool`.
+    pub fn with_watch_readers(mut self, pool: Pool<D::DB>) -> Self {
+        self.watch_readers = Some(pool);
+        self
+    }
+
+    /// The pool of watch reads.
+    fn watch_pool(&self) -> &Pool<D::DB> {
+        self.watch_readers.as_ref().unwrap_or(&self.readers)
     }
 
     /// A range at the current revision whose count is the number of its rows, read with
@@ -874,7 +890,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                  WHERE s.id = ?"
             );
             args.push(Arg::Int(keyspace));
-            let mut conn = acquire::<D>(&self.readers).await?;
+            let mut conn = acquire::<D>(self.watch_pool()).await?;
             let mut rows = fetch_all::<D>(&mut conn, "events", &sql, &args).await?;
             let compact_revision = D::DB::int(rows.first().ok_or(KineError::KeyspaceDeleted)?, 0)?;
             if after + 1 < compact_revision {
@@ -1208,7 +1224,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn revisions(&self, keyspaces: &[KeyspaceId]) -> Result<Vec<(KeyspaceId, Revision)>> {
         let mut revisions = Vec::with_capacity(keyspaces.len());
-        let mut conn = acquire::<D>(&self.readers).await?;
+        let mut conn = acquire::<D>(self.watch_pool()).await?;
         for chunk in keyspaces.chunks(POLL_CHUNK) {
             // Padded to a power of two with its last id, so the statement shapes stay few
             // (and prepared); a repeated id's row comes back once.
