@@ -17,6 +17,9 @@
 #                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own;
 #                    nats is kine-rs on a private nats-server (NATS_SERVER_BIN, default the one
 #                    scripts/peers.sh builds) with a fresh JetStream store in the run's directory
+#   BENCH_POINTS     which of "workloads watch gateway noisy" to run (default: all): the
+#                    throughput, list and restart points per target; the watch across two
+#                    processes; the 1,000-tenant gateway; the noisy neighbour
 #   BENCH_NATS_SYNC  that server's JetStream sync_interval (default "always": fsync before each
 #                    acknowledgement, as etcd and the SQL databases do; NATS's own default is 2m)
 #   KINE_RS_BIN, KINE_LOAD_BIN   use these binaries instead of building them
@@ -40,12 +43,17 @@ START=$(date +%s)
 DURATION=${BENCH_DURATION:-5}
 REPEAT=${BENCH_REPEAT:-1}
 TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql nats etcd-proxy}
+POINTS=${BENCH_POINTS:-workloads watch gateway noisy}
 NATS_SYNC=${BENCH_NATS_SYNC:-always}
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
 COMMAND="bench/run.sh${*:+ $*}"
 [ "$DURATION" != 5 ] && COMMAND="BENCH_DURATION=$DURATION $COMMAND"
 [ "$REPEAT" != 1 ] && COMMAND="BENCH_REPEAT=$REPEAT $COMMAND"
+[ "$POINTS" != "workloads watch gateway noisy" ] && COMMAND="BENCH_POINTS=\"$POINTS\" $COMMAND"
+[ -n "${BENCH_TARGETS:-}" ] && COMMAND="BENCH_TARGETS=\"$TARGETS\" $COMMAND"
+# wants POINT: whether BENCH_POINTS names it.
+wants() { case " $POINTS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 say() { printf '==> %s   [%ss]\n' "$*" "$(($(date +%s) - START))" >&2; }
 die() {
@@ -337,6 +345,7 @@ workloads() {
 }
 
 for target in $TARGETS; do
+    wants workloads || break
     say "$target"
     case "$target" in
     etcd) start_etcd ;;
@@ -393,9 +402,10 @@ done
 
 # Watch delivery: writes through one process, the watch through another. etcd: one member
 # (its own watch path); kine-rs: two processes on one database.
-say "watch latency"
-watch_goal="p99 ≤ 10 ms (PostgreSQL), none missing"
+wants watch && say "watch latency"
+watch_goal="p99 ≤ 10 ms (PostgreSQL, MySQL), none missing"
 for target in $TARGETS; do
+    wants watch || break
     case "$target" in
     etcd)
         start_etcd
@@ -468,6 +478,7 @@ gateway_watch() {
     local target=$1 pid=$2 url=$3 ready="$WORK/gateway-$1.ready" out="$WORK/gateway-$1.json" load_pid i
     shift 3
     rm -f "$ready"
+    rss "$pid" "$target" "RSS gateway idle, before the tenants connect" VmRSS "–"
     # Bounded: opening and writing within --duration, then 10 s for the last events, then --hold.
     "$KINE_LOAD_BIN" gateway-watch --json --target "$target" --label "gateway, 1,000 tenants × 1 watch: open, put, events" \
         --goal "each watch sees its own event only" --endpoints "$url" --pki-dir "$WORK/pki" \
@@ -492,10 +503,15 @@ gateway_watch() {
     else
         echo "kine-load gateway-watch failed on $target (see $WORK/kine-load.log)" >&2
     fi
+    # The clients are gone: what the server keeps for the tenants it still has open (idle
+    # tenants close after --tenant-idle-timeout).
+    sleep 3
+    rss "$pid" "$target" "RSS gateway 3 s after the 1,000 tenants disconnect" VmRSS "≤ 1.1× idle + live tenants"
+    printf '    %-28s %s MiB\n' "RSS, after disconnect" "$(tail -n1 "$RESULTS" | sed 's/.*"rss_mib":\([0-9.]*\).*/\1/')" >&2
 }
 
-case " $TARGETS " in
-*" postgres "*)
+case " $TARGETS $(wants gateway && echo gateway) " in
+*" postgres "*" gateway ")
     say "gateway: $GATEWAY_TENANTS tenants × 1 watch"
     "$KINE_LOAD_BIN" pki --dir "$WORK/pki" --clients "$GATEWAY_TENANTS" 2>>"$WORK/kine-load.log" ||
         die "kine-load pki failed (see $WORK/kine-load.log)"
@@ -533,8 +549,8 @@ NOISY_GOAL="B keeps ≥ 80% of its throughput, p99 ≤ 2×, RSS bounded"
 NOISY_ARGS=(--clients 16 --conns 4 --val-size 1024 --duration "$((DURATION * 2))"
     --a-keys 100000 --a-huge-txn-clients 2 --a-watches 2000 --a-leases 1000 --a-slow-watchers 4)
 
-case " $TARGETS " in
-*" postgres "*)
+case " $TARGETS $(wants noisy && echo noisy) " in
+*" postgres "*" noisy ")
     say "noisy neighbour"
     NOISY_NOTE="noisy neighbour: kine-rs gateway (mTLS) on a fresh PostgreSQL database; B = 16 clients creating 1 KiB keys for
   $((DURATION * 2)) s alone, then $((DURATION * 2)) s while A floods keep-alives of 1,000 leases, runs 2 clients of txns over 100,000 keys,

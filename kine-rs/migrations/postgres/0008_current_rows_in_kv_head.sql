@@ -40,7 +40,8 @@ ALTER TABLE keyspaces ADD COLUMN purged_revision BIGINT NOT NULL DEFAULT 0;
 
 -- A write batch in one statement (as in 0007): lock the keyspace row, check it is still the
 -- version the batch read (else SQLSTATE KR001, nothing written), append the batch's rows,
--- point each key's head at its newest one, store the counters, announce the commit.
+-- point each key's head at its newest one, store the counters, announce the commit and its
+-- revision.
 CREATE FUNCTION kine_rs_commit(
     p_keyspace        BIGINT,
     p_read            TID,
@@ -77,6 +78,8 @@ BEGIN
     UPDATE keyspaces SET revision = p_revision, keys_count = p_keys_count,
                          bytes_used = p_bytes_used
         WHERE id = p_keyspace;
-    PERFORM pg_notify('kine_rs_commits', CAST(p_keyspace AS TEXT));
+    -- `keyspace:revision`: a process that reads its own commit's announcement knows it has
+    -- already published that revision and wakes nobody.
+    PERFORM pg_notify('kine_rs_commits', CAST(p_keyspace AS TEXT) || ':' || CAST(p_revision AS TEXT));
 END
 $$;

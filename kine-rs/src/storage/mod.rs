@@ -59,12 +59,13 @@
 //! statements, commit announcements). Each has its own schema, created and upgraded by
 //! versioned migrations embedded in the binary (`migrations/<driver>/`). Several processes
 //! may share a PostgreSQL or MySQL database: the keyspace row lock orders their writes, and
-//! watch hubs learn of each other's commits by [`Backend::changes`] (PostgreSQL's
-//! LISTEN/NOTIFY) or by polling ([`Backend::poll_interval`], MySQL).
+//! watch hubs learn of each other's commits from one change feed per process ([`feed`]):
+//! PostgreSQL's LISTEN/NOTIFY, or one poll of every watched keyspace's revision (MySQL).
 //!
 //! NATS JetStream ([`nats`]) implements both traits differently: a stream per keyspace with
 //! one message per committed write transaction, and an in-memory image per process.
 
+pub mod feed;
 pub mod mysql;
 pub mod nats;
 mod nodelay;
@@ -394,25 +395,29 @@ pub trait Backend: Send + Sync + 'static {
     /// Gives free space back (etcd's Defragment).
     async fn defragment(&self) -> Result<()>;
 
-    /// How often to look for writes made by other processes; `None` when this process is the
-    /// only writer (embedded SQLite), so local commits are the only source of change.
+    /// How often this process's change feed looks for commits made by other processes
+    /// ([`feed`]); `None` when the datastore announces every commit (or this process is its
+    /// only writer), so the feed polls only as a safety net ([`feed::SAFETY_POLL`]).
     fn poll_interval(&self) -> Option<Duration>;
 
-    /// Announcements of commits made by other processes, where the database delivers them
-    /// (PostgreSQL's LISTEN/NOTIFY); `None` when the backend has no such channel.
-    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
-        None
-    }
-}
+    /// This process's change feed of the datastore: what wakes watch hubs for commits made
+    /// by other processes (see [`feed`]).
+    fn feed(&self) -> &Arc<feed::CommitFeed>;
 
-/// What a [`Backend::changes`] announcement says changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    /// A commit in this keyspace.
-    Keyspace(KeyspaceId),
-    /// Announcements may have been missed (the listener reconnected): any keyspace may have
-    /// changed.
-    Any,
+    /// The current revisions of `keyspaces` (deleted ones are left out): the feed's poll, for
+    /// all watched keyspaces at once. Datastores that can read them in one statement override
+    /// it.
+    async fn revisions(&self, keyspaces: &[KeyspaceId]) -> Result<Vec<(KeyspaceId, Revision)>> {
+        let mut revisions = Vec::with_capacity(keyspaces.len());
+        for &id in keyspaces {
+            match self.state(id).await {
+                Ok(state) => revisions.push((id, state.revision)),
+                Err(KineError::KeyspaceDeleted) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(revisions)
+    }
 }
 
 /// A write transaction on one keyspace, holding its write lock until commit or drop.
@@ -610,6 +615,9 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// are opened up front: opening one on demand (TLS, authentication) stalled a watch's
 /// events for 20–90 ms behind it.
 pub const BUSY_CONNECTIONS: u32 = 4;
+/// Connections of a server pool kept for watch hubs' reads of new events and the change
+/// feed's poll, besides the pool of `--datastore-max-open-connections`.
+pub const WATCH_CONNECTIONS: u32 = 4;
 
 impl PoolOptions {
     /// sqlx pool options for these settings, for a server listening on `port` (every new

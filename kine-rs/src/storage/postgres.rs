@@ -24,21 +24,20 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
-use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use super::feed::CommitFeed;
 use super::sql::{Dialect, SqlBackend, numbered_placeholders};
-use super::{BackendOptions, Change, migration_error};
+use super::{BackendOptions, migration_error};
 use crate::error::{KineError, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The notification channel commits are announced on; the payload is the keyspace id.
+/// The notification channel commits are announced on; the payload is the keyspace id and,
+/// from migration 0008 on, `:` and the committed revision.
 const CHANNEL: &str = "kine_rs_commits";
 /// The database kine uses when the endpoint names none.
 pub const DEFAULT_DATABASE: &str = "kubernetes";
-/// How often a hub checks the database when no notification told it of a commit.
-const SAFETY_POLL: Duration = Duration::from_secs(1);
 
 /// PostgreSQL's dialect.
 pub struct Postgres;
@@ -64,12 +63,14 @@ impl Dialect for Postgres {
     const DEFRAGMENT: &'static str = "VACUUM kv, kv_head, leases, keyspaces";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
-    const ANNOUNCE_UPDATE: Option<&'static str> =
-        Some(" RETURNING pg_notify('kine_rs_commits', CAST(id AS TEXT))");
+    const ANNOUNCE_UPDATE: Option<&'static str> = Some(
+        " RETURNING pg_notify('kine_rs_commits', CAST(id AS TEXT) || ':' || CAST(revision AS TEXT))",
+    );
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
     const ARRAYS: bool = true;
     const ONE_STATEMENT_READS: bool = true;
+    const ONE_STATEMENT_EVENTS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
         "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS BYTEA[]), \
          CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
@@ -146,23 +147,33 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBa
     let pool: PgPool = options
         .pool
         .sqlx(connect.get_port())
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await?;
     MIGRATOR
         .run(&pool)
         .await
         .map_err(|e| migration_error(e, &MIGRATOR))?;
-    let (sender, _) = broadcast::channel(1024);
+    let watch_readers = watch_readers(options, connect).await?;
+    let feed = CommitFeed::new();
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(CHANNEL).await?;
-    let task = tokio::spawn(listen(pool.clone(), listener, sender.clone()));
-    Ok(SqlBackend::new(
-        pool.clone(),
-        pool,
-        Some(SAFETY_POLL),
-        Some(sender),
-        Box::new(AbortOnDrop(task)),
-    ))
+    let task = tokio::spawn(listen(pool.clone(), listener, feed.clone()));
+    // Notifications announce every commit: the feed polls only as a safety net.
+    Ok(
+        SqlBackend::new(pool.clone(), pool, None, feed, Box::new(AbortOnDrop(task)))
+            .with_watch_readers(watch_readers),
+    )
+}
+
+/// The watch hubs' own few connections ([`SqlBackend::with_watch_readers`]).
+async fn watch_readers(options: &BackendOptions, connect: PgConnectOptions) -> Result<PgPool> {
+    Ok(options
+        .pool
+        .sqlx(connect.get_port())
+        .max_connections(super::WATCH_CONNECTIONS)
+        .min_connections(1)
+        .connect_with(connect)
+        .await?)
 }
 
 /// Aborts a task when dropped.
@@ -174,31 +185,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Forwards commit notifications to the hubs. Notifications sent while the LISTEN connection
-/// is down are lost, so once it listens again every hub is told to look ([`Change::Any`]).
-async fn listen(pool: PgPool, mut listener: PgListener, sender: broadcast::Sender<Change>) {
+/// Forwards commit notifications to the feed, which wakes only the hubs of the keyspace named.
+/// Notifications sent while the LISTEN connection is down are lost, so once it listens again
+/// every hub is told to look.
+async fn listen(pool: PgPool, mut listener: PgListener, feed: std::sync::Arc<CommitFeed>) {
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
-                if let Ok(id) = notification.payload().parse() {
-                    let _ = sender.send(Change::Keyspace(id));
+                if let Some((id, revision)) = parse_payload(notification.payload()) {
+                    feed.announce(id, revision);
                 }
             }
             // sqlx reconnected (eagerly) and listens again.
             Ok(None) => {
                 info!("the PostgreSQL notification connection was lost and is back");
-                let _ = sender.send(Change::Any);
+                feed.announce_all();
             }
             // The connection failed, or reconnecting did: start over on a new one.
             Err(error) => {
                 warn!(%error, "the PostgreSQL notification connection failed; reconnecting");
-                let _ = sender.send(Change::Any);
+                feed.announce_all();
                 drop(listener);
                 listener = relisten(&pool).await;
                 info!("listening for PostgreSQL notifications again");
-                let _ = sender.send(Change::Any);
+                feed.announce_all();
             }
         }
+    }
+}
+
+/// A notification's keyspace id and, when it names one, revision: `ID` (commit function of
+/// migration 0007) or `ID:REVISION`.
+fn parse_payload(payload: &str) -> Option<(i64, Option<i64>)> {
+    match payload.split_once(':') {
+        Some((id, revision)) => Some((id.parse().ok()?, Some(revision.parse().ok()?))),
+        None => Some((payload.parse().ok()?, None)),
     }
 }
 

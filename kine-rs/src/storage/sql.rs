@@ -15,18 +15,19 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, Transaction};
-use tokio::sync::broadcast;
 
+use super::feed::{CommitFeed, POLL_CHUNK};
 use super::page_counts::PageCounts;
 use super::{
-    Backend, Change, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows,
-    WriteTxn, Written, page_range,
+    Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows, WriteTxn,
+    Written, page_range,
 };
 use crate::error::{KineError, Result};
 use crate::metrics;
@@ -282,6 +283,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// compaction, take the head table's shape; the write statements are the
     /// [`ARRAYS`](Dialect::ARRAYS) ones.
     const HEAD_TABLE: bool = false;
+    /// Whether a watch's events may be read in one statement outside a transaction (the
+    /// keyspace row's compaction revision joined with the events: one snapshot).
+    const ONE_STATEMENT_EVENTS: bool = false;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -800,8 +804,12 @@ pub struct SqlBackend<D: Dialect> {
     writers: Pool<D::DB>,
     /// How often to look for other processes' commits; `None` when there are none.
     poll: Option<Duration>,
-    /// Announcements of other processes' commits, where the database delivers them.
-    changes: Option<broadcast::Sender<Change>>,
+    /// This process's change feed of the database.
+    feed: Arc<CommitFeed>,
+    /// A few connections of their own for the watch hubs' reads of new events and the feed's
+    /// poll, where the database is a server: on the shared pool they waited ~10 ms on average
+    /// for a connection behind writers waiting for their commits to be flushed.
+    watch_readers: Option<Pool<D::DB>>,
     /// Tasks (a notification listener) and resources (a scratch directory) that live as long
     /// as the backend.
     _guard: Box<dyn Send + Sync>,
@@ -816,18 +824,30 @@ impl<D: Dialect> SqlBackend<D> {
         readers: Pool<D::DB>,
         writers: Pool<D::DB>,
         poll: Option<Duration>,
-        changes: Option<broadcast::Sender<Change>>,
+        feed: Arc<CommitFeed>,
         guard: Box<dyn Send + Sync>,
     ) -> Self {
         SqlBackend {
             readers,
             writers,
             poll,
-            changes,
+            feed,
+            watch_readers: None,
             _guard: guard,
             page_counts: PageCounts::default(),
             _dialect: PhantomData,
         }
+    }
+
+    /// Serves watch hubs' event reads and the feed's poll from `pool`.
+    pub fn with_watch_readers(mut self, pool: Pool<D::DB>) -> Self {
+        self.watch_readers = Some(pool);
+        self
+    }
+
+    /// The pool of watch reads.
+    fn watch_pool(&self) -> &Pool<D::DB> {
+        self.watch_readers.as_ref().unwrap_or(&self.readers)
     }
 
     /// A range at the current revision whose count is the number of its rows, read with
@@ -1007,14 +1027,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         up_to: Revision,
         range: Option<&KeyRange>,
     ) -> Result<Vec<Event>> {
-        let mut tx = self.begin_read().await?;
-        let state = read_state::<D>(&mut tx, keyspace, false).await?;
-        if after + 1 < state.compact_revision {
-            return Err(KineError::Compacted);
-        }
+        // `e.sub` last: the one-statement form orders by it.
         const COLUMNS: &str = "SELECT e.`key`, e.create_revision, e.mod_revision, e.version, \
-             e.lease, e.value, e.deleted, p.`key`, p.create_revision, p.mod_revision, \
-             p.version, p.lease, p.value";
+             e.lease, e.value, e.deleted, p.`key` AS p_key, \
+             p.create_revision AS p_create_revision, p.mod_revision AS p_mod_revision, \
+             p.version AS p_version, p.lease AS p_lease, p.value AS p_value, e.sub";
         let mut sql = if D::HEAD_TABLE {
             // The previous value is the key's newest row before the event, unless a tombstone.
             format!(
@@ -1045,15 +1062,49 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             sql.push_str(" AND e.`key` < ?");
             args.push(Arg::Bytes(end));
         }
-        sql.push_str(" ORDER BY e.mod_revision, e.sub");
-        let rows = fetch_all::<D>(&mut tx, "events", &sql, &args).await?;
-        commit::<D>(tx).await?;
+        let (rows, offset) = if D::ONE_STATEMENT_EVENTS {
+            // One statement, one snapshot: the compaction revision and the events agree as
+            // in a read transaction, for one round trip instead of four (begin, keyspace row,
+            // events, commit): what a watch hub pays for each commit it learns of.
+            let sql = format!(
+                "SELECT s.compact_revision, r.* FROM keyspaces s LEFT JOIN ({sql}) r ON TRUE \
+                 WHERE s.id = ?"
+            );
+            args.push(Arg::Int(keyspace));
+            let mut conn = acquire::<D>(self.watch_pool()).await?;
+            let mut rows = fetch_all::<D>(&mut conn, "events", &sql, &args).await?;
+            let compact_revision = D::DB::int(rows.first().ok_or(KineError::KeyspaceDeleted)?, 0)?;
+            if after + 1 < compact_revision {
+                return Err(KineError::Compacted);
+            }
+            // The keyspace row alone (NULL columns of the join): no events.
+            if D::DB::opt_bytes(&rows[0], 1)?.is_none() {
+                rows.clear();
+            }
+            // The join keeps the rows the subquery chose, not necessarily in its order.
+            let mut keyed = Vec::with_capacity(rows.len());
+            for row in rows {
+                keyed.push(((D::DB::int(&row, 3)?, D::DB::int(&row, 14)?), row));
+            }
+            keyed.sort_unstable_by_key(|(order, _)| *order);
+            (keyed.into_iter().map(|(_, row)| row).collect(), 1)
+        } else {
+            let mut tx = self.begin_read().await?;
+            let state = read_state::<D>(&mut tx, keyspace, false).await?;
+            if after + 1 < state.compact_revision {
+                return Err(KineError::Compacted);
+            }
+            sql.push_str(" ORDER BY e.mod_revision, e.sub");
+            let rows = fetch_all::<D>(&mut tx, "events", &sql, &args).await?;
+            commit::<D>(tx).await?;
+            (rows, 0)
+        };
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let kv = kv_from_row::<D>(&row, 0)?;
-            let deleted = D::DB::flag(&row, 6)?;
-            let prev_kv = match D::DB::opt_bytes(&row, 7)? {
-                Some(_) => Some(kv_from_row::<D>(&row, 7)?),
+            let kv = kv_from_row::<D>(&row, offset)?;
+            let deleted = D::DB::flag(&row, offset + 6)?;
+            let prev_kv = match D::DB::opt_bytes(&row, offset + 7)? {
+                Some(_) => Some(kv_from_row::<D>(&row, offset + 7)?),
                 None => None,
             };
             let (kind, kv) = if deleted {
@@ -1488,8 +1539,29 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         self.poll
     }
 
-    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
-        self.changes.as_ref().map(broadcast::Sender::subscribe)
+    fn feed(&self) -> &Arc<CommitFeed> {
+        &self.feed
+    }
+
+    async fn revisions(&self, keyspaces: &[KeyspaceId]) -> Result<Vec<(KeyspaceId, Revision)>> {
+        let mut revisions = Vec::with_capacity(keyspaces.len());
+        let mut conn = acquire::<D>(self.watch_pool()).await?;
+        for chunk in keyspaces.chunks(POLL_CHUNK) {
+            // Padded to a power of two with its last id, so the statement shapes stay few
+            // (and prepared); a repeated id's row comes back once.
+            let n = chunk.len().next_power_of_two();
+            let mut args: Vec<Arg<'_>> = chunk.iter().map(|&id| Arg::Int(id)).collect();
+            let last = chunk[chunk.len() - 1];
+            args.resize(n, Arg::Int(last));
+            let sql = format!(
+                "SELECT id, revision FROM keyspaces WHERE id IN ({})",
+                placeholders(n)
+            );
+            for row in fetch_all::<D>(&mut conn, "feed_poll", &sql, &args).await? {
+                revisions.push((D::DB::int(&row, 0)?, D::DB::int(&row, 1)?));
+            }
+        }
+        Ok(revisions)
     }
 }
 

@@ -198,7 +198,7 @@ async fn connect(
         readers,
         writers,
         None,
-        None,
+        super::feed::CommitFeed::new(),
         Box::new(Resources {
             _scratch: scratch,
             checkpoints,

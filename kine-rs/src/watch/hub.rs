@@ -2,8 +2,8 @@
 //!
 //! It reads every committed revision once from the backend, in order, and broadcasts it as an
 //! [`EventBatch`] shared by all watch streams (`Arc`: one copy of each event however many
-//! watchers see it). It learns of commits from this process's writer immediately and, for
-//! backends shared by several processes, by polling (or the backend's notifications).
+//! watchers see it). It learns of commits from this process's writer immediately and of other
+//! processes' commits from the process's one change feed ([`crate::storage::feed`]).
 //!
 //! The broadcast buffer ([`Ring`]) is bounded in bytes (`--watch-hub-buffer-bytes`): a stream
 //! that stops reading makes the hub drop the oldest batches, not hold them; that stream then
@@ -11,7 +11,8 @@
 //!
 //! A hub runs only while someone watches: the first subscriber starts its task (and its
 //! broadcast buffer), and the task ends when the last subscriber has gone. A gateway holding
-//! thousands of idle tenants therefore polls nothing for them.
+//! thousands of idle tenants therefore reads nothing for them, and the watched ones share
+//! one feed.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -19,21 +20,22 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 use tracing::warn;
 
 use super::ring::{BatchReceiver, Ring};
 
 use crate::error::KineError;
 use crate::model::{Event, Revision};
-use crate::storage::{Backend, Change, KeyspaceId};
+use crate::storage::feed::Subscription;
+use crate::storage::{Backend, KeyspaceId};
 
 /// Most revisions read from the backend per step.
 const REVISIONS_PER_BATCH: i64 = 1000;
 /// Revisions of the first step, before the size of revisions is known.
 const FIRST_STEP: i64 = 16;
-/// How often a hub checks the backend when nothing told it of a commit.
-const SAFETY_POLL: Duration = Duration::from_secs(1);
+/// How often a running hub checks whether its last subscriber left (no database work).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// The events of the revisions in `(after, revision]`, in order.
 #[derive(Debug)]
@@ -148,7 +150,15 @@ impl WatchHub {
     /// The last broadcast revision and a receiver of every batch after it; starts the hub's
     /// task when it is not running.
     pub async fn subscribe(self: &Arc<Self>) -> (Revision, BatchReceiver) {
+        // A hub that starts from the state read here needs no first read of events.
+        let mut feed = None;
         if !self.running() {
+            // Subscribed to the feed before the state is read, so that what is committed
+            // after the read is announced.
+            let subscription =
+                self.backend
+                    .feed()
+                    .subscribe(self.keyspace, self.published(), &self.backend);
             // Nobody receives batches: skip ahead to the current revision, so the task does
             // not replay what happened while nobody watched (streams read their own history).
             if let Ok(state) = self.backend.state(self.keyspace).await {
@@ -156,6 +166,7 @@ impl WatchHub {
                 if hub.sender.is_none() {
                     hub.published = hub.published.max(state.revision);
                     self.committed.fetch_max(state.revision, Ordering::AcqRel);
+                    feed = Some(subscription);
                 }
             }
         }
@@ -166,7 +177,7 @@ impl WatchHub {
                 let sender = Ring::new(self.buffer_bytes);
                 let receiver = sender.subscribe();
                 hub.sender = Some(sender);
-                tokio::spawn(self.clone().run());
+                tokio::spawn(self.clone().run(feed));
                 receiver
             }
         };
@@ -194,42 +205,51 @@ impl WatchHub {
 
     /// Tails the backend until nobody subscribes any more.
     ///
-    /// It looks when this process's writer commits, when the backend announces a commit of
-    /// another process ([`Backend::changes`]), and every poll interval; a poll first reads
-    /// only the keyspace's counter (one primary-key lookup) and tails only if it moved.
-    async fn run(self: Arc<Self>) {
-        let poll = self.backend.poll_interval().unwrap_or(SAFETY_POLL);
-        let mut changes = self.backend.changes();
+    /// It looks when this process's writer commits (no round trip to learn of it) and when
+    /// the process's change feed announces a commit of the keyspace past what the hub
+    /// published ([`crate::storage::feed`]: another process's commit, announced by the
+    /// database or found by the feed's one poll for all keyspaces); never on a timer of its
+    /// own.
+    ///
+    /// `caught_up`: the feed subscription taken before the hub read the keyspace's current
+    /// revision as its start; without it, the hub subscribes and reads what it may have
+    /// missed first.
+    async fn run(self: Arc<Self>, caught_up: Option<Subscription>) {
         let mut sizer = StepSizer::new(self.tail_step_bytes());
-        // Commits made before the task started.
-        self.tail(&mut sizer).await;
+        let feed = match caught_up {
+            Some(feed) => feed,
+            None => {
+                // Subscribed before the first tail: what is committed later is announced,
+                // what was committed before is read by the tail.
+                let feed =
+                    self.backend
+                        .feed()
+                        .subscribe(self.keyspace, self.published(), &self.backend);
+                self.tail(&mut sizer, None).await;
+                feed
+            }
+        };
+        feed.published(self.published());
         loop {
             if self.idle() {
                 return;
             }
-            let polled = tokio::select! {
-                _ = self.wake.notified() => false,
-                _ = tokio::time::sleep(poll) => true,
-                change = next_change(&mut changes) => match change {
-                    Ok(Change::Keyspace(id)) if id != self.keyspace => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => false,
-                    Err(broadcast::error::RecvError::Closed) => {
-                        changes = None;
-                        false
-                    }
-                },
-            };
-            if polled {
-                match self.backend.state(self.keyspace).await {
-                    Ok(state) if state.revision <= self.published() => continue,
-                    Ok(_) => {}
-                    Err(error) => {
-                        warn!(%error, "watch hub cannot read the keyspace state");
-                        continue;
-                    }
-                }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = feed.changed() => {}
+                // Only to notice that the last subscriber left.
+                _ = tokio::time::sleep(IDLE_CHECK) => continue,
             }
-            self.tail(&mut sizer).await;
+            let published = self.published();
+            let unknown = feed.take_unknown();
+            let target = self.committed.load(Ordering::Acquire).max(feed.announced());
+            if !unknown && target <= published {
+                // The announcement of a commit already published (this process's own,
+                // echoed by the database).
+                continue;
+            }
+            self.tail(&mut sizer, (!unknown).then_some(target)).await;
+            feed.published(self.published());
         }
     }
 
@@ -247,7 +267,10 @@ impl WatchHub {
             .map_or(0, |ring| ring.held_bytes())
     }
 
-    async fn tail(&self, sizer: &mut StepSizer) {
+    /// Reads and broadcasts new events until a read finds none or, when the revision to
+    /// reach is known (`until`), until it is reached: a read that would find nothing more
+    /// costs a statement per commit, and a later commit wakes the hub again anyway.
+    async fn tail(&self, sizer: &mut StepSizer, until: Option<Revision>) {
         loop {
             let after = self.published();
             let step = sizer.step();
@@ -300,6 +323,9 @@ impl WatchHub {
                 },
                 bytes,
             );
+            if until.is_some_and(|until| revision >= until) {
+                return;
+            }
         }
     }
 
@@ -311,15 +337,5 @@ impl WatchHub {
         if let Some(sender) = &hub.sender {
             sender.send(Arc::new(batch), bytes);
         }
-    }
-}
-
-/// The next announcement of `changes`; never, when there are none.
-async fn next_change(
-    changes: &mut Option<broadcast::Receiver<Change>>,
-) -> Result<Change, broadcast::error::RecvError> {
-    match changes {
-        Some(receiver) => receiver.recv().await,
-        None => std::future::pending().await,
     }
 }

@@ -16,7 +16,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode, consumer, response::Response, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::{Mutex, watch};
 use tracing::{error, warn};
 
 use super::codec::{self, Batch, CHUNK_HEADER, parse_chunk};
@@ -24,7 +24,8 @@ use super::errors::unavailable;
 use super::image::{Image, Partial};
 use super::inflight::InFlight;
 use crate::error::{KineError, Result};
-use crate::storage::{Change, KeyspaceId};
+use crate::storage::KeyspaceId;
+use crate::storage::feed::CommitFeed;
 
 /// How long a read waits for the follower to apply what the stream already holds.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,7 +84,7 @@ impl Keyspace {
         js: jetstream::Context,
         bucket: &str,
         id: KeyspaceId,
-        changes: broadcast::Sender<Change>,
+        changes: Arc<CommitFeed>,
     ) -> Result<Arc<Keyspace>> {
         let (stream, subject) = names(bucket, id);
         let (applied, _) = watch::channel(0);
@@ -454,11 +455,7 @@ impl Keyspace {
 }
 
 /// Follows the keyspace's stream until the keyspace is dropped or deleted.
-async fn follow(
-    js: jetstream::Context,
-    keyspace: Weak<Keyspace>,
-    changes: broadcast::Sender<Change>,
-) {
+async fn follow(js: jetstream::Context, keyspace: Weak<Keyspace>, changes: Arc<CommitFeed>) {
     loop {
         let (start, stream, id) = match keyspace.upgrade() {
             Some(k) => (k.read().seq + 1, k.stream.clone(), k.id),
@@ -471,7 +468,7 @@ async fn follow(
         let Some(k) = keyspace.upgrade() else { return };
         match k.last_sequence().await {
             Err(KineError::KeyspaceDeleted) => {
-                let _ = changes.send(Change::Keyspace(id));
+                changes.announce(id, None);
                 return;
             }
             _ => warn!(%stream, %failure, "following the keyspace stream failed; resubscribing"),
@@ -486,7 +483,7 @@ async fn follow_from(
     keyspace: &Weak<Keyspace>,
     stream: &str,
     start: u64,
-    changes: &broadcast::Sender<Change>,
+    changes: &Arc<CommitFeed>,
 ) -> std::result::Result<(), String> {
     let stream = js
         .get_stream_no_info(stream)
@@ -511,7 +508,7 @@ async fn follow_from(
             return Ok(());
         };
         if keyspace.ingest(seq, message.headers.as_ref(), &message.payload) {
-            let _ = changes.send(Change::Keyspace(keyspace.id));
+            changes.announce(keyspace.id, None);
         }
     }
     Err("the ordered consumer ended".into())

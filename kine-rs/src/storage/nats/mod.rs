@@ -88,16 +88,16 @@ use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::broadcast;
 
 use self::directory::Directory;
 use self::endpoint::Endpoint;
 use self::errors::{storage, unavailable};
 use self::keyspace::{Keyspace, names};
 use self::txn::{NatsWriteTxn, effective};
+use super::feed::CommitFeed;
 use super::{
-    Backend, BackendOptions, Change, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery,
-    RangeRows, WriteTxn,
+    Backend, BackendOptions, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery, RangeRows,
+    WriteTxn,
 };
 use crate::error::{KineError, Result};
 use crate::model::{Event, KeyRange, LeaseRecord, Revision};
@@ -116,7 +116,7 @@ pub struct NatsBackend {
     open: std::sync::Mutex<HashMap<KeyspaceId, Arc<Keyspace>>>,
     names: std::sync::Mutex<HashMap<KeyspaceId, String>>,
     opening: tokio::sync::Mutex<()>,
-    changes: broadcast::Sender<Change>,
+    changes: Arc<CommitFeed>,
     max_chunk: usize,
 }
 
@@ -200,7 +200,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<NatsBacken
     let js = jetstream::new(client);
     account_info(&js).await?;
     let directory = Directory::open(&js, &endpoint.bucket, endpoint.replicas).await?;
-    let (changes, _) = broadcast::channel(1024);
+    let changes = CommitFeed::new();
     Ok(NatsBackend {
         js,
         bucket: endpoint.bucket,
@@ -491,7 +491,7 @@ impl Backend for NatsBackend {
             open.mark_deleted();
         }
         self.forget(keyspace);
-        let _ = self.changes.send(Change::Keyspace(keyspace));
+        self.changes.announce(keyspace, None);
         Ok(deleted)
     }
 
@@ -741,7 +741,7 @@ impl Backend for NatsBackend {
         None
     }
 
-    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
-        Some(self.changes.subscribe())
+    fn feed(&self) -> &Arc<CommitFeed> {
+        &self.changes
     }
 }

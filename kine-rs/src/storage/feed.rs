@@ -1,0 +1,215 @@
+//! The change feed: one per process per datastore, for every keyspace this process watches.
+//!
+//! Watch hubs subscribe here while they run (someone watches their keyspace); a hub with no
+//! watchers is not subscribed and costs nothing. The feed learns of commits of other
+//! processes from the datastore's announcements (PostgreSQL's LISTEN/NOTIFY, NATS's followers)
+//! and from one poll per process, whatever the number of watched keyspaces: one statement
+//! reading the revisions of all of them ([`Backend::revisions`]) every
+//! [`Backend::poll_interval`] (MySQL's only source; elsewhere a safety net, once a second).
+//! It wakes only the hubs whose keyspace moved past what they already published, so a
+//! commit this process made (its hub is woken by the writer, without a round trip) and
+//! announced back by the database wakes nobody a second time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tracing::warn;
+
+use super::{Backend, KeyspaceId};
+use crate::model::Revision;
+
+/// How often the feed polls when the backend names no interval: the safety net for
+/// announcements that never came (a write by another tool, a listener that was down).
+pub const SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// One process's feed of commits in one datastore.
+#[derive(Default)]
+pub struct CommitFeed {
+    watched: Mutex<Watched>,
+}
+
+#[derive(Default)]
+struct Watched {
+    hubs: HashMap<KeyspaceId, Vec<Arc<Waker>>>,
+    /// Whether the poll task runs (it ends when nothing is watched).
+    polling: bool,
+}
+
+/// What wakes one subscribed hub.
+#[derive(Default)]
+struct Waker {
+    notify: Notify,
+    /// The revision the hub has published: announcements up to it are not news.
+    published: AtomicI64,
+    /// The highest revision announced.
+    announced: AtomicI64,
+    /// An announcement without a revision came (NATS, an old commit function, a listener
+    /// that reconnected): the hub must look.
+    unknown: AtomicBool,
+}
+
+/// A hub's subscription; dropping it unsubscribes.
+pub struct Subscription {
+    feed: Arc<CommitFeed>,
+    keyspace: KeyspaceId,
+    waker: Arc<Waker>,
+}
+
+impl CommitFeed {
+    pub fn new() -> Arc<Self> {
+        Arc::new(CommitFeed::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes the hub of `keyspace`, which has published `published`; starts the poll
+    /// of `backend` when it is the first subscription.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        keyspace: KeyspaceId,
+        published: Revision,
+        backend: &Arc<dyn Backend>,
+    ) -> Subscription {
+        let waker = Arc::new(Waker::default());
+        waker.published.store(published, Ordering::Release);
+        let mut watched = self.lock();
+        watched
+            .hubs
+            .entry(keyspace)
+            .or_default()
+            .push(waker.clone());
+        if !watched.polling {
+            watched.polling = true;
+            let interval = backend.poll_interval().unwrap_or(SAFETY_POLL);
+            tokio::spawn(poll(
+                Arc::downgrade(self),
+                Arc::downgrade(backend),
+                interval,
+            ));
+        }
+        Subscription {
+            feed: self.clone(),
+            keyspace,
+            waker,
+        }
+    }
+
+    /// A commit of `keyspace` at `revision` (`None`: at some revision not given). Wakes the
+    /// keyspace's hubs that have not published it; nobody when nobody watches it.
+    pub fn announce(&self, keyspace: KeyspaceId, revision: Option<Revision>) {
+        let watched = self.lock();
+        let Some(wakers) = watched.hubs.get(&keyspace) else {
+            return;
+        };
+        for waker in wakers {
+            match revision {
+                Some(revision) => {
+                    if revision <= waker.published.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    waker.announced.fetch_max(revision, Ordering::AcqRel);
+                }
+                None => waker.unknown.store(true, Ordering::Release),
+            }
+            waker.notify.notify_one();
+        }
+    }
+
+    /// Any keyspace may have changed (announcements may have been lost): wakes every hub.
+    pub fn announce_all(&self) {
+        let watched = self.lock();
+        for waker in watched.hubs.values().flatten() {
+            waker.unknown.store(true, Ordering::Release);
+            waker.notify.notify_one();
+        }
+    }
+
+    /// The keyspaces watched in this process.
+    pub fn watched(&self) -> Vec<KeyspaceId> {
+        self.lock().hubs.keys().copied().collect()
+    }
+
+    /// The watched keyspaces, or `None` (and the poll counts as stopped) when there are none.
+    fn poll_targets(&self) -> Option<Vec<KeyspaceId>> {
+        let mut watched = self.lock();
+        if watched.hubs.is_empty() {
+            watched.polling = false;
+            return None;
+        }
+        Some(watched.hubs.keys().copied().collect())
+    }
+}
+
+impl Subscription {
+    /// Waits for an announcement that may concern the hub.
+    pub async fn changed(&self) {
+        self.waker.notify.notified().await;
+    }
+
+    /// Whether an announcement without a revision came since the last call.
+    pub fn take_unknown(&self) -> bool {
+        self.waker.unknown.swap(false, Ordering::AcqRel)
+    }
+
+    /// The highest revision announced.
+    pub fn announced(&self) -> Revision {
+        self.waker.announced.load(Ordering::Acquire)
+    }
+
+    /// The hub published up to `revision`.
+    pub fn published(&self, revision: Revision) {
+        self.waker.published.fetch_max(revision, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut watched = self.feed.lock();
+        if let Some(wakers) = watched.hubs.get_mut(&self.keyspace) {
+            wakers.retain(|waker| !Arc::ptr_eq(waker, &self.waker));
+            if wakers.is_empty() {
+                watched.hubs.remove(&self.keyspace);
+            }
+        }
+    }
+}
+
+/// Reads the revisions of every watched keyspace every `interval`, in one statement per
+/// [`POLL_CHUNK`] keyspaces, and announces them; ends when nothing is watched any more (the
+/// next subscription starts it again) or the feed or backend is gone.
+async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Duration) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(feed) = feed.upgrade() else { return };
+        let Some(ids) = feed.poll_targets() else {
+            return;
+        };
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        match backend.revisions(&ids).await {
+            Ok(revisions) => {
+                failing = false;
+                for (id, revision) in revisions {
+                    feed.announce(id, Some(revision));
+                }
+            }
+            Err(error) => {
+                // Once per outage, not every interval.
+                if !failing {
+                    warn!(%error, "the change feed cannot read the keyspaces' revisions");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Most keyspaces one poll statement reads.
+pub const POLL_CHUNK: usize = 256;

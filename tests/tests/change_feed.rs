@@ -1,0 +1,164 @@
+//! One change feed per process (DESIGN.md, "Seams"): a gateway watching many tenants costs the
+//! database one notification stream or one poll, not a poll per tenant; and every event of a
+//! tenant written through another process sharing the database still reaches its watchers
+//! exactly once, in order (invariant 2).
+//!
+//! What the process asks of the database is counted from its metrics
+//! (`kine_sql_query_duration_seconds_count` by kind of statement), never timed.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
+use kine_tests::conformance::{collect_events, watch};
+use kine_tests::pki::Pki;
+use kine_tests::{Backend, ChildGuard, TestDatabase, free_port, spawn_kine_on};
+
+/// Tenants watched in the first gateway.
+const TENANTS: usize = 24;
+/// How long the watched gateway is left idle while its statements are counted.
+const IDLE: Duration = Duration::from_secs(3);
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+}
+
+/// Statements of kind `query` the process behind `metrics` has issued.
+fn statements(metrics: &str, driver: &str, query: &str) -> f64 {
+    let body = http_get(metrics, "/metrics");
+    let series =
+        format!("kine_sql_query_duration_seconds_count{{driver=\"{driver}\",query=\"{query}\"}}");
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+async fn client_as(kine: &ChildGuard, pki: &Pki, name: &str) -> Result<Client> {
+    let (cert, key) = pki.client(name);
+    let tls = TlsOptions::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca)?))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    let options = ConnectOptions::new()
+        .with_tls(tls)
+        .with_connect_timeout(Duration::from_secs(10));
+    let endpoint = format!("https://{}", kine.address);
+    Ok(Client::connect([endpoint.as_str()], Some(options)).await?)
+}
+
+/// Two gateways on one database. The first holds a watch on each of `TENANTS` tenants: while
+/// nobody writes, it reads no keyspace's state or events (only its feed's poll, one
+/// statement for all of them); then the second gateway writes each tenant twice, and every
+/// watch gets exactly its tenant's two events, in order.
+async fn one_feed_for_many_tenants(backend: Backend, driver: &str) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let dir = tempfile::tempdir()?;
+    let names: Vec<String> = (0..TENANTS).map(|i| format!("feed-{i:02}")).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = Pki::write(dir.path(), &name_refs);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let start = |extra: Vec<String>| {
+        let endpoint = database.endpoint.clone();
+        let mut args: Vec<String> = pki.gateway_args().iter().map(|s| s.to_string()).collect();
+        args.extend(["--compact-interval".to_string(), "0".to_string()]);
+        args.extend(extra);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                spawn_kine_on(&endpoint, dir, &args)
+            })
+            .await
+        }
+    };
+    let watching = start(vec!["--metrics-bind-address".into(), metrics.clone()]).await?;
+    let writing = start(Vec::new()).await?;
+
+    let mut streams = Vec::new();
+    for name in &names {
+        let mut client = client_as(&watching, &pki, name).await?;
+        let (stream, _) = watch(&mut client, "k/", Some(WatchOptions::new().with_prefix())).await?;
+        streams.push((client, stream));
+    }
+
+    // Idle: no per-tenant statement at all, whatever the number of watched tenants.
+    let count = |query: &str| statements(&metrics, driver, query);
+    let (state, events, polls) = (count("state"), count("events"), count("feed_poll"));
+    tokio::time::sleep(IDLE).await;
+    let idle_state = count("state") - state;
+    let idle_events = count("events") - events;
+    let idle_polls = count("feed_poll") - polls;
+    eprintln!(
+        "{driver}: {TENANTS} watched tenants idle for {IDLE:?}: {idle_state} state reads, \
+         {idle_events} event reads, {idle_polls} feed polls"
+    );
+    ensure!(
+        idle_state == 0.0 && idle_events == 0.0,
+        "an idle watched tenant cost statements of its own: {idle_state} state reads, \
+         {idle_events} event reads in {IDLE:?} for {TENANTS} tenants"
+    );
+    ensure!(idle_polls >= 1.0, "the change feed never polled");
+
+    // Writes through the other process reach every watcher, exactly once and in order.
+    let mut revisions = Vec::new();
+    for name in &names {
+        let mut client = client_as(&writing, &pki, name).await?;
+        let first = client.put("k/a", name.as_str(), None).await?;
+        let second = client.put("k/b", name.as_str(), None).await?;
+        revisions.push((
+            first.header().context("header")?.revision(),
+            second.header().context("header")?.revision(),
+        ));
+    }
+    for ((name, (_, stream)), (first, second)) in names.iter().zip(&mut streams).zip(revisions) {
+        let seen = collect_events(stream, 2).await?;
+        let got: Vec<(&str, &str, i64)> = seen
+            .iter()
+            .map(|s| (s.key.as_str(), s.value.as_str(), s.revision))
+            .collect();
+        ensure!(
+            got == [
+                ("k/a", name.as_str(), first),
+                ("k/b", name.as_str(), second)
+            ],
+            "{name}: {got:?}"
+        );
+    }
+    drop((watching, writing));
+    Ok(())
+}
+
+async fn run(backend: Backend, driver: &str) {
+    tokio::time::timeout(
+        Duration::from_secs(180),
+        one_feed_for_many_tenants(backend, driver),
+    )
+    .await
+    .expect("timed out")
+    .expect("one change feed for many tenants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_one_feed_for_many_watched_tenants() {
+    run(Backend::Postgres, "postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_one_feed_for_many_watched_tenants() {
+    run(Backend::Mysql, "mysql").await;
+}
