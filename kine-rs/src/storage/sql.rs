@@ -1769,32 +1769,29 @@ fn current_rows_sql<'a, D: Dialect>(
         .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
         .unwrap_or_default();
     if D::HEAD_TABLE {
-        // The heads, one primary-key lookup per key (a plan no statistics change), then
-        // each head's row by `kv`'s primary key in one LATERAL for all of them (`LIMIT 1`
-        // keeps it a lookup: as a plain join, the generic plan made while the table was new
-        // scanned `kv` for every key, 39 ms per batch read; a LATERAL per key took longer to
-        // plan than to run).
-        let heads = vec![
-            format!(
-                "SELECT keyspace, mod_revision, sub, deleted{row_id} FROM kv_head \
-                 WHERE keyspace = ? AND `key` = ?"
-            );
-            keys.len()
-        ]
-        .join(" UNION ALL ");
-        let row_id = if row_id.is_empty() { "" } else { ", h.row_id" };
+        // For each key of an array parameter its head, then the head's row, each a lookup by
+        // primary key (`LATERAL … LIMIT 1` keeps them lookups whatever the statistics: as a
+        // plain join, the generic plan made while the table was new scanned `kv` for every
+        // key, 39 ms per batch read; as a `UNION ALL` branch per key, the statement took
+        // longer to plan than to run). One shape for any number of keys.
+        let row_id = if row_id.is_empty() {
+            ""
+        } else {
+            ", CAST(h.ctid AS TEXT) AS row_id"
+        };
         let sql = format!(
             "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
-             kv.value, h.deleted{row_id} FROM ({heads}) AS h CROSS JOIN LATERAL (SELECT `key`, \
-             create_revision, mod_revision, version, lease, value FROM kv o \
-             WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
+             kv.value, h.deleted{row_id} FROM unnest(CAST(? AS BYTEA[])) AS k(`key`) \
+             CROSS JOIN LATERAL (SELECT keyspace, mod_revision, sub, deleted, ctid \
+             FROM kv_head WHERE keyspace = ? AND `key` = k.`key` LIMIT 1) AS h \
+             CROSS JOIN LATERAL (SELECT `key`, create_revision, mod_revision, version, lease, \
+             value FROM kv o WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
              AND o.sub = h.sub LIMIT 1) AS kv"
         );
-        let args = keys
-            .iter()
-            .flat_map(|key| [Arg::Int(keyspace), Arg::Bytes(key)])
-            .collect();
-        return (sql, args);
+        return (
+            sql,
+            vec![Arg::ByteStrings(keys.to_vec()), Arg::Int(keyspace)],
+        );
     }
     let select = format!(
         "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
