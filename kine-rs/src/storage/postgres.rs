@@ -11,8 +11,8 @@
 //! new index entry, instead of writing a new version of the superseded row.
 //!
 //! A batch of transactions first costs two round trips: one statement reads the keyspace row
-//! (its counters and its version, the row's `ctid`) with the batch's keys' current rows,
-//! without a lock; then one call of `kine_rs_commit` (migration 0008), in its own implicit
+//! (its counters and its version, the `xmin` of its row) with the batch's keys' current rows,
+//! without a lock; then one call of `kine_rs_commit` (migrations 0008 and 0009), in its own implicit
 //! transaction, takes the lock, checks the row is still that version, appends the rows, moves
 //! the heads, stores the counters, notifies and commits. A keyspace changed in between (another
 //! process's commit, a freeze, a purge) makes the call refuse and write nothing; the writer
@@ -68,11 +68,12 @@ impl Dialect for Postgres {
     );
     const KEY_LISTS: bool = false;
     const ROW_ID: Option<(&'static str, &'static str)> = Some(("ctid", "tid"));
+    const ROW_VERSION: Option<&'static str> = Some("xmin");
     const ARRAYS: bool = true;
     const ONE_STATEMENT_READS: bool = true;
     const ONE_STATEMENT_EVENTS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
-        "SELECT kine_rs_commit(?, CAST(? AS TID), ?, ?, ?, CAST(? AS BYTEA[]), \
+        "SELECT kine_rs_commit(?, CAST(? AS XID), ?, ?, ?, CAST(? AS BYTEA[]), \
          CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
          CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]))",
     );
@@ -277,3 +278,6 @@ async fn create_database(connect: &PgConnectOptions) -> Result<()> {
     let _ = conn.close().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

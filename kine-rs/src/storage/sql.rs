@@ -259,16 +259,22 @@ pub trait Dialect: Send + Sync + 'static {
     /// has one that stays put while the keyspace lock is held (PostgreSQL's `ctid`): rows read
     /// under the lock are superseded through it, whatever the planner's statistics.
     const ROW_ID: Option<(&'static str, &'static str)> = None;
+    /// A hidden column of the keyspace row that changes with every committed update of it and
+    /// never takes a value it had before (PostgreSQL's `xmin`, the writing transaction's id):
+    /// the version a write batch read without the lock, checked when it commits. Not the
+    /// [`ROW_ID`](Dialect::ROW_ID): PostgreSQL reuses a page's line pointers, so a row's
+    /// `ctid` comes back to an earlier value after a few updates.
+    const ROW_VERSION: Option<&'static str> = None;
     /// Array parameters: a batch's rows superseded and inserted with one statement each,
     /// whatever its size (PostgreSQL), instead of multi-row statements in power-of-two shapes.
     const ARRAYS: bool = false;
 
     /// A call committing a whole write batch that was read without the keyspace lock, where
     /// the database has one (PostgreSQL's `kine_rs_commit`, migration 0007). Its parameters:
-    /// keyspace, the [`ROW_ID`](Dialect::ROW_ID) of the keyspace row as read, revision, live
+    /// keyspace, the [`ROW_VERSION`](Dialect::ROW_VERSION) of the keyspace row as read, revision, live
     /// keys, bytes, the row ids and revisions of the rows to supersede, then the new rows as
     /// arrays of their columns. It fails with [`crate::error::KEYSPACE_CHANGED`] when the
-    /// keyspace row changed since the read. Needs [`ROW_ID`](Dialect::ROW_ID) and
+    /// keyspace row changed since the read. Needs [`ROW_VERSION`](Dialect::ROW_VERSION) and
     /// [`ARRAYS`](Dialect::ARRAYS).
     const COMMIT_BATCH: Option<&'static str> = None;
     /// Whether a read at the current revision that needs no separate count may be one
@@ -411,7 +417,7 @@ async fn read_state<D: Dialect>(
     Ok(read_state_row::<D>(conn, keyspace, lock, false).await?.0)
 }
 
-/// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_ID`]; `None`
+/// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_VERSION`]; `None`
 /// without one); with `lock`, under its row lock.
 async fn read_state_version<D: Dialect>(
     conn: &mut Conn<D>,
@@ -427,9 +433,9 @@ async fn read_state_row<D: Dialect>(
     lock: bool,
     with_version: bool,
 ) -> Result<(KeyspaceState, Option<String>)> {
-    let version = D::ROW_ID
+    let version = D::ROW_VERSION
         .filter(|_| with_version)
-        .map(|(column, _)| format!(", CAST({column} AS TEXT)"));
+        .map(|column| format!(", CAST({column} AS TEXT)"));
     let sql = format!(
         "SELECT {STATE_COLUMNS}{} FROM keyspaces WHERE id = ?{}",
         version.as_deref().unwrap_or(""),
@@ -1318,7 +1324,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         keys: &[Bytes],
         optimistic: bool,
     ) -> Result<Box<dyn WriteTxn>> {
-        let Some((column, _)) = D::ROW_ID.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
+        let Some(column) = D::ROW_VERSION.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
         else {
             let mut txn = self.begin_write(keyspace).await?;
             txn.prefetch(keys).await?;
@@ -1668,7 +1674,7 @@ struct SqlWriteTxn<D: Dialect> {
     tx: Option<Transaction<'static, D::DB>>,
     /// Without the lock: the connection the batch reads on, outside any transaction.
     conn: Option<PoolConnection<D::DB>>,
-    /// Without the lock: the version ([`Dialect::ROW_ID`]) of the keyspace row the batch
+    /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
     /// read; the lock, once taken, must find the same one.
     read_version: Option<String>,
     /// Where the lock's transaction comes from.

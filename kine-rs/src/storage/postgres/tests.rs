@@ -1,0 +1,125 @@
+//! Against the PostgreSQL server at `$KINE_TEST_POSTGRES_URL` (the test command starts one at
+//! `postgres://postgres@127.0.0.1:5432/postgres`); a missing server fails the test.
+
+use bytes::Bytes;
+use sqlx::Connection;
+
+use super::*;
+use crate::error::KineError;
+use crate::model::KeyValue;
+use crate::storage::{Backend, KeyspaceId};
+
+fn server_url() -> String {
+    std::env::var("KINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh database's URL on the test server (created by the backend that opens it).
+fn fresh_database_url(tag: &str) -> (String, String) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let name = format!("kine_unit_{tag}_{}_{nanos}", std::process::id());
+    let server = server_url();
+    let base = server
+        .rsplit_once('/')
+        .map_or(server.as_str(), |(base, _)| base);
+    (format!("{base}/{name}"), name)
+}
+
+async fn drop_database(name: &str) {
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&server_url()).await {
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+async fn put_and_commit(backend: &PostgresBackend, keyspace: KeyspaceId, key: &Bytes, value: u64) {
+    let mut txn = backend.begin_write(keyspace).await.expect("begin_write");
+    let revision = txn.state().revision + 1;
+    let kv = KeyValue {
+        key: key.clone(),
+        value: Bytes::from(value.to_string()),
+        create_revision: 2,
+        mod_revision: revision,
+        version: 1,
+        lease: 0,
+    };
+    txn.put(&kv, 0).await.expect("put");
+    txn.commit(revision).await.expect("commit");
+}
+
+async fn keyspace_row_place(conn: &mut sqlx::PgConnection, keyspace: KeyspaceId) -> String {
+    sqlx::query_scalar("SELECT CAST(ctid AS TEXT) FROM keyspaces WHERE id = $1")
+        .bind(keyspace)
+        .fetch_one(conn)
+        .await
+        .expect("the keyspace row's ctid")
+}
+
+/// A write batch that read without the lock is refused when another process committed in
+/// between, even once the keyspace row is back at the place on its page where the batch read
+/// it: PostgreSQL reuses a page's line pointers, so the row's `ctid` recurs after a few
+/// updates. With the `ctid` as the version the stale batch passed the check and failed on a
+/// duplicate revision, instead of a conflict the writer runs again under the lock.
+#[tokio::test]
+async fn a_write_batch_read_before_other_commits_is_refused_when_the_row_is_back_in_place() {
+    let (url, name) = fresh_database_url("version");
+    let options = BackendOptions::default();
+    let first = open(&url, &options).await.expect("open the first backend");
+    let second = open(&url, &options).await.expect("open the second backend");
+    let keyspace = first
+        .keyspace("tenant", true)
+        .await
+        .expect("keyspace")
+        .expect("created");
+    let key = Bytes::from_static(b"/registry/counter");
+    put_and_commit(&second, keyspace, &key, 0).await;
+
+    let mut inspect = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut stale = first
+        .begin_group_write(keyspace, std::slice::from_ref(&key), true)
+        .await
+        .expect("a batch read without the lock");
+    let read_at = keyspace_row_place(&mut inspect, keyspace).await;
+    let read_revision = stale.state().revision;
+
+    // The other process commits until the row is back where the batch read it.
+    let mut commits = 0;
+    loop {
+        commits += 1;
+        put_and_commit(&second, keyspace, &key, commits).await;
+        if keyspace_row_place(&mut inspect, keyspace).await == read_at {
+            break;
+        }
+        assert!(
+            commits < 1_000,
+            "the keyspace row never came back to {read_at}: the premise of this test is gone"
+        );
+    }
+
+    let kv = KeyValue {
+        key: key.clone(),
+        value: Bytes::from_static(b"stale"),
+        create_revision: 2,
+        mod_revision: read_revision + 1,
+        version: 2,
+        lease: 0,
+    };
+    stale.put(&kv, 0).await.expect("put");
+    match stale.commit(read_revision + 1).await {
+        Err(KineError::Conflict(_)) => {}
+        other => panic!(
+            "a batch read before {commits} other commits must be refused as a conflict, got {other:?}"
+        ),
+    }
+    let state = second.state(keyspace).await.expect("state");
+    assert_eq!(state.revision, read_revision + commits as i64);
+    drop(inspect);
+    drop(first);
+    drop(second);
+    drop_database(&name).await;
+}
