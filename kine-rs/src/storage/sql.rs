@@ -417,6 +417,26 @@ async fn read_state<D: Dialect>(
     Ok(read_state_row::<D>(conn, keyspace, lock, false).await?.0)
 }
 
+/// Events without previous values from rows of `kv` (columns [`KV_COLUMNS`], then `deleted`),
+/// in the order read: a history for a migration.
+fn history_events<D: Dialect>(rows: &[Row<D>]) -> Result<Vec<Event>> {
+    rows.iter()
+        .map(|row| {
+            let kv = kv_from_row::<D>(row, 0)?;
+            let (kind, kv) = if D::DB::flag(row, 6)? {
+                (EventType::Delete, tombstone(kv.key, kv.mod_revision))
+            } else {
+                (EventType::Put, kv)
+            };
+            Ok(Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            })
+        })
+        .collect()
+}
+
 /// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_VERSION`]; `None`
 /// without one); with `lock`, under its row lock.
 async fn read_state_version<D: Dialect>(
@@ -1150,21 +1170,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         )
         .await?;
         commit::<D>(tx).await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            let kv = kv_from_row::<D>(&row, 0)?;
-            let (kind, kv) = if D::DB::flag(&row, 6)? {
-                (EventType::Delete, tombstone(kv.key, kv.mod_revision))
-            } else {
-                (EventType::Put, kv)
-            };
-            events.push(Event {
-                r#type: kind as i32,
-                kv: Some(kv),
-                prev_kv: None,
-            });
-        }
-        Ok(events)
+        history_events::<D>(&rows)
     }
 
     async fn history_within(
@@ -1209,20 +1215,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             Some(row) => D::DB::opt_int(row, 7)?,
             None => None,
         };
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            let kv = kv_from_row::<D>(&row, 0)?;
-            let (kind, kv) = if D::DB::flag(&row, 6)? {
-                (EventType::Delete, tombstone(kv.key, kv.mod_revision))
-            } else {
-                (EventType::Put, kv)
-            };
-            events.push(Event {
-                r#type: kind as i32,
-                kv: Some(kv),
-                prev_kv: None,
-            });
-        }
+        let mut events = history_events::<D>(&rows)?;
         let last = events
             .last()
             .and_then(|event| event.kv.as_ref())
