@@ -412,3 +412,71 @@ async fn nats_busy_two_processes_one_database() {
 async fn nats_newest_busy_two_processes_one_database() {
     run_with(Backend::NatsNewest, BUSY_WRITERS, BUSY_PUTS).await;
 }
+
+/// A process that wrote a key, then another process that wrote it after: the first process's
+/// next compare must see the other's write. On PostgreSQL a process remembers what it
+/// committed and starts its next batch from that without reading; a compare decided on it
+/// is stale here, and must be decided again (a failed compare writes nothing, so no commit
+/// call would refuse it), as must the response revision.
+async fn compare_after_another_process_wrote(backend: Backend) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let (_a, mut client_a) = start(database.endpoint.clone()).await?;
+    let (_b, mut client_b) = start(database.endpoint.clone()).await?;
+    for round in 0..5i64 {
+        let key = format!("stale/{round}");
+        // Twice from A: its second batch is the one that starts from what A remembers.
+        client_a.put(key.as_str(), "a1", None).await?;
+        client_a.put(key.as_str(), "a2", None).await?;
+        let written_by_b = client_b.put(key.as_str(), "b", None).await?;
+        let b_revision = written_by_b.header().map(|h| h.revision()).unwrap_or(0);
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 3)])
+            .and_then([TxnOp::put(key.as_str(), "a3", None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let answer = client_a.txn(txn).await?;
+        ensure!(
+            answer.succeeded(),
+            "round {round}: the key's version is 3 after B's put, but A's compare failed \
+             (answered from A's own last commit?)"
+        );
+        let revision = answer.header().map(|h| h.revision()).unwrap_or(0);
+        ensure!(
+            revision == b_revision + 1,
+            "round {round}: A's put after B's revision {b_revision} answered revision {revision}"
+        );
+        // And a compare that fails, answered with the current revision.
+        let failing = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, "b")])
+            .and_then([TxnOp::put(key.as_str(), "never", None)]);
+        client_b.put(key.as_str(), "b2", None).await?;
+        let answer = client_a.txn(failing).await?;
+        let now = client_b.get(key.as_str(), None).await?;
+        ensure!(
+            !answer.succeeded(),
+            "round {round}: a compare with an old value succeeded"
+        );
+        ensure!(
+            answer.header().map(|h| h.revision()) == now.header().map(|h| h.revision()),
+            "round {round}: a failed compare answered a revision older than B's last put"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_compare_after_another_process_wrote() {
+    bounded(
+        Backend::Postgres,
+        compare_after_another_process_wrote(Backend::Postgres),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_compare_after_another_process_wrote() {
+    bounded(
+        Backend::Mysql,
+        compare_after_another_process_wrote(Backend::Mysql),
+    )
+    .await;
+}

@@ -5,7 +5,7 @@
 -- place a batch had read it from, and a batch decided on a stale read passed the check (it
 -- then failed on a duplicate revision instead of being run again under the lock). `xmin`, the
 -- id of the transaction that wrote the row version, changes with every committed update and
--- is never taken again by another one.
+-- is never taken again by another one. The function now answers that new version.
 DROP FUNCTION kine_rs_commit(BIGINT, TID, BIGINT, BIGINT, BIGINT, BYTEA[], BIGINT[], BIGINT[],
     BIGINT[], BIGINT[], BIGINT[], BYTEA[], SMALLINT[]);
 
@@ -23,9 +23,10 @@ CREATE FUNCTION kine_rs_commit(
     p_lease           BIGINT[],
     p_value           BYTEA[],
     p_deleted         SMALLINT[]
-) RETURNS VOID LANGUAGE plpgsql AS $$
+) RETURNS XID LANGUAGE plpgsql AS $$
 DECLARE
     locked XID;
+    written XID;
 BEGIN
     SELECT xmin INTO locked FROM keyspaces WHERE id = p_keyspace FOR UPDATE;
     IF locked IS NULL OR NOT (locked = p_read) THEN
@@ -44,9 +45,13 @@ BEGIN
         sub = EXCLUDED.sub, deleted = EXCLUDED.deleted;
     UPDATE keyspaces SET revision = p_revision, keys_count = p_keys_count,
                          bytes_used = p_bytes_used
-        WHERE id = p_keyspace;
+        WHERE id = p_keyspace
+        RETURNING xmin INTO written;
     -- `keyspace:revision`: a process that reads its own commit's announcement knows it has
     -- already published that revision and wakes nobody.
     PERFORM pg_notify('kine_rs_commits', CAST(p_keyspace AS TEXT) || ':' || CAST(p_revision AS TEXT));
+    -- The row's new version: a process that keeps what it committed starts its next batch
+    -- from it, without reading.
+    RETURN written;
 END
 $$;

@@ -73,9 +73,9 @@ impl Dialect for Postgres {
     const ONE_STATEMENT_READS: bool = true;
     const ONE_STATEMENT_EVENTS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
-        "SELECT kine_rs_commit(?, CAST(? AS XID), ?, ?, ?, CAST(? AS BYTEA[]), \
+        "SELECT CAST(kine_rs_commit(?, CAST(? AS XID), ?, ?, ?, CAST(? AS BYTEA[]), \
          CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
-         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]))",
+         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[])) AS TEXT)",
     );
     const HEAD_TABLE: bool = true;
 

@@ -35,7 +35,10 @@ use crate::model::{
     Event, EventType, KeyRange, KeyValue, LeaseRecord, RangeEnd, Revision, now_ms, tombstone,
 };
 
+mod commit_cache;
 mod tenants;
+
+use commit_cache::{CachedKey, CommitCache};
 
 /// Marks a current row in `kv.superseded`.
 pub const CURRENT: i64 = i64::MAX;
@@ -841,6 +844,9 @@ pub struct SqlBackend<D: Dialect> {
     _guard: Box<dyn Send + Sync>,
     /// Counts of paginated lists' next pages (see [`PageCounts`]).
     page_counts: PageCounts,
+    /// What this process knows of the keyspaces it committed to last, where a write batch
+    /// may commit without reading first (see [`CommitCache`]).
+    commit_cache: Option<Arc<CommitCache>>,
     _dialect: PhantomData<D>,
 }
 
@@ -861,6 +867,8 @@ impl<D: Dialect> SqlBackend<D> {
             watch_readers: None,
             _guard: guard,
             page_counts: PageCounts::default(),
+            commit_cache: (D::HEAD_TABLE && D::COMMIT_BATCH.is_some() && D::ROW_VERSION.is_some())
+                .then(|| Arc::new(CommitCache::default())),
             _dialect: PhantomData,
         }
     }
@@ -1298,6 +1306,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
         Ok(Box::new(SqlWriteTxn::<D> {
+            cache: self.commit_cache.clone(),
+            from_cache: false,
             tx: Some(tx),
             conn: None,
             read_version: None,
@@ -1329,6 +1339,41 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
+        // This process committed to the keyspace last and knows every key: no read; the
+        // commit call's version check refuses the batch if that is no longer so.
+        if let Some(hit) = self
+            .commit_cache
+            .as_ref()
+            .and_then(|cache| cache.lookup(keyspace, &sorted))
+        {
+            let known = hit
+                .keys
+                .into_iter()
+                .map(|(key, cached)| {
+                    let known = KnownKey {
+                        live: cached.live,
+                        stored_current: cached.stored_current,
+                        row_id: None,
+                        pending: None,
+                    };
+                    (key, known)
+                })
+                .collect();
+            return Ok(Box::new(SqlWriteTxn::<D> {
+                cache: self.commit_cache.clone(),
+                from_cache: true,
+                tx: None,
+                conn: Some(conn),
+                read_version: Some(hit.version),
+                writers: self.writers.clone(),
+                keyspace,
+                start: hit.state,
+                state: hit.state,
+                known,
+                supersede: Vec::new(),
+                pending: Vec::new(),
+            }));
+        }
         // Up to 128 keys in this one statement, padded to a power of two: a batch of 100
         // keys was a read of 64 and then lookups of 32 and 4, one after another, while the
         // keyspace's next batch waited.
@@ -1352,6 +1397,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let state = state_from_row::<D>(row, keyspace)?;
         let version = D::DB::text(row, 10)?;
         let mut txn = SqlWriteTxn::<D> {
+            cache: self.commit_cache.clone(),
+            from_cache: false,
             tx: None,
             conn: Some(conn),
             read_version: Some(version),
@@ -1482,6 +1529,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     ) -> Result<u64> {
         // Under the keyspace's row lock, so a purge never races (or deadlocks with) a writer
         // superseding the same rows; one bounded batch holds it only briefly.
+        if let Some(cache) = &self.commit_cache {
+            cache.forget(keyspace);
+        }
         let (mut tx, _) = self.begin_locked(keyspace).await?;
         if D::HEAD_TABLE {
             let purged = purge_after_head::<D>(&mut tx, keyspace, revision, batch).await?;
@@ -1670,6 +1720,10 @@ struct SqlWriteTxn<D: Dialect> {
     /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
     /// read; the lock, once taken, must find the same one.
     read_version: Option<String>,
+    /// Where this process's commits are remembered, if anywhere.
+    cache: Option<Arc<CommitCache>>,
+    /// Whether the batch started from [`CommitCache`] instead of a read.
+    from_cache: bool,
     /// Where the lock's transaction comes from.
     writers: Pool<D::DB>,
     keyspace: KeyspaceId,
@@ -1992,7 +2046,26 @@ impl<D: Dialect> SqlWriteTxn<D> {
             || !self.pending.is_empty()
             || !self.supersede.is_empty();
         if !wrote {
-            // Only reads, answered from one snapshot: nothing to commit.
+            // Only reads, answered from one snapshot: nothing to commit. Unless answered from
+            // what this process committed last: that stands only if it is still the keyspace's
+            // current version (one short read instead of the batch's).
+            if self.from_cache {
+                let Some(conn) = self.conn.as_mut() else {
+                    return Err(KineError::Storage(
+                        "a write batch lost its connection".into(),
+                    ));
+                };
+                let (_, version) = read_state_version::<D>(conn, self.keyspace, false).await?;
+                if version != self.read_version {
+                    if let Some(cache) = &self.cache {
+                        cache.contended(self.keyspace);
+                    }
+                    return Err(KineError::Conflict(format!(
+                        "keyspace {} changed since this process's last commit to it",
+                        self.keyspace
+                    )));
+                }
+            }
             return Ok(());
         }
         let (Some(sql), Some(version)) = (D::COMMIT_BATCH, self.read_version.clone()) else {
@@ -2000,6 +2073,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 "a write batch read without the lock on a database that cannot commit it".into(),
             ));
         };
+        let version_read = version.clone();
         let mut args = vec![
             Arg::Int(self.keyspace),
             Arg::Text(&version),
@@ -2013,7 +2087,38 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 "a write batch lost its connection".into(),
             ));
         };
-        execute::<D>(conn, "commit_batch", sql, &args).await?;
+        let written = match fetch_all::<D>(conn, "commit_batch", sql, &args).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                if let Some(cache) = &self.cache {
+                    match error {
+                        KineError::Conflict(_) if self.from_cache => cache.contended(self.keyspace),
+                        _ => cache.forget(self.keyspace),
+                    }
+                }
+                return Err(error);
+            }
+        };
+        if let Some(cache) = &self.cache {
+            // The function answers the keyspace row's new version; anything else is not
+            // remembered.
+            match written.first().map(|row| D::DB::text(row, 0)) {
+                Some(Ok(version)) => {
+                    let mut state = self.state;
+                    state.revision = revision;
+                    let keys = self.known.drain().map(|(key, known)| {
+                        let stored_current = known.stored_current || known.pending.is_some();
+                        let cached = CachedKey {
+                            live: known.live,
+                            stored_current,
+                        };
+                        (key, cached)
+                    });
+                    cache.store(self.keyspace, &version_read, version, state, keys);
+                }
+                _ => cache.forget(self.keyspace),
+            }
+        }
         Ok(())
     }
 
@@ -2544,6 +2649,9 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             && (D::HEAD_TABLE || self.supersede.iter().all(|row| row.row_id.is_some()))
         {
             return self.commit_unlocked(revision).await;
+        }
+        if let Some(cache) = &self.cache {
+            cache.forget(self.keyspace);
         }
         self.flush().await?;
         if revision != self.start.revision

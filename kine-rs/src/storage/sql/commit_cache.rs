@@ -1,0 +1,243 @@
+//! What this process knows of the keyspaces it committed to last (PostgreSQL): the keyspace
+//! row's version (`xmin`) and counters after its own commit, and the rows of the keys that
+//! commit read or wrote. A write batch whose keys are all known here skips its read and goes
+//! straight to the commit call, whose version check refuses it if anything changed the
+//! keyspace since (another process's commit, a compaction, a freeze): the writer then runs
+//! the batch again under the lock, as after any conflict. The check is what keeps this
+//! correct; the cache only decides how often a batch costs one round trip instead of two.
+//!
+//! A keyspace another process writes to would make every cached batch fail once: after a
+//! conflict the keyspace is left out for a while.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::model::KeyValue;
+use crate::storage::{KeyspaceId, KeyspaceState};
+
+/// Keys and values kept per keyspace; past it the keyspace's keys are dropped and refilled.
+const MAX_BYTES_PER_KEYSPACE: usize = 8 << 20;
+/// Keyspaces kept; past it all are dropped (a gateway's busiest tenants refill it).
+const MAX_KEYSPACES: usize = 256;
+/// How long a keyspace whose cached batch was refused is left out.
+const CONTENDED_FOR: Duration = Duration::from_secs(5);
+/// What a key costs besides its key and value (the map's entry, the `KeyValue`).
+const KEY_OVERHEAD: usize = 96;
+
+/// One key as a write transaction knows it.
+#[derive(Clone)]
+pub(super) struct CachedKey {
+    /// Its live key-value, `None` when it has none (never written, or deleted).
+    pub live: Option<KeyValue>,
+    /// The database holds a current row (head) of it, live or a tombstone.
+    pub stored_current: bool,
+}
+
+/// What a write batch starts from when all its keys are known.
+pub(super) struct Hit {
+    pub version: String,
+    pub state: KeyspaceState,
+    pub keys: Vec<(Bytes, CachedKey)>,
+}
+
+struct Entry {
+    version: String,
+    state: KeyspaceState,
+    keys: HashMap<Bytes, CachedKey>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<KeyspaceId, Entry>,
+    contended: HashMap<KeyspaceId, Instant>,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub(super) struct CommitCache {
+    inner: Mutex<Inner>,
+}
+
+fn cost(key: &Bytes, cached: &CachedKey) -> usize {
+    key.len() + cached.live.as_ref().map_or(0, |kv| kv.value.len()) + KEY_OVERHEAD
+}
+
+impl CommitCache {
+    /// The keyspace as of this process's last commit to it, if every one of `keys` is known.
+    pub fn lookup(&self, keyspace: KeyspaceId, keys: &[&[u8]]) -> Option<Hit> {
+        let inner = self.inner.lock().ok()?;
+        let entry = inner.entries.get(&keyspace)?;
+        let mut known = Vec::with_capacity(keys.len());
+        for key in keys {
+            let (key, cached) = entry.keys.get_key_value(*key)?;
+            known.push((key.clone(), cached.clone()));
+        }
+        Some(Hit {
+            version: entry.version.clone(),
+            state: entry.state,
+            keys: known,
+        })
+    }
+
+    /// Records a commit of this process: the keyspace is now at `version` with `state`, and
+    /// `keys` are as given. Keys known from before stay when the commit started from the
+    /// version they were known at (nothing else changed the keyspace in between).
+    pub fn store(
+        &self,
+        keyspace: KeyspaceId,
+        read_version: &str,
+        version: String,
+        state: KeyspaceState,
+        keys: impl IntoIterator<Item = (Bytes, CachedKey)>,
+    ) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        inner.contended.retain(|_, until| *until > now);
+        if inner.contended.contains_key(&keyspace) {
+            return;
+        }
+        if !inner.entries.contains_key(&keyspace) && inner.entries.len() >= MAX_KEYSPACES {
+            inner.entries.clear();
+        }
+        let entry = inner.entries.entry(keyspace).or_insert_with(|| Entry {
+            version: String::new(),
+            state,
+            keys: HashMap::new(),
+            bytes: 0,
+        });
+        if entry.version != read_version {
+            entry.keys.clear();
+            entry.bytes = 0;
+        }
+        entry.version = version;
+        entry.state = state;
+        for (key, cached) in keys {
+            let added = cost(&key, &cached);
+            if let Some(old) = entry.keys.insert(key.clone(), cached) {
+                entry.bytes -= cost(&key, &old);
+            }
+            entry.bytes += added;
+        }
+        if entry.bytes > MAX_BYTES_PER_KEYSPACE {
+            entry.keys.clear();
+            entry.bytes = 0;
+        }
+    }
+
+    /// Something other than a cached batch changed the keyspace, or may have.
+    pub fn forget(&self, keyspace: KeyspaceId) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.remove(&keyspace);
+        }
+    }
+
+    /// A batch that started from the cache was refused: another process writes here too.
+    pub fn contended(&self, keyspace: KeyspaceId) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.remove(&keyspace);
+            inner
+                .contended
+                .insert(keyspace, Instant::now() + CONTENDED_FOR);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MigrationRole, Quota};
+
+    fn state(revision: i64) -> KeyspaceState {
+        KeyspaceState {
+            id: 1,
+            revision,
+            compact_revision: -1,
+            frozen: false,
+            frozen_at_ms: 0,
+            keys: 0,
+            bytes: 0,
+            quota: Quota::default(),
+            migration: MigrationRole::default(),
+            pinned_revision: 0,
+        }
+    }
+
+    fn live(key: &'static [u8], value: &'static [u8]) -> (Bytes, CachedKey) {
+        let key = Bytes::from_static(key);
+        let kv = KeyValue {
+            key: key.clone(),
+            value: Bytes::from_static(value),
+            ..KeyValue::default()
+        };
+        (
+            key,
+            CachedKey {
+                live: Some(kv),
+                stored_current: true,
+            },
+        )
+    }
+
+    #[test]
+    fn a_batch_hits_only_when_every_key_is_known() {
+        let cache = CommitCache::default();
+        cache.store(1, "", "10".into(), state(2), [live(b"a", b"1")]);
+        assert!(cache.lookup(1, &[b"a".as_slice()]).is_some());
+        assert!(
+            cache
+                .lookup(1, &[b"a".as_slice(), b"b".as_slice()])
+                .is_none()
+        );
+        assert!(cache.lookup(2, &[b"a".as_slice()]).is_none());
+    }
+
+    #[test]
+    fn keys_known_at_another_version_are_dropped() {
+        let cache = CommitCache::default();
+        cache.store(1, "", "10".into(), state(2), [live(b"a", b"1")]);
+        // Continues from version 10: `a` stays.
+        cache.store(1, "10", "11".into(), state(3), [live(b"b", b"2")]);
+        let hit = cache
+            .lookup(1, &[b"a".as_slice(), b"b".as_slice()])
+            .expect("both known");
+        assert_eq!(hit.version, "11");
+        assert_eq!(hit.state.revision, 3);
+        // Read at version 20 (someone else committed): only what that commit knew stays.
+        cache.store(1, "20", "21".into(), state(9), [live(b"c", b"3")]);
+        assert!(cache.lookup(1, &[b"a".as_slice()]).is_none());
+        assert!(cache.lookup(1, &[b"c".as_slice()]).is_some());
+    }
+
+    #[test]
+    fn a_contended_keyspace_is_left_out_and_forgetting_drops_it() {
+        let cache = CommitCache::default();
+        cache.store(1, "", "10".into(), state(2), [live(b"a", b"1")]);
+        cache.contended(1);
+        assert!(cache.lookup(1, &[b"a".as_slice()]).is_none());
+        cache.store(1, "", "12".into(), state(4), [live(b"a", b"1")]);
+        assert!(
+            cache.lookup(1, &[b"a".as_slice()]).is_none(),
+            "stored while contended"
+        );
+        cache.store(2, "", "10".into(), state(2), [live(b"a", b"1")]);
+        cache.forget(2);
+        assert!(cache.lookup(2, &[b"a".as_slice()]).is_none());
+    }
+
+    #[test]
+    fn a_keyspace_past_its_byte_budget_starts_over() {
+        let cache = CommitCache::default();
+        let big: &'static [u8] = Box::leak(vec![0u8; MAX_BYTES_PER_KEYSPACE].into_boxed_slice());
+        cache.store(1, "", "10".into(), state(2), [live(b"a", big)]);
+        assert!(cache.lookup(1, &[b"a".as_slice()]).is_none());
+        // The version is still known: the next commit's keys are kept.
+        cache.store(1, "10", "11".into(), state(3), [live(b"b", b"1")]);
+        assert!(cache.lookup(1, &[b"b".as_slice()]).is_some());
+    }
+}
