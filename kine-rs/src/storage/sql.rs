@@ -1341,38 +1341,50 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         sorted.dedup();
         // This process committed to the keyspace last and knows every key: no read; the
         // commit call's version check refuses the batch if that is no longer so.
-        if let Some(hit) = self
+        let hit = self
             .commit_cache
             .as_ref()
-            .and_then(|cache| cache.lookup(keyspace, &sorted))
-        {
-            let known = hit
-                .keys
-                .into_iter()
-                .map(|(key, cached)| {
-                    let known = KnownKey {
-                        live: cached.live,
-                        stored_current: cached.stored_current,
-                        row_id: None,
-                        pending: None,
-                    };
-                    (key, known)
-                })
-                .collect();
-            return Ok(Box::new(SqlWriteTxn::<D> {
-                cache: self.commit_cache.clone(),
-                from_cache: true,
-                tx: None,
-                conn: Some(conn),
-                read_version: Some(hit.version),
-                writers: self.writers.clone(),
-                keyspace,
-                start: hit.state,
-                state: hit.state,
-                known,
-                supersede: Vec::new(),
-                pending: Vec::new(),
-            }));
+            .and_then(|cache| cache.lookup(keyspace, &sorted));
+        let partial = match hit {
+            Some(hit) if hit.keys.len() == sorted.len() => {
+                let known = hit
+                    .keys
+                    .into_iter()
+                    .map(|(key, cached)| {
+                        let known = KnownKey {
+                            live: cached.live,
+                            stored_current: cached.stored_current,
+                            row_id: None,
+                            pending: None,
+                        };
+                        (key, known)
+                    })
+                    .collect();
+                return Ok(Box::new(SqlWriteTxn::<D> {
+                    cache: self.commit_cache.clone(),
+                    from_cache: true,
+                    tx: None,
+                    conn: Some(conn),
+                    read_version: Some(hit.version),
+                    writers: self.writers.clone(),
+                    keyspace,
+                    start: hit.state,
+                    state: hit.state,
+                    known,
+                    supersede: Vec::new(),
+                    pending: Vec::new(),
+                }));
+            }
+            Some(hit) if !hit.keys.is_empty() => Some(hit),
+            _ => None,
+        };
+        // Keys known at the cached version are read only if the keyspace moved on since.
+        if let Some(hit) = &partial {
+            sorted.retain(|key| {
+                hit.keys
+                    .binary_search_by(|(known, _)| known.as_ref().cmp(*key))
+                    .is_err()
+            });
         }
         // Up to 128 keys in this one statement, padded to a power of two: a batch of 100
         // keys was a read of 64 and then lookups of 32 and 4, one after another, while the
@@ -1412,6 +1424,25 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         };
         if !first.is_empty() {
             txn.remember(first, &rows, 11)?;
+        }
+        if let Some(hit) = partial {
+            let current = txn.read_version.as_deref() == Some(hit.version.as_str());
+            let mut stale = Vec::new();
+            for (key, cached) in hit.keys {
+                if current {
+                    let known = KnownKey {
+                        live: cached.live,
+                        stored_current: cached.stored_current,
+                        row_id: None,
+                        pending: None,
+                    };
+                    txn.known.insert(key, known);
+                } else {
+                    stale.push(key);
+                }
+            }
+            let stale: Vec<&[u8]> = stale.iter().map(|key| key.as_ref()).collect();
+            txn.load(&stale).await?;
         }
         txn.load(rest).await?;
         Ok(Box::new(txn))
