@@ -18,6 +18,9 @@
 //! process's commit, a freeze, a purge) makes the call refuse and write nothing; the writer
 //! runs the batch again under the lock. A batch that needs more than point reads and writes
 //! (a range read, a lease, a compaction, a freeze) takes the lock as soon as it does.
+//! A batch whose keys this process committed last skips the read: the function answers the
+//! row's new version, and the next batch starts from what this process remembers of it
+//! (`sql/commit_cache.rs`); the version check refuses it if anything changed since.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -1350,15 +1350,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                 let known = hit
                     .keys
                     .into_iter()
-                    .map(|(key, cached)| {
-                        let known = KnownKey {
-                            live: cached.live,
-                            stored_current: cached.stored_current,
-                            row_id: None,
-                            pending: None,
-                        };
-                        (key, known)
-                    })
+                    .map(|(key, cached)| (key, KnownKey::from(cached)))
                     .collect();
                 return Ok(Box::new(SqlWriteTxn::<D> {
                     cache: self.commit_cache.clone(),
@@ -1430,13 +1422,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             let mut stale = Vec::new();
             for (key, cached) in hit.keys {
                 if current {
-                    let known = KnownKey {
-                        live: cached.live,
-                        stored_current: cached.stored_current,
-                        row_id: None,
-                        pending: None,
-                    };
-                    txn.known.insert(key, known);
+                    txn.known.insert(key, KnownKey::from(cached));
                 } else {
                     stale.push(key);
                 }
@@ -1781,6 +1767,18 @@ struct KnownKey {
     row_id: Option<String>,
     /// Index in `pending` of the key's newest unwritten row.
     pending: Option<usize>,
+}
+
+impl From<CachedKey> for KnownKey {
+    /// A key as this process's last commit to the keyspace left it.
+    fn from(cached: CachedKey) -> Self {
+        KnownKey {
+            live: cached.live,
+            stored_current: cached.stored_current,
+            row_id: None,
+            pending: None,
+        }
+    }
 }
 
 /// A stored current row to supersede.
