@@ -55,6 +55,7 @@ use crate::error::{KineError, Result};
 use crate::model::{KeyRange, KeyValue, RangeEnd, Revision};
 use crate::range;
 use crate::storage::{Backend, KeyspaceId, RangeQuery, RangeRows, WriteTxn};
+use crate::watch::hub::EventLog;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -495,6 +496,8 @@ pub struct Applier<'t> {
     sub: &'t mut i64,
     /// Wide reads made before the lock was taken, caught up here.
     pre_reads: Option<&'t PreReads>,
+    /// Where the events of the writes go, for the keyspace's watch hub.
+    events: Option<&'t mut EventLog>,
 }
 
 impl<'t> Applier<'t> {
@@ -506,7 +509,14 @@ impl<'t> Applier<'t> {
             writes: 0,
             sub,
             pre_reads: None,
+            events: None,
         }
+    }
+
+    /// Records the events of its writes in `events`.
+    pub fn with_events(mut self, events: &'t mut EventLog) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Serves the transaction's wide reads from `pre_reads` where it can.
@@ -865,6 +875,9 @@ impl<'t> Applier<'t> {
         self.txn.put(&kv, *self.sub).await?;
         *self.sub += 1;
         self.writes += 1;
+        if let Some(events) = self.events.as_deref_mut() {
+            events.put(&kv, previous.as_ref());
+        }
         Ok(PutResponse {
             header: Some(header(revision)),
             prev_kv: if request.prev_kv { previous } else { None },
@@ -879,6 +892,9 @@ impl<'t> Applier<'t> {
             self.txn.delete(&kv.key, revision, *self.sub).await?;
             *self.sub += 1;
             self.writes += 1;
+            if let Some(events) = self.events.as_deref_mut() {
+                events.delete(kv, revision);
+            }
         }
         Ok(DeleteRangeResponse {
             header: Some(header(self.revision())),
@@ -891,6 +907,12 @@ impl<'t> Applier<'t> {
     pub async fn revoke(&mut self, id: i64) -> Result<()> {
         let keys = self.txn.lease_keys(id).await?;
         let revision = self.base + 1;
+        if !keys.is_empty()
+            && let Some(events) = self.events.as_deref_mut()
+        {
+            // The keys' values are not read here: the hub reads these events back.
+            events.give_up();
+        }
         for key in keys {
             self.txn.delete(&key, revision, *self.sub).await?;
             *self.sub += 1;

@@ -23,7 +23,7 @@ use crate::storage::{
     Backend, KeyspaceId, KeyspaceState, MigrationRole, PendingCommit, Quota, WriteTxn,
 };
 use crate::txn::{Applier, PreReads, has_writes, point_keys, put_costs};
-use crate::watch::hub::WatchHub;
+use crate::watch::hub::{EventLog, WatchHub};
 
 /// Most requests that share one database transaction.
 const MAX_BATCH: usize = 256;
@@ -106,10 +106,19 @@ fn conflict_pause(conflicts: u32) -> std::time::Duration {
 /// A batch whose commit is on its way.
 struct Flying {
     commands: Vec<WriteCommand>,
-    outcomes: Vec<Result<WriteOutcome>>,
-    revision: Revision,
+    applied: Applied,
     purge_at: Option<Revision>,
     ack: PendingCommit,
+}
+
+/// What evaluating a batch produced.
+struct Applied {
+    outcomes: Vec<Result<WriteOutcome>>,
+    /// The keyspace's revision before the batch, and after it.
+    after: Revision,
+    revision: Revision,
+    /// The events of its writes, for the watch hub ([`EventLog`]).
+    events: Option<Vec<crate::model::Event>>,
 }
 
 /// What the writer waits for next.
@@ -126,6 +135,13 @@ struct Writer {
     hub: Arc<WatchHub>,
     /// The last lease id this writer chose (see [`new_lease_id`]).
     last_lease_id: i64,
+}
+
+impl Drop for Writer {
+    /// A writer that stops leaves no commit for the hub to wait for.
+    fn drop(&mut self) {
+        self.hub.settled(None);
+    }
 }
 
 /// Runs the writer of `keyspace` until every sender is gone.
@@ -209,11 +225,10 @@ pub async fn run(
             writer.settle(batch, acked).await;
         }
         match attempt {
-            Ok((outcomes, revision, ack)) => {
+            Ok((applied, ack)) => {
                 flying = Some(Flying {
                     commands,
-                    outcomes,
-                    revision,
+                    applied,
                     purge_at,
                     ack,
                 });
@@ -243,7 +258,7 @@ impl Writer {
         &mut self,
         commands: &[WriteCommand],
         purge_at: &mut Option<Revision>,
-    ) -> Result<(Vec<Result<WriteOutcome>>, Revision, PendingCommit)> {
+    ) -> Result<(Applied, PendingCommit)> {
         // Batches of transactions only may be read without the keyspace lock held across
         // their round trips (PostgreSQL: one read, one commit call); a conflict runs the batch
         // again under it (`commit_alone`).
@@ -254,9 +269,10 @@ impl Writer {
             .backend
             .begin_group_write(self.keyspace, &batch_keys(commands), optimistic)
             .await?;
-        let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
-        let ack = txn.commit_pipelined(revision).await?;
-        Ok((outcomes, revision, ack))
+        let (txn, applied) = self.evaluate(txn, commands, purge_at).await?;
+        self.hub.writing(applied.revision);
+        let ack = txn.commit_pipelined(applied.revision).await?;
+        Ok((applied, ack))
     }
 
     /// Finishes a batch whose commit has come back: answers it, or evaluates it again on its
@@ -264,13 +280,12 @@ impl Writer {
     async fn settle(&mut self, batch: Flying, acked: Result<()>) {
         let Flying {
             commands,
-            outcomes,
-            revision,
+            applied,
             mut purge_at,
             ..
         } = batch;
         let result = match acked {
-            Ok(()) => Ok((outcomes, revision)),
+            Ok(()) => Ok(applied),
             Err(KineError::Conflict(_)) => self.commit_alone(&commands, &mut purge_at).await,
             Err(error) => Err(error),
         };
@@ -291,9 +306,10 @@ impl Writer {
             let attempt = async {
                 let mut txn = self.backend.begin_write(self.keyspace).await?;
                 txn.prefetch(&batch_keys(commands)).await?;
-                let (txn, outcomes, revision) = self.evaluate(txn, commands, purge_at).await?;
-                txn.commit(revision).await?;
-                Ok((outcomes, revision))
+                let (txn, applied) = self.evaluate(txn, commands, purge_at).await?;
+                self.hub.writing(applied.revision);
+                txn.commit(applied.revision).await?;
+                Ok(applied)
             }
             .await;
             match attempt {
@@ -315,13 +331,17 @@ impl Writer {
         mut purge_at: Option<Revision>,
     ) {
         match result {
-            Ok((outcomes, revision)) => {
-                self.hub.committed(revision);
-                for (command, outcome) in commands.into_iter().zip(outcomes) {
+            Ok(applied) => {
+                let revision = applied.revision;
+                self.hub
+                    .committed_events(applied.after, revision, applied.events);
+                self.hub.settled(Some(revision));
+                for (command, outcome) in commands.into_iter().zip(applied.outcomes) {
                     let _ = command.reply.send(outcome);
                 }
             }
             Err(error) => {
+                self.hub.settled(None);
                 warn!(%error, "write transaction failed");
                 for command in commands {
                     let _ = command.reply.send(Err(error.clone()));
@@ -347,17 +367,23 @@ impl Writer {
         mut txn: Box<dyn WriteTxn>,
         commands: &[WriteCommand],
         purge_at: &mut Option<Revision>,
-    ) -> Result<(Box<dyn WriteTxn>, Vec<Result<WriteOutcome>>, Revision)> {
-        let mut revision = txn.state().revision;
+    ) -> Result<(Box<dyn WriteTxn>, Applied)> {
+        let after = txn.state().revision;
+        let mut revision = after;
         let mut sub = 0i64;
         let mut outcomes = Vec::with_capacity(commands.len());
+        // Recorded only while someone watches the keyspace.
+        let mut events = EventLog::new(self.hub.running());
         for command in commands {
             let outcome = apply_one(
                 &mut *txn,
                 &self.tenant,
                 &command.op,
-                &mut revision,
-                &mut sub,
+                Cursor {
+                    revision: &mut revision,
+                    sub: &mut sub,
+                    events: &mut events,
+                },
                 purge_at,
                 &mut self.last_lease_id,
             )
@@ -367,7 +393,15 @@ impl Writer {
                 outcome => outcomes.push(outcome),
             }
         }
-        Ok((txn, outcomes, revision))
+        Ok((
+            txn,
+            Applied {
+                outcomes,
+                after,
+                revision,
+                events: events.into_events(),
+            },
+        ))
     }
 }
 
@@ -384,7 +418,15 @@ pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revisi
     Ok(())
 }
 
-type BatchResult = Result<(Vec<Result<WriteOutcome>>, Revision)>;
+type BatchResult = Result<Applied>;
+
+/// Where a batch stands while its requests are applied one by one: the revision so far, the
+/// next row's position in it, and the events written.
+struct Cursor<'a> {
+    revision: &'a mut Revision,
+    sub: &'a mut i64,
+    events: &'a mut EventLog,
+}
 
 /// The keys a batch's transactions name, to look up in one go before it is applied.
 fn batch_keys(commands: &[WriteCommand]) -> Vec<Bytes> {
@@ -401,11 +443,15 @@ async fn apply_one(
     txn: &mut dyn WriteTxn,
     tenant: &str,
     op: &WriteOp,
-    revision: &mut Revision,
-    sub: &mut i64,
+    cursor: Cursor<'_>,
     purge_at: &mut Option<Revision>,
     last_lease_id: &mut i64,
 ) -> Result<WriteOutcome> {
+    let Cursor {
+        revision,
+        sub,
+        events,
+    } = cursor;
     let frozen = || KineError::Frozen {
         tenant: tenant.to_string(),
     };
@@ -426,7 +472,9 @@ async fn apply_one(
                 return Err(frozen());
             }
             check_quota(txn, &state, request).await?;
-            let mut applier = Applier::new(txn, *revision, sub).with_pre_reads(pre_reads.as_ref());
+            let mut applier = Applier::new(txn, *revision, sub)
+                .with_pre_reads(pre_reads.as_ref())
+                .with_events(events);
             let response = applier.txn(request, *plain_put).await?;
             *revision = applier.revision();
             Ok(WriteOutcome::Txn(response))
@@ -493,7 +541,7 @@ async fn apply_one(
             if txn.lease(*id).await?.is_none() {
                 return Err(KineError::LeaseNotFound);
             }
-            let mut applier = Applier::new(txn, *revision, sub);
+            let mut applier = Applier::new(txn, *revision, sub).with_events(events);
             applier.revoke(*id).await?;
             *revision = applier.revision();
             Ok(WriteOutcome::Done(*revision))
@@ -505,7 +553,7 @@ async fn apply_one(
                 .await?
                 .is_some_and(|lease| lease.expires_at_ms <= now);
             if !state.frozen && expired && txn.claim_expiry(*id, now).await? {
-                let mut applier = Applier::new(txn, *revision, sub);
+                let mut applier = Applier::new(txn, *revision, sub).with_events(events);
                 applier.revoke(*id).await?;
                 *revision = applier.revision();
             }

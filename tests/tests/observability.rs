@@ -674,3 +674,137 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
     });
     assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
 }
+
+/// A watcher of a keyspace this process writes gets the events of those writes from the
+/// writer itself, previous values included: none is read back from the datastore (`events`).
+/// A lease revoke, whose deleted values the writer does not read, is read back.
+fn watchers_get_this_process_writes_without_reading_them_back(
+    backend: kine_tests::Backend,
+    driver: &str,
+) {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(backend, &["--metrics-bind-address", &metrics_address]);
+    let reads = || {
+        let body = http_get(&metrics_address, "/metrics");
+        sample(
+            &body,
+            &format!(
+                "kine_sql_query_duration_seconds_count{{driver=\"{driver}\",query=\"events\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        client.put("w/a", "0", None).await.expect("put");
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_prev_key();
+        let mut stream = client.watch("w/", Some(options)).await.expect("watch");
+        let created = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("created within 10 s")
+            .expect("watch stream")
+            .expect("watch open");
+        assert!(created.created(), "the first answer creates the watch");
+        // (type, key, value, version, previous value) of each event, in order.
+        type Seen = (i32, String, String, i64, Option<String>);
+        let mut next_events = async |n: usize| -> Vec<Seen> {
+            let mut seen = Vec::new();
+            while seen.len() < n {
+                let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                    .await
+                    .expect("events within 10 s")
+                    .expect("watch stream")
+                    .expect("watch open");
+                for event in response.events() {
+                    let kv = event.kv().expect("kv");
+                    seen.push((
+                        event.event_type() as i32,
+                        kv.key_str().expect("utf-8").to_string(),
+                        kv.value_str().expect("utf-8").to_string(),
+                        kv.version(),
+                        event
+                            .prev_kv()
+                            .map(|prev| prev.value_str().expect("utf-8").to_string()),
+                    ));
+                }
+            }
+            seen
+        };
+        let put = etcd_client::EventType::Put as i32;
+        let delete = etcd_client::EventType::Delete as i32;
+        client.put("w/a", "1", None).await.expect("put");
+        assert_eq!(
+            next_events(1).await,
+            [(put, "w/a".into(), "1".into(), 2, Some("0".into()))]
+        );
+        let before = reads();
+
+        client.put("w/b", "2", None).await.expect("put");
+        let txn = etcd_client::Txn::new().and_then([
+            etcd_client::TxnOp::put("w/c", "3", None),
+            etcd_client::TxnOp::put("w/a", "4", None),
+        ]);
+        assert!(client.txn(txn).await.expect("txn").succeeded());
+        client.delete("w/b", None).await.expect("delete");
+        // Many writers at once: group commits of several revisions each.
+        let writes = (0..32).map(|i| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .put(format!("w/many/{i:02}"), "x", None)
+                    .await
+                    .expect("put")
+            }
+        });
+        futures::future::join_all(writes).await;
+        let seen = next_events(4 + 32).await;
+        assert_eq!(
+            seen[..4],
+            [
+                (put, "w/b".into(), "2".into(), 1, None),
+                (put, "w/c".into(), "3".into(), 1, None),
+                (put, "w/a".into(), "4".into(), 3, Some("1".into())),
+                (delete, "w/b".into(), String::new(), 0, Some("2".into())),
+            ]
+        );
+        let mut many: Vec<&str> = seen[4..].iter().map(|e| e.1.as_str()).collect();
+        many.sort_unstable();
+        many.dedup();
+        assert_eq!(many.len(), 32, "each write's event once");
+        assert_eq!(reads(), before, "events read back from the datastore");
+
+        let lease = client.lease_grant(60, None).await.expect("grant").id();
+        let with_lease = etcd_client::PutOptions::new().with_lease(lease);
+        client.put("w/l", "5", Some(with_lease)).await.expect("put");
+        client.lease_revoke(lease).await.expect("revoke");
+        assert_eq!(
+            next_events(2).await,
+            [
+                (put, "w/l".into(), "5".into(), 1, None),
+                (delete, "w/l".into(), String::new(), 0, Some("5".into())),
+            ]
+        );
+        assert!(reads() > before, "a revoke's events are read back");
+    });
+}
+
+#[test]
+fn sqlite_watchers_get_this_process_writes_without_reading_them_back() {
+    watchers_get_this_process_writes_without_reading_them_back(
+        kine_tests::Backend::Sqlite,
+        "sqlite",
+    );
+}
+
+#[test]
+fn postgres_watchers_get_this_process_writes_without_reading_them_back() {
+    watchers_get_this_process_writes_without_reading_them_back(
+        kine_tests::Backend::Postgres,
+        "postgres",
+    );
+}

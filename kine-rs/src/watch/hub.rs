@@ -1,9 +1,11 @@
 //! The watch hub of one keyspace.
 //!
-//! It reads every committed revision once from the backend, in order, and broadcasts it as an
-//! [`EventBatch`] shared by all watch streams (`Arc`: one copy of each event however many
-//! watchers see it). It learns of commits from this process's writer immediately and of other
-//! processes' commits from the process's one change feed ([`crate::storage::feed`]).
+//! It broadcasts every committed revision once, in order, as an [`EventBatch`] shared by all
+//! watch streams (`Arc`: one copy of each event however many watchers see it). This
+//! process's writer hands it the events of its own commits ([`EventLog`]), so a gateway's
+//! watchers get a write's events without a read of it; other processes' commits, announced by
+//! the process's one change feed ([`crate::storage::feed`]), and any gap it cannot close
+//! from what it was handed, it reads from the backend.
 //!
 //! The broadcast buffer ([`Ring`]) is bounded in bytes (`--watch-hub-buffer-bytes`): a stream
 //! that stops reading makes the hub drop the oldest batches, not hold them; that stream then
@@ -26,7 +28,7 @@ use tracing::warn;
 use super::ring::{BatchReceiver, Ring};
 
 use crate::error::KineError;
-use crate::model::{Event, Revision};
+use crate::model::{Event, EventType, KeyValue, Revision, tombstone};
 use crate::storage::feed::Subscription;
 use crate::storage::{Backend, KeyspaceId};
 
@@ -45,6 +47,56 @@ pub struct EventBatch {
     pub events: Vec<Event>,
 }
 
+/// The events a write batch makes, in the order it writes them, recorded as it is applied so
+/// that the hub need not read them back. A batch that makes a write it cannot describe
+/// (revoking a lease deletes keys whose values it has not read) gives up, and the hub reads
+/// that batch's revisions instead.
+#[derive(Debug)]
+pub struct EventLog {
+    events: Option<Vec<Event>>,
+}
+
+impl EventLog {
+    /// A log that records (`true`: someone watches the keyspace) or one that does not.
+    pub fn new(record: bool) -> Self {
+        EventLog {
+            events: record.then(Vec::new),
+        }
+    }
+
+    /// `kv` written over `previous` (the key's live value before, if it had one).
+    pub fn put(&mut self, kv: &KeyValue, previous: Option<&KeyValue>) {
+        if let Some(events) = &mut self.events {
+            events.push(Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv.clone()),
+                prev_kv: previous.cloned(),
+            });
+        }
+    }
+
+    /// `previous` deleted at `revision`.
+    pub fn delete(&mut self, previous: &KeyValue, revision: Revision) {
+        if let Some(events) = &mut self.events {
+            events.push(Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(tombstone(previous.key.clone(), revision)),
+                prev_kv: Some(previous.clone()),
+            });
+        }
+    }
+
+    /// A write was made that this log does not describe.
+    pub fn give_up(&mut self) {
+        self.events = None;
+    }
+
+    /// The recorded events, unless the log gave up or never recorded.
+    pub fn into_events(self) -> Option<Vec<Event>> {
+        self.events
+    }
+}
+
 /// Broadcasts one keyspace's committed events.
 pub struct WatchHub {
     backend: Arc<dyn Backend>,
@@ -56,6 +108,10 @@ pub struct WatchHub {
     wake: Notify,
     /// The highest revision this process knows to be committed.
     committed: AtomicI64,
+    /// The highest revision this process's writer is committing (0: none): an announcement
+    /// of it (the database's echo of the commit can come before the writer hears back) is
+    /// left to the writer, which hands the hub its events.
+    writing: AtomicI64,
     /// Most bytes of batches held for streams that have not read them.
     buffer_bytes: usize,
 }
@@ -123,6 +179,7 @@ impl WatchHub {
             }),
             wake: Notify::new(),
             committed: AtomicI64::new(published),
+            writing: AtomicI64::new(0),
         }
     }
 
@@ -139,6 +196,54 @@ impl WatchHub {
     pub fn committed(&self, revision: Revision) {
         self.committed.fetch_max(revision, Ordering::AcqRel);
         self.wake.notify_one();
+    }
+
+    /// This process's writer is committing revisions up to `revision`.
+    pub fn writing(&self, revision: Revision) {
+        self.writing.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// This process's writer settled its commits up to `revision` (`None`: all of them, or
+    /// they failed); it has told the hub what committed.
+    pub fn settled(&self, revision: Option<Revision>) {
+        let _ = self
+            .writing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |writing| {
+                revision
+                    .is_none_or(|revision| writing <= revision)
+                    .then_some(0)
+            });
+        self.wake.notify_one();
+    }
+
+    /// This process's writer committed the revisions in `(after, revision]`, making `events`
+    /// (`None`: not recorded). When the hub runs and has published exactly up to `after`,
+    /// it broadcasts them at once; otherwise (a gap: another process's commits not read yet)
+    /// its task reads them.
+    pub fn committed_events(
+        &self,
+        after: Revision,
+        revision: Revision,
+        events: Option<Vec<Event>>,
+    ) {
+        if let Some(events) = events
+            && revision > after
+        {
+            let mut hub = self.lock();
+            if hub.sender.is_some() && hub.published == after {
+                let bytes = events_bytes(&events);
+                Self::send(
+                    &mut hub,
+                    EventBatch {
+                        after,
+                        revision,
+                        events,
+                    },
+                    bytes,
+                );
+            }
+        }
+        self.committed(revision);
     }
 
     /// The newest revision known to be committed: what headers of responses that do not read
@@ -244,8 +349,14 @@ impl WatchHub {
             let unknown = feed.take_unknown();
             let target = self.committed.load(Ordering::Acquire).max(feed.announced());
             if !unknown && target <= published {
-                // The announcement of a commit already published (this process's own,
-                // echoed by the database).
+                // A commit already published: this process's own, handed over by its
+                // writer or echoed by the database.
+                feed.published(published);
+                continue;
+            }
+            if !unknown && target <= self.writing.load(Ordering::Acquire) {
+                // This process's own commit, announced before its writer heard back: the
+                // writer hands its events over (or, if it failed, wakes the hub again).
                 continue;
             }
             self.tail(&mut sizer, (!unknown).then_some(target)).await;
@@ -329,10 +440,30 @@ impl WatchHub {
         }
     }
 
-    fn publish(&self, batch: EventBatch, bytes: usize) {
+    /// Broadcasts a batch the task read. The writer may have published some of its revisions
+    /// meanwhile ([`WatchHub::committed_events`]): only what follows them goes out.
+    fn publish(&self, mut batch: EventBatch, mut bytes: usize) {
         let mut hub = self.lock();
+        if batch.revision <= hub.published {
+            return;
+        }
+        if batch.after < hub.published {
+            let published = hub.published;
+            batch.events.retain(|event| {
+                event
+                    .kv
+                    .as_ref()
+                    .is_some_and(|kv| kv.mod_revision > published)
+            });
+            batch.after = published;
+            bytes = events_bytes(&batch.events);
+        }
+        Self::send(&mut hub, batch, bytes);
+    }
+
+    /// Publishes `batch`, which follows what was published, under the state lock.
+    fn send(hub: &mut HubState, batch: EventBatch, bytes: usize) {
         hub.published = batch.revision;
-        self.committed.fetch_max(batch.revision, Ordering::AcqRel);
         // No receivers is fine: nobody watches.
         if let Some(sender) = &hub.sender {
             sender.send(Arc::new(batch), bytes);
