@@ -16,11 +16,13 @@
 //! thousands of idle tenants therefore reads nothing for them, and the watched ones share
 //! one feed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use prost::Message;
 use tokio::sync::Notify;
 use tracing::warn;
@@ -54,6 +56,11 @@ pub struct EventBatch {
 #[derive(Debug)]
 pub struct EventLog {
     events: Option<Vec<Event>>,
+    /// The revision of the last event, and the value each key it wrote had before that
+    /// revision: an event's `prev_kv` is its key at the revision before (etcd's), also when
+    /// the same transaction wrote the key earlier (a put, then a delete of a range holding it).
+    revision: Revision,
+    before: HashMap<Bytes, Option<KeyValue>>,
 }
 
 impl EventLog {
@@ -61,29 +68,53 @@ impl EventLog {
     pub fn new(record: bool) -> Self {
         EventLog {
             events: record.then(Vec::new),
+            revision: 0,
+            before: HashMap::new(),
         }
     }
 
-    /// `kv` written over `previous` (the key's live value before, if it had one).
-    pub fn put(&mut self, kv: &KeyValue, previous: Option<&KeyValue>) {
+    /// `kv` written over `current` (the key's live value when it was written).
+    pub fn put(&mut self, kv: &KeyValue, current: Option<&KeyValue>) {
+        let prev_kv = self.before(&kv.key, kv.mod_revision, current);
         if let Some(events) = &mut self.events {
             events.push(Event {
                 r#type: EventType::Put as i32,
                 kv: Some(kv.clone()),
-                prev_kv: previous.cloned(),
+                prev_kv,
             });
         }
     }
 
-    /// `previous` deleted at `revision`.
-    pub fn delete(&mut self, previous: &KeyValue, revision: Revision) {
+    /// `current` (the key's live value) deleted at `revision`.
+    pub fn delete(&mut self, current: &KeyValue, revision: Revision) {
+        let prev_kv = self.before(&current.key, revision, Some(current));
         if let Some(events) = &mut self.events {
             events.push(Event {
                 r#type: EventType::Delete as i32,
-                kv: Some(tombstone(previous.key.clone(), revision)),
-                prev_kv: Some(previous.clone()),
+                kv: Some(tombstone(current.key.clone(), revision)),
+                prev_kv,
             });
         }
+    }
+
+    /// The value `key` had before `revision`, given its value now.
+    fn before(
+        &mut self,
+        key: &Bytes,
+        revision: Revision,
+        current: Option<&KeyValue>,
+    ) -> Option<KeyValue> {
+        if self.events.is_none() {
+            return None;
+        }
+        if revision != self.revision {
+            self.revision = revision;
+            self.before.clear();
+        }
+        self.before
+            .entry(key.clone())
+            .or_insert_with(|| current.cloned())
+            .clone()
     }
 
     /// A write was made that this log does not describe.
@@ -468,5 +499,73 @@ impl WatchHub {
         if let Some(sender) = &hub.sender {
             sender.send(Arc::new(batch), bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(
+        key: &'static str,
+        value: &'static str,
+        create: Revision,
+        modified: Revision,
+    ) -> KeyValue {
+        KeyValue {
+            key: Bytes::from_static(key.as_bytes()),
+            value: Bytes::from_static(value.as_bytes()),
+            create_revision: create,
+            mod_revision: modified,
+            version: modified - create + 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn an_event_log_gives_each_event_its_key_at_the_revision_before() {
+        let mut log = EventLog::new(true);
+        // Revision 5: `a` overwritten, then deleted by a range in the same transaction;
+        // `b` created.
+        let a4 = kv("a", "old", 3, 4);
+        let a5 = kv("a", "new", 3, 5);
+        log.put(&a5, Some(&a4));
+        log.delete(&a5, 5);
+        log.put(&kv("b", "b", 5, 5), None);
+        // Revision 6: `a` created again, over nothing.
+        log.put(&kv("a", "again", 6, 6), None);
+        let events = log.into_events().expect("recorded");
+        let seen: Vec<(i32, &[u8], Option<&[u8]>)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.r#type,
+                    e.kv.as_ref().expect("kv").value.as_ref(),
+                    e.prev_kv.as_ref().map(|p| p.value.as_ref()),
+                )
+            })
+            .collect();
+        let (put, delete) = (EventType::Put as i32, EventType::Delete as i32);
+        assert_eq!(
+            seen,
+            [
+                (put, &b"new"[..], Some(&b"old"[..])),
+                (delete, &b""[..], Some(&b"old"[..])),
+                (put, &b"b"[..], None),
+                (put, &b"again"[..], None),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_event_log_that_gave_up_or_does_not_record_hands_nothing_over() {
+        let mut log = EventLog::new(true);
+        log.put(&kv("a", "1", 2, 2), None);
+        log.give_up();
+        log.put(&kv("b", "1", 3, 3), None);
+        assert!(log.into_events().is_none());
+        let mut idle = EventLog::new(false);
+        idle.put(&kv("a", "1", 2, 2), None);
+        assert!(idle.into_events().is_none());
     }
 }
