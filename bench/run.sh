@@ -510,7 +510,8 @@ gateway_watch() {
     printf '    %-28s %s MiB\n' "RSS, after disconnect" "$(tail -n1 "$RESULTS" | sed 's/.*"rss_mib":\([0-9.]*\).*/\1/')" >&2
 }
 
-case " $TARGETS $(wants gateway && echo gateway) " in
+# Two spaces between the lists: " postgres " and " gateway " each take one, also when postgres is the last target.
+case " $TARGETS  $(wants gateway && echo gateway) " in
 *" postgres "*" gateway ")
     say "gateway: $GATEWAY_TENANTS tenants × 1 watch"
     "$KINE_LOAD_BIN" pki --dir "$WORK/pki" --clients "$GATEWAY_TENANTS" 2>>"$WORK/kine-load.log" ||
@@ -549,7 +550,7 @@ NOISY_GOAL="B keeps ≥ 80% of its throughput, p99 ≤ 2×, RSS bounded"
 NOISY_ARGS=(--clients 16 --conns 4 --val-size 1024 --duration "$((DURATION * 2))"
     --a-keys 100000 --a-huge-txn-clients 2 --a-watches 2000 --a-leases 1000 --a-slow-watchers 4)
 
-case " $TARGETS $(wants noisy && echo noisy) " in
+case " $TARGETS  $(wants noisy && echo noisy) " in
 *" postgres "*" noisy ")
     say "noisy neighbour"
     NOISY_NOTE="noisy neighbour: kine-rs gateway (mTLS) on a fresh PostgreSQL database; B = 16 clients creating 1 KiB keys for
