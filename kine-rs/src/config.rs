@@ -80,17 +80,19 @@ pub struct Config {
     #[arg(long, env = "KINE_MAX_WATCHES_PER_STREAM", default_value_t = 10_000)]
     pub max_watches_per_stream: usize,
 
-    /// Most leases one tenant may hold at once; a grant beyond it gets `ResourceExhausted`
-    /// with a message naming this flag. etcd has no such limit.
-    #[arg(long, env = "KINE_MAX_LEASES_PER_TENANT", default_value_t = 100_000)]
-    pub max_leases_per_tenant: u64,
+    /// Most leases one tenant may hold at once (default 20,000 in a gateway, 100,000
+    /// otherwise); a grant beyond it gets `ResourceExhausted` with a message naming this flag.
+    /// etcd has no such limit.
+    #[arg(long, env = "KINE_MAX_LEASES_PER_TENANT")]
+    pub max_leases_per_tenant: Option<u64>,
 
-    /// Lease keep-alives of one tenant answered per second (0: no limit). Beyond it the
-    /// tenant's keep-alive streams are read more slowly, so a flood cannot take the CPU and
-    /// datastore connections other tenants need; no keep-alive is refused. etcd answers as
-    /// fast as it can.
-    #[arg(long, env = "KINE_MAX_KEEPALIVES_PER_SECOND", default_value_t = 10_000)]
-    pub max_keepalives_per_second: u32,
+    /// Lease keep-alives of one tenant answered per second (0: no limit; default 2,000 in a
+    /// gateway, 10,000 otherwise: either keeps the most leases a tenant may hold alive at a
+    /// third of a 30 s TTL). Beyond it the tenant's keep-alive streams are read more slowly,
+    /// so a flood cannot take the CPU and datastore connections other tenants need; no
+    /// keep-alive is refused. etcd answers as fast as it can.
+    #[arg(long, env = "KINE_MAX_KEEPALIVES_PER_SECOND")]
+    pub max_keepalives_per_second: Option<u32>,
 
     /// Rows one tenant's reads may make the datastore read per second (0: no limit; default
     /// 50,000 in a gateway, no limit otherwise). A range, a transaction's compares and
@@ -335,7 +337,10 @@ impl Config {
         if self.max_watches_per_stream == 0 {
             return Err("--max-watches-per-stream must be at least 1".into());
         }
-        if self.max_leases_per_tenant == 0 || self.max_leases_per_tenant > i64::MAX as u64 {
+        if self
+            .max_leases_per_tenant
+            .is_some_and(|max| max == 0 || max > i64::MAX as u64)
+        {
             return Err(format!(
                 "--max-leases-per-tenant must be between 1 and {}",
                 i64::MAX

@@ -53,6 +53,61 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 const GATEWAY_READ_ROWS_PER_SECOND: u64 = 50_000;
 const GATEWAY_WRITE_BYTES_PER_SECOND: u64 = 8 << 20;
 
+/// Leases a tenant may hold and keep-alives it gets answered per second
+/// (`--max-leases-per-tenant`, `--max-keepalives-per-second`), in a gateway and in a process
+/// serving one tenant. A control plane's apiserver holds a few dozen leases and keeps none
+/// alive in a flood; in a gateway a flood of 10,000 keep-alives a second (TLS, HTTP/2 and an
+/// answer each) took about half of a neighbour's throughput on two cores
+/// (`kine-load noisy-neighbour`), 2,000 about a quarter. Each pair keeps every lease the limit
+/// allows alive at a third of a 30 s TTL.
+const GATEWAY_MAX_LEASES: u64 = 20_000;
+const GATEWAY_KEEPALIVES_PER_SECOND: u32 = 2_000;
+const MAX_LEASES: u64 = 100_000;
+const KEEPALIVES_PER_SECOND: u32 = 10_000;
+
+/// The limits every tenant is held to: the flags, and where a flag is not given, the
+/// default of a gateway (tenants share the process) or of a process serving one tenant.
+fn request_limits(config: &Config) -> RequestLimits {
+    RequestLimits {
+        max_request_bytes: config.max_request_bytes,
+        max_txn_ops: config.max_txn_ops,
+        max_watches_per_stream: config.max_watches_per_stream,
+        max_leases_per_tenant: i64::try_from(config.max_leases_per_tenant.unwrap_or(
+            if config.gateway {
+                GATEWAY_MAX_LEASES
+            } else {
+                MAX_LEASES
+            },
+        ))
+        .unwrap_or(i64::MAX),
+        keepalives_per_second: config
+            .max_keepalives_per_second
+            .unwrap_or(if config.gateway {
+                GATEWAY_KEEPALIVES_PER_SECOND
+            } else {
+                KEEPALIVES_PER_SECOND
+            }),
+        // Budgets of datastore work share it fairly between the tenants of a gateway; a
+        // process serving one tenant has no neighbour to share with.
+        read_rows_per_second: config
+            .max_read_rows_per_second
+            .unwrap_or(if config.gateway {
+                GATEWAY_READ_ROWS_PER_SECOND
+            } else {
+                0
+            }),
+        write_bytes_per_second: config
+            .max_write_bytes_per_second
+            .unwrap_or(if config.gateway {
+                GATEWAY_WRITE_BYTES_PER_SECOND
+            } else {
+                0
+            }),
+        watch_stream_buffer_bytes: config.watch_stream_buffer_bytes,
+        watch_hub_buffer_bytes: config.watch_hub_buffer_bytes,
+    }
+}
+
 /// Why kine-rs could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -354,31 +409,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         member_id: stable_id(&format!("{redacted}|{}", config.listen_address)),
         raft_term: 1,
     };
-    let limits = RequestLimits {
-        max_request_bytes: config.max_request_bytes,
-        max_txn_ops: config.max_txn_ops,
-        max_watches_per_stream: config.max_watches_per_stream,
-        max_leases_per_tenant: i64::try_from(config.max_leases_per_tenant).unwrap_or(i64::MAX),
-        keepalives_per_second: config.max_keepalives_per_second,
-        // Budgets of datastore work share it fairly between the tenants of a gateway; a
-        // process serving one tenant has no neighbour to share with.
-        read_rows_per_second: config
-            .max_read_rows_per_second
-            .unwrap_or(if config.gateway {
-                GATEWAY_READ_ROWS_PER_SECOND
-            } else {
-                0
-            }),
-        write_bytes_per_second: config
-            .max_write_bytes_per_second
-            .unwrap_or(if config.gateway {
-                GATEWAY_WRITE_BYTES_PER_SECOND
-            } else {
-                0
-            }),
-        watch_stream_buffer_bytes: config.watch_stream_buffer_bytes,
-        watch_hub_buffer_bytes: config.watch_hub_buffer_bytes,
-    };
+    let limits = request_limits(&config);
     let quota = Quota {
         keys: config.quota_keys,
         bytes: config.quota_backend_bytes,
@@ -841,6 +872,34 @@ fn translate_oversized_message(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateway_holds_tenants_to_smaller_lease_limits_unless_told_otherwise() {
+        use clap::Parser;
+        let limits = |args: &[&str]| {
+            let config =
+                Config::try_parse_from(std::iter::once("kine-rs").chain(args.iter().copied()))
+                    .expect("flags");
+            let limits = request_limits(&config);
+            (
+                limits.max_leases_per_tenant,
+                limits.keepalives_per_second,
+                limits.read_rows_per_second,
+            )
+        };
+        assert_eq!(limits(&[]), (100_000, 10_000, 0));
+        assert_eq!(limits(&["--gateway"]), (20_000, 2_000, 50_000));
+        assert_eq!(
+            limits(&[
+                "--gateway",
+                "--max-leases-per-tenant",
+                "7",
+                "--max-keepalives-per-second",
+                "0"
+            ]),
+            (7, 0, 50_000)
+        );
+    }
 
     #[test]
     fn translates_oversized_messages_to_grpc_gos_error() {
