@@ -808,3 +808,48 @@ fn postgres_watchers_get_this_process_writes_without_reading_them_back() {
         "postgres",
     );
 }
+
+/// On PostgreSQL a lease renewal's commit does not wait for the log flush (`SET LOCAL
+/// synchronous_commit = off` in its own transaction): a keep-alive flood is not a stream of
+/// flushes every writer queues behind. etcd keeps renewals in memory only; a renewal lost in
+/// a crash here leaves the deadline stored before it.
+#[test]
+fn postgres_lease_renewals_do_not_wait_for_the_log_flush() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(
+        kine_tests::Backend::Postgres,
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let count = |query: &str| {
+        let body = http_get(&metrics_address, "/metrics");
+        sample(
+            &body,
+            &format!(
+                "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        for _ in 0..3 {
+            let id = client.lease_grant(30, None).await.expect("grant").id();
+            let (mut keeper, mut answers) = client.lease_keep_alive(id).await.expect("keep-alive");
+            keeper.keep_alive().await.expect("send");
+            let answer = tokio::time::timeout(Duration::from_secs(10), answers.message())
+                .await
+                .expect("an answer in time")
+                .expect("stream")
+                .expect("stream open");
+            assert_eq!((answer.id(), answer.ttl()), (id, 30));
+            let ttl = client.lease_time_to_live(id, None).await.expect("ttl");
+            assert!(ttl.ttl() >= 29, "renewed: {} s left", ttl.ttl());
+        }
+    });
+    let (renewals, lazy) = (count("lease_renew"), count("lazy_commit"));
+    assert!(renewals >= 1.0, "keep-alives were stored");
+    assert_eq!(lazy, renewals, "every renewal's transaction commits lazily");
+}

@@ -66,6 +66,7 @@ impl Dialect for Postgres {
     const DEFRAGMENT: &'static str = "VACUUM kv, kv_head, leases, keyspaces";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
+    const LAZY_COMMIT: Option<&'static str> = Some("SET LOCAL synchronous_commit = off");
     const ANNOUNCE_UPDATE: Option<&'static str> = Some(
         " RETURNING pg_notify('kine_rs_commits', CAST(id AS TEXT) || ':' || CAST(revision AS TEXT))",
     );

@@ -239,6 +239,11 @@ pub trait Dialect: Send + Sync + 'static {
     const DEFRAGMENT: &'static str;
     /// Announces, inside the write transaction, that keyspace `?` changed.
     const NOTIFY: Option<&'static str> = None;
+    /// Makes the commit of the transaction it runs in return without waiting for the
+    /// datastore's log flush (`None`: the dialect has no such setting for one transaction).
+    /// Only lease renewals use it: etcd keeps renewals in memory and loses them in a crash,
+    /// and a renewal lost here leaves the lease's previous deadline, stored durably earlier.
+    const LAZY_COMMIT: Option<&'static str> = None;
     /// Appended to the update of a keyspace row that stores a new revision: announces it in
     /// the same statement (one round trip less per write).
     const ANNOUNCE_UPDATE: Option<&'static str> = None;
@@ -438,6 +443,60 @@ fn history_events<D: Dialect>(rows: &[Row<D>]) -> Result<Vec<Event>> {
             })
         })
         .collect()
+}
+
+/// Renews the leases `ids` of `keyspace` that have not expired, on `conn`; answers those it
+/// renewed. One statement renews a chunk (the list padded to a power of two, so the statements
+/// stay few and prepared), one reads back those it renewed: after it a renewed lease's
+/// deadline is ahead of `now_ms`, and one it did not renew has passed.
+async fn renew_lease_rows<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    ids: &[i64],
+    now_ms: i64,
+) -> Result<HashMap<i64, LeaseRecord>> {
+    let mut renewed = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(crate::renewals::MAX_BATCH) {
+        let size = chunk.len().next_power_of_two();
+        let last = chunk[chunk.len() - 1];
+        let listed = chunk
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(last, size - chunk.len()));
+        let list = placeholders(size);
+        let mut args = vec![Arg::Int(now_ms), Arg::Int(keyspace)];
+        args.extend(listed.clone().map(Arg::Int));
+        args.extend([Arg::Int(now_ms), Arg::Int(keyspace)]);
+        execute::<D>(
+            conn,
+            "lease_renew",
+            &format!(
+                "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
+                 WHERE keyspace = ? AND id IN ({list}) AND (expires_at_ms > ? OR \
+                 expires_at_ms > (SELECT frozen_at_ms FROM keyspaces WHERE id = ? AND frozen = 1))"
+            ),
+            &args,
+        )
+        .await?;
+        let mut args = vec![Arg::Int(keyspace)];
+        args.extend(listed.map(Arg::Int));
+        args.push(Arg::Int(now_ms));
+        let rows = fetch_all::<D>(
+            conn,
+            "lease_renewed",
+            &format!(
+                "SELECT id, ttl, expires_at_ms FROM leases \
+                 WHERE keyspace = ? AND id IN ({list}) AND expires_at_ms > ?"
+            ),
+            &args,
+        )
+        .await?;
+        for row in &rows {
+            let lease = lease_from_row::<D>(row)?;
+            renewed.insert(lease.id, lease);
+        }
+    }
+    Ok(renewed)
 }
 
 /// Reads the keyspace's counters and the version of its row ([`Dialect::ROW_VERSION`]; `None`
@@ -1484,57 +1543,29 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             .flatten())
     }
 
-    /// One statement renews a batch of leases (the list padded to a power of two, so the
-    /// statements stay few and prepared), one reads back those it renewed: after it a renewed
-    /// lease's deadline is ahead of `now_ms`, and one it did not renew has passed.
+    /// Renews a batch of leases ([`renew_lease_rows`]) in one transaction; on PostgreSQL its
+    /// commit does not wait for the log flush ([`Dialect::LAZY_COMMIT`]).
     async fn renew_leases(
         &self,
         keyspace: KeyspaceId,
         ids: &[i64],
         now_ms: i64,
     ) -> Result<Vec<Option<LeaseRecord>>> {
-        let mut renewed = HashMap::with_capacity(ids.len());
-        let mut conn = acquire::<D>(&self.writers).await?;
-        for chunk in ids.chunks(crate::renewals::MAX_BATCH) {
-            let size = chunk.len().next_power_of_two();
-            let last = chunk[chunk.len() - 1];
-            let listed = chunk
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(last, size - chunk.len()));
-            let list = placeholders(size);
-            let mut args = vec![Arg::Int(now_ms), Arg::Int(keyspace)];
-            args.extend(listed.clone().map(Arg::Int));
-            args.extend([Arg::Int(now_ms), Arg::Int(keyspace)]);
-            execute::<D>(
-                &mut conn,
-                "lease_renew",
-                &format!(
-                    "UPDATE leases SET expires_at_ms = ? + ttl * 1000 \
-                     WHERE keyspace = ? AND id IN ({list}) AND (expires_at_ms > ? OR \
-                     expires_at_ms > (SELECT frozen_at_ms FROM keyspaces WHERE id = ? AND frozen = 1))"
-                ),
-                &args,
-            )
-            .await?;
-            let mut args = vec![Arg::Int(keyspace)];
-            args.extend(listed.map(Arg::Int));
-            args.push(Arg::Int(now_ms));
-            let rows = fetch_all::<D>(
-                &mut conn,
-                "lease_renewed",
-                &format!(
-                    "SELECT id, ttl, expires_at_ms FROM leases \
-                     WHERE keyspace = ? AND id IN ({list}) AND expires_at_ms > ?"
-                ),
-                &args,
-            )
-            .await?;
-            for row in &rows {
-                let lease = lease_from_row::<D>(row)?;
-                renewed.insert(lease.id, lease);
+        let renewed = match D::LAZY_COMMIT {
+            // A flood of keep-alives is then not a stream of log flushes that every writer of
+            // every tenant queues behind.
+            Some(lazy) => {
+                let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
+                execute::<D>(&mut tx, "lazy_commit", lazy, &[]).await?;
+                let renewed = renew_lease_rows::<D>(&mut tx, keyspace, ids, now_ms).await?;
+                commit::<D>(tx).await?;
+                renewed
             }
-        }
+            None => {
+                let mut conn = acquire::<D>(&self.writers).await?;
+                renew_lease_rows::<D>(&mut conn, keyspace, ids, now_ms).await?
+            }
+        };
         Ok(ids.iter().map(|id| renewed.get(id).copied()).collect())
     }
 
