@@ -104,9 +104,8 @@ impl EventLog {
         revision: Revision,
         current: Option<&KeyValue>,
     ) -> Option<KeyValue> {
-        if self.events.is_none() {
-            return None;
-        }
+        // Nothing to tell when nothing is recorded.
+        self.events.as_ref()?;
         if revision != self.revision {
             self.revision = revision;
             self.before.clear();
@@ -535,7 +534,9 @@ mod tests {
         // Revision 6: `a` created again, over nothing.
         log.put(&kv("a", "again", 6, 6), None);
         let events = log.into_events().expect("recorded");
-        let seen: Vec<(i32, &[u8], Option<&[u8]>)> = events
+        // (type, value, previous value) of each event.
+        type Seen<'a> = (i32, &'a [u8], Option<&'a [u8]>);
+        let seen: Vec<Seen> = events
             .iter()
             .map(|e| {
                 (
