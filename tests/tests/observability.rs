@@ -34,6 +34,17 @@ fn sample(body: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// How many times the server whose metrics listen on `metrics_address` ran statement `query`
+/// of `driver` (0 before its first run).
+fn statements(metrics_address: &str, driver: &str, query: &str) -> f64 {
+    let body = http_get(metrics_address, "/metrics");
+    sample(
+        &body,
+        &format!("kine_sql_query_duration_seconds_count{{driver=\"{driver}\",query=\"{query}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
 /// Sends `WRITERS` × `PUTS` keys' puts at once, each key twice, then one read.
 fn write_load(endpoint: &str) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -553,16 +564,7 @@ fn postgres_current_reads_are_one_statement() {
         &["--metrics-bind-address", &metrics_address],
     );
     let counts = || {
-        let body = http_get(&metrics_address, "/metrics");
-        let count = |query: &str| {
-            sample(
-                &body,
-                &format!(
-                    "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
-                ),
-            )
-            .unwrap_or(0.0)
-        };
+        let count = |query: &str| statements(&metrics_address, "postgres", query);
         (count("range"), count("begin_read"))
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -626,16 +628,7 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
         kine_tests::Backend::Postgres,
         &["--metrics-bind-address", &metrics_address],
     );
-    let count = |query: &str| {
-        let body = http_get(&metrics_address, "/metrics");
-        sample(
-            &body,
-            &format!(
-                "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
-            ),
-        )
-        .unwrap_or(0.0)
-    };
+    let count = |query: &str| statements(&metrics_address, "postgres", query);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -684,16 +677,7 @@ fn watchers_get_this_process_writes_without_reading_them_back(
 ) {
     let metrics_address = format!("127.0.0.1:{}", free_port());
     let kine = kine_tests::spawn_kine_with(backend, &["--metrics-bind-address", &metrics_address]);
-    let reads = || {
-        let body = http_get(&metrics_address, "/metrics");
-        sample(
-            &body,
-            &format!(
-                "kine_sql_query_duration_seconds_count{{driver=\"{driver}\",query=\"events\"}}"
-            ),
-        )
-        .unwrap_or(0.0)
-    };
+    let reads = || statements(&metrics_address, driver, "events");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -820,16 +804,7 @@ fn postgres_lease_renewals_do_not_wait_for_the_log_flush() {
         kine_tests::Backend::Postgres,
         &["--metrics-bind-address", &metrics_address],
     );
-    let count = |query: &str| {
-        let body = http_get(&metrics_address, "/metrics");
-        sample(
-            &body,
-            &format!(
-                "kine_sql_query_duration_seconds_count{{driver=\"postgres\",query=\"{query}\"}}"
-            ),
-        )
-        .unwrap_or(0.0)
-    };
+    let count = |query: &str| statements(&metrics_address, "postgres", query);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
