@@ -34,6 +34,13 @@ fn sample(body: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A server on `backend` with its metrics on a port of its own; the metrics' address.
+fn spawn_with_metrics(backend: kine_tests::Backend) -> (kine_tests::ChildGuard, String) {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let kine = kine_tests::spawn_kine_with(backend, &["--metrics-bind-address", &metrics_address]);
+    (kine, metrics_address)
+}
+
 /// How many times the server whose metrics listen on `metrics_address` ran statement `query`
 /// of `driver` (0 before its first run).
 fn statements(metrics_address: &str, driver: &str, query: &str) -> f64 {
@@ -558,11 +565,7 @@ fn keep_alives_of_many_leases_are_stored_in_batches() {
 /// still reads in a transaction (its count is a second statement of the same snapshot).
 #[test]
 fn postgres_current_reads_are_one_statement() {
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let kine = kine_tests::spawn_kine_with(
-        kine_tests::Backend::Postgres,
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Postgres);
     let counts = || {
         let count = |query: &str| statements(&metrics_address, "postgres", query);
         (count("range"), count("begin_read"))
@@ -623,11 +626,7 @@ fn postgres_current_reads_are_one_statement() {
 /// And a batch whose keys this process committed last does not read them at all.
 #[test]
 fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_commit() {
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let kine = kine_tests::spawn_kine_with(
-        kine_tests::Backend::Postgres,
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Postgres);
     let count = |query: &str| statements(&metrics_address, "postgres", query);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
@@ -675,8 +674,7 @@ fn watchers_get_this_process_writes_without_reading_them_back(
     backend: kine_tests::Backend,
     driver: &str,
 ) {
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let kine = kine_tests::spawn_kine_with(backend, &["--metrics-bind-address", &metrics_address]);
+    let (kine, metrics_address) = spawn_with_metrics(backend);
     let reads = || statements(&metrics_address, driver, "events");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
@@ -799,11 +797,7 @@ fn postgres_watchers_get_this_process_writes_without_reading_them_back() {
 /// a crash here leaves the deadline stored before it.
 #[test]
 fn postgres_lease_renewals_do_not_wait_for_the_log_flush() {
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let kine = kine_tests::spawn_kine_with(
-        kine_tests::Backend::Postgres,
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Postgres);
     let count = |query: &str| statements(&metrics_address, "postgres", query);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
