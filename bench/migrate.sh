@@ -19,8 +19,8 @@
 # Databases are dropped at the end.
 #
 # MIGRATE_LOAD=sql writes the same tenant (fresh keys, MIGRATE_VALUE_BYTES each, compacted at
-# half) straight into kine-rs's PostgreSQL tables with one INSERT ... SELECT, as kine-rs
-# stores puts (revision i+1 for the i-th key, version 1, no lease): loading a million puts
+# half) straight into kine-rs's PostgreSQL tables (`kv` and each key's head in `kv_head`) with
+# INSERT ... SELECT, as kine-rs stores puts (revision i+1 for the i-th key, version 1, no lease): loading a million puts
 # through kine-rs takes ~15 minutes on this machine, this a minute.
 #
 # Environment: MIGRATE_KEYS, MIGRATE_WRITER_RATE, MIGRATE_ARGS (more `kine-rs migrate`
@@ -88,17 +88,22 @@ if [ "$LOAD" = sql ]; then
     # Values of VALUE_BYTES: an md5 (32 hex characters) repeated, then cut.
     psql "$PG" -v ON_ERROR_STOP=1 -q <<SQL
 INSERT INTO kv (keyspace, key, mod_revision, sub, create_revision, version, lease, value,
-                deleted, superseded)
+                deleted)
 SELECT k.id, convert_to('/registry/configmaps/' || lpad(i::text, 9, '0'), 'UTF8'), i + 1, 0,
        i + 1, 1, 0,
        convert_to(left(repeat(md5(i::text), ($VALUE_BYTES + 31) / 32), $VALUE_BYTES), 'UTF8'),
-       0, 9223372036854775807
+       0
 FROM keyspaces k, generate_series(1, $KEYS) i WHERE k.name = 'default';
+-- Each key's current row (the storage model of migration 0008).
+INSERT INTO kv_head (keyspace, key, mod_revision, sub, deleted)
+SELECT keyspace, key, mod_revision, sub, deleted FROM kv
+WHERE keyspace = (SELECT id FROM keyspaces WHERE name = 'default');
 UPDATE keyspaces SET revision = $KEYS + 1, compact_revision = $KEYS / 2, keys_count = $KEYS,
        bytes_used = (SELECT SUM(octet_length(key) + octet_length(value)) FROM kv
                      WHERE keyspace = keyspaces.id)
 WHERE name = 'default';
 VACUUM ANALYZE kv;
+VACUUM ANALYZE kv_head;
 SQL
 else
     "$KINE_LOAD_BIN" put --endpoints "$URL" --clients 64 --conns 8 --total "$KEYS" --duration 7200 \
