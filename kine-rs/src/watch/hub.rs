@@ -259,9 +259,10 @@ impl WatchHub {
         if let Some(events) = events
             && revision > after
         {
+            // Sized before the lock: streams and the task wait on it.
+            let bytes = events_bytes(&events);
             let mut hub = self.lock();
             if hub.sender.is_some() && hub.published == after {
-                let bytes = events_bytes(&events);
                 Self::send(
                     &mut hub,
                     EventBatch {
