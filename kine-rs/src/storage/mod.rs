@@ -395,6 +395,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Gives free space back (etcd's Defragment).
     async fn defragment(&self) -> Result<()>;
 
+    /// Brings the datastore's planner statistics up to date after a bulk import (a
+    /// migration's copy), so that the reads that follow are planned for the rows now there.
+    async fn refresh_statistics(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// How often this process's change feed looks for commits made by other processes
     /// ([`feed`]); `None` when the datastore announces every commit (or this process is its
     /// only writer), so the feed polls only as a safety net ([`feed::SAFETY_POLL`]).

@@ -51,6 +51,7 @@ impl Dialect for Mysql {
     const MAX_KEY_BYTES: Option<usize> = Some(MAX_KEY_BYTES);
     const WINDOW_OVER_UNION: bool = false;
     const ONE_STATEMENT_EVENTS: bool = true;
+    const READS_AT_REVISION_IN_TWO_STEPS: bool = true;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE {filter} LIMIT ?")

@@ -64,6 +64,7 @@ impl Dialect for Postgres {
          + COALESCE(pg_total_relation_size('leases'), 0) \
          + COALESCE(pg_total_relation_size('keyspaces'), 0))::bigint";
     const DEFRAGMENT: &'static str = "VACUUM kv, kv_head, leases, keyspaces";
+    const ANALYZE: Option<&'static str> = Some("ANALYZE kv, kv_head, leases, keyspaces");
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
     const LAZY_COMMIT: Option<&'static str> = Some("SET LOCAL synchronous_commit = off");
