@@ -822,3 +822,83 @@ fn postgres_lease_renewals_do_not_wait_for_the_log_flush() {
     assert!(renewals >= 1.0, "keep-alives were stored");
     assert_eq!(lazy, renewals, "every renewal's transaction commits lazily");
 }
+
+/// A limited read at an older revision on MySQL/MariaDB examines the rows of its page, not
+/// the rest of the range: MariaDB planned the branch of rows superseded after the revision
+/// as a walk of the primary key from the page's first key to the range's end (to spare a
+/// sort under its LIMIT), so each page of a migration's snapshot out of MariaDB read the
+/// rest of the table. MariaDB's own slow log, on a server of the test's own, records every
+/// statement that examined 2,000 rows or more.
+#[test]
+fn mysql_reads_at_an_older_revision_examine_their_page_only() {
+    const KEYS: usize = 20_000;
+    const PER_TXN: usize = 100;
+    const CHANGED: usize = 10;
+    let mariadb = kine_tests::private_db::PrivateMariadb::start();
+    mariadb.mysql(
+        "SET GLOBAL log_output = 'TABLE'; SET GLOBAL long_query_time = 0; \
+         SET GLOBAL min_examined_row_limit = 2000; SET GLOBAL slow_query_log = 1",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kine = spawn_kine_on(&mariadb.url("kine"), dir, &[]);
+    let key = |i: usize| format!("page/{i:05}");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut loaded = 0;
+        for first in (0..KEYS).step_by(PER_TXN) {
+            let puts: Vec<etcd_client::TxnOp> = (first..first + PER_TXN)
+                .map(|i| etcd_client::TxnOp::put(key(i), format!("old-{i}"), None))
+                .collect();
+            let txn = etcd_client::Txn::new().and_then(puts);
+            loaded = client
+                .txn(txn)
+                .await
+                .expect("load")
+                .header()
+                .expect("header")
+                .revision();
+        }
+        // The first keys change after `loaded`: at `loaded`, their rows are superseded ones.
+        for i in 0..CHANGED {
+            client.put(key(i), "new", None).await.expect("overwrite");
+        }
+        mariadb.mysql("TRUNCATE TABLE mysql.slow_log");
+
+        let page = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_revision(loaded)
+            .with_limit(100);
+        let got = client.get("page/", Some(page)).await.expect("page at a revision");
+        let values: Vec<(String, String)> = got
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                (text(kv.key()), text(kv.value()))
+            })
+            .collect();
+        let expected: Vec<(String, String)> =
+            (0..100).map(|i| (key(i), format!("old-{i}"))).collect();
+        assert_eq!(values, expected, "the first 100 keys as they were");
+        assert_eq!((got.count(), got.more()), (KEYS as i64, true));
+
+        // The rows statements of that read: the count examines the range, as it must.
+        let walks = mariadb.mysql(
+            "SELECT rows_examined, LEFT(sql_text, 120) FROM mysql.slow_log \
+             WHERE sql_text LIKE '%superseded <>%' AND sql_text NOT LIKE '%COUNT(%'",
+        );
+        assert!(
+            walks.trim().is_empty(),
+            "a page of 100 keys examined 2,000 rows or more:\n{walks}"
+        );
+        // The slow log sees the statements at all (the count's walk is in it).
+        let counts = mariadb.mysql(
+            "SELECT COUNT(*) FROM mysql.slow_log WHERE sql_text LIKE '%COUNT(%' \
+             AND sql_text LIKE '%superseded <>%'",
+        );
+        assert_ne!(counts.trim(), "0", "the slow log recorded nothing");
+    });
+}
