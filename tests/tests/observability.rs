@@ -871,7 +871,10 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
             .with_prefix()
             .with_revision(loaded)
             .with_limit(100);
-        let got = client.get("page/", Some(page)).await.expect("page at a revision");
+        let got = client
+            .get("page/", Some(page))
+            .await
+            .expect("page at a revision");
         let values: Vec<(String, String)> = got
             .kvs()
             .iter()

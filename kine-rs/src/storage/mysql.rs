@@ -49,7 +49,6 @@ impl Dialect for Mysql {
          FROM information_schema.tables WHERE table_schema = DATABASE()";
     const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, leases";
     const MAX_KEY_BYTES: Option<usize> = Some(MAX_KEY_BYTES);
-    const WINDOW_OVER_UNION: bool = false;
     const ONE_STATEMENT_EVENTS: bool = true;
     const READS_AT_REVISION_IN_TWO_STEPS: bool = true;
 

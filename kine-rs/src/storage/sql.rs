@@ -254,11 +254,6 @@ pub trait Dialect: Send + Sync + 'static {
     const MAX_KEY_BYTES: Option<usize> = None;
     /// The size of a row's value, as a 64-bit integer.
     const VALUE_BYTES: &'static str = "LENGTH(value)";
-    /// Whether a window function over a `UNION ALL` of ordered, limited branches keeps each
-    /// branch's plan. MariaDB 10.11's did not: a page of 1,000 keys at an old revision of a
-    /// million-key keyspace took 5 s (0.05 s without the window), so there a migration's
-    /// snapshot page at an old revision is cut by bytes in this process.
-    const WINDOW_OVER_UNION: bool = true;
     /// The size of a row's key and value together (what a migration's byte budgets count).
     const ROW_BYTES: &'static str = "LENGTH(`key`) + LENGTH(value)";
     /// Whether a statement may look keys up with an `IN` list. PostgreSQL's planner, without
@@ -309,7 +304,8 @@ pub trait Dialect: Send + Sync + 'static {
     /// `UNION ALL` as a walk of the primary key from the page's first key to the end of the
     /// range, to spare a sort under the LIMIT: a page of 1,000 keys of a 300,000-key
     /// keyspace took 750 ms that way and 23 ms bounded, and a migration's snapshot out of
-    /// MariaDB grew quadratic in the keyspace's size.
+    /// MariaDB grew quadratic in the keyspace's size. (A window function over that union,
+    /// for a migration page's byte budget, was worse still: 5 s a page at a million keys.)
     const READS_AT_REVISION_IN_TWO_STEPS: bool = false;
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
@@ -685,7 +681,7 @@ async fn fetch_range_rows<D: Dialect>(
         (D::READS_AT_REVISION_IN_TWO_STEPS, D::HEAD_TABLE, at, limit)
     {
         return rows_at_revision_in_two_steps::<D>(
-            conn, query, keyspace, range, end, at, keys_only, limit,
+            conn, query, keyspace, range, end, at, keys_only, limit, None,
         )
         .await;
     }
@@ -695,9 +691,10 @@ async fn fetch_range_rows<D: Dialect>(
 }
 
 /// [`fetch_range_rows`] at an older revision in two statements: first the page of rows still
-/// current, then the rows superseded after `at` up to that page's last key when the page is
-/// full (no row past it can be among the first `limit`), so neither statement reads past
-/// the keys the answer can hold.
+/// current, then the rows superseded after `at`, up to that page's last key when it was cut
+/// (no row past it can be among the page), so neither statement reads past the keys the
+/// answer can hold. With `max_bytes`, each statement also keeps only the prefix of its rows
+/// that fits the budget (one row always), cut on the server, and so does the answer.
 #[allow(clippy::too_many_arguments)]
 async fn rows_at_revision_in_two_steps<D: Dialect>(
     conn: &mut Conn<D>,
@@ -708,41 +705,110 @@ async fn rows_at_revision_in_two_steps<D: Dialect>(
     at: Revision,
     keys_only: bool,
     limit: i64,
+    max_bytes: Option<usize>,
 ) -> Result<Vec<KeyValue>> {
     let limit = limit.max(1);
-    let columns = range_columns::<D>(keys_only);
     let mut filters = range_filters(keyspace, range, end, Some(at)).into_iter();
-    let (Some((current, current_args)), Some((superseded, superseded_args))) =
-        (filters.next(), filters.next())
-    else {
+    let (Some(current), Some(superseded)) = (filters.next(), filters.next()) else {
         return Err(KineError::Storage(
             "a read at a revision without its two branches".into(),
         ));
     };
-    let mut args = current_args;
-    args.push(Arg::Int(limit));
-    let sql = format!("SELECT {columns} FROM kv WHERE {current} ORDER BY `key` LIMIT ?");
-    let mut kvs = fetch_all::<D>(conn, query, &sql, &args)
-        .await?
-        .iter()
-        .map(|row| kv_from_row::<D>(row, 0))
-        .collect::<Result<Vec<_>>>()?;
-    let bound = (kvs.len() as i64 == limit).then(|| kvs[kvs.len() - 1].key.clone());
-    let mut args = superseded_args;
-    let mut sql = format!("SELECT {columns} FROM kv WHERE {superseded}");
-    if let Some(bound) = &bound {
+    let (mut kvs, current_cut) =
+        branch_at_revision::<D>(conn, query, current, None, keys_only, limit, max_bytes).await?;
+    let bound = current_cut
+        .then(|| kvs.last().map(|kv| kv.key.clone()))
+        .flatten();
+    let (superseded_kvs, superseded_cut) = branch_at_revision::<D>(
+        conn,
+        query,
+        superseded,
+        bound.as_deref(),
+        keys_only,
+        limit,
+        max_bytes,
+    )
+    .await?;
+    // Complete up to the lower of the two cuts: past it, a row of the other branch may be
+    // missing.
+    let superseded_last = superseded_cut
+        .then(|| superseded_kvs.last().map(|kv| kv.key.clone()))
+        .flatten();
+    let complete_to = match (bound, superseded_last) {
+        (Some(current), Some(superseded)) => Some(current.min(superseded)),
+        (current, superseded) => current.or(superseded),
+    };
+    kvs.extend(superseded_kvs);
+    // A key has one row live at `at`: in one branch or the other, never both.
+    kvs.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    if let Some(complete_to) = complete_to {
+        kvs.retain(|kv| kv.key <= complete_to);
+    }
+    kvs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    if let Some(max_bytes) = max_bytes {
+        let mut bytes = 0;
+        let fits = kvs
+            .iter()
+            .take_while(|kv| {
+                bytes += kv.key.len() + kv.value.len();
+                bytes <= max_bytes
+            })
+            .count();
+        kvs.truncate(fits.max(1));
+    }
+    Ok(kvs)
+}
+
+/// One branch of [`rows_at_revision_in_two_steps`]: the rows `filter` selects, up to `bound`,
+/// in key order, at most `limit` and (with `max_bytes`) the prefix that fits; and whether
+/// rows were left out.
+async fn branch_at_revision<D: Dialect>(
+    conn: &mut Conn<D>,
+    query: &'static str,
+    (filter, mut args): (String, Vec<Arg<'_>>),
+    bound: Option<&[u8]>,
+    keys_only: bool,
+    limit: i64,
+    max_bytes: Option<usize>,
+) -> Result<(Vec<KeyValue>, bool)> {
+    let mut sql = format!(
+        "SELECT {} FROM kv WHERE {filter}",
+        range_columns::<D>(keys_only)
+    );
+    if let Some(bound) = bound {
         sql.push_str(" AND `key` <= ?");
         args.push(Arg::Bytes(bound));
     }
     sql.push_str(" ORDER BY `key` LIMIT ?");
     args.push(Arg::Int(limit));
-    for row in fetch_all::<D>(conn, query, &sql, &args).await? {
-        kvs.push(kv_from_row::<D>(&row, 0)?);
-    }
-    // A key has one row live at `at`: in one branch or the other, never both.
-    kvs.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    kvs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    Ok(kvs)
+    let Some(max_bytes) = max_bytes else {
+        let rows = fetch_all::<D>(conn, query, &sql, &args).await?;
+        let kvs = rows
+            .iter()
+            .map(|row| kv_from_row::<D>(row, 0))
+            .collect::<Result<Vec<_>>>()?;
+        let cut = kvs.len() as i64 == limit;
+        return Ok((kvs, cut));
+    };
+    // `found`: the rows under the limit, before the budget cut some.
+    let sql = format!(
+        "SELECT {KV_COLUMNS}, found FROM (SELECT p.*, SUM({bytes}) OVER (ORDER BY `key` ROWS \
+         UNBOUNDED PRECEDING) AS upto, ROW_NUMBER() OVER (ORDER BY `key`) AS n, COUNT(*) \
+         OVER () AS found FROM ({sql}) AS p) AS s WHERE upto <= ? OR n = 1 ORDER BY `key`",
+        bytes = D::ROW_BYTES
+    );
+    args.push(Arg::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
+    let rows = fetch_all::<D>(conn, query, &sql, &args).await?;
+    let found = match rows.first() {
+        Some(row) => D::DB::int(row, 6)?,
+        None => 0,
+    };
+    let kvs = rows
+        .iter()
+        .map(|row| kv_from_row::<D>(row, 0))
+        .collect::<Result<Vec<_>>>()?;
+    let cut = kvs.len() as i64 == limit || (kvs.len() as i64) < found;
+    Ok((kvs, cut))
 }
 
 /// The statement reading the rows of `range` (up to `end`) live at the current revision
@@ -1418,23 +1484,14 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         };
         // At an older revision, without a head table, the rows come from two branches.
         let union = at.is_some() && !D::HEAD_TABLE;
-        if union && !D::WINDOW_OVER_UNION {
-            // Cut here instead: the page's count, sized by the engine from the sizes it saw,
-            // bounds what arrives.
-            let page = Some(limit.max(1));
-            let rows =
-                fetch_range_rows::<D>(&mut tx, "page", keyspace, &range, None, at, false, page)
-                    .await?;
+        if let (true, Some(at)) = (union && D::READS_AT_REVISION_IN_TWO_STEPS, at) {
+            let page = limit.max(1);
+            let budget = Some(max_bytes);
+            let kvs = rows_at_revision_in_two_steps::<D>(
+                &mut tx, "page", keyspace, &range, None, at, false, page, budget,
+            )
+            .await?;
             commit::<D>(tx).await?;
-            let mut kvs = Vec::with_capacity(rows.len());
-            let mut bytes = 0;
-            for kv in rows {
-                bytes += kv.key.len() + kv.value.len();
-                if !kvs.is_empty() && bytes > max_bytes {
-                    break;
-                }
-                kvs.push(kv);
-            }
             return Ok(kvs);
         }
         let (rows, mut args) =
