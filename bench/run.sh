@@ -17,9 +17,11 @@
 #                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own;
 #                    nats is kine-rs on a private nats-server (NATS_SERVER_BIN, default the one
 #                    scripts/peers.sh builds) with a fresh JetStream store in the run's directory
-#   BENCH_POINTS     which of "workloads watch gateway noisy" to run (default: all): the
-#                    throughput, list and restart points per target; the watch across two
-#                    processes; the 1,000-tenant gateway; the noisy neighbour
+#   BENCH_POINTS     which of "workloads watch gateway noisy growth" to run (default: all
+#                    but growth): the throughput, list and restart points per target; the
+#                    watch across two processes; the 1,000-tenant gateway; the noisy
+#                    neighbour; how cost grows with the data (BENCH_GROWTH_KEYS,
+#                    BENCH_GROWTH_REVISIONS: see "growth" below)
 #   BENCH_NATS_SYNC  that server's JetStream sync_interval (default "always": fsync before each
 #                    acknowledgement, as etcd and the SQL databases do; NATS's own default is 2m)
 #   KINE_RS_BIN, KINE_LOAD_BIN   use these binaries instead of building them
@@ -343,6 +345,92 @@ workloads() {
     load "$target" "list 100,000 × 1 KiB by 500 (median of 3)" "≤ 1.5× etcd time" list --endpoints "$url" \
         --keys 100000 --val-size 1024 --page 500 --iterations 3 --duration 60 --conns 4 --load-timeout 60
 }
+
+# How cost grows with the data (issue 13): on a fresh server, puts and creates at 128 clients
+# on the empty store; then GROWTH_REVISIONS puts of 256-byte values over GROWTH_KEYS keys
+# (drawn at random: history, as updates make); then the same puts and creates, a list of
+# 10,000 keys beside that data, the datastore's size per live key (Status's dbSize), and
+# puts while a compaction of every revision before the loaded ones runs (etcd compacts in
+# the background too). The issue's size is 1,000,000 keys and 10,000,000 revisions, which
+# takes hours per target on a 2-core machine; BENCH_GROWTH_KEYS / BENCH_GROWTH_REVISIONS
+# scale it (the labels say which size ran).
+GROWTH_KEYS=${BENCH_GROWTH_KEYS:-1000000}
+GROWTH_REVISIONS=${BENCH_GROWTH_REVISIONS:-10000000}
+
+# thousands N: N with commas between groups of three digits.
+thousands() { echo "$1" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
+
+# revision_of URL: the server's current revision.
+revision_of() {
+    "$ETCDCTL" --endpoints "$1" --command-timeout 60s get /bench-growth-probe -w json |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["header"]["revision"])'
+}
+
+# size TARGET URL LABEL: records Status's dbSize per live key.
+size() {
+    local target=$1 url=$2 label=$3 status keys
+    status=$("$ETCDCTL" --endpoints "$url" --command-timeout 60s endpoint status -w json)
+    keys=$("$ETCDCTL" --endpoints "$url" --command-timeout 120s get "" --prefix --count-only --write-out fields |
+        awk -F' : ' '/"Count"/ { print $2 }')
+    python3 - "$target" "$label" "${keys:-0}" "$status" >>"$RESULTS" <<'PY'
+import json, sys
+target, label, keys, status = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+db = status[0]["Status"]["dbSize"]
+print(json.dumps({"workload": "size", "target": target, "label": label, "errors": 0,
+                  "extra": {"db_bytes": db, "keys": keys, "bytes_per_key": db / max(keys, 1),
+                            "goal": "stated beside etcd's"}}))
+PY
+    printf '    %-28s %s\n' "$label" "$(tail -n1 "$RESULTS" | cut -c1-160)" >&2
+}
+
+growth() {
+    local target=$1 url=$2 scale rev
+    scale="$(thousands "$GROWTH_KEYS") keys, $(thousands "$GROWTH_REVISIONS") revisions"
+    load "$target" "growth: put, 128 clients, empty store" "–" put --endpoints "$url" --clients 128 \
+        --conns 8 --duration "$DURATION" --val-size 256
+    load "$target" "growth: txn-create, 128 clients, empty store" "–" txn-create --endpoints "$url" \
+        --clients 128 --conns 8 --duration "$DURATION" --val-size 256
+    say "$target: loading $scale"
+    "$KINE_LOAD_BIN" put --endpoints "$url" --clients 128 --conns 8 --total "$GROWTH_REVISIONS" \
+        --key-space "$GROWTH_KEYS" --prefix /bench-growth/ --duration 86400 --val-size 256 --json \
+        >>"$WORK/growth-load.json" 2>>"$WORK/kine-load.log" || die "loading the growth data failed on $target"
+    rev=$(revision_of "$url")
+    load "$target" "growth: put, 128 clients, beside $scale" "≥ 80% of the empty store's rate" put \
+        --endpoints "$url" --clients 128 --conns 8 --duration "$DURATION" --val-size 256
+    load "$target" "growth: txn-create, 128 clients, beside $scale" "≥ 80% of the empty store's rate" \
+        txn-create --endpoints "$url" --clients 128 --conns 8 --duration "$DURATION" --val-size 256
+    load "$target" "growth: list 10,000 × 1 KiB by 500, beside $scale" "≤ 1.5× etcd time" list \
+        --endpoints "$url" --keys 10000 --val-size 1024 --page 500 --iterations 5 --duration 60 --load-timeout 120
+    size "$target" "$url" "growth: datastore bytes per live key, $scale"
+    "$ETCDCTL" --endpoints "$url" --command-timeout 600s compaction "$rev" >/dev/null 2>>"$WORK/kine-load.log" &
+    load "$target" "growth: put, 128 clients, while compacting the loaded history" \
+        "p99 ≤ 2× the row before" put --endpoints "$url" --clients 128 --conns 8 --duration "$DURATION" --val-size 256
+    wait $! || echo "compaction on $target failed (see $WORK/kine-load.log)" >&2
+}
+
+for target in $TARGETS; do
+    wants growth || break
+    say "$target: growth"
+    case "$target" in
+    etcd) ETCD_DATA="$WORK/etcd-growth-data" start_etcd ;;
+    sqlite) start_kine sqlite-growth "sqlite://$WORK/sqlite-growth/state.db" ;;
+    postgres | mysql)
+        fresh_endpoint "$target"
+        start_kine "$target-growth" "$ENDPOINT"
+        ;;
+    nats)
+        start_nats nats-growth
+        proxied_nats=$NATS_PID
+        start_kine nats-growth-kine "$NATS_URL?bucket=growth"
+        ;;
+    *) continue ;;
+    esac
+    growth "$target" "$SERVER_URL"
+    stop "$SERVER_PID"
+    if [ "$target" = nats ]; then
+        stop "$proxied_nats"
+    fi
+done
 
 for target in $TARGETS; do
     wants workloads || break

@@ -211,6 +211,7 @@ fn headline(v: &Value) -> f64 {
         "rss" => extra(v, "rss_mib").unwrap_or(0.0),
         "gateway-watch" => extra(v, "open_s").unwrap_or(0.0),
         "startup" => extra(v, "first_read_s").unwrap_or(0.0),
+        "size" => extra(v, "bytes_per_key").unwrap_or(0.0),
         _ => num(v, "p50_ms"),
     }
 }
@@ -280,6 +281,15 @@ fn cell(v: &Value, base: Option<&Value>) -> String {
             format!(
                 "{seconds:.2} s{} ({:.0} keys)",
                 ratio(seconds, base.and_then(|b| extra(b, "first_read_s"))),
+                extra(v, "keys").unwrap_or(0.0),
+            )
+        }
+        "size" => {
+            let per_key = extra(v, "bytes_per_key").unwrap_or(0.0);
+            format!(
+                "{per_key:.0} bytes/live key{} ({:.0} MiB, {:.0} keys)",
+                ratio(per_key, base.and_then(|b| extra(b, "bytes_per_key"))),
+                extra(v, "db_bytes").unwrap_or(0.0) / 1_048_576.0,
                 extra(v, "keys").unwrap_or(0.0),
             )
         }

@@ -32,7 +32,14 @@ const MAX_BATCH: usize = 256;
 /// that keep colliding fall out of step.
 const MAX_CONFLICT_RETRIES: u32 = 64;
 /// Rows one purge step removes after a compaction, so writers never wait long.
-const PURGE_BATCH: i64 = 1000;
+const PURGE_BATCH: i64 = 500;
+/// How long the purge leaves the keyspace's lock to its writers after each step, as a
+/// multiple of the step's own time: a purge holds the lock at most a quarter of the time.
+/// Steps back to back (only a yield between them) made every write batch queue behind one:
+/// puts at 128 clients on PostgreSQL fell from 11,400/s to 2,500/s (p99 45 → 106 ms) while a
+/// million superseded rows were purged. etcd paces its compaction too (batches of 1,000 keys,
+/// 10 ms apart).
+const PURGE_IDLE_FACTOR: u32 = 3;
 
 /// A write request.
 #[derive(Debug)]
@@ -408,14 +415,17 @@ impl Writer {
 /// Removes the rows a compaction made unreachable, one bounded batch at a time, until none
 /// is left; stops at the first failure.
 pub async fn purge(backend: &dyn Backend, keyspace: KeyspaceId, revision: Revision) -> Result<()> {
-    while backend
-        .purge_compacted(keyspace, revision, PURGE_BATCH)
-        .await?
-        > 0
-    {
-        tokio::task::yield_now().await;
+    loop {
+        let started = std::time::Instant::now();
+        if backend
+            .purge_compacted(keyspace, revision, PURGE_BATCH)
+            .await?
+            == 0
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(started.elapsed() * PURGE_IDLE_FACTOR).await;
     }
-    Ok(())
 }
 
 type BatchResult = Result<Applied>;
