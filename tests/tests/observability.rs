@@ -613,10 +613,33 @@ fn postgres_current_reads_are_one_statement() {
         let paged = etcd_client::GetOptions::new().with_prefix().with_limit(1);
         let got = client.get("one/", Some(paged)).await.expect("page");
         assert_eq!((got.count(), got.kvs().len(), got.more()), (2, 1, true));
+        let (ranges, begins_after_page) = counts();
         assert!(
-            counts().1 > begins,
+            begins_after_page > begins,
             "a limited range reads in a transaction"
         );
+
+        // The next page at the revision of the first, which is still the current one: its
+        // count is known from the first page, so it is one statement too.
+        let next = etcd_client::GetOptions::new()
+            .with_range("one0")
+            .with_revision(last)
+            .with_limit(1);
+        let got = client.get("one/a\0", Some(next.clone())).await.expect("next page");
+        let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
+        assert_eq!(keys, [&b"one/c"[..]]);
+        assert_eq!((got.count(), got.more()), (1, false));
+        assert_eq!(got.header().expect("header").revision(), last);
+        assert_eq!(counts(), (ranges + 1.0, begins_after_page), "one statement");
+
+        // After a write, the same page is read at its revision, in a transaction.
+        client.put("one/d", "4", None).await.expect("put");
+        let got = client.get("one/a\0", Some(next)).await.expect("next page, older");
+        let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
+        assert_eq!(keys, [&b"one/c"[..]]);
+        assert_eq!((got.count(), got.more()), (1, false));
+        assert_eq!(got.header().expect("header").revision(), last + 1);
+        assert!(counts().1 > begins_after_page, "read at its revision");
     });
 }
 

@@ -27,22 +27,43 @@ struct Page {
     range: KeyRange,
 }
 
+/// What is known of a continuation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Continuation {
+    /// The keys of its range at its revision.
+    pub count: i64,
+    /// The page before it was read at the keyspace's current revision: this one may be too
+    /// (no write since), which a one-statement read of the current rows can find out.
+    pub was_current: bool,
+}
+
 /// The counts of pages that continue earlier pages, most recent first.
 #[derive(Debug, Default)]
 pub struct PageCounts {
-    entries: Mutex<VecDeque<(Page, i64)>>,
+    entries: Mutex<VecDeque<(Page, Continuation)>>,
 }
 
 impl PageCounts {
     /// The count of `range` at `revision`, if a previous page established it.
     pub fn get(&self, keyspace: KeyspaceId, revision: Revision, range: &KeyRange) -> Option<i64> {
+        self.continuation(keyspace, revision, range)
+            .map(|continuation| continuation.count)
+    }
+
+    /// What a previous page established of `range` at `revision`.
+    pub fn continuation(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+        range: &KeyRange,
+    ) -> Option<Continuation> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .iter()
             .find(|(page, _)| {
                 page.keyspace == keyspace && page.revision == revision && &page.range == range
             })
-            .map(|(_, count)| *count)
+            .map(|(_, continuation)| *continuation)
     }
 
     /// Forgets every count of `keyspace` (it was deleted).
@@ -53,7 +74,9 @@ impl PageCounts {
 
     /// Records what a page that read `rows` keys of `range` at `revision`, out of `count`,
     /// implies for the page after it: a page of `page_size` keys was returned with `more` set
-    /// when `rows` exceeds `page_size` (ranges read `limit + 1` keys).
+    /// when `rows` exceeds `page_size` (ranges read `limit + 1` keys); `current`: `revision`
+    /// was the keyspace's current one.
+    #[allow(clippy::too_many_arguments)]
     pub fn page_read(
         &self,
         keyspace: KeyspaceId,
@@ -62,6 +85,7 @@ impl PageCounts {
         last_returned: &[u8],
         returned: i64,
         count: i64,
+        current: bool,
     ) {
         let mut start = Vec::with_capacity(last_returned.len() + 1);
         start.extend_from_slice(last_returned);
@@ -76,7 +100,11 @@ impl PageCounts {
         };
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(page, _)| page != &next);
-        entries.push_front((next, count - returned));
+        let continuation = Continuation {
+            count: count - returned,
+            was_current: current,
+        };
+        entries.push_front((next, continuation));
         entries.truncate(CAPACITY);
     }
 }
@@ -93,12 +121,17 @@ mod tests {
             start: Bytes::from_static(b"/a/"),
             end: RangeEnd::Before(Bytes::from_static(b"/a0")),
         };
-        counts.page_read(1, 10, &prefix, b"/a/k500", 500, 1200);
+        counts.page_read(1, 10, &prefix, b"/a/k500", 500, 1200, true);
         let next = KeyRange {
             start: Bytes::from_static(b"/a/k500\0"),
             end: prefix.end.clone(),
         };
         assert_eq!(counts.get(1, 10, &next), Some(700));
+        assert!(
+            counts
+                .continuation(1, 10, &next)
+                .is_some_and(|c| c.was_current)
+        );
         // Another revision, keyspace or end is another question.
         assert_eq!(counts.get(1, 11, &next), None);
         assert_eq!(counts.get(2, 10, &next), None);
@@ -118,7 +151,7 @@ mod tests {
         let counts = PageCounts::default();
         let range = KeyRange::new(Bytes::from_static(b"a"), Bytes::from_static(b"\0"));
         for revision in 0..(CAPACITY as i64 + 10) {
-            counts.page_read(1, revision, &range, b"k", 1, 5);
+            counts.page_read(1, revision, &range, b"k", 1, 5, false);
         }
         let next = KeyRange::new(Bytes::from_static(b"k\0"), Bytes::from_static(b"\0"));
         assert_eq!(counts.get(1, 0, &next), None);

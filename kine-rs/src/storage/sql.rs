@@ -1141,6 +1141,28 @@ impl<D: Dialect> SqlBackend<D> {
         })
     }
 
+    /// Remembers, when a page read at `read_at` holds more keys than it returns, the next
+    /// page's count: the rest of this one's ([`PageCounts`]).
+    fn page_returned(
+        &self,
+        keyspace: KeyspaceId,
+        read_at: Revision,
+        query: &RangeQuery<'_>,
+        kvs: &[KeyValue],
+        count: i64,
+        current: bool,
+    ) {
+        if let Some(limit) = query.limit
+            && limit >= 2
+            && kvs.len() as i64 == limit
+        {
+            let last = &kvs[kvs.len() - 2].key;
+            let returned = limit - 1;
+            let range = query.range;
+            (self.page_counts).page_read(keyspace, read_at, range, last, returned, count, current);
+        }
+    }
+
     async fn begin_read(&self) -> Result<Transaction<'static, D::DB>> {
         begin::<D>(&self.readers, "begin_read", D::BEGIN_READ).await
     }
@@ -1236,6 +1258,33 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         {
             return self.range_current(keyspace, &query).await;
         }
+        // A later page of a list whose earlier page was read at the current revision, its
+        // count known from that page: one statement too while no write came since (the
+        // statement's own revision says so); otherwise the transaction below reads it at its
+        // revision, and the pages after it do not try again.
+        if D::ONE_STATEMENT_READS
+            && query.revision > 0
+            && !query.count_only
+            && let Some(continuation) =
+                (self.page_counts).continuation(keyspace, query.revision, query.range)
+            && continuation.was_current
+        {
+            let rows = self.range_current(keyspace, &query).await?;
+            if rows.revision == query.revision {
+                self.page_returned(
+                    keyspace,
+                    query.revision,
+                    &query,
+                    &rows.kvs,
+                    continuation.count,
+                    true,
+                );
+                return Ok(RangeRows {
+                    count: continuation.count,
+                    ..rows
+                });
+            }
+        }
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
         let at = if query.revision <= 0 || query.revision == state.revision {
@@ -1251,15 +1300,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let known_count = self.page_counts.get(keyspace, read_at, query.range);
         let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at, known_count).await?;
         commit::<D>(tx).await?;
-        // More keys than the page holds: the next page's count is the rest of this one's.
-        if let Some(limit) = query.limit
-            && limit >= 2
-            && kvs.len() as i64 == limit
-        {
-            let last = &kvs[kvs.len() - 2].key;
-            let returned = limit - 1;
-            (self.page_counts).page_read(keyspace, read_at, query.range, last, returned, count);
-        }
+        self.page_returned(keyspace, read_at, &query, &kvs, count, at.is_none());
         // Like etcd, the header reports the store's current revision, whatever was read.
         Ok(RangeRows {
             revision: state.revision,
