@@ -625,7 +625,10 @@ fn postgres_current_reads_are_one_statement() {
             .with_range("one0")
             .with_revision(last)
             .with_limit(1);
-        let got = client.get("one/a\0", Some(next.clone())).await.expect("next page");
+        let got = client
+            .get("one/a\0", Some(next.clone()))
+            .await
+            .expect("next page");
         let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
         assert_eq!(keys, [&b"one/c"[..]]);
         assert_eq!((got.count(), got.more()), (1, false));
@@ -634,7 +637,10 @@ fn postgres_current_reads_are_one_statement() {
 
         // After a write, the same page is read at its revision, in a transaction.
         client.put("one/d", "4", None).await.expect("put");
-        let got = client.get("one/a\0", Some(next)).await.expect("next page, older");
+        let got = client
+            .get("one/a\0", Some(next))
+            .await
+            .expect("next page, older");
         let keys: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.key()).collect();
         assert_eq!(keys, [&b"one/c"[..]]);
         assert_eq!((got.count(), got.more()), (1, false));
