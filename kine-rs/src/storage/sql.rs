@@ -759,6 +759,19 @@ async fn rows_at_revision_in_two_steps<D: Dialect>(
     Ok(kvs)
 }
 
+/// The rows of `rows` (columns [`KV_COLUMNS`], in key order) whose running size in key order
+/// fits a budget given as the last parameter (`?`), one row always: cut on the server, so
+/// large values past the budget never reach this process. A last column, `found`, counts the
+/// rows before the cut.
+fn within_budget_sql<D: Dialect>(rows: &str) -> String {
+    format!(
+        "SELECT {KV_COLUMNS}, found FROM (SELECT p.*, SUM({bytes}) OVER (ORDER BY `key` ROWS \
+         UNBOUNDED PRECEDING) AS upto, ROW_NUMBER() OVER (ORDER BY `key`) AS n, COUNT(*) \
+         OVER () AS found FROM ({rows}) AS p) AS s WHERE upto <= ? OR n = 1 ORDER BY `key`",
+        bytes = D::ROW_BYTES
+    )
+}
+
 /// One branch of [`rows_at_revision_in_two_steps`]: the rows `filter` selects, up to `bound`,
 /// in key order, at most `limit` and (with `max_bytes`) the prefix that fits; and whether
 /// rows were left out.
@@ -790,13 +803,7 @@ async fn branch_at_revision<D: Dialect>(
         let cut = kvs.len() as i64 == limit;
         return Ok((kvs, cut));
     };
-    // `found`: the rows under the limit, before the budget cut some.
-    let sql = format!(
-        "SELECT {KV_COLUMNS}, found FROM (SELECT p.*, SUM({bytes}) OVER (ORDER BY `key` ROWS \
-         UNBOUNDED PRECEDING) AS upto, ROW_NUMBER() OVER (ORDER BY `key`) AS n, COUNT(*) \
-         OVER () AS found FROM ({sql}) AS p) AS s WHERE upto <= ? OR n = 1 ORDER BY `key`",
-        bytes = D::ROW_BYTES
-    );
+    let sql = within_budget_sql::<D>(&sql);
     args.push(Arg::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
     let rows = fetch_all::<D>(conn, query, &sql, &args).await?;
     let found = match rows.first() {
@@ -1537,14 +1544,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         }
         let (rows, mut args) =
             range_rows_statement::<D>(keyspace, &range, None, at, false, Some(limit.max(1)));
-        // The running size of the page's rows in key order keeps the prefix that fits (one
-        // row always), on the server: large values past the budget never reach this process.
-        let sql = format!(
-            "SELECT {KV_COLUMNS} FROM (SELECT p.*, SUM({bytes}) OVER (ORDER BY `key` ROWS \
-             UNBOUNDED PRECEDING) AS upto, ROW_NUMBER() OVER (ORDER BY `key`) AS n \
-             FROM ({rows}) AS p) AS s WHERE upto <= ? OR n = 1 ORDER BY `key`",
-            bytes = D::ROW_BYTES
-        );
+        let sql = within_budget_sql::<D>(&rows);
         args.push(Arg::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
         let rows = fetch_all::<D>(&mut tx, "page", &sql, &args).await?;
         commit::<D>(tx).await?;
