@@ -115,6 +115,20 @@ impl Keyspace {
         let Some(id) = backend.keyspace(name, create).await? else {
             return Ok(None);
         };
+        Self::start(backend, name, id, limits, identity)
+            .await
+            .map(Some)
+    }
+
+    /// Starts serving keyspace `id` (named `name`), which exists: refused while it is being
+    /// imported or after it moved.
+    pub async fn start(
+        backend: Arc<dyn Backend>,
+        name: &str,
+        id: KeyspaceId,
+        limits: RequestLimits,
+        identity: HeaderIdentity,
+    ) -> Result<Arc<Keyspace>> {
         let state = backend.state(id).await?;
         match state.migration {
             MigrationRole::Importing => {
@@ -147,7 +161,7 @@ impl Keyspace {
             )),
             renewals,
         ];
-        Ok(Some(Arc::new(Keyspace {
+        Ok(Arc::new(Keyspace {
             name: name.to_string(),
             id,
             backend,
@@ -165,7 +179,7 @@ impl Keyspace {
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
             successor: std::sync::Mutex::new(None),
-        })))
+        }))
     }
 
     /// Adds `delta` to the count of open watchers.

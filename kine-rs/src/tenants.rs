@@ -120,8 +120,10 @@ pub struct Tenants {
     limits: RequestLimits,
     identity: HeaderIdentity,
     open: Mutex<HashMap<String, Arc<Keyspace>>>,
-    /// Serializes opening, so a keyspace gets one writer task per process.
-    opening: tokio::sync::Mutex<()>,
+    /// One gate per tenant being opened or deleted, so a keyspace gets one writer task per
+    /// process while different tenants open side by side (a gateway's restart opens them
+    /// all at once).
+    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The quota of tenants created by this process without one of their own.
     pub default_quota: Quota,
 }
@@ -138,7 +140,7 @@ impl Tenants {
             limits,
             identity,
             open: Mutex::new(HashMap::new()),
-            opening: tokio::sync::Mutex::new(()),
+            opening: Mutex::new(HashMap::new()),
             default_quota,
         })
     }
@@ -189,7 +191,34 @@ impl Tenants {
             return Ok(Some(keyspace));
         }
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        let _opening = self.opening.lock().await;
+        self.gated(name, self.open_gated(name, create)).await
+    }
+
+    /// Runs `work` holding tenant `name`'s gate; the gate is forgotten once nobody holds or
+    /// awaits it.
+    async fn gated<T>(&self, name: &str, work: impl Future<Output = T>) -> T {
+        let gate = self
+            .opening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _held = gate.lock().await;
+            work.await
+        };
+        let mut gates = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody else waits for this gate. Clones are only
+        // taken under the map's lock, so the count cannot grow while it is held.
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(name);
+        }
+        result
+    }
+
+    /// [`Self::get`] once tenant `name`'s gate is held.
+    async fn open_gated(&self, name: &str, create: bool) -> Result<Option<Arc<Keyspace>>> {
         if let Some(keyspace) = self.cached(name) {
             if !keyspace.is_closed() {
                 return Ok(Some(keyspace));
@@ -200,18 +229,16 @@ impl Tenants {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(name);
         }
-        let existed = self.backend.keyspace(name, false).await?.is_some();
-        let Some(keyspace) = Keyspace::open(
-            self.backend.clone(),
-            name,
-            create,
-            self.limits,
-            self.identity,
-        )
-        .await?
-        else {
-            return Ok(None);
+        let (id, existed) = match self.backend.keyspace(name, false).await? {
+            Some(id) => (id, true),
+            None if create => match self.backend.keyspace(name, true).await? {
+                Some(id) => (id, false),
+                None => return Ok(None),
+            },
+            None => return Ok(None),
         };
+        let keyspace =
+            Keyspace::start(self.backend.clone(), name, id, self.limits, self.identity).await?;
         if !existed {
             info!(tenant = name, "created tenant");
             if self.default_quota != Quota::default() {
@@ -254,7 +281,11 @@ impl Tenants {
     /// `force`, which ends them. `false` when it did not exist.
     pub async fn delete(&self, name: &str, force: bool) -> Result<bool> {
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        let _opening = self.opening.lock().await;
+        self.gated(name, self.delete_gated(name, force)).await
+    }
+
+    /// [`Self::delete`] once tenant `name`'s gate is held.
+    async fn delete_gated(&self, name: &str, force: bool) -> Result<bool> {
         let open = self.cached(name);
         if let Some(keyspace) = &open
             && keyspace.watches() > 0

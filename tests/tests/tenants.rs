@@ -863,3 +863,127 @@ async fn nats_tenant_deleted_through_another_gateway() {
     )
     .await;
 }
+
+/// A gateway opens tenants side by side: while one tenant's creation waits on the database
+/// (another transaction holds an uncommitted row of the same name), other tenants open,
+/// write and read; the waiting one goes on once the row is released. A gateway restarting
+/// under a thousand reconnecting apiservers opens them all at once; opening them one at a
+/// time made each wait for every other's round trips.
+async fn tenants_open_side_by_side() -> Result<()> {
+    use std::io::Write;
+
+    let database = TestDatabase::new(Backend::Postgres).context("PostgreSQL")?;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::write(dir.path(), CLIENTS);
+    let socket = dir.path().join("admin.sock").display().to_string();
+    let args: Vec<String> = [
+        "--gateway",
+        "--gateway-create-tenants",
+        "--server-cert-file",
+        &pki.server_cert,
+        "--server-key-file",
+        &pki.server_key,
+        "--trusted-ca-file",
+        &pki.ca,
+        "--admin-socket",
+        &socket,
+        "--compact-interval",
+        "0",
+    ]
+    .map(String::from)
+    .into();
+    let endpoint = database.endpoint.clone();
+    let kine = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
+    })
+    .await?;
+    let gateway = Gateway {
+        kine,
+        pki,
+        socket,
+        _dir: dir,
+    };
+
+    // Another session inserts tenant-a's row and keeps its transaction open: the gateway's
+    // insert of the same name waits for it.
+    let mut holder = Command::new("psql")
+        .args([
+            database.endpoint.as_str(),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("psql")?;
+    let mut holder_input = holder.stdin.take().context("psql's stdin")?;
+    writeln!(
+        holder_input,
+        "BEGIN; INSERT INTO keyspaces (name) VALUES ('tenant-a');"
+    )?;
+    holder_input.flush()?;
+    let idle_in_transaction = || -> Result<bool> {
+        let output = Command::new("psql")
+            .args([database.endpoint.as_str(), "-X", "-q", "-t", "-A", "-c"])
+            .arg(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state = 'idle in transaction' AND query LIKE 'INSERT INTO keyspaces%'",
+            )
+            .output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim() == "1")
+    };
+    let mut waited = 0;
+    while !idle_in_transaction()? {
+        ensure!(waited < 100, "the holding transaction did not start");
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut a = gateway.client("tenant-a").await?;
+    let blocked = tokio::spawn(async move { a.put("k", "a", None).await });
+    // Long enough for tenant-a's open to reach the insert that waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        !blocked.is_finished(),
+        "tenant-a's put did not wait for its creation: {:?}",
+        blocked.await
+    );
+
+    let mut b = gateway.client("tenant-b").await?;
+    let beside = async {
+        b.put("k", "b", None).await?;
+        b.get("k", None).await
+    };
+    let read = tokio::time::timeout(Duration::from_secs(30), beside)
+        .await
+        .context("tenant-b could not open while tenant-a's creation waited")??;
+    ensure!(
+        read.kvs().first().map(|kv| kv.value()) == Some(b"b".as_slice()),
+        "tenant-b's read: {read:?}"
+    );
+    ensure!(
+        !blocked.is_finished(),
+        "tenant-a's put finished before its row was released"
+    );
+
+    writeln!(holder_input, "ROLLBACK;")?;
+    drop(holder_input);
+    holder.wait()?;
+    tokio::time::timeout(Duration::from_secs(30), blocked)
+        .await
+        .context("tenant-a's put after the row was released")???;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tenants_open_side_by_side() {
+    run(
+        "tenants open side by side",
+        Backend::Postgres,
+        tenants_open_side_by_side(),
+    )
+    .await;
+}
