@@ -76,6 +76,7 @@ impl Dialect for Postgres {
     const ROW_VERSION: Option<&'static str> = Some("xmin");
     const ARRAYS: bool = true;
     const ONE_STATEMENT_READS: bool = true;
+    const ONE_STATEMENT_PAGES: bool = true;
     const ONE_STATEMENT_EVENTS: bool = true;
     const COMMIT_BATCH: Option<&'static str> = Some(
         "SELECT CAST(kine_rs_commit(?, CAST(? AS XID), ?, ?, ?, CAST(? AS BYTEA[]), \

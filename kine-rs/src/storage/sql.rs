@@ -288,6 +288,11 @@ pub trait Dialect: Send + Sync + 'static {
     /// snapshot): one round trip instead of begin, keyspace row, rows and commit
     /// (PostgreSQL, where each of those is a round trip to the server).
     const ONE_STATEMENT_READS: bool = false;
+    /// Whether a later page of a list read at the current revision is read that way too
+    /// while no write came since (PostgreSQL). Not on MySQL: MariaDB materializes the page's
+    /// rows before the join, and lists of 20,000 × 1 KiB by 500 took 17% longer than with
+    /// the read transaction.
+    const ONE_STATEMENT_PAGES: bool = false;
     /// Whether a key's current row is named by a row of `kv_head` (PostgreSQL, migration
     /// 0008) instead of marked in `kv.superseded`: `kv` only gets rows appended, and an
     /// overwrite changes a narrow head row in place instead of rewriting the row it
@@ -1269,7 +1274,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         // count known from that page: one statement too while no write came since (the
         // statement's own revision says so); otherwise the transaction below reads it at its
         // revision, and the pages after it do not try again.
-        if D::ONE_STATEMENT_READS
+        if D::ONE_STATEMENT_PAGES
             && query.revision > 0
             && !query.count_only
             && let Some(continuation) =
