@@ -123,3 +123,33 @@ async fn a_write_batch_read_before_other_commits_is_refused_when_the_row_is_back
     drop(second);
     drop_database(&name).await;
 }
+
+/// Every connection of kine-rs's pools plans without Memoize (see `pool_options`): the
+/// lookups through `kv_head` never repeat a key, and the node only copied each row.
+#[tokio::test]
+async fn pool_connections_plan_without_memoize() {
+    let options = BackendOptions::default();
+    let connect = connect_options(&server_url(), &options).expect("connect options");
+    let pool = pool_options(&options, connect.get_port())
+        .max_connections(2)
+        .min_connections(0)
+        .connect_with(connect)
+        .await
+        .expect("a pool on the test server");
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&pool)
+        .await
+        .expect("server version");
+    assert!(
+        version >= 140000,
+        "the test server has Memoize (PostgreSQL 14+)"
+    );
+    for _ in 0..2 {
+        let mut connection = pool.acquire().await.expect("a connection");
+        let memoize: String = sqlx::query_scalar("SHOW enable_memoize")
+            .fetch_one(&mut *connection)
+            .await
+            .expect("enable_memoize");
+        assert_eq!(memoize, "off");
+    }
+}
