@@ -950,3 +950,59 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
         assert_ne!(counts.trim(), "0", "the slow log recorded nothing");
     });
 }
+
+/// On MySQL and SQLite (key lists, no arrays) a write batch looks its keys up and supersedes
+/// their rows with one statement each, whatever the number of keys up to 128: the list is
+/// padded to a power of two instead of split into power-of-two pieces (100 keys were three
+/// lookups and three updates, each a round trip under the keyspace's lock).
+fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &str) {
+    let (kine, metrics_address) = spawn_with_metrics(backend);
+    let count = |query: &str| statements(&metrics_address, driver, query);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let puts = |round: usize| {
+            (0..100)
+                .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
+                .collect::<Vec<_>>()
+        };
+        let mut counts = vec![(count("get"), count("supersede"))];
+        for round in 0..2 {
+            let txn = etcd_client::Txn::new().and_then(puts(round));
+            assert!(client.txn(txn).await.expect("txn").succeeded());
+            counts.push((count("get"), count("supersede")));
+        }
+        assert_eq!(
+            counts[1].0 - counts[0].0,
+            1.0,
+            "creating 100 keys looks them up once"
+        );
+        assert_eq!(
+            (counts[2].0 - counts[1].0, counts[2].1 - counts[1].1),
+            (1.0, 1.0),
+            "overwriting 100 keys: one lookup, one update"
+        );
+        let got = client
+            .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(got.count(), 100);
+        assert!(
+            got.kvs()
+                .iter()
+                .all(|kv| kv.version() == 2 && kv.value() == b"1")
+        );
+    });
+}
+
+#[test]
+fn mysql_write_batch_names_its_keys_in_one_statement_each() {
+    write_batch_statements_per_key_list(kine_tests::Backend::Mysql, "mysql");
+}
+
+#[test]
+fn sqlite_write_batch_names_its_keys_in_one_statement_each() {
+    write_batch_statements_per_key_list(kine_tests::Backend::Sqlite, "sqlite");
+}

@@ -2225,10 +2225,24 @@ impl<D: Dialect> SqlWriteTxn<D> {
         } else {
             MAX_ROWS_PER_STATEMENT
         };
-        for size in chunk_sizes(unknown.len(), per_statement) {
+        // Key lists (`IN (…)`): one statement per chunk, padded to a power of two with its last
+        // key (a repeated key matches its row once). Split into power-of-two chunks instead, a
+        // batch of 61 keys was five statements under the keyspace's lock (MySQL overwrites at
+        // 128 clients: ~3 lookups per batch of ~64 keys).
+        let sizes: Vec<usize> = if D::KEY_LISTS {
+            unknown.chunks(per_statement).map(<[_]>::len).collect()
+        } else {
+            chunk_sizes(unknown.len(), per_statement).collect()
+        };
+        for size in sizes {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
-            let (sql, args) = current_rows_sql::<D>(self.keyspace, chunk);
+            let keys = if D::KEY_LISTS {
+                padded(chunk)
+            } else {
+                chunk.to_vec()
+            };
+            let (sql, args) = current_rows_sql::<D>(self.keyspace, &keys);
             let conn = reader::<D>(&mut self.tx, &mut self.conn)?;
             let rows = fetch_all::<D>(conn, "get", &sql, &args).await?;
             self.remember(chunk, &rows, 0)?;
@@ -2448,12 +2462,26 @@ impl<D: Dialect> SqlWriteTxn<D> {
         } else {
             MAX_ROWS_PER_STATEMENT
         };
-        for (rows, per_statement) in [(by_row_id, per_row_id_statement), (by_key, per_statement)] {
+        for (rows, per_statement, pad) in [
+            (by_row_id, per_row_id_statement, false),
+            (by_key, per_statement, D::KEY_LISTS),
+        ] {
             let mut rest = rows.as_slice();
-            for size in chunk_sizes(rows.len(), per_statement) {
+            // By key lists: one statement per chunk, padded like the lookups above (the
+            // repeated last row names the same key and revision again).
+            let sizes: Vec<usize> = if pad {
+                rows.chunks(per_statement).map(<[_]>::len).collect()
+            } else {
+                chunk_sizes(rows.len(), per_statement).collect()
+            };
+            for size in sizes {
                 let (chunk, tail) = rest.split_at(size);
                 rest = tail;
-                let (sql, args) = supersede_sql::<D>(self.keyspace, chunk);
+                let mut named = chunk.to_vec();
+                if pad && let Some(last) = chunk.last() {
+                    named.resize(size.next_power_of_two(), *last);
+                }
+                let (sql, args) = supersede_sql::<D>(self.keyspace, &named);
                 let changed =
                     execute::<D>(held::<D>(&mut self.tx)?, "supersede", &sql, &args).await?;
                 if changed != size as u64 {
