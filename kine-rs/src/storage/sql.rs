@@ -303,6 +303,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether a watch's events may be read in one statement outside a transaction (the
     /// keyspace row's compaction revision joined with the events: one snapshot).
     const ONE_STATEMENT_EVENTS: bool = false;
+    /// The predicate selecting current rows by `superseded` (databases without
+    /// [`HEAD_TABLE`](Dialect::HEAD_TABLE)).
+    const CURRENT_ROWS: &'static str = "superseded = 9223372036854775807";
     /// Whether a limited read at an older revision runs its two branches one after the
     /// other, the superseded rows' branch bounded by the last key of the current rows' page
     /// ([`rows_at_revision_in_two_steps`]). MariaDB 10.11 plans the superseded branch of the
@@ -578,7 +581,7 @@ pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result
 /// with their parameters. At an older revision a live row is either still current, or was
 /// superseded after `at`: two branches, each served by its own index (current rows by key,
 /// superseded rows by key), so no read walks the history of keys it does not return.
-fn range_filters<'a>(
+fn range_filters<'a, D: Dialect>(
     keyspace: KeyspaceId,
     range: &'a KeyRange,
     end: Option<&'a [u8]>,
@@ -592,7 +595,7 @@ fn range_filters<'a>(
     }
     match at {
         None => vec![(
-            format!("{base} AND superseded = 9223372036854775807 AND deleted = 0"),
+            format!("{base} AND {} AND deleted = 0", D::CURRENT_ROWS),
             args,
         )],
         Some(at) => {
@@ -603,8 +606,8 @@ fn range_filters<'a>(
             vec![
                 (
                     format!(
-                        "{base} AND superseded = 9223372036854775807 AND mod_revision <= ? \
-                         AND deleted = 0"
+                        "{base} AND {} AND mod_revision <= ? AND deleted = 0",
+                        D::CURRENT_ROWS
                     ),
                     current,
                 ),
@@ -713,7 +716,7 @@ async fn rows_at_revision_in_two_steps<D: Dialect>(
     max_bytes: Option<usize>,
 ) -> Result<Vec<KeyValue>> {
     let limit = limit.max(1);
-    let mut filters = range_filters(keyspace, range, end, Some(at)).into_iter();
+    let mut filters = range_filters::<D>(keyspace, range, end, Some(at)).into_iter();
     let (Some(current), Some(superseded)) = (filters.next(), filters.next()) else {
         return Err(KineError::Storage(
             "a read at a revision without its two branches".into(),
@@ -835,7 +838,7 @@ fn range_rows_statement<'a, D: Dialect>(
     limit: Option<i64>,
 ) -> (String, Vec<Arg<'a>>) {
     if !D::HEAD_TABLE {
-        let filters = range_filters(keyspace, range, end, at);
+        let filters = range_filters::<D>(keyspace, range, end, at);
         return range_rows_sql(&range_columns::<D>(keys_only), &filters, limit);
     }
     let value = if keys_only { D::EMPTY_BYTES } else { "value" };
@@ -893,7 +896,7 @@ fn range_count_statement<'a, D: Dialect>(
     at: Option<Revision>,
 ) -> (String, Vec<Arg<'a>>) {
     if !D::HEAD_TABLE {
-        return range_count_sql(&range_filters(keyspace, range, end, at));
+        return range_count_sql(&range_filters::<D>(keyspace, range, end, at));
     }
     match at {
         None => head_range_sql(
@@ -2109,8 +2112,8 @@ fn current_rows_sql<'a, D: Dialect>(
         );
     }
     let select = format!(
-        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? \
-         AND superseded = 9223372036854775807 AND `key`"
+        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? AND {} AND `key`",
+        D::CURRENT_ROWS
     );
     if D::KEY_LISTS {
         let sql = format!("{select} IN ({})", placeholders(keys.len()));
@@ -2192,7 +2195,8 @@ fn supersede_sql<'a, D: Dialect>(
         sql.push_str(" WHEN ? THEN ?");
     }
     sql.push_str(&format!(
-        " END WHERE keyspace = ? AND superseded = 9223372036854775807 AND `key` IN ({})",
+        " END WHERE keyspace = ? AND {} AND `key` IN ({})",
+        D::CURRENT_ROWS,
         placeholders(rows.len())
     ));
     for row in rows {
