@@ -665,6 +665,27 @@ fn current_reads_are_one_statement(backend: kine_tests::Backend, driver: &str, p
     });
 }
 
+/// Puts of the 100 keys `batch/000` … `batch/099`, each with the value `round`.
+fn hundred_puts(round: usize) -> Vec<etcd_client::TxnOp> {
+    (0..100)
+        .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
+        .collect()
+}
+
+/// The keys of [`hundred_puts`] after rounds 0 and 1: all there, at version 2, value `1`.
+async fn assert_hundred_keys_overwritten(client: &mut etcd_client::Client) {
+    let got = client
+        .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    assert_eq!(got.count(), 100);
+    assert!(
+        got.kvs()
+            .iter()
+            .all(|kv| kv.version() == 2 && kv.value() == b"1")
+    );
+}
+
 /// A write batch of up to 128 keys reads their current rows with the keyspace row in one
 /// statement (`batch_read`) on PostgreSQL: no lookups of the rest one after another (`get`),
 /// which the keyspace's next batch would wait for. 100 keys were a read of 64, then 32, then 4.
@@ -678,17 +699,12 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
             .await
             .expect("connect");
-        let puts = |round: usize| {
-            (0..100)
-                .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
-                .collect::<Vec<_>>()
-        };
         // Twice: the second batch supersedes the 100 rows the first created. The first reads
         // its keys in one statement; the second, whose keys this process committed last,
         // commits without reading (the commit call checks nothing changed since).
         let mut reads = Vec::new();
         for round in 0..2 {
-            let txn = etcd_client::Txn::new().and_then(puts(round));
+            let txn = etcd_client::Txn::new().and_then(hundred_puts(round));
             assert!(client.txn(txn).await.expect("txn").succeeded());
             reads.push((count("batch_read"), count("commit_batch")));
         }
@@ -698,16 +714,7 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
             (1.0, reads[0].1 + 1.0),
             "the second batch commits without a read"
         );
-        let got = client
-            .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
-            .await
-            .expect("get");
-        assert_eq!(got.count(), 100);
-        assert!(
-            got.kvs()
-                .iter()
-                .all(|kv| kv.version() == 2 && kv.value() == b"1")
-        );
+        assert_hundred_keys_overwritten(&mut client).await;
     });
     assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
 }
@@ -963,14 +970,9 @@ fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &st
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
             .await
             .expect("connect");
-        let puts = |round: usize| {
-            (0..100)
-                .map(|i| etcd_client::TxnOp::put(format!("batch/{i:03}"), format!("{round}"), None))
-                .collect::<Vec<_>>()
-        };
         let mut counts = vec![(count("get"), count("supersede"))];
         for round in 0..2 {
-            let txn = etcd_client::Txn::new().and_then(puts(round));
+            let txn = etcd_client::Txn::new().and_then(hundred_puts(round));
             assert!(client.txn(txn).await.expect("txn").succeeded());
             counts.push((count("get"), count("supersede")));
         }
@@ -984,16 +986,7 @@ fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &st
             (1.0, 1.0),
             "overwriting 100 keys: one lookup, one update"
         );
-        let got = client
-            .get("batch/", Some(etcd_client::GetOptions::new().with_prefix()))
-            .await
-            .expect("get");
-        assert_eq!(got.count(), 100);
-        assert!(
-            got.kvs()
-                .iter()
-                .all(|kv| kv.version() == 2 && kv.value() == b"1")
-        );
+        assert_hundred_keys_overwritten(&mut client).await;
     });
 }
 

@@ -872,49 +872,19 @@ async fn nats_tenant_deleted_through_another_gateway() {
 async fn tenants_open_side_by_side() -> Result<()> {
     use std::io::Write;
 
-    let database = TestDatabase::new(Backend::Postgres).context("PostgreSQL")?;
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::write(dir.path(), CLIENTS);
-    let socket = dir.path().join("admin.sock").display().to_string();
-    let args: Vec<String> = [
-        "--gateway",
-        "--gateway-create-tenants",
-        "--server-cert-file",
-        &pki.server_cert,
-        "--server-key-file",
-        &pki.server_key,
-        "--trusted-ca-file",
-        &pki.ca,
-        "--admin-socket",
-        &socket,
-        "--compact-interval",
-        "0",
-    ]
-    .map(String::from)
-    .into();
-    let endpoint = database.endpoint.clone();
-    let kine = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &args)
-    })
-    .await?;
-    let gateway = Gateway {
-        kine,
-        pki,
-        socket,
-        _dir: dir,
-    };
+    let gateway = start_gateway(Backend::Postgres, &["--gateway-create-tenants"]);
+    let endpoint = gateway
+        .kine
+        .database
+        .as_ref()
+        .context("the gateway's PostgreSQL database")?
+        .endpoint
+        .clone();
 
     // Another session inserts tenant-a's row and keeps its transaction open: the gateway's
     // insert of the same name waits for it.
     let mut holder = Command::new("psql")
-        .args([
-            database.endpoint.as_str(),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
+        .args([endpoint.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -927,7 +897,7 @@ async fn tenants_open_side_by_side() -> Result<()> {
     holder_input.flush()?;
     let idle_in_transaction = || -> Result<bool> {
         let output = Command::new("psql")
-            .args([database.endpoint.as_str(), "-X", "-q", "-t", "-A", "-c"])
+            .args([endpoint.as_str(), "-X", "-q", "-t", "-A", "-c"])
             .arg(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND state = 'idle in transaction' AND query LIKE 'INSERT INTO keyspaces%'",
