@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod etcd_proxy;
+pub mod gates;
 pub mod health;
 pub mod keyspace;
 pub mod metrics;

@@ -13,6 +13,7 @@ use kine_proto::etcdserverpb::CompactionRequest;
 use tracing::{info, warn};
 
 use crate::error::{KineError, Result};
+use crate::gates::Gates;
 use crate::keyspace::{HeaderIdentity, Keyspace};
 use crate::model::now_ms;
 use crate::served::{ServedTenant, TenantDirectory};
@@ -121,9 +122,8 @@ pub struct Tenants {
     identity: HeaderIdentity,
     open: Mutex<HashMap<String, Arc<Keyspace>>>,
     /// One gate per tenant being opened or deleted, so a keyspace gets one writer task per
-    /// process while different tenants open side by side (a gateway's restart opens them
-    /// all at once).
-    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// process while different tenants open side by side.
+    opening: Gates<String>,
     /// The quota of tenants created by this process without one of their own.
     pub default_quota: Quota,
 }
@@ -140,7 +140,7 @@ impl Tenants {
             limits,
             identity,
             open: Mutex::new(HashMap::new()),
-            opening: Mutex::new(HashMap::new()),
+            opening: Gates::default(),
             default_quota,
         })
     }
@@ -191,30 +191,9 @@ impl Tenants {
             return Ok(Some(keyspace));
         }
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        self.gated(name, self.open_gated(name, create)).await
-    }
-
-    /// Runs `work` holding tenant `name`'s gate; the gate is forgotten once nobody holds or
-    /// awaits it.
-    async fn gated<T>(&self, name: &str, work: impl Future<Output = T>) -> T {
-        let gate = self
-            .opening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone();
-        let result = {
-            let _held = gate.lock().await;
-            work.await
-        };
-        let mut gates = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-        // The map's reference and ours: nobody else waits for this gate. Clones are only
-        // taken under the map's lock, so the count cannot grow while it is held.
-        if Arc::strong_count(&gate) == 2 {
-            gates.remove(name);
-        }
-        result
+        self.opening
+            .run(&name.to_string(), self.open_gated(name, create))
+            .await
     }
 
     /// [`Self::get`] once tenant `name`'s gate is held.
@@ -281,7 +260,9 @@ impl Tenants {
     /// `force`, which ends them. `false` when it did not exist.
     pub async fn delete(&self, name: &str, force: bool) -> Result<bool> {
         validate_name(name).map_err(KineError::InvalidTenant)?;
-        self.gated(name, self.delete_gated(name, force)).await
+        self.opening
+            .run(&name.to_string(), self.delete_gated(name, force))
+            .await
     }
 
     /// [`Self::delete`] once tenant `name`'s gate is held.

@@ -100,6 +100,7 @@ use super::{
     WriteTxn,
 };
 use crate::error::{KineError, Result};
+use crate::gates::Gates;
 use crate::model::{Event, KeyRange, LeaseRecord, Revision};
 
 /// Bytes of a message kept free for headers.
@@ -115,7 +116,8 @@ pub struct NatsBackend {
     directory: Arc<Directory>,
     open: std::sync::Mutex<HashMap<KeyspaceId, Arc<Keyspace>>>,
     names: std::sync::Mutex<HashMap<KeyspaceId, String>>,
-    opening: tokio::sync::Mutex<()>,
+    /// One gate per keyspace being opened: different keyspaces open side by side.
+    opening: Gates<KeyspaceId>,
     changes: Arc<CommitFeed>,
     max_chunk: usize,
 }
@@ -208,7 +210,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<NatsBacken
         directory: Arc::new(directory),
         open: std::sync::Mutex::new(HashMap::new()),
         names: std::sync::Mutex::new(HashMap::new()),
-        opening: tokio::sync::Mutex::new(()),
+        opening: Gates::default(),
         changes,
         max_chunk: max_payload.saturating_sub(HEADER_ROOM).max(1024),
     })
@@ -316,17 +318,24 @@ impl NatsBackend {
         if let Some(keyspace) = self.cached(id) {
             return usable(keyspace);
         }
-        let opening = self.opening.lock().await;
-        if let Some(keyspace) = self.cached(id) {
+        let (keyspace, opened) = self
+            .opening
+            .run(&id, async {
+                if let Some(keyspace) = self.cached(id) {
+                    return Ok((keyspace, false));
+                }
+                let keyspace =
+                    Keyspace::open(self.js.clone(), &self.bucket, id, self.changes.clone()).await?;
+                self.open
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, keyspace.clone());
+                Ok::<_, KineError>((keyspace, true))
+            })
+            .await?;
+        if !opened {
             return usable(keyspace);
         }
-        let keyspace =
-            Keyspace::open(self.js.clone(), &self.bucket, id, self.changes.clone()).await?;
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, keyspace.clone());
-        drop(opening);
         if let Err(error) = keyspace.sync().await {
             if matches!(error, KineError::KeyspaceDeleted) {
                 self.forget(id);
