@@ -1,5 +1,6 @@
 //! A digest of a keyspace at a revision: every key, value, create and mod revision, version
-//! and lease, read a page at a time (memory stays bounded), plus the count and the revisions.
+//! and lease ([`RowDigest`]), computed by the datastore or read a page at a time (memory stays
+//! bounded), with the count and the compaction revision.
 
 use std::fmt;
 
@@ -7,6 +8,7 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::model::{KeyValue, Revision};
+use crate::storage::row_digest::RowDigest;
 use crate::storage::{Backend, KeyspaceId};
 
 use super::source::Source;
@@ -16,21 +18,20 @@ const PAGE: i64 = 1000;
 /// Most keys read per page, whatever their size.
 const PAGE_KEYS_MAX: i64 = 10_000;
 
-/// Two 64-bit sums over the same bytes (FNV-1a, and a multiply-add with another constant),
-/// with the number of keys and the compaction revision.
+/// The [`RowDigest`] of the keys live at a revision, with the compaction revision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digest {
-    pub keys: u64,
     pub compact_revision: Revision,
-    sum: [u64; 2],
+    rows: RowDigest,
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.rows.words;
         write!(
             f,
-            "{} keys, compacted at {}, {:016x}{:016x}",
-            self.keys, self.compact_revision, self.sum[0], self.sum[1]
+            "{} keys, compacted at {}, {a:016x}{b:016x}{c:016x}{d:016x}",
+            self.rows.rows, self.compact_revision
         )
     }
 }
@@ -38,29 +39,18 @@ impl fmt::Display for Digest {
 impl Digest {
     fn new(compact_revision: Revision) -> Self {
         Digest {
-            keys: 0,
             compact_revision,
-            sum: [0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4],
+            rows: RowDigest::default(),
         }
     }
 
-    fn add(&mut self, bytes: &[u8]) {
-        // Length first, so that field boundaries count.
-        for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            self.sum[0] = (self.sum[0] ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-            self.sum[1] = self.sum[1]
-                .wrapping_add(u64::from(*byte) + 1)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
+    /// The number of keys digested.
+    pub fn keys(&self) -> u64 {
+        self.rows.rows
     }
 
     fn add_kv(&mut self, kv: &KeyValue) {
-        self.keys += 1;
-        self.add(&kv.key);
-        self.add(&kv.value);
-        for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
-            self.add(&n.to_le_bytes());
-        }
+        self.rows.add(kv);
     }
 
     /// The digest of what `source` holds at `revision` (with the compaction revision the
@@ -73,6 +63,10 @@ impl Digest {
     ) -> Result<Self> {
         let state = source.state().await?;
         let mut digest = Digest::new(state.compact_revision);
+        if let Some(rows) = source.row_digest(revision).await? {
+            digest.rows = rows;
+            return Ok(digest);
+        }
         let mut after: Option<Bytes> = None;
         let mut keys = PAGE;
         loop {
@@ -91,7 +85,8 @@ impl Digest {
         }
     }
 
-    /// The digest of `keyspace` at `revision`, read in pages of at most `page_bytes`.
+    /// The digest of `keyspace` at `revision`: computed by the datastore where it can
+    /// ([`Backend::row_digest`]), else read in pages of at most `page_bytes`.
     pub async fn of(
         backend: &dyn Backend,
         keyspace: KeyspaceId,
@@ -100,6 +95,10 @@ impl Digest {
     ) -> Result<Self> {
         let state = backend.state(keyspace).await?;
         let mut digest = Digest::new(state.compact_revision);
+        if let Some(rows) = backend.row_digest(keyspace, revision).await? {
+            digest.rows = rows;
+            return Ok(digest);
+        }
         let mut after: Option<Bytes> = None;
         let mut keys = PAGE;
         loop {

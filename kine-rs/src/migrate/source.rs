@@ -24,6 +24,7 @@ use async_trait::async_trait;
 
 use crate::error::{KineError, Result};
 use crate::model::{Event, KeyValue, LeaseRecord, Revision};
+use crate::storage::row_digest::RowDigest;
 use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery};
 
 use super::record::SourceRecord;
@@ -112,6 +113,13 @@ pub trait Source: Send + Sync {
     ) -> Result<Vec<KeyValue>> {
         let _ = max_bytes;
         self.page(revision, after, limit).await
+    }
+
+    /// The [`RowDigest`] of the keys live at `revision`, where the source's datastore
+    /// computes it without sending the rows; by default `None` (the digest reads pages).
+    async fn row_digest(&self, revision: Revision) -> Result<Option<RowDigest>> {
+        let _ = revision;
+        Ok(None)
     }
 
     /// [`Source::events`] in bounded memory: the events of whole revisions as long as they
@@ -303,6 +311,10 @@ impl Source for BackendSource<'_> {
         (self.backend)
             .page_within(self.id, revision, after, limit, max_bytes)
             .await
+    }
+
+    async fn row_digest(&self, revision: Revision) -> Result<Option<RowDigest>> {
+        self.backend.row_digest(self.id, revision).await
     }
 
     async fn events_within(

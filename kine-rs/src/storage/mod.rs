@@ -71,6 +71,7 @@ pub mod nats;
 mod nodelay;
 pub mod page_counts;
 pub mod postgres;
+pub mod row_digest;
 pub mod sql;
 pub mod sqlite;
 
@@ -316,6 +317,19 @@ pub trait Backend: Send + Sync + 'static {
             .kvs;
         rows.truncate(limit.max(1) as usize);
         Ok(rows)
+    }
+
+    /// The [`RowDigest`](row_digest::RowDigest) of the keys live at `revision`, computed by
+    /// the datastore itself, without sending the rows; `None` where it cannot (the caller
+    /// reads the rows in pages and digests them). Fails as [`Backend::range`] does for a
+    /// compacted or future revision.
+    async fn row_digest(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+    ) -> Result<Option<row_digest::RowDigest>> {
+        let _ = (keyspace, revision);
+        Ok(None)
     }
 
     /// Starts a write transaction holding the keyspace's write lock.

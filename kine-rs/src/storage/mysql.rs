@@ -64,6 +64,15 @@ impl Dialect for Mysql {
     const CURRENT_ROWS: &'static str =
         "superseded >= 9223372036854775807 AND superseded <= 9223372036854775807";
 
+    const ROW_MD5: Option<&'static str> = Some(
+        "MD5(CONCAT(UNHEX(LPAD(HEX(LENGTH(`key`)), 16, '0')), `key`, \
+         UNHEX(LPAD(HEX(LENGTH(value)), 16, '0')), value, \
+         UNHEX(LPAD(HEX(create_revision), 16, '0')), UNHEX(LPAD(HEX(mod_revision), 16, '0')), \
+         UNHEX(LPAD(HEX(version), 16, '0')), UNHEX(LPAD(HEX(lease), 16, '0'))))",
+    );
+    const HEX_WORD: &'static str = "CAST(CONV(SUBSTRING({h}, {at}, 8), 16, 10) AS UNSIGNED)";
+    const SUM_AS_INT: &'static str = "CAST(COALESCE({sum}, 0) AS SIGNED)";
+
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE {filter} LIMIT ?")
     }

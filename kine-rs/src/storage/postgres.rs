@@ -65,6 +65,14 @@ impl Dialect for Postgres {
          + COALESCE(pg_total_relation_size('keyspaces'), 0))::bigint";
     const DEFRAGMENT: &'static str = "VACUUM kv, kv_head, leases, keyspaces";
     const ANALYZE: Option<&'static str> = Some("ANALYZE kv, kv_head, leases, keyspaces");
+    const ROW_MD5: Option<&'static str> = Some(
+        "md5(int8send(CAST(octet_length(`key`) AS BIGINT)) || `key` \
+         || int8send(CAST(octet_length(value) AS BIGINT)) || value || int8send(create_revision) \
+         || int8send(mod_revision) || int8send(version) || int8send(lease))",
+    );
+    const HEX_WORD: &'static str =
+        "CAST(CAST('x' || lpad(substr({h}, {at}, 8), 16, '0') AS BIT(64)) AS BIGINT)";
+    const SUM_AS_INT: &'static str = "CAST(COALESCE({sum}, 0) AS BIGINT)";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
     const LAZY_COMMIT: Option<&'static str> = Some("SET LOCAL synchronous_commit = off");

@@ -27,7 +27,7 @@ use super::feed::{CommitFeed, POLL_CHUNK};
 use super::page_counts::PageCounts;
 use super::{
     Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows, WriteTxn,
-    Written, page_range,
+    Written, page_range, row_digest::RowDigest,
 };
 use crate::error::{KineError, Result};
 use crate::metrics;
@@ -315,6 +315,15 @@ pub trait Dialect: Send + Sync + 'static {
     /// MariaDB grew quadratic in the keyspace's size. (A window function over that union,
     /// for a migration page's byte budget, was worse still: 5 s a page at a million keys.)
     const READS_AT_REVISION_IN_TWO_STEPS: bool = false;
+
+    /// The MD5 of a row's encoding ([`RowDigest`](super::row_digest::RowDigest)) as 32 hex
+    /// digits, over the columns of [`KV_COLUMNS`], where the database has MD5 (`None`: a
+    /// migration's digest reads the rows instead).
+    const ROW_MD5: Option<&'static str> = None;
+    /// The 32-bit word of hex digits `{h}` starting at digit `{at}` (1-based), as an integer.
+    const HEX_WORD: &'static str = "";
+    /// `{sum}` (a sum of integers, which may be wider than 64 bits) as a 64-bit integer.
+    const SUM_AS_INT: &'static str = "";
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
     fn delete_limited(filter: &str) -> String;
@@ -777,6 +786,23 @@ fn within_budget_sql<D: Dialect>(rows: &str) -> String {
          UNBOUNDED PRECEDING) AS upto, ROW_NUMBER() OVER (ORDER BY `key`) AS n, COUNT(*) \
          OVER () AS found FROM ({rows}) AS p) AS s WHERE upto <= ? OR n = 1 ORDER BY `key`",
         bytes = D::ROW_BYTES
+    )
+}
+
+/// The statement computing the [`RowDigest`] of `rows` (columns [`KV_COLUMNS`]): their
+/// count and the sums of their MD5's four words, in the database.
+fn row_digest_sql<D: Dialect>(row_md5: &str, rows: &str) -> String {
+    let words: Vec<String> = (0..4)
+        .map(|word| {
+            let word_sql = D::HEX_WORD
+                .replace("{h}", "h")
+                .replace("{at}", &(1 + 8 * word).to_string());
+            D::SUM_AS_INT.replace("{sum}", &format!("SUM({word_sql})"))
+        })
+        .collect();
+    format!(
+        "SELECT COUNT(*), {} FROM (SELECT {row_md5} AS h FROM ({rows}) AS r) AS d",
+        words.join(", ")
     )
 }
 
@@ -1557,6 +1583,40 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let rows = fetch_all::<D>(&mut tx, "page", &sql, &args).await?;
         commit::<D>(tx).await?;
         rows.iter().map(|row| kv_from_row::<D>(row, 0)).collect()
+    }
+
+    async fn row_digest(
+        &self,
+        keyspace: KeyspaceId,
+        revision: Revision,
+    ) -> Result<Option<RowDigest>> {
+        let Some(row_md5) = D::ROW_MD5 else {
+            return Ok(None);
+        };
+        let range = page_range(None);
+        let mut tx = self.begin_read().await?;
+        let state = read_state::<D>(&mut tx, keyspace, false).await?;
+        let at = if revision <= 0 || revision == state.revision {
+            None
+        } else if revision > state.revision {
+            return Err(KineError::FutureRevision);
+        } else if revision < state.compact_revision {
+            return Err(KineError::Compacted);
+        } else {
+            Some(revision)
+        };
+        let (rows, args) = range_rows_statement::<D>(keyspace, &range, None, at, false, None);
+        let sql = row_digest_sql::<D>(row_md5, &rows);
+        let row = fetch_all::<D>(&mut tx, "row_digest", &sql, &args).await?;
+        commit::<D>(tx).await?;
+        let row = row
+            .first()
+            .ok_or_else(|| KineError::Storage("the row digest statement returned no row".into()))?;
+        let int = |n| D::DB::int(row, n);
+        Ok(Some(RowDigest::from_sums(
+            int(0)?,
+            [int(1)?, int(2)?, int(3)?, int(4)?],
+        )))
     }
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
