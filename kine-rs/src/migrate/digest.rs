@@ -27,11 +27,10 @@ pub struct Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d] = self.rows.words;
         write!(
             f,
-            "{} keys, compacted at {}, {a:016x}{b:016x}{c:016x}{d:016x}",
-            self.rows.rows, self.compact_revision
+            "{} keys, compacted at {}, {:016x}",
+            self.rows.rows, self.compact_revision, self.rows.sum
         )
     }
 }

@@ -70,8 +70,8 @@ impl Dialect for Mysql {
          UNHEX(LPAD(HEX(create_revision), 16, '0')), UNHEX(LPAD(HEX(mod_revision), 16, '0')), \
          UNHEX(LPAD(HEX(version), 16, '0')), UNHEX(LPAD(HEX(lease), 16, '0'))))",
     );
-    const HEX_WORD: &'static str = "CAST(CONV(SUBSTRING({h}, {at}, 8), 16, 10) AS UNSIGNED)";
-    const SUM_AS_INT: &'static str = "CAST(COALESCE({sum}, 0) AS SIGNED)";
+    const MD5_WORD: &'static str = "CAST(CONV(SUBSTRING({h}, 1, 16), 16, 10) AS UNSIGNED)";
+    const SUM_AS_INT: &'static str = "CAST({sum} AS SIGNED)";
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE {filter} LIMIT ?")

@@ -70,9 +70,8 @@ impl Dialect for Postgres {
          || int8send(CAST(octet_length(value) AS BIGINT)) || value || int8send(create_revision) \
          || int8send(mod_revision) || int8send(version) || int8send(lease))",
     );
-    const HEX_WORD: &'static str =
-        "CAST(CAST('x' || lpad(substr({h}, {at}, 8), 16, '0') AS BIT(64)) AS BIGINT)";
-    const SUM_AS_INT: &'static str = "CAST(COALESCE({sum}, 0) AS BIGINT)";
+    const MD5_WORD: &'static str = "CAST(CAST('x' || substr({h}, 1, 16) AS BIT(64)) AS BIGINT)";
+    const SUM_AS_INT: &'static str = "CAST({sum} AS BIGINT)";
     const NOTIFY: Option<&'static str> =
         Some("SELECT pg_notify('kine_rs_commits', CAST(? AS TEXT))");
     const LAZY_COMMIT: Option<&'static str> = Some("SET LOCAL synchronous_commit = off");

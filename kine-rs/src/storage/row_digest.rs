@@ -3,12 +3,13 @@
 //! a migration compares the two sides' digests, whichever way each was computed.
 //!
 //! Each row is encoded as `len(key) key len(value) value create_revision mod_revision
-//! version lease`, the lengths and numbers as 8 bytes big-endian; its MD5 is read as four
-//! 32-bit big-endian words, and each word is summed over the rows into a 64-bit integer.
-//! MD5 because PostgreSQL and MySQL both have it built in (it detects a copy that differs;
-//! it is not meant to resist a forger, who would need write access to both datastores).
-//! Sums of 32-bit words fit a signed 64-bit integer for 2^31 rows, so every database adds
-//! them exactly in its own integer types.
+//! version lease`, the lengths and numbers as 8 bytes big-endian; the first 8 bytes of its
+//! MD5, read as a big-endian integer, are summed over the rows modulo 2^64, and the rows are
+//! counted. MD5 because PostgreSQL and MySQL both have it built in (it detects a copy that
+//! differs; it is not meant to resist a forger, who would need write access to both
+//! datastores). 64 bits and not all 128: MySQL computes a derived column once for each place
+//! a statement names it, and each word summed separately cost it one more MD5 of every row
+//! (5.6 s instead of 1.4 s for 300,000 rows of 1 KiB with four words).
 
 use md5::{Digest as _, Md5};
 
@@ -18,8 +19,8 @@ use crate::model::KeyValue;
 pub struct RowDigest {
     /// Rows digested.
     pub rows: u64,
-    /// The sums of the four words, modulo 2^64.
-    pub words: [u64; 4],
+    /// The sum of the rows' words, modulo 2^64.
+    pub sum: u64,
 }
 
 impl RowDigest {
@@ -34,18 +35,24 @@ impl RowDigest {
             md5.update(n.to_be_bytes());
         }
         let hash = md5.finalize();
-        for (sum, word) in self.words.iter_mut().zip(hash.chunks_exact(4)) {
-            let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-            *sum = sum.wrapping_add(u64::from(word));
-        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&hash[..8]);
+        self.sum = self.sum.wrapping_add(u64::from_be_bytes(word));
         self.rows += 1;
     }
 
-    /// The digest a database computed: the row count and the four sums as it returned them.
-    pub fn from_sums(rows: i64, words: [i64; 4]) -> Self {
+    /// Adds the rows of `other` (a digest of other rows).
+    pub fn merge(&mut self, other: RowDigest) {
+        self.rows += other.rows;
+        self.sum = self.sum.wrapping_add(other.sum);
+    }
+
+    /// The digest a database computed: the row count, and the sum as a signed 64-bit
+    /// integer (the same 64 bits).
+    pub fn from_sum(rows: i64, sum: i64) -> Self {
         RowDigest {
             rows: rows as u64,
-            words: words.map(|word| word as u64),
+            sum: sum as u64,
         }
     }
 }
@@ -114,13 +121,11 @@ mod tests {
     #[test]
     fn a_known_row_has_a_known_digest() {
         // The MD5 of the row's encoding, computed independently: `printf` of the bytes piped
-        // through `md5sum`: 3488a99a e4d7dd13 ca9d80c9 eb033ca5.
+        // through `md5sum`: 3488a99ae4d7dd13ca9d80c9eb033ca5.
         let mut digest = RowDigest::default();
         digest.add(&kv("k", "v", 5));
-        assert_eq!(digest.words, KNOWN_WORDS);
+        assert_eq!(digest.sum, 0x3488_a99a_e4d7_dd13);
     }
-
-    const KNOWN_WORDS: [u64; 4] = [0x3488_a99a, 0xe4d7_dd13, 0xca9d_80c9, 0xeb03_3ca5];
 }
 
 #[cfg(test)]

@@ -320,9 +320,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// digits, over the columns of [`KV_COLUMNS`], where the database has MD5 (`None`: a
     /// migration's digest reads the rows instead).
     const ROW_MD5: Option<&'static str> = None;
-    /// The 32-bit word of hex digits `{h}` starting at digit `{at}` (1-based), as an integer.
-    const HEX_WORD: &'static str = "";
-    /// `{sum}` (a sum of integers, which may be wider than 64 bits) as a 64-bit integer.
+    /// The first 16 hex digits of `{h}` as an integer (signed or not: the sum is taken
+    /// modulo 2^64).
+    const MD5_WORD: &'static str = "";
+    /// `{sum}` (an exact number within the 64-bit range) as a 64-bit integer.
     const SUM_AS_INT: &'static str = "";
 
     /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
@@ -789,21 +790,81 @@ fn within_budget_sql<D: Dialect>(rows: &str) -> String {
     )
 }
 
-/// The statement computing the [`RowDigest`] of `rows` (columns [`KV_COLUMNS`]): their
-/// count and the sums of their MD5's four words, in the database.
-fn row_digest_sql<D: Dialect>(row_md5: &str, rows: &str) -> String {
-    let words: Vec<String> = (0..4)
-        .map(|word| {
-            let word_sql = D::HEX_WORD
-                .replace("{h}", "h")
-                .replace("{at}", &(1 + 8 * word).to_string());
-            D::SUM_AS_INT.replace("{sum}", &format!("SUM({word_sql})"))
+/// The statement computing the [`RowDigest`] of the keys of `keyspace` live at the current
+/// revision or at `at`: one row per branch of [`digest_rows`], each the count of its rows and
+/// the sum of their words as a signed 64-bit integer (which the caller adds up).
+fn row_digest_statement<'a, D: Dialect>(
+    row_md5: &str,
+    keyspace: KeyspaceId,
+    range: &'a KeyRange,
+    at: Option<Revision>,
+) -> (String, Vec<Arg<'a>>) {
+    // The sum is exact in the database's decimals, then taken modulo 2^64 (PostgreSQL's
+    // words are signed, so the remainder may be negative) and written as a signed integer.
+    const TWO_TO_64: &str = "18446744073709551616";
+    let word = D::MD5_WORD.replace("{h}", row_md5);
+    let signed = D::SUM_AS_INT.replace(
+        "{sum}",
+        "CASE WHEN m >= 9223372036854775808 THEN m - 18446744073709551616 ELSE m END",
+    );
+    let mut all_args = Vec::new();
+    let branches: Vec<String> = digest_rows::<D>(keyspace, range, at)
+        .into_iter()
+        .map(|(rows, args)| {
+            all_args.extend(args);
+            format!(
+                "SELECT n, {signed} FROM (SELECT n, MOD(MOD(s, {TWO_TO_64}) + {TWO_TO_64}, \
+                 {TWO_TO_64}) AS m FROM (SELECT COUNT(*) AS n, COALESCE(SUM({word}), 0) AS s \
+                 FROM ({rows}) AS r) AS a) AS b"
+            )
         })
         .collect();
-    format!(
-        "SELECT COUNT(*), {} FROM (SELECT {row_md5} AS h FROM ({rows}) AS r) AS d",
-        words.join(", ")
-    )
+    (branches.join(" UNION ALL "), all_args)
+}
+
+/// Statements selecting the keys live at the current revision or at `at` (columns
+/// [`KV_COLUMNS`]), together all of them once, in no order: for a digest of the whole
+/// keyspace, which the database may read by scanning and hashing instead of by key (the
+/// ordered read of a million current rows through their heads took 18 s on PostgreSQL, a
+/// hash join 2.5 s; MariaDB wrote an ordered derived table to disk before hashing it).
+fn digest_rows<D: Dialect>(
+    keyspace: KeyspaceId,
+    range: &KeyRange,
+    at: Option<Revision>,
+) -> Vec<(String, Vec<Arg<'_>>)> {
+    if !D::HEAD_TABLE {
+        return range_filters::<D>(keyspace, range, None, at)
+            .into_iter()
+            .map(|(filter, args)| (format!("SELECT {KV_COLUMNS} FROM kv WHERE {filter}"), args))
+            .collect();
+    }
+    let columns = "kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, kv.value";
+    let heads = format!(
+        "SELECT {columns} FROM kv_head h JOIN kv ON kv.keyspace = h.keyspace \
+         AND kv.mod_revision = h.mod_revision AND kv.sub = h.sub \
+         WHERE h.keyspace = ? AND h.deleted = 0"
+    );
+    let Some(at) = at else {
+        return vec![(heads, vec![Arg::Int(keyspace)])];
+    };
+    // At an older revision: the keys whose head is at or before it, as they are now; and
+    // for the keys written since, each one's newest row at or before it, unless a tombstone.
+    vec![
+        (
+            format!("{heads} AND h.mod_revision <= ?"),
+            vec![Arg::Int(keyspace), Arg::Int(at)],
+        ),
+        (
+            format!(
+                "SELECT `key`, create_revision, mod_revision, version, lease, value FROM \
+                 (SELECT DISTINCT ON (kv.`key`) {columns}, kv.deleted FROM kv_head h \
+                 JOIN kv ON kv.keyspace = h.keyspace AND kv.`key` = h.`key` \
+                 WHERE h.keyspace = ? AND h.mod_revision > ? AND kv.mod_revision <= ? \
+                 ORDER BY kv.`key`, kv.mod_revision DESC, kv.sub DESC) AS n WHERE deleted = 0"
+            ),
+            vec![Arg::Int(keyspace), Arg::Int(at), Arg::Int(at)],
+        ),
+    ]
 }
 
 /// One branch of [`rows_at_revision_in_two_steps`]: the rows `filter` selects, up to `bound`,
@@ -1605,18 +1666,17 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         } else {
             Some(revision)
         };
-        let (rows, args) = range_rows_statement::<D>(keyspace, &range, None, at, false, None);
-        let sql = row_digest_sql::<D>(row_md5, &rows);
-        let row = fetch_all::<D>(&mut tx, "row_digest", &sql, &args).await?;
+        let (sql, args) = row_digest_statement::<D>(row_md5, keyspace, &range, at);
+        let rows = fetch_all::<D>(&mut tx, "row_digest", &sql, &args).await?;
         commit::<D>(tx).await?;
-        let row = row
-            .first()
-            .ok_or_else(|| KineError::Storage("the row digest statement returned no row".into()))?;
-        let int = |n| D::DB::int(row, n);
-        Ok(Some(RowDigest::from_sums(
-            int(0)?,
-            [int(1)?, int(2)?, int(3)?, int(4)?],
-        )))
+        let mut digest = RowDigest::default();
+        for row in &rows {
+            digest.merge(RowDigest::from_sum(
+                D::DB::int(row, 0)?,
+                D::DB::int(row, 1)?,
+            ));
+        }
+        Ok(Some(digest))
     }
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
