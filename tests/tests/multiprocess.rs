@@ -480,3 +480,86 @@ async fn mysql_compare_after_another_process_wrote() {
     )
     .await;
 }
+
+/// The connections of one kine-rs process to the test database, by the application name it
+/// connected with.
+fn connections_named(endpoint: &str, application: &str) -> Result<i64> {
+    let output = std::process::Command::new("psql")
+        .args([endpoint, "-X", "-q", "-t", "-A", "-c"])
+        .arg(format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = '{application}'"
+        ))
+        .output()
+        .context("psql")?;
+    ensure!(output.status.success(), "psql: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .context("a count")
+}
+
+/// A process serving watches of another process's writes has the connections its watch
+/// reads need open before they need them, and opens none while they run: a connection
+/// opened on demand (TLS, authentication) held that watch's events for ~100 ms, the p99 of
+/// `bench/run.sh`'s watch across two processes.
+async fn watch_reads_find_their_connections_open() -> Result<()> {
+    let database = TestDatabase::new(Backend::Postgres).context("PostgreSQL")?;
+    let (_a, client_a) = start(database.endpoint.clone()).await?;
+    let watcher_endpoint = format!("{}?application_name=kine_rs_watcher", database.endpoint);
+    // No idle connections beyond the busy ones: the count below is the busy connections, the
+    // LISTEN connection and the watch readers.
+    let (_b, mut client_b) = serve_and_connect(
+        &watcher_endpoint,
+        &["--datastore-max-idle-connections", "0"],
+    )
+    .await?;
+    let count = || connections_named(&database.endpoint, "kine_rs_watcher");
+    // Connections are opened in the background after start: wait until the count holds.
+    let mut settled = count()?;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = count()?;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    // 4 busy connections (`BUSY_CONNECTIONS`, one of which becomes the LISTEN connection)
+    // and 4 watch readers (`WATCH_CONNECTIONS`); 5 when only one watch reader was opened.
+    ensure!(
+        settled >= 8,
+        "the watching process holds {settled} connections before any watch; its watch \
+         readers are not all open"
+    );
+
+    let (mut stream, _) =
+        watch(&mut client_b, "w/", Some(WatchOptions::new().with_prefix())).await?;
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let mut client = client_a.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    client.put(format!("w/{writer}/{i}"), "v", None).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await??;
+    }
+    let events = collect_events(&mut stream, 400).await?;
+    ensure!(events.len() == 400, "{} events of 400", events.len());
+    let after = count()?;
+    ensure!(
+        after == settled,
+        "the watching process opened connections while serving the watch: {settled} → {after}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_watch_reads_find_their_connections_open() {
+    bounded(Backend::Postgres, watch_reads_find_their_connections_open()).await;
+}

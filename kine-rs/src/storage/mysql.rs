@@ -215,7 +215,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
         .pool
         .sqlx(connect.get_port())
         .max_connections(super::WATCH_CONNECTIONS)
-        .min_connections(1)
+        .min_connections(super::WATCH_CONNECTIONS)
         .connect_with(connect)
         .await?;
     Ok(SqlBackend::new(

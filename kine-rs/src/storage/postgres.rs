@@ -201,7 +201,7 @@ fn pool_options(options: &BackendOptions, port: u16) -> sqlx::postgres::PgPoolOp
 async fn watch_readers(options: &BackendOptions, connect: PgConnectOptions) -> Result<PgPool> {
     Ok(pool_options(options, connect.get_port())
         .max_connections(super::WATCH_CONNECTIONS)
-        .min_connections(1)
+        .min_connections(super::WATCH_CONNECTIONS)
         .connect_with(connect)
         .await?)
 }
