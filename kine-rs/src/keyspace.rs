@@ -29,7 +29,7 @@ use crate::range;
 use crate::rate::{RateLimit, WorkBudget};
 use crate::renewals::Renewer;
 use crate::served::{ServedTenant, StatusFacts, WatchRequests, WatchResponses};
-use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota};
+use crate::storage::{Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeRows};
 use crate::txn::{self, RequestLimits};
 use crate::watch::hub::WatchHub;
 use crate::watch::stream::WatchStream;
@@ -87,6 +87,8 @@ pub struct Keyspace {
     successor: std::sync::Mutex<Option<Arc<Keyspace>>>,
     /// When the tenant cache last handed it out.
     last_use: crate::tenants::LastUse,
+    /// The next pages of paginated lists, read while their clients handle the pages before.
+    read_ahead: crate::read_ahead::ReadAhead,
 }
 
 impl crate::tenants::Cached for Keyspace {
@@ -178,6 +180,7 @@ impl Keyspace {
             write_budget: WorkBudget::new(limits.write_bytes_per_second),
             closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
+            read_ahead: Default::default(),
             successor: std::sync::Mutex::new(None),
         }))
     }
@@ -341,16 +344,41 @@ impl Keyspace {
     pub async fn range(&self, request: RangeRequest) -> Result<RangeResponse> {
         range::check(&request)?;
         self.wait_for_budgets().await;
-        let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
-        let rows = self.noticed(
-            self.backend
-                .range(self.id, range::query(&request, &key_range))
-                .await,
-        )?;
+        let rows = match self.read_ahead.take(&request).await {
+            Some(rows) => self.read_ahead_now(rows, request.revision).await?,
+            None => {
+                let key_range = KeyRange::new(request.key.clone(), request.range_end.clone());
+                self.noticed(
+                    self.backend
+                        .range(self.id, range::query(&request, &key_range))
+                        .await,
+                )?
+            }
+        };
         self.charge_rows_read(rows_read(rows.kvs.len(), rows.count));
+        // The revision the page was read at: the one asked for, or the current one.
+        let read_at = if request.revision > 0 {
+            request.revision
+        } else {
+            rows.revision
+        };
         let mut response = range::finish(&request, rows);
+        self.read_ahead
+            .start(&self.backend, self.id, &request, &response, read_at);
         self.fill(&mut response.header, 0);
         Ok(response)
+    }
+
+    /// A page read ahead at `revision`, answered as a read now would be: the keyspace's
+    /// current revision in its header, and `Compacted` if a compaction passed `revision`
+    /// since it was read.
+    async fn read_ahead_now(&self, mut rows: RangeRows, revision: i64) -> Result<RangeRows> {
+        let state = self.noticed(self.backend.state(self.id).await)?;
+        if revision < state.compact_revision {
+            return Err(KineError::Compacted);
+        }
+        rows.revision = state.revision;
+        Ok(rows)
     }
 
     /// etcd's Put.

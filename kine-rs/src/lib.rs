@@ -18,6 +18,7 @@ pub mod migrate;
 pub mod model;
 pub mod range;
 pub mod rate;
+pub mod read_ahead;
 pub mod renewals;
 pub mod routes;
 pub mod run;

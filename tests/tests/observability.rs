@@ -625,14 +625,25 @@ fn current_reads_are_one_statement(backend: kine_tests::Backend, driver: &str, p
         let paged = etcd_client::GetOptions::new().with_prefix().with_limit(1);
         let got = client.get("one/", Some(paged)).await.expect("page");
         assert_eq!((got.count(), got.kvs().len(), got.more()), (2, 1, true));
-        let (ranges, begins_after_page) = counts();
+        // The next page at the revision of the first, which is still the current one, is read
+        // ahead (`read_ahead.rs`): its count is known from the first page, so it is one
+        // statement too where `pages`.
+        let (ranges, begins_after_page) = settled(&counts, (after_ranges + 2.0, 0.0));
         assert!(
             begins_after_page > begins,
             "a limited range reads in a transaction"
         );
+        if pages {
+            assert_eq!(
+                begins_after_page,
+                begins + 1.0,
+                "the next page is one statement"
+            );
+        } else {
+            assert_eq!(begins_after_page, begins + 2.0, "a read transaction each");
+        }
 
-        // The next page at the revision of the first, which is still the current one: its
-        // count is known from the first page, so it is one statement too where `pages`.
+        // Asked for, it is answered from that read.
         let next = etcd_client::GetOptions::new()
             .with_range("one0")
             .with_revision(last)
@@ -645,11 +656,7 @@ fn current_reads_are_one_statement(backend: kine_tests::Backend, driver: &str, p
         assert_eq!(keys, [&b"one/c"[..]]);
         assert_eq!((got.count(), got.more()), (1, false));
         assert_eq!(got.header().expect("header").revision(), last);
-        if pages {
-            assert_eq!(counts(), (ranges + 1.0, begins_after_page), "one statement");
-        } else {
-            assert!(counts().1 > begins_after_page, "a read transaction");
-        }
+        assert_eq!(counts(), (ranges, begins_after_page), "read ahead");
 
         // After a write, the same page is read at its revision, in a transaction.
         client.put("one/d", "4", None).await.expect("put");
@@ -1085,4 +1092,115 @@ fn mysql_current_rows_are_found_by_key_whatever_the_statistics() {
         !plan.contains(r#""access_type":"ref""#),
         "a lookup of 64 keys reads every current row of the keyspace by `ref` on its marker:\n{plan}"
     );
+}
+
+/// `counts()` once its first figure reaches `at_least.0` (a read ahead runs after the answer
+/// that started it), or after 5 s.
+fn settled(counts: &impl Fn() -> (f64, f64), at_least: (f64, f64)) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = counts();
+        if now.0 >= at_least.0 || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A paginated list's next page is read while the client handles the page before
+/// (`read_ahead.rs`), and the client's request for it is answered from that read: with the
+/// current revision in its header, and `Compacted` once a compaction passed the page's
+/// revision, as a read at that moment answers.
+#[test]
+fn sqlite_lists_read_the_next_page_ahead() {
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Sqlite);
+    let ranges = || (statements(&metrics_address, "sqlite", "range"), 0.0);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut last = 0;
+        for i in 0..30 {
+            last = client
+                .put(format!("ra/{i:02}"), "v", None)
+                .await
+                .expect("put")
+                .header()
+                .expect("header")
+                .revision();
+        }
+        let keys = |got: &etcd_client::GetResponse| -> Vec<String> {
+            got.kvs()
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .collect()
+        };
+        let expected = |from: usize| -> Vec<String> {
+            (from..from + 10).map(|i| format!("ra/{i:02}")).collect()
+        };
+        let page = |after: &str, revision: i64| {
+            (
+                format!("{after}\0"),
+                etcd_client::GetOptions::new()
+                    .with_range("ra0")
+                    .with_revision(revision)
+                    .with_limit(10),
+            )
+        };
+        let (before, _) = ranges();
+
+        let first = etcd_client::GetOptions::new().with_prefix().with_limit(10);
+        let got = client.get("ra/", Some(first)).await.expect("page 1");
+        assert_eq!(
+            (keys(&got), got.count(), got.more()),
+            (expected(0), 30, true)
+        );
+        let (read, _) = settled(&ranges, (before + 2.0, 0.0));
+        assert_eq!(read, before + 2.0, "page 1 and page 2 read ahead");
+
+        let (key, options) = page("ra/09", last);
+        let got = client.get(key, Some(options)).await.expect("page 2");
+        assert_eq!(
+            (keys(&got), got.count(), got.more()),
+            (expected(10), 20, true)
+        );
+        assert_eq!(got.header().expect("header").revision(), last);
+        // Page 3 is read ahead in turn; page 2 itself was not read again.
+        assert_eq!(settled(&ranges, (before + 3.0, 0.0)).0, before + 3.0);
+
+        // A write meanwhile: page 3 is still the rows at `last`, its header the revision now.
+        let now = client
+            .put("zz", "v", None)
+            .await
+            .expect("put")
+            .header()
+            .expect("header")
+            .revision();
+        let (key, options) = page("ra/19", last);
+        let got = client.get(key, Some(options)).await.expect("page 3");
+        assert_eq!(
+            (keys(&got), got.count(), got.more()),
+            (expected(20), 10, false)
+        );
+        assert_eq!(got.header().expect("header").revision(), now);
+        assert_eq!(ranges().0, before + 3.0, "page 3 was read ahead");
+
+        // A compaction past the list's revision between two pages: the page read ahead is
+        // refused as etcd refuses a read at a compacted revision.
+        let first = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_limit(10)
+            .with_revision(last);
+        client.get("ra/", Some(first)).await.expect("page 1 again");
+        settled(&ranges, (before + 5.0, 0.0));
+        client.compact(now, None).await.expect("compact");
+        let (key, options) = page("ra/09", last);
+        let refused = client.get(key, Some(options)).await;
+        assert!(
+            matches!(&refused, Err(etcd_client::Error::GRpcStatus(status))
+                if status.message().contains("required revision has been compacted")),
+            "{refused:?}"
+        );
+    });
 }
