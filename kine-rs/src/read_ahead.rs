@@ -11,11 +11,14 @@
 //! between.
 //!
 //! Bounded: a few lists at once per keyspace (a kube-apiserver starting relists several
-//! resources side by side), pages of a few MiB; a page that is never asked for is dropped when
-//! newer ones push it out.
+//! resources side by side), pages of a few MiB, [`MAX_HELD_BYTES`] in the whole process (a
+//! gateway serves many tenants); a page that is never asked for is dropped when newer ones
+//! push it out or after [`MAX_AGE`].
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kine_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use tokio::task::JoinHandle;
@@ -26,10 +29,18 @@ use crate::range;
 use crate::storage::{Backend, KeyspaceId, RangeRows};
 
 /// Pages read ahead at once per keyspace.
-const CAPACITY: usize = 16;
+const CAPACITY: usize = 8;
 /// A list whose pages hold more than this many bytes of keys and values is not read ahead
 /// (memory: each page read ahead is held until it is asked for).
 const MAX_PAGE_BYTES: usize = 4 << 20;
+/// Bytes of keys and values all pages read ahead in this process may hold (counted at the
+/// size of the page before each: pages of one list are alike).
+const MAX_HELD_BYTES: usize = 64 << 20;
+/// A page not asked for this long after it was read ahead is dropped.
+const MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The bytes held by pages read ahead in this process.
+static HELD_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// The pages read ahead for one keyspace.
 #[derive(Default)]
@@ -42,18 +53,28 @@ pub struct ReadAhead {
 struct Page {
     request: RangeRequest,
     rows: JoinHandle<Result<RangeRows>>,
+    started: Instant,
+    /// What it counts against [`MAX_HELD_BYTES`] until it is dropped.
+    reserved: usize,
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        HELD_BYTES.fetch_sub(self.reserved, Ordering::AcqRel);
+    }
 }
 
 impl ReadAhead {
     /// The rows read ahead for `request`, if it is a page read ahead (`None` too when that
     /// read failed: the caller reads it itself, and gets the error a read gives now).
     pub async fn take(&self, request: &RangeRequest) -> Option<RangeRows> {
-        let page = {
+        let mut page = {
             let mut pages = self.lock();
+            pages.retain(|page| page.started.elapsed() < MAX_AGE);
             let at = pages.iter().position(|page| &page.request == request)?;
             pages.remove(at)?
         };
-        match page.rows.await {
+        match (&mut page.rows).await {
             Ok(Ok(rows)) => Some(rows),
             _ => None,
         }
@@ -72,6 +93,11 @@ impl ReadAhead {
         let Some(next) = next_request(request, response, revision) else {
             return;
         };
+        let reserved = page_bytes(response);
+        if HELD_BYTES.fetch_add(reserved, Ordering::AcqRel) + reserved > MAX_HELD_BYTES {
+            HELD_BYTES.fetch_sub(reserved, Ordering::AcqRel);
+            return;
+        }
         let backend = backend.clone();
         let read = next.clone();
         let rows = tokio::spawn(async move {
@@ -80,14 +106,18 @@ impl ReadAhead {
                 .range(keyspace, range::query(&read, &key_range))
                 .await
         });
+        let page = Page {
+            request: next,
+            rows,
+            started: Instant::now(),
+            reserved,
+        };
         let mut pages = self.lock();
+        pages.retain(|page| page.started.elapsed() < MAX_AGE);
         if pages.len() == CAPACITY {
             pages.pop_front();
         }
-        pages.push_back(Page {
-            request: next,
-            rows,
-        });
+        pages.push_back(page);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Page>> {
@@ -117,12 +147,7 @@ pub fn next_request(
         return None;
     }
     let last = response.kvs.last()?;
-    let bytes: usize = response
-        .kvs
-        .iter()
-        .map(|kv| kv.key.len() + kv.value.len())
-        .sum();
-    if bytes > MAX_PAGE_BYTES {
+    if page_bytes(response) > MAX_PAGE_BYTES {
         return None;
     }
     let mut key = Vec::with_capacity(last.key.len() + 1);
@@ -133,6 +158,15 @@ pub fn next_request(
         revision,
         ..request.clone()
     })
+}
+
+/// The bytes of keys and values of a page.
+fn page_bytes(response: &RangeResponse) -> usize {
+    response
+        .kvs
+        .iter()
+        .map(|kv| kv.key.len() + kv.value.len())
+        .sum()
 }
 
 #[cfg(test)]
