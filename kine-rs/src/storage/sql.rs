@@ -790,6 +790,21 @@ fn within_budget_sql<D: Dialect>(rows: &str) -> String {
     )
 }
 
+/// The revision a read of `revision` reads at, given the keyspace's `state`: `None` for the
+/// current one (0 or the current revision), else the older revision; refused past the current
+/// revision or below the compaction, as etcd refuses them.
+fn older_revision(state: &KeyspaceState, revision: Revision) -> Result<Option<Revision>> {
+    if revision <= 0 || revision == state.revision {
+        Ok(None)
+    } else if revision > state.revision {
+        Err(KineError::FutureRevision)
+    } else if revision < state.compact_revision {
+        Err(KineError::Compacted)
+    } else {
+        Ok(Some(revision))
+    }
+}
+
 /// The statement computing the [`RowDigest`] of the keys of `keyspace` live at the current
 /// revision or at `at`: one row per branch of [`digest_rows`], each the count of its rows and
 /// the sum of their words as a signed 64-bit integer (which the caller adds up).
@@ -1389,15 +1404,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         }
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
-        let at = if query.revision <= 0 || query.revision == state.revision {
-            None
-        } else if query.revision > state.revision {
-            return Err(KineError::FutureRevision);
-        } else if query.revision < state.compact_revision {
-            return Err(KineError::Compacted);
-        } else {
-            Some(query.revision)
-        };
+        let at = older_revision(&state, query.revision)?;
         let read_at = at.unwrap_or(state.revision);
         let known_count = self.page_counts.get(keyspace, read_at, query.range);
         let (kvs, count) = range_on::<D>(&mut tx, keyspace, &query, at, known_count).await?;
@@ -1616,15 +1623,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let range = page_range(after);
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
-        let at = if revision <= 0 || revision == state.revision {
-            None
-        } else if revision > state.revision {
-            return Err(KineError::FutureRevision);
-        } else if revision < state.compact_revision {
-            return Err(KineError::Compacted);
-        } else {
-            Some(revision)
-        };
+        let at = older_revision(&state, revision)?;
         // At an older revision, without a head table, the rows come from two branches.
         let union = at.is_some() && !D::HEAD_TABLE;
         if let (true, Some(at)) = (union && D::READS_AT_REVISION_IN_TWO_STEPS, at) {
@@ -1657,15 +1656,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let range = page_range(None);
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
-        let at = if revision <= 0 || revision == state.revision {
-            None
-        } else if revision > state.revision {
-            return Err(KineError::FutureRevision);
-        } else if revision < state.compact_revision {
-            return Err(KineError::Compacted);
-        } else {
-            Some(revision)
-        };
+        let at = older_revision(&state, revision)?;
         let (sql, args) = row_digest_statement::<D>(row_md5, keyspace, &range, at);
         let rows = fetch_all::<D>(&mut tx, "row_digest", &sql, &args).await?;
         commit::<D>(tx).await?;
