@@ -1130,11 +1130,14 @@ fn sqlite_lists_read_the_next_page_ahead() {
                 .expect("header")
                 .revision();
         }
-        let keys = |got: &etcd_client::GetResponse| -> Vec<String> {
-            got.kvs()
+        // A page's keys, count and `more`.
+        let shape = |got: &etcd_client::GetResponse| -> (Vec<String>, i64, bool) {
+            let keys = got
+                .kvs()
                 .iter()
                 .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-                .collect()
+                .collect();
+            (keys, got.count(), got.more())
         };
         let expected = |from: usize| -> Vec<String> {
             (from..from + 10).map(|i| format!("ra/{i:02}")).collect()
@@ -1152,19 +1155,13 @@ fn sqlite_lists_read_the_next_page_ahead() {
 
         let first = etcd_client::GetOptions::new().with_prefix().with_limit(10);
         let got = client.get("ra/", Some(first)).await.expect("page 1");
-        assert_eq!(
-            (keys(&got), got.count(), got.more()),
-            (expected(0), 30, true)
-        );
+        assert_eq!(shape(&got), (expected(0), 30, true));
         let (read, _) = settled(&ranges, (before + 2.0, 0.0));
         assert_eq!(read, before + 2.0, "page 1 and page 2 read ahead");
 
         let (key, options) = page("ra/09", last);
         let got = client.get(key, Some(options)).await.expect("page 2");
-        assert_eq!(
-            (keys(&got), got.count(), got.more()),
-            (expected(10), 20, true)
-        );
+        assert_eq!(shape(&got), (expected(10), 20, true));
         assert_eq!(got.header().expect("header").revision(), last);
         // Page 3 is read ahead in turn; page 2 itself was not read again.
         assert_eq!(settled(&ranges, (before + 3.0, 0.0)).0, before + 3.0);
@@ -1179,10 +1176,7 @@ fn sqlite_lists_read_the_next_page_ahead() {
             .revision();
         let (key, options) = page("ra/19", last);
         let got = client.get(key, Some(options)).await.expect("page 3");
-        assert_eq!(
-            (keys(&got), got.count(), got.more()),
-            (expected(20), 10, false)
-        );
+        assert_eq!(shape(&got), (expected(20), 10, false));
         assert_eq!(got.header().expect("header").revision(), now);
         assert_eq!(ranges().0, before + 3.0, "page 3 was read ahead");
 
