@@ -68,6 +68,11 @@ impl ReadAhead {
     /// The rows read ahead for `request`, if it is a page read ahead (`None` too when that
     /// read failed: the caller reads it itself, and gets the error a read gives now).
     pub async fn take(&self, request: &RangeRequest) -> Option<RangeRows> {
+        // Pages are read ahead at a revision: a read at the current one (every get of
+        // kube-apiserver) never takes the lock.
+        if request.revision <= 0 || request.limit <= 0 {
+            return None;
+        }
         let mut page = {
             let mut pages = self.lock();
             pages.retain(|page| page.started.elapsed() < MAX_AGE);
