@@ -193,7 +193,12 @@ impl From<sqlx::Error> for KineError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => KineError::Unavailable(error.to_string()),
             // Nothing was written: the batch is run again under the lock.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some(KEYSPACE_CHANGED) => {
+            sqlx::Error::Database(db)
+                if matches!(
+                    db.code().as_deref(),
+                    Some(KEYSPACE_CHANGED | ABSENT_KEY_EXISTS)
+                ) =>
+            {
                 KineError::Conflict(error.to_string())
             }
             sqlx::Error::Database(db) if db.code().as_deref().is_some_and(is_transient) => {
@@ -207,6 +212,10 @@ impl From<sqlx::Error> for KineError {
 /// The SQLSTATE kine-rs's PostgreSQL function `kine_rs_commit` (migration 0007) raises when
 /// the keyspace changed between a write batch's unlocked read and its commit.
 pub const KEYSPACE_CHANGED: &str = "KR001";
+
+/// The SQLSTATE `kine_rs_commit` (migration 0010) raises when a key the write batch took for
+/// absent without reading it has a live row.
+pub const ABSENT_KEY_EXISTS: &str = "KR002";
 
 /// Database error codes (SQLite result codes, SQLSTATEs of PostgreSQL and MySQL) of failures
 /// that a retry may not meet: the server is going away or overloaded, or the transaction lost

@@ -297,6 +297,35 @@ pub fn point_keys(request: &TxnRequest, out: &mut Vec<Bytes>) {
     }
 }
 
+/// The keys a transaction would create, so that a write batch may take them for absent without
+/// reading them when its commit checks that (PostgreSQL): a plain put's key (a put of a key its
+/// process has not seen is most often a new key), and each single key the transaction compares
+/// with create revision, mod revision or version equal to 0 (kube-apiserver's create).
+pub fn created_keys(request: &TxnRequest, plain_put: bool, out: &mut Vec<Bytes>) {
+    if plain_put {
+        if let Some(Request::RequestPut(put)) =
+            request.success.first().and_then(|op| op.request.as_ref())
+        {
+            out.push(put.key.clone());
+        }
+        return;
+    }
+    for compare in &request.compare {
+        let absent_expected = match CompareTarget::try_from(compare.target) {
+            Ok(target @ (CompareTarget::Create | CompareTarget::Mod | CompareTarget::Version)) => {
+                int_target(compare, target) == 0
+            }
+            _ => false,
+        };
+        if absent_expected
+            && compare.range_end.is_empty()
+            && compare.result == CompareResult::Equal as i32
+        {
+            out.push(compare.key.clone());
+        }
+    }
+}
+
 /// The key and size (key + value bytes) of every put in a transaction, in both branches and
 /// nested transactions: what a quota check counts.
 pub fn put_costs(request: &TxnRequest) -> Vec<(Bytes, i64)> {
@@ -970,6 +999,92 @@ pub fn header(revision: Revision) -> ResponseHeader {
 #[allow(clippy::unwrap_used)] // A panic is how a test reports.
 mod tests {
     use super::*;
+
+    /// Keys a transaction would create: a plain put's, and each single key compared equal to
+    /// revision or version 0; not a key compared with anything else, nor a range.
+    #[test]
+    fn created_keys_are_plain_puts_and_compares_with_zero() {
+        let compare =
+            |key: &'static str, target: CompareTarget, union, result: CompareResult| Compare {
+                key: Bytes::from_static(key.as_bytes()),
+                target: target as i32,
+                result: result as i32,
+                target_union: Some(union),
+                ..Default::default()
+            };
+        let created = |request: &TxnRequest, plain_put: bool| {
+            let mut out = Vec::new();
+            created_keys(request, plain_put, &mut out);
+            out
+        };
+        let plain = TxnRequest {
+            success: vec![put("p")],
+            ..Default::default()
+        };
+        assert_eq!(created(&plain, true), [Bytes::from_static(b"p")]);
+        assert!(created(&plain, false).is_empty(), "a put in a txn alone");
+        let mut ranged = compare(
+            "r",
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(0),
+            CompareResult::Equal,
+        );
+        ranged.range_end = Bytes::from_static(b"s");
+        let request = TxnRequest {
+            compare: vec![
+                compare(
+                    "m",
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(0),
+                    CompareResult::Equal,
+                ),
+                compare(
+                    "c",
+                    CompareTarget::Create,
+                    TargetUnion::CreateRevision(0),
+                    CompareResult::Equal,
+                ),
+                compare(
+                    "v",
+                    CompareTarget::Version,
+                    TargetUnion::Version(0),
+                    CompareResult::Equal,
+                ),
+                compare(
+                    "u",
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(7),
+                    CompareResult::Equal,
+                ),
+                compare(
+                    "n",
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(0),
+                    CompareResult::NotEqual,
+                ),
+                compare(
+                    "g",
+                    CompareTarget::Version,
+                    TargetUnion::Version(0),
+                    CompareResult::Greater,
+                ),
+                compare(
+                    "l",
+                    CompareTarget::Lease,
+                    TargetUnion::Lease(0),
+                    CompareResult::Equal,
+                ),
+                ranged,
+            ],
+            success: vec![put("m"), put("x")],
+            failure: vec![],
+        };
+        let keys: Vec<Bytes> = ["m", "c", "v"]
+            .into_iter()
+            .map(|key| Bytes::from_static(key.as_bytes()))
+            .collect();
+        assert_eq!(created(&request, false), keys);
+    }
 
     fn put(key: &'static str) -> RequestOp {
         RequestOp {

@@ -20,9 +20,9 @@ use tracing::warn;
 use crate::error::{KineError, Result};
 use crate::model::{LeaseRecord, Revision, now_ms};
 use crate::storage::{
-    Backend, KeyspaceId, KeyspaceState, MigrationRole, PendingCommit, Quota, WriteTxn,
+    Backend, BatchKeys, KeyspaceId, KeyspaceState, MigrationRole, PendingCommit, Quota, WriteTxn,
 };
-use crate::txn::{Applier, PreReads, has_writes, point_keys, put_costs};
+use crate::txn::{Applier, PreReads, created_keys, has_writes, point_keys, put_costs};
 use crate::watch::hub::{EventLog, WatchHub};
 
 /// Most requests that share one database transaction.
@@ -312,7 +312,7 @@ impl Writer {
             *purge_at = None;
             let attempt = async {
                 let mut txn = self.backend.begin_write(self.keyspace).await?;
-                txn.prefetch(&batch_keys(commands)).await?;
+                txn.prefetch(&batch_keys(commands).all).await?;
                 let (txn, applied) = self.evaluate(txn, commands, purge_at).await?;
                 self.hub.writing(applied.revision);
                 txn.commit(applied.revision).await?;
@@ -439,12 +439,30 @@ struct Cursor<'a> {
 }
 
 /// The keys a batch's transactions name, to look up in one go before it is applied.
-fn batch_keys(commands: &[WriteCommand]) -> Vec<Bytes> {
-    let mut keys = Vec::new();
+fn batch_keys(commands: &[WriteCommand]) -> BatchKeys {
+    let mut keys = BatchKeys::default();
+    // Keys some request names without creating them: not taken for absent.
+    let mut others: Vec<Bytes> = Vec::new();
     for command in commands {
-        if let WriteOp::Txn { request, .. } = &command.op {
-            point_keys(request, &mut keys);
+        if let WriteOp::Txn {
+            request, plain_put, ..
+        } = &command.op
+        {
+            let first = keys.all.len();
+            point_keys(request, &mut keys.all);
+            let mut created = Vec::new();
+            created_keys(request, *plain_put, &mut created);
+            others.extend(
+                keys.all[first..]
+                    .iter()
+                    .filter(|key| !created.contains(key))
+                    .cloned(),
+            );
+            keys.created.extend(created);
         }
+    }
+    if !others.is_empty() {
+        keys.created.retain(|key| !others.contains(key));
     }
     keys
 }
@@ -645,4 +663,65 @@ async fn check_quota(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kine_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+    use kine_proto::etcdserverpb::request_op::Request;
+    use kine_proto::etcdserverpb::{Compare, PutRequest, RequestOp};
+
+    use super::*;
+
+    fn command(request: TxnRequest, plain_put: bool) -> WriteCommand {
+        WriteCommand {
+            op: WriteOp::Txn {
+                request,
+                plain_put,
+                pre_reads: None,
+            },
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn put(key: &'static str) -> TxnRequest {
+        TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: Bytes::from_static(key.as_bytes()),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn compare_mod(key: &'static str, revision: i64) -> TxnRequest {
+        TxnRequest {
+            compare: vec![Compare {
+                key: Bytes::from_static(key.as_bytes()),
+                target: CompareTarget::Mod as i32,
+                result: CompareResult::Equal as i32,
+                target_union: Some(TargetUnion::ModRevision(revision)),
+                ..Default::default()
+            }],
+            ..put(key)
+        }
+    }
+
+    /// A key one request of the batch would create but another names otherwise (an update
+    /// comparing its mod revision) is not one the batch may take for absent.
+    #[test]
+    fn a_key_is_created_only_if_every_request_naming_it_creates_it() {
+        let commands = [
+            command(put("a"), true),
+            command(compare_mod("b", 0), false),
+            command(compare_mod("c", 0), false),
+            command(compare_mod("c", 9), false),
+            command(put("d"), false),
+        ];
+        let keys = batch_keys(&commands);
+        assert_eq!(keys.all, ["a", "b", "b", "c", "c", "c", "c", "d"]);
+        assert_eq!(keys.created, ["a", "b"]);
+    }
 }

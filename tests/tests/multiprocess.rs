@@ -481,6 +481,107 @@ async fn mysql_compare_after_another_process_wrote() {
     .await;
 }
 
+/// A process takes keys it has not seen for absent when a request would create them (a plain
+/// put, a compare with revision 0) and its last commit is the keyspace's newest: no read, and
+/// the commit call refuses the batch if one is live. Here each key was written by another
+/// process before this one's last commit, so each is live and unknown to it: every request
+/// must be answered as etcd would, from the key's real state — a put's version, create
+/// revision and previous value, a create's failed compare — whether the batch commits through
+/// the call (put), writes nothing (a read-only branch) or takes the lock (a lease).
+async fn keys_another_process_wrote_are_not_taken_for_absent(backend: Backend) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let (_a, mut client_a) = start(database.endpoint.clone()).await?;
+    let (_b, mut client_b) = start(database.endpoint.clone()).await?;
+    let by_b = |key: &str| format!("absent/{key}");
+    let mut created_by_b = BTreeMap::new();
+    for key in ["put", "create", "read-only", "leased"] {
+        let put = client_b.put(by_b(key), "b", None).await?;
+        created_by_b.insert(key, put.header().map(|h| h.revision()).unwrap_or(0));
+    }
+    let lease = client_a.lease_grant(60, None).await?.id();
+    // Before each case A commits a key of its own, so that its next batch starts from what it
+    // committed (a refused batch makes A read unknown keys for a moment: wait that out).
+    let mut warm = 0;
+    let mut warm_up = async |client: &mut Client| -> Result<()> {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        warm += 1;
+        client.put(format!("absent/warm-{warm}"), "a", None).await?;
+        Ok(())
+    };
+
+    warm_up(&mut client_a).await?;
+    let put = client_a
+        .put(by_b("put"), "a", Some(PutOptions::new().with_prev_key()))
+        .await?;
+    let prev = put
+        .prev_key()
+        .context("a put over B's key answers its previous value")?;
+    ensure!(
+        prev.value() == b"b",
+        "previous value {:?}",
+        prev.value_str()
+    );
+    let got = client_a.get(by_b("put"), None).await?;
+    let kv = got.kvs().first().context("the key after A's put")?;
+    ensure!(
+        (kv.version(), kv.create_revision()) == (2, created_by_b["put"]),
+        "A's put over B's key: version {} (2 expected), create revision {} ({} expected)",
+        kv.version(),
+        kv.create_revision(),
+        created_by_b["put"]
+    );
+
+    let create = |key: &str, lease: Option<i64>| {
+        let options = lease.map(|id| PutOptions::new().with_lease(id));
+        Txn::new()
+            .when([Compare::mod_revision(by_b(key), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(by_b(key), "a", options)])
+            .or_else([TxnOp::get(by_b(key), None)])
+    };
+    for (key, lease) in [("create", None), ("leased", Some(lease))] {
+        warm_up(&mut client_a).await?;
+        let answer = client_a.txn(create(key, lease)).await?;
+        ensure!(
+            !answer.succeeded(),
+            "A created {key}, which B had created (lease {lease:?})"
+        );
+    }
+
+    warm_up(&mut client_a).await?;
+    let read_only = Txn::new()
+        .when([Compare::create_revision(
+            by_b("read-only"),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::get(by_b("read-only"), None)]);
+    let answer = client_a.txn(read_only).await?;
+    ensure!(
+        !answer.succeeded(),
+        "a compare of B's key with create revision 0 succeeded"
+    );
+
+    for key in ["put", "create", "read-only", "leased"] {
+        let got = client_b.get(by_b(key), None).await?;
+        let value = got.kvs().first().map(|kv| kv.value().to_vec());
+        let expected: &[u8] = if key == "put" { b"a" } else { b"b" };
+        ensure!(
+            value.as_deref() == Some(expected),
+            "{key}: {value:?} through B"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_keys_another_process_wrote_are_not_taken_for_absent() {
+    bounded(
+        Backend::Postgres,
+        keys_another_process_wrote_are_not_taken_for_absent(Backend::Postgres),
+    )
+    .await;
+}
+
 /// The connections of one kine-rs process to the test database, by the application name it
 /// connected with.
 fn connections_named(endpoint: &str, application: &str) -> Result<i64> {

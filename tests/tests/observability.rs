@@ -726,6 +726,54 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
     assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
 }
 
+/// Puts and creates (a compare with mod revision 0, kube-apiserver's) of keys nobody wrote
+/// are one statement each on PostgreSQL once this process has committed to the keyspace: the
+/// keys are taken for absent, without the batch read, and the commit call checks it (the
+/// checks themselves: `multiprocess.rs`, keys another process wrote).
+#[test]
+fn postgres_puts_and_creates_of_new_keys_are_one_statement() {
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Postgres);
+    let count = |query: &str| statements(&metrics_address, "postgres", query);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        client.put("new/first", "0", None).await.expect("put");
+        let (reads, commits) = (count("batch_read"), count("commit_batch"));
+        for i in 0..5 {
+            let put = client
+                .put(format!("new/put-{i}"), "1", None)
+                .await
+                .expect("put");
+            let revision = put.header().expect("header").revision();
+            let key = format!("new/create-{i}");
+            let create = etcd_client::Txn::new()
+                .when([etcd_client::Compare::mod_revision(
+                    key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd_client::TxnOp::put(key.as_str(), "1", None)]);
+            let created = client.txn(create).await.expect("txn");
+            assert!(created.succeeded(), "create {key}");
+            assert_eq!(created.header().expect("header").revision(), revision + 1);
+        }
+        assert_eq!(count("batch_read"), reads, "a batch read for a new key");
+        assert_eq!(count("commit_batch"), commits + 10.0);
+        let got = client
+            .get("new/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(got.count(), 11);
+        assert!(
+            got.kvs()
+                .iter()
+                .all(|kv| kv.version() == 1 && kv.create_revision() == kv.mod_revision())
+        );
+    });
+}
+
 /// A watcher of a keyspace this process writes gets the events of those writes from the
 /// writer itself, previous values included: none is read back from the datastore (`events`).
 /// A lease revoke, whose deleted values the writer does not read, is read back.

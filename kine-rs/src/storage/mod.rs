@@ -209,6 +209,17 @@ pub fn page_range(after: Option<&[u8]>) -> KeyRange {
 }
 
 /// A datastore that holds keyspaces.
+/// The keys a write batch names ([`Backend::begin_group_write`]).
+#[derive(Debug, Default, Clone)]
+pub struct BatchKeys {
+    /// Every single key its requests name.
+    pub all: Vec<Bytes>,
+    /// Those of `all` that every request naming them would create ([`crate::txn::created_keys`]):
+    /// a datastore whose commit checks it may take the ones it has not seen for absent
+    /// instead of reading them.
+    pub created: Vec<Bytes>,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name of the driver, for logs and metrics.
@@ -335,8 +346,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a write transaction holding the keyspace's write lock.
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>>;
 
-    /// Starts the write transaction of a group-commit batch naming `keys`, with their current
-    /// rows looked up ([`WriteTxn::prefetch`]). The writer commits it with
+    /// Starts the write transaction of a group-commit batch naming `keys.all`, with their
+    /// current rows looked up ([`WriteTxn::prefetch`]). The writer commits it with
     /// [`WriteTxn::commit_pipelined`] and, on [`KineError::Conflict`](crate::error::KineError::Conflict)
     /// (nothing written), runs the batch again on [`Backend::begin_write`]. So a datastore
     /// may start it without the write lock, taking the lock only to commit and refusing a
@@ -347,12 +358,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn begin_group_write(
         &self,
         keyspace: KeyspaceId,
-        keys: &[Bytes],
+        keys: &BatchKeys,
         optimistic: bool,
     ) -> Result<Box<dyn WriteTxn>> {
         let _ = optimistic;
         let mut txn = self.begin_write(keyspace).await?;
-        txn.prefetch(keys).await?;
+        txn.prefetch(&keys.all).await?;
         Ok(txn)
     }
 

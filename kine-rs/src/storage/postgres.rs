@@ -12,7 +12,7 @@
 //!
 //! A batch of transactions first costs two round trips: one statement reads the keyspace row
 //! (its counters and its version, the `xmin` of its row) with the batch's keys' current rows,
-//! without a lock; then one call of `kine_rs_commit` (migrations 0008 and 0009), in its own implicit
+//! without a lock; then one call of `kine_rs_commit` (migrations 0008 to 0010), in its own implicit
 //! transaction, takes the lock, checks the row is still that version, appends the rows, moves
 //! the heads, stores the counters, notifies and commits. A keyspace changed in between (another
 //! process's commit, a freeze, a purge) makes the call refuse and write nothing; the writer
@@ -20,7 +20,10 @@
 //! (a range read, a lease, a compaction, a freeze) takes the lock as soon as it does.
 //! A batch whose keys this process committed last skips the read: the function answers the
 //! row's new version, and the next batch starts from what this process remembers of it
-//! (`sql/commit_cache.rs`); the version check refuses it if anything changed since.
+//! (`sql/commit_cache.rs`); the version check refuses it if anything changed since. Such a
+//! batch also takes the keys this process has not seen but its requests would create (a plain
+//! put's, a compare with revision 0) for absent, and the call refuses it if one is live
+//! (migration 0010): a put or create of a new key is one round trip.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -88,7 +91,8 @@ impl Dialect for Postgres {
     const COMMIT_BATCH: Option<&'static str> = Some(
         "SELECT CAST(kine_rs_commit(?, CAST(? AS XID), ?, ?, ?, CAST(? AS BYTEA[]), \
          CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), \
-         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[])) AS TEXT)",
+         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS SMALLINT[]), \
+         CAST(? AS BYTEA[])) AS TEXT)",
     );
     const HEAD_TABLE: bool = true;
 

@@ -26,8 +26,8 @@ use sqlx::{Database, Pool, Transaction};
 use super::feed::{CommitFeed, POLL_CHUNK};
 use super::page_counts::PageCounts;
 use super::{
-    Backend, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows, WriteTxn,
-    Written, page_range, row_digest::RowDigest,
+    Backend, BatchKeys, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows,
+    WriteTxn, Written, page_range, row_digest::RowDigest,
 };
 use crate::error::{KineError, Result};
 use crate::metrics;
@@ -276,11 +276,12 @@ pub trait Dialect: Send + Sync + 'static {
     const ARRAYS: bool = false;
 
     /// A call committing a whole write batch that was read without the keyspace lock, where
-    /// the database has one (PostgreSQL's `kine_rs_commit`, migration 0007). Its parameters:
+    /// the database has one (PostgreSQL's `kine_rs_commit`, migration 0010). Its parameters:
     /// keyspace, the [`ROW_VERSION`](Dialect::ROW_VERSION) of the keyspace row as read, revision, live
-    /// keys, bytes, the row ids and revisions of the rows to supersede, then the new rows as
-    /// arrays of their columns. It fails with [`crate::error::KEYSPACE_CHANGED`] when the
-    /// keyspace row changed since the read. Needs [`ROW_VERSION`](Dialect::ROW_VERSION) and
+    /// keys, bytes, the new rows as arrays of their columns, then the keys the batch took for
+    /// absent without reading them. It fails with [`crate::error::KEYSPACE_CHANGED`] when the
+    /// keyspace row changed since the read, and with [`crate::error::ABSENT_KEY_EXISTS`] when
+    /// one of those keys has a live row. Needs [`ROW_VERSION`](Dialect::ROW_VERSION) and
     /// [`ARRAYS`](Dialect::ARRAYS).
     const COMMIT_BATCH: Option<&'static str> = None;
     /// Whether a read at the current revision that needs no separate count may be one
@@ -1204,6 +1205,30 @@ impl<D: Dialect> SqlBackend<D> {
         }
     }
 
+    /// Whether a batch of `sorted` keys, of which the cache knows `hit`'s, may take the others
+    /// for absent: each is one the batch would create (`created`), and no batch of the
+    /// keyspace that did so was refused a moment ago.
+    fn may_take_absent(
+        &self,
+        keyspace: KeyspaceId,
+        sorted: &[&[u8]],
+        hit: &commit_cache::Hit,
+        created: &[Bytes],
+    ) -> bool {
+        let known = |key: &[u8]| {
+            hit.keys
+                .binary_search_by(|(known, _)| known.as_ref().cmp(key))
+                .is_ok()
+        };
+        sorted
+            .iter()
+            .all(|key| known(key) || created.iter().any(|created| created.as_ref() == *key))
+            && self
+                .commit_cache
+                .as_ref()
+                .is_some_and(|cache| cache.may_take_absent(keyspace))
+    }
+
     /// Serves watch hubs' event reads and the feed's poll from `pool`.
     pub fn with_watch_readers(mut self, pool: Pool<D::DB>) -> Self {
         self.watch_readers = Some(pool);
@@ -1675,6 +1700,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         Ok(Box::new(SqlWriteTxn::<D> {
             cache: self.commit_cache.clone(),
             from_cache: false,
+            taken_absent: Vec::new(),
             tx: Some(tx),
             conn: None,
             read_version: None,
@@ -1691,35 +1717,48 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     async fn begin_group_write(
         &self,
         keyspace: KeyspaceId,
-        keys: &[Bytes],
+        keys: &BatchKeys,
         optimistic: bool,
     ) -> Result<Box<dyn WriteTxn>> {
         let Some(column) = D::ROW_VERSION.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
         else {
             let mut txn = self.begin_write(keyspace).await?;
-            txn.prefetch(keys).await?;
+            txn.prefetch(&keys.all).await?;
             return Ok(txn);
         };
         // One statement, one snapshot: the keyspace row (its counters and version) and the
         // current rows of the batch's first keys, read without a transaction or lock.
         let mut conn = acquire::<D>(&self.writers).await?;
-        let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
+        let mut sorted: Vec<&[u8]> = keys.all.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        // This process committed to the keyspace last and knows every key: no read; the
-        // commit call's version check refuses the batch if that is no longer so.
+        // This process committed to the keyspace last and knows every key, or every key it
+        // does not know is one the batch would create: no read; the commit call's checks
+        // refuse the batch if the keyspace changed since, or one of those keys is live.
         let hit = self
             .commit_cache
             .as_ref()
             .and_then(|cache| cache.lookup(keyspace, &sorted));
         let partial = match hit {
-            Some(hit) if hit.keys.len() == sorted.len() => {
-                let known = hit
+            Some(hit)
+                if hit.keys.len() == sorted.len()
+                    || self.may_take_absent(keyspace, &sorted, &hit, &keys.created) =>
+            {
+                let mut known: HashMap<Bytes, KnownKey> = hit
                     .keys
                     .into_iter()
                     .map(|(key, cached)| (key, KnownKey::from(cached)))
                     .collect();
+                let mut taken_absent = Vec::new();
+                for key in &sorted {
+                    if !known.contains_key(*key) {
+                        let key = Bytes::copy_from_slice(key);
+                        known.insert(key.clone(), KnownKey::absent());
+                        taken_absent.push(key);
+                    }
+                }
                 return Ok(Box::new(SqlWriteTxn::<D> {
+                    taken_absent,
                     cache: self.commit_cache.clone(),
                     from_cache: true,
                     tx: None,
@@ -1770,6 +1809,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let mut txn = SqlWriteTxn::<D> {
             cache: self.commit_cache.clone(),
             from_cache: false,
+            taken_absent: Vec::new(),
             tx: None,
             conn: Some(conn),
             read_version: Some(version),
@@ -2088,6 +2128,9 @@ struct SqlWriteTxn<D: Dialect> {
     cache: Option<Arc<CommitCache>>,
     /// Whether the batch started from [`CommitCache`] instead of a read.
     from_cache: bool,
+    /// Keys the batch took for absent without reading them (it started from the cache); its
+    /// commit checks that none is live.
+    taken_absent: Vec<Bytes>,
     /// Where the lock's transaction comes from.
     writers: Pool<D::DB>,
     keyspace: KeyspaceId,
@@ -2114,6 +2157,18 @@ struct KnownKey {
     row_id: Option<String>,
     /// Index in `pending` of the key's newest unwritten row.
     pending: Option<usize>,
+}
+
+impl KnownKey {
+    /// A key without a current row.
+    fn absent() -> Self {
+        KnownKey {
+            live: None,
+            stored_current: false,
+            row_id: None,
+            pending: None,
+        }
+    }
 }
 
 impl From<CachedKey> for KnownKey {
@@ -2391,15 +2446,8 @@ impl<D: Dialect> SqlWriteTxn<D> {
         }
         for key in keys {
             if !self.known.contains_key(*key) {
-                self.known.insert(
-                    Bytes::copy_from_slice(key),
-                    KnownKey {
-                        live: None,
-                        stored_current: false,
-                        row_id: None,
-                        pending: None,
-                    },
-                );
+                self.known
+                    .insert(Bytes::copy_from_slice(key), KnownKey::absent());
             }
         }
         Ok(())
@@ -2417,13 +2465,45 @@ impl<D: Dialect> SqlWriteTxn<D> {
         let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
         let (_, version) = read_state_version::<D>(&mut tx, self.keyspace, true).await?;
         if self.read_version.is_none() || version != self.read_version {
+            self.refuse_cached();
             return Err(KineError::Conflict(format!(
                 "keyspace {} changed between a write batch's read and its lock",
                 self.keyspace
             )));
         }
+        if !self.taken_absent.is_empty() {
+            // The commit call's check will not run: the batch commits in this transaction.
+            let keys: Vec<&[u8]> = self.taken_absent.iter().map(|key| key.as_ref()).collect();
+            let (sql, args) = current_rows_sql::<D>(self.keyspace, &keys);
+            let rows = fetch_all::<D>(&mut *tx, "get", &sql, &args).await?;
+            for row in &rows {
+                if !D::DB::flag(row, 6)? {
+                    self.refuse_cached();
+                    return Err(KineError::Conflict(format!(
+                        "a key of keyspace {} the write batch took for absent exists",
+                        self.keyspace
+                    )));
+                }
+            }
+            self.taken_absent.clear();
+        }
         self.tx = Some(tx);
         Ok(())
+    }
+
+    /// Tells the cache that a batch it started was refused: the keyspace changed, or a key
+    /// taken for absent was live.
+    fn refuse_cached(&self) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        if !self.taken_absent.is_empty() {
+            cache.refused_absent(self.keyspace);
+        } else if self.from_cache {
+            cache.contended(self.keyspace);
+        } else {
+            cache.forget(self.keyspace);
+        }
     }
 
     /// Commits a batch that read without the lock, with one call of the database's
@@ -2441,6 +2521,15 @@ impl<D: Dialect> SqlWriteTxn<D> {
             // what this process committed last: that stands only if it is still the keyspace's
             // current version (one short read instead of the batch's).
             if self.from_cache {
+                if !self.taken_absent.is_empty() {
+                    // Answered as if keys nobody read were absent: read them (and evaluate
+                    // the batch again).
+                    self.refuse_cached();
+                    return Err(KineError::Conflict(format!(
+                        "a read-only write batch of keyspace {} took keys for absent",
+                        self.keyspace
+                    )));
+                }
                 let Some(conn) = self.conn.as_mut() else {
                     return Err(KineError::Storage(
                         "a write batch lost its connection".into(),
@@ -2448,9 +2537,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 };
                 let (_, version) = read_state_version::<D>(conn, self.keyspace, false).await?;
                 if version != self.read_version {
-                    if let Some(cache) = &self.cache {
-                        cache.contended(self.keyspace);
-                    }
+                    self.refuse_cached();
                     return Err(KineError::Conflict(format!(
                         "keyspace {} changed since this process's last commit to it",
                         self.keyspace
@@ -2473,6 +2560,9 @@ impl<D: Dialect> SqlWriteTxn<D> {
             Arg::Int(self.state.bytes),
         ];
         args.extend(row_arrays(&self.pending));
+        args.push(Arg::ByteStrings(
+            self.taken_absent.iter().map(|key| key.as_ref()).collect(),
+        ));
         let Some(conn) = self.conn.as_mut() else {
             return Err(KineError::Storage(
                 "a write batch lost its connection".into(),
@@ -2481,11 +2571,11 @@ impl<D: Dialect> SqlWriteTxn<D> {
         let written = match fetch_all::<D>(conn, "commit_batch", sql, &args).await {
             Ok(rows) => rows,
             Err(error) => {
-                if let Some(cache) = &self.cache {
-                    match error {
-                        KineError::Conflict(_) if self.from_cache => cache.contended(self.keyspace),
-                        _ => cache.forget(self.keyspace),
-                    }
+                drop(args);
+                match (&error, &self.cache) {
+                    (KineError::Conflict(_), _) => self.refuse_cached(),
+                    (_, Some(cache)) => cache.forget(self.keyspace),
+                    (_, None) => {}
                 }
                 return Err(error);
             }

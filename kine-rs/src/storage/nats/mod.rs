@@ -96,8 +96,8 @@ use self::keyspace::{Keyspace, names};
 use self::txn::{NatsWriteTxn, effective};
 use super::feed::CommitFeed;
 use super::{
-    Backend, BackendOptions, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery, RangeRows,
-    WriteTxn,
+    Backend, BackendOptions, BatchKeys, KeyspaceId, KeyspaceState, MigrationRole, RangeQuery,
+    RangeRows, WriteTxn,
 };
 use crate::error::{KineError, Result};
 use crate::gates::Gates;
@@ -608,11 +608,11 @@ impl Backend for NatsBackend {
     async fn begin_group_write(
         &self,
         keyspace: KeyspaceId,
-        keys: &[Bytes],
+        keys: &BatchKeys,
         _optimistic: bool,
     ) -> Result<Box<dyn WriteTxn>> {
         let mut txn = self.begin_group_write_unfetched(keyspace).await?;
-        txn.prefetch(keys).await?;
+        txn.prefetch(&keys.all).await?;
         Ok(txn)
     }
 

@@ -7,7 +7,7 @@ use sqlx::Connection;
 use super::*;
 use crate::error::KineError;
 use crate::model::KeyValue;
-use crate::storage::{Backend, KeyspaceId};
+use crate::storage::{Backend, BatchKeys, KeyspaceId};
 
 fn server_url() -> String {
     std::env::var("KINE_TEST_POSTGRES_URL")
@@ -81,7 +81,14 @@ async fn a_write_batch_read_before_other_commits_is_refused_when_the_row_is_back
 
     let mut inspect = sqlx::PgConnection::connect(&url).await.expect("connect");
     let mut stale = first
-        .begin_group_write(keyspace, std::slice::from_ref(&key), true)
+        .begin_group_write(
+            keyspace,
+            &BatchKeys {
+                all: vec![key.clone()],
+                created: Vec::new(),
+            },
+            true,
+        )
         .await
         .expect("a batch read without the lock");
     let read_at = keyspace_row_place(&mut inspect, keyspace).await;

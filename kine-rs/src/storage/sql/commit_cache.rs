@@ -8,6 +8,12 @@
 //!
 //! A keyspace another process writes to would make every cached batch fail once: after a
 //! conflict the keyspace is left out for a while.
+//!
+//! Keys the batch's requests would create (a plain put's, a compare with revision 0) that the
+//! cache does not know are taken for absent, and the commit call refuses the batch if one has a
+//! live row: creates of new keys cost one round trip too. A workload of overwrites of keys this
+//! process has not seen (after a restart, past the byte budget) would be refused batch after
+//! batch, so after such a refusal the keyspace's batches read unknown keys again for a while.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,6 +30,8 @@ const MAX_BYTES_PER_KEYSPACE: usize = 8 << 20;
 const MAX_KEYSPACES: usize = 256;
 /// How long a keyspace whose cached batch was refused is left out.
 const CONTENDED_FOR: Duration = Duration::from_secs(5);
+/// How long a keyspace whose batch took a live key for absent reads unknown keys instead.
+const REFUSED_FOR: Duration = Duration::from_secs(1);
 /// What a key costs besides its key and value (the map's entry, the `KeyValue`).
 const KEY_OVERHEAD: usize = 96;
 
@@ -54,6 +62,8 @@ struct Entry {
 struct Inner {
     entries: HashMap<KeyspaceId, Entry>,
     contended: HashMap<KeyspaceId, Instant>,
+    /// Keyspaces whose batches may not take unknown keys for absent, until when.
+    refused: HashMap<KeyspaceId, Instant>,
 }
 
 /// See the module documentation.
@@ -136,6 +146,35 @@ impl CommitCache {
         if entry.bytes > MAX_BYTES_PER_KEYSPACE {
             entry.keys.clear();
             entry.bytes = 0;
+        }
+    }
+
+    /// Whether a batch of the keyspace may take keys the cache does not know for absent
+    /// (not for [`REFUSED_FOR`] after a batch that did was refused).
+    pub fn may_take_absent(&self, keyspace: KeyspaceId) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        match inner.refused.get(&keyspace) {
+            Some(until) if *until > Instant::now() => false,
+            Some(_) => {
+                inner.refused.remove(&keyspace);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// A batch that took keys for absent was refused (one of them was live, or the keyspace
+    /// changed): the keyspace's next batches read their unknown keys for a while.
+    pub fn refused_absent(&self, keyspace: KeyspaceId) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.remove(&keyspace);
+            if inner.refused.len() >= MAX_KEYSPACES {
+                let now = Instant::now();
+                inner.refused.retain(|_, until| *until > now);
+            }
+            inner.refused.insert(keyspace, Instant::now() + REFUSED_FOR);
         }
     }
 
@@ -238,6 +277,28 @@ mod tests {
         cache.store(2, "", "10".into(), state(2), [live(b"a", b"1")]);
         cache.forget(2);
         assert_eq!(known(&cache, 2, &[b"a"]), None);
+    }
+
+    #[test]
+    fn a_refused_absent_key_pauses_taking_keys_for_absent() {
+        let cache = CommitCache::default();
+        cache.store(1, "", "10".into(), state(2), [live(b"a", b"1")]);
+        assert!(cache.may_take_absent(1));
+        cache.refused_absent(1);
+        assert!(!cache.may_take_absent(1));
+        assert_eq!(known(&cache, 1, &[b"a"]), None, "the entry is dropped");
+        assert!(cache.may_take_absent(2), "other keyspaces go on");
+        // Stored again (the batch's read), known again; taking for absent waits its pause.
+        cache.store(1, "", "12".into(), state(4), [live(b"a", b"1")]);
+        assert_eq!(known(&cache, 1, &[b"a"]), Some(1));
+        assert!(!cache.may_take_absent(1));
+        cache
+            .inner
+            .lock()
+            .expect("lock")
+            .refused
+            .insert(1, Instant::now());
+        assert!(cache.may_take_absent(1), "after the pause");
     }
 
     #[test]
