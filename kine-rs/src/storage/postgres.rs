@@ -162,7 +162,7 @@ fn without_query_parameter(url: &str, name: &str) -> (String, bool) {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let pool: PgPool = pool_options(options, connect.get_port())
+    let pool: PgPool = pool_options(options, connect.get_port(), false)
         .connect_with(connect.clone())
         .await?;
     MIGRATOR
@@ -186,7 +186,18 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBa
 /// `kv` by a primary key that no two heads share, so a Memoize node only copies each
 /// row into a cache it never hits: `EXPLAIN ANALYZE` of a list page of 500 × 1 KiB, 3.0–3.4 ms
 /// with it, 1.8–2.1 ms without (501 misses, no hit, 597 kB cached).
-fn pool_options(options: &BackendOptions, port: u16) -> sqlx::postgres::PgPoolOptions {
+///
+/// With `custom_plans` (the watch hubs' connections), statements are planned for their
+/// parameters at every execution instead of once: the event read's lookup of each event's
+/// previous row, planned generically while `kv` was new and unanalyzed, found `kv_key` and
+/// the primary key equally cheap and kept the primary key, reading the keyspace's whole
+/// history backwards for every event of a new key (35 ms a read, watchers seconds behind)
+/// until autovacuum's first ANALYZE, a minute later.
+fn pool_options(
+    options: &BackendOptions,
+    port: u16,
+    custom_plans: bool,
+) -> sqlx::postgres::PgPoolOptions {
     options.pool.sqlx(port).after_connect(move |connection, _| {
         Box::pin(async move {
             super::nodelay::set_on_connections_to(port);
@@ -196,6 +207,11 @@ fn pool_options(options: &BackendOptions, port: u16) -> sqlx::postgres::PgPoolOp
             )
             .execute(&mut *connection)
             .await?;
+            if custom_plans {
+                sqlx::query("SELECT set_config('plan_cache_mode', 'force_custom_plan', false)")
+                    .execute(&mut *connection)
+                    .await?;
+            }
             Ok(())
         })
     })
@@ -203,7 +219,7 @@ fn pool_options(options: &BackendOptions, port: u16) -> sqlx::postgres::PgPoolOp
 
 /// The watch hubs' own few connections ([`SqlBackend::with_watch_readers`]).
 async fn watch_readers(options: &BackendOptions, connect: PgConnectOptions) -> Result<PgPool> {
-    Ok(pool_options(options, connect.get_port())
+    Ok(pool_options(options, connect.get_port(), true)
         .max_connections(super::WATCH_CONNECTIONS)
         .min_connections(super::WATCH_CONNECTIONS)
         .connect_with(connect)

@@ -133,11 +133,42 @@ async fn a_write_batch_read_before_other_commits_is_refused_when_the_row_is_back
 
 /// Every connection of kine-rs's pools plans without Memoize (see `pool_options`): the
 /// lookups through `kv_head` never repeat a key, and the node only copied each row.
+/// The watch hubs' connections plan every statement for its parameters: a generic plan of
+/// the event read made while `kv` was new read the whole history for each event.
+#[tokio::test]
+async fn watch_reader_connections_plan_for_their_parameters() {
+    let options = BackendOptions::default();
+    let connect = connect_options(&server_url(), &options).expect("connect options");
+    let watch = watch_readers(&options, connect.clone())
+        .await
+        .expect("the watch readers' pool");
+    let other = pool_options(&options, connect.get_port(), false)
+        .max_connections(1)
+        .min_connections(0)
+        .connect_with(connect)
+        .await
+        .expect("a pool on the test server");
+    let mode = async |pool: &PgPool| -> String {
+        sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(pool)
+            .await
+            .expect("plan_cache_mode")
+    };
+    for _ in 0..crate::storage::WATCH_CONNECTIONS {
+        assert_eq!(mode(&watch).await, "force_custom_plan");
+    }
+    assert_eq!(
+        mode(&other).await,
+        "auto",
+        "other connections keep generic plans"
+    );
+}
+
 #[tokio::test]
 async fn pool_connections_plan_without_memoize() {
     let options = BackendOptions::default();
     let connect = connect_options(&server_url(), &options).expect("connect options");
-    let pool = pool_options(&options, connect.get_port())
+    let pool = pool_options(&options, connect.get_port(), false)
         .max_connections(2)
         .min_connections(0)
         .connect_with(connect)
