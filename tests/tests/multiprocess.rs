@@ -494,7 +494,7 @@ async fn keys_another_process_wrote_are_not_taken_for_absent(backend: Backend) -
     let (_b, mut client_b) = start(database.endpoint.clone()).await?;
     let by_b = |key: &str| format!("absent/{key}");
     let mut created_by_b = BTreeMap::new();
-    for key in ["put", "create", "read-only", "leased"] {
+    for key in ["put", "create", "read-only", "leased", "compared"] {
         let put = client_b.put(by_b(key), "b", None).await?;
         created_by_b.insert(key, put.header().map(|h| h.revision()).unwrap_or(0));
     }
@@ -546,6 +546,24 @@ async fn keys_another_process_wrote_are_not_taken_for_absent(backend: Backend) -
             "A created {key}, which B had created (lease {lease:?})"
         );
     }
+
+    // A create's compare that passes on a key the transaction does not write (it writes a
+    // key A just committed, so A knows every other key): B's key is read, the compare fails.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    client_a.put("absent/elsewhere", "0", None).await?;
+    let elsewhere = Txn::new()
+        .when([Compare::mod_revision(by_b("compared"), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put("absent/elsewhere", "a", None)]);
+    let answer = client_a.txn(elsewhere).await?;
+    ensure!(
+        !answer.succeeded(),
+        "a compare of B's key with mod revision 0 succeeded (the write went elsewhere)"
+    );
+    let got = client_b.get("absent/elsewhere", None).await?;
+    ensure!(
+        got.kvs().first().map(|kv| kv.value()) == Some(&b"0"[..]),
+        "the failed transaction wrote"
+    );
 
     warm_up(&mut client_a).await?;
     let read_only = Txn::new()

@@ -2511,6 +2511,21 @@ impl<D: Dialect> SqlWriteTxn<D> {
     /// the commit itself (the call is its own transaction; the database answers after its
     /// commit is durable).
     async fn commit_unlocked(mut self: Box<Self>, revision: Revision) -> Result<()> {
+        // The commit call checks the keys taken for absent that it writes. One the batch does
+        // not write (a compare that passed on it, reads only, a put that failed) is read and
+        // the batch evaluated again.
+        let unchecked = self.taken_absent.iter().any(|key| {
+            self.known
+                .get(key)
+                .is_none_or(|known| known.pending.is_none())
+        });
+        if unchecked {
+            self.refuse_cached();
+            return Err(KineError::Conflict(format!(
+                "a write batch of keyspace {} took a key for absent that it does not write",
+                self.keyspace
+            )));
+        }
         let wrote = revision != self.start.revision
             || self.state.keys != self.start.keys
             || self.state.bytes != self.start.bytes
@@ -2521,15 +2536,6 @@ impl<D: Dialect> SqlWriteTxn<D> {
             // what this process committed last: that stands only if it is still the keyspace's
             // current version (one short read instead of the batch's).
             if self.from_cache {
-                if !self.taken_absent.is_empty() {
-                    // Answered as if keys nobody read were absent: read them (and evaluate
-                    // the batch again).
-                    self.refuse_cached();
-                    return Err(KineError::Conflict(format!(
-                        "a read-only write batch of keyspace {} took keys for absent",
-                        self.keyspace
-                    )));
-                }
                 let Some(conn) = self.conn.as_mut() else {
                     return Err(KineError::Storage(
                         "a write batch lost its connection".into(),
