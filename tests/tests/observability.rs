@@ -99,7 +99,8 @@ fn metrics_show_sql_queries_by_kind_and_write_batch_sizes() {
     write_load(&kine.endpoint);
     let body = http_get(&metrics_address, "/metrics");
 
-    for query in ["insert_kv", "supersede", "begin_write", "commit", "range"] {
+    // SQLite's write batches supersede and insert in one call, `write`.
+    for query in ["write", "batch_read", "begin_write", "commit", "range"] {
         let count = sample(
             &body,
             &format!(
@@ -111,14 +112,14 @@ fn metrics_show_sql_queries_by_kind_and_write_batch_sizes() {
             "no {query} queries recorded:\n{body}"
         );
     }
-    // Rows are inserted with multi-row statements: at least one per batch, at most one per
-    // write request.
+    // Rows are inserted with multi-row statements, in the batch's one `write` call: one per
+    // batch, at most one per write request.
     let requests = (2 * WRITERS * PUTS) as f64;
     let inserts = sample(
         &body,
-        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"insert_kv\"}",
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"write\"}",
     )
-    .expect("insert count");
+    .expect("write count");
     let batches = sample(&body, "kine_write_batch_size_count").expect("batch count");
     assert!(inserts >= batches && inserts <= requests, "{body}");
     let reads = sample(
@@ -315,7 +316,7 @@ fn slow_queries_are_logged_by_kind_without_values() {
     assert!(
         slow.iter().any(|line| line.contains("WARN")
             && line.contains("driver=\"sqlite\"")
-            && line.contains("query=\"insert_kv\"")
+            && line.contains("query=\"write\"")
             && line.contains("duration=")),
         "no slow-query WARN line for the insert:\n{text}"
     );
@@ -726,6 +727,75 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
     assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
 }
 
+/// A write batch on SQLite is four calls to the connection's worker thread, whatever it
+/// writes: the lock (`BEGIN IMMEDIATE`), the keyspace row with the batch's keys
+/// (`batch_read`), the superseded rows, new rows and counters (`write`), and the commit. Each
+/// statement alone was a hand-off there and back, six or seven per batch, while the next
+/// batch waited for the lock.
+#[test]
+fn sqlite_write_batches_are_four_calls() {
+    let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Sqlite);
+    let count = |query: &str| statements(&metrics_address, "sqlite", query);
+    let one_by_one = ["get", "state_lock", "supersede", "insert_kv", "revision"];
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        client.put("w/a", "0", None).await.expect("put");
+        let put = client.put("w/b", "0", None).await.expect("put");
+        let start = put.header().expect("header").revision();
+        let before: Vec<f64> = one_by_one.iter().map(|query| count(query)).collect();
+        let (reads, writes) = (count("batch_read"), count("write"));
+        for i in 1..=3 {
+            // An overwrite (supersede, insert, counters), then a txn overwriting one key,
+            // creating one and deleting another.
+            client
+                .put("w/a", format!("put-{i}"), None)
+                .await
+                .expect("put");
+            let txn = etcd_client::Txn::new()
+                .when([etcd_client::Compare::version(
+                    "w/a",
+                    etcd_client::CompareOp::Equal,
+                    2 * i,
+                )])
+                .and_then([
+                    etcd_client::TxnOp::put("w/a", format!("txn-{i}"), None),
+                    etcd_client::TxnOp::put(format!("w/new-{i}"), "1", None),
+                    etcd_client::TxnOp::delete(format!("w/new-{}", i - 1), None),
+                ]);
+            let answer = client.txn(txn).await.expect("txn");
+            assert!(answer.succeeded(), "txn {i}");
+        }
+        let after: Vec<f64> = one_by_one.iter().map(|query| count(query)).collect();
+        assert_eq!(after, before, "statements one by one: {one_by_one:?}");
+        assert_eq!(count("batch_read"), reads + 6.0);
+        assert_eq!(count("write"), writes + 6.0);
+        let got = client
+            .get("w/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        let seen: Vec<(String, String, i64)> = got
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().expect("key").to_string();
+                let value = kv.value_str().expect("value").to_string();
+                (key, value, kv.version())
+            })
+            .collect();
+        let expected = [("w/a", "txn-3", 7), ("w/b", "0", 1), ("w/new-3", "1", 1)];
+        let expected: Vec<(String, String, i64)> = expected
+            .iter()
+            .map(|(key, value, version)| (key.to_string(), value.to_string(), *version))
+            .collect();
+        assert_eq!(seen, expected);
+        let status = client.status().await.expect("status");
+        assert_eq!(status.header().expect("header").revision(), start + 6);
+    });
+}
+
 /// Puts and creates (a compare with mod revision 0, kube-apiserver's) of keys nobody wrote
 /// are one statement each on PostgreSQL once this process has committed to the keyspace: the
 /// keys are taken for absent, without the batch read, and the commit call checks it (the
@@ -1017,7 +1087,14 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
 /// their rows with one statement each, whatever the number of keys up to 128: the list is
 /// padded to a power of two instead of split into power-of-two pieces (100 keys were three
 /// lookups and three updates, each a round trip under the keyspace's lock).
-fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &str) {
+/// `lookup` and `supersede` name the statements (or, on SQLite, the calls) that look keys up
+/// and mark superseded rows.
+fn write_batch_statements_per_key_list(
+    backend: kine_tests::Backend,
+    driver: &str,
+    lookup: &str,
+    supersede: &str,
+) {
     let (kine, metrics_address) = spawn_with_metrics(backend);
     let count = |query: &str| statements(&metrics_address, driver, query);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -1025,11 +1102,11 @@ fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &st
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
             .await
             .expect("connect");
-        let mut counts = vec![(count("get"), count("supersede"))];
+        let mut counts = vec![(count(lookup), count(supersede))];
         for round in 0..2 {
             let txn = etcd_client::Txn::new().and_then(hundred_puts(round));
             assert!(client.txn(txn).await.expect("txn").succeeded());
-            counts.push((count("get"), count("supersede")));
+            counts.push((count(lookup), count(supersede)));
         }
         assert_eq!(
             counts[1].0 - counts[0].0,
@@ -1047,12 +1124,17 @@ fn write_batch_statements_per_key_list(backend: kine_tests::Backend, driver: &st
 
 #[test]
 fn mysql_write_batch_names_its_keys_in_one_statement_each() {
-    write_batch_statements_per_key_list(kine_tests::Backend::Mysql, "mysql");
+    write_batch_statements_per_key_list(kine_tests::Backend::Mysql, "mysql", "get", "supersede");
 }
 
 #[test]
 fn sqlite_write_batch_names_its_keys_in_one_statement_each() {
-    write_batch_statements_per_key_list(kine_tests::Backend::Sqlite, "sqlite");
+    write_batch_statements_per_key_list(
+        kine_tests::Backend::Sqlite,
+        "sqlite",
+        "batch_read",
+        "write",
+    );
 }
 
 /// MySQL finds a write batch's current rows by key whatever InnoDB's statistics say. Once

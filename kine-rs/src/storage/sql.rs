@@ -76,6 +76,8 @@ pub trait Driver: Database {
         args: &'a [Arg<'a>],
     ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send + 'a;
 
+    /// How many columns a row has.
+    fn columns(row: &Self::Row) -> usize;
     /// An integer column.
     fn int(row: &Self::Row, index: usize) -> Result<i64>;
     /// A byte-string column.
@@ -180,6 +182,10 @@ macro_rules! driver {
                 args: &'a [Arg<'a>],
             ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send + 'a {
                 async move { Ok(bound::<$db>(sql, args).fetch_all(&mut *conn).await?) }
+            }
+
+            fn columns(row: &Self::Row) -> usize {
+                sqlx::Row::len(row)
             }
 
             fn int(row: &Self::Row, index: usize) -> Result<i64> {
@@ -294,6 +300,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// rows before the join, and lists of 20,000 × 1 KiB by 500 took 17% longer than with
     /// the read transaction.
     const ONE_STATEMENT_PAGES: bool = false;
+    /// Whether one call may carry several statements (`;`-separated, the parameters of each
+    /// in turn): SQLite, where every call is a hand-off to the connection's worker thread and
+    /// back, while the keyspace's next write batch waits for the lock.
+    const MULTI_STATEMENT: bool = false;
     /// Whether a key's current row is named by a row of `kv_head` (PostgreSQL, migration
     /// 0008) instead of marked in `kv.superseded`: `kv` only gets rows appended, and an
     /// overwrite changes a narrow head row in place instead of rewriting the row it
@@ -1309,6 +1319,50 @@ impl<D: Dialect> SqlBackend<D> {
         begin::<D>(&self.readers, "begin_read", D::BEGIN_READ).await
     }
 
+    /// A write transaction holding the keyspace's lock, with its counters and the current
+    /// rows of `keys` read in one call ([`Dialect::MULTI_STATEMENT`]).
+    async fn begin_write_reading(
+        &self,
+        keyspace: KeyspaceId,
+        keys: &[Bytes],
+    ) -> Result<Box<dyn WriteTxn>> {
+        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
+        let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut sql = format!("SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?");
+        let mut args = vec![Arg::Int(keyspace)];
+        for (_, lookup, lookup_args) in lookup_statements::<D>(keyspace, &sorted) {
+            sql.push_str("; ");
+            sql.push_str(&lookup);
+            args.extend(lookup_args);
+        }
+        let rows = fetch_all::<D>(&mut tx, "batch_read", &sql, &args).await?;
+        // The keyspace row comes first, unless the keyspace is gone; the current rows follow.
+        let (first, current) = rows.split_first().ok_or(KineError::KeyspaceDeleted)?;
+        if D::DB::columns(first) != STATE_COLUMN_COUNT {
+            return Err(KineError::KeyspaceDeleted);
+        }
+        let state = state_from_row::<D>(first, keyspace)?;
+        let mut txn = SqlWriteTxn::<D> {
+            cache: self.commit_cache.clone(),
+            from_cache: false,
+            taken_absent: Vec::new(),
+            tx: Some(tx),
+            conn: None,
+            read_version: None,
+            writers: self.writers.clone(),
+            keyspace,
+            start: state,
+            state,
+            known: HashMap::new(),
+            supersede: Vec::new(),
+            pending: Vec::new(),
+        };
+        txn.remember(&sorted, current, 0)?;
+        Ok(Box::new(txn))
+    }
+
     /// A write transaction holding the keyspace's row lock, and the counters it read.
     async fn begin_locked(
         &self,
@@ -1722,6 +1776,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     ) -> Result<Box<dyn WriteTxn>> {
         let Some(column) = D::ROW_VERSION.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
         else {
+            if D::MULTI_STATEMENT {
+                return self.begin_write_reading(keyspace, &keys.all).await;
+            }
             let mut txn = self.begin_write(keyspace).await?;
             txn.prefetch(&keys.all).await?;
             return Ok(txn);
@@ -2373,6 +2430,49 @@ fn supersede_sql<'a, D: Dialect>(
     (sql, args)
 }
 
+/// The statements reading the current rows of `keys` (sorted, without repeats), each with
+/// the keys it looks up.
+#[allow(clippy::type_complexity)]
+fn lookup_statements<'a, 'k, D: Dialect>(
+    keyspace: KeyspaceId,
+    keys: &'k [&'a [u8]],
+) -> Vec<(&'k [&'a [u8]], String, Vec<Arg<'a>>)> {
+    // Not one `key = ANY(array)` on PostgreSQL: its generic plan, made while the table is
+    // small, scans the table, and keeps doing so as it grows (overwrites at 128 clients
+    // fell from 1,700 to 1,150 puts/s over three rounds). One equality per key on the
+    // unique index of current rows is probed per key whatever the statistics.
+    // An `IN` list takes as many keys as an `INSERT` takes rows: a migration's window
+    // of 1,000 events is looked up in two statements instead of eight.
+    let per_statement = if D::KEY_LISTS {
+        MAX_INSERT_ROWS
+    } else {
+        MAX_ROWS_PER_STATEMENT
+    };
+    // Key lists (`IN (…)`): one statement per chunk, padded to a power of two with its last
+    // key (a repeated key matches its row once). Split into power-of-two chunks instead, a
+    // batch of 61 keys was five statements under the keyspace's lock (MySQL overwrites at
+    // 128 clients: ~3 lookups per batch of ~64 keys).
+    let sizes: Vec<usize> = if D::KEY_LISTS {
+        keys.chunks(per_statement).map(<[_]>::len).collect()
+    } else {
+        chunk_sizes(keys.len(), per_statement).collect()
+    };
+    let mut rest = keys;
+    let mut statements = Vec::with_capacity(sizes.len());
+    for size in sizes {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        let named = if D::KEY_LISTS {
+            padded(chunk)
+        } else {
+            chunk.to_vec()
+        };
+        let (sql, args) = current_rows_sql::<D>(keyspace, &named);
+        statements.push((chunk, sql, args));
+    }
+    statements
+}
+
 impl<D: Dialect> SqlWriteTxn<D> {
     /// Looks up the stored current rows of `keys` this transaction does not know yet.
     async fn load(&mut self, keys: &[&[u8]]) -> Result<()> {
@@ -2383,36 +2483,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
-        let mut rest = unknown.as_slice();
-        // Not one `key = ANY(array)` on PostgreSQL: its generic plan, made while the table is
-        // small, scans the table, and keeps doing so as it grows (overwrites at 128 clients
-        // fell from 1,700 to 1,150 puts/s over three rounds). One equality per key on the
-        // unique index of current rows is probed per key whatever the statistics.
-        // An `IN` list takes as many keys as an `INSERT` takes rows: a migration's window
-        // of 1,000 events is looked up in two statements instead of eight.
-        let per_statement = if D::KEY_LISTS {
-            MAX_INSERT_ROWS
-        } else {
-            MAX_ROWS_PER_STATEMENT
-        };
-        // Key lists (`IN (…)`): one statement per chunk, padded to a power of two with its last
-        // key (a repeated key matches its row once). Split into power-of-two chunks instead, a
-        // batch of 61 keys was five statements under the keyspace's lock (MySQL overwrites at
-        // 128 clients: ~3 lookups per batch of ~64 keys).
-        let sizes: Vec<usize> = if D::KEY_LISTS {
-            unknown.chunks(per_statement).map(<[_]>::len).collect()
-        } else {
-            chunk_sizes(unknown.len(), per_statement).collect()
-        };
-        for size in sizes {
-            let (chunk, tail) = rest.split_at(size);
-            rest = tail;
-            let keys = if D::KEY_LISTS {
-                padded(chunk)
-            } else {
-                chunk.to_vec()
-            };
-            let (sql, args) = current_rows_sql::<D>(self.keyspace, &keys);
+        for (chunk, sql, args) in lookup_statements::<D>(self.keyspace, &unknown) {
             let conn = reader::<D>(&mut self.tx, &mut self.conn)?;
             let rows = fetch_all::<D>(conn, "get", &sql, &args).await?;
             self.remember(chunk, &rows, 0)?;
@@ -2654,66 +2725,65 @@ impl<D: Dialect> SqlWriteTxn<D> {
 
     /// Writes the buffered rows, so statements that read the table see them.
     async fn flush(&mut self) -> Result<()> {
+        self.flush_then(None).await
+    }
+
+    /// Writes the buffered rows, then runs `then` (a statement changing one row, named as
+    /// its query), all in one call where the database takes several statements at once
+    /// ([`Dialect::MULTI_STATEMENT`]).
+    async fn flush_then(
+        &mut self,
+        then: Option<(&'static str, String, Vec<Arg<'_>>)>,
+    ) -> Result<()> {
         self.lock().await?;
         let mut supersede = std::mem::take(&mut self.supersede);
         if D::HEAD_TABLE {
             // The insert below moves each key's head; nothing is rewritten.
             supersede.clear();
         }
-        let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
-            .iter()
-            .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
-        let per_statement = if D::KEY_LISTS {
-            MAX_ROWS_PER_STATEMENT
-        } else {
-            1
-        };
-        let per_row_id_statement = if D::ARRAYS {
-            by_row_id.len().max(1)
-        } else {
-            MAX_ROWS_PER_STATEMENT
-        };
-        for (rows, per_statement, pad) in [
-            (by_row_id, per_row_id_statement, false),
-            (by_key, per_statement, D::KEY_LISTS),
-        ] {
-            let mut rest = rows.as_slice();
-            // By key lists: one statement per chunk, padded like the lookups above (the
-            // repeated last row names the same key and revision again).
-            let sizes: Vec<usize> = if pad {
-                rows.chunks(per_statement).map(<[_]>::len).collect()
-            } else {
-                chunk_sizes(rows.len(), per_statement).collect()
-            };
-            for size in sizes {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
-                let mut named = chunk.to_vec();
-                if pad && let Some(last) = chunk.last() {
-                    named.resize(size.next_power_of_two(), *last);
+        let pending = std::mem::take(&mut self.pending);
+        let mut statements = write_statements::<D>(self.keyspace, &supersede, &pending);
+        statements.extend(then.map(|(query, sql, args)| WriteStatement {
+            query,
+            sql: Cow::Owned(sql),
+            args,
+            // SQLite counts the rows an UPDATE matched; MySQL only those whose values it
+            // changed.
+            changes: D::MULTI_STATEMENT.then_some(1),
+        }));
+        let conn = held::<D>(&mut self.tx)?;
+        if D::MULTI_STATEMENT && statements.len() > 1 {
+            // One call: each statement is a hand-off to SQLite's worker thread, and the
+            // keyspace's next batch waits for this one.
+            let mut sql = String::new();
+            let mut args = Vec::new();
+            let mut expected = Some(0);
+            for statement in &statements {
+                if !sql.is_empty() {
+                    sql.push_str("; ");
                 }
-                let (sql, args) = supersede_sql::<D>(self.keyspace, &named);
+                sql.push_str(&statement.sql);
+                args.extend(statement.args.iter().cloned());
+                expected = expected.zip(statement.changes).map(|(a, b)| a + b);
+            }
+            let changed = execute::<D>(conn, "write", &sql, &args).await?;
+            if let Some(expected) = expected.filter(|expected| changed != *expected) {
+                return Err(KineError::Storage(format!(
+                    "a write batch's statements changed {changed} rows, not {expected}"
+                )));
+            }
+        } else {
+            for statement in &statements {
                 let changed =
-                    execute::<D>(held::<D>(&mut self.tx)?, "supersede", &sql, &args).await?;
-                if changed != size as u64 {
+                    execute::<D>(&mut *conn, statement.query, &statement.sql, &statement.args)
+                        .await?;
+                if let Some(expected) = statement.changes.filter(|expected| changed != *expected) {
                     return Err(KineError::Storage(format!(
-                        "superseding {size} current rows changed {changed}"
+                        "{} changed {changed} rows, not {expected}",
+                        statement.query
                     )));
                 }
             }
-        }
-        let pending = std::mem::take(&mut self.pending);
-        if D::ARRAYS && !pending.is_empty() {
-            let (sql, args) = insert_rows_unnest(self.keyspace, &pending);
-            execute::<D>(held::<D>(&mut self.tx)?, "insert_kv", sql, &args).await?;
-        }
-        let rows = if D::ARRAYS {
-            &[][..]
-        } else {
-            pending.as_slice()
-        };
-        for chunk in insert_chunks(rows) {
-            insert_rows_values::<D>(held::<D>(&mut self.tx)?, self.keyspace, chunk).await?;
         }
         for known in self.known.values_mut() {
             if known.pending.take().is_some() {
@@ -2723,6 +2793,87 @@ impl<D: Dialect> SqlWriteTxn<D> {
         }
         Ok(())
     }
+}
+
+/// A statement of a write batch, and how many rows it changes where that is known.
+struct WriteStatement<'a> {
+    query: &'static str,
+    sql: Cow<'static, str>,
+    args: Vec<Arg<'a>>,
+    changes: Option<u64>,
+}
+
+/// The statements writing a batch: `supersede` marks the stored rows it replaced, then
+/// `pending` are inserted.
+fn write_statements<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    supersede: &'a [StoredRow],
+    pending: &'a [PendingRow],
+) -> Vec<WriteStatement<'a>> {
+    let mut statements = Vec::new();
+    let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
+        .iter()
+        .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
+    let per_statement = if D::KEY_LISTS {
+        MAX_ROWS_PER_STATEMENT
+    } else {
+        1
+    };
+    let per_row_id_statement = if D::ARRAYS {
+        by_row_id.len().max(1)
+    } else {
+        MAX_ROWS_PER_STATEMENT
+    };
+    for (rows, per_statement, pad) in [
+        (by_row_id, per_row_id_statement, false),
+        (by_key, per_statement, D::KEY_LISTS),
+    ] {
+        let mut rest = rows.as_slice();
+        // By key lists: one statement per chunk, padded like the lookups above (the
+        // repeated last row names the same key and revision again).
+        let sizes: Vec<usize> = if pad {
+            rows.chunks(per_statement).map(<[_]>::len).collect()
+        } else {
+            chunk_sizes(rows.len(), per_statement).collect()
+        };
+        for size in sizes {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let mut named = chunk.to_vec();
+            if pad && let Some(last) = chunk.last() {
+                named.resize(size.next_power_of_two(), *last);
+            }
+            let (sql, args) = supersede_sql::<D>(keyspace, &named);
+            statements.push(WriteStatement {
+                query: "supersede",
+                sql: Cow::Owned(sql),
+                args,
+                changes: Some(size as u64),
+            });
+        }
+    }
+    if D::ARRAYS {
+        if !pending.is_empty() {
+            let (sql, args) = insert_rows_unnest(keyspace, pending);
+            statements.push(WriteStatement {
+                query: "insert_kv",
+                sql: Cow::Borrowed(sql),
+                args,
+                changes: None,
+            });
+        }
+        return statements;
+    }
+    for chunk in insert_chunks(pending) {
+        let (sql, args) = insert_rows_values_sql(keyspace, chunk);
+        statements.push(WriteStatement {
+            query: "insert_kv",
+            sql: Cow::Owned(sql),
+            args,
+            changes: Some(chunk.len() as u64),
+        });
+    }
+    statements
 }
 
 /// Most rows one multi-row `INSERT` carries (MySQL, SQLite): 512 rows of 10 parameters stay
@@ -2763,11 +2914,7 @@ fn insert_chunks(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
 }
 
 /// One multi-row `INSERT` of `chunk` into `kv` (databases without array parameters).
-async fn insert_rows_values<D: Dialect>(
-    conn: &mut Conn<D>,
-    keyspace: KeyspaceId,
-    chunk: &[PendingRow],
-) -> Result<()> {
+fn insert_rows_values_sql(keyspace: KeyspaceId, chunk: &[PendingRow]) -> (String, Vec<Arg<'_>>) {
     let mut sql = String::from(
         "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
          lease, value, deleted, superseded) VALUES ",
@@ -2791,8 +2938,7 @@ async fn insert_rows_values<D: Dialect>(
             Arg::Int(row.superseded),
         ]);
     }
-    execute::<D>(conn, "insert_kv", &sql, &args).await?;
-    Ok(())
+    (sql, args)
 }
 
 /// One statement appending every row of `rows`, as arrays of their columns, and pointing
@@ -3154,8 +3300,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         if let Some(cache) = &self.cache {
             cache.forget(self.keyspace);
         }
-        self.flush().await?;
-        if revision != self.start.revision
+        let counters = if revision != self.start.revision
             || self.state.keys != self.start.keys
             || self.state.bytes != self.start.bytes
         {
@@ -3165,19 +3310,17 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
                 "UPDATE keyspaces SET revision = ?, keys_count = ?, bytes_used = ? WHERE id = ?{}",
                 announce.unwrap_or_default()
             );
-            execute::<D>(
-                held::<D>(&mut self.tx)?,
-                "revision",
-                &sql,
-                &[
-                    Arg::Int(revision),
-                    Arg::Int(self.state.keys),
-                    Arg::Int(self.state.bytes),
-                    Arg::Int(self.keyspace),
-                ],
-            )
-            .await?;
-        }
+            let args = vec![
+                Arg::Int(revision),
+                Arg::Int(self.state.keys),
+                Arg::Int(self.state.bytes),
+                Arg::Int(self.keyspace),
+            ];
+            Some(("revision", sql, args))
+        } else {
+            None
+        };
+        self.flush_then(counters).await?;
         let tx = self
             .tx
             .take()

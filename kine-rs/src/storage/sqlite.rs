@@ -52,6 +52,7 @@ impl Dialect for Sqlite {
          (p.page_count - f.freelist_count) * s.page_size \
          FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s";
     const DEFRAGMENT: &'static str = "VACUUM";
+    const MULTI_STATEMENT: bool = true;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE {filter} LIMIT ?)")
