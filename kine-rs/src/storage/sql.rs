@@ -1319,6 +1319,30 @@ impl<D: Dialect> SqlBackend<D> {
         begin::<D>(&self.readers, "begin_read", D::BEGIN_READ).await
     }
 
+    /// A write batch in `tx`, which holds the keyspace's lock and read its counters `state`.
+    fn locked_txn(
+        &self,
+        keyspace: KeyspaceId,
+        tx: Transaction<'static, D::DB>,
+        state: KeyspaceState,
+    ) -> SqlWriteTxn<D> {
+        SqlWriteTxn::<D> {
+            cache: self.commit_cache.clone(),
+            from_cache: false,
+            taken_absent: Vec::new(),
+            tx: Some(tx),
+            conn: None,
+            read_version: None,
+            writers: self.writers.clone(),
+            keyspace,
+            start: state,
+            state,
+            known: HashMap::new(),
+            supersede: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
     /// A write transaction holding the keyspace's lock, with its counters and the current
     /// rows of `keys` read in one call ([`Dialect::MULTI_STATEMENT`]).
     async fn begin_write_reading(
@@ -1344,21 +1368,7 @@ impl<D: Dialect> SqlBackend<D> {
             return Err(KineError::KeyspaceDeleted);
         }
         let state = state_from_row::<D>(first, keyspace)?;
-        let mut txn = SqlWriteTxn::<D> {
-            cache: self.commit_cache.clone(),
-            from_cache: false,
-            taken_absent: Vec::new(),
-            tx: Some(tx),
-            conn: None,
-            read_version: None,
-            writers: self.writers.clone(),
-            keyspace,
-            start: state,
-            state,
-            known: HashMap::new(),
-            supersede: Vec::new(),
-            pending: Vec::new(),
-        };
+        let mut txn = self.locked_txn(keyspace, tx, state);
         txn.remember(&sorted, current, 0)?;
         Ok(Box::new(txn))
     }
@@ -1751,21 +1761,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
-        Ok(Box::new(SqlWriteTxn::<D> {
-            cache: self.commit_cache.clone(),
-            from_cache: false,
-            taken_absent: Vec::new(),
-            tx: Some(tx),
-            conn: None,
-            read_version: None,
-            writers: self.writers.clone(),
-            keyspace,
-            start: state,
-            state,
-            known: HashMap::new(),
-            supersede: Vec::new(),
-            pending: Vec::new(),
-        }))
+        Ok(Box::new(self.locked_txn(keyspace, tx, state)))
     }
 
     async fn begin_group_write(
