@@ -939,6 +939,23 @@ async fn branch_at_revision<D: Dialect>(
     Ok((kvs, cut))
 }
 
+/// The plan PostgreSQL ran (`EXPLAIN ANALYZE`, one line a row) for a page of at most `limit`
+/// current rows of `range` on `conn`, as a list's page reads it (tests).
+#[cfg(test)]
+pub(crate) async fn explain_current_page<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    range: &KeyRange,
+    limit: i64,
+) -> Result<Vec<String>> {
+    let end = range.exclusive_end();
+    let (sql, args) =
+        range_rows_statement::<D>(keyspace, range, end.as_deref(), None, false, Some(limit));
+    let explain = format!("EXPLAIN (ANALYZE, TIMING OFF) {sql}");
+    let rows = fetch_all::<D>(conn, "explain", &explain, &args).await?;
+    rows.iter().map(|row| D::DB::text(row, 0)).collect()
+}
+
 /// The statement reading the rows of `range` (up to `end`) live at the current revision
 /// (`at` = None) or at `at`, in key order, at most `limit` of them; with `keys_only`, empty
 /// values. Columns as [`kv_from_row`] decodes them.
@@ -959,20 +976,34 @@ fn range_rows_statement<'a, D: Dialect>(
         // Each current row, through its head: one lookup by primary key per head, in key
         // order. (As a plain join, a list of half a keyspace was planned as a hash join over
         // the keyspace's whole history, five times slower; the LIMIT keeps the lookup a
-        // lookup.)
-        None => head_range_sql(
-            &format!(
+        // lookup.) The page's heads are chosen first, LIMIT inside: with statistics older
+        // than the range (a prefix written since the last ANALYZE, estimated at a few rows),
+        // PostgreSQL read the range's heads by bitmap and sorted them, and with the LIMIT
+        // outside the join it looked up the row of every head of the rest of the range for
+        // each page (40-50 ms a page of 500 in a list of 10,000, 481 ms against etcd's
+        // 101 ms in a bench run). Now a plan like that sorts narrow heads only, and the
+        // lookups stay the page's.
+        None => {
+            let (mut heads, mut args) = head_range_sql(
+                "SELECT h.keyspace, h.`key`, h.mod_revision, h.sub FROM kv_head h WHERE",
+                true,
+                keyspace,
+                range,
+                end,
+            );
+            if let Some(limit) = limit {
+                heads.push_str(" LIMIT ?");
+                args.push(Arg::Int(limit));
+            }
+            let sql = format!(
                 "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, \
-                 kv.value FROM kv_head h CROSS JOIN LATERAL (SELECT `key`, create_revision, \
-                 mod_revision, version, lease, {value} AS value FROM kv o \
+                 kv.value FROM ({heads}) AS h CROSS JOIN LATERAL (SELECT `key`, \
+                 create_revision, mod_revision, version, lease, {value} AS value FROM kv o \
                  WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
-                 AND o.sub = h.sub LIMIT 1) AS kv WHERE"
-            ),
-            true,
-            keyspace,
-            range,
-            end,
-        ),
+                 AND o.sub = h.sub LIMIT 1) AS kv ORDER BY h.`key`"
+            );
+            return (sql, args);
+        }
         // Each key's newest row at or before `at`, unless it is a tombstone.
         Some(at) => {
             let (inner, args) = newest_rows_sql(
