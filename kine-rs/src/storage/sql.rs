@@ -37,8 +37,10 @@ use crate::model::{
 
 mod commit_cache;
 mod tenants;
+mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
+use write_tx::{FusedTx, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
 pub const CURRENT: i64 = i64::MAX;
@@ -295,6 +297,11 @@ pub trait Dialect: Send + Sync + 'static {
     /// snapshot): one round trip instead of begin, keyspace row, rows and commit
     /// (PostgreSQL, where each of those is a round trip to the server).
     const ONE_STATEMENT_READS: bool = false;
+    /// Whether a read of one key at the current revision is read that way (implied by
+    /// [`ONE_STATEMENT_READS`](Dialect::ONE_STATEMENT_READS)). SQLite: each call is a hand-off
+    /// to the connection's worker thread and back, and a single key has no page for SQLite to
+    /// materialize before the join (which made its lists slower read this way).
+    const ONE_STATEMENT_GETS: bool = false;
     /// Whether a later page of a list read at the current revision is read that way too
     /// while no write came since (PostgreSQL). Not on MySQL: MariaDB materializes the page's
     /// rows before the join, and lists of 20,000 × 1 KiB by 500 took 17% longer than with
@@ -1224,6 +1231,12 @@ pub struct SqlBackend<D: Dialect> {
 }
 
 impl<D: Dialect> SqlBackend<D> {
+    /// The pool writes go through (tests of its connections' settings).
+    #[cfg(test)]
+    pub(crate) fn writer_pool(&self) -> &Pool<D::DB> {
+        &self.writers
+    }
+
     /// A backend over pools whose schema is already migrated.
     pub fn new(
         readers: Pool<D::DB>,
@@ -1354,7 +1367,7 @@ impl<D: Dialect> SqlBackend<D> {
     fn locked_txn(
         &self,
         keyspace: KeyspaceId,
-        tx: Transaction<'static, D::DB>,
+        tx: WriteTx<D>,
         state: KeyspaceState,
     ) -> SqlWriteTxn<D> {
         SqlWriteTxn::<D> {
@@ -1374,25 +1387,28 @@ impl<D: Dialect> SqlBackend<D> {
         }
     }
 
-    /// A write transaction holding the keyspace's lock, with its counters and the current
-    /// rows of `keys` read in one call ([`Dialect::MULTI_STATEMENT`]).
+    /// A write transaction holding the keyspace's lock, begun in the same call that reads its
+    /// counters and the current rows of `keys` ([`Dialect::MULTI_STATEMENT`]).
     async fn begin_write_reading(
         &self,
         keyspace: KeyspaceId,
         keys: &[Bytes],
     ) -> Result<Box<dyn WriteTxn>> {
-        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
+        let mut tx = WriteTx::Fused(FusedTx::beginning(acquire::<D>(&self.writers).await?));
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut sql = format!("SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?");
+        let mut sql = format!(
+            "{}; SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?",
+            D::BEGIN_WRITE
+        );
         let mut args = vec![Arg::Int(keyspace)];
         for (_, lookup, lookup_args) in lookup_statements::<D>(keyspace, &sorted) {
             sql.push_str("; ");
             sql.push_str(&lookup);
             args.extend(lookup_args);
         }
-        let rows = fetch_all::<D>(&mut tx, "batch_read", &sql, &args).await?;
+        let rows = fetch_all::<D>(tx.conn()?, "batch_read", &sql, &args).await?;
         // The keyspace row comes first, unless the keyspace is gone; the current rows follow.
         let (first, current) = rows.split_first().ok_or(KineError::KeyspaceDeleted)?;
         if D::DB::columns(first) != STATE_COLUMN_COUNT {
@@ -1488,10 +1504,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows> {
         // At the current revision, with a count that follows from the rows (no limit, or one
         // key): one statement.
-        if D::ONE_STATEMENT_READS
-            && query.revision <= 0
+        let single = query.range.end == RangeEnd::Single;
+        if query.revision <= 0
             && !query.count_only
-            && (query.limit.is_none() || query.range.end == RangeEnd::Single)
+            && (D::ONE_STATEMENT_READS && (query.limit.is_none() || single)
+                || D::ONE_STATEMENT_GETS && single)
         {
             return self.range_current(keyspace, &query).await;
         }
@@ -1792,7 +1809,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
-        Ok(Box::new(self.locked_txn(keyspace, tx, state)))
+        Ok(Box::new(self.locked_txn(
+            keyspace,
+            WriteTx::Tracked(tx),
+            state,
+        )))
     }
 
     async fn begin_group_write(
@@ -2202,7 +2223,7 @@ async fn purge_after_head<D: Dialect>(
 struct SqlWriteTxn<D: Dialect> {
     /// The transaction holding the keyspace's row lock; `None` while the batch reads without
     /// it ([`Dialect::COMMIT_BATCH`]).
-    tx: Option<Transaction<'static, D::DB>>,
+    tx: Option<WriteTx<D>>,
     /// Without the lock: the connection the batch reads on, outside any transaction.
     conn: Option<PoolConnection<D::DB>>,
     /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
@@ -2585,7 +2606,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
             }
             self.taken_absent.clear();
         }
-        self.tx = Some(tx);
+        self.tx = Some(WriteTx::Tracked(tx));
         Ok(())
     }
 
@@ -3352,17 +3373,15 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             .tx
             .take()
             .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
-        commit::<D>(tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 }
 
 /// The connection of a write transaction that holds the keyspace lock.
-fn held<'a, D: Dialect>(
-    tx: &'a mut Option<Transaction<'static, D::DB>>,
-) -> Result<&'a mut Conn<D>> {
+fn held<'a, D: Dialect>(tx: &'a mut Option<WriteTx<D>>) -> Result<&'a mut Conn<D>> {
     match tx {
-        Some(tx) => Ok(&mut **tx),
+        Some(tx) => tx.conn(),
         None => Err(KineError::Storage(
             "a write statement ran without the keyspace lock".into(),
         )),
@@ -3372,11 +3391,11 @@ fn held<'a, D: Dialect>(
 /// The connection a write transaction reads on: its transaction's, or, before it took the
 /// lock, the one it reads on outside a transaction.
 fn reader<'a, D: Dialect>(
-    tx: &'a mut Option<Transaction<'static, D::DB>>,
+    tx: &'a mut Option<WriteTx<D>>,
     conn: &'a mut Option<PoolConnection<D::DB>>,
 ) -> Result<&'a mut Conn<D>> {
     match (tx, conn) {
-        (Some(tx), _) => Ok(&mut **tx),
+        (Some(tx), _) => tx.conn(),
         (None, Some(conn)) => Ok(&mut **conn),
         (None, None) => Err(KineError::Storage(
             "a write transaction has no connection".into(),
