@@ -37,10 +37,8 @@ use crate::model::{
 
 mod commit_cache;
 mod tenants;
-mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
-use write_tx::{FusedTx, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
 pub const CURRENT: i64 = i64::MAX;
@@ -1367,7 +1365,7 @@ impl<D: Dialect> SqlBackend<D> {
     fn locked_txn(
         &self,
         keyspace: KeyspaceId,
-        tx: WriteTx<D>,
+        tx: Transaction<'static, D::DB>,
         state: KeyspaceState,
     ) -> SqlWriteTxn<D> {
         SqlWriteTxn::<D> {
@@ -1387,28 +1385,25 @@ impl<D: Dialect> SqlBackend<D> {
         }
     }
 
-    /// A write transaction holding the keyspace's lock, begun in the same call that reads its
-    /// counters and the current rows of `keys` ([`Dialect::MULTI_STATEMENT`]).
+    /// A write transaction holding the keyspace's lock, with its counters and the current
+    /// rows of `keys` read in one call ([`Dialect::MULTI_STATEMENT`]).
     async fn begin_write_reading(
         &self,
         keyspace: KeyspaceId,
         keys: &[Bytes],
     ) -> Result<Box<dyn WriteTxn>> {
-        let mut tx = WriteTx::Fused(FusedTx::beginning(acquire::<D>(&self.writers).await?));
+        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut sql = format!(
-            "{}; SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?",
-            D::BEGIN_WRITE
-        );
+        let mut sql = format!("SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?");
         let mut args = vec![Arg::Int(keyspace)];
         for (_, lookup, lookup_args) in lookup_statements::<D>(keyspace, &sorted) {
             sql.push_str("; ");
             sql.push_str(&lookup);
             args.extend(lookup_args);
         }
-        let rows = fetch_all::<D>(tx.conn()?, "batch_read", &sql, &args).await?;
+        let rows = fetch_all::<D>(&mut tx, "batch_read", &sql, &args).await?;
         // The keyspace row comes first, unless the keyspace is gone; the current rows follow.
         let (first, current) = rows.split_first().ok_or(KineError::KeyspaceDeleted)?;
         if D::DB::columns(first) != STATE_COLUMN_COUNT {
@@ -1809,11 +1804,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
-        Ok(Box::new(self.locked_txn(
-            keyspace,
-            WriteTx::Tracked(tx),
-            state,
-        )))
+        Ok(Box::new(self.locked_txn(keyspace, tx, state)))
     }
 
     async fn begin_group_write(
@@ -2223,7 +2214,7 @@ async fn purge_after_head<D: Dialect>(
 struct SqlWriteTxn<D: Dialect> {
     /// The transaction holding the keyspace's row lock; `None` while the batch reads without
     /// it ([`Dialect::COMMIT_BATCH`]).
-    tx: Option<WriteTx<D>>,
+    tx: Option<Transaction<'static, D::DB>>,
     /// Without the lock: the connection the batch reads on, outside any transaction.
     conn: Option<PoolConnection<D::DB>>,
     /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
@@ -2606,7 +2597,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
             }
             self.taken_absent.clear();
         }
-        self.tx = Some(WriteTx::Tracked(tx));
+        self.tx = Some(tx);
         Ok(())
     }
 
@@ -3373,15 +3364,17 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             .tx
             .take()
             .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
-        tx.commit().await?;
+        commit::<D>(tx).await?;
         Ok(())
     }
 }
 
 /// The connection of a write transaction that holds the keyspace lock.
-fn held<'a, D: Dialect>(tx: &'a mut Option<WriteTx<D>>) -> Result<&'a mut Conn<D>> {
+fn held<'a, D: Dialect>(
+    tx: &'a mut Option<Transaction<'static, D::DB>>,
+) -> Result<&'a mut Conn<D>> {
     match tx {
-        Some(tx) => tx.conn(),
+        Some(tx) => Ok(&mut **tx),
         None => Err(KineError::Storage(
             "a write statement ran without the keyspace lock".into(),
         )),
@@ -3391,11 +3384,11 @@ fn held<'a, D: Dialect>(tx: &'a mut Option<WriteTx<D>>) -> Result<&'a mut Conn<D
 /// The connection a write transaction reads on: its transaction's, or, before it took the
 /// lock, the one it reads on outside a transaction.
 fn reader<'a, D: Dialect>(
-    tx: &'a mut Option<WriteTx<D>>,
+    tx: &'a mut Option<Transaction<'static, D::DB>>,
     conn: &'a mut Option<PoolConnection<D::DB>>,
 ) -> Result<&'a mut Conn<D>> {
     match (tx, conn) {
-        (Some(tx), _) => tx.conn(),
+        (Some(tx), _) => Ok(&mut **tx),
         (None, Some(conn)) => Ok(&mut **conn),
         (None, None) => Err(KineError::Storage(
             "a write transaction has no connection".into(),
