@@ -247,30 +247,35 @@ async fn checkpoint_in_background(pool: sqlx::SqlitePool, wal: std::path::PathBu
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut wait = MIN_TRUNCATE_WAIT;
-    // Whether the last tick restarted the log, which the next commit would have cut back.
-    let mut restarted = false;
+    // The log's length in frames when this task last restarted it: while it is still that,
+    // nothing was written since, and no commit cut the file back.
+    let mut restarted_at = None;
     loop {
         every.tick().await;
         let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let passive = match checkpoint(&pool, Checkpoint::Passive, wait).await {
+            Ok(passive) => passive,
+            Err(error) => {
+                tracing::warn!(%error, "SQLite checkpoint failed; retrying");
+                continue;
+            }
+        };
         if size <= limit {
             wait = MIN_TRUNCATE_WAIT;
-            restarted = false;
-            passive_checkpoint(&pool).await;
+            restarted_at = None;
             continue;
         }
-        let mode = if restarted {
-            Blocking::Truncate
-        } else if passive_checkpoint(&pool).await {
-            Blocking::Restart
+        let mode = if restarted_at == Some(passive.log_frames) {
+            Checkpoint::Truncate
         } else {
-            continue;
+            Checkpoint::Restart
         };
-        match blocking_checkpoint(&pool, mode, wait).await {
-            Ok(true) => {
+        match checkpoint(&pool, mode, wait).await {
+            Ok(done) if done.complete => {
                 wait = MIN_TRUNCATE_WAIT;
-                restarted = mode == Blocking::Restart;
+                restarted_at = (mode == Checkpoint::Restart).then_some(done.log_frames);
             }
-            Ok(false) => {
+            Ok(_) => {
                 tracing::debug!(
                     size,
                     wait_ms = wait.as_millis() as u64,
@@ -278,58 +283,66 @@ async fn checkpoint_in_background(pool: sqlx::SqlitePool, wal: std::path::PathBu
                      waits longer"
                 );
                 wait = (wait * 2).min(MAX_TRUNCATE_WAIT);
-                restarted = false;
+                restarted_at = None;
             }
             Err(error) => tracing::warn!(%error, "SQLite checkpoint failed; retrying"),
         }
     }
 }
 
-/// Runs a passive checkpoint; whether it ran.
-async fn passive_checkpoint(pool: &sqlx::SqlitePool) -> bool {
-    let started = std::time::Instant::now();
-    let result = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-        .execute(pool)
-        .await
-        .map_err(KineError::from);
-    crate::metrics::sql_query(
-        Sqlite::DRIVER,
-        "checkpoint_passive",
-        started.elapsed(),
-        result.as_ref().err(),
-    );
-    match result {
-        Ok(_) => true,
-        Err(error) => {
-            tracing::warn!(%error, "SQLite checkpoint failed; retrying");
-            false
-        }
-    }
-}
-
-/// A checkpoint that holds writers off while it waits for readers.
+/// A checkpoint's mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Blocking {
-    /// Copies the rest of the log so that the next commit starts it over.
+enum Checkpoint {
+    /// Copies what it can without waiting for (or blocking) anyone.
+    Passive,
+    /// Holds writers off while it copies the rest and waits for the readers of older
+    /// snapshots, so that the next commit starts the log over.
     Restart,
-    /// Also empties the file.
+    /// The same, and empties the file.
     Truncate,
 }
 
-/// Runs a blocking checkpoint that waits at most `wait` for readers; whether it completed.
-/// Recorded as query `checkpoint_restart` or `checkpoint_truncate`: how long writers were held
-/// off.
-async fn blocking_checkpoint(
+/// What a checkpoint answered.
+struct Checkpointed {
+    /// Whether it did all its mode asks (a blocking one: readers did not outlast its wait).
+    complete: bool,
+    /// The log's length in frames.
+    log_frames: i64,
+}
+
+/// Runs a checkpoint; a blocking one waits at most `wait` for readers. Recorded as query
+/// `checkpoint_passive`, `checkpoint_restart` or `checkpoint_truncate` (for the blocking
+/// ones, how long writers were held off).
+async fn checkpoint(
     pool: &sqlx::SqlitePool,
-    mode: Blocking,
+    mode: Checkpoint,
     wait: Duration,
-) -> Result<bool> {
+) -> Result<Checkpointed> {
     let (pragma, query) = match mode {
-        Blocking::Restart => ("PRAGMA wal_checkpoint(RESTART)", "checkpoint_restart"),
-        Blocking::Truncate => ("PRAGMA wal_checkpoint(TRUNCATE)", "checkpoint_truncate"),
+        Checkpoint::Passive => ("PRAGMA wal_checkpoint(PASSIVE)", "checkpoint_passive"),
+        Checkpoint::Restart => ("PRAGMA wal_checkpoint(RESTART)", "checkpoint_restart"),
+        Checkpoint::Truncate => ("PRAGMA wal_checkpoint(TRUNCATE)", "checkpoint_truncate"),
     };
     let started = std::time::Instant::now();
-    let result = checkpoint_waiting(pool, pragma, wait).await;
+    let result = async {
+        let mut conn = pool.acquire().await?;
+        if mode != Checkpoint::Passive {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA busy_timeout = {}",
+                wait.as_millis()
+            )))
+            .execute(&mut *conn)
+            .await?;
+        }
+        // One row: (1 when it could not finish, frames in the log, frames copied).
+        let (busy, log_frames, _): (i64, i64, i64) =
+            sqlx::query_as(pragma).fetch_one(&mut *conn).await?;
+        Ok(Checkpointed {
+            complete: busy == 0,
+            log_frames,
+        })
+    }
+    .await;
     crate::metrics::sql_query(
         Sqlite::DRIVER,
         query,
@@ -337,23 +350,6 @@ async fn blocking_checkpoint(
         result.as_ref().err(),
     );
     result
-}
-
-async fn checkpoint_waiting(
-    pool: &sqlx::SqlitePool,
-    pragma: &'static str,
-    wait: Duration,
-) -> Result<bool> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "PRAGMA busy_timeout = {}",
-        wait.as_millis()
-    )))
-    .execute(&mut *conn)
-    .await?;
-    // One row: (1 when it could not finish, frames in the WAL, frames copied).
-    let busy: i64 = sqlx::query_scalar(pragma).fetch_one(&mut *conn).await?;
-    Ok(busy == 0)
 }
 
 /// What an SQLite backend owns besides its pools.
