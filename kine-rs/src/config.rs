@@ -120,10 +120,12 @@ pub struct Config {
     #[arg(long, env = "KINE_WATCH_HUB_BUFFER_BYTES", default_value_t = 16 << 20)]
     pub watch_hub_buffer_bytes: usize,
 
-    /// SQLite: size of the write-ahead log past which the background checkpoint truncates it.
-    /// A truncating checkpoint briefly holds off writers while it waits (a bounded time) for
-    /// readers of older snapshots to finish; below this size only checkpoints that never
-    /// block anyone run, and those cannot shrink the log while readers keep overlapping.
+    /// SQLite: size of the write-ahead log past which the background checkpoint restarts it
+    /// (the next commit starts it over and cuts the file back to this size; a log nothing
+    /// writes to is emptied). That checkpoint briefly holds off writers while it waits (a
+    /// bounded time) for readers of older snapshots to finish; below this size only
+    /// checkpoints that never block anyone run, and those cannot start the log over while
+    /// readers or writes keep overlapping them.
     #[arg(long, env = "KINE_SQLITE_WAL_LIMIT_BYTES", default_value_t = 64 << 20)]
     pub sqlite_wal_limit_bytes: u64,
 

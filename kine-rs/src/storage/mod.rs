@@ -612,7 +612,7 @@ pub struct BackendOptions {
     /// Trade durability for speed: acknowledged writes may be lost on power failure (never on
     /// a crash of kine-rs itself).
     pub relaxed_durability: bool,
-    /// SQLite: the write-ahead log's size past which it is truncated (`--sqlite-wal-limit-bytes`);
+    /// SQLite: the write-ahead log's size past which it is restarted (`--sqlite-wal-limit-bytes`);
     /// 0 for the default.
     pub sqlite_wal_limit_bytes: u64,
     /// The connection pool of a database server (PostgreSQL, MySQL).

@@ -21,8 +21,8 @@
 //! (readers that start meanwhile read the database file, not the WAL); the writer's next
 //! commit then starts the log over and cuts the file back to the limit (`journal_size_limit`).
 //! The file is reused, not emptied: emptied, every commit after it grew the file again, and
-//! the first checkpoint past the limit copied everything written since the last tick while
-//! the writers waited (overwrites at 128 clients write ~100 MB of log a second: p99 doubled).
+//! the checkpoint past the limit copied everything written since the last tick while the
+//! writers waited (overwrites at 128 clients write tens of MB of log a second).
 //! When nothing is written after a restart the file stays as it was, and the next tick
 //! empties it (`TRUNCATE`). The wait for readers is bounded, so a writer is held off at most
 //! that long; when readers outlast it the checkpoint gives up without harm and the next one
@@ -231,7 +231,7 @@ const WRITER_CACHE_KIB: &str = "-65536";
 /// How often the background checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// The WAL size past which it is truncated when `--sqlite-wal-limit-bytes` is not given.
+/// The WAL size past which it is restarted when `--sqlite-wal-limit-bytes` is not given.
 pub const DEFAULT_WAL_LIMIT_BYTES: u64 = 64 << 20;
 /// How long the first truncating checkpoint past the limit waits for readers.
 const MIN_TRUNCATE_WAIT: Duration = Duration::from_millis(50);
