@@ -775,16 +775,23 @@ fn postgres_write_batch_reads_its_keys_in_one_statement_and_not_after_its_own_co
     assert_eq!(count("get"), 0.0, "keys looked up after the batch's read");
 }
 
-/// A write batch on SQLite is four calls to the connection's worker thread, whatever it
-/// writes: the lock (`BEGIN IMMEDIATE`), the keyspace row with the batch's keys
+/// A write batch on SQLite is three calls to the connection's worker thread, whatever it
+/// writes: the lock (`BEGIN IMMEDIATE`) with the keyspace row and the batch's keys
 /// (`batch_read`), the superseded rows, new rows and counters (`write`), and the commit. Each
 /// statement alone was a hand-off there and back, six or seven per batch, while the next
 /// batch waited for the lock.
 #[test]
-fn sqlite_write_batches_are_four_calls() {
+fn sqlite_write_batches_are_three_calls() {
     let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Sqlite);
     let count = |query: &str| statements(&metrics_address, "sqlite", query);
-    let one_by_one = ["get", "state_lock", "supersede", "insert_kv", "revision"];
+    let one_by_one = [
+        "get",
+        "state_lock",
+        "supersede",
+        "insert_kv",
+        "revision",
+        "begin_write",
+    ];
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -794,7 +801,7 @@ fn sqlite_write_batches_are_four_calls() {
         let put = client.put("w/b", "0", None).await.expect("put");
         let start = put.header().expect("header").revision();
         let before: Vec<f64> = one_by_one.iter().map(|query| count(query)).collect();
-        let (reads, writes) = (count("batch_read"), count("write"));
+        let (reads, writes, commits) = (count("batch_read"), count("write"), count("commit"));
         for i in 1..=3 {
             // An overwrite (supersede, insert, counters), then a txn overwriting one key,
             // creating one and deleting another.
@@ -820,6 +827,7 @@ fn sqlite_write_batches_are_four_calls() {
         assert_eq!(after, before, "statements one by one: {one_by_one:?}");
         assert_eq!(count("batch_read"), reads + 6.0);
         assert_eq!(count("write"), writes + 6.0);
+        assert_eq!(count("commit"), commits + 6.0);
         let got = client
             .get("w/", Some(etcd_client::GetOptions::new().with_prefix()))
             .await

@@ -37,8 +37,10 @@ use crate::model::{
 
 mod commit_cache;
 mod tenants;
+mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
+use write_tx::{BatchConnection, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
 pub const CURRENT: i64 = i64::MAX;
@@ -1209,6 +1211,8 @@ pub struct SqlBackend<D: Dialect> {
     /// Writes (on SQLite: one connection, the database's single writer; elsewhere the same
     /// pool as `readers`).
     writers: Pool<D::DB>,
+    /// SQLite: the connection write batches run on, out of `writers` ([`BatchConnection`]).
+    batch_connection: Option<BatchConnection<D>>,
     /// How often to look for other processes' commits; `None` when there are none.
     poll: Option<Duration>,
     /// This process's change feed of the database.
@@ -1246,6 +1250,7 @@ impl<D: Dialect> SqlBackend<D> {
         SqlBackend {
             readers,
             writers,
+            batch_connection: None,
             poll,
             feed,
             watch_readers: None,
@@ -1255,6 +1260,14 @@ impl<D: Dialect> SqlBackend<D> {
                 .then(|| Arc::new(CommitCache::default())),
             _dialect: PhantomData,
         }
+    }
+
+    /// Runs write batches on a connection of the write pool's kept out of it
+    /// ([`BatchConnection`]; SQLite, where each batch begins in the call of its first read,
+    /// [`Dialect::MULTI_STATEMENT`]).
+    pub(crate) async fn with_batch_connection(mut self) -> Result<Self> {
+        self.batch_connection = Some(BatchConnection::take_from(&self.writers).await?);
+        Ok(self)
     }
 
     /// Whether a batch of `sorted` keys, of which the cache knows `hit`'s, may take the others
@@ -1365,7 +1378,7 @@ impl<D: Dialect> SqlBackend<D> {
     fn locked_txn(
         &self,
         keyspace: KeyspaceId,
-        tx: Transaction<'static, D::DB>,
+        tx: WriteTx<D>,
         state: KeyspaceState,
     ) -> SqlWriteTxn<D> {
         SqlWriteTxn::<D> {
@@ -1385,25 +1398,30 @@ impl<D: Dialect> SqlBackend<D> {
         }
     }
 
-    /// A write transaction holding the keyspace's lock, with its counters and the current
-    /// rows of `keys` read in one call ([`Dialect::MULTI_STATEMENT`]).
+    /// A write transaction holding the keyspace's lock, begun on the batch connection in the
+    /// call that reads its counters and the current rows of `keys`
+    /// ([`Dialect::MULTI_STATEMENT`]).
     async fn begin_write_reading(
         &self,
+        batches: &BatchConnection<D>,
         keyspace: KeyspaceId,
         keys: &[Bytes],
     ) -> Result<Box<dyn WriteTxn>> {
-        let mut tx = begin::<D>(&self.writers, "begin_write", D::BEGIN_WRITE).await?;
+        let mut tx = WriteTx::Own(batches.begin().await?);
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut sql = format!("SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?");
+        let mut sql = format!(
+            "{}; SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?",
+            D::BEGIN_WRITE
+        );
         let mut args = vec![Arg::Int(keyspace)];
         for (_, lookup, lookup_args) in lookup_statements::<D>(keyspace, &sorted) {
             sql.push_str("; ");
             sql.push_str(&lookup);
             args.extend(lookup_args);
         }
-        let rows = fetch_all::<D>(&mut tx, "batch_read", &sql, &args).await?;
+        let rows = fetch_all::<D>(tx.conn()?, "batch_read", &sql, &args).await?;
         // The keyspace row comes first, unless the keyspace is gone; the current rows follow.
         let (first, current) = rows.split_first().ok_or(KineError::KeyspaceDeleted)?;
         if D::DB::columns(first) != STATE_COLUMN_COUNT {
@@ -1804,7 +1822,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn begin_write(&self, keyspace: KeyspaceId) -> Result<Box<dyn WriteTxn>> {
         let (tx, state) = self.begin_locked(keyspace).await?;
-        Ok(Box::new(self.locked_txn(keyspace, tx, state)))
+        Ok(Box::new(self.locked_txn(
+            keyspace,
+            WriteTx::Tracked(tx),
+            state,
+        )))
     }
 
     async fn begin_group_write(
@@ -1815,8 +1837,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     ) -> Result<Box<dyn WriteTxn>> {
         let Some(column) = D::ROW_VERSION.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
         else {
-            if D::MULTI_STATEMENT {
-                return self.begin_write_reading(keyspace, &keys.all).await;
+            if let Some(batches) = &self.batch_connection {
+                return self.begin_write_reading(batches, keyspace, &keys.all).await;
             }
             let mut txn = self.begin_write(keyspace).await?;
             txn.prefetch(&keys.all).await?;
@@ -2214,7 +2236,7 @@ async fn purge_after_head<D: Dialect>(
 struct SqlWriteTxn<D: Dialect> {
     /// The transaction holding the keyspace's row lock; `None` while the batch reads without
     /// it ([`Dialect::COMMIT_BATCH`]).
-    tx: Option<Transaction<'static, D::DB>>,
+    tx: Option<WriteTx<D>>,
     /// Without the lock: the connection the batch reads on, outside any transaction.
     conn: Option<PoolConnection<D::DB>>,
     /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
@@ -2597,7 +2619,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
             }
             self.taken_absent.clear();
         }
-        self.tx = Some(tx);
+        self.tx = Some(WriteTx::Tracked(tx));
         Ok(())
     }
 
@@ -3364,17 +3386,15 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
             .tx
             .take()
             .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
-        commit::<D>(tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 }
 
 /// The connection of a write transaction that holds the keyspace lock.
-fn held<'a, D: Dialect>(
-    tx: &'a mut Option<Transaction<'static, D::DB>>,
-) -> Result<&'a mut Conn<D>> {
+fn held<'a, D: Dialect>(tx: &'a mut Option<WriteTx<D>>) -> Result<&'a mut Conn<D>> {
     match tx {
-        Some(tx) => Ok(&mut **tx),
+        Some(tx) => tx.conn(),
         None => Err(KineError::Storage(
             "a write statement ran without the keyspace lock".into(),
         )),
@@ -3384,11 +3404,11 @@ fn held<'a, D: Dialect>(
 /// The connection a write transaction reads on: its transaction's, or, before it took the
 /// lock, the one it reads on outside a transaction.
 fn reader<'a, D: Dialect>(
-    tx: &'a mut Option<Transaction<'static, D::DB>>,
+    tx: &'a mut Option<WriteTx<D>>,
     conn: &'a mut Option<PoolConnection<D::DB>>,
 ) -> Result<&'a mut Conn<D>> {
     match (tx, conn) {
-        (Some(tx), _) => Ok(&mut **tx),
+        (Some(tx), _) => tx.conn(),
         (None, Some(conn)) => Ok(&mut **conn),
         (None, None) => Err(KineError::Storage(
             "a write transaction has no connection".into(),

@@ -2,8 +2,10 @@
 //! directory).
 //!
 //! One dedicated connection writes (SQLite has one writer anyway, and keeping it private lets
-//! a write transaction span several etcd transactions: group commit); `BEGIN IMMEDIATE` takes
-//! the database's write lock, so no `FOR UPDATE` is needed. A pool of read-only connections
+//! a write transaction span several etcd transactions: group commit), kept out of the pool so
+//! that batches follow each other without sqlx's release between them (`sql/write_tx.rs`);
+//! the pool keeps one more for the rest (leases, compaction, tenants). `BEGIN IMMEDIATE`
+//! takes the database's write lock, so no `FOR UPDATE` is needed. A pool of read-only connections
 //! reads from WAL snapshots concurrently with it.
 //!
 //! The writer never checkpoints: a checkpoint copies the WAL into the database file and syncs
@@ -212,7 +214,7 @@ async fn connect(
         .await?;
     let wal = std::path::PathBuf::from(format!("{path}-wal"));
     let checkpoints = tokio::spawn(checkpoint_in_background(checkpointer, wal, wal_limit));
-    Ok(SqlBackend::new(
+    SqlBackend::new(
         readers,
         writers,
         None,
@@ -221,7 +223,9 @@ async fn connect(
             _scratch: scratch,
             checkpoints,
         }),
-    ))
+    )
+    .with_batch_connection()
+    .await
 }
 
 /// Rows a query may run ahead of the code reading them.
