@@ -3392,7 +3392,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
 }
 
 /// The connection of a write transaction that holds the keyspace lock.
-fn held<'a, D: Dialect>(tx: &'a mut Option<WriteTx<D>>) -> Result<&'a mut Conn<D>> {
+fn held<D: Dialect>(tx: &mut Option<WriteTx<D>>) -> Result<&mut Conn<D>> {
     match tx {
         Some(tx) => tx.conn(),
         None => Err(KineError::Storage(
