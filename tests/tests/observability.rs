@@ -52,6 +52,15 @@ fn statements(metrics_address: &str, driver: &str, query: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// How many `range` statements and read transactions (`begin_read`) of `driver` the server
+/// ran.
+fn range_and_read_begin_counts(metrics_address: &str, driver: &str) -> (f64, f64) {
+    (
+        statements(metrics_address, driver, "range"),
+        statements(metrics_address, driver, "begin_read"),
+    )
+}
+
 /// Sends `WRITERS` × `PUTS` keys' puts at once, each key twice, then one read.
 fn write_load(endpoint: &str) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -581,10 +590,7 @@ fn mysql_current_reads_are_one_statement() {
 #[test]
 fn sqlite_gets_are_one_statement() {
     let (kine, metrics_address) = spawn_with_metrics(kine_tests::Backend::Sqlite);
-    let counts = || {
-        let count = |query: &str| statements(&metrics_address, "sqlite", query);
-        (count("range"), count("begin_read"))
-    };
+    let counts = || range_and_read_begin_counts(&metrics_address, "sqlite");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -627,10 +633,7 @@ fn sqlite_gets_are_one_statement() {
 /// reads it in a transaction, which MariaDB runs faster than the join).
 fn current_reads_are_one_statement(backend: kine_tests::Backend, driver: &str, pages: bool) {
     let (kine, metrics_address) = spawn_with_metrics(backend);
-    let counts = || {
-        let count = |query: &str| statements(&metrics_address, driver, query);
-        (count("range"), count("begin_read"))
-    };
+    let counts = || range_and_read_begin_counts(&metrics_address, driver);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
