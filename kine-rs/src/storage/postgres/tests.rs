@@ -192,6 +192,73 @@ async fn pool_connections_plan_without_memoize() {
     }
 }
 
+/// A list's page reads the heads of its own keys only, in key order, whatever plan
+/// PostgreSQL would make for the range: with statistics older than the range (a prefix
+/// written since the last ANALYZE, estimated at a few rows), it read every head left in the
+/// range by bitmap and sorted them, for every page (a list of 10,000 fresh keys 5.7 ms a page
+/// instead of 2.5). The test makes index scans unavailable to the session, which leaves a
+/// plain statement only such plans, and counts the heads the page's transaction read.
+#[tokio::test]
+async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
+    const KEYS: usize = 300;
+    const PAGE: i64 = 50;
+    let (url, name) = fresh_database_url("heads");
+    let options = BackendOptions::default();
+    let backend = open(&url, &options).await.expect("open");
+    let keyspace = backend
+        .keyspace("tenant", true)
+        .await
+        .expect("keyspace")
+        .expect("created");
+    let mut txn = backend.begin_write(keyspace).await.expect("begin_write");
+    let revision = txn.state().revision + 1;
+    for i in 0..KEYS {
+        let kv = KeyValue {
+            key: Bytes::from(format!("/b/{i:05}")),
+            value: Bytes::from_static(b"v"),
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        };
+        txn.put(&kv, i as i64).await.expect("put");
+    }
+    txn.commit(revision).await.expect("commit");
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("SET enable_indexscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("no index scans");
+    let mut tx = conn.begin().await.expect("begin");
+    // From the middle of the range: the rest of it is 200 keys.
+    let range =
+        crate::model::KeyRange::new(Bytes::from_static(b"/b/00100"), Bytes::from_static(b"/c"));
+    let page = crate::storage::sql::read_current_page::<Postgres>(&mut tx, keyspace, &range, PAGE)
+        .await
+        .expect("a page");
+    let (fetched, scanned): (i64, i64) = sqlx::query_as(
+        "SELECT idx_tup_fetch, seq_tup_read FROM pg_stat_xact_user_tables \
+         WHERE relname = 'kv_head'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("the transaction's table statistics");
+    drop(tx);
+    drop(conn);
+    drop(backend);
+    drop_database(&name).await;
+    let keys: Vec<String> = page
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect();
+    let expected: Vec<String> = (100..100 + PAGE).map(|i| format!("/b/{i:05}")).collect();
+    assert_eq!(keys, expected, "the page's keys, in order");
+    assert!(
+        fetched + scanned <= PAGE + 1,
+        "the page of {PAGE} read {fetched} heads by index and {scanned} by scan"
+    );
+}
+
 /// A list's page looks up the rows of its own heads only, whatever plan PostgreSQL makes for
 /// the range of heads. With statistics older than the range (a prefix written since the last
 /// ANALYZE), PostgreSQL read the range's heads by bitmap and sorted them; with the page's
