@@ -192,19 +192,11 @@ async fn pool_connections_plan_without_memoize() {
     }
 }
 
-/// A list's page reads the heads of its own keys only, in key order, whatever plan
-/// PostgreSQL would make for the range: with statistics older than the range (a prefix
-/// written since the last ANALYZE, estimated at a few rows), it read every head left in the
-/// range by bitmap and sorted them, for every page (a list of 10,000 fresh keys 5.7 ms a page
-/// instead of 2.5). The test makes index scans unavailable to the session, which leaves a
-/// plain statement only such plans, and counts the heads the page's transaction read.
-#[tokio::test]
-async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
-    const KEYS: usize = 300;
-    const PAGE: i64 = 50;
-    let (url, name) = fresh_database_url("heads");
-    let options = BackendOptions::default();
-    let backend = open(&url, &options).await.expect("open");
+/// A fresh database (its URL and name) whose keyspace `tenant` holds `/b/00000` … as one
+/// revision, `keys` of them.
+async fn keys_under_b(tag: &str, keys: usize) -> (String, String, PostgresBackend, KeyspaceId) {
+    let (url, name) = fresh_database_url(tag);
+    let backend = open(&url, &BackendOptions::default()).await.expect("open");
     let keyspace = backend
         .keyspace("tenant", true)
         .await
@@ -212,7 +204,7 @@ async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
         .expect("created");
     let mut txn = backend.begin_write(keyspace).await.expect("begin_write");
     let revision = txn.state().revision + 1;
-    for i in 0..KEYS {
+    for i in 0..keys {
         let kv = KeyValue {
             key: Bytes::from(format!("/b/{i:05}")),
             value: Bytes::from_static(b"v"),
@@ -224,11 +216,32 @@ async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
         txn.put(&kv, i as i64).await.expect("put");
     }
     txn.commit(revision).await.expect("commit");
-    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    (url, name, backend, keyspace)
+}
+
+/// A connection to `url` whose planner may not use index scans: a range's rows can then
+/// only be read by bitmap or sequential scan and sorted.
+async fn connection_without_index_scans(url: &str) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
     sqlx::query("SET enable_indexscan = off")
         .execute(&mut conn)
         .await
         .expect("no index scans");
+    conn
+}
+
+/// A list's page reads the heads of its own keys only, in key order, whatever plan
+/// PostgreSQL would make for the range: with statistics older than the range (a prefix
+/// written since the last ANALYZE, estimated at a few rows), it read every head left in the
+/// range by bitmap and sorted them, for every page (a list of 10,000 fresh keys 5.7 ms a page
+/// instead of 2.5). The test makes index scans unavailable to the session, which leaves a
+/// plain statement only such plans, and counts the heads the page's transaction read.
+#[tokio::test]
+async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
+    const KEYS: usize = 300;
+    const PAGE: i64 = 50;
+    let (url, name, backend, keyspace) = keys_under_b("heads", KEYS).await;
+    let mut conn = connection_without_index_scans(&url).await;
     let mut tx = conn.begin().await.expect("begin");
     // From the middle of the range: the rest of it is 200 keys.
     let range =
@@ -269,33 +282,8 @@ async fn a_list_page_reads_only_its_own_heads_whatever_the_plan() {
 async fn a_list_page_looks_up_its_own_rows_whatever_the_plan() {
     const KEYS: usize = 300;
     const PAGE: i64 = 50;
-    let (url, name) = fresh_database_url("page");
-    let options = BackendOptions::default();
-    let backend = open(&url, &options).await.expect("open");
-    let keyspace = backend
-        .keyspace("tenant", true)
-        .await
-        .expect("keyspace")
-        .expect("created");
-    let mut txn = backend.begin_write(keyspace).await.expect("begin_write");
-    let revision = txn.state().revision + 1;
-    for i in 0..KEYS {
-        let kv = KeyValue {
-            key: Bytes::from(format!("/b/{i:05}")),
-            value: Bytes::from_static(b"v"),
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-            lease: 0,
-        };
-        txn.put(&kv, i as i64).await.expect("put");
-    }
-    txn.commit(revision).await.expect("commit");
-    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-    sqlx::query("SET enable_indexscan = off")
-        .execute(&mut conn)
-        .await
-        .expect("no index scans");
+    let (url, name, backend, keyspace) = keys_under_b("page", KEYS).await;
+    let mut conn = connection_without_index_scans(&url).await;
     let range = crate::model::KeyRange::new(Bytes::from_static(b"/b/"), Bytes::from_static(b"/c"));
     let plan =
         crate::storage::sql::explain_current_page::<Postgres>(&mut conn, keyspace, &range, PAGE)
