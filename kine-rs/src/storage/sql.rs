@@ -955,11 +955,7 @@ pub(crate) async fn explain_current_page<D: Dialect>(
     range: &KeyRange,
     limit: i64,
 ) -> Result<Vec<String>> {
-    let end = range.exclusive_end();
-    let (sql, args) =
-        range_rows_statement::<D>(keyspace, range, end.as_deref(), None, false, Some(limit));
-    let explain = format!("EXPLAIN (ANALYZE, TIMING OFF) {sql}");
-    let rows = fetch_all::<D>(conn, "explain", &explain, &args).await?;
+    let rows = current_page_rows::<D>(conn, keyspace, range, limit, true).await?;
     rows.iter().map(|row| D::DB::text(row, 0)).collect()
 }
 
@@ -972,11 +968,26 @@ pub(crate) async fn read_current_page<D: Dialect>(
     range: &KeyRange,
     limit: i64,
 ) -> Result<Vec<KeyValue>> {
-    let end = range.exclusive_end();
-    let (sql, args) =
-        range_rows_statement::<D>(keyspace, range, end.as_deref(), None, false, Some(limit));
-    let rows = fetch_all::<D>(conn, "range", &sql, &args).await?;
+    let rows = current_page_rows::<D>(conn, keyspace, range, limit, false).await?;
     rows.iter().map(|row| kv_from_row::<D>(row, 0)).collect()
+}
+
+/// The rows of a list's page statement on `conn`, or, with `explain`, of its plan (tests).
+#[cfg(test)]
+async fn current_page_rows<D: Dialect>(
+    conn: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    range: &KeyRange,
+    limit: i64,
+    explain: bool,
+) -> Result<Vec<Row<D>>> {
+    let end = range.exclusive_end();
+    let (mut sql, args) =
+        range_rows_statement::<D>(keyspace, range, end.as_deref(), None, false, Some(limit));
+    if explain {
+        sql = format!("EXPLAIN (ANALYZE, TIMING OFF) {sql}");
+    }
+    fetch_all::<D>(conn, "range", &sql, &args).await
 }
 
 /// The statement reading the rows of `range` (up to `end`) live at the current revision
