@@ -630,6 +630,82 @@ fn sqlite_gets_are_one_statement() {
     });
 }
 
+/// Gets of one key sent together share statements (`storage/sql/point_reads.rs`): 256 gets
+/// at once over one connection take fewer than 256 `range` statements, and each answer is
+/// its own key's row (or none, for a deleted key and one never written) at a revision no
+/// older than the last write.
+#[test]
+fn postgres_gets_sent_together_share_statements() {
+    gets_sent_together_share_statements(kine_tests::Backend::Postgres, "postgres");
+}
+
+#[test]
+fn mysql_gets_sent_together_share_statements() {
+    gets_sent_together_share_statements(kine_tests::Backend::Mysql, "mysql");
+}
+
+#[test]
+fn sqlite_gets_sent_together_share_statements() {
+    gets_sent_together_share_statements(kine_tests::Backend::Sqlite, "sqlite");
+}
+
+fn gets_sent_together_share_statements(backend: kine_tests::Backend, driver: &str) {
+    const KEYS: usize = 64;
+    const GETS: usize = 256;
+    let (kine, metrics_address) = spawn_with_metrics(backend);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let mut kv = client.kv_client();
+        for index in 0..KEYS {
+            let key = format!("together/{index:02}");
+            kv.put(key, format!("value {index}"), None)
+                .await
+                .expect("put");
+        }
+        let last = kv
+            .delete("together/00", None)
+            .await
+            .expect("delete")
+            .header()
+            .expect("header")
+            .revision();
+        let before = statements(&metrics_address, driver, "range");
+
+        let gets = (0..GETS).map(|get| {
+            let mut kv = kv.clone();
+            // Key 64 was never written; key 00 is deleted.
+            let index = get % (KEYS + 1);
+            async move {
+                let answer = kv
+                    .get(format!("together/{index:02}"), None)
+                    .await
+                    .expect("get");
+                (index, answer)
+            }
+        });
+        for (index, answer) in futures::future::join_all(gets).await {
+            assert!(answer.header().expect("header").revision() >= last);
+            if index == 0 || index == KEYS {
+                assert_eq!((answer.count(), answer.kvs().len()), (0, 0), "key {index}");
+                continue;
+            }
+            assert_eq!(answer.count(), 1, "key {index}");
+            let got = &answer.kvs()[0];
+            assert_eq!(got.key(), format!("together/{index:02}").as_bytes());
+            assert_eq!(got.value(), format!("value {index}").as_bytes());
+            assert_eq!(got.mod_revision(), last - (KEYS - index) as i64);
+        }
+        let taken = statements(&metrics_address, driver, "range") - before;
+        assert!(
+            (1.0..GETS as f64).contains(&taken),
+            "{GETS} gets sent together took {taken} statements"
+        );
+    });
+}
+
 /// `pages`: a later page at the current revision is one statement too (PostgreSQL; MySQL
 /// reads it in a transaction, which MariaDB runs faster than the join).
 fn current_reads_are_one_statement(backend: kine_tests::Backend, driver: &str, pages: bool) {

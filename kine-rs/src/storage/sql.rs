@@ -36,10 +36,12 @@ use crate::model::{
 };
 
 mod commit_cache;
+mod point_reads;
 mod tenants;
 mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
+use point_reads::PointReads;
 use write_tx::{BatchConnection, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
@@ -1268,6 +1270,8 @@ pub struct SqlBackend<D: Dialect> {
     /// What this process knows of the keyspaces it committed to last, where a write batch
     /// may commit without reading first (see [`CommitCache`]).
     commit_cache: Option<Arc<CommitCache>>,
+    /// Gets at the current revision, several in one statement ([`PointReads`]).
+    point_reads: Arc<PointReads<D>>,
     _dialect: PhantomData<D>,
 }
 
@@ -1287,6 +1291,7 @@ impl<D: Dialect> SqlBackend<D> {
         guard: Box<dyn Send + Sync>,
     ) -> Self {
         SqlBackend {
+            point_reads: PointReads::new(readers.clone()),
             readers,
             writers,
             batch_connection: None,
@@ -1559,8 +1564,17 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let single = query.range.end == RangeEnd::Single;
         if query.revision <= 0
             && !query.count_only
-            && (D::ONE_STATEMENT_READS && (query.limit.is_none() || single)
-                || D::ONE_STATEMENT_GETS && single)
+            && (D::ONE_STATEMENT_READS || D::ONE_STATEMENT_GETS)
+            && single
+            && query.limit.is_none_or(|limit| limit >= 1)
+        {
+            let key = query.range.start.clone();
+            return self.point_reads.get(keyspace, key, query.keys_only).await;
+        }
+        if query.revision <= 0
+            && !query.count_only
+            && D::ONE_STATEMENT_READS
+            && query.limit.is_none()
         {
             return self.range_current(keyspace, &query).await;
         }
@@ -1949,7 +1963,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let mut sql = format!("SELECT {STATE_COLUMNS}, CAST(s.{column} AS TEXT)");
         let mut args = Vec::new();
         if !first.is_empty() {
-            let (current, current_args) = current_rows_sql::<D>(keyspace, &first_padded);
+            let (current, current_args) =
+                current_rows_sql::<D>(keyspace, &first_padded, true, true);
             sql.push_str(&format!(
                 ", r.* FROM keyspaces s LEFT JOIN ({current}) r ON TRUE"
             ));
@@ -2401,14 +2416,19 @@ fn placeholders(n: usize) -> String {
 }
 
 /// The statement reading the current rows (live or tombstones) of `keys`, with its
-/// parameters: columns [`KV_COLUMNS`], `deleted`, then the [`Dialect::ROW_ID`] if any.
+/// parameters: columns [`KV_COLUMNS`], `deleted`, then, with `row_id`, the
+/// [`Dialect::ROW_ID`] if any. Without `values`, each value is read as empty.
 fn current_rows_sql<'a, D: Dialect>(
     keyspace: KeyspaceId,
     keys: &[&'a [u8]],
+    row_id: bool,
+    values: bool,
 ) -> (String, Vec<Arg<'a>>) {
     let row_id = D::ROW_ID
+        .filter(|_| row_id)
         .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
         .unwrap_or_default();
+    let value = if values { "value" } else { D::EMPTY_BYTES };
     if D::HEAD_TABLE {
         // For each key of an array parameter its head, then the head's row, each a lookup by
         // primary key (`LATERAL … LIMIT 1` keeps them lookups whatever the statistics: as a
@@ -2426,8 +2446,8 @@ fn current_rows_sql<'a, D: Dialect>(
              CROSS JOIN LATERAL (SELECT keyspace, mod_revision, sub, deleted, ctid \
              FROM kv_head WHERE keyspace = ? AND `key` = k.`key` LIMIT 1) AS h \
              CROSS JOIN LATERAL (SELECT `key`, create_revision, mod_revision, version, lease, \
-             value FROM kv o WHERE o.keyspace = h.keyspace AND o.mod_revision = h.mod_revision \
-             AND o.sub = h.sub LIMIT 1) AS kv"
+             {value} AS value FROM kv o WHERE o.keyspace = h.keyspace \
+             AND o.mod_revision = h.mod_revision AND o.sub = h.sub LIMIT 1) AS kv"
         );
         return (
             sql,
@@ -2435,7 +2455,8 @@ fn current_rows_sql<'a, D: Dialect>(
         );
     }
     let select = format!(
-        "SELECT {KV_COLUMNS}, deleted{row_id} FROM kv WHERE keyspace = ? AND {} AND `key`",
+        "SELECT `key`, create_revision, mod_revision, version, lease, {value} AS value, \
+         deleted{row_id} FROM kv WHERE keyspace = ? AND {} AND `key`",
         D::CURRENT_ROWS
     );
     if D::KEY_LISTS {
@@ -2567,7 +2588,7 @@ fn lookup_statements<'a, 'k, D: Dialect>(
         } else {
             chunk.to_vec()
         };
-        let (sql, args) = current_rows_sql::<D>(keyspace, &named);
+        let (sql, args) = current_rows_sql::<D>(keyspace, &named, true, true);
         statements.push((chunk, sql, args));
     }
     statements
@@ -2645,7 +2666,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         if !self.taken_absent.is_empty() {
             // The commit call's check will not run: the batch commits in this transaction.
             let keys: Vec<&[u8]> = self.taken_absent.iter().map(|key| key.as_ref()).collect();
-            let (sql, args) = current_rows_sql::<D>(self.keyspace, &keys);
+            let (sql, args) = current_rows_sql::<D>(self.keyspace, &keys, true, true);
             let rows = fetch_all::<D>(&mut *tx, "get", &sql, &args).await?;
             for row in &rows {
                 if !D::DB::flag(row, 6)? {
