@@ -312,3 +312,41 @@ async fn a_list_page_looks_up_its_own_rows_whatever_the_plan() {
         plan.join("\n")
     );
 }
+
+/// Keys are looked up (a write batch's read, a get) with a statement PostgreSQL plans once
+/// per connection and shape: with the keys in an array parameter, a generic plan estimated
+/// ten keys and a custom one the array's length, so a lookup of fewer keys was planned anew
+/// at every call (~0.4 ms of planning for a 0.1 ms read of four keys). Twenty lookups of
+/// two keys on one connection: PostgreSQL's plan cache makes five custom plans before it
+/// compares, and then must keep the generic one.
+#[tokio::test]
+async fn key_lookups_are_planned_once_per_connection() {
+    let (url, name, backend, keyspace) = keys_under_b("lookup", 20).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let keys: [&[u8]; 2] = [b"/b/00003", b"/b/00011"];
+    for _ in 0..20 {
+        let found = crate::storage::sql::read_current_rows::<Postgres>(&mut conn, keyspace, &keys)
+            .await
+            .expect("lookup");
+        let mut found: Vec<&[u8]> = found.iter().map(|kv| kv.key.as_ref()).collect();
+        found.sort_unstable();
+        assert_eq!(found, keys);
+    }
+    let plans: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE '%JOIN LATERAL (SELECT keyspace, mod_revision, sub, deleted%' \
+         AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("the connection's prepared statements");
+    drop(conn);
+    drop(backend);
+    drop_database(&name).await;
+    assert_eq!(plans.len(), 1, "one prepared lookup: {plans:?}");
+    let (generic, custom) = plans[0];
+    assert!(
+        custom <= 5 && generic >= 15,
+        "20 lookups made {custom} custom plans and used the generic one {generic} times"
+    );
+}

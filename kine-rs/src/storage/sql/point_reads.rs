@@ -159,13 +159,12 @@ impl<D: Dialect> PointReads<D> {
         // Key lists padded to a power of two with their last key, so that the few statement
         // shapes stay prepared (a repeated key matches its row once).
         let values = batch.iter().any(|get| !get.keys_only);
-        let (rows, mut args) = if D::HEAD_TABLE {
-            heads_rows_sql::<D>(keyspace, &padded(&keys), values)
-        } else if D::KEY_LISTS {
-            current_rows_sql::<D>(keyspace, &padded(&keys), false, values)
+        let named = if D::HEAD_TABLE || D::KEY_LISTS {
+            padded(&keys)
         } else {
-            current_rows_sql::<D>(keyspace, &keys, false, values)
+            keys
         };
+        let (rows, mut args) = current_rows_sql::<D>(keyspace, &named, false, values);
         let sql = format!(
             "SELECT {STATE_COLUMNS}, r.* FROM keyspaces s LEFT JOIN ({rows}) r ON TRUE \
              WHERE s.id = ?"
@@ -192,40 +191,6 @@ impl<D: Dialect> PointReads<D> {
         }
         Ok((state.revision, live))
     }
-}
-
-/// The current rows of `keys` through their heads ([`Dialect::HEAD_TABLE`]), columns as
-/// [`current_rows_sql`] gives them. The keys are a `VALUES` list, one parameter each, not an
-/// array: PostgreSQL estimates an array parameter at ten elements in the generic plan and
-/// at its length in a custom one, so a get of fewer keys was planned anew at every call
-/// (0.4 ms of planning for a 0.1 ms read); a list's length is the same in both, and the
-/// plan is made once per shape and connection.
-fn heads_rows_sql<'a, D: Dialect>(
-    keyspace: KeyspaceId,
-    keys: &[&'a [u8]],
-    values: bool,
-) -> (String, Vec<Arg<'a>>) {
-    let value = if values { "value" } else { D::EMPTY_BYTES };
-    let mut list = String::with_capacity(keys.len() * 5 + 24);
-    for index in 0..keys.len() {
-        list.push_str(if index == 0 {
-            "(CAST(? AS BYTEA))"
-        } else {
-            ", (?)"
-        });
-    }
-    let sql = format!(
-        "SELECT kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, kv.value, \
-         h.deleted FROM (VALUES {list}) AS k(`key`) \
-         CROSS JOIN LATERAL (SELECT keyspace, mod_revision, sub, deleted FROM kv_head \
-         WHERE keyspace = ? AND `key` = k.`key` LIMIT 1) AS h \
-         CROSS JOIN LATERAL (SELECT `key`, create_revision, mod_revision, version, lease, \
-         {value} AS value FROM kv o WHERE o.keyspace = h.keyspace \
-         AND o.mod_revision = h.mod_revision AND o.sub = h.sub LIMIT 1) AS kv"
-    );
-    let mut args: Vec<Arg<'a>> = keys.iter().map(|key| Arg::Bytes(key)).collect();
-    args.push(Arg::Int(keyspace));
-    (sql, args)
 }
 
 #[cfg(test)]
