@@ -157,7 +157,7 @@ impl<D: Dialect> PointReads<D> {
         keys.sort_unstable();
         keys.dedup();
         // Key lists padded to a power of two with their last key, so that the few statement
-        // shapes stay prepared (a repeated key matches its row once).
+        // shapes stay prepared (a repeated key's row comes back again, the same).
         let values = batch.iter().any(|get| !get.keys_only);
         let named = if D::HEAD_TABLE || D::KEY_LISTS {
             padded(&keys)
