@@ -79,6 +79,9 @@ serve() {
     exit 1
 }
 
+# MariaDB's buffer pool decides whether its side reads and writes from memory or from disk
+# (README, "Running on MySQL or MariaDB"); the test command starts MariaDB with 2 GiB.
+echo "MariaDB's buffer pool: $(mysql -h 127.0.0.1 -u root -N -e 'SELECT @@innodb_buffer_pool_size DIV 1048576' 2>/dev/null || echo '?') MiB"
 echo "loading $KEYS keys of $VALUE_BYTES bytes into PostgreSQL ($LOAD)"
 serve "$PG"
 if [ "$LOAD" = sql ]; then

@@ -679,9 +679,10 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "- machine: $(nproc) cores ($CPU), $MEM memory, $(uname -sr); shared with other jobs, so numbers are noisy"
     PG_VERSION=$(psql "$PG_SERVER" -Atqc 'SHOW server_version' 2>/dev/null | cut -d' ' -f1 || true)
     MY_VERSION=$(mysql_cli -N -e 'SELECT VERSION()' 2>/dev/null | cut -d- -f1 || true)
+    MY_POOL=$(mysql_cli -N -e 'SELECT @@innodb_buffer_pool_size DIV 1048576' 2>/dev/null || true)
     echo "- command: \`$COMMAND\` ($ELAPSED s), $KINE_RS_WHAT"
     echo "- etcd $ETCD_VERSION (fsync on) with its data on the same disk as kine-rs's SQLite file (\`synchronous=FULL\`);"
-    echo "  PostgreSQL ${PG_VERSION:-?} and MariaDB ${MY_VERSION:-?} on this machine with default settings, a fresh database each"
+    echo "  PostgreSQL ${PG_VERSION:-?} and MariaDB ${MY_VERSION:-?} on this machine with default settings (MariaDB's buffer pool: ${MY_POOL:-?} MiB), a fresh database each"
     if [ -n "${NATS_VERSION:-}" ]; then
         echo "- NATS: a private nats-server $NATS_VERSION, JetStream file store on the same disk, \`sync_interval: $NATS_SYNC\`"
     fi
