@@ -506,6 +506,103 @@ fn a_keep_alive_flood_is_not_a_write_per_message() {
     );
 }
 
+/// A lease of a minute kept alive ten times a second for three seconds is stored once or
+/// twice (its coalescing window is a tenth of the TTL, 6 s capped at 5 s; at half a second,
+/// as before, it was six to seven times), and LeaseTimeToLive after the last keep-alive still
+/// reports the full TTL that keep-alive promised, as etcd does.
+#[test]
+fn keep_alives_within_a_tenth_of_the_ttl_are_not_stored() {
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(
+        &endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        &["--metrics-bind-address", &metrics_address],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let lease = client.lease_grant(60, None).await.expect("grant").id();
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("stream");
+        for _ in 0..30 {
+            keeper.keep_alive().await.expect("keep-alive");
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("a keep-alive answer in time")
+                .expect("stream")
+                .expect("stream open");
+            assert_eq!((response.id(), response.ttl()), (lease, 60));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // 100 ms after the last keep-alive: 59 whole seconds left of the 60 it promised (58
+        // on a slow machine); the stored deadline, from the first keep-alive, is over 3 s
+        // short of that.
+        let ttl = client.lease_time_to_live(lease, None).await.expect("ttl");
+        assert!(ttl.ttl() >= 58, "{ttl:?}");
+    });
+    let body = http_get(&metrics_address, "/metrics");
+    let renewals = sample(
+        &body,
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
+    )
+    .expect("lease_renew statements are counted");
+    assert!(
+        renewals <= 2.0,
+        "{renewals} renewals stored for 30 keep-alives over 3 s"
+    );
+}
+
+/// A lease whose stored deadline passes while this process had promised it longer (its
+/// keep-alives answered from memory) is not expired early: a lease of 30 s kept alive ten
+/// times a second for 2.9 s after its stored renewal was promised ~32.9 s, and is still alive
+/// at 31.5 s; the expiry renews it instead.
+#[test]
+fn a_lease_lives_as_long_as_its_last_keep_alive_promised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    let kine = spawn_kine_on(&endpoint, tempfile::tempdir().expect("tempdir"), &[]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+            .await
+            .expect("connect");
+        let lease = client.lease_grant(30, None).await.expect("grant").id();
+        let options = etcd_client::PutOptions::new().with_lease(lease);
+        client
+            .put("promised", "v", Some(options))
+            .await
+            .expect("put");
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("stream");
+        let first = Instant::now();
+        while first.elapsed() < Duration::from_millis(2_900) {
+            keeper.keep_alive().await.expect("keep-alive");
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("a keep-alive answer in time")
+                .expect("stream")
+                .expect("stream open");
+            assert_eq!(response.ttl(), 30);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(keeper);
+        tokio::time::sleep(Duration::from_millis(31_500).saturating_sub(first.elapsed())).await;
+        let ttl = client.lease_time_to_live(lease, None).await.expect("ttl");
+        assert!(
+            ttl.ttl() > 0,
+            "expired before its promised deadline: {ttl:?}"
+        );
+        let kept = client.get("promised", None).await.expect("get");
+        assert_eq!(
+            kept.kvs().len(),
+            1,
+            "the lease's key went with an early expiry"
+        );
+    });
+}
+
 /// A keep-alive flood over many leases is stored in batches: 512 leases kept alive once each
 /// through one stream take a few `lease_renew` statements (each renews up to 256 leases),
 /// not 512, so one tenant's flood holds one datastore connection at a time instead of
