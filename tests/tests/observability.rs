@@ -176,14 +176,7 @@ fn request_metrics_label_unknown_paths_as_one_series() {
         "/etcdserverpb.KV/Range/leaky",
         "/leaky-but-not-grpc",
     ];
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
-    let kine = spawn_kine_on(
-        &endpoint,
-        tempfile::tempdir().expect("tempdir"),
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address, _dir) = sqlite_kine_with_metrics();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(kine.endpoint.clone())
@@ -452,12 +445,9 @@ fn slow_query_log_is_off_at_zero() {
     assert!(!text.contains("slow SQL query"), "{text}");
 }
 
-/// A keep-alive flood costs the datastore one write per tenth of the lease's TTL, not one per
-/// message: 300 keep-alives of one lease at once, each answered with the full TTL, store the
-/// renewal a few times at most (the `lease_renew` statements in the metrics).
-#[test]
-fn a_keep_alive_flood_is_not_a_write_per_message() {
-    const KEEP_ALIVES: usize = 300;
+/// kine-rs on a fresh SQLite file with its metrics listener: the process, the listener's
+/// address, and the directory holding the file.
+fn sqlite_kine_with_metrics() -> (kine_tests::ChildGuard, String, tempfile::TempDir) {
     let metrics_address = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().expect("tempdir");
     let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
@@ -466,6 +456,39 @@ fn a_keep_alive_flood_is_not_a_write_per_message() {
         tempfile::tempdir().expect("tempdir"),
         &["--metrics-bind-address", &metrics_address],
     );
+    (kine, metrics_address, dir)
+}
+
+/// One keep-alive on `keeper`, and its answer.
+async fn keep_alive_once(
+    keeper: &mut etcd_client::LeaseKeeper,
+    responses: &mut etcd_client::LeaseKeepAliveStream,
+) -> etcd_client::LeaseKeepAliveResponse {
+    keeper.keep_alive().await.expect("keep-alive");
+    tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("a keep-alive answer in time")
+        .expect("stream")
+        .expect("stream open")
+}
+
+/// Lease renewal statements SQLite ran, from the query metric.
+fn lease_renew_statements(metrics_address: &str) -> f64 {
+    let body = http_get(metrics_address, "/metrics");
+    sample(
+        &body,
+        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
+    )
+    .expect("lease_renew statements are counted")
+}
+
+/// A keep-alive flood costs the datastore one write per tenth of the lease's TTL, not one per
+/// message: 300 keep-alives of one lease at once, each answered with the full TTL, store the
+/// renewal a few times at most (the `lease_renew` statements in the metrics).
+#[test]
+fn a_keep_alive_flood_is_not_a_write_per_message() {
+    const KEEP_ALIVES: usize = 300;
+    let (kine, metrics_address, _dir) = sqlite_kine_with_metrics();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -494,12 +517,7 @@ fn a_keep_alive_flood_is_not_a_write_per_message() {
             .expect("open");
         assert_eq!(response.ttl(), 0);
     });
-    let body = http_get(&metrics_address, "/metrics");
-    let renewals = sample(
-        &body,
-        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
-    )
-    .expect("lease_renew statements are counted");
+    let renewals = lease_renew_statements(&metrics_address);
     assert!(
         renewals <= 5.0,
         "{renewals} renewals stored for {KEEP_ALIVES} keep-alives"
@@ -512,14 +530,7 @@ fn a_keep_alive_flood_is_not_a_write_per_message() {
 /// reports the full TTL that keep-alive promised, as etcd does.
 #[test]
 fn keep_alives_within_a_tenth_of_the_ttl_are_not_stored() {
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
-    let kine = spawn_kine_on(
-        &endpoint,
-        tempfile::tempdir().expect("tempdir"),
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address, _dir) = sqlite_kine_with_metrics();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
@@ -528,12 +539,7 @@ fn keep_alives_within_a_tenth_of_the_ttl_are_not_stored() {
         let lease = client.lease_grant(60, None).await.expect("grant").id();
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("stream");
         for _ in 0..30 {
-            keeper.keep_alive().await.expect("keep-alive");
-            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
-                .await
-                .expect("a keep-alive answer in time")
-                .expect("stream")
-                .expect("stream open");
+            let response = keep_alive_once(&mut keeper, &mut responses).await;
             assert_eq!((response.id(), response.ttl()), (lease, 60));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -543,12 +549,7 @@ fn keep_alives_within_a_tenth_of_the_ttl_are_not_stored() {
         let ttl = client.lease_time_to_live(lease, None).await.expect("ttl");
         assert!(ttl.ttl() >= 58, "{ttl:?}");
     });
-    let body = http_get(&metrics_address, "/metrics");
-    let renewals = sample(
-        &body,
-        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
-    )
-    .expect("lease_renew statements are counted");
+    let renewals = lease_renew_statements(&metrics_address);
     assert!(
         renewals <= 2.0,
         "{renewals} renewals stored for 30 keep-alives over 3 s"
@@ -578,12 +579,7 @@ fn a_lease_lives_as_long_as_its_last_keep_alive_promised() {
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("stream");
         let first = Instant::now();
         while first.elapsed() < Duration::from_millis(2_900) {
-            keeper.keep_alive().await.expect("keep-alive");
-            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
-                .await
-                .expect("a keep-alive answer in time")
-                .expect("stream")
-                .expect("stream open");
+            let response = keep_alive_once(&mut keeper, &mut responses).await;
             assert_eq!(response.ttl(), 30);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -611,14 +607,7 @@ fn a_lease_lives_as_long_as_its_last_keep_alive_promised() {
 #[test]
 fn keep_alives_of_many_leases_are_stored_in_batches() {
     const LEASES: usize = 512;
-    let metrics_address = format!("127.0.0.1:{}", free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
-    let kine = spawn_kine_on(
-        &endpoint,
-        tempfile::tempdir().expect("tempdir"),
-        &["--metrics-bind-address", &metrics_address],
-    );
+    let (kine, metrics_address, _dir) = sqlite_kine_with_metrics();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         use kine_proto::etcdserverpb::lease_client::LeaseClient;
@@ -655,12 +644,7 @@ fn keep_alives_of_many_leases_are_stored_in_batches() {
             assert_eq!((answer.id, answer.ttl), (*id, 60));
         }
     });
-    let body = http_get(&metrics_address, "/metrics");
-    let renewals = sample(
-        &body,
-        "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",
-    )
-    .expect("lease_renew statements are counted");
+    let renewals = lease_renew_statements(&metrics_address);
     assert!(
         renewals <= (LEASES / 8) as f64,
         "{renewals} renewal statements for {LEASES} leases kept alive at once"
