@@ -291,7 +291,10 @@ impl Keyspace {
                 .backend
                 .renew_leases(self.id, &[id], remembered.answered_at)
                 .await?;
-            self.remember_renewal(id, now_ms(), renewed.into_iter().flatten().next());
+            // Remembered as stored at that moment, so the promise is now the stored deadline
+            // and the lease expires once it passes.
+            let renewed = renewed.into_iter().flatten().next();
+            self.remember_renewal(id, remembered.answered_at, renewed);
             return Ok(());
         }
         self.forget_renewal(id);

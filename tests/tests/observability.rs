@@ -559,7 +559,7 @@ fn keep_alives_within_a_tenth_of_the_ttl_are_not_stored() {
 /// A lease whose stored deadline passes while this process had promised it longer (its
 /// keep-alives answered from memory) is not expired early: a lease of 30 s kept alive ten
 /// times a second for 2.9 s after its stored renewal was promised ~32.9 s, and is still alive
-/// at 31.5 s; the expiry renews it instead.
+/// at 31.5 s (the expiry stores the promised deadline instead), and gone by 35 s.
 #[test]
 fn a_lease_lives_as_long_as_its_last_keep_alive_promised() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -596,6 +596,16 @@ fn a_lease_lives_as_long_as_its_last_keep_alive_promised() {
             1,
             "the lease's key went with an early expiry"
         );
+        // Kept to its promise, not renewed for ever: gone by 35 s.
+        tokio::time::sleep(Duration::from_secs(35).saturating_sub(first.elapsed())).await;
+        let ttl = client.lease_time_to_live(lease, None).await.expect("ttl");
+        assert_eq!(
+            ttl.ttl(),
+            -1,
+            "still alive after its promised deadline: {ttl:?}"
+        );
+        let gone = client.get("promised", None).await.expect("get");
+        assert!(gone.kvs().is_empty(), "the lease's key outlived it");
     });
 }
 
