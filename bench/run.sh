@@ -17,10 +17,11 @@
 #                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own;
 #                    nats is kine-rs on a private nats-server (NATS_SERVER_BIN, default the one
 #                    scripts/peers.sh builds) with a fresh JetStream store in the run's directory
-#   BENCH_POINTS     which of "workloads watch gateway noisy growth" to run (default: all
-#                    but growth): the throughput, list and restart points per target; the
-#                    watch across two processes; the 1,000-tenant gateway; the noisy
-#                    neighbour; how cost grows with the data (BENCH_GROWTH_KEYS,
+#   BENCH_POINTS     which of "workloads watch gateway noisy proxy-cores growth" to run
+#                    (default: all but growth): the throughput, list and restart points per
+#                    target; the watch across two processes; the 1,000-tenant gateway; the
+#                    noisy neighbour; the etcd proxy on cores of its own ("proxy-cores"
+#                    below); how cost grows with the data (BENCH_GROWTH_KEYS,
 #                    BENCH_GROWTH_REVISIONS: see "growth" below)
 #   BENCH_NATS_SYNC  that server's JetStream sync_interval (default "always": fsync before each
 #                    acknowledgement, as etcd and the SQL databases do; NATS's own default is 2m)
@@ -46,14 +47,14 @@ START=$(date +%s)
 DURATION=${BENCH_DURATION:-5}
 REPEAT=${BENCH_REPEAT:-1}
 TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql nats etcd-proxy}
-POINTS=${BENCH_POINTS:-workloads watch gateway noisy}
+POINTS=${BENCH_POINTS:-workloads watch gateway noisy proxy-cores}
 NATS_SYNC=${BENCH_NATS_SYNC:-always}
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 MY_SERVER=${KINE_BENCH_MYSQL_URL:-mysql://root@127.0.0.1:3306/mysql}
 COMMAND="bench/run.sh${*:+ $*}"
 [ "$DURATION" != 5 ] && COMMAND="BENCH_DURATION=$DURATION $COMMAND"
 [ "$REPEAT" != 1 ] && COMMAND="BENCH_REPEAT=$REPEAT $COMMAND"
-[ "$POINTS" != "workloads watch gateway noisy" ] && COMMAND="BENCH_POINTS=\"$POINTS\" $COMMAND"
+[ "$POINTS" != "workloads watch gateway noisy proxy-cores" ] && COMMAND="BENCH_POINTS=\"$POINTS\" $COMMAND"
 [ -n "${BENCH_TARGETS:-}" ] && COMMAND="BENCH_TARGETS=\"$TARGETS\" $COMMAND"
 # wants POINT: whether BENCH_POINTS names it.
 wants() { case " $POINTS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -177,6 +178,12 @@ wait_port() {
     return 1
 }
 
+# Commands the servers and the load tool start under (the proxy-cores point pins them to CPUs
+# with taskset); empty otherwise.
+ETCD_PIN=()
+KINE_PIN=()
+LOAD_PIN=()
+
 # start_etcd [https [extra flags...]] -> sets SERVER_PID, SERVER_URL; data in $ETCD_DATA
 # (default $WORK/etcd-data)
 start_etcd() {
@@ -187,7 +194,7 @@ start_etcd() {
     fi
     port=$(free_port)
     peer=$(free_port)
-    "$ETCD" --name bench --data-dir "${ETCD_DATA:-$WORK/etcd-data}" \
+    "${ETCD_PIN[@]}" "$ETCD" --name bench --data-dir "${ETCD_DATA:-$WORK/etcd-data}" \
         --listen-client-urls "$scheme://127.0.0.1:$port" --advertise-client-urls "$scheme://127.0.0.1:$port" \
         --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
         --initial-cluster "bench=http://127.0.0.1:$peer" --log-level error "$@" \
@@ -204,7 +211,7 @@ start_kine() {
     shift 2
     port=$(free_port)
     mkdir -p "$WORK/$name"
-    (cd "$WORK/$name" && exec "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" \
+    (cd "$WORK/$name" && exec "${KINE_PIN[@]}" "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" \
         --compact-interval 0 "$@" >"$WORK/$name.log" 2>&1) &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -270,7 +277,7 @@ rss() {
 load() {
     local target=$1 label=$2 goal=$3 workload=$4 out
     shift 4
-    out=$("$KINE_LOAD_BIN" "$workload" --json --target "$target" --label "$label" --goal "$goal" "$@" 2>>"$WORK/kine-load.log") ||
+    out=$("${LOAD_PIN[@]}" "$KINE_LOAD_BIN" "$workload" --json --target "$target" --label "$label" --goal "$goal" "$@" 2>>"$WORK/kine-load.log") ||
         { echo "kine-load $workload failed on $target (see $WORK/kine-load.log)" >&2; return 0; }
     echo "$out" >>"$RESULTS"
     printf '    %-28s %s\n' "$label" "$(echo "$out" | cut -c1-160)" >&2
@@ -671,6 +678,57 @@ case " $TARGETS  $(wants noisy && echo noisy) " in
     ;;
 esac
 
+# The etcd proxy on cores of its own (issue 12). In the etcd-proxy column above, the proxy
+# shares the machine's cores with etcd, so every microsecond of CPU it spends on a write is
+# taken from etcd's. Deployed, the proxy runs beside the tenant's apiserver, not on etcd's
+# nodes: here etcd is pinned to the first half of the CPUs in both columns (the same etcd
+# resources with and without the proxy), and the load tool and the proxy to the other half
+# (the load tool then shares its cores with the proxy, which can only count against the proxy).
+case " $TARGETS " in
+*" etcd "*) ;;
+*) POINTS=${POINTS//proxy-cores/} ;;
+esac
+case " $TARGETS  $(wants proxy-cores && echo proxy-cores) " in
+*" etcd-proxy "*" proxy-cores "*)
+    CPUS=$(nproc)
+    if [ "$CPUS" -lt 2 ]; then
+        die "the proxy-cores point needs 2 CPUs or more (this machine has $CPUS)"
+    fi
+    ETCD_CPUS="0-$((CPUS / 2 - 1))"
+    OTHER_CPUS="$((CPUS / 2))-$((CPUS - 1))"
+    say "etcd proxy on cores of its own: etcd on CPUs $ETCD_CPUS, load tool and proxy on $OTHER_CPUS"
+    PROXY_CORES_NOTE="proxy on cores of its own: etcd pinned to CPUs $ETCD_CPUS in both columns, the load tool and the proxy to CPUs
+  $OTHER_CPUS (taskset); puts of 256 B for $DURATION s (median of $REPEAT), alternating etcd and the proxy"
+    ETCD_PIN=(taskset -c "$ETCD_CPUS")
+    KINE_PIN=(taskset -c "$OTHER_CPUS")
+    LOAD_PIN=(taskset -c "$OTHER_CPUS")
+    ETCD_DATA="$WORK/etcd-cores-data" start_etcd --max-txn-ops 256
+    pinned_etcd=$SERVER_PID
+    pinned_etcd_url=$SERVER_URL
+    start_kine etcd-proxy-cores "etcd://${SERVER_URL#http://}" --tenant bench
+    pinned_proxy=$SERVER_PID
+    pinned_proxy_url=$SERVER_URL
+    sleep 1
+    for c in 1 128; do
+        who="$c clients"
+        [ "$c" = 1 ] && who="1 client"
+        goal="≤ 10% below etcd at 128 clients"
+        [ "$c" = 1 ] && goal="≤ 0.2 ms added p50"
+        for ((r = 0; r < REPEAT; r++)); do
+            load etcd "put, $who, proxy on cores of its own" "$goal" put --endpoints "$pinned_etcd_url" \
+                --clients "$c" --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 256
+            load etcd-proxy "put, $who, proxy on cores of its own" "$goal" put --endpoints "$pinned_proxy_url" \
+                --clients "$c" --conns "$(conns_for "$c")" --duration "$DURATION" --val-size 256
+        done
+    done
+    stop "$pinned_proxy"
+    stop "$pinned_etcd"
+    ETCD_PIN=()
+    KINE_PIN=()
+    LOAD_PIN=()
+    ;;
+esac
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -697,6 +755,7 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "  one revision; every answer is checked (counts, versions, order); errors are shown when any"
     echo "- $GATEWAY_NOTE"
     [ -n "${NOISY_NOTE:-}" ] && echo "- $NOISY_NOTE"
+    [ -n "${PROXY_CORES_NOTE:-}" ] && echo "- $PROXY_CORES_NOTE"
     echo
     "$KINE_LOAD_BIN" table --input "$RESULTS"
 } >"$WORK/latest.md"
