@@ -94,6 +94,18 @@ pub struct Config {
     #[arg(long, env = "KINE_MAX_KEEPALIVES_PER_SECOND")]
     pub max_keepalives_per_second: Option<u32>,
 
+    /// Of those, keep-alives that repeat one of the tenant's leases within a tenth of its TTL
+    /// (at most 5 s) of its last renewal in this process, answered per second (0: no limit).
+    /// Clients keep a lease alive at a third of its TTL and never repeat so soon; a flood does,
+    /// and beyond this rate its stream is read more slowly (nothing is refused). Every answer
+    /// is still the lease's true TTL. etcd has no such limit.
+    #[arg(
+        long,
+        env = "KINE_MAX_REPEATED_KEEPALIVES_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub max_repeated_keepalives_per_second: u32,
+
     /// Rows one tenant's reads may make the datastore read per second (0: no limit; default
     /// 50,000 in a gateway, no limit otherwise). A range, a transaction's compares and
     /// ranges, and a delete cost the rows they read (a range's count when it returns fewer);

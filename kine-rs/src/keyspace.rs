@@ -106,6 +106,8 @@ pub struct Keyspace {
     renewer: Renewer,
     /// The tenant's keep-alive rate in this process.
     keep_alive_rate: Option<RateLimit>,
+    /// Admits keep-alives repeating a lease within its coalescing window (a flood's).
+    repeated_keep_alive_rate: Option<RateLimit>,
     /// The tenant's budgets of datastore work in this process: rows its reads read, bytes
     /// its writes write.
     read_budget: Option<WorkBudget>,
@@ -206,6 +208,7 @@ impl Keyspace {
             renewals: std::sync::Mutex::new(HashMap::new()),
             renewer,
             keep_alive_rate: RateLimit::new(limits.keepalives_per_second),
+            repeated_keep_alive_rate: RateLimit::new(limits.repeated_keepalives_per_second),
             read_budget: WorkBudget::new(limits.read_rows_per_second),
             write_budget: WorkBudget::new(limits.write_bytes_per_second),
             closed: tokio::sync::watch::Sender::new(false),
@@ -597,6 +600,13 @@ impl Keyspace {
         Some(remembered.lease)
     }
 
+    /// Whether a keep-alive of `id` at `now` falls within the coalescing window of its last
+    /// renewal here: a repeat no client keeping its lease alive sends.
+    fn repeats_renewal(&self, id: i64, now: i64) -> bool {
+        let renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        renewals.get(&id).is_some_and(|r| r.within_window(now))
+    }
+
     /// Records a renewal stored at `now` (`None`: the lease is gone).
     fn remember_renewal(&self, id: i64, now: i64, renewed: Option<LeaseRecord>) {
         let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
@@ -730,7 +740,13 @@ impl ServedTenant for Keyspace {
         })
     }
 
-    async fn admit_keep_alive(&self) {
+    async fn admit_keep_alive(&self, id: i64) {
+        if let Some(rate) = &self.repeated_keep_alive_rate
+            && self.repeats_renewal(id, now_ms())
+        {
+            rate.admit().await;
+        }
+
         if let Some(rate) = &self.keep_alive_rate {
             rate.admit().await;
         }

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A rate a tenant's requests of one kind are admitted at.
+/// A rate a tenant's requests of one kind are admitted at. A request past the rate reserves
+/// the next admission and sleeps once until it (first come, first admitted): waiters that
+/// woke every admission to race for it cost a timer and a wake-up each per admission (64 a
+/// keep-alive stream may have waiting).
 pub struct RateLimit {
     per_second: f64,
-    /// Tokens available, and when they were counted.
+    /// Tokens available (negative: reserved ahead), and when they were counted.
     bucket: Mutex<(f64, Instant)>,
 }
 
@@ -26,25 +29,22 @@ impl RateLimit {
 
     /// Waits until one more admission fits the rate, and takes it.
     pub async fn admit(&self) {
-        while let Some(wait) = self.try_admit(Instant::now()) {
+        if let Some(wait) = self.reserve(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
     }
 
-    /// Takes an admission at `now` if one is available; otherwise how long until one is.
-    fn try_admit(&self, now: Instant) -> Option<Duration> {
+    /// Takes an admission at `now`: `None` when one was available, otherwise how long until
+    /// the one reserved.
+    fn reserve(&self, now: Instant) -> Option<Duration> {
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, counted) = *bucket;
         let tokens = (tokens
             + now.saturating_duration_since(counted).as_secs_f64() * self.per_second)
-            .min(self.per_second);
-        if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
-            None
-        } else {
-            *bucket = (tokens, now);
-            Some(Duration::from_secs_f64((1.0 - tokens) / self.per_second))
-        }
+            .min(self.per_second)
+            - 1.0;
+        *bucket = (tokens, now);
+        (tokens < 0.0).then(|| Duration::from_secs_f64(-tokens / self.per_second))
     }
 }
 
@@ -156,26 +156,37 @@ mod tests {
     }
 
     #[test]
-    fn a_full_bucket_admits_a_second_of_requests_then_makes_them_wait() {
+    fn a_full_bucket_admits_a_second_of_requests_then_reserves_in_turn() {
         let rate = RateLimit::new(100).expect("a limit");
         let start = Instant::now();
         for _ in 0..100 {
-            assert_eq!(rate.try_admit(start), None);
+            assert_eq!(rate.reserve(start), None);
         }
-        let wait = rate.try_admit(start).expect("the 101st waits");
+        // The 101st and 102nd reserve the next two admissions, 10 ms apart.
+        let first = rate.reserve(start).expect("the 101st waits");
         assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(10),
-            "{wait:?}"
+            first > Duration::from_millis(9) && first <= Duration::from_millis(10),
+            "{first:?}"
         );
-        // Refilled at the rate: 10 ms later, one more.
-        assert_eq!(rate.try_admit(start + Duration::from_millis(10)), None);
-        assert!(rate.try_admit(start + Duration::from_millis(10)).is_some());
+        let second = rate.reserve(start).expect("the 102nd waits");
+        assert!(
+            second > Duration::from_millis(19) && second <= Duration::from_millis(20),
+            "{second:?}"
+        );
+        // 10 ms later the first reserved is due; a new request comes after the second.
+        let next = rate
+            .reserve(start + Duration::from_millis(10))
+            .expect("after those reserved");
+        assert!(
+            next > Duration::from_millis(19) && next <= Duration::from_millis(20),
+            "{next:?}"
+        );
         // Never more than a second's worth.
         let later = start + Duration::from_secs(60);
         for _ in 0..100 {
-            assert_eq!(rate.try_admit(later), None);
+            assert_eq!(rate.reserve(later), None);
         }
-        assert!(rate.try_admit(later).is_some());
+        assert!(rate.reserve(later).is_some());
     }
 
     #[tokio::test(start_paused = true)]

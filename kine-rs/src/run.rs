@@ -80,6 +80,7 @@ fn request_limits(config: &Config) -> RequestLimits {
             },
         ))
         .unwrap_or(i64::MAX),
+        repeated_keepalives_per_second: config.max_repeated_keepalives_per_second,
         keepalives_per_second: config
             .max_keepalives_per_second
             .unwrap_or(if config.gateway {

@@ -50,9 +50,10 @@ pub trait ServedTenant: Send + Sync + 'static {
 
     async fn lease_grant(&self, request: LeaseGrantRequest) -> Result<LeaseGrantResponse>;
     async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse>;
-    /// Waits until the tenant's keep-alive rate (`--max-keepalives-per-second`) admits one
-    /// more keep-alive.
-    async fn admit_keep_alive(&self) {}
+    /// Waits until the tenant's keep-alive rates (`--max-keepalives-per-second`, and
+    /// `--max-repeated-keepalives-per-second` where a keep-alive of lease `id` repeats one
+    /// answered within its coalescing window) admit one more keep-alive.
+    async fn admit_keep_alive(&self, _id: i64) {}
     /// One keep-alive; an unknown or expired lease answers TTL 0, as etcd does.
     async fn lease_keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse>;
     async fn lease_time_to_live(

@@ -73,6 +73,9 @@ pub struct RequestLimits {
     /// Keep-alives of one tenant answered per second, 0 for no limit
     /// (`--max-keepalives-per-second`).
     pub keepalives_per_second: u32,
+    /// Keep-alives of one tenant answered per second that repeat a lease's keep-alive within
+    /// its coalescing window, 0 for no limit (`--max-repeated-keepalives-per-second`).
+    pub repeated_keepalives_per_second: u32,
     /// Rows one tenant's reads may make the datastore read per second, 0 for no limit
     /// (`--max-read-rows-per-second`).
     pub read_rows_per_second: u64,
@@ -95,6 +98,7 @@ impl Default for RequestLimits {
             max_watches_per_stream: 10_000,
             max_leases_per_tenant: 100_000,
             keepalives_per_second: 10_000,
+            repeated_keepalives_per_second: 100,
             read_rows_per_second: 0,
             write_bytes_per_second: 0,
             watch_stream_buffer_bytes: 4 << 20,

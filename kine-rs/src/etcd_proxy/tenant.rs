@@ -1099,7 +1099,8 @@ impl ServedTenant for ProxiedTenant {
         Ok(response)
     }
 
-    async fn admit_keep_alive(&self) {
+    /// etcd renews every keep-alive in memory: only the tenant's overall rate applies.
+    async fn admit_keep_alive(&self, _id: i64) {
         if let Some(rate) = &self.keep_alive_rate {
             rate.admit().await;
         }

@@ -77,7 +77,7 @@ impl Lease for LeaseService {
                         }
                         let tenant = tenant.clone();
                         renewing.push_back(async move {
-                            tenant.admit_keep_alive().await;
+                            tenant.admit_keep_alive(request.id).await;
                             tenant.lease_keep_alive(request.id).await.map_err(Status::from)
                         });
                     }
