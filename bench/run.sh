@@ -178,11 +178,10 @@ wait_port() {
     return 1
 }
 
-# Commands the servers and the load tool start under (the proxy-cores point pins them to CPUs
-# with taskset); empty otherwise.
+# Commands etcd, and kine-rs with the load tool, start under (the proxy-cores point pins them
+# to CPUs with taskset); empty otherwise.
 ETCD_PIN=()
-KINE_PIN=()
-LOAD_PIN=()
+PROXY_SIDE_PIN=()
 
 # start_etcd [https [extra flags...]] -> sets SERVER_PID, SERVER_URL; data in $ETCD_DATA
 # (default $WORK/etcd-data)
@@ -211,7 +210,7 @@ start_kine() {
     shift 2
     port=$(free_port)
     mkdir -p "$WORK/$name"
-    (cd "$WORK/$name" && exec "${KINE_PIN[@]}" "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" \
+    (cd "$WORK/$name" && exec "${PROXY_SIDE_PIN[@]}" "$KINE_RS_BIN" --endpoint "$endpoint" --listen-address "127.0.0.1:$port" \
         --compact-interval 0 "$@" >"$WORK/$name.log" 2>&1) &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -277,7 +276,7 @@ rss() {
 load() {
     local target=$1 label=$2 goal=$3 workload=$4 out
     shift 4
-    out=$("${LOAD_PIN[@]}" "$KINE_LOAD_BIN" "$workload" --json --target "$target" --label "$label" --goal "$goal" "$@" 2>>"$WORK/kine-load.log") ||
+    out=$("${PROXY_SIDE_PIN[@]}" "$KINE_LOAD_BIN" "$workload" --json --target "$target" --label "$label" --goal "$goal" "$@" 2>>"$WORK/kine-load.log") ||
         { echo "kine-load $workload failed on $target (see $WORK/kine-load.log)" >&2; return 0; }
     echo "$out" >>"$RESULTS"
     printf '    %-28s %s\n' "$label" "$(echo "$out" | cut -c1-160)" >&2
@@ -684,12 +683,7 @@ esac
 # nodes: here etcd is pinned to the first half of the CPUs in both columns (the same etcd
 # resources with and without the proxy), and the load tool and the proxy to the other half
 # (the load tool then shares its cores with the proxy, which can only count against the proxy).
-case " $TARGETS " in
-*" etcd "*) ;;
-*) POINTS=${POINTS//proxy-cores/} ;;
-esac
-case " $TARGETS  $(wants proxy-cores && echo proxy-cores) " in
-*" etcd-proxy "*" proxy-cores "*)
+if wants proxy-cores && [[ " $TARGETS " == *" etcd "* && " $TARGETS " == *" etcd-proxy "* ]]; then
     CPUS=$(nproc)
     if [ "$CPUS" -lt 2 ]; then
         die "the proxy-cores point needs 2 CPUs or more (this machine has $CPUS)"
@@ -700,8 +694,7 @@ case " $TARGETS  $(wants proxy-cores && echo proxy-cores) " in
     PROXY_CORES_NOTE="proxy on cores of its own: etcd pinned to CPUs $ETCD_CPUS in both columns, the load tool and the proxy to CPUs
   $OTHER_CPUS (taskset); puts of 256 B for $DURATION s (median of $REPEAT), alternating etcd and the proxy"
     ETCD_PIN=(taskset -c "$ETCD_CPUS")
-    KINE_PIN=(taskset -c "$OTHER_CPUS")
-    LOAD_PIN=(taskset -c "$OTHER_CPUS")
+    PROXY_SIDE_PIN=(taskset -c "$OTHER_CPUS")
     ETCD_DATA="$WORK/etcd-cores-data" start_etcd --max-txn-ops 256
     pinned_etcd=$SERVER_PID
     pinned_etcd_url=$SERVER_URL
@@ -724,10 +717,8 @@ case " $TARGETS  $(wants proxy-cores && echo proxy-cores) " in
     stop "$pinned_proxy"
     stop "$pinned_etcd"
     ETCD_PIN=()
-    KINE_PIN=()
-    LOAD_PIN=()
-    ;;
-esac
+    PROXY_SIDE_PIN=()
+fi
 
 # ---------------------------------------------------------------------------------------------
 # The table
