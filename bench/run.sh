@@ -6,9 +6,11 @@
 #
 # It builds release binaries (kine-rs, kine-load), starts a real etcd 3.5.1 (fsync on, its
 # data directory on the same disk as kine-rs's SQLite file) and kine-rs on SQLite, PostgreSQL
-# and MariaDB (each on a fresh database it creates, dropped at the end), runs the same
-# kine-load workloads against each, and prints a Markdown table with the ratios
-# kine-rs / etcd. The table also goes to bench/results/latest.md.
+# and MariaDB (each on a fresh database it creates, dropped when its column ends), runs the
+# same kine-load workloads against each, and prints a Markdown table with the ratios
+# kine-rs / etcd. The table also goes to target/bench-run/latest.md, and to
+# bench/results/latest.md when every default point ran (BENCH_POINTS not given), so that a run
+# of a few points does not replace the whole table there.
 #
 # Environment:
 #   BENCH_DURATION   seconds per throughput point (default 5)
@@ -773,7 +775,11 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo
     "$KINE_LOAD_BIN" table --input "$RESULTS"
 } >"$WORK/latest.md"
-cp "$WORK/latest.md" "$ROOT/bench/results/latest.md"
-cp "$RESULTS" "$ROOT/bench/results/latest.jsonl"
 cat "$WORK/latest.md"
-say "done: bench/results/latest.md"
+if [ -z "${BENCH_POINTS:-}" ]; then
+    cp "$WORK/latest.md" "$ROOT/bench/results/latest.md"
+    cp "$RESULTS" "$ROOT/bench/results/latest.jsonl"
+    say "done: bench/results/latest.md"
+else
+    say "done: $WORK/latest.md (BENCH_POINTS given: bench/results/latest.md kept)"
+fi
