@@ -380,7 +380,7 @@ workloads() {
 # 10,000 keys beside that data, the datastore's size per live key (Status's dbSize), and
 # puts while a compaction of every revision before the loaded ones runs (etcd compacts in
 # the background too). The size is 1,000,000 keys and 10,000,000 revisions, which
-# takes hours per target on a 2-core machine; BENCH_GROWTH_KEYS / BENCH_GROWTH_REVISIONS
+# takes 10-19 minutes per target on a 2-core machine; BENCH_GROWTH_KEYS / BENCH_GROWTH_REVISIONS
 # scale it (the labels say which size ran).
 GROWTH_KEYS=${BENCH_GROWTH_KEYS:-1000000}
 GROWTH_REVISIONS=${BENCH_GROWTH_REVISIONS:-10000000}
