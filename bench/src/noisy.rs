@@ -47,6 +47,9 @@ const WATCHES_PER_STREAM: usize = 1000;
 const KEEPALIVE_STREAMS: usize = 4;
 /// How long A's load runs before B's second phase starts (watches open, floods going).
 const RAMP_UP: Duration = Duration::from_secs(2);
+/// How long B's second phase may wait past [`RAMP_UP`] for A's first huge transaction to be
+/// answered (each reads every key A loaded, and waits on A's read budget).
+const HUGE_TXN_RAMP_UP: Duration = Duration::from_secs(60);
 /// How long after A stops the server's memory is sampled again.
 const SETTLE: Duration = Duration::from_secs(3);
 /// Longest wait for one of A's set-up steps (a connection, a watch created, a grant).
@@ -172,6 +175,16 @@ pub async fn noisy_neighbour(n: &NoisyOpts) -> Result<Report> {
     let noise = Arc::new(Noise::default());
     let tasks = start_noise(n, &access, &a, &a_prefix, &noise).await?;
     tokio::time::sleep(RAMP_UP).await;
+    // B is measured beside the whole of A: a huge transaction can take longer than the ramp-up
+    // (a debug build under the rest of A's load took over 3 s), and one still in flight when
+    // A stops was never counted, as if that part of A had not run.
+    let waiting_since = std::time::Instant::now();
+    while n.a_huge_txn_clients > 0
+        && noise.huge_txns.load(Ordering::Relaxed) == 0
+        && waiting_since.elapsed() < HUGE_TXN_RAMP_UP
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
