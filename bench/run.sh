@@ -147,8 +147,8 @@ cleanup() {
 trap cleanup EXIT
 
 # end_column: what a column leaves behind is not left to the next one's time. Its databases
-# are dropped (left behind, they kept their servers busy while the next column was measured:
-# PostgreSQL's autovacuum of millions of rows, InnoDB's purge), and the data it wrote is
+# are dropped (left behind, they leave their servers work to do while the next column is
+# measured: PostgreSQL's autovacuum of the column's rows, InnoDB's purge), and the data it wrote is
 # flushed (the kernel writes dirty pages back up to 30 s later, beside the next column's
 # fsyncs).
 end_column() {
