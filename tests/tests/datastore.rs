@@ -591,11 +591,112 @@ async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
          (1, 'c', 6, 0, 0, 0, 0, '', 1, 9223372036854775807)",
     );
 
-    let kine = spawn_kine_on(
-        &database.endpoint,
-        tempfile::tempdir().expect("tempdir"),
-        &[],
-    );
+    served_as_written_before_the_upgrade(&database.endpoint, tempfile::tempdir().expect("tempdir"), async || {
+        let rows = Command::new("psql")
+            .arg(&database.endpoint)
+            .args(["-X", "-A", "-t", "-c", "SELECT string_agg(convert_from(key, 'UTF8') || mod_revision, ',' ORDER BY mod_revision) FROM kv"])
+            .output()
+            .expect("psql");
+        String::from_utf8_lossy(&rows.stdout).trim().to_string()
+    })
+    .await;
+}
+
+/// An SQLite database written by a kine-rs before migration 0007 (current rows marked in
+/// `kv.superseded`) is served after the upgrade as it was, like
+/// [`postgres_upgrade_keeps_the_data_of_the_superseded_column_model`]: the schema up to 0006
+/// from the repository's migration files, recorded as sqlx records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
+    use sha2::{Digest, Sha384};
+    use sqlx::{Connection, Executor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.expect("sqlite");
+    db.execute(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
+         checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
+    )
+    .await
+    .expect("the migrations' table");
+    let migrations =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kine-rs/migrations/sqlite");
+    let mut files: Vec<_> = std::fs::read_dir(&migrations)
+        .expect("the migrations")
+        .map(|entry| entry.expect("an entry").path())
+        .collect();
+    files.sort();
+    for file in files.iter().filter(|file| {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        name.as_ref() < "0007"
+    }) {
+        let text = std::fs::read_to_string(file).expect("a migration");
+        let name = file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let (version, description) = name.split_once('_').expect("NNNN_description");
+        db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
+            .await
+            .expect("a migration runs");
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (?, ?, 1, ?, 1)",
+        )
+        .bind(version.parse::<i64>().expect("a version"))
+        .bind(description.replace('_', " "))
+        .bind(Sha384::digest(text.as_bytes()).to_vec())
+        .execute(&mut db)
+        .await
+        .expect("a migration recorded");
+    }
+    db.execute(
+        "INSERT INTO keyspaces (name, revision, keys_count, bytes_used) \
+         VALUES ('default', 6, 2, 5); \
+         INSERT INTO kv (keyspace, key, mod_revision, sub, create_revision, version, lease, \
+         value, deleted, superseded) VALUES \
+         (1, CAST('a' AS BLOB), 2, 0, 2, 1, 0, CAST('v1' AS BLOB), 0, 3), \
+         (1, CAST('a' AS BLOB), 3, 0, 2, 2, 0, CAST('v2' AS BLOB), 0, 9223372036854775807), \
+         (1, CAST('b' AS BLOB), 4, 0, 4, 1, 0, CAST('b' AS BLOB), 0, 9223372036854775807), \
+         (1, CAST('c' AS BLOB), 5, 0, 5, 1, 0, CAST('c1' AS BLOB), 0, 6), \
+         (1, CAST('c' AS BLOB), 6, 0, 0, 0, 0, X'', 1, 9223372036854775807)",
+    )
+    .await
+    .expect("rows of the old model");
+    db.close().await.expect("closed");
+    let endpoint = format!("sqlite://{}", path.display());
+    served_as_written_before_the_upgrade(&endpoint, dir, async || {
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
+                .await
+                .expect("sqlite");
+        let rows: Vec<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT key, mod_revision FROM kv ORDER BY mod_revision")
+                .fetch_all(&mut db)
+                .await
+                .expect("the rows");
+        rows.iter()
+            .map(|(key, revision)| format!("{}{revision}", String::from_utf8_lossy(key)))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+    .await;
+}
+
+/// The checks of the upgrade tests: kine-rs on `endpoint` (the database holding revisions
+/// 2–6 of the keyspace served without tenants, in the model before the upgrade: a put as v1
+/// then v2, b, and c put then deleted) answers current values, reads at older revisions and
+/// previous values of watch events as they were written, and a compaction purges the old
+/// history; `rows` lists the rows of `kv` as key and revision.
+async fn served_as_written_before_the_upgrade(
+    endpoint: &str,
+    dir: tempfile::TempDir,
+    rows: impl AsyncFn() -> String,
+) {
+    let kine = spawn_kine_on(endpoint, dir, &[]);
     let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
         .await
         .expect("connect");
@@ -676,12 +777,7 @@ async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
         )
         .await
         .expect("compact");
-    let rows = Command::new("psql")
-        .arg(&database.endpoint)
-        .args(["-X", "-A", "-t", "-c", "SELECT string_agg(convert_from(key, 'UTF8') || mod_revision, ',' ORDER BY mod_revision) FROM kv"])
-        .output()
-        .expect("psql");
-    assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "b4,a7");
+    assert_eq!(rows().await, "b4,a7");
     let after = client.get("", all()).await.expect("get");
     assert_eq!(values(&after), [("v3".into(), 7, 3), ("b".into(), 4, 1)]);
 }

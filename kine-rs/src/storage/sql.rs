@@ -320,6 +320,14 @@ pub trait Dialect: Send + Sync + 'static {
     /// compaction, take the head table's shape; the write statements are the
     /// [`ARRAYS`](Dialect::ARRAYS) ones.
     const HEAD_TABLE: bool = false;
+    /// Whether a key's current row is named by a row of `kv_head` and each superseded row by
+    /// a row of `kv_past` with the revision that superseded it (SQLite, migration 0007),
+    /// instead of `kv.superseded`: an overwrite appends its row, moves the narrow head in
+    /// place and adds a narrow row to `kv_past`, instead of rewriting the row it supersedes.
+    /// Reads take the shapes of the `superseded` model, from the views `kv_current` and
+    /// `kv_superseded` (kv's columns with `superseded`), and counts from `kv_head` and
+    /// `kv_past` alone.
+    const PAST_TABLE: bool = false;
     /// Whether a watch's events may be read in one statement outside a transaction (the
     /// keyspace row's compaction revision joined with the events: one snapshot).
     const ONE_STATEMENT_EVENTS: bool = false;
@@ -607,77 +615,115 @@ pub(crate) fn state_from_row<D: Dialect>(row: &Row<D>, id: KeyspaceId) -> Result
     })
 }
 
-/// The rows of `range` live at the current revision (`at` = None) or at `at`, as filters
-/// with their parameters. At an older revision a live row is either still current, or was
-/// superseded after `at`: two branches, each served by its own index (current rows by key,
-/// superseded rows by key), so no read walks the history of keys it does not return.
+/// One branch of the rows a range selects: a filter with its parameters, and where it reads
+/// from.
+struct RangeBranch<'a> {
+    /// The table or view holding the branch's rows with kv's columns.
+    rows: &'static str,
+    /// The table holding the columns the filter names: enough to count the branch's rows.
+    keys: &'static str,
+    filter: String,
+    args: Vec<Arg<'a>>,
+}
+
+/// The rows of `range` live at the current revision (`at` = None) or at `at`, as branches.
+/// At an older revision a live row is either still current, or was superseded after `at`:
+/// two branches, each served by its own index (current rows by key, superseded rows by key),
+/// so no read walks the history of keys it does not return.
 fn range_filters<'a, D: Dialect>(
     keyspace: KeyspaceId,
     range: &'a KeyRange,
     end: Option<&'a [u8]>,
     at: Option<Revision>,
-) -> Vec<(String, Vec<Arg<'a>>)> {
+) -> Vec<RangeBranch<'a>> {
     let mut base = String::from("keyspace = ? AND `key` >= ?");
     let mut args = vec![Arg::Int(keyspace), Arg::Bytes(&range.start)];
     if let Some(end) = end {
         base.push_str(" AND `key` < ?");
         args.push(Arg::Bytes(end));
     }
+    // Current rows: those of `kv_head` ([`Dialect::PAST_TABLE`]), else marked in `kv`.
+    let current = |rest: &str, args: Vec<Arg<'a>>| {
+        if D::PAST_TABLE {
+            RangeBranch {
+                rows: "kv_current",
+                keys: "kv_head",
+                filter: format!("{base}{rest}"),
+                args,
+            }
+        } else {
+            RangeBranch {
+                rows: "kv",
+                keys: "kv",
+                filter: format!("{base} AND {}{rest}", D::CURRENT_ROWS),
+                args,
+            }
+        }
+    };
     match at {
-        None => vec![(
-            format!("{base} AND {} AND deleted = 0", D::CURRENT_ROWS),
-            args,
-        )],
+        None => vec![current(" AND deleted = 0", args)],
         Some(at) => {
-            let mut current = args.clone();
-            current.push(Arg::Int(at));
+            let mut current_args = args.clone();
+            current_args.push(Arg::Int(at));
             let mut superseded = args;
             superseded.extend([Arg::Int(at), Arg::Int(at)]);
-            vec![
-                (
-                    format!(
-                        "{base} AND {} AND mod_revision <= ? AND deleted = 0",
-                        D::CURRENT_ROWS
+            let superseded = if D::PAST_TABLE {
+                // `+superseded`: no index on it serves a range; the key's does.
+                RangeBranch {
+                    rows: "kv_superseded",
+                    keys: "kv_past",
+                    filter: format!(
+                        "{base} AND +superseded > ? AND mod_revision <= ? AND deleted = 0"
                     ),
-                    current,
-                ),
-                (
-                    format!(
+                    args: superseded,
+                }
+            } else {
+                RangeBranch {
+                    rows: "kv",
+                    keys: "kv",
+                    filter: format!(
                         "{base} AND superseded <> 9223372036854775807 AND superseded > ? \
                          AND mod_revision <= ? AND deleted = 0"
                     ),
-                    superseded,
-                ),
+                    args: superseded,
+                }
+            };
+            vec![
+                current(" AND mod_revision <= ? AND deleted = 0", current_args),
+                superseded,
             ]
         }
     }
 }
 
-/// The statement reading `columns` of the rows `filters` select, in key order, at most
+/// The statement reading `columns` of the rows `branches` select, in key order, at most
 /// `limit` of them.
 fn range_rows_sql<'a>(
     columns: &str,
-    filters: &[(String, Vec<Arg<'a>>)],
+    branches: &[RangeBranch<'a>],
     limit: Option<i64>,
 ) -> (String, Vec<Arg<'a>>) {
     let mut args = Vec::new();
-    let mut branches = Vec::new();
-    for (filter, filter_args) in filters {
-        let mut sql = format!("SELECT {columns} FROM kv WHERE {filter} ORDER BY `key`");
-        args.extend(filter_args.iter().cloned());
+    let mut selects = Vec::new();
+    for branch in branches {
+        let mut sql = format!(
+            "SELECT {columns} FROM {} WHERE {} ORDER BY `key`",
+            branch.rows, branch.filter
+        );
+        args.extend(branch.args.iter().cloned());
         if let Some(limit) = limit {
             sql.push_str(" LIMIT ?");
             args.push(Arg::Int(limit));
         }
-        branches.push(sql);
+        selects.push(sql);
     }
-    if branches.len() == 1 {
-        return (branches.remove(0), args);
+    if selects.len() == 1 {
+        return (selects.remove(0), args);
     }
-    let mut sql = branches
+    let mut sql = selects
         .iter()
         .enumerate()
-        .map(|(i, branch)| format!("SELECT * FROM ({branch}) AS branch{i}"))
+        .map(|(i, select)| format!("SELECT * FROM ({select}) AS branch{i}"))
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
     sql.push_str(" ORDER BY `key`");
@@ -688,15 +734,20 @@ fn range_rows_sql<'a>(
     (sql, args)
 }
 
-/// The statement counting the rows `filters` select.
-fn range_count_sql<'a>(filters: &[(String, Vec<Arg<'a>>)]) -> (String, Vec<Arg<'a>>) {
-    let counts: Vec<String> = filters
+/// The statement counting the rows `branches` select.
+fn range_count_sql<'a>(branches: &[RangeBranch<'a>]) -> (String, Vec<Arg<'a>>) {
+    let counts: Vec<String> = branches
         .iter()
-        .map(|(filter, _)| format!("(SELECT COUNT(*) FROM kv WHERE {filter})"))
+        .map(|branch| {
+            format!(
+                "(SELECT COUNT(*) FROM {} WHERE {})",
+                branch.keys, branch.filter
+            )
+        })
         .collect();
-    let args = filters
+    let args = branches
         .iter()
-        .flat_map(|(_, args)| args.iter().cloned())
+        .flat_map(|branch| branch.args.iter().cloned())
         .collect();
     (format!("SELECT {}", counts.join(" + ")), args)
 }
@@ -870,7 +921,13 @@ fn digest_rows<D: Dialect>(
     if !D::HEAD_TABLE {
         return range_filters::<D>(keyspace, range, None, at)
             .into_iter()
-            .map(|(filter, args)| (format!("SELECT {KV_COLUMNS} FROM kv WHERE {filter}"), args))
+            .map(|branch| {
+                let rows = format!(
+                    "SELECT {KV_COLUMNS} FROM {} WHERE {}",
+                    branch.rows, branch.filter
+                );
+                (rows, branch.args)
+            })
             .collect();
     }
     let columns = "kv.`key`, kv.create_revision, kv.mod_revision, kv.version, kv.lease, kv.value";
@@ -908,15 +965,18 @@ fn digest_rows<D: Dialect>(
 async fn branch_at_revision<D: Dialect>(
     conn: &mut Conn<D>,
     query: &'static str,
-    (filter, mut args): (String, Vec<Arg<'_>>),
+    branch: RangeBranch<'_>,
     bound: Option<&[u8]>,
     keys_only: bool,
     limit: i64,
     max_bytes: Option<usize>,
 ) -> Result<(Vec<KeyValue>, bool)> {
+    let mut args = branch.args;
     let mut sql = format!(
-        "SELECT {} FROM kv WHERE {filter}",
-        range_columns::<D>(keys_only)
+        "SELECT {} FROM {} WHERE {}",
+        range_columns::<D>(keys_only),
+        branch.rows,
+        branch.filter
     );
     if let Some(bound) = bound {
         sql.push_str(" AND `key` <= ?");
@@ -1248,7 +1308,14 @@ async fn lease_keys_on<D: Dialect>(
     keyspace: KeyspaceId,
     id: i64,
 ) -> Result<Vec<Bytes>> {
-    let sql = if D::HEAD_TABLE {
+    let sql = if D::PAST_TABLE {
+        // As below, driven by the lease's rows (`CROSS JOIN` fixes SQLite's join order:
+        // without statistics it walked every head of the keyspace instead).
+        "SELECT h.`key` FROM kv CROSS JOIN kv_head h ON h.keyspace = kv.keyspace \
+         AND h.`key` = kv.`key` AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
+         WHERE kv.keyspace = ? AND kv.lease = ? AND kv.lease <> 0 AND h.deleted = 0 \
+         ORDER BY h.`key`"
+    } else if D::HEAD_TABLE {
         // Every row that named the lease, kept where it is its key's current row.
         "SELECT h.`key` FROM kv JOIN kv_head h ON h.keyspace = kv.keyspace \
          AND h.`key` = kv.`key` AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
@@ -1661,6 +1728,16 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                  AND o.mod_revision < e.mod_revision \
                  ORDER BY o.mod_revision DESC, o.sub DESC LIMIT 1) AS q WHERE q.deleted = 0) \
                  AS p ON TRUE \
+                 WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?"
+            )
+        } else if D::PAST_TABLE {
+            // The previous value is the row its key's `kv_past` row says the event superseded.
+            format!(
+                "{COLUMNS} FROM kv e LEFT JOIN kv_past q ON q.keyspace = e.keyspace \
+                 AND q.superseded = e.mod_revision AND q.`key` = e.`key` \
+                 AND q.mod_revision < e.mod_revision AND q.deleted = 0 \
+                 LEFT JOIN kv p ON p.keyspace = q.keyspace AND p.mod_revision = q.mod_revision \
+                 AND p.sub = q.sub \
                  WHERE e.keyspace = ? AND e.mod_revision > ? AND e.mod_revision <= ?"
             )
         } else {
@@ -2125,6 +2202,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             commit::<D>(tx).await?;
             return Ok(purged);
         }
+        if D::PAST_TABLE {
+            let purged = purge_past::<D>(&mut tx, keyspace, revision, batch).await?;
+            commit::<D>(tx).await?;
+            return Ok(purged);
+        }
         let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
         let superseded = execute::<D>(
             &mut tx,
@@ -2207,6 +2289,98 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         }
         Ok(revisions)
     }
+}
+
+/// One bounded step of a compaction at `revision` where superseded rows are in `kv_past`
+/// ([`Dialect::PAST_TABLE`], SQLite), under the keyspace's lock: at most `batch` rows
+/// superseded at or before `revision`, then at most `batch` tombstones below it (current, or
+/// superseded since), each removed with the row of `kv_past` or `kv_head` naming it. Returns
+/// how many rows of `kv` it removed.
+async fn purge_past<D: Dialect>(
+    tx: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    revision: Revision,
+    batch: i64,
+) -> Result<u64> {
+    let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
+    let superseded = fetch_all::<D>(
+        tx,
+        "purge",
+        "SELECT `key`, mod_revision, sub FROM kv_past WHERE keyspace = ? AND superseded <= ? \
+         ORDER BY superseded LIMIT ?",
+        &args,
+    )
+    .await?;
+    let mut removed = remove_rows::<D>(tx, keyspace, &superseded, &["kv_past"]).await?;
+    let tombstones = fetch_all::<D>(
+        tx,
+        "purge",
+        "SELECT `key`, mod_revision, sub FROM kv WHERE keyspace = ? AND mod_revision < ? \
+         AND deleted = 1 ORDER BY mod_revision, sub LIMIT ?",
+        &args,
+    )
+    .await?;
+    removed += remove_rows::<D>(tx, keyspace, &tombstones, &["kv_head", "kv_past"]).await?;
+    Ok(removed)
+}
+
+/// Removes the rows of `kv` that `rows` name (columns `key`, `mod_revision`, `sub`) and
+/// the rows of `tables` naming them ([`purge_past`]); returns how many rows of `kv` went.
+async fn remove_rows<D: Dialect>(
+    tx: &mut Conn<D>,
+    keyspace: KeyspaceId,
+    rows: &[Row<D>],
+    tables: &[&str],
+) -> Result<u64> {
+    let mut named = Vec::with_capacity(rows.len());
+    for row in rows {
+        named.push((
+            D::DB::bytes(row, 0)?,
+            D::DB::int(row, 1)?,
+            D::DB::int(row, 2)?,
+        ));
+    }
+    let mut removed = 0;
+    for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut sql = String::new();
+        let mut args = Vec::new();
+        // Each row by its primary key: SQLite searches each term of an `OR` by index (a
+        // list of row values it would not).
+        let by_key =
+            vec!["(keyspace = ? AND `key` = ? AND mod_revision = ? AND sub = ?)"; chunk.len()]
+                .join(" OR ");
+        for table in tables {
+            sql.push_str(&format!("DELETE FROM {table} WHERE {by_key}; "));
+            for (key, mod_revision, sub) in chunk {
+                args.extend([
+                    Arg::Int(keyspace),
+                    Arg::Bytes(key),
+                    Arg::Int(*mod_revision),
+                    Arg::Int(*sub),
+                ]);
+            }
+        }
+        // The revisions as a list first: a list of row values alone is not searched by index.
+        sql.push_str(&format!(
+            "DELETE FROM kv WHERE keyspace = ? AND mod_revision IN ({}) \
+             AND (mod_revision, sub) IN (VALUES {})",
+            placeholders(chunk.len()),
+            vec!["(?, ?)"; chunk.len()].join(", ")
+        ));
+        args.push(Arg::Int(keyspace));
+        args.extend(
+            chunk
+                .iter()
+                .map(|(_, mod_revision, _)| Arg::Int(*mod_revision)),
+        );
+        for (_, mod_revision, sub) in chunk {
+            args.extend([Arg::Int(*mod_revision), Arg::Int(*sub)]);
+        }
+        let changed = execute::<D>(tx, "purge", &sql, &args).await?;
+        // Each row of `kv` goes with exactly one row of the tables naming it.
+        removed += changed / 2;
+    }
+    Ok(removed)
 }
 
 /// One bounded step of a compaction at `revision` where current rows are in `kv_head`
@@ -2484,10 +2658,14 @@ fn current_rows_sql<'a, D: Dialect>(
         args.push(Arg::Int(keyspace));
         return (sql, args);
     }
+    let current = if D::PAST_TABLE {
+        Cow::Borrowed("kv_current WHERE keyspace = ?")
+    } else {
+        Cow::Owned(format!("kv WHERE keyspace = ? AND {}", D::CURRENT_ROWS))
+    };
     let select = format!(
         "SELECT `key`, create_revision, mod_revision, version, lease, {value} AS value, \
-         deleted{row_id} FROM kv WHERE keyspace = ? AND {} AND `key`",
-        D::CURRENT_ROWS
+         deleted{row_id} FROM {current} AND `key`"
     );
     if D::KEY_LISTS {
         let sql = format!("{select} IN ({})", placeholders(keys.len()));
@@ -2562,6 +2740,26 @@ fn supersede_sql<'a, D: Dialect>(
             rows.iter()
                 .map(|row| Arg::Text(row.row_id.as_deref().unwrap_or_default())),
         );
+        return (sql, args);
+    }
+    if D::PAST_TABLE {
+        // Each key's head, as it stands before the batch's rows move it, goes to `kv_past`.
+        let mut sql = String::from(
+            "INSERT INTO kv_past (keyspace, `key`, mod_revision, sub, superseded, deleted) \
+             SELECT keyspace, `key`, mod_revision, sub, CASE `key`",
+        );
+        for _ in rows {
+            sql.push_str(" WHEN ? THEN ?");
+        }
+        sql.push_str(&format!(
+            " END, deleted FROM kv_head WHERE keyspace = ? AND `key` IN ({})",
+            placeholders(rows.len())
+        ));
+        for row in rows {
+            args.extend([Arg::Bytes(&row.key), Arg::Int(row.revision)]);
+        }
+        args.push(Arg::Int(keyspace));
+        args.extend(rows.iter().map(|row| Arg::Bytes(&row.key)));
         return (sql, args);
     }
     let mut sql = String::from("UPDATE kv SET superseded = CASE `key`");
@@ -3016,7 +3214,7 @@ fn write_statements<'a, D: Dialect>(
         return statements;
     }
     for chunk in insert_chunks(pending) {
-        let (sql, args) = insert_rows_values_sql(keyspace, chunk);
+        let (sql, args) = insert_rows_values_sql::<D>(keyspace, chunk);
         statements.push(WriteStatement {
             query: "insert_kv",
             sql: Cow::Owned(sql),
@@ -3024,7 +3222,67 @@ fn write_statements<'a, D: Dialect>(
             changes: Some(chunk.len() as u64),
         });
     }
+    if D::PAST_TABLE {
+        // The new rows' places: each key's newest row becomes its head, the others (a key
+        // written again later in the batch) go to `kv_past` with the revision that did.
+        let (past, heads): (Vec<&PendingRow>, Vec<&PendingRow>) =
+            pending.iter().partition(|row| row.superseded != CURRENT);
+        for (rows, past) in [(past, true), (heads, false)] {
+            let mut rest = rows.as_slice();
+            for size in chunk_sizes(rows.len(), MAX_INSERT_ROWS) {
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
+                let (sql, args) = place_rows_sql(keyspace, chunk, past);
+                statements.push(WriteStatement {
+                    query: "insert_kv",
+                    sql: Cow::Owned(sql),
+                    args,
+                    changes: Some(size as u64),
+                });
+            }
+        }
+    }
     statements
+}
+
+/// One multi-row statement naming `rows` (just inserted into `kv`) as superseded rows in
+/// `kv_past`, or (`past` false) as their keys' heads in `kv_head` ([`Dialect::PAST_TABLE`]).
+fn place_rows_sql<'a>(
+    keyspace: KeyspaceId,
+    rows: &[&'a PendingRow],
+    past: bool,
+) -> (String, Vec<Arg<'a>>) {
+    let mut sql = String::from(if past {
+        "INSERT INTO kv_past (keyspace, `key`, mod_revision, sub, deleted, superseded) VALUES "
+    } else {
+        "INSERT INTO kv_head (keyspace, `key`, mod_revision, sub, deleted) VALUES "
+    });
+    let row_sql = if past {
+        "(?, ?, ?, ?, ?, ?)"
+    } else {
+        "(?, ?, ?, ?, ?)"
+    };
+    sql.push_str(&vec![row_sql; rows.len()].join(", "));
+    if !past {
+        sql.push_str(
+            " ON CONFLICT (keyspace, `key`) DO UPDATE SET mod_revision = excluded.mod_revision, \
+             sub = excluded.sub, deleted = excluded.deleted",
+        );
+    }
+    let mut args = Vec::with_capacity(rows.len() * 6);
+    for row in rows {
+        args.extend([
+            Arg::Int(keyspace),
+            Arg::Bytes(&row.kv.key),
+            Arg::Int(row.kv.mod_revision),
+            Arg::Int(row.sub),
+            Arg::Int(row.deleted as i64),
+        ]);
+        if past {
+            args.push(Arg::Int(row.superseded));
+        }
+    }
+    (sql, args)
 }
 
 /// Most rows one multi-row `INSERT` carries (MySQL, SQLite): 512 rows of 10 parameters stay
@@ -3064,15 +3322,24 @@ fn insert_chunks(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
     chunks
 }
 
-/// One multi-row `INSERT` of `chunk` into `kv` (databases without array parameters).
-fn insert_rows_values_sql(keyspace: KeyspaceId, chunk: &[PendingRow]) -> (String, Vec<Arg<'_>>) {
-    let mut sql = String::from(
+/// One multi-row `INSERT` of `chunk` into `kv` (databases without array parameters; with
+/// [`Dialect::PAST_TABLE`], without the `superseded` column).
+fn insert_rows_values_sql<D: Dialect>(
+    keyspace: KeyspaceId,
+    chunk: &[PendingRow],
+) -> (String, Vec<Arg<'_>>) {
+    let (superseded, row) = if D::PAST_TABLE {
+        ("", "(?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    } else {
+        (", superseded", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    };
+    let mut sql = format!(
         "INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, \
-         lease, value, deleted, superseded) VALUES ",
+         lease, value, deleted{superseded}) VALUES "
     );
     for i in 0..chunk.len() {
         sql.push_str(if i == 0 { "" } else { ", " });
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push_str(row);
     }
     let mut args = Vec::with_capacity(chunk.len() * 10);
     for row in chunk {
@@ -3086,8 +3353,10 @@ fn insert_rows_values_sql(keyspace: KeyspaceId, chunk: &[PendingRow]) -> (String
             Arg::Int(row.kv.lease),
             Arg::Bytes(&row.kv.value),
             Arg::Int(row.deleted as i64),
-            Arg::Int(row.superseded),
         ]);
+        if !D::PAST_TABLE {
+            args.push(Arg::Int(row.superseded));
+        }
     }
     (sql, args)
 }

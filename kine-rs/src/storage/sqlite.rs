@@ -64,6 +64,7 @@ impl Dialect for Sqlite {
     const DEFRAGMENT: &'static str = "VACUUM";
     const MULTI_STATEMENT: bool = true;
     const ONE_STATEMENT_GETS: bool = true;
+    const PAST_TABLE: bool = true;
 
     fn delete_limited(filter: &str) -> String {
         format!("DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE {filter} LIMIT ?)")

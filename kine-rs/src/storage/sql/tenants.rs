@@ -45,11 +45,20 @@ pub(super) async fn delete_keyspace<D: Dialect>(
         &id,
     )
     .await?;
-    if D::HEAD_TABLE {
+    if D::HEAD_TABLE || D::PAST_TABLE {
         execute::<D>(
             &mut tx,
             "delete_keyspace",
             "DELETE FROM kv_head WHERE keyspace = ?",
+            &id,
+        )
+        .await?;
+    }
+    if D::PAST_TABLE {
+        execute::<D>(
+            &mut tx,
+            "delete_keyspace",
+            "DELETE FROM kv_past WHERE keyspace = ?",
             &id,
         )
         .await?;
