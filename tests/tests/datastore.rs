@@ -547,24 +547,7 @@ async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
          installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, \
          checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)",
     );
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kine-rs/migrations/postgres");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("the migrations")
-        .map(|entry| entry.expect("an entry").path())
-        .collect();
-    files.sort();
-    for file in files.iter().filter(|file| {
-        let name = file.file_name().unwrap_or_default().to_string_lossy();
-        name.as_ref() < "0008"
-    }) {
-        let text = std::fs::read_to_string(file).expect("a migration");
-        let name = file
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let (version, description) = name.split_once('_').expect("NNNN_description");
+    for (version, description, text) in migrations_before("postgres", "0008") {
         psql(&text);
         let checksum: String = Sha384::digest(text.as_bytes())
             .iter()
@@ -572,9 +555,7 @@ async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
             .collect();
         psql(&format!(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
-             execution_time) VALUES ({}, '{}', true, '\\x{checksum}', 1)",
-            version.parse::<i64>().expect("a version"),
-            description.replace('_', " ")
+             execution_time) VALUES ({version}, '{description}', true, '\\x{checksum}', 1)"
         ));
     }
     // Revisions 2–6 of the keyspace kine-rs serves without tenants: a (v1, then v2), b, and c
@@ -621,24 +602,7 @@ async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
     )
     .await
     .expect("the migrations' table");
-    let migrations =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kine-rs/migrations/sqlite");
-    let mut files: Vec<_> = std::fs::read_dir(&migrations)
-        .expect("the migrations")
-        .map(|entry| entry.expect("an entry").path())
-        .collect();
-    files.sort();
-    for file in files.iter().filter(|file| {
-        let name = file.file_name().unwrap_or_default().to_string_lossy();
-        name.as_ref() < "0007"
-    }) {
-        let text = std::fs::read_to_string(file).expect("a migration");
-        let name = file
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let (version, description) = name.split_once('_').expect("NNNN_description");
+    for (version, description, text) in migrations_before("sqlite", "0007") {
         db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
             .await
             .expect("a migration runs");
@@ -646,8 +610,8 @@ async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
              execution_time) VALUES (?, ?, 1, ?, 1)",
         )
-        .bind(version.parse::<i64>().expect("a version"))
-        .bind(description.replace('_', " "))
+        .bind(version)
+        .bind(description)
         .bind(Sha384::digest(text.as_bytes()).to_vec())
         .execute(&mut db)
         .await
@@ -684,6 +648,42 @@ async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
             .join(",")
     })
     .await;
+}
+
+/// The repository's migrations of `database` (a directory of `kine-rs/migrations`) before
+/// `version`, in order: each one's version, its description as sqlx records it, and its text.
+fn migrations_before(database: &str, version: &str) -> Vec<(i64, String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../kine-rs/migrations")
+        .join(database);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the migrations")
+        .map(|entry| entry.expect("an entry").path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .filter(|file| {
+            file.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_ref()
+                < version
+        })
+        .map(|file| {
+            let name = file
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let (number, description) = name.split_once('_').expect("NNNN_description");
+            (
+                number.parse().expect("a version"),
+                description.replace('_', " "),
+                std::fs::read_to_string(file).expect("a migration"),
+            )
+        })
+        .collect()
 }
 
 /// The checks of the upgrade tests: kine-rs on `endpoint` (the database holding revisions
