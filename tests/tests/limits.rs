@@ -510,6 +510,53 @@ async fn keep_alives_repeating_a_lease_within_its_window_are_answered_at_their_o
     Ok(())
 }
 
+/// A stream flooding keep-alives takes no more than its share of the tenant's keep-alive
+/// rate: another client's keep-alive of its own lease is answered within a few turns of the
+/// rate. Each of the 64 keep-alives a stream renews at once used to reserve its turn, so a
+/// flood at 5 a second put another stream's keep-alive behind some 13–26 s of the flood's
+/// backlog (a lease with a shorter TTL would expire while renewed); a stream now holds one
+/// turn at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_flood_does_not_hold_another_streams_keep_alives() -> Result<()> {
+    let (kine, mut flooder) =
+        serve_and_connect("memory://", &["--max-keepalives-per-second", "5"]).await?;
+    let flooded = flooder.lease_grant(600, None).await?.id();
+    let (mut keeper, mut responses) = flooder.lease_keep_alive(flooded).await?;
+    let flood = tokio::spawn(async move {
+        loop {
+            keeper.keep_alive().await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let drained = tokio::spawn(async move {
+        let mut answered = 0u64;
+        while let Ok(Some(_)) = responses.message().await {
+            answered += 1;
+        }
+        answered
+    });
+    // Let the flood fill its stream's renewals (and, before, the rate's reservations).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut other = connect(&kine).await?;
+    let lease = other.lease_grant(60, None).await?.id();
+    let (mut keeper, mut answers) = other.lease_keep_alive(lease).await?;
+    for round in 0..3 {
+        keeper.keep_alive().await?;
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .with_context(|| {
+                format!("keep-alive {round} of another stream waited 5 s behind the flood")
+            })??
+            .context("the keep-alive stream ended")?;
+        ensure!(answer.id() == lease && answer.ttl() == 60, "{answer:?}");
+    }
+    ensure!(!flood.is_finished(), "the flood ended");
+    flood.abort();
+    drained.abort();
+    Ok(())
+}
+
 /// A client of gateway `kine` as tenant `name` (a client certificate of `pki`).
 async fn gateway_client(pki: &Pki, kine: &ChildGuard, name: &str) -> Result<Client> {
     let (cert, key) = pki.client(name);

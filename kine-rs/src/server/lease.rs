@@ -8,6 +8,7 @@ use kine_proto::etcdserverpb::{
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -56,6 +57,12 @@ impl Lease for LeaseService {
         tokio::spawn(async move {
             // Several keep-alives of a stream are renewed at once (so a flood's renewals
             // batch in the datastore) and answered in the order they came, as etcd does.
+            // But they are admitted to the tenant's keep-alive rates one at a time: each
+            // admission reserves its turn, and a stream reserving for all it holds would put
+            // every other stream of the tenant behind its whole backlog (a flood of 64 at 20
+            // a second kept another client's keep-alive waiting 6.5 s). So a stream holds at
+            // most one turn, and the rate is shared between the tenant's streams.
+            let admission = Arc::new(tokio::sync::Mutex::new(()));
             let mut renewing = FuturesOrdered::new();
             let mut open = true;
             while open || !renewing.is_empty() {
@@ -76,8 +83,12 @@ impl Lease for LeaseService {
                             tenant = next;
                         }
                         let tenant = tenant.clone();
+                        let admission = admission.clone();
                         renewing.push_back(async move {
-                            tenant.admit_keep_alive(request.id).await;
+                            {
+                                let _turn = admission.lock().await;
+                                tenant.admit_keep_alive(request.id).await;
+                            }
                             tenant.lease_keep_alive(request.id).await.map_err(Status::from)
                         });
                     }
