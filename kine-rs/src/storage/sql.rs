@@ -313,6 +313,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// in turn): SQLite, where every call is a hand-off to the connection's worker thread and
     /// back, while the keyspace's next write batch waits for the lock.
     const MULTI_STATEMENT: bool = false;
+    /// Where a write call checks, statement by statement, the rows each changed, so that
+    /// the call may end with the batch's COMMIT (SQLite, [`ChangedRowsCheck`]).
+    const CHANGED_ROWS_CHECK: Option<ChangedRowsCheck> = None;
     /// Whether a key's current row is named by a row of `kv_head` (PostgreSQL, migration
     /// 0008) instead of marked in `kv.superseded`: `kv` only gets rows appended, and an
     /// overwrite changes a narrow head row in place instead of rewriting the row it
@@ -3074,16 +3077,19 @@ impl<D: Dialect> SqlWriteTxn<D> {
 
     /// Writes the buffered rows, so statements that read the table see them.
     async fn flush(&mut self) -> Result<()> {
-        self.flush_then(None).await
+        self.flush_then(None, false).await.map(drop)
     }
 
     /// Writes the buffered rows, then runs `then` (a statement changing one row, named as
     /// its query), all in one call where the database takes several statements at once
-    /// ([`Dialect::MULTI_STATEMENT`]).
+    /// ([`Dialect::MULTI_STATEMENT`]). With `commit`, that call also commits where the
+    /// database checks each statement's changed rows inside it ([`ChangedRowsCheck`], on
+    /// the batch connection); returns whether it did.
     async fn flush_then(
         &mut self,
         then: Option<(&'static str, String, Vec<Arg<'_>>)>,
-    ) -> Result<()> {
+        commit: bool,
+    ) -> Result<bool> {
         self.lock().await?;
         let mut supersede = std::mem::take(&mut self.supersede);
         if D::HEAD_TABLE {
@@ -3100,8 +3106,11 @@ impl<D: Dialect> SqlWriteTxn<D> {
             // changed.
             changes: D::MULTI_STATEMENT.then_some(1),
         }));
+        // Checked inside the call only on the batch connection, which has the check's objects.
+        let checks = D::CHANGED_ROWS_CHECK.filter(|_| matches!(self.tx, Some(WriteTx::Own(_))));
+        let commit = commit && checks.is_some();
         let conn = held::<D>(&mut self.tx)?;
-        if D::MULTI_STATEMENT && statements.len() > 1 {
+        if D::MULTI_STATEMENT && (statements.len() > 1 || commit) {
             // One call: each statement is a hand-off to SQLite's worker thread, and the
             // keyspace's next batch waits for this one.
             let mut sql = String::new();
@@ -3113,9 +3122,24 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 }
                 sql.push_str(&statement.sql);
                 args.extend(statement.args.iter().cloned());
-                expected = expected.zip(statement.changes).map(|(a, b)| a + b);
+                match (checks, statement.changes) {
+                    (Some(check), Some(changes)) => {
+                        sql.push_str("; ");
+                        sql.push_str(check.check);
+                        args.push(Arg::Int(i64::try_from(changes).unwrap_or(i64::MAX)));
+                    }
+                    (Some(_), None) => {}
+                    (None, changes) => {
+                        expected = expected.zip(changes).map(|(a, b)| a + b);
+                    }
+                }
+            }
+            if commit {
+                // Reached only if every check passed: a refused statement ends the call.
+                sql.push_str("; COMMIT");
             }
             let changed = execute::<D>(conn, "write", &sql, &args).await?;
+            let expected = expected.filter(|_| checks.is_none());
             if let Some(expected) = expected.filter(|expected| changed != *expected) {
                 return Err(KineError::Storage(format!(
                     "a write batch's statements changed {changed} rows, not {expected}"
@@ -3140,8 +3164,20 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 known.row_id = None;
             }
         }
-        Ok(())
+        Ok(commit)
     }
+}
+
+/// Statements refusing, inside a write call, a statement that changed other rows than the
+/// batch expects, so the call can end with the batch's COMMIT (one hand-off to SQLite's
+/// worker thread less per batch) and the commit still never follows an unexpected change.
+#[derive(Clone, Copy)]
+pub struct ChangedRowsCheck {
+    /// Creates the objects `check` uses, once per connection.
+    pub setup: &'static str,
+    /// Follows a statement; fails (ending the call) unless that statement changed as many
+    /// rows as its one parameter says.
+    pub check: &'static str,
 }
 
 /// A statement of a write batch, and how many rows it changes where that is known.
@@ -3740,11 +3776,15 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         } else {
             None
         };
-        self.flush_then(counters).await?;
+        let committed = self.flush_then(counters, true).await?;
         let tx = self
             .tx
             .take()
             .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
+        if committed {
+            tx.committed();
+            return Ok(());
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::sql::{Dialect, SqlBackend};
+use super::sql::{ChangedRowsCheck, Dialect, SqlBackend};
 use super::{BackendOptions, migration_error};
 use crate::error::{KineError, Result};
 
@@ -63,6 +63,17 @@ impl Dialect for Sqlite {
          FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s";
     const DEFRAGMENT: &'static str = "VACUUM";
     const MULTI_STATEMENT: bool = true;
+    // A view that takes no rows: inserting into it only runs its trigger, which ends the
+    // call unless the statement before changed the rows expected (`changes()`, its count).
+    const CHANGED_ROWS_CHECK: Option<ChangedRowsCheck> = Some(ChangedRowsCheck {
+        setup: "CREATE TEMP VIEW IF NOT EXISTS kine_rs_changed (expected, changed) AS \
+                SELECT 0, 0; \
+            CREATE TEMP TRIGGER IF NOT EXISTS kine_rs_changed_check \
+                INSTEAD OF INSERT ON kine_rs_changed \
+                WHEN NEW.changed IS NOT NEW.expected \
+                BEGIN SELECT RAISE(ABORT, 'a write batch statement changed other rows than expected'); END",
+        check: "INSERT INTO temp.kine_rs_changed (expected, changed) VALUES (?, changes())",
+    });
     const ONE_STATEMENT_GETS: bool = true;
     const PAST_TABLE: bool = true;
 
@@ -453,6 +464,102 @@ mod writer_tests {
         assert_eq!(read.revision, revision);
         assert_eq!(read.kvs.len(), 1);
         assert_eq!(&read.kvs[0].value[..], b"kept");
+    }
+
+    /// A write batch's last call also commits it, but only after each of its statements
+    /// changed the rows the batch expected: one that did not ends the call before its COMMIT,
+    /// the batch fails with nothing kept, and the writer goes on. (Here a trigger drops the
+    /// row an overwrite moves to `kv_past`, so that statement changes none instead of one.)
+    #[tokio::test]
+    async fn a_write_call_whose_statement_changed_unexpected_rows_commits_nothing() {
+        use bytes::Bytes;
+
+        use crate::model::{KeyRange, KeyValue};
+        use crate::storage::{Backend, BatchKeys, RangeQuery};
+
+        let backend = super::open_memory().await.expect("open");
+        let keyspace = backend
+            .keyspace("t", true)
+            .await
+            .expect("keyspace")
+            .expect("created");
+        let key = Bytes::from_static(b"k");
+        let keys = BatchKeys {
+            all: vec![key.clone()],
+            created: Vec::new(),
+        };
+        let range = KeyRange::new(key.clone(), Bytes::new());
+        let query = || RangeQuery {
+            range: &range,
+            revision: 0,
+            limit: None,
+            keys_only: false,
+            count_only: false,
+        };
+        let put = |created, revision, version, value: &'static [u8]| KeyValue {
+            key: key.to_vec().into(),
+            create_revision: created,
+            mod_revision: revision,
+            version,
+            value: value.to_vec().into(),
+            lease: 0,
+        };
+
+        let mut txn = backend
+            .begin_group_write(keyspace, &keys, false)
+            .await
+            .expect("begin");
+        let first = txn.state().revision + 1;
+        txn.put(&put(first, first, 1, b"first"), 0)
+            .await
+            .expect("put");
+        txn.commit(first).await.expect("commit");
+
+        sqlx::query(
+            "CREATE TRIGGER lose_superseded BEFORE INSERT ON kv_past BEGIN SELECT RAISE(IGNORE); END",
+        )
+        .execute(backend.writer_pool())
+        .await
+        .expect("trigger");
+        let second = first + 1;
+        let mut txn = backend
+            .begin_group_write(keyspace, &keys, false)
+            .await
+            .expect("begin");
+        txn.put(&put(first, second, 2, b"lost"), 0)
+            .await
+            .expect("put");
+        let error = txn
+            .commit(second)
+            .await
+            .expect_err("a batch whose supersede changed no row committed");
+        assert!(
+            error
+                .to_string()
+                .contains("changed other rows than expected"),
+            "{error}"
+        );
+        sqlx::query("DROP TRIGGER lose_superseded")
+            .execute(backend.writer_pool())
+            .await
+            .expect("drop trigger");
+        let read = backend.range(keyspace, query()).await.expect("range");
+        assert_eq!(read.revision, first, "the failed batch's revision was kept");
+        assert_eq!(&read.kvs[0].value[..], b"first");
+
+        let mut txn = backend
+            .begin_group_write(keyspace, &keys, false)
+            .await
+            .expect("the next batch begins");
+        assert_eq!(txn.state().revision, first);
+        txn.put(&put(first, second, 2, b"second"), 0)
+            .await
+            .expect("put");
+        txn.commit(second).await.expect("commit");
+        let read = backend.range(keyspace, query()).await.expect("range");
+        assert_eq!(read.revision, second);
+        assert_eq!(&read.kvs[0].value[..], b"second");
+        assert_eq!(read.kvs[0].version, 2);
     }
 }
 

@@ -8,7 +8,8 @@
 //! So SQLite's write batches run on a connection taken out of the pool for good
 //! ([`BatchConnection`]), behind an async lock, and begin and commit their transactions
 //! themselves ([`WriteTx::Own`]): `BEGIN IMMEDIATE` in the call of the batch's first read,
-//! `COMMIT` when asked, `ROLLBACK` when dropped without one.
+//! `COMMIT` at the end of its last call (after the checks of [`super::ChangedRowsCheck`]) or
+//! when asked, `ROLLBACK` when dropped without one.
 
 use std::sync::Arc;
 
@@ -36,6 +37,14 @@ impl<D: Dialect> WriteTx<D> {
         }
     }
 
+    /// Ends a transaction the batch's last call committed
+    /// ([`super::ChangedRowsCheck`]).
+    pub(super) fn committed(self) {
+        if let WriteTx::Own(mut tx) = self {
+            tx.open = false;
+        }
+    }
+
     /// Commits, recorded as query `commit`.
     pub(super) async fn commit(self) -> Result<()> {
         match self {
@@ -56,11 +65,21 @@ pub(super) struct BatchConnection<D: Dialect> {
 impl<D: Dialect> BatchConnection<D> {
     /// Takes a connection out of `pool` (which may open another for its other users).
     pub(super) async fn take_from(pool: &Pool<D::DB>) -> Result<Self> {
-        let conn = pool.acquire().await?;
+        let conn = Self::detached(pool).await?;
         Ok(BatchConnection {
-            conn: Arc::new(Mutex::new(Some(PoolConnection::detach(conn)))),
+            conn: Arc::new(Mutex::new(Some(conn))),
             pool: pool.clone(),
         })
+    }
+
+    /// A connection of `pool` kept out of it, set up for write calls that commit
+    /// ([`super::ChangedRowsCheck`]).
+    async fn detached(pool: &Pool<D::DB>) -> Result<Conn<D>> {
+        let mut conn = PoolConnection::detach(super::acquire::<D>(pool).await?);
+        if let Some(check) = D::CHANGED_ROWS_CHECK {
+            execute::<D>(&mut conn, "batch_setup", check.setup, &[]).await?;
+        }
+        Ok(conn)
     }
 
     /// The connection, for a transaction its next call begins; batches wait here for each
@@ -68,9 +87,7 @@ impl<D: Dialect> BatchConnection<D> {
     pub(super) async fn begin(&self) -> Result<OwnTx<D>> {
         let mut guard = self.conn.clone().lock_owned().await;
         if guard.is_none() {
-            *guard = Some(PoolConnection::detach(
-                super::acquire::<D>(&self.pool).await?,
-            ));
+            *guard = Some(Self::detached(&self.pool).await?);
         }
         Ok(OwnTx {
             guard: Some(guard),
