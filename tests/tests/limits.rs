@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, Identity, TlsOptions, WatchOptions, WatchStream,
+    Certificate, Client, ConnectOptions, EventType, Identity, LeaseKeeper, TlsOptions,
+    WatchOptions, WatchStream,
 };
 use kine_tests::pki::Pki;
 use kine_tests::{Backend, ChildGuard, free_port, serve_and_connect, spawn_etcd, spawn_kine_with};
@@ -469,6 +470,15 @@ async fn a_stream_read_slowly_does_not_stall_its_connection() -> Result<()> {
     Ok(())
 }
 
+/// Sends keep-alives on `keeper`'s stream as fast as the stream takes them, until aborted.
+fn spawn_keep_alive_flood(mut keeper: LeaseKeeper) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        loop {
+            keeper.keep_alive().await?;
+        }
+    })
+}
+
 /// A flood of one lease's keep-alives is answered at `--max-repeated-keepalives-per-second`
 /// once the first renewed it (each answer the full TTL; a keep-alive that repeats nothing is
 /// not held to that rate, only to `--max-keepalives-per-second`): a flood over a tenant's
@@ -481,14 +491,8 @@ async fn keep_alives_repeating_a_lease_within_its_window_are_answered_at_their_o
     let (_kine, mut client) =
         serve_and_connect("memory://", &["--max-repeated-keepalives-per-second", "20"]).await?;
     let flooded = client.lease_grant(600, None).await?.id();
-    let (mut keeper, mut responses) = client.lease_keep_alive(flooded).await?;
-    let flood = tokio::spawn(async move {
-        loop {
-            keeper.keep_alive().await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
+    let (keeper, mut responses) = client.lease_keep_alive(flooded).await?;
+    let flood = spawn_keep_alive_flood(keeper);
     let mut answered = 0u64;
     let until = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(answer) = tokio::time::timeout_at(until, responses.message()).await {
@@ -521,14 +525,8 @@ async fn a_keep_alive_flood_does_not_hold_another_streams_keep_alives() -> Resul
     let (kine, mut flooder) =
         serve_and_connect("memory://", &["--max-keepalives-per-second", "5"]).await?;
     let flooded = flooder.lease_grant(600, None).await?.id();
-    let (mut keeper, mut responses) = flooder.lease_keep_alive(flooded).await?;
-    let flood = tokio::spawn(async move {
-        loop {
-            keeper.keep_alive().await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
+    let (keeper, mut responses) = flooder.lease_keep_alive(flooded).await?;
+    let flood = spawn_keep_alive_flood(keeper);
     let drained = tokio::spawn(async move {
         let mut answered = 0u64;
         while let Ok(Some(_)) = responses.message().await {

@@ -397,42 +397,72 @@ mod writer_tests {
         assert_eq!(temp_store, 2);
     }
 
+    use bytes::Bytes;
+
+    use crate::model::{KeyRange, KeyValue};
+    use crate::storage::{Backend, BatchKeys, KeyspaceId, RangeQuery};
+
+    /// A fresh `memory://` backend with keyspace `t`, and the batch keys and range of its
+    /// one key `k`.
+    struct OneKey {
+        backend: super::SqliteBackend,
+        keyspace: KeyspaceId,
+        keys: BatchKeys,
+        range: KeyRange,
+    }
+
+    impl OneKey {
+        async fn new() -> Self {
+            let backend = super::open_memory().await.expect("open");
+            let keyspace = backend
+                .keyspace("t", true)
+                .await
+                .expect("keyspace")
+                .expect("created");
+            let key = Bytes::from_static(b"k");
+            OneKey {
+                backend,
+                keyspace,
+                keys: BatchKeys {
+                    all: vec![key.clone()],
+                    created: Vec::new(),
+                },
+                range: KeyRange::new(key, Bytes::new()),
+            }
+        }
+
+        /// The key's current row.
+        fn query(&self) -> RangeQuery<'_> {
+            RangeQuery {
+                range: &self.range,
+                revision: 0,
+                limit: None,
+                keys_only: false,
+                count_only: false,
+            }
+        }
+
+        /// A row of the key.
+        fn row(created: i64, revision: i64, version: i64, value: &'static [u8]) -> KeyValue {
+            KeyValue {
+                key: b"k".to_vec().into(),
+                create_revision: created,
+                mod_revision: revision,
+                version,
+                value: value.to_vec().into(),
+                lease: 0,
+            }
+        }
+    }
+
     /// A write batch dropped before its commit (a datastore failure halfway) is rolled back:
     /// the rows it wrote are gone and the single writer begins the next batch as usual.
     #[tokio::test]
     async fn a_batch_dropped_before_its_commit_is_rolled_back() {
-        use bytes::Bytes;
-
-        use crate::model::{KeyRange, KeyValue};
-        use crate::storage::{Backend, BatchKeys, RangeQuery};
-
-        let backend = super::open_memory().await.expect("open");
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
-        let key = Bytes::from_static(b"k");
-        let keys = BatchKeys {
-            all: vec![key.clone()],
-            created: Vec::new(),
-        };
-        let range = KeyRange::new(key.clone(), Bytes::new());
-        let query = || RangeQuery {
-            range: &range,
-            revision: 0,
-            limit: None,
-            keys_only: false,
-            count_only: false,
-        };
-        let put = |revision, value: &'static [u8]| KeyValue {
-            key: key.to_vec().into(),
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-            value: value.to_vec().into(),
-            lease: 0,
-        };
+        let fixture = OneKey::new().await;
+        let (backend, keyspace, keys) = (&fixture.backend, fixture.keyspace, fixture.keys.clone());
+        let query = || fixture.query();
+        let put = |revision, value| OneKey::row(revision, revision, 1, value);
 
         let mut txn = backend
             .begin_group_write(keyspace, &keys, false)
@@ -472,38 +502,10 @@ mod writer_tests {
     /// row an overwrite moves to `kv_past`, so that statement changes none instead of one.)
     #[tokio::test]
     async fn a_write_call_whose_statement_changed_unexpected_rows_commits_nothing() {
-        use bytes::Bytes;
-
-        use crate::model::{KeyRange, KeyValue};
-        use crate::storage::{Backend, BatchKeys, RangeQuery};
-
-        let backend = super::open_memory().await.expect("open");
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
-        let key = Bytes::from_static(b"k");
-        let keys = BatchKeys {
-            all: vec![key.clone()],
-            created: Vec::new(),
-        };
-        let range = KeyRange::new(key.clone(), Bytes::new());
-        let query = || RangeQuery {
-            range: &range,
-            revision: 0,
-            limit: None,
-            keys_only: false,
-            count_only: false,
-        };
-        let put = |created, revision, version, value: &'static [u8]| KeyValue {
-            key: key.to_vec().into(),
-            create_revision: created,
-            mod_revision: revision,
-            version,
-            value: value.to_vec().into(),
-            lease: 0,
-        };
+        let fixture = OneKey::new().await;
+        let (backend, keyspace, keys) = (&fixture.backend, fixture.keyspace, fixture.keys.clone());
+        let query = || fixture.query();
+        let put = OneKey::row;
 
         let mut txn = backend
             .begin_group_write(keyspace, &keys, false)
