@@ -781,3 +781,150 @@ async fn served_as_written_before_the_upgrade(
     let after = client.get("", all()).await.expect("get");
     assert_eq!(values(&after), [("v3".into(), 7, 3), ("b".into(), 4, 1)]);
 }
+
+/// On SQLite an overwrite's superseded row is appended to `kv_past` (ordered by the revision
+/// that superseded it), as its new row is to `kv`: a transaction overwriting 64 keys spread
+/// over 2,000 changes at most four leaf pages of `kv_past` (its last and new ones), where by key it changed about one
+/// page per key (~30 here). Compaction then takes `kv_past`'s first rows, and a tombstone
+/// superseded after the compaction revision stays until a compaction passes that revision;
+/// reads and watches at or after the compaction revision never see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_superseded_rows_are_appended_and_purged_in_revision_order() {
+    use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.db");
+    let endpoint = format!("sqlite://{}", path.display());
+    let kine = spawn_kine_on(&endpoint, dir, &["--compact-interval", "0"]);
+    let mut client = etcd_client::Client::connect([kine.endpoint.as_str()], None)
+        .await
+        .expect("connect");
+    let key = |i: usize| format!("/registry/pods/default/pod-{i:05}");
+    let value = "v".repeat(200);
+    let put_all = async |client: &mut etcd_client::Client, keys: &[usize]| {
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|&i| TxnOp::put(key(i), value.clone(), None))
+            .collect();
+        let response = client.txn(Txn::new().and_then(ops)).await.expect("txn");
+        assert!(response.succeeded());
+    };
+    let all: Vec<usize> = (0..2000).collect();
+    for _round in 0..2 {
+        for chunk in all.chunks(100) {
+            put_all(&mut client, chunk).await;
+        }
+    }
+    let leaves = async || {
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
+                .await
+                .expect("sqlite");
+        let pages: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT pageno, ncell, payload FROM dbstat WHERE name = 'kv_past' \
+             AND pagetype = 'leaf'",
+        )
+        .fetch_all(&mut db)
+        .await
+        .expect("dbstat");
+        pages
+    };
+    let before = leaves().await;
+    assert!(before.len() >= 20, "kv_past leaves: {}", before.len());
+    let spread: Vec<usize> = (0..64).map(|j| j * 31).collect();
+    put_all(&mut client, &spread).await;
+    let after = leaves().await;
+    let changed = after.iter().filter(|page| !before.contains(page)).count();
+    assert!(
+        changed <= 4,
+        "64 overwrites changed {changed} of {} leaves of kv_past",
+        after.len()
+    );
+
+    // A key deleted, then created again after the compaction revision.
+    client.put("t", "v1", None).await.expect("put");
+    client.delete("t", None).await.expect("delete");
+    let compaction = client
+        .put("x", "1", None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    let created = client
+        .txn(
+            Txn::new()
+                .when([Compare::version("t", CompareOp::Equal, 0)])
+                .and_then([TxnOp::put("t", "v2", None)]),
+        )
+        .await
+        .expect("txn")
+        .header()
+        .expect("header")
+        .revision();
+    let physical = || Some(etcd_client::CompactionOptions::new().with_physical());
+    client
+        .compact(compaction, physical())
+        .await
+        .expect("compact");
+    let rows_of = async |name: &str| {
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
+                .await
+                .expect("sqlite");
+        let rows: Vec<(i64, bool)> = sqlx::query_as(
+            "SELECT mod_revision, deleted FROM kv WHERE key = ? ORDER BY mod_revision",
+        )
+        .bind(name.as_bytes())
+        .fetch_all(&mut db)
+        .await
+        .expect("rows");
+        rows
+    };
+    assert_eq!(
+        rows_of("t").await,
+        [(compaction - 1, true), (created, false)],
+        "the tombstone superseded after the compaction stays, its key's first row goes"
+    );
+    assert_eq!(rows_of(&key(0)).await.len(), 1, "superseded rows purged");
+    let at = client
+        .get("t", Some(GetOptions::new().with_revision(compaction)))
+        .await
+        .expect("get at the compaction");
+    assert!(at.kvs().is_empty());
+    let mut stream = client
+        .watch(
+            "t",
+            Some(
+                WatchOptions::new()
+                    .with_start_revision(compaction)
+                    .with_prev_key(),
+            ),
+        )
+        .await
+        .expect("watch");
+    let event = loop {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("in time")
+            .expect("a response")
+            .expect("open");
+        if let Some(event) = response.events().first() {
+            break event.clone();
+        }
+    };
+    assert_eq!(event.kv().expect("kv").mod_revision(), created);
+    assert!(event.prev_kv().is_none(), "{:?}", event.prev_kv());
+
+    let next = client
+        .put("x", "2", None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    client.compact(next, physical()).await.expect("compact");
+    assert_eq!(rows_of("t").await, [(created, false)]);
+    let now = client.get("t", None).await.expect("get");
+    assert_eq!(now.kvs()[0].value(), b"v2");
+}

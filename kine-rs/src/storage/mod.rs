@@ -27,11 +27,13 @@
 //! rows written since its last pass and removes the rows each of them superseded.
 //!
 //! On SQLite (migration 0007) `kv` only gets rows appended too, and the superseded revision
-//! is kept beside it: `kv_head` names each key's current row and `kv_past` each superseded
-//! row with the revision that superseded it, both narrow and ordered by key. Marking the
+//! is kept beside it: `kv_head` names each key's current row (narrow, ordered by key) and
+//! `kv_past` each superseded row with the revision that superseded it (narrow, ordered by
+//! that revision since migration 0008, so an overwrite appends to it too). Marking the
 //! superseded row in `kv` rewrote its page of `kv`, a page far from the appended rows, and
 //! moved its entries between three indexes. The reads keep the shapes above, over the views
-//! `kv_current` and `kv_superseded`.
+//! `kv_current` and `kv_superseded`; a read at an older revision finds its superseded rows
+//! among those superseded since that revision.
 //!
 //! Rows are identified by `(keyspace, mod_revision, sub)`, so new rows append to the table's
 //! key and to the watch log; the only index ordered by key that a new key touches is the one

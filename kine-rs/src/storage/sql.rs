@@ -671,12 +671,13 @@ fn range_filters<'a, D: Dialect>(
             let mut superseded = args;
             superseded.extend([Arg::Int(at), Arg::Int(at)]);
             let superseded = if D::PAST_TABLE {
-                // `+superseded`: no index on it serves a range; the key's does.
+                // `kv_past` is ordered by superseding revision: the rows superseded since
+                // `at`, each kept when it is in the range and was written by then.
                 RangeBranch {
                     rows: "kv_superseded",
                     keys: "kv_past",
                     filter: format!(
-                        "{base} AND +superseded > ? AND mod_revision <= ? AND deleted = 0"
+                        "{base} AND superseded > ? AND mod_revision <= ? AND deleted = 0"
                     ),
                     args: superseded,
                 }
@@ -2296,9 +2297,12 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
 /// One bounded step of a compaction at `revision` where superseded rows are in `kv_past`
 /// ([`Dialect::PAST_TABLE`], SQLite), under the keyspace's lock: at most `batch` rows
-/// superseded at or before `revision`, then at most `batch` tombstones below it (current, or
-/// superseded since), each removed with the row of `kv_past` or `kv_head` naming it. Returns
-/// how many rows of `kv` it removed.
+/// superseded at or before `revision` (the first of `kv_past`, which is ordered by
+/// superseding revision), then at most `batch` of the keys' current tombstones below it, each
+/// removed with the row of `kv_past` or `kv_head` naming it. A tombstone superseded after
+/// `revision` (its key written again since) stays until a compaction passes that revision:
+/// no read at or after `revision` sees it, and `kv_past` finds it only by that revision.
+/// Returns how many rows of `kv` it removed.
 async fn purge_past<D: Dialect>(
     tx: &mut Conn<D>,
     keyspace: KeyspaceId,
@@ -2309,59 +2313,82 @@ async fn purge_past<D: Dialect>(
     let superseded = fetch_all::<D>(
         tx,
         "purge",
-        "SELECT `key`, mod_revision, sub FROM kv_past WHERE keyspace = ? AND superseded <= ? \
-         ORDER BY superseded LIMIT ?",
+        "SELECT `key`, mod_revision, sub, superseded FROM kv_past WHERE keyspace = ? \
+         AND superseded <= ? ORDER BY superseded LIMIT ?",
         &args,
     )
     .await?;
-    let mut removed = remove_rows::<D>(tx, keyspace, &superseded, &["kv_past"]).await?;
+    let mut removed = remove_rows::<D>(tx, keyspace, &superseded, RowsNamedBy::Past).await?;
+    // Driven by `kv`'s rows below `revision` (those compaction left: current ones), as the
+    // heads are not ordered by revision.
     let tombstones = fetch_all::<D>(
         tx,
         "purge",
-        "SELECT `key`, mod_revision, sub FROM kv WHERE keyspace = ? AND mod_revision < ? \
-         AND deleted = 1 ORDER BY mod_revision, sub LIMIT ?",
+        "SELECT kv.`key`, kv.mod_revision, kv.sub FROM kv CROSS JOIN kv_head h \
+         ON h.keyspace = kv.keyspace AND h.`key` = kv.`key` \
+         AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
+         WHERE kv.keyspace = ? AND kv.mod_revision < ? AND kv.deleted = 1 \
+         ORDER BY kv.mod_revision, kv.sub LIMIT ?",
         &args,
     )
     .await?;
-    removed += remove_rows::<D>(tx, keyspace, &tombstones, &["kv_head", "kv_past"]).await?;
+    removed += remove_rows::<D>(tx, keyspace, &tombstones, RowsNamedBy::Head).await?;
     Ok(removed)
 }
 
-/// Removes the rows of `kv` that `rows` name (columns `key`, `mod_revision`, `sub`) and
-/// the rows of `tables` naming them ([`purge_past`]); returns how many rows of `kv` went.
+/// The table naming the rows [`remove_rows`] removes.
+#[derive(Clone, Copy)]
+enum RowsNamedBy {
+    /// `kv_head`: current rows, given as `key`, `mod_revision`, `sub`.
+    Head,
+    /// `kv_past`: superseded rows, given as `key`, `mod_revision`, `sub`, `superseded`.
+    Past,
+}
+
+/// Removes the rows of `kv` that `rows` name and the rows of the table naming them
+/// ([`purge_past`]); returns how many rows of `kv` went.
 async fn remove_rows<D: Dialect>(
     tx: &mut Conn<D>,
     keyspace: KeyspaceId,
     rows: &[Row<D>],
-    tables: &[&str],
+    named_by: RowsNamedBy,
 ) -> Result<u64> {
     let mut named = Vec::with_capacity(rows.len());
     for row in rows {
+        let superseded = match named_by {
+            RowsNamedBy::Head => None,
+            RowsNamedBy::Past => Some(D::DB::int(row, 3)?),
+        };
         named.push((
             D::DB::bytes(row, 0)?,
             D::DB::int(row, 1)?,
             D::DB::int(row, 2)?,
+            superseded,
         ));
     }
+    let (table, by_key) = match named_by {
+        RowsNamedBy::Head => (
+            "kv_head",
+            "(keyspace = ? AND `key` = ? AND mod_revision = ? AND sub = ?)",
+        ),
+        RowsNamedBy::Past => (
+            "kv_past",
+            "(keyspace = ? AND superseded = ? AND `key` = ? AND mod_revision = ? AND sub = ?)",
+        ),
+    };
     let mut removed = 0;
     for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut sql = String::new();
         let mut args = Vec::new();
         // Each row by its primary key: SQLite searches each term of an `OR` by index (a
         // list of row values it would not).
-        let by_key =
-            vec!["(keyspace = ? AND `key` = ? AND mod_revision = ? AND sub = ?)"; chunk.len()]
-                .join(" OR ");
-        for table in tables {
-            sql.push_str(&format!("DELETE FROM {table} WHERE {by_key}; "));
-            for (key, mod_revision, sub) in chunk {
-                args.extend([
-                    Arg::Int(keyspace),
-                    Arg::Bytes(key),
-                    Arg::Int(*mod_revision),
-                    Arg::Int(*sub),
-                ]);
-            }
+        let mut sql = format!(
+            "DELETE FROM {table} WHERE {}; ",
+            vec![by_key; chunk.len()].join(" OR ")
+        );
+        for (key, mod_revision, sub, superseded) in chunk {
+            args.push(Arg::Int(keyspace));
+            args.extend(superseded.map(Arg::Int));
+            args.extend([Arg::Bytes(key), Arg::Int(*mod_revision), Arg::Int(*sub)]);
         }
         // The revisions as a list first: a list of row values alone is not searched by index.
         sql.push_str(&format!(
@@ -2374,13 +2401,13 @@ async fn remove_rows<D: Dialect>(
         args.extend(
             chunk
                 .iter()
-                .map(|(_, mod_revision, _)| Arg::Int(*mod_revision)),
+                .map(|(_, mod_revision, _, _)| Arg::Int(*mod_revision)),
         );
-        for (_, mod_revision, sub) in chunk {
+        for (_, mod_revision, sub, _) in chunk {
             args.extend([Arg::Int(*mod_revision), Arg::Int(*sub)]);
         }
         let changed = execute::<D>(tx, "purge", &sql, &args).await?;
-        // Each row of `kv` goes with exactly one row of the tables naming it.
+        // Each row of `kv` goes with exactly one row of the table naming it.
         removed += changed / 2;
     }
     Ok(removed)
