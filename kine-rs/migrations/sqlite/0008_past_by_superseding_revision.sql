@@ -27,3 +27,11 @@ CREATE VIEW kv_superseded AS
            kv.value AS value, p.deleted AS deleted, p.superseded AS superseded
     FROM kv_past p JOIN kv ON kv.keyspace = p.keyspace AND kv.mod_revision = p.mod_revision
         AND kv.sub = p.sub;
+-- A head that moves leaves its row in `kv_past`, superseded at the revision that moved it:
+-- the write batch's upsert of its heads (each new row in the batch's order) is its only
+-- statement touching `kv_past`, instead of a statement reading each overwritten key's head
+-- first (~15% of kine-rs's CPU per overwrite).
+CREATE TRIGGER kv_head_moved AFTER UPDATE ON kv_head BEGIN
+    INSERT INTO kv_past (keyspace, superseded, key, mod_revision, sub, deleted)
+        VALUES (OLD.keyspace, NEW.mod_revision, OLD.key, OLD.mod_revision, OLD.sub, OLD.deleted);
+END;

@@ -29,7 +29,8 @@
 //! On SQLite (migration 0007) `kv` only gets rows appended too, and the superseded revision
 //! is kept beside it: `kv_head` names each key's current row (narrow, ordered by key) and
 //! `kv_past` each superseded row with the revision that superseded it (narrow, ordered by
-//! that revision since migration 0008, so an overwrite appends to it too). Marking the
+//! that revision since migration 0008, so an overwrite appends to it too; a trigger moves a
+//! head there when the head's upsert replaces it). Marking the
 //! superseded row in `kv` rewrote its page of `kv`, a page far from the appended rows, and
 //! moved its entries between three indexes. The reads keep the shapes above, over the views
 //! `kv_current` and `kv_superseded`; a read at an older revision finds its superseded rows

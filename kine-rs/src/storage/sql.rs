@@ -2772,26 +2772,6 @@ fn supersede_sql<'a, D: Dialect>(
         );
         return (sql, args);
     }
-    if D::PAST_TABLE {
-        // Each key's head, as it stands before the batch's rows move it, goes to `kv_past`.
-        let mut sql = String::from(
-            "INSERT INTO kv_past (keyspace, `key`, mod_revision, sub, superseded, deleted) \
-             SELECT keyspace, `key`, mod_revision, sub, CASE `key`",
-        );
-        for _ in rows {
-            sql.push_str(" WHEN ? THEN ?");
-        }
-        sql.push_str(&format!(
-            " END, deleted FROM kv_head WHERE keyspace = ? AND `key` IN ({})",
-            placeholders(rows.len())
-        ));
-        for row in rows {
-            args.extend([Arg::Bytes(&row.key), Arg::Int(row.revision)]);
-        }
-        args.push(Arg::Int(keyspace));
-        args.extend(rows.iter().map(|row| Arg::Bytes(&row.key)));
-        return (sql, args);
-    }
     let mut sql = String::from("UPDATE kv SET superseded = CASE `key`");
     for _ in rows {
         sql.push_str(" WHEN ? THEN ?");
@@ -3223,6 +3203,8 @@ fn write_statements<'a, D: Dialect>(
     pending: &'a [PendingRow],
 ) -> Vec<WriteStatement<'a>> {
     let mut statements = Vec::new();
+    // With `kv_past`, moving a head writes its superseded row (a trigger of `kv_head`).
+    let supersede = if D::PAST_TABLE { &[] } else { supersede };
     let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
         .iter()
         .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
@@ -3286,53 +3268,36 @@ fn write_statements<'a, D: Dialect>(
         });
     }
     if D::PAST_TABLE {
-        // The new rows' places: each key's newest row becomes its head, the others (a key
-        // written again later in the batch) go to `kv_past` with the revision that did.
-        let (past, heads): (Vec<&PendingRow>, Vec<&PendingRow>) =
-            pending.iter().partition(|row| row.superseded != CURRENT);
-        for (rows, past) in [(past, true), (heads, false)] {
-            let mut rest = rows.as_slice();
-            for size in chunk_sizes(rows.len(), MAX_INSERT_ROWS) {
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
-                let (sql, args) = place_rows_sql(keyspace, chunk, past);
-                statements.push(WriteStatement {
-                    query: "insert_kv",
-                    sql: Cow::Owned(sql),
-                    args,
-                    changes: Some(size as u64),
-                });
-            }
+        // Each new row becomes its key's head in turn, in the batch's order: the trigger on
+        // `kv_head` moves the head each one replaces (stored, or the batch's own earlier row
+        // of the key) to `kv_past`, superseded at the new row's revision.
+        let mut rest = pending;
+        for size in chunk_sizes(pending.len(), MAX_INSERT_ROWS) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let (sql, args) = place_heads_sql(keyspace, chunk);
+            statements.push(WriteStatement {
+                query: "insert_kv",
+                sql: Cow::Owned(sql),
+                args,
+                changes: Some(size as u64),
+            });
         }
     }
     statements
 }
 
-/// One multi-row statement naming `rows` (just inserted into `kv`) as superseded rows in
-/// `kv_past`, or (`past` false) as their keys' heads in `kv_head` ([`Dialect::PAST_TABLE`]).
-fn place_rows_sql<'a>(
-    keyspace: KeyspaceId,
-    rows: &[&'a PendingRow],
-    past: bool,
-) -> (String, Vec<Arg<'a>>) {
-    let mut sql = String::from(if past {
-        "INSERT INTO kv_past (keyspace, `key`, mod_revision, sub, deleted, superseded) VALUES "
-    } else {
-        "INSERT INTO kv_head (keyspace, `key`, mod_revision, sub, deleted) VALUES "
-    });
-    let row_sql = if past {
-        "(?, ?, ?, ?, ?, ?)"
-    } else {
-        "(?, ?, ?, ?, ?)"
-    };
-    sql.push_str(&vec![row_sql; rows.len()].join(", "));
-    if !past {
-        sql.push_str(
-            " ON CONFLICT (keyspace, `key`) DO UPDATE SET mod_revision = excluded.mod_revision, \
-             sub = excluded.sub, deleted = excluded.deleted",
-        );
-    }
-    let mut args = Vec::with_capacity(rows.len() * 6);
+/// One multi-row statement making each of `rows` (just inserted into `kv`) its key's head in
+/// `kv_head`, one after another ([`Dialect::PAST_TABLE`]).
+fn place_heads_sql<'a>(keyspace: KeyspaceId, rows: &'a [PendingRow]) -> (String, Vec<Arg<'a>>) {
+    let mut sql =
+        String::from("INSERT INTO kv_head (keyspace, `key`, mod_revision, sub, deleted) VALUES ");
+    sql.push_str(&vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", "));
+    sql.push_str(
+        " ON CONFLICT (keyspace, `key`) DO UPDATE SET mod_revision = excluded.mod_revision, \
+         sub = excluded.sub, deleted = excluded.deleted",
+    );
+    let mut args = Vec::with_capacity(rows.len() * 5);
     for row in rows {
         args.extend([
             Arg::Int(keyspace),
@@ -3341,9 +3306,6 @@ fn place_rows_sql<'a>(
             Arg::Int(row.sub),
             Arg::Int(row.deleted as i64),
         ]);
-        if past {
-            args.push(Arg::Int(row.superseded));
-        }
     }
     (sql, args)
 }

@@ -499,7 +499,7 @@ mod writer_tests {
     /// A write batch's last call also commits it, but only after each of its statements
     /// changed the rows the batch expected: one that did not ends the call before its COMMIT,
     /// the batch fails with nothing kept, and the writer goes on. (Here a trigger drops the
-    /// row an overwrite moves to `kv_past`, so that statement changes none instead of one.)
+    /// overwrite's new row of `kv`, so that statement changes none instead of one.)
     #[tokio::test]
     async fn a_write_call_whose_statement_changed_unexpected_rows_commits_nothing() {
         let fixture = OneKey::new().await;
@@ -517,12 +517,10 @@ mod writer_tests {
             .expect("put");
         txn.commit(first).await.expect("commit");
 
-        sqlx::query(
-            "CREATE TRIGGER lose_superseded BEFORE INSERT ON kv_past BEGIN SELECT RAISE(IGNORE); END",
-        )
-        .execute(backend.writer_pool())
-        .await
-        .expect("trigger");
+        sqlx::query("CREATE TRIGGER lose_row BEFORE INSERT ON kv BEGIN SELECT RAISE(IGNORE); END")
+            .execute(backend.writer_pool())
+            .await
+            .expect("trigger");
         let second = first + 1;
         let mut txn = backend
             .begin_group_write(keyspace, &keys, false)
@@ -534,14 +532,14 @@ mod writer_tests {
         let error = txn
             .commit(second)
             .await
-            .expect_err("a batch whose supersede changed no row committed");
+            .expect_err("a batch whose insert changed no row committed");
         assert!(
             error
                 .to_string()
                 .contains("changed other rows than expected"),
             "{error}"
         );
-        sqlx::query("DROP TRIGGER lose_superseded")
+        sqlx::query("DROP TRIGGER lose_row")
             .execute(backend.writer_pool())
             .await
             .expect("drop trigger");
