@@ -37,11 +37,13 @@ use crate::model::{
 
 mod commit_cache;
 mod point_reads;
+mod snapshot_pages;
 mod tenants;
 mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
 use point_reads::PointReads;
+use snapshot_pages::SnapshotPages;
 use write_tx::{BatchConnection, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
@@ -1362,6 +1364,9 @@ pub struct SqlBackend<D: Dialect> {
     commit_cache: Option<Arc<CommitCache>>,
     /// Gets at the current revision, several in one statement ([`PointReads`]).
     point_reads: Arc<PointReads<D>>,
+    /// Pages of a snapshot at an older revision, with [`Dialect::PAST_TABLE`]
+    /// ([`SnapshotPages`]): made at the first such page.
+    snapshot_pages: tokio::sync::Mutex<Option<SnapshotPages<D>>>,
     _dialect: PhantomData<D>,
 }
 
@@ -1392,6 +1397,7 @@ impl<D: Dialect> SqlBackend<D> {
             page_counts: PageCounts::default(),
             commit_cache: (D::HEAD_TABLE && D::COMMIT_BATCH.is_some() && D::ROW_VERSION.is_some())
                 .then(|| Arc::new(CommitCache::default())),
+            snapshot_pages: tokio::sync::Mutex::new(None),
             _dialect: PhantomData,
         }
     }
@@ -1924,6 +1930,18 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>> {
         let range = page_range(after);
+        if D::PAST_TABLE && revision > 0 {
+            let mut pages = self.snapshot_pages.lock().await;
+            if pages.is_none() {
+                let conn = sqlx::ConnectOptions::connect(&*self.readers.connect_options()).await?;
+                *pages = Some(SnapshotPages::new(conn).await?);
+            }
+            if let Some(pages) = pages.as_mut() {
+                return pages
+                    .page(keyspace, revision, &range, limit, max_bytes)
+                    .await;
+            }
+        }
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;
         let at = older_revision(&state, revision)?;
