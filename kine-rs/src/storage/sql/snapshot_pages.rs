@@ -15,8 +15,10 @@ use super::{
 };
 use crate::model::{KeyRange, KeyValue};
 
-/// The temporary table and the view of its rows, created once per connection.
-const SETUP: &str = "CREATE TEMP TABLE IF NOT EXISTS kine_rs_snapshot_past (\
+/// The temporary table and the view of its rows, created once per connection. In a file:
+/// SQLite as built here keeps temporary tables in memory unless told otherwise.
+const SETUP: &str = "PRAGMA temp_store = FILE; \
+     CREATE TEMP TABLE IF NOT EXISTS kine_rs_snapshot_past (\
      keyspace INTEGER NOT NULL, `key` BLOB NOT NULL, mod_revision INTEGER NOT NULL, \
      sub INTEGER NOT NULL, PRIMARY KEY (keyspace, `key`)) WITHOUT ROWID; \
      CREATE TEMP VIEW IF NOT EXISTS kine_rs_snapshot_rows AS SELECT t.keyspace AS keyspace, \
@@ -206,6 +208,24 @@ mod tests {
         }
         txn.commit(revision).await.expect("commit");
         revision
+    }
+
+    /// The table lives in a temporary file: SQLite as built here would keep it in memory,
+    /// and a snapshot of a million changed keys would hold them all there.
+    #[tokio::test]
+    async fn the_table_is_kept_in_a_file() {
+        let backend = sqlite::open_memory().await.expect("open");
+        let conn = sqlx::ConnectOptions::connect(&*backend.readers.connect_options())
+            .await
+            .expect("connect");
+        let mut pages = super::SnapshotPages::<sqlite::Sqlite>::new(conn)
+            .await
+            .expect("setup");
+        let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+            .fetch_one(&mut pages.conn)
+            .await
+            .expect("pragma");
+        assert_eq!(temp_store, 1, "temp_store is not FILE");
     }
 
     /// A snapshot read in pages at an older revision while keys behind and ahead of the
