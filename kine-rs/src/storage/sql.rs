@@ -1337,6 +1337,10 @@ async fn lease_keys_on<D: Dialect>(
         .collect()
 }
 
+/// Snapshots at older revisions whose pages are read side by side, each with its table
+/// ([`SnapshotPages`]); past it the one read longest ago starts over.
+const MAX_SNAPSHOTS: usize = 4;
+
 /// A datastore reached through sqlx: SQLite, PostgreSQL or MySQL.
 pub struct SqlBackend<D: Dialect> {
     /// Reads (on SQLite: read-only connections to WAL snapshots).
@@ -1364,9 +1368,9 @@ pub struct SqlBackend<D: Dialect> {
     commit_cache: Option<Arc<CommitCache>>,
     /// Gets at the current revision, several in one statement ([`PointReads`]).
     point_reads: Arc<PointReads<D>>,
-    /// Pages of a snapshot at an older revision, with [`Dialect::PAST_TABLE`]
-    /// ([`SnapshotPages`]): made at the first such page.
-    snapshot_pages: tokio::sync::Mutex<Option<SnapshotPages<D>>>,
+    /// Pages of snapshots at older revisions, with [`Dialect::PAST_TABLE`]
+    /// ([`SnapshotPages`]): one per snapshot read, up to [`MAX_SNAPSHOTS`].
+    snapshot_pages: tokio::sync::Mutex<Vec<SnapshotPages<D>>>,
     _dialect: PhantomData<D>,
 }
 
@@ -1397,7 +1401,7 @@ impl<D: Dialect> SqlBackend<D> {
             page_counts: PageCounts::default(),
             commit_cache: (D::HEAD_TABLE && D::COMMIT_BATCH.is_some() && D::ROW_VERSION.is_some())
                 .then(|| Arc::new(CommitCache::default())),
-            snapshot_pages: tokio::sync::Mutex::new(None),
+            snapshot_pages: tokio::sync::Mutex::new(Vec::new()),
             _dialect: PhantomData,
         }
     }
@@ -1931,16 +1935,28 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     ) -> Result<Vec<KeyValue>> {
         let range = page_range(after);
         if D::PAST_TABLE && revision > 0 {
-            let mut pages = self.snapshot_pages.lock().await;
-            if pages.is_none() {
-                let conn = sqlx::ConnectOptions::connect(&*self.readers.connect_options()).await?;
-                *pages = Some(SnapshotPages::new(conn).await?);
-            }
-            if let Some(pages) = pages.as_mut() {
-                return pages
-                    .page(keyspace, revision, &range, limit, max_bytes)
-                    .await;
-            }
+            // Snapshots read side by side (tenants migrating at once) each keep their own.
+            let mut all = self.snapshot_pages.lock().await;
+            let serving = (all.iter())
+                .position(|pages| pages.serves(keyspace, revision))
+                .or_else(|| all.iter().position(SnapshotPages::unused));
+            let index = match serving {
+                Some(index) => index,
+                None if all.len() < MAX_SNAPSHOTS => {
+                    let options = self.readers.connect_options();
+                    let conn = sqlx::ConnectOptions::connect(&*options).await?;
+                    all.push(SnapshotPages::new(conn).await?);
+                    all.len() - 1
+                }
+                // The one read longest ago starts over.
+                None => (0..all.len())
+                    .min_by_key(|&index| all[index].last_page())
+                    .unwrap_or(0),
+            };
+            let pages = &mut all[index];
+            return pages
+                .page(keyspace, revision, &range, limit, max_bytes)
+                .await;
         }
         let mut tx = self.begin_read().await?;
         let state = read_state::<D>(&mut tx, keyspace, false).await?;

@@ -36,6 +36,8 @@ pub(super) struct SnapshotPages<D: Dialect> {
     /// The keyspace's revision up to which the table holds the rows superseded since
     /// `revision`.
     refreshed: Revision,
+    /// When a page was last read ([`Self::last_page`]).
+    last_page: std::time::Instant,
 }
 
 impl<D: Dialect> SnapshotPages<D> {
@@ -47,7 +49,25 @@ impl<D: Dialect> SnapshotPages<D> {
             keyspace: 0,
             revision: 0,
             refreshed: 0,
+            last_page: std::time::Instant::now(),
         })
+    }
+
+    /// Whether its table holds the rows of `keyspace`'s snapshot at `revision` (a read at
+    /// the current revision needs no table: any will do).
+    pub(super) fn serves(&self, keyspace: KeyspaceId, revision: Revision) -> bool {
+        (self.keyspace, self.revision) == (keyspace, revision)
+    }
+
+    /// Whether no snapshot at an older revision was read through it yet (keyspace ids start
+    /// at 1).
+    pub(super) fn unused(&self) -> bool {
+        self.keyspace == 0
+    }
+
+    /// When a page was last read through it.
+    pub(super) fn last_page(&self) -> std::time::Instant {
+        self.last_page
     }
 
     /// Up to `limit` keys of `range` live at `revision` in key order, the first always and
@@ -61,6 +81,7 @@ impl<D: Dialect> SnapshotPages<D> {
         limit: i64,
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>> {
+        self.last_page = std::time::Instant::now();
         execute::<D>(&mut self.conn, "begin_read", D::BEGIN_READ, &[]).await?;
         match self
             .page_in_transaction(keyspace, revision, range, limit, max_bytes)
@@ -315,5 +336,45 @@ mod tests {
             .expect("range");
         assert_eq!(whole, read.kvs);
         assert!(whole.len() > 30, "{}", whole.len());
+
+        // Six snapshots read side by side, a page of each in turn (more than are kept: some
+        // start over), while keys keep changing: each sees its own revision.
+        let revisions: Vec<Revision> = (0..6).map(|back| now - 3 * back).collect();
+        let mut cursors: Vec<Vec<KeyValue>> = vec![Vec::new(); revisions.len()];
+        let mut done = vec![false; revisions.len()];
+        let mut turn = 0;
+        while done.iter().any(|done| !done) {
+            for (i, &revision) in revisions.iter().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                let after = cursors[i].last().map(|kv| kv.key.to_vec());
+                let page = backend
+                    .page_within(keyspace, revision, after.as_deref(), 5, usize::MAX)
+                    .await
+                    .expect("page");
+                done[i] = page.is_empty();
+                cursors[i].extend(page);
+            }
+            turn += 1;
+            let key = format!("k{:02}", (turn * 11) % 40);
+            write(&backend, keyspace, &mut live, &key, Some("later")).await;
+        }
+        for (revision, seen) in revisions.iter().zip(&cursors) {
+            let read = backend
+                .range(
+                    keyspace,
+                    crate::storage::RangeQuery {
+                        range: &crate::storage::page_range(None),
+                        revision: *revision,
+                        limit: None,
+                        keys_only: false,
+                        count_only: false,
+                    },
+                )
+                .await
+                .expect("range");
+            assert_eq!(seen, &read.kvs, "snapshot at {revision}");
+        }
     }
 }
