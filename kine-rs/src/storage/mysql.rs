@@ -72,10 +72,6 @@ impl Dialect for Mysql {
     );
     const MD5_WORD: &'static str = "CAST(CONV(SUBSTRING({h}, 1, 16), 16, 10) AS UNSIGNED)";
     const SUM_AS_INT: &'static str = "CAST({sum} AS SIGNED)";
-
-    fn delete_limited(filter: &str) -> String {
-        format!("DELETE FROM kv WHERE {filter} LIMIT ?")
-    }
 }
 
 /// The MySQL backend.

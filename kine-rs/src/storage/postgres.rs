@@ -96,10 +96,6 @@ impl Dialect for Postgres {
     );
     const HEAD_TABLE: bool = true;
 
-    fn delete_limited(filter: &str) -> String {
-        format!("DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv WHERE {filter} LIMIT ?)")
-    }
-
     fn sql(text: &str) -> std::borrow::Cow<'_, str> {
         numbered_placeholders(text)
     }

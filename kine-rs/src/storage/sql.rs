@@ -359,9 +359,6 @@ pub trait Dialect: Send + Sync + 'static {
     /// `{sum}` (an exact number within the 64-bit range) as a 64-bit integer.
     const SUM_AS_INT: &'static str = "";
 
-    /// A statement deleting at most `?` (the last parameter) rows of `kv` matching `filter`.
-    fn delete_limited(filter: &str) -> String;
-
     /// Rewrites a statement written with `?` placeholders and a backtick-quoted `key`.
     fn sql(text: &str) -> Cow<'_, str> {
         Cow::Borrowed(text)
@@ -2245,20 +2242,20 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             commit::<D>(tx).await?;
             return Ok(purged);
         }
+        // Rows marked in `kv.superseded`: MySQL's model, whose DELETE takes a LIMIT.
         let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
         let superseded = execute::<D>(
             &mut tx,
             "purge",
-            &D::delete_limited(
-                "keyspace = ? AND superseded <= ? AND superseded <> 9223372036854775807",
-            ),
+            "DELETE FROM kv WHERE keyspace = ? AND superseded <= ? \
+             AND superseded <> 9223372036854775807 LIMIT ?",
             &args,
         )
         .await?;
         let tombstones = execute::<D>(
             &mut tx,
             "purge",
-            &D::delete_limited("keyspace = ? AND mod_revision < ? AND deleted = 1"),
+            "DELETE FROM kv WHERE keyspace = ? AND mod_revision < ? AND deleted = 1 LIMIT ?",
             &args,
         )
         .await?;

@@ -77,10 +77,6 @@ impl Dialect for Sqlite {
     const ONE_STATEMENT_GETS: bool = true;
     const PAST_TABLE: bool = true;
 
-    fn delete_limited(filter: &str) -> String {
-        format!("DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE {filter} LIMIT ?)")
-    }
-
     fn sql(text: &str) -> Cow<'_, str> {
         Cow::Borrowed(text)
     }
