@@ -844,13 +844,11 @@ async fn sqlite_superseded_rows_are_appended_and_purged_in_revision_order() {
     // A key deleted, then created again after the compaction revision.
     client.put("t", "v1", None).await.expect("put");
     client.delete("t", None).await.expect("delete");
-    let compaction = client
-        .put("x", "1", None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
+    let put_revision = async |client: &mut etcd_client::Client, value: &str| {
+        let response = client.put("x", value, None).await.expect("put");
+        response.header().expect("header").revision()
+    };
+    let compaction = put_revision(&mut client, "1").await;
     let created = client
         .txn(
             Txn::new()
@@ -916,13 +914,7 @@ async fn sqlite_superseded_rows_are_appended_and_purged_in_revision_order() {
     assert_eq!(event.kv().expect("kv").mod_revision(), created);
     assert!(event.prev_kv().is_none(), "{:?}", event.prev_kv());
 
-    let next = client
-        .put("x", "2", None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
+    let next = put_revision(&mut client, "2").await;
     client.compact(next, physical()).await.expect("compact");
     assert_eq!(rows_of("t").await, [(created, false)]);
     let now = client.get("t", None).await.expect("get");

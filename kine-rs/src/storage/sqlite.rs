@@ -85,6 +85,19 @@ impl Dialect for Sqlite {
 /// The SQLite backend.
 pub type SqliteBackend = SqlBackend<Sqlite>;
 
+/// A fresh `memory://` backend and its keyspace `name`, created (tests of the storage layer).
+#[cfg(test)]
+pub(crate) async fn open_memory_keyspace(name: &str) -> (SqliteBackend, super::KeyspaceId) {
+    use super::Backend;
+    let backend = open_memory().await.expect("open");
+    let keyspace = backend
+        .keyspace(name, true)
+        .await
+        .expect("keyspace")
+        .expect("created");
+    (backend, keyspace)
+}
+
 /// Opens (creating if missing) the database at `path`.
 pub async fn open(path: &str, options: &BackendOptions) -> Result<SqliteBackend> {
     // kine accepts DSN parameters after `?`; the path is what comes before.
@@ -409,12 +422,7 @@ mod writer_tests {
 
     impl OneKey {
         async fn new() -> Self {
-            let backend = super::open_memory().await.expect("open");
-            let keyspace = backend
-                .keyspace("t", true)
-                .await
-                .expect("keyspace")
-                .expect("created");
+            let (backend, keyspace) = super::open_memory_keyspace("t").await;
             let key = Bytes::from_static(b"k");
             OneKey {
                 backend,

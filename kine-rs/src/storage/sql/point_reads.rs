@@ -214,12 +214,7 @@ mod tests {
     /// queued before the statement's task first runs, so the count is exact.
     #[tokio::test]
     async fn gets_arriving_together_share_one_statement() {
-        let backend = sqlite::open_memory().await.expect("open");
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
+        let (backend, keyspace) = sqlite::open_memory_keyspace("t").await;
         let written: Vec<Bytes> = ["a", "b", "gone"]
             .iter()
             .map(|key| Bytes::from_static(key.as_bytes()))

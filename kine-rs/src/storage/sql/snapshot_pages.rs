@@ -255,12 +255,7 @@ mod tests {
     /// revision) on the same backend starts its own.
     #[tokio::test]
     async fn pages_at_an_older_revision_see_that_revision_while_keys_change() {
-        let backend = sqlite::open_memory().await.expect("open");
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
+        let (backend, keyspace) = sqlite::open_memory_keyspace("t").await;
         let mut live = BTreeMap::new();
         for i in 0..40 {
             write(
