@@ -3130,8 +3130,9 @@ impl<D: Dialect> SqlWriteTxn<D> {
     ) -> Result<bool> {
         self.lock().await?;
         let mut supersede = std::mem::take(&mut self.supersede);
-        if D::HEAD_TABLE {
-            // The insert below moves each key's head; nothing is rewritten.
+        if D::HEAD_TABLE || D::PAST_TABLE {
+            // The insert below moves each key's head; nothing is rewritten (with `kv_past`,
+            // a trigger of `kv_head` writes each moved head's row there).
             supersede.clear();
         }
         let pending = std::mem::take(&mut self.pending);
@@ -3234,8 +3235,6 @@ fn write_statements<'a, D: Dialect>(
     pending: &'a [PendingRow],
 ) -> Vec<WriteStatement<'a>> {
     let mut statements = Vec::new();
-    // With `kv_past`, moving a head writes its superseded row (a trigger of `kv_head`).
-    let supersede = if D::PAST_TABLE { &[] } else { supersede };
     let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
         .iter()
         .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
