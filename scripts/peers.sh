@@ -9,6 +9,9 @@
 #     JetStream's `sync_interval: always`, which the bench uses to fsync as etcd does)
 #   $KINE_PEERS_CACHE/kine-<kine version>/kine   (github.com/k3s-io/kine, the peer users switch
 #                                                 from; `kine-rs migrate --from kine+...` tests)
+#   $KINE_PEERS_CACHE/etcd-<etcd version>/etcd   (the newest etcd server: the member of the
+#     cluster whose members are killed and restarted under writes; etcd 3.5.1, the oracle,
+#     can come back from that with members one revision apart, etcd-io/etcd#13766)
 #
 # (KINE_PEERS_CACHE defaults to $HOME/.cache/kine-rs-peers; the version to v1.36.3, override
 # with KINE_PEERS_KUBE_VERSION.) A binary already there is not built again. Nothing here is
@@ -25,6 +28,8 @@
 #   export KUBECTL_BIN=/root/.cache/kine-rs-peers/kubectl-v1.36.3/kubectl
 #   export HELM_BIN=/root/.cache/kine-rs-peers/helm-v3.22.0/helm
 #   export NATS_SERVER_BIN=/root/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server
+#   export KINE_BIN=/root/.cache/kine-rs-peers/kine-v0.17.5/kine
+#   export ETCD_NEWEST_BIN=/root/.cache/kine-rs-peers/etcd-v3.6.16/etcd
 # Exit status: non-zero when a program could not be built (the caller must treat that as a
 # failure, not a reason to skip).
 
@@ -34,6 +39,7 @@ KUBE_VERSION=${KINE_PEERS_KUBE_VERSION:-v1.36.3}
 HELM_VERSION=${KINE_PEERS_HELM_VERSION:-v3.22.0}
 NATS_VERSION=${KINE_PEERS_NATS_VERSION:-v2.15.2}
 KINE_VERSION=${KINE_PEERS_KINE_VERSION:-v0.17.5}
+ETCD_VERSION=${KINE_PEERS_ETCD_VERSION:-v3.6.16}
 CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
 
 log() { printf '%s\n' "$*" >&2; }
@@ -248,8 +254,35 @@ fi
 "$kine_bin" --help >/dev/null 2>&1 || die "$kine_bin --help failed"
 log "$kine_bin ($KINE_VERSION)"
 
+# etcd: the server module's main package, from a scratch module like the others.
+etcd_bin="$CACHE/etcd-$ETCD_VERSION/etcd"
+if [ ! -x "$etcd_bin" ]; then
+    t0=$(date +%s)
+    log "building etcd $ETCD_VERSION from Go modules (once per machine)"
+    scratch="$CACHE/src-etcd-$ETCD_VERSION"
+    (
+        mkdir -p "$scratch" && cd "$scratch" || exit 1
+        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
+        nice -n 10 go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2 ||
+            die "go get -tool go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        mkdir -p "$(dirname "$etcd_bin")"
+        CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "-s -w" \
+            -o "$etcd_bin.tmp" go.etcd.io/etcd/server/v3 || die "go build go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        mv -f "$etcd_bin.tmp" "$etcd_bin"
+        echo "$(since "$t0")" >"$(dirname "$etcd_bin")/build-seconds"
+    ) || exit 1
+    log "built etcd $ETCD_VERSION in $(since "$t0")s"
+fi
+got=$("$etcd_bin" --version 2>&1) || die "$etcd_bin --version: $got"
+case "$got" in
+*"etcd Version: ${ETCD_VERSION#v}"*) ;;
+*) die "$etcd_bin --version says '$got', expected ${ETCD_VERSION#v}" ;;
+esac
+log "$etcd_bin ($ETCD_VERSION)"
+
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
 echo "export HELM_BIN=$helm_bin"
 echo "export NATS_SERVER_BIN=$nats_bin"
 echo "export KINE_BIN=$kine_bin"
+echo "export ETCD_NEWEST_BIN=$etcd_bin"

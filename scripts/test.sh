@@ -17,7 +17,10 @@
 #   - kine v0.17.5 (github.com/k3s-io/kine), built the same way (about 4 minutes the first
 #     time), for the tests of `kine-rs migrate --from kine+...`;
 #   - nats-server v2.15.2, built the same way (about 4 minutes the first time), started
-#     beside Debian's on 127.0.0.1:4223.
+#     beside Debian's on 127.0.0.1:4223;
+#   - etcd v3.6.16, built the same way (about 2 minutes the first time): the cluster whose
+#     members the etcd-proxy test kills and restarts (etcd 3.5.1 can come back from that with
+#     its members one revision apart, etcd-io/etcd#13766).
 # It starts the local services the backend tests talk to when they do not answer:
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
@@ -31,7 +34,7 @@
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
 # (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN,
-# NATS_SERVER_BIN, KINE_BIN (scripts/peers.sh).
+# NATS_SERVER_BIN, KINE_BIN, ETCD_NEWEST_BIN (etcd 3.6, scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -246,15 +249,16 @@ provision_database_servers() {
 # which prints the `export` lines for their paths. A failure is fatal: the kube-apiserver
 # tests must not be skipped silently.
 provision_kube_peers() {
-    say "kube-apiserver, kubectl, helm, kine and nats-server (scripts/peers.sh; built once per machine)"
+    say "kube-apiserver, kubectl, helm, kine, nats-server and etcd (scripts/peers.sh; built once per machine)"
     local exports
-    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver, kubectl, helm, kine or nats-server (see above)"
+    exports=$(scripts/peers.sh) || die "scripts/peers.sh could not build kube-apiserver, kubectl, helm, kine, nats-server or etcd (see above)"
     eval "$exports"
     echo "KUBE_APISERVER_BIN=$KUBE_APISERVER_BIN"
     echo "KUBECTL_BIN=$KUBECTL_BIN"
     echo "HELM_BIN=$HELM_BIN"
     echo "KINE_BIN=$KINE_BIN"
     echo "NATS_SERVER_BIN=$NATS_SERVER_BIN"
+    echo "ETCD_NEWEST_BIN=$ETCD_NEWEST_BIN"
 }
 
 # ---------------------------------------------------------------------------------------------

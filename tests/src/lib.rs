@@ -441,6 +441,25 @@ pub fn etcd_binary() -> PathBuf {
     PathBuf::from("etcd")
 }
 
+/// Path of the newest etcd server (`$ETCD_NEWEST_BIN`, else where `scripts/peers.sh` builds
+/// etcd v3.6.16). For what etcd 3.5.1 gets wrong rather than what clients see of it: a cluster
+/// whose members are all killed under writes (etcd-io/etcd#13766, fixed in 3.5.3). A missing
+/// binary fails the test (run `scripts/peers.sh`).
+pub fn etcd_newest_binary() -> PathBuf {
+    let path = std::env::var("ETCD_NEWEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/kine-rs-peers/etcd-v3.6.16/etcd")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/peers.sh (it builds etcd v3.6.16)",
+        path.display()
+    );
+    path
+}
+
 /// Path of `etcdctl`: `$ETCDCTL_BIN`, else the first `etcdctl` on PATH.
 pub fn etcdctl_binary() -> PathBuf {
     if let Ok(path) = std::env::var("ETCDCTL_BIN") {

@@ -3,7 +3,10 @@
 //! nest), two proxies sharing one etcd (freeze, leases, identical watch streams), and a
 //! 3-member etcd cluster on loopback losing one member, then all, then coming back.
 //!
-//! etcd is the test oracle's binary (`$ETCD_BIN`, etcd 3.5.1). It runs with
+//! etcd is the test oracle's binary (`$ETCD_BIN`, etcd 3.5.1), except the cluster whose
+//! members are killed under writes: etcd 3.5.0–3.5.2 can come back from that with members one
+//! revision apart (etcd-io/etcd#13766), so that cluster is the newest etcd
+//! (`$ETCD_NEWEST_BIN`, built by `scripts/peers.sh`). Every etcd runs with
 //! `--max-txn-ops 256`: the proxy nests a client's transaction in the one that guards the
 //! tenant's freeze, and etcd counts the outer operations against the nested ones (README).
 
@@ -16,12 +19,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use kine_tests::conformance::{collect_events, current_revision, expect_code, keys, watch};
 use kine_tests::pki::Pki;
 use kine_tests::{
-    ChildGuard, etcd_binary, free_port, kine_rs_binary, spawn_etcd_with, spawn_kine_on,
+    ChildGuard, etcd_newest_binary, free_port, kine_rs_binary, spawn_etcd_with, spawn_kine_on,
     wait_for_port,
 };
 use tonic::Code;
@@ -563,7 +566,7 @@ impl Member {
     fn start(&mut self) {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut child = Command::new(etcd_binary())
+        let mut child = Command::new(etcd_newest_binary())
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.data)
@@ -637,12 +640,29 @@ fn cluster(dir: &std::path::Path) -> Vec<Member> {
         .collect()
 }
 
-/// Puts `key`, retrying for up to `within` while the cluster cannot answer; the revision.
+/// Writes `key` once, retrying for up to `within` while the cluster cannot answer; the
+/// revision it was written at. Each try creates the key only if it is absent, so a try that
+/// was applied but whose answer was lost (a member dying under it) is not written twice.
 async fn put_retrying(client: &mut Client, key: &str, within: Duration) -> Result<i64> {
     let deadline = tokio::time::Instant::now() + within;
+    let create = Txn::new()
+        .when([Compare::version(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, "v", None)])
+        .or_else([TxnOp::get(key, None)]);
     loop {
-        match client.put(key, "v", None).await {
-            Ok(r) => return Ok(r.header().context("header")?.revision()),
+        match client.txn(create.clone()).await {
+            Ok(r) if r.succeeded() => return Ok(r.header().context("header")?.revision()),
+            Ok(r) => {
+                let kv = r
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|op| match op {
+                        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                        _ => None,
+                    })
+                    .context("the key exists but its read found nothing")?;
+                return Ok(kv.mod_revision());
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 let _ = e;
                 tokio::time::sleep(Duration::from_millis(100)).await;
