@@ -35,8 +35,9 @@ pub struct Mysql;
 impl Dialect for Mysql {
     type DB = sqlx::MySql;
     const DRIVER: &'static str = "mysql";
-    const BEGIN_WRITE: &'static str =
-        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
+    // READ COMMITTED is every connection's session level (`pool_options`), so the begin is
+    // one statement, not `SET TRANSACTION …; START TRANSACTION` (README, "One client's write").
+    const BEGIN_WRITE: &'static str = "START TRANSACTION";
     const BEGIN_READ: &'static str = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
          START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
     const LOCK: &'static str = " FOR UPDATE";
@@ -197,9 +198,7 @@ fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let pool: MySqlPool = options
-        .pool
-        .sqlx(connect.get_port())
+    let pool: MySqlPool = pool_options(options, connect.get_port())
         .connect_with(connect.clone())
         .await?;
     MIGRATOR
@@ -226,6 +225,21 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
         Box::new(()),
     )
     .with_watch_readers(watch_readers))
+}
+
+/// The pool's options: every connection's transactions are READ COMMITTED unless one says
+/// otherwise, as reads do ([`Dialect::BEGIN_READ`]), so that a write transaction begins with
+/// one statement ([`Dialect::BEGIN_WRITE`]) and reads the rows other writers committed.
+fn pool_options(options: &BackendOptions, port: u16) -> sqlx::mysql::MySqlPoolOptions {
+    options.pool.sqlx(port).after_connect(move |connection, _| {
+        Box::pin(async move {
+            super::nodelay::set_on_connections_to(port);
+            sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .execute(&mut *connection)
+                .await?;
+            Ok(())
+        })
+    })
 }
 
 /// InnoDB's buffer pool against the size of the database's tables. Past the pool, MariaDB
@@ -351,6 +365,65 @@ mod tests {
         assert!(fit.pool_bytes >= 5 << 20, "{fit:?}");
         assert!(fit.table_bytes >= 16 << 10, "{fit:?}");
         sqlx::query("DROP DATABASE kine_unit_buffer_pool")
+            .execute(&pool)
+            .await
+            .expect("drop");
+    }
+
+    /// A write transaction begun as the writers begin theirs reads what another connection
+    /// committed after its first read (READ COMMITTED, the pool's session level); a read
+    /// transaction keeps its snapshot (REPEATABLE READ, set by its own begin).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_transactions_read_committed_rows_and_reads_keep_their_snapshot() {
+        let url = std::env::var("KINE_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        let endpoint = format!("{base}/kine_unit_isolation");
+        let backend = open(&endpoint, &BackendOptions::default())
+            .await
+            .expect("open");
+        let pool = backend.writer_pool().clone();
+        sqlx::query("CREATE TABLE IF NOT EXISTS isolation_probe (id INT PRIMARY KEY, n INT)")
+            .execute(&pool)
+            .await
+            .expect("create");
+        sqlx::query("REPLACE INTO isolation_probe VALUES (1, 0)")
+            .execute(&pool)
+            .await
+            .expect("row");
+        let read_twice = |begin: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.acquire().await.expect("acquire");
+                sqlx::raw_sql(begin).execute(&mut *tx).await.expect("begin");
+                let probe = "SELECT n FROM isolation_probe WHERE id = 1";
+                let first: i32 = sqlx::query_scalar(probe)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .expect("first read");
+                sqlx::query("UPDATE isolation_probe SET n = n + 1 WHERE id = 1")
+                    .execute(&pool)
+                    .await
+                    .expect("another connection's commit");
+                let second: i32 = sqlx::query_scalar(probe)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .expect("second read");
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("commit");
+                second - first
+            }
+        };
+        assert_eq!(
+            read_twice(Mysql::BEGIN_WRITE).await,
+            1,
+            "a write transaction"
+        );
+        assert_eq!(read_twice(Mysql::BEGIN_READ).await, 0, "a read transaction");
+        drop(backend);
+        sqlx::query("DROP DATABASE kine_unit_isolation")
             .execute(&pool)
             .await
             .expect("drop");
