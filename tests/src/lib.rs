@@ -446,15 +446,22 @@ pub fn etcd_binary() -> PathBuf {
 /// whose members are all killed under writes (etcd-io/etcd#13766, fixed in 3.5.3). A missing
 /// binary fails the test (run `scripts/peers.sh`).
 pub fn etcd_newest_binary() -> PathBuf {
-    let path = std::env::var("ETCD_NEWEST_BIN")
+    peer_binary("ETCD_NEWEST_BIN", "etcd-v3.6.16/etcd", "etcd v3.6.16")
+}
+
+/// Path of a program `scripts/peers.sh` builds: `$variable`, else `cached` under its cache
+/// (`~/.cache/kine-rs-peers`). A missing binary fails the test, naming `what` to build.
+pub fn peer_binary(variable: &str, cached: &str, what: &str) -> PathBuf {
+    let path = std::env::var(variable)
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/kine-rs-peers/etcd-v3.6.16/etcd")
+                .join(".cache/kine-rs-peers")
+                .join(cached)
         });
     assert!(
         path.exists(),
-        "{} is missing: run scripts/peers.sh (it builds etcd v3.6.16)",
+        "{} is missing: run scripts/peers.sh (it builds {what})",
         path.display()
     );
     path

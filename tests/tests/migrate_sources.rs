@@ -27,25 +27,14 @@ use etcd_client::{
 };
 use kine_tests::conformance::{collect_events, watch};
 use kine_tests::{
-    Backend, ChildGuard, TestDatabase, free_port, kine_rs_binary, serve_and_connect, spawn_etcd,
-    spawn_etcd_with, spawn_kine_on,
+    Backend, ChildGuard, TestDatabase, free_port, kine_rs_binary, peer_binary, serve_and_connect,
+    spawn_etcd, spawn_etcd_with, spawn_kine_on,
 };
 
 /// Path of k3s-io/kine: `$KINE_BIN`, else where `scripts/peers.sh` builds it. A missing
 /// binary fails the test (run `scripts/peers.sh`).
 fn kine_binary() -> PathBuf {
-    let path = std::env::var("KINE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/kine-rs-peers/kine-v0.17.5/kine")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/peers.sh (it builds k3s-io/kine v0.17.5)",
-        path.display()
-    );
-    path
+    peer_binary("KINE_BIN", "kine-v0.17.5/kine", "k3s-io/kine v0.17.5")
 }
 
 /// A running k3s-io/kine, killed when dropped.

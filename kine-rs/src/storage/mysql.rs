@@ -344,15 +344,20 @@ mod tests {
         assert!(fit(128 << 20, 1_100 << 20).outgrown());
     }
 
+    /// Database `name` on the test server (`$KINE_TEST_MYSQL_URL`).
+    fn test_database_endpoint(name: &str) -> String {
+        let url = std::env::var("KINE_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        format!("{base}/{name}")
+    }
+
     /// The figures come from a real server (`$KINE_TEST_MYSQL_URL`, which the test command
     /// starts; a missing server fails the test): the pool's size, and the tables the schema
     /// created, which grow with rows written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_the_pool_and_the_tables_from_the_server() {
-        let url = std::env::var("KINE_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
-        let endpoint = format!("{base}/kine_unit_buffer_pool");
+        let endpoint = test_database_endpoint("kine_unit_buffer_pool");
         let backend = open(&endpoint, &BackendOptions::default())
             .await
             .expect("open");
@@ -375,10 +380,7 @@ mod tests {
     /// transaction keeps its snapshot (REPEATABLE READ, set by its own begin).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn write_transactions_read_committed_rows_and_reads_keep_their_snapshot() {
-        let url = std::env::var("KINE_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
-        let endpoint = format!("{base}/kine_unit_isolation");
+        let endpoint = test_database_endpoint("kine_unit_isolation");
         let backend = open(&endpoint, &BackendOptions::default())
             .await
             .expect("open");
