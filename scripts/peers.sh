@@ -177,27 +177,32 @@ for b in "$apiserver_bin" "$kubectl_bin"; do
     fi
 done
 
-# helm: built from a scratch module (`go get -tool`, as above), which works whatever
-# replace directives its go.mod has. Built once, like the others.
-helm_bin="$CACHE/helm-$HELM_VERSION/helm"
-if [ ! -x "$helm_bin" ]; then
+# build_tool NAME VERSION PACKAGE OUT LDFLAGS: builds Go package PACKAGE@VERSION into OUT
+# from a scratch module (`go get -tool`, which works whatever replace directives the
+# package's module has), unless OUT is already there. Built once, like kube-apiserver.
+build_tool() {
+    local name=$1 version=$2 pkg=$3 out=$4 ldflags=$5 t0 scratch
+    [ -x "$out" ] && return 0
     t0=$(date +%s)
-    log "building helm $HELM_VERSION from Go modules (once per machine)"
-    scratch="$CACHE/src-helm-$HELM_VERSION"
+    log "building $name $version from Go modules (once per machine)"
+    scratch="$CACHE/src-$name-$version"
     (
         mkdir -p "$scratch" && cd "$scratch" || exit 1
         [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
-        nice -n 10 go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2 ||
-            die "go get -tool helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-        mkdir -p "$(dirname "$helm_bin")"
-        CGO_ENABLED=0 nice -n 10 go build -trimpath \
-            -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-            -o "$helm_bin.tmp" helm.sh/helm/v3/cmd/helm || die "go build helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-        mv -f "$helm_bin.tmp" "$helm_bin"
-        echo "$(since "$t0")" >"$(dirname "$helm_bin")/build-seconds"
+        nice -n 10 go get -tool "$pkg@$version" >&2 || die "go get -tool $pkg@$version"
+        mkdir -p "$(dirname "$out")"
+        CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$pkg" ||
+            die "go build $pkg@$version"
+        mv -f "$out.tmp" "$out"
+        echo "$(since "$t0")" >"$(dirname "$out")/build-seconds"
     ) || exit 1
-    log "built helm $HELM_VERSION in $(since "$t0")s"
-fi
+    log "built $name $version in $(since "$t0")s"
+}
+
+# helm, for the chart's tests.
+helm_bin="$CACHE/helm-$HELM_VERSION/helm"
+build_tool helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$helm_bin" \
+    "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 got=$("$helm_bin" version --short 2>&1) || die "$helm_bin version: $got"
 case "$got" in
 "$HELM_VERSION"*) ;;
@@ -205,74 +210,26 @@ case "$got" in
 esac
 log "$helm_bin ($got)"
 
-# nats-server: a plain module without replace directives, built the same way.
+# nats-server: newer than Debian's.
 nats_bin="$CACHE/nats-server-$NATS_VERSION/nats-server"
-if [ ! -x "$nats_bin" ]; then
-    t0=$(date +%s)
-    log "building nats-server $NATS_VERSION from Go modules (once per machine)"
-    scratch="$CACHE/src-nats-server-$NATS_VERSION"
-    (
-        mkdir -p "$scratch" && cd "$scratch" || exit 1
-        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
-        nice -n 10 go get -tool "github.com/nats-io/nats-server/v2@$NATS_VERSION" >&2 ||
-            die "go get -tool github.com/nats-io/nats-server/v2@$NATS_VERSION"
-        mkdir -p "$(dirname "$nats_bin")"
-        CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "-s -w" \
-            -o "$nats_bin.tmp" github.com/nats-io/nats-server/v2 || die "go build github.com/nats-io/nats-server/v2@$NATS_VERSION"
-        mv -f "$nats_bin.tmp" "$nats_bin"
-        echo "$(since "$t0")" >"$(dirname "$nats_bin")/build-seconds"
-    ) || exit 1
-    log "built nats-server $NATS_VERSION in $(since "$t0")s"
-fi
+build_tool nats-server "$NATS_VERSION" github.com/nats-io/nats-server/v2 "$nats_bin" "-s -w"
 got=$("$nats_bin" --version 2>&1) || die "$nats_bin --version: $got"
 case "$got" in
 *"$NATS_VERSION"*) ;;
 *) die "$nats_bin --version says '$got', expected $NATS_VERSION" ;;
 esac
 log "$nats_bin ($got)"
-# kine: a scratch module too (`go get -tool`), built with CGO_ENABLED=0 (kine then uses its
-# pure-Go SQLite driver). Built once, like the others.
+
+# kine, with CGO_ENABLED=0 (kine then uses its pure-Go SQLite driver).
 kine_bin="$CACHE/kine-$KINE_VERSION/kine"
-if [ ! -x "$kine_bin" ]; then
-    t0=$(date +%s)
-    log "building kine $KINE_VERSION from Go modules (once per machine)"
-    scratch="$CACHE/src-kine-$KINE_VERSION"
-    (
-        mkdir -p "$scratch" && cd "$scratch" || exit 1
-        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
-        nice -n 10 go get -tool "github.com/k3s-io/kine@$KINE_VERSION" >&2 ||
-            die "go get -tool github.com/k3s-io/kine@$KINE_VERSION"
-        mkdir -p "$(dirname "$kine_bin")"
-        CGO_ENABLED=0 nice -n 10 go build -trimpath \
-            -ldflags "-s -w -X github.com/k3s-io/kine/pkg/version.Version=$KINE_VERSION" \
-            -o "$kine_bin.tmp" github.com/k3s-io/kine || die "go build github.com/k3s-io/kine@$KINE_VERSION"
-        mv -f "$kine_bin.tmp" "$kine_bin"
-        echo "$(since "$t0")" >"$(dirname "$kine_bin")/build-seconds"
-    ) || exit 1
-    log "built kine $KINE_VERSION in $(since "$t0")s"
-fi
+build_tool kine "$KINE_VERSION" github.com/k3s-io/kine "$kine_bin" \
+    "-s -w -X github.com/k3s-io/kine/pkg/version.Version=$KINE_VERSION"
 "$kine_bin" --help >/dev/null 2>&1 || die "$kine_bin --help failed"
 log "$kine_bin ($KINE_VERSION)"
 
-# etcd: the server module's main package, from a scratch module like the others.
+# etcd: the server module's main package.
 etcd_bin="$CACHE/etcd-$ETCD_VERSION/etcd"
-if [ ! -x "$etcd_bin" ]; then
-    t0=$(date +%s)
-    log "building etcd $ETCD_VERSION from Go modules (once per machine)"
-    scratch="$CACHE/src-etcd-$ETCD_VERSION"
-    (
-        mkdir -p "$scratch" && cd "$scratch" || exit 1
-        [ -f go.mod ] || go mod init peers >/dev/null 2>&1 || die "go mod init in $scratch"
-        nice -n 10 go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2 ||
-            die "go get -tool go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-        mkdir -p "$(dirname "$etcd_bin")"
-        CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "-s -w" \
-            -o "$etcd_bin.tmp" go.etcd.io/etcd/server/v3 || die "go build go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-        mv -f "$etcd_bin.tmp" "$etcd_bin"
-        echo "$(since "$t0")" >"$(dirname "$etcd_bin")/build-seconds"
-    ) || exit 1
-    log "built etcd $ETCD_VERSION in $(since "$t0")s"
-fi
+build_tool etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$etcd_bin" "-s -w"
 got=$("$etcd_bin" --version 2>&1) || die "$etcd_bin --version: $got"
 case "$got" in
 *"etcd Version: ${ETCD_VERSION#v}"*) ;;
