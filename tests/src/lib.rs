@@ -9,7 +9,7 @@ pub mod pki;
 pub mod private_db;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -236,19 +236,54 @@ pub fn mysql_client_args(url: &str) -> Option<Vec<String>> {
 
 /// Picks a free TCP port on 127.0.0.1, never the same twice in one test process: the
 /// kernel may hand a just-released port out again, and two servers started side by side on
-/// one port meant a test's client talking to the other test's server.
+/// one port meant a test's client talking to the other test's server. The port lies below
+/// the kernel's ephemeral range: a port from that range (what binding port 0 gives) can be
+/// taken as the local port of any process's outgoing connection before the server binds it,
+/// and the server then exits with "address in use" (a CI run lost an etcd-proxy test so).
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("no free loopback port");
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let (low, high) = listening_port_range();
+    let span = u32::from(high - low);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    // Test processes run one after another; each starts at its own place in the range so
+    // a port the previous one left in TIME_WAIT is seldom the first tried.
+    let mut candidate = next.unwrap_or_else(|| {
+        let offset = (std::process::id().wrapping_mul(7919) % span) as u16;
+        low + offset
+    });
+    for _ in 0..span {
+        let port = candidate;
+        candidate = if candidate + 1 >= high {
+            low
+        } else {
+            candidate + 1
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some(candidate);
             return port;
         }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// Ports for the servers tests start: outside the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768–60999 unless changed), below it when
+/// there is room there.
+fn listening_port_range() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let (start, end) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| {
+            let mut bounds = range.split_whitespace().map(|b| b.parse::<u16>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    if start > LOW + 1_000 {
+        (LOW, start)
+    } else if end < 64_000 {
+        (end + 1, u16::MAX)
+    } else {
+        (LOW, 32_768)
     }
 }
 
@@ -329,17 +364,44 @@ impl Drop for ChildGuard {
 
 /// Waits until something accepts TCP connections on `address`.
 pub fn wait_for_port(address: &str, child: &mut Child, what: &str) {
+    wait_for_port_logged(address, child, what, None);
+}
+
+/// [`wait_for_port`] for a process whose stderr goes to `log`: a process that exits before
+/// listening is reported with the end of its log, which says why.
+fn wait_for_port_logged(address: &str, child: &mut Child, what: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(address).is_ok() {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {address}: {status}");
+            panic!(
+                "{what} exited before listening on {address}: {status}{}",
+                log_tail(log)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{what} did not listen on {address} within 30s");
+    panic!(
+        "{what} did not listen on {address} within 30s{}",
+        log_tail(log)
+    );
+}
+
+/// The last lines of a process's log, for a failure message.
+fn log_tail(log: Option<&Path>) -> String {
+    let Some(log) = log else {
+        return String::new();
+    };
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            format!("; the end of its log:\n{tail}")
+        }
+        Err(e) => format!("; its log {} is unreadable: {e}", log.display()),
+    }
 }
 
 /// Starts kine-rs on `backend` with extra command-line arguments.
@@ -376,14 +438,14 @@ pub fn spawn_kine(backend: Backend) -> ChildGuard {
     spawn_kine_with(backend, &[])
 }
 
-/// Starts kine-rs with an explicit `--endpoint`, in `dir`.
+/// Starts kine-rs with an explicit `--endpoint`, in `dir`; its log goes to `kine.log` of
+/// that directory (to the test's stderr with `KINE_TEST_LOG` set).
 pub fn spawn_kine_on(endpoint: &str, dir: tempfile::TempDir, extra_args: &[&str]) -> ChildGuard {
-    let stderr = if std::env::var_os("KINE_TEST_LOG").is_some() {
-        Stdio::inherit()
+    if std::env::var_os("KINE_TEST_LOG").is_some() {
+        spawn_kine_with_stderr(endpoint, dir, extra_args, Stdio::inherit(), None)
     } else {
-        Stdio::null()
-    };
-    spawn_kine_with_stderr(endpoint, dir, extra_args, stderr)
+        spawn_kine_logged(endpoint, dir, extra_args).0
+    }
 }
 
 /// Starts kine-rs like [`spawn_kine_on`], its log (stderr) in `kine.log` of its directory;
@@ -396,7 +458,7 @@ pub fn spawn_kine_logged(
     let log = dir.path().join("kine.log");
     let file = std::fs::File::create(&log).expect("log file");
     (
-        spawn_kine_with_stderr(endpoint, dir, extra_args, Stdio::from(file)),
+        spawn_kine_with_stderr(endpoint, dir, extra_args, Stdio::from(file), Some(&log)),
         log,
     )
 }
@@ -406,6 +468,7 @@ fn spawn_kine_with_stderr(
     dir: tempfile::TempDir,
     extra_args: &[&str],
     stderr: Stdio,
+    log: Option<&Path>,
 ) -> ChildGuard {
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
@@ -421,7 +484,7 @@ fn spawn_kine_with_stderr(
         .stderr(stderr)
         .spawn()
         .expect("start kine-rs");
-    wait_for_port(&address, &mut child, "kine-rs");
+    wait_for_port_logged(&address, &mut child, "kine-rs", log);
     ChildGuard {
         child,
         endpoint: format!("http://{address}"),

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -59,12 +58,8 @@ pub fn kine_rs_binary() -> PathBuf {
     bin
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
-}
+/// Ports outside the kernel's ephemeral range (one rule for every test of the workspace).
+pub use kine_tests::free_port;
 
 /// A child process killed when dropped.
 pub struct ChildGuard(pub Child, pub String);
