@@ -196,7 +196,7 @@ impl From<sqlx::Error> for KineError {
             sqlx::Error::Database(db)
                 if matches!(
                     db.code().as_deref(),
-                    Some(KEYSPACE_CHANGED | ABSENT_KEY_EXISTS)
+                    Some(KEYSPACE_CHANGED | ABSENT_KEY_EXISTS | UNREAD_BATCH_REFUSED)
                 ) =>
             {
                 KineError::Conflict(error.to_string())
@@ -216,6 +216,12 @@ pub const KEYSPACE_CHANGED: &str = "KR001";
 /// The SQLSTATE `kine_rs_commit` (migration 0010) raises when a key the write batch took for
 /// absent without reading it has a live row.
 pub const ABSENT_KEY_EXISTS: &str = "KR002";
+
+/// The SQLite result code (SQLITE_CONSTRAINT_CHECK) of the check that begins a write batch
+/// started from what this process committed last (`UnreadBatch` of the SQL backend): another
+/// connection committed since, or a key the batch took for absent is live. No table of
+/// kine-rs's SQLite schema has a CHECK constraint that could raise it otherwise.
+pub const UNREAD_BATCH_REFUSED: &str = "275";
 
 /// Database error codes (SQLite result codes, SQLSTATEs of PostgreSQL and MySQL) of failures
 /// that a retry may not meet: the server is going away or overloaded, or the transaction lost

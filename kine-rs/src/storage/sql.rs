@@ -318,6 +318,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// Where a write call checks, statement by statement, the rows each changed, so that
     /// the call may end with the batch's COMMIT (SQLite, [`ChangedRowsCheck`]).
     const CHANGED_ROWS_CHECK: Option<ChangedRowsCheck> = None;
+    /// Where a write batch on the [`BatchConnection`] may start from the [`CommitCache`]
+    /// without reading (SQLite, [`UnreadBatch`]).
+    const UNREAD_BATCH: Option<UnreadBatch> = None;
     /// Whether a key's current row is named by a row of `kv_head` (PostgreSQL, migration
     /// 0008) instead of marked in `kv.superseded`: `kv` only gets rows appended, and an
     /// overwrite changes a narrow head row in place instead of rewriting the row it
@@ -1408,6 +1411,9 @@ impl<D: Dialect> SqlBackend<D> {
     /// [`Dialect::MULTI_STATEMENT`]).
     pub(crate) async fn with_batch_connection(mut self) -> Result<Self> {
         self.batch_connection = Some(BatchConnection::take_from(&self.writers).await?);
+        if D::UNREAD_BATCH.is_some() && self.commit_cache.is_none() {
+            self.commit_cache = Some(Arc::new(CommitCache::default()));
+        }
         Ok(self)
     }
 
@@ -1528,6 +1534,7 @@ impl<D: Dialect> SqlBackend<D> {
             taken_absent: Vec::new(),
             tx: Some(tx),
             conn: None,
+            unbegun: None,
             read_version: None,
             writers: self.writers.clone(),
             keyspace,
@@ -1548,13 +1555,23 @@ impl<D: Dialect> SqlBackend<D> {
         keyspace: KeyspaceId,
         keys: &[Bytes],
     ) -> Result<Box<dyn WriteTxn>> {
-        let mut tx = WriteTx::Own(batches.begin().await?);
+        let own = batches.begin().await?;
+        let generation = own.generation();
+        let mut tx = WriteTx::Own(own);
         let mut sorted: Vec<&[u8]> = keys.iter().map(|key| key.as_ref()).collect();
         sorted.sort_unstable();
         sorted.dedup();
+        // With the data version the keyspace is read at, this batch's commit is remembered
+        // for the next one to start from ([`UnreadBatch`]).
+        let data_version = D::UNREAD_BATCH
+            .filter(|_| self.commit_cache.is_some())
+            .map(|unread| unread.version);
         let mut sql = format!(
-            "{}; SELECT {STATE_COLUMNS} FROM keyspaces WHERE id = ?",
-            D::BEGIN_WRITE
+            "{}; SELECT {STATE_COLUMNS}{} FROM keyspaces WHERE id = ?",
+            D::BEGIN_WRITE,
+            data_version
+                .map(|version| format!(", ({version})"))
+                .unwrap_or_default()
         );
         let mut args = vec![Arg::Int(keyspace)];
         for (_, lookup, lookup_args) in lookup_statements::<D>(keyspace, &sorted) {
@@ -1565,13 +1582,73 @@ impl<D: Dialect> SqlBackend<D> {
         let rows = fetch_all::<D>(tx.conn()?, "batch_read", &sql, &args).await?;
         // The keyspace row comes first, unless the keyspace is gone; the current rows follow.
         let (first, current) = rows.split_first().ok_or(KineError::KeyspaceDeleted)?;
-        if D::DB::columns(first) != STATE_COLUMN_COUNT {
+        if D::DB::columns(first) != STATE_COLUMN_COUNT + usize::from(data_version.is_some()) {
             return Err(KineError::KeyspaceDeleted);
         }
         let state = state_from_row::<D>(first, keyspace)?;
         let mut txn = self.locked_txn(keyspace, tx, state);
+        if data_version.is_some() {
+            let version = D::DB::int(first, STATE_COLUMN_COUNT)?;
+            txn.read_version = Some(unread_version(generation, version));
+        }
         txn.remember(&sorted, current, 0)?;
         Ok(Box::new(txn))
+    }
+
+    /// A write batch on the batch connection that starts from what this process committed
+    /// last, without reading ([`UnreadBatch`]), if the cache knows enough: every key, or
+    /// every one it does not know is one the batch would create. Its transaction begins with
+    /// its first call, which checks that the cache still holds.
+    fn begin_unread(
+        &self,
+        batches: &BatchConnection<D>,
+        keyspace: KeyspaceId,
+        keys: &BatchKeys,
+    ) -> Option<SqlWriteTxn<D>> {
+        D::UNREAD_BATCH?;
+        let cache = self.commit_cache.as_ref()?;
+        let mut sorted: Vec<&[u8]> = keys.all.iter().map(|key| key.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let hit = cache.lookup(keyspace, &sorted)?;
+        // Known on a connection that is gone: its data version says nothing now.
+        if parse_unread_version(&hit.version)?.0 != batches.generation() {
+            return None;
+        }
+        if hit.keys.len() != sorted.len()
+            && !self.may_take_absent(keyspace, &sorted, &hit, &keys.created)
+        {
+            return None;
+        }
+        let mut known: HashMap<Bytes, KnownKey> = hit
+            .keys
+            .into_iter()
+            .map(|(key, cached)| (key, KnownKey::from(cached)))
+            .collect();
+        let mut taken_absent = Vec::new();
+        for key in &sorted {
+            if !known.contains_key(*key) {
+                let key = Bytes::copy_from_slice(key);
+                known.insert(key.clone(), KnownKey::absent());
+                taken_absent.push(key);
+            }
+        }
+        Some(SqlWriteTxn::<D> {
+            taken_absent,
+            cache: self.commit_cache.clone(),
+            from_cache: true,
+            tx: None,
+            conn: None,
+            unbegun: Some(batches.clone()),
+            read_version: Some(hit.version),
+            writers: self.writers.clone(),
+            keyspace,
+            start: hit.state,
+            state: hit.state,
+            known,
+            supersede: Vec::new(),
+            pending: Vec::new(),
+        })
     }
 
     /// A write transaction holding the keyspace's row lock, and the counters it read.
@@ -2022,6 +2099,9 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         let Some(column) = D::ROW_VERSION.filter(|_| optimistic && D::COMMIT_BATCH.is_some())
         else {
             if let Some(batches) = &self.batch_connection {
+                if optimistic && let Some(txn) = self.begin_unread(batches, keyspace, keys) {
+                    return Ok(Box::new(txn));
+                }
                 return self.begin_write_reading(batches, keyspace, &keys.all).await;
             }
             let mut txn = self.begin_write(keyspace).await?;
@@ -2065,6 +2145,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                     from_cache: true,
                     tx: None,
                     conn: Some(conn),
+                    unbegun: None,
                     read_version: Some(hit.version),
                     writers: self.writers.clone(),
                     keyspace,
@@ -2115,6 +2196,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             taken_absent: Vec::new(),
             tx: None,
             conn: Some(conn),
+            unbegun: None,
             read_version: Some(version),
             writers: self.writers.clone(),
             keyspace,
@@ -2547,8 +2629,13 @@ struct SqlWriteTxn<D: Dialect> {
     tx: Option<WriteTx<D>>,
     /// Without the lock: the connection the batch reads on, outside any transaction.
     conn: Option<PoolConnection<D::DB>>,
+    /// A batch started from the cache on the batch connection ([`UnreadBatch`]): the
+    /// connection its first call begins the transaction on, with the check.
+    unbegun: Option<BatchConnection<D>>,
     /// Without the lock: the version ([`Dialect::ROW_VERSION`]) of the keyspace row the batch
-    /// read; the lock, once taken, must find the same one.
+    /// read; the lock, once taken, must find the same one. On the batch connection
+    /// ([`UnreadBatch`]): its generation and data version when the batch read the keyspace, or
+    /// those the cache started it from.
     read_version: Option<String>,
     /// Where this process's commits are remembered, if anywhere.
     cache: Option<Arc<CommitCache>>,
@@ -2874,6 +2961,8 @@ impl<D: Dialect> SqlWriteTxn<D> {
         unknown.sort_unstable();
         unknown.dedup();
         for (chunk, sql, args) in lookup_statements::<D>(self.keyspace, &unknown) {
+            // A batch started from the cache reads under its transaction, once begun.
+            self.lock_if_unbegun().await?;
             let conn = reader::<D>(&mut self.tx, &mut self.conn)?;
             let rows = fetch_all::<D>(conn, "get", &sql, &args).await?;
             self.remember(chunk, &rows, 0)?;
@@ -2914,11 +3003,32 @@ impl<D: Dialect> SqlWriteTxn<D> {
         Ok(())
     }
 
+    /// Begins the transaction of a batch started from the cache ([`UnreadBatch`]), if not yet.
+    async fn lock_if_unbegun(&mut self) -> Result<()> {
+        if self.unbegun.is_some() {
+            self.lock().await?;
+        }
+        Ok(())
+    }
+
     /// Takes the keyspace's row lock, if the batch read without it: in a new transaction,
     /// checking that the keyspace row is still the version the batch read (else nothing it
     /// decided may stand: [`KineError::Conflict`]).
     async fn lock(&mut self) -> Result<()> {
         if self.tx.is_some() {
+            return Ok(());
+        }
+        if self.unbegun.is_some() {
+            // A batch started from the cache that needs its transaction before its last
+            // call: begin it with the check, in a call of its own.
+            let absent = self.taken_absent.clone();
+            let (sql, args) = self.take_unbegun(&absent).await?;
+            let conn = held::<D>(&mut self.tx)?;
+            if let Err(error) = execute::<D>(conn, "begin_write", &sql, &args).await {
+                self.refuse_unread(&error);
+                return Err(error);
+            }
+            self.taken_absent.clear();
             return Ok(());
         }
         // Give the reading connection back first: a writer never holds two.
@@ -2950,6 +3060,54 @@ impl<D: Dialect> SqlWriteTxn<D> {
         }
         self.tx = Some(WriteTx::Tracked(tx));
         Ok(())
+    }
+
+    /// Takes the batch connection of a batch started from the cache ([`UnreadBatch`]) and
+    /// returns the statements its first call begins with: the transaction's BEGIN and the
+    /// check that the cache still holds (`absent`: the keys the batch took for absent).
+    async fn take_unbegun<'a>(&mut self, absent: &'a [Bytes]) -> Result<(String, Vec<Arg<'a>>)> {
+        let (Some(batches), Some(unread)) = (self.unbegun.take(), D::UNREAD_BATCH) else {
+            return Err(KineError::Storage(
+                "a write batch began on a database without unread batches".into(),
+            ));
+        };
+        let Some((generation, version)) =
+            self.read_version.as_deref().and_then(parse_unread_version)
+        else {
+            return Err(KineError::Storage(
+                "a write batch started from the cache without its version".into(),
+            ));
+        };
+        let own = batches.begin().await?;
+        if own.generation() != generation {
+            own.release();
+            self.refuse_cached();
+            return Err(KineError::Conflict(format!(
+                "the batch connection was replaced since this process last committed to keyspace {}",
+                self.keyspace
+            )));
+        }
+        self.tx = Some(WriteTx::Own(own));
+        let keys: Vec<&[u8]> = absent.iter().map(|key| key.as_ref()).collect();
+        let keys = padded(&keys);
+        let list = if keys.is_empty() {
+            "NULL".to_string()
+        } else {
+            placeholders(keys.len())
+        };
+        let mut args = vec![Arg::Int(version), Arg::Int(self.keyspace)];
+        args.extend(keys.into_iter().map(Arg::Bytes));
+        Ok((unread.begin_checked.replace("{keys}", &list), args))
+    }
+
+    /// Tells the cache how the first call of a batch it started failed: refused by its check,
+    /// or otherwise (the cache may not hold either way).
+    fn refuse_unread(&self, error: &KineError) {
+        match (error, &self.cache) {
+            (KineError::Conflict(_), _) => self.refuse_cached(),
+            (_, Some(cache)) => cache.forget(self.keyspace),
+            (_, None) => {}
+        }
     }
 
     /// Tells the cache that a batch it started was refused: the keyspace changed, or a key
@@ -3128,7 +3286,15 @@ impl<D: Dialect> SqlWriteTxn<D> {
         then: Option<(&'static str, String, Vec<Arg<'_>>)>,
         commit: bool,
     ) -> Result<bool> {
-        self.lock().await?;
+        // A batch started from the cache that commits in this call begins in it too.
+        let absent = self.taken_absent.clone();
+        let prelude = if commit && D::MULTI_STATEMENT && self.unbegun.is_some() {
+            Some(self.take_unbegun(&absent).await?)
+        } else {
+            self.lock().await?;
+            None
+        };
+        let begins = prelude.is_some();
         let mut supersede = std::mem::take(&mut self.supersede);
         if D::HEAD_TABLE || D::PAST_TABLE {
             // The insert below moves each key's head; nothing is rewritten (with `kv_past`,
@@ -3152,8 +3318,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         if D::MULTI_STATEMENT && (statements.len() > 1 || commit) {
             // One call: each statement is a hand-off to SQLite's worker thread, and the
             // keyspace's next batch waits for this one.
-            let mut sql = String::new();
-            let mut args = Vec::new();
+            let (mut sql, mut args) = prelude.unwrap_or_default();
             let mut expected = Some(0);
             for statement in &statements {
                 if !sql.is_empty() {
@@ -3178,6 +3343,9 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 sql.push_str("; COMMIT");
             }
             let changed = execute::<D>(conn, "write", &sql, &args).await?;
+            if begins {
+                self.taken_absent.clear();
+            }
             let expected = expected.filter(|_| checks.is_none());
             if let Some(expected) = expected.filter(|expected| changed != *expected) {
                 return Err(KineError::Storage(format!(
@@ -3217,6 +3385,22 @@ pub struct ChangedRowsCheck {
     /// Follows a statement; fails (ending the call) unless that statement changed as many
     /// rows as its one parameter says.
     pub check: &'static str,
+}
+
+/// How a write batch on the [`BatchConnection`] starts from what this process committed last
+/// ([`CommitCache`]) instead of reading: its first call begins the transaction and checks,
+/// under the write lock, that no other connection committed since the batch connection last
+/// read the keyspace (SQLite's `data_version`, which a connection's own commits leave
+/// unchanged) and that no key it took for absent is live, then goes on with its writes and
+/// COMMIT. One call per batch instead of a read call and a write call.
+#[derive(Clone, Copy)]
+pub struct UnreadBatch {
+    /// Answers the batch connection's data version (one integer), inside its transaction.
+    pub version: &'static str,
+    /// Begins the transaction and fails with [`crate::error::UNREAD_BATCH_REFUSED`] unless
+    /// the data version is still its first parameter and none of the keys named where it
+    /// says `{keys}` (after the keyspace, its second parameter) has a live current row.
+    pub begin_checked: &'static str,
 }
 
 /// A statement of a write batch, and how many rows it changes where that is known.
@@ -3768,11 +3952,20 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         // Without the lock, unless a superseded row is known only by key (read by a range)
         // and must be rewritten.
         if self.tx.is_none()
+            && self.unbegun.is_none()
             && (D::HEAD_TABLE || self.supersede.iter().all(|row| row.row_id.is_some()))
         {
             return self.commit_unlocked(revision).await;
         }
-        if let Some(cache) = &self.cache {
+        // On the batch connection, with the data version it read at (or started from), the
+        // commit is remembered for the next batch to start from ([`UnreadBatch`]).
+        let remember = self
+            .read_version
+            .clone()
+            .filter(|_| self.unbegun.is_some() || matches!(self.tx, Some(WriteTx::Own(_))));
+        if remember.is_none()
+            && let Some(cache) = &self.cache
+        {
             cache.forget(self.keyspace);
         }
         let counters = if revision != self.start.revision
@@ -3795,18 +3988,54 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         } else {
             None
         };
-        let committed = self.flush_then(counters, true).await?;
+        let committed = match self.flush_then(counters, true).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                if remember.is_some() {
+                    self.refuse_unread(&error);
+                }
+                return Err(error);
+            }
+        };
         let tx = self
             .tx
             .take()
             .ok_or_else(|| KineError::Storage("a write transaction lost its lock".into()))?;
         if committed {
             tx.committed();
-            return Ok(());
+        } else if let Err(error) = tx.commit().await {
+            if let Some(cache) = &self.cache {
+                cache.forget(self.keyspace);
+            }
+            return Err(error);
         }
-        tx.commit().await?;
+        if let (Some(version), Some(cache)) = (remember, &self.cache) {
+            // The connection's own commit leaves its data version as it was.
+            let mut state = self.state;
+            state.revision = revision;
+            let keys = self.known.drain().map(|(key, known)| {
+                let cached = CachedKey {
+                    live: known.live,
+                    stored_current: known.stored_current || known.pending.is_some(),
+                };
+                (key, cached)
+            });
+            cache.store(self.keyspace, &version, version.clone(), state, keys);
+        }
         Ok(())
     }
+}
+
+/// The version an [`UnreadBatch`] batch is cached at: the batch connection's generation and
+/// its data version.
+fn unread_version(generation: u64, data_version: i64) -> String {
+    format!("{generation}:{data_version}")
+}
+
+/// The generation and data version of [`unread_version`]'s text.
+fn parse_unread_version(version: &str) -> Option<(u64, i64)> {
+    let (generation, data_version) = version.split_once(':')?;
+    Some((generation.parse().ok()?, data_version.parse().ok()?))
 }
 
 /// The connection of a write transaction that holds the keyspace lock.

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::sql::{ChangedRowsCheck, Dialect, SqlBackend};
+use super::sql::{ChangedRowsCheck, Dialect, SqlBackend, UnreadBatch};
 use super::{BackendOptions, migration_error};
 use crate::error::{KineError, Result};
 
@@ -71,8 +71,21 @@ impl Dialect for Sqlite {
             CREATE TEMP TRIGGER IF NOT EXISTS kine_rs_changed_check \
                 INSTEAD OF INSERT ON kine_rs_changed \
                 WHEN NEW.changed IS NOT NEW.expected \
-                BEGIN SELECT RAISE(ABORT, 'a write batch statement changed other rows than expected'); END",
+                BEGIN SELECT RAISE(ABORT, 'a write batch statement changed other rows than expected'); END; \
+            CREATE TEMP TABLE IF NOT EXISTS kine_rs_unchanged \
+                (changes INTEGER PRIMARY KEY CHECK (changes = 0))",
         check: "INSERT INTO temp.kine_rs_changed (expected, changed) VALUES (?, changes())",
+    });
+    // `data_version` changes only with other connections' commits. The table keeps at most
+    // one row (`OR REPLACE`); its CHECK fails the call with SQLITE_CONSTRAINT_CHECK, which
+    // no table of the schema raises.
+    const UNREAD_BATCH: Option<UnreadBatch> = Some(UnreadBatch {
+        version: "SELECT data_version FROM pragma_data_version()",
+        begin_checked: "BEGIN IMMEDIATE; \
+            INSERT OR REPLACE INTO temp.kine_rs_unchanged (changes) \
+            SELECT (data_version <> ?) + (SELECT COUNT(*) FROM kv_head \
+                WHERE keyspace = ? AND `key` IN ({keys}) AND deleted = 0) \
+            FROM pragma_data_version()",
     });
     const ONE_STATEMENT_GETS: bool = true;
     const PAST_TABLE: bool = true;
@@ -564,6 +577,186 @@ mod writer_tests {
         assert_eq!(read.revision, second);
         assert_eq!(&read.kvs[0].value[..], b"second");
         assert_eq!(read.kvs[0].version, 2);
+    }
+}
+
+#[cfg(test)]
+mod unread_batch_tests {
+    //! Write batches that start from what this process committed last, without reading
+    //! (`UnreadBatch`): the first call of such a batch refuses it when the cache no longer
+    //! holds, and the writer runs it again after a read.
+
+    use bytes::Bytes;
+
+    use crate::error::KineError;
+    use crate::model::KeyValue;
+    use crate::storage::{Backend, BackendOptions, BatchKeys, KeyspaceId};
+
+    /// Two backends on one SQLite file, as two processes would have them, and keyspace `t`.
+    struct TwoProcesses {
+        _dir: tempfile::TempDir,
+        this: super::SqliteBackend,
+        other: super::SqliteBackend,
+        keyspace: KeyspaceId,
+    }
+
+    impl TwoProcesses {
+        async fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("state.db");
+            let path = path.to_str().expect("utf-8 path");
+            let options = BackendOptions::default();
+            let other = super::open(path, &options).await.expect("open");
+            let keyspace = other
+                .keyspace("t", true)
+                .await
+                .expect("keyspace")
+                .expect("created");
+            let this = super::open(path, &options).await.expect("open again");
+            TwoProcesses {
+                _dir: dir,
+                this,
+                other,
+                keyspace,
+            }
+        }
+    }
+
+    fn keys(all: &[&'static [u8]], created: &[&'static [u8]]) -> BatchKeys {
+        BatchKeys {
+            all: all.iter().map(|key| Bytes::from_static(key)).collect(),
+            created: created.iter().map(|key| Bytes::from_static(key)).collect(),
+        }
+    }
+
+    /// One batch of `backend` putting `key`: its next version, at the next revision.
+    async fn put(
+        backend: &super::SqliteBackend,
+        keyspace: KeyspaceId,
+        key: &'static [u8],
+        value: &'static [u8],
+        optimistic: bool,
+    ) -> crate::error::Result<KeyValue> {
+        let batch = keys(&[key], &[key]);
+        let mut txn = backend
+            .begin_group_write(keyspace, &batch, optimistic)
+            .await?;
+        let revision = txn.state().revision + 1;
+        let previous = txn.get(key).await?;
+        let kv = KeyValue {
+            key: Bytes::from_static(key),
+            create_revision: previous.as_ref().map_or(revision, |kv| kv.create_revision),
+            mod_revision: revision,
+            version: previous.as_ref().map_or(1, |kv| kv.version + 1),
+            value: Bytes::from_static(value),
+            lease: 0,
+        };
+        txn.put(&kv, 0).await?;
+        txn.commit(revision).await?;
+        Ok(kv)
+    }
+
+    async fn current(backend: &super::SqliteBackend, keyspace: KeyspaceId, key: &[u8]) -> KeyValue {
+        let range = crate::model::KeyRange::new(Bytes::copy_from_slice(key), Bytes::new());
+        let read = backend
+            .range(
+                keyspace,
+                crate::storage::RangeQuery {
+                    range: &range,
+                    revision: 0,
+                    limit: None,
+                    keys_only: false,
+                    count_only: false,
+                },
+            )
+            .await
+            .expect("range");
+        read.kvs.into_iter().next().expect("the key is live")
+    }
+
+    /// Batches after this process's own commits start from the cache and stay right: each
+    /// overwrite and create lands at the next revision with the next version.
+    #[tokio::test]
+    async fn batches_after_this_processs_commits_start_from_the_cache() {
+        let both = TwoProcesses::new().await;
+        let (this, keyspace) = (&both.this, both.keyspace);
+        let mut last = None;
+        for value in [&b"1"[..], b"2", b"3"] {
+            last = Some(put(this, keyspace, b"k", value, true).await.expect("put"));
+        }
+        let fresh = put(this, keyspace, b"fresh", b"x", true)
+            .await
+            .expect("a create taking its key for absent");
+        let last = last.expect("puts");
+        assert_eq!(last.version, 3);
+        assert_eq!(fresh.mod_revision, last.mod_revision + 1);
+        let stored = current(this, keyspace, b"k").await;
+        assert_eq!((stored.version, &stored.value[..]), (3, &b"3"[..]));
+        assert_eq!(current(this, keyspace, b"fresh").await.version, 1);
+    }
+
+    /// Another process committed to the keyspace after this one's last commit: the batch that
+    /// started from the cache is refused with nothing written, and the same batch after a read
+    /// commits on the new state.
+    #[tokio::test]
+    async fn a_cached_batch_is_refused_after_another_process_committed() {
+        let both = TwoProcesses::new().await;
+        let keyspace = both.keyspace;
+        put(&both.this, keyspace, b"k", b"mine", true)
+            .await
+            .expect("put");
+        let theirs = put(&both.other, keyspace, b"k", b"theirs", false)
+            .await
+            .expect("the other process's put");
+        let refused = put(&both.this, keyspace, b"k", b"stale", true).await;
+        assert!(
+            matches!(refused, Err(KineError::Conflict(_))),
+            "a batch evaluated on what this process committed last was not refused: {refused:?}"
+        );
+        let stored = current(&both.this, keyspace, b"k").await;
+        assert_eq!(
+            stored.mod_revision, theirs.mod_revision,
+            "the refused batch wrote"
+        );
+        let again = put(&both.this, keyspace, b"k", b"again", false)
+            .await
+            .expect("the batch after a read");
+        assert_eq!(again.version, 3);
+        assert_eq!(again.mod_revision, theirs.mod_revision + 1);
+        // And the next one starts from the cache again, on the new state.
+        let next = put(&both.this, keyspace, b"k", b"next", true)
+            .await
+            .expect("put");
+        assert_eq!(
+            (next.version, next.mod_revision),
+            (4, again.mod_revision + 1)
+        );
+    }
+
+    /// A key this process never saw exists (written before it started): a create that took it
+    /// for absent is refused, and after a read the put overwrites it with its next version.
+    #[tokio::test]
+    async fn a_create_that_took_a_live_key_for_absent_is_refused() {
+        let both = TwoProcesses::new().await;
+        let keyspace = both.keyspace;
+        // Before `this` commits anything, so its data version is read after this one.
+        put(&both.other, keyspace, b"theirs", b"1", false)
+            .await
+            .expect("the other process's put");
+        put(&both.this, keyspace, b"k", b"mine", true)
+            .await
+            .expect("put");
+        let refused = put(&both.this, keyspace, b"theirs", b"2", true).await;
+        assert!(
+            matches!(refused, Err(KineError::Conflict(_))),
+            "a create over a live key was not refused: {refused:?}"
+        );
+        let stored = current(&both.this, keyspace, b"theirs").await;
+        assert_eq!((stored.version, &stored.value[..]), (1, &b"1"[..]));
+        let again = put(&both.this, keyspace, b"theirs", b"2", false)
+            .await
+            .expect("the put after a read");
+        assert_eq!(again.version, 2);
     }
 }
 

@@ -12,6 +12,7 @@
 //! when asked, `ROLLBACK` when dropped without one.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Pool, Transaction};
@@ -60,6 +61,19 @@ impl<D: Dialect> WriteTx<D> {
 pub(super) struct BatchConnection<D: Dialect> {
     conn: Arc<Mutex<Option<Conn<D>>>>,
     pool: Pool<D::DB>,
+    /// How many connections it took before the current one: what one connection observed
+    /// (SQLite's `data_version`) says nothing about the next.
+    generation: Arc<AtomicU64>,
+}
+
+impl<D: Dialect> Clone for BatchConnection<D> {
+    fn clone(&self) -> Self {
+        BatchConnection {
+            conn: self.conn.clone(),
+            pool: self.pool.clone(),
+            generation: self.generation.clone(),
+        }
+    }
 }
 
 impl<D: Dialect> BatchConnection<D> {
@@ -69,6 +83,7 @@ impl<D: Dialect> BatchConnection<D> {
         Ok(BatchConnection {
             conn: Arc::new(Mutex::new(Some(conn))),
             pool: pool.clone(),
+            generation: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -88,11 +103,18 @@ impl<D: Dialect> BatchConnection<D> {
         let mut guard = self.conn.clone().lock_owned().await;
         if guard.is_none() {
             *guard = Some(Self::detached(&self.pool).await?);
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
         Ok(OwnTx {
             guard: Some(guard),
             open: true,
+            generation: self.generation.load(Ordering::SeqCst),
         })
+    }
+
+    /// Which connection batches run on now (see `generation`).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 }
 
@@ -103,9 +125,21 @@ pub(super) struct OwnTx<D: Dialect> {
     /// Whether the transaction may still be open: set before the call that begins it (an
     /// error in that call may come after its BEGIN), cleared by a commit that succeeded.
     open: bool,
+    /// The [`BatchConnection`]'s generation of the connection held.
+    generation: u64,
 }
 
 impl<D: Dialect> OwnTx<D> {
+    /// The generation of its connection ([`BatchConnection::generation`]).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Gives the connection back to the next batch without having begun a transaction.
+    pub(super) fn release(mut self) {
+        self.open = false;
+    }
+
     fn conn(&mut self) -> Result<&mut Conn<D>> {
         self.guard
             .as_mut()
