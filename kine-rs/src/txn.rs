@@ -302,7 +302,7 @@ pub fn point_keys(request: &TxnRequest, out: &mut Vec<Bytes>) {
 }
 
 /// The keys a transaction would create, so that a write batch may take them for absent without
-/// reading them when its commit checks that (PostgreSQL): a plain put's key (a put of a key its
+/// reading them when its commit checks that (PostgreSQL, SQLite): a plain put's key (a put of a key its
 /// process has not seen is most often a new key), and each single key the transaction compares
 /// with create revision, mod revision or version equal to 0 (kube-apiserver's create).
 pub fn created_keys(request: &TxnRequest, plain_put: bool, out: &mut Vec<Bytes>) {

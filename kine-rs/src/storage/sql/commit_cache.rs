@@ -1,6 +1,7 @@
-//! What this process knows of the keyspaces it committed to last (PostgreSQL): the keyspace
-//! row's version (`xmin`) and counters after its own commit, and the rows of the keys that
-//! commit read or wrote. A write batch whose keys are all known here skips its read and goes
+//! What this process knows of the keyspaces it committed to last (PostgreSQL, SQLite): the
+//! keyspace's version (PostgreSQL: the keyspace row's `xmin`; SQLite: the batch connection's
+//! `data_version`, `super::UnreadBatch`) and counters after its own commit, and the rows of
+//! the keys that commit read or wrote. A write batch whose keys are all known here skips its read and goes
 //! straight to the commit call, whose version check refuses it if anything changed the
 //! keyspace since (another process's commit, a compaction, a freeze): the writer then runs
 //! the batch again under the lock, as after any conflict. The check is what keeps this

@@ -7,7 +7,8 @@
 //! database's single writer (`begin_write` took 3–5 ms a batch at 128 clients, 0.06 ms at one).
 //! So SQLite's write batches run on a connection taken out of the pool for good
 //! ([`BatchConnection`]), behind an async lock, and begin and commit their transactions
-//! themselves ([`WriteTx::Own`]): `BEGIN IMMEDIATE` in the call of the batch's first read,
+//! themselves ([`WriteTx::Own`]): `BEGIN IMMEDIATE` in the call of the batch's first read
+//! (or, for a batch started from the commit cache, its first call, `super::UnreadBatch`),
 //! `COMMIT` at the end of its last call (after the checks of [`super::ChangedRowsCheck`]) or
 //! when asked, `ROLLBACK` when dropped without one.
 
