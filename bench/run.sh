@@ -15,7 +15,11 @@
 # Environment:
 #   BENCH_DURATION   seconds per throughput point (default 5)
 #   BENCH_REPEAT     runs per throughput point; the table shows the median (default 1)
-#   BENCH_TARGETS    which of "etcd sqlite postgres mysql nats etcd-proxy" to run (default: all);
+#   BENCH_TARGETS    which of "etcd etcd-newest sqlite postgres mysql nats etcd-proxy" to run
+#                    (default: all); etcd-newest is the newest etcd (ETCD_NEWEST_BIN, default the
+#                    one scripts/peers.sh builds), a second yardstick: a single-member etcd before
+#                    3.5.5 answers a write before its WAL is flushed (etcd-io/etcd#14370), later
+#                    ones after, as kine-rs does; the ratios stay against the etcd column;
 #                    etcd-proxy is kine-rs --endpoint etcd://... in front of a fresh etcd of its own;
 #                    nats is kine-rs on a private nats-server (NATS_SERVER_BIN, default the one
 #                    scripts/peers.sh builds) with a fresh JetStream store in the run's directory
@@ -48,7 +52,7 @@ START=$(date +%s)
 
 DURATION=${BENCH_DURATION:-5}
 REPEAT=${BENCH_REPEAT:-1}
-TARGETS=${BENCH_TARGETS:-etcd sqlite postgres mysql nats etcd-proxy}
+TARGETS=${BENCH_TARGETS:-etcd etcd-newest sqlite postgres mysql nats etcd-proxy}
 POINTS=${BENCH_POINTS:-workloads watch gateway noisy proxy-cores}
 NATS_SYNC=${BENCH_NATS_SYNC:-always}
 PG_SERVER=${KINE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -113,6 +117,14 @@ ETCD=$(find_etcd)
 ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
 ETCDCTL="$(dirname "$ETCD")/etcdctl"
 [ -x "$ETCDCTL" ] || die "no etcdctl next to $ETCD"
+
+ETCD_NEWEST=${ETCD_NEWEST_BIN:-$HOME/.cache/kine-rs-peers/etcd-v3.6.16/etcd}
+case " $TARGETS " in
+*" etcd-newest "*)
+    [ -x "$ETCD_NEWEST" ] || die "no etcd at $ETCD_NEWEST: run scripts/peers.sh (or set ETCD_NEWEST_BIN)"
+    ETCD_NEWEST_VERSION=$("$ETCD_NEWEST" --version | sed -n 's/^etcd Version: //p')
+    ;;
+esac
 
 NATS_SERVER=${NATS_SERVER_BIN:-$HOME/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server}
 case " $TARGETS " in
@@ -468,6 +480,7 @@ for target in $TARGETS; do
     say "$target"
     case "$target" in
     etcd) start_etcd ;;
+    etcd-newest) ETCD=$ETCD_NEWEST ETCD_DATA="$WORK/etcd-newest-data" start_etcd ;;
     sqlite) start_kine sqlite "sqlite://$WORK/sqlite/state.db" ;;
     postgres)
         fresh_endpoint postgres
@@ -503,6 +516,7 @@ for target in $TARGETS; do
     t0=$(date +%s%N)
     case "$target" in
     etcd) start_etcd ;;
+    etcd-newest) ETCD=$ETCD_NEWEST ETCD_DATA="$WORK/etcd-newest-data" start_etcd ;;
     sqlite) start_kine sqlite-restart "sqlite://$WORK/sqlite/state.db" ;;
     postgres | mysql) start_kine "$target-restart" "$ENDPOINT" ;;
     nats) start_kine nats-restart "$NATS_URL?bucket=bench" ;;
@@ -762,6 +776,10 @@ MEM=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
     echo "- command: \`$COMMAND\` ($ELAPSED s), $KINE_RS_WHAT"
     echo "- etcd $ETCD_VERSION (fsync on) with its data on the same disk as kine-rs's SQLite file (\`synchronous=FULL\`);"
     echo "  PostgreSQL ${PG_VERSION:-?} and MariaDB ${MY_VERSION:-?} on this machine with default settings (MariaDB's buffer pool: ${MY_POOL:-?} MiB), a fresh database each"
+    if [ -n "${ETCD_NEWEST_VERSION:-}" ]; then
+        echo "- etcd-newest: etcd $ETCD_NEWEST_VERSION (fsync on), built from its Go module (scripts/peers.sh); a single-member"
+        echo "  etcd before 3.5.5 answers a write before its WAL is flushed (etcd-io/etcd#14370), $ETCD_NEWEST_VERSION after, as kine-rs does"
+    fi
     if [ -n "${NATS_VERSION:-}" ]; then
         echo "- NATS: a private nats-server $NATS_VERSION, JetStream file store on the same disk, \`sync_interval: $NATS_SYNC\`"
     fi
