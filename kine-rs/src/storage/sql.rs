@@ -1620,26 +1620,40 @@ impl<D: Dialect> SqlBackend<D> {
         {
             return None;
         }
+        Some(self.cached_txn(keyspace, hit, &sorted, None, Some(batches.clone())))
+    }
+
+    /// A write batch of the keys `sorted` that starts from the cache's `hit` instead of a
+    /// read: the keys the cache does not know are taken for absent (its commit checks them).
+    /// It reads on `conn` without the lock (PostgreSQL) or begins on `unbegun` (SQLite).
+    fn cached_txn(
+        &self,
+        keyspace: KeyspaceId,
+        hit: commit_cache::Hit,
+        sorted: &[&[u8]],
+        conn: Option<PoolConnection<D::DB>>,
+        unbegun: Option<BatchConnection<D>>,
+    ) -> SqlWriteTxn<D> {
         let mut known: HashMap<Bytes, KnownKey> = hit
             .keys
             .into_iter()
             .map(|(key, cached)| (key, KnownKey::from(cached)))
             .collect();
         let mut taken_absent = Vec::new();
-        for key in &sorted {
+        for key in sorted {
             if !known.contains_key(*key) {
                 let key = Bytes::copy_from_slice(key);
                 known.insert(key.clone(), KnownKey::absent());
                 taken_absent.push(key);
             }
         }
-        Some(SqlWriteTxn::<D> {
+        SqlWriteTxn::<D> {
             taken_absent,
             cache: self.commit_cache.clone(),
             from_cache: true,
             tx: None,
-            conn: None,
-            unbegun: Some(batches.clone()),
+            conn,
+            unbegun,
             read_version: Some(hit.version),
             writers: self.writers.clone(),
             keyspace,
@@ -1648,7 +1662,7 @@ impl<D: Dialect> SqlBackend<D> {
             known,
             supersede: Vec::new(),
             pending: Vec::new(),
-        })
+        }
     }
 
     /// A write transaction holding the keyspace's row lock, and the counters it read.
@@ -2126,35 +2140,13 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                 if hit.keys.len() == sorted.len()
                     || self.may_take_absent(keyspace, &sorted, &hit, &keys.created) =>
             {
-                let mut known: HashMap<Bytes, KnownKey> = hit
-                    .keys
-                    .into_iter()
-                    .map(|(key, cached)| (key, KnownKey::from(cached)))
-                    .collect();
-                let mut taken_absent = Vec::new();
-                for key in &sorted {
-                    if !known.contains_key(*key) {
-                        let key = Bytes::copy_from_slice(key);
-                        known.insert(key.clone(), KnownKey::absent());
-                        taken_absent.push(key);
-                    }
-                }
-                return Ok(Box::new(SqlWriteTxn::<D> {
-                    taken_absent,
-                    cache: self.commit_cache.clone(),
-                    from_cache: true,
-                    tx: None,
-                    conn: Some(conn),
-                    unbegun: None,
-                    read_version: Some(hit.version),
-                    writers: self.writers.clone(),
+                return Ok(Box::new(self.cached_txn(
                     keyspace,
-                    start: hit.state,
-                    state: hit.state,
-                    known,
-                    supersede: Vec::new(),
-                    pending: Vec::new(),
-                }));
+                    hit,
+                    &sorted,
+                    Some(conn),
+                    None,
+                )));
             }
             Some(hit) if !hit.keys.is_empty() => Some(hit),
             _ => None,
