@@ -9,6 +9,8 @@
 #     JetStream's `sync_interval: always`, which the bench uses to fsync as etcd does)
 #   $KINE_PEERS_CACHE/kine-<kine version>/kine   (github.com/k3s-io/kine, the peer users switch
 #                                                 from; `kine-rs migrate --from kine+...` tests)
+#   $KINE_PEERS_CACHE/apiserver-storage-<v0.MINOR.PATCH>/etcd3.test   (Kubernetes' apiserver
+#     storage tests, k8s.io/apiserver/pkg/storage/etcd3, serving from kine-rs: see below)
 #   $KINE_PEERS_CACHE/etcd-<etcd version>/etcd   (the newest etcd server: the member of the
 #     cluster whose members are killed and restarted under writes; etcd 3.5.1, the oracle,
 #     can come back from that with members one revision apart, etcd-io/etcd#13766)
@@ -30,6 +32,7 @@
 #   export NATS_SERVER_BIN=/root/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server
 #   export KINE_BIN=/root/.cache/kine-rs-peers/kine-v0.17.5/kine
 #   export ETCD_NEWEST_BIN=/root/.cache/kine-rs-peers/etcd-v3.6.16/etcd
+#   export APISERVER_STORAGE_TEST_BIN=/root/.cache/kine-rs-peers/apiserver-storage-v0.36.3/etcd3.test
 # Exit status: non-zero when a program could not be built (the caller must treat that as a
 # failure, not a reason to skip).
 
@@ -237,9 +240,41 @@ case "$got" in
 esac
 log "$etcd_bin ($ETCD_VERSION)"
 
+# Kubernetes' apiserver storage tests (k8s.io/apiserver/pkg/storage/etcd3, the suite kine runs
+# as its conformance test), built to run against kine-rs: tests/apiserver-storage/test_server.go
+# takes the place of the package file that starts an embedded etcd (same package, same
+# functions). Built again whenever that file changes (a copy of it is kept beside the binary).
+storage_dir="$CACHE/apiserver-storage-$staging_version"
+storage_bin="$storage_dir/etcd3.test"
+storage_server="$(cd "$(dirname "$0")/.." && pwd)/tests/apiserver-storage/test_server.go"
+[ -f "$storage_server" ] || die "$storage_server is missing"
+if [ ! -x "$storage_bin" ] || ! cmp -s "$storage_server" "$storage_dir/test_server.go"; then
+    t0=$(date +%s)
+    log "building k8s.io/apiserver $staging_version's storage tests against kine-rs"
+    (
+        module=$(go mod download -json "k8s.io/apiserver@$staging_version" |
+            sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+        [ -d "$module" ] || die "go mod download k8s.io/apiserver@$staging_version"
+        scratch="$CACHE/src-apiserver-storage-$staging_version"
+        rm -rf "$scratch" && cp -r "$module" "$scratch" && chmod -R u+w "$scratch" ||
+            die "copying k8s.io/apiserver@$staging_version to $scratch"
+        cp "$storage_server" "$scratch/pkg/storage/etcd3/testserver/test_server.go"
+        mkdir -p "$storage_dir"
+        cd "$scratch" &&
+            CGO_ENABLED=0 nice -n 10 go test -c -trimpath -o "$storage_bin.tmp" ./pkg/storage/etcd3 >&2 ||
+            die "go test -c k8s.io/apiserver/pkg/storage/etcd3@$staging_version"
+        mv -f "$storage_bin.tmp" "$storage_bin"
+        cp "$storage_server" "$storage_dir/test_server.go"
+        echo "$(since "$t0")" >"$storage_dir/build-seconds"
+    ) || exit 1
+    log "built the apiserver storage tests in $(since "$t0")s"
+fi
+log "$storage_bin (k8s.io/apiserver $staging_version)"
+
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
 echo "export HELM_BIN=$helm_bin"
 echo "export NATS_SERVER_BIN=$nats_bin"
 echo "export KINE_BIN=$kine_bin"
 echo "export ETCD_NEWEST_BIN=$etcd_bin"
+echo "export APISERVER_STORAGE_TEST_BIN=$storage_bin"
