@@ -46,11 +46,6 @@ const ETCD_PROXY_DIFFERENCES: &[(&str, &str)] = &[
          compaction's own write, and its 'future' revision exists",
     ),
     (
-        "TestWatchFromZero",
-        "compaction is per tenant and logical until every tenant has compacted: an event at \
-         the compaction revision still carries its previous value, where etcd has none",
-    ),
-    (
         "TestEtcdWatchSemantics",
         "a watch from revision 1 in a tenant created after other tenants compacted the \
          shared etcd is compacted, as on that etcd",

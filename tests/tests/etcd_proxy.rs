@@ -1296,3 +1296,64 @@ async fn watch_streams_answer_as_etcd() -> Result<()> {
     );
     Ok(())
 }
+
+/// An event at a tenant's compaction revision has no previous value, as on etcd (which reads
+/// it at the revision before the event, compacted away), also while another tenant that never
+/// compacted keeps the shared etcd's history: the previous value is still in etcd then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_at_the_compaction_revision_has_no_previous_value() -> Result<()> {
+    let etcd = spawn_etcd_with(ETCD_ARGS);
+    let upstream = format!("etcd://{}", etcd.address);
+    let holder = spawn_kine(
+        upstream.clone(),
+        vec!["--tenant".to_string(), "holder".to_string()],
+    )
+    .await?;
+    let mut holder_client = connect(&holder.endpoint, None).await?;
+    holder_client.put("h", "history", None).await?;
+    let kine = spawn_kine(upstream, vec!["--tenant".to_string(), "w".to_string()]).await?;
+    let mut client = connect(&kine.endpoint, None).await?;
+    client.put("k", "1", None).await?;
+    client.put("k", "2", None).await?;
+    let compacted = client
+        .put("k", "3", None)
+        .await?
+        .header()
+        .context("header")?
+        .revision();
+    client.compact(compacted, None).await?;
+    // The tenant's earlier revisions are still in the shared etcd.
+    let (mut held, _) = watch(
+        &mut holder_client,
+        "h",
+        Some(WatchOptions::new().with_start_revision(1)),
+    )
+    .await?;
+    ensure!(
+        collect_events(&mut held, 1).await?[0].value == "history",
+        "the holder's history is gone"
+    );
+
+    let (mut stream, _) = watch(
+        &mut client,
+        "k",
+        Some(
+            WatchOptions::new()
+                .with_start_revision(compacted)
+                .with_prev_key(),
+        ),
+    )
+    .await?;
+    let events = collect_events(&mut stream, 1).await?;
+    ensure!(
+        events[0].value == "3" && events[0].prev_value.is_none(),
+        "at the compaction revision: {events:?}"
+    );
+    client.put("k", "4", None).await?;
+    let events = collect_events(&mut stream, 1).await?;
+    ensure!(
+        events[0].value == "4" && events[0].prev_value.as_deref() == Some("3"),
+        "after it: {events:?}"
+    );
+    Ok(())
+}

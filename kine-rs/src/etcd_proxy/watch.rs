@@ -38,6 +38,11 @@ struct Forwarded {
     request: WatchCreateRequest,
     /// The first revision not yet delivered to the client.
     next: i64,
+    /// The tenant's compaction revision when the watcher was created (-1: none, or not read).
+    /// etcd has no previous value for an event at or below its compaction revision (the
+    /// revision before it is gone); the shared etcd, compacted only as far as every tenant
+    /// allows, still has it, so the proxy leaves it out of such events as etcd would.
+    compacted_at: i64,
 }
 
 /// A create sent to etcd whose answer has not come yet (etcd answers creates in order).
@@ -47,6 +52,8 @@ enum Pending {
     Client {
         request: WatchCreateRequest,
         compacted: Option<i64>,
+        /// The tenant's compaction revision as read for the create (-1: none, or not read).
+        compacted_at: i64,
     },
     /// A watcher re-created after the upstream stream broke.
     Resume { id: i64 },
@@ -224,10 +231,17 @@ impl Session {
         }
         for pending in unanswered {
             match pending {
-                Pending::Client { request, compacted } => {
+                Pending::Client {
+                    request,
+                    compacted,
+                    compacted_at,
+                } => {
                     first.push(create(request.clone()));
-                    self.pending
-                        .push_back(Pending::Client { request, compacted });
+                    self.pending.push_back(Pending::Client {
+                        request,
+                        compacted,
+                        compacted_at,
+                    });
                 }
                 Pending::Refused { reason } => self.pending.push_back(Pending::Refused { reason }),
                 Pending::Resume { .. } | Pending::Hold { .. } => {}
@@ -258,20 +272,20 @@ impl Session {
                     });
                     return self.answer_refused().await;
                 }
-                let compacted = if create_request.start_revision > 0 {
+                let compacted_at = if create_request.start_revision > 0 {
                     match self.tenant.compact_revision().await {
-                        Ok((revision, _)) if create_request.start_revision < revision => {
-                            Some(revision)
-                        }
-                        Ok(_) => None,
+                        Ok((revision, _)) => revision,
                         Err(error) => {
                             let _ = self.out.send(Err(error.into())).await;
                             return Err(Stop);
                         }
                     }
                 } else {
-                    None
+                    -1
                 };
+                let compacted = (create_request.start_revision > 0
+                    && create_request.start_revision < compacted_at)
+                    .then_some(compacted_at);
                 if create_request.watch_id != 0
                     && self.canceled_here.contains(&create_request.watch_id)
                 {
@@ -305,6 +319,7 @@ impl Session {
                 self.pending.push_back(Pending::Client {
                     request: create_request.clone(),
                     compacted,
+                    compacted_at,
                 });
                 self.forward(create(create_request)).await
             }
@@ -378,10 +393,14 @@ impl Session {
             self.send(response).await
         } else {
             let prefix = self.tenant.prefix().clone();
+            let compacted_at = self.watchers.get(&id).map_or(-1, |w| w.compacted_at);
             let mut last = 0;
             for event in &mut response.events {
                 if let Some(kv) = &mut event.kv {
                     last = last.max(kv.mod_revision);
+                    if kv.mod_revision <= compacted_at {
+                        event.prev_kv = None;
+                    }
                     rewrite::strip_kv(&prefix, kv);
                 }
                 if let Some(kv) = &mut event.prev_kv {
@@ -420,7 +439,11 @@ impl Session {
             self.token_renewed = false;
         }
         match pending {
-            Pending::Client { request, compacted } => {
+            Pending::Client {
+                request,
+                compacted,
+                compacted_at,
+            } => {
                 if response.canceled {
                     return self.send(response).await;
                 }
@@ -430,7 +453,14 @@ impl Session {
                     } else {
                         revision + 1
                     };
-                    self.watchers.insert(id, Forwarded { request, next });
+                    self.watchers.insert(
+                        id,
+                        Forwarded {
+                            request,
+                            next,
+                            compacted_at,
+                        },
+                    );
                     self.tenant.watch_count(1);
                     return self.send(response).await;
                 };

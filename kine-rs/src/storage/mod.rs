@@ -264,7 +264,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn range(&self, keyspace: KeyspaceId, query: RangeQuery<'_>) -> Result<RangeRows>;
 
     /// The events with revisions in `(after, up_to]`, in revision order, each with its
-    /// `prev_kv` when that is still in history. With `range`, only events of keys in it.
+    /// `prev_kv` when that is still in history: never for an event at or below the compaction
+    /// revision (etcd reads it at the revision before the event), whether or not its row was
+    /// purged yet. With `range`, only events of keys in it.
     /// Fails with `Compacted` when `after + 1` is below the compaction revision.
     async fn events(
         &self,

@@ -1861,7 +1861,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             sql.push_str(" AND e.`key` < ?");
             args.push(Arg::Bytes(end));
         }
-        let (rows, offset) = if D::ONE_STATEMENT_EVENTS {
+        let (rows, offset, compact_revision) = if D::ONE_STATEMENT_EVENTS {
             // One statement, one snapshot: the compaction revision and the events agree as
             // in a read transaction, for one round trip instead of four (begin, keyspace row,
             // events, commit): what a watch hub pays for each commit it learns of.
@@ -1886,7 +1886,11 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                 keyed.push(((D::DB::int(&row, 3)?, D::DB::int(&row, 14)?), row));
             }
             keyed.sort_unstable_by_key(|(order, _)| *order);
-            (keyed.into_iter().map(|(_, row)| row).collect(), 1)
+            (
+                keyed.into_iter().map(|(_, row)| row).collect(),
+                1,
+                compact_revision,
+            )
         } else {
             let mut tx = self.begin_read().await?;
             let state = read_state::<D>(&mut tx, keyspace, false).await?;
@@ -1896,15 +1900,20 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             sql.push_str(" ORDER BY e.mod_revision, e.sub");
             let rows = fetch_all::<D>(&mut tx, "events", &sql, &args).await?;
             commit::<D>(tx).await?;
-            (rows, 0)
+            (rows, 0, state.compact_revision)
         };
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             let kv = kv_from_row::<D>(&row, offset)?;
             let deleted = D::DB::flag(&row, offset + 6)?;
+            // etcd reads an event's previous value at the revision before it: compacted, and
+            // so absent, for an event at or below the compaction revision, whether or not the
+            // purge has removed the row yet.
             let prev_kv = match D::DB::opt_bytes(&row, offset + 7)? {
-                Some(_) => Some(kv_from_row::<D>(&row, offset + 7)?),
-                None => None,
+                Some(_) if kv.mod_revision > compact_revision => {
+                    Some(kv_from_row::<D>(&row, offset + 7)?)
+                }
+                _ => None,
             };
             let (kind, kv) = if deleted {
                 (EventType::Delete, tombstone(kv.key, kv.mod_revision))

@@ -319,16 +319,24 @@ pub async fn watch_compacted_revision(target: Target) -> Result<()> {
     );
     ensure!(resp.events().is_empty(), "{resp:?}");
 
-    // At the compaction revision itself, the watch works.
+    // At the compaction revision itself, the watch works; the event's previous value was
+    // at a compacted revision, so it has none even when asked for.
     let (mut ok, _) = watch(
         &mut c,
         "wc",
-        Some(WatchOptions::new().with_start_revision(r3)),
+        Some(WatchOptions::new().with_start_revision(r3).with_prev_key()),
     )
     .await?;
     let events = collect_events(&mut ok, 1).await?;
     ensure!(
-        events[0].value == "3" && events[0].revision == r3,
+        events[0].value == "3" && events[0].revision == r3 && events[0].prev_value.is_none(),
+        "{events:?}"
+    );
+    // Above it, the previous value is there.
+    c.put("wc", "4", None).await?;
+    let events = collect_events(&mut ok, 1).await?;
+    ensure!(
+        events[0].value == "4" && events[0].prev_value.as_deref() == Some("3"),
         "{events:?}"
     );
     Ok(())
