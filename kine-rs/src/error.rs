@@ -85,6 +85,10 @@ pub enum KineError {
         "kine-rs: tenant {tenant:?} has {watches} open watches; delete it with force to end them"
     )]
     TenantBusy { tenant: String, watches: i64 },
+    /// What etcd's RangeStream refuses, in etcd's words: an order other than the keys', and
+    /// revision filters (the chunks follow the keys).
+    #[error("RangeStream does not support {0}")]
+    RangeStreamUnsupported(&'static str),
     /// A request option or RPC that kine-rs does not implement.
     #[error("kine-rs: {0} is not supported")]
     Unsupported(&'static str),
@@ -135,7 +139,7 @@ impl KineError {
             | KineError::CompactionPinned { .. } => Code::FailedPrecondition,
             KineError::TenantImporting { .. } | KineError::TenantMoved { .. } => Code::Unavailable,
             KineError::NoSpace | KineError::TooManyLeases { .. } => Code::ResourceExhausted,
-            KineError::Unsupported(_) => Code::Unimplemented,
+            KineError::Unsupported(_) | KineError::RangeStreamUnsupported(_) => Code::Unimplemented,
             KineError::Unavailable(_) | KineError::Conflict(_) | KineError::Stopped => {
                 Code::Unavailable
             }
@@ -266,6 +270,11 @@ mod tests {
     #[test]
     fn every_variant_maps_to_etcds_code_and_message() {
         let cases: Vec<(KineError, Code, &str)> = vec![
+            (
+                KineError::RangeStreamUnsupported("custom sort orders"),
+                Code::Unimplemented,
+                "RangeStream does not support custom sort orders",
+            ),
             (
                 KineError::Compacted,
                 Code::OutOfRange,

@@ -525,6 +525,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .add_service(
             KvServer::new(KvService {
                 tenancy: tenancy.clone(),
+                max_request_bytes: config.max_request_bytes,
             })
             .max_decoding_message_size(max_message),
         )

@@ -512,6 +512,12 @@ pub fn etcd_newest_binary() -> PathBuf {
     peer_binary("ETCD_NEWEST_BIN", "etcd-v3.6.16/etcd", "etcd v3.6.16")
 }
 
+/// Path of etcd v3.7.3 (`$ETCD37_BIN`, else where `scripts/peers.sh` builds it): the oracle of
+/// RangeStream, which etcd 3.5 and 3.6 do not have. A missing binary fails the test.
+pub fn etcd37_binary() -> PathBuf {
+    peer_binary("ETCD37_BIN", "etcd-v3.7.3/etcd", "etcd v3.7.3")
+}
+
 /// Path of a program `scripts/peers.sh` builds: `$variable`, else `cached` under its cache
 /// (`~/.cache/kine-rs-peers`). A missing binary fails the test, naming `what` to build.
 pub fn peer_binary(variable: &str, cached: &str, what: &str) -> PathBuf {
@@ -546,10 +552,15 @@ pub fn spawn_etcd() -> ChildGuard {
 /// Starts a single-member real etcd like [`spawn_etcd`], with extra command-line arguments
 /// (e.g. `--unsafe-no-fsync` for a long differential run, or progress-notify intervals).
 pub fn spawn_etcd_with(extra_args: &[&str]) -> ChildGuard {
+    spawn_etcd_binary(&etcd_binary(), extra_args)
+}
+
+/// Starts `binary` (an etcd server) like [`spawn_etcd_with`].
+pub fn spawn_etcd_binary(binary: &Path, extra_args: &[&str]) -> ChildGuard {
     let dir = tempfile::tempdir().expect("tempdir");
     let address = format!("127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());
-    let mut child = Command::new(etcd_binary())
+    let mut child = Command::new(binary)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--name", "oracle"])

@@ -3,15 +3,19 @@
 use kine_proto::etcdserverpb::kv_server::Kv;
 use kine_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::Tenancy;
+use super::{Tenancy, range_stream};
 
-/// Serves Range, Put, DeleteRange, Txn and Compact.
+/// Serves Range, RangeStream, Put, DeleteRange, Txn and Compact.
 pub struct KvService {
     pub tenancy: Tenancy,
+    /// `--max-request-bytes`: about what one chunk of a RangeStream holds, as in etcd.
+    pub max_request_bytes: usize,
 }
 
 #[tonic::async_trait]
@@ -22,6 +26,26 @@ impl Kv for KvService {
     ) -> Result<Response<RangeResponse>, Status> {
         let keyspace = self.tenancy.keyspace(&request).await?;
         Ok(Response::new(keyspace.range(request.into_inner()).await?))
+    }
+
+    type RangeStreamStream = ReceiverStream<Result<RangeStreamResponse, Status>>;
+
+    async fn range_stream(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let keyspace = self.tenancy.keyspace(&request).await?;
+        let request = request.into_inner();
+        range_stream::check(&request)?;
+        // Chunks are read while the client takes the previous one.
+        let (chunks, receiver) = mpsc::channel(1);
+        tokio::spawn(range_stream::serve(
+            keyspace,
+            request,
+            self.max_request_bytes,
+            chunks,
+        ));
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {

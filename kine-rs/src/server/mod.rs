@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod range_stream;
 pub mod watch;
 
 use std::future::Future;
