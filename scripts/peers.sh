@@ -9,7 +9,8 @@
 #     JetStream's `sync_interval: always`, which the bench uses to fsync as etcd does)
 #   $KINE_PEERS_CACHE/kine-<kine version>/kine   (github.com/k3s-io/kine, the peer users switch
 #                                                 from; `kine-rs migrate --from kine+...` tests)
-#   $KINE_PEERS_CACHE/apiserver-storage-<v0.MINOR.PATCH>/etcd3.test   (Kubernetes' apiserver
+#   $KINE_PEERS_CACHE/etcd-v3.7.3/etcd   (etcd 3.7: the oracle of its RangeStream RPC)
+#   $KINE_PEERS_CACHE/apiserver-storage-<v0.MINOR.PATCH>/etcd3.test, v0.36.3 and v0.37.0   (Kubernetes' apiserver
 #     storage tests, k8s.io/apiserver/pkg/storage/etcd3, serving from kine-rs: see below)
 #   $KINE_PEERS_CACHE/etcd-<etcd version>/etcd   (the newest etcd server: the member of the
 #     cluster whose members are killed and restarted under writes; etcd 3.5.1, the oracle,
@@ -32,7 +33,9 @@
 #   export NATS_SERVER_BIN=/root/.cache/kine-rs-peers/nats-server-v2.15.2/nats-server
 #   export KINE_BIN=/root/.cache/kine-rs-peers/kine-v0.17.5/kine
 #   export ETCD_NEWEST_BIN=/root/.cache/kine-rs-peers/etcd-v3.6.16/etcd
-#   export APISERVER_STORAGE_TEST_BIN=/root/.cache/kine-rs-peers/apiserver-storage-v0.36.3/etcd3.test
+#   export ETCD37_BIN=/root/.cache/kine-rs-peers/etcd-v3.7.3/etcd
+#   export APISERVER_STORAGE_V036_BIN=/root/.cache/kine-rs-peers/apiserver-storage-v0.36.3/etcd3.test
+#   export APISERVER_STORAGE_V037_BIN=/root/.cache/kine-rs-peers/apiserver-storage-v0.37.0/etcd3.test
 # Exit status: non-zero when a program could not be built (the caller must treat that as a
 # failure, not a reason to skip).
 
@@ -43,6 +46,8 @@ HELM_VERSION=${KINE_PEERS_HELM_VERSION:-v3.22.0}
 NATS_VERSION=${KINE_PEERS_NATS_VERSION:-v2.15.2}
 KINE_VERSION=${KINE_PEERS_KINE_VERSION:-v0.17.5}
 ETCD_VERSION=${KINE_PEERS_ETCD_VERSION:-v3.6.16}
+ETCD37_VERSION=${KINE_PEERS_ETCD37_VERSION:-v3.7.3}
+STORAGE_NEWEST_VERSION=${KINE_PEERS_STORAGE_NEWEST_VERSION:-v0.37.0}
 CACHE=${KINE_PEERS_CACHE:-$HOME/.cache/kine-rs-peers}
 
 log() { printf '%s\n' "$*" >&2; }
@@ -240,36 +245,59 @@ case "$got" in
 esac
 log "$etcd_bin ($ETCD_VERSION)"
 
+# etcd v3.7: the oracle of RangeStream (etcd 3.7's Range in chunks, which kube-apiserver 1.37
+# lists with), which etcd 3.5 and 3.6 do not have.
+etcd37_bin="$CACHE/etcd-$ETCD37_VERSION/etcd"
+build_tool etcd "$ETCD37_VERSION" go.etcd.io/etcd/server/v3 "$etcd37_bin" "-s -w"
+got=$("$etcd37_bin" --version 2>&1) || die "$etcd37_bin --version: $got"
+case "$got" in
+*"etcd Version: ${ETCD37_VERSION#v}"*) ;;
+*) die "$etcd37_bin --version says '$got', expected ${ETCD37_VERSION#v}" ;;
+esac
+log "$etcd37_bin ($ETCD37_VERSION)"
+
 # Kubernetes' apiserver storage tests (k8s.io/apiserver/pkg/storage/etcd3, the suite kine runs
-# as its conformance test), built to run against kine-rs: tests/apiserver-storage/test_server.go
-# takes the place of the package file that starts an embedded etcd (same package, same
-# functions). Built again whenever that file changes (a copy of it is kept beside the binary).
-storage_dir="$CACHE/apiserver-storage-$staging_version"
-storage_bin="$storage_dir/etcd3.test"
-storage_server="$(cd "$(dirname "$0")/.." && pwd)/tests/apiserver-storage/test_server.go"
-[ -f "$storage_server" ] || die "$storage_server is missing"
-if [ ! -x "$storage_bin" ] || ! cmp -s "$storage_server" "$storage_dir/test_server.go"; then
+# as its conformance test) of two versions (the one of the kube-apiserver above, and v0.37,
+# whose storage lists with etcd 3.7's RangeStream), built to run against kine-rs:
+# tests/apiserver-storage/test_server.go takes the place of the package file that starts an
+# embedded etcd (same package, same functions), with recorder_v0.MINOR.go beside it. Built
+# again whenever those files change (their text is kept beside the binary as `sources`).
+storage_sources="$(cd "$(dirname "$0")/.." && pwd)/tests/apiserver-storage"
+build_storage_tests() {
+    local version=$1 minor dir bin recorder t0
+    minor=${version%.*}
+    dir="$CACHE/apiserver-storage-$version"
+    bin="$dir/etcd3.test"
+    recorder="$storage_sources/recorder_$minor.go"
+    [ -f "$storage_sources/test_server.go" ] || die "$storage_sources/test_server.go is missing"
+    [ -f "$recorder" ] || die "$recorder is missing (k8s.io/apiserver $version)"
+    if [ -x "$bin" ] && cat "$storage_sources/test_server.go" "$recorder" | cmp -s - "$dir/sources"; then
+        log "$bin (k8s.io/apiserver $version)"
+        return 0
+    fi
     t0=$(date +%s)
-    log "building k8s.io/apiserver $staging_version's storage tests against kine-rs"
+    log "building k8s.io/apiserver $version's storage tests against kine-rs"
     (
-        module=$(go mod download -json "k8s.io/apiserver@$staging_version" |
+        module=$(go mod download -json "k8s.io/apiserver@$version" |
             sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-        [ -d "$module" ] || die "go mod download k8s.io/apiserver@$staging_version"
-        scratch="$CACHE/src-apiserver-storage-$staging_version"
+        [ -d "$module" ] || die "go mod download k8s.io/apiserver@$version"
+        scratch="$CACHE/src-apiserver-storage-$version"
         rm -rf "$scratch" && cp -r "$module" "$scratch" && chmod -R u+w "$scratch" ||
-            die "copying k8s.io/apiserver@$staging_version to $scratch"
-        cp "$storage_server" "$scratch/pkg/storage/etcd3/testserver/test_server.go"
-        mkdir -p "$storage_dir"
+            die "copying k8s.io/apiserver@$version to $scratch"
+        cp "$storage_sources/test_server.go" "$scratch/pkg/storage/etcd3/testserver/test_server.go"
+        cp "$recorder" "$scratch/pkg/storage/etcd3/testserver/recorder.go"
+        mkdir -p "$dir"
         cd "$scratch" &&
-            CGO_ENABLED=0 nice -n 10 go test -c -trimpath -o "$storage_bin.tmp" ./pkg/storage/etcd3 >&2 ||
-            die "go test -c k8s.io/apiserver/pkg/storage/etcd3@$staging_version"
-        mv -f "$storage_bin.tmp" "$storage_bin"
-        cp "$storage_server" "$storage_dir/test_server.go"
-        echo "$(since "$t0")" >"$storage_dir/build-seconds"
+            CGO_ENABLED=0 nice -n 10 go test -c -trimpath -o "$bin.tmp" ./pkg/storage/etcd3 >&2 ||
+            die "go test -c k8s.io/apiserver/pkg/storage/etcd3@$version"
+        mv -f "$bin.tmp" "$bin"
+        cat "$storage_sources/test_server.go" "$recorder" >"$dir/sources"
+        echo "$(since "$t0")" >"$dir/build-seconds"
     ) || exit 1
-    log "built the apiserver storage tests in $(since "$t0")s"
-fi
-log "$storage_bin (k8s.io/apiserver $staging_version)"
+    log "built k8s.io/apiserver $version's storage tests in $(since "$t0")s: $bin"
+}
+build_storage_tests "$staging_version"
+build_storage_tests "$STORAGE_NEWEST_VERSION"
 
 echo "export KUBE_APISERVER_BIN=$apiserver_bin"
 echo "export KUBECTL_BIN=$kubectl_bin"
@@ -277,4 +305,6 @@ echo "export HELM_BIN=$helm_bin"
 echo "export NATS_SERVER_BIN=$nats_bin"
 echo "export KINE_BIN=$kine_bin"
 echo "export ETCD_NEWEST_BIN=$etcd_bin"
-echo "export APISERVER_STORAGE_TEST_BIN=$storage_bin"
+echo "export ETCD37_BIN=$etcd37_bin"
+echo "export APISERVER_STORAGE_V036_BIN=$CACHE/apiserver-storage-$staging_version/etcd3.test"
+echo "export APISERVER_STORAGE_V037_BIN=$CACHE/apiserver-storage-$STORAGE_NEWEST_VERSION/etcd3.test"

@@ -21,9 +21,11 @@
 #   - etcd v3.6.16, built the same way (about 2 minutes the first time): the cluster whose
 #     members the etcd-proxy test kills and restarts (etcd 3.5.1 can come back from that with
 #     its members one revision apart, etcd-io/etcd#13766);
-#   - Kubernetes' apiserver storage tests (k8s.io/apiserver v0.36.3, pkg/storage/etcd3: the suite
-#     kine runs as its conformance test), built the same way against kine-rs with
-#     tests/apiserver-storage/test_server.go in place of their embedded etcd (under a minute).
+#   - etcd v3.7.3, built the same way (about 2 minutes the first time): the oracle of etcd 3.7's
+#     RangeStream RPC, which 3.5 and 3.6 do not have;
+#   - Kubernetes' apiserver storage tests (k8s.io/apiserver v0.36.3 and v0.37.0, pkg/storage/etcd3:
+#     the suite kine runs as its conformance test), built the same way against kine-rs with
+#     tests/apiserver-storage/ in place of their embedded etcd (under a minute each).
 # It starts the local services the backend tests talk to when they do not answer:
 #   - PostgreSQL on 127.0.0.1:5432   (override: KINE_TEST_POSTGRES_URL)
 #   - MariaDB    on 127.0.0.1:3306   (override: KINE_TEST_MYSQL_URL)
@@ -37,8 +39,8 @@
 #
 # Environment it exports for the tests: ETCD_BIN, ETCDCTL_BIN (etcd 3.5.1), ETCDCTL34_BIN
 # (Debian's etcdctl 3.4, when present), KUBE_APISERVER_BIN, KUBECTL_BIN, HELM_BIN,
-# NATS_SERVER_BIN, KINE_BIN, ETCD_NEWEST_BIN (etcd 3.6), APISERVER_STORAGE_TEST_BIN
-# (scripts/peers.sh).
+# NATS_SERVER_BIN, KINE_BIN, ETCD_NEWEST_BIN (etcd 3.6), ETCD37_BIN, APISERVER_STORAGE_V036_BIN,
+# APISERVER_STORAGE_V037_BIN (scripts/peers.sh).
 # Set KINE_TEST_SKIP_PROVISION=1 to skip the install/start part (e.g. on a machine you manage).
 
 set -euo pipefail
@@ -263,7 +265,9 @@ provision_kube_peers() {
     echo "KINE_BIN=$KINE_BIN"
     echo "NATS_SERVER_BIN=$NATS_SERVER_BIN"
     echo "ETCD_NEWEST_BIN=$ETCD_NEWEST_BIN"
-    echo "APISERVER_STORAGE_TEST_BIN=$APISERVER_STORAGE_TEST_BIN"
+    echo "ETCD37_BIN=$ETCD37_BIN"
+    echo "APISERVER_STORAGE_V036_BIN=$APISERVER_STORAGE_V036_BIN"
+    echo "APISERVER_STORAGE_V037_BIN=$APISERVER_STORAGE_V037_BIN"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 //
 // scripts/peers.sh copies k8s.io/apiserver's module, puts this file in place of
 // pkg/storage/etcd3/testserver/test_server.go (same package, same two functions, same
-// signatures) and builds the package's test binary; tests/tests/apiserver_storage.rs runs it
-// against each datastore. Every server a test asks for is a kine-rs process of its own, on a
+// signatures), adds recorder_v0.MINOR.go of the module's minor version (how requests are
+// recorded for the tests to count changed in v0.37) and builds the package's test binary;
+// tests/tests/apiserver_storage.rs runs it against each datastore. Every server a test asks for is a kine-rs process of its own, on a
 // unix socket, serving a keyspace of its own:
 //
 //   - KINE_RS_BIN: the kine-rs binary (required: without it every test fails, none falls back
@@ -38,7 +39,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
-	storagetesting "k8s.io/apiserver/pkg/storage/testing"
 )
 
 // etcdProgressInterval is etcd's default interval of progress notifications.
@@ -54,7 +54,7 @@ func NewTestConfig(t testing.TB) *embed.Config {
 }
 
 // RunEtcd starts kine-rs as cfg says (NewTestConfig's when nil) and returns a client of it,
-// recording its requests as the embedded etcd's test server does. The process stops when the
+// recording its requests as the embedded etcd's test server does (recordRequests). The process stops when the
 // test ends.
 func RunEtcd(t testing.TB, cfg *embed.Config) *kubernetes.Client {
 	t.Helper()
@@ -120,8 +120,7 @@ func RunEtcd(t testing.TB, cfg *embed.Config) *kubernetes.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client.KV = storagetesting.NewKVRecorder(client.KV)
-	client.Kubernetes = storagetesting.NewKubernetesRecorder(client.Kubernetes)
+	recordRequests(client)
 	return client
 }
 

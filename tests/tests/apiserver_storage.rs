@@ -1,18 +1,21 @@
 //! The yardstick "the Kubernetes apiserver storage test suite passes": Kubernetes' own tests of
-//! its etcd3 storage layer (`k8s.io/apiserver/pkg/storage/etcd3` of v0.36.3, the suite kine runs
-//! as its conformance test: creates, gets, guaranteed updates, conditional deletes, paginated
-//! and consistent lists, watches from every kind of resourceVersion, progress notifications,
-//! compaction, leases) against kine-rs on SQLite, PostgreSQL, MySQL/MariaDB and NATS.
+//! its etcd3 storage layer (`k8s.io/apiserver/pkg/storage/etcd3`, the suite kine runs as its
+//! conformance test: creates, gets, guaranteed updates, conditional deletes, paginated and
+//! consistent lists, watches from every kind of resourceVersion, progress notifications,
+//! compaction, leases) against kine-rs on SQLite, PostgreSQL, MySQL/MariaDB and NATS, in two
+//! versions: Kubernetes 1.36's (v0.36.3, the kube-apiserver the other tests run) and 1.37's
+//! (v0.37.0, whose lists stream with etcd 3.7's RangeStream).
 //!
-//! `scripts/peers.sh` builds the suite's test binary from the module, with
-//! `tests/apiserver-storage/test_server.go` in place of the file that starts an embedded etcd:
-//! every server a test asks for is a kine-rs process of its own (this checkout's debug build),
-//! serving a keyspace of its own (a SQLite file in the test's directory, or a tenant of one
-//! shared database or bucket). The binary comes from `$APISERVER_STORAGE_TEST_BIN`, else from
-//! `scripts/peers.sh`'s cache; a missing binary, or one built from another `test_server.go`,
-//! fails the test. Every test the binary lists must pass: a partial run fails too.
+//! `scripts/peers.sh` builds each version's test binary from the module, with
+//! `tests/apiserver-storage/test_server.go` (and the version's `recorder_v0.MINOR.go`) in place
+//! of the file that starts an embedded etcd: every server a test asks for is a kine-rs process
+//! of its own (this checkout's debug build), serving a keyspace of its own (a SQLite file in the
+//! test's directory, or a tenant of one shared database or bucket). The binaries come from
+//! `$APISERVER_STORAGE_V036_BIN` and `$APISERVER_STORAGE_V037_BIN`, else from
+//! `scripts/peers.sh`'s cache; a missing binary, or one built from other sources, fails the
+//! test. Every test the binary lists must pass: a partial run fails too.
 //!
-//! The suite is run unchanged: kine's own run of it edits two of its tests (one expecting the
+//! The suites are run unchanged: kine's own run edits two of their tests (one expecting the
 //! revision of a fresh etcd, one timeout); kine-rs needs neither.
 //!
 //! Through the etcd proxy (on a real etcd 3.5.1) the tenants share the cluster's revisions and
@@ -26,92 +29,143 @@ use std::process::Command;
 
 use kine_tests::{Backend, TestDatabase, kine_rs_binary, peer_binary, spawn_etcd_with};
 
-/// Where `scripts/peers.sh` builds the suite, under its cache.
-const SUITE: &str = "apiserver-storage-v0.36.3/etcd3.test";
+/// A version of the suite `scripts/peers.sh` builds: k8s.io/apiserver's version, the variable
+/// naming its binary, and the recorder file built into it beside `test_server.go`.
+struct Suite {
+    version: &'static str,
+    variable: &'static str,
+    recorder: &'static str,
+    /// The tests that fail through the etcd proxy, and why: what a tenant of a shared etcd
+    /// sees differently from a fresh etcd of its own.
+    proxy_differences: &'static [(&'static str, &'static str)],
+}
+
+/// Kubernetes 1.36's, the version of the kube-apiserver the other tests run.
+const V0_36: Suite = Suite {
+    version: "v0.36.3",
+    variable: "APISERVER_STORAGE_V036_BIN",
+    recorder: "recorder_v0.36.go",
+    proxy_differences: &[
+        COMPACTION_RECORD,
+        COMPACTION_RECORD_IN_LISTS,
+        ("TestEtcdWatchSemantics", WATCH_FROM_REVISION_1),
+        (
+            "TestEtcdWatchSemanticsWithConcurrentDecode",
+            WATCH_FROM_REVISION_1,
+        ),
+        FUTURE_REVISION,
+    ],
+};
+
+/// Kubernetes 1.37's, whose storage lists with etcd 3.7's RangeStream.
+const V0_37: Suite = Suite {
+    version: "v0.37.0",
+    variable: "APISERVER_STORAGE_V037_BIN",
+    recorder: "recorder_v0.37.go",
+    proxy_differences: &[
+        COMPACTION_RECORD,
+        COMPACTION_RECORD_IN_LISTS,
+        // v0.37 runs the watch semantics as subtests of TestWatch.
+        ("TestWatch", WATCH_FROM_REVISION_1),
+        FUTURE_REVISION,
+    ],
+};
 
 /// Fewer tests than this listed means the binary is not the suite.
-const MIN_TESTS: usize = 70;
+const MIN_TESTS: usize = 65;
 
-/// The tests that fail through the etcd proxy, and why: what a tenant of a shared etcd sees
-/// differently from a fresh etcd of its own.
-const ETCD_PROXY_DIFFERENCES: &[(&str, &str)] = &[
-    (
-        "TestCompactConflict",
-        "a tenant's compaction stores its record in etcd, which takes a revision of the \
-         cluster: the revision after a compaction is one more than on etcd",
-    ),
-    (
-        "TestList",
-        "the same record: its consistent lists after a compaction expect the revision of the \
-         compaction's own write, and its 'future' revision exists",
-    ),
-    (
-        "TestEtcdWatchSemantics",
-        "a watch from revision 1 in a tenant created after other tenants compacted the \
-         shared etcd is compacted, as on that etcd",
-    ),
-    (
-        "TestEtcdWatchSemanticsWithConcurrentDecode",
-        "the same: a watch from revision 1",
-    ),
-    (
-        "TestTooLargeResourceVersionErrorForWatchList",
-        "revision 102 is not in the future of a cluster other tenants wrote to",
-    ),
-];
+const COMPACTION_RECORD: (&str, &str) = (
+    "TestCompactConflict",
+    "a tenant's compaction stores its record in etcd, which takes a revision of the cluster: \
+     the revision after a compaction is one more than on etcd",
+);
+const COMPACTION_RECORD_IN_LISTS: (&str, &str) = (
+    "TestList",
+    "the same record: its consistent lists after a compaction expect the revision of the \
+     compaction's own write, and its 'future' revision exists",
+);
+const WATCH_FROM_REVISION_1: &str = "a watch from revision 1 in a tenant created after other \
+     tenants compacted the shared etcd is compacted, as on that etcd";
+const FUTURE_REVISION: (&str, &str) = (
+    "TestTooLargeResourceVersionErrorForWatchList",
+    "revision 102 is not in the future of a cluster other tenants wrote to",
+);
 
-#[test]
-fn apiserver_storage_suite_on_sqlite() {
-    run("SQLite", None, &[]);
+/// One test per suite version and datastore.
+macro_rules! suites {
+    ($($name:ident: $suite:expr;)*) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn on_sqlite() {
+                    run(&$suite, "SQLite", None, &[]);
+                }
+
+                #[test]
+                fn on_postgres() {
+                    let database = TestDatabase::new(Backend::Postgres).expect("a database");
+                    run(&$suite, "PostgreSQL", Some(&database.endpoint), &[]);
+                }
+
+                #[test]
+                fn on_mysql() {
+                    let database = TestDatabase::new(Backend::Mysql).expect("a database");
+                    run(&$suite, "MySQL", Some(&database.endpoint), &[]);
+                }
+
+                #[test]
+                fn on_nats() {
+                    let database = TestDatabase::new(Backend::Nats).expect("a bucket");
+                    run(&$suite, "NATS", Some(&database.endpoint), &[]);
+                }
+
+                /// Through the etcd proxy, each test a tenant of one etcd 3.5.1. The proxy's
+                /// progress notifications are etcd's, so etcd sends them at the 1 s the
+                /// progress tests ask of the server.
+                #[test]
+                fn on_etcd_proxy() {
+                    let etcd = spawn_etcd_with(&[
+                        "--max-txn-ops",
+                        "256",
+                        "--experimental-watch-progress-notify-interval",
+                        "1s",
+                    ]);
+                    run(
+                        &$suite,
+                        "the etcd proxy",
+                        Some(&format!("etcd://{}", etcd.address)),
+                        $suite.proxy_differences,
+                    );
+                }
+            }
+        )*
+    };
 }
 
-#[test]
-fn apiserver_storage_suite_on_postgres() {
-    let database = TestDatabase::new(Backend::Postgres).expect("a PostgreSQL database");
-    run("PostgreSQL", Some(&database.endpoint), &[]);
-}
-
-#[test]
-fn apiserver_storage_suite_on_mysql() {
-    let database = TestDatabase::new(Backend::Mysql).expect("a MySQL database");
-    run("MySQL", Some(&database.endpoint), &[]);
-}
-
-#[test]
-fn apiserver_storage_suite_on_nats() {
-    let database = TestDatabase::new(Backend::Nats).expect("a NATS bucket");
-    run("NATS", Some(&database.endpoint), &[]);
-}
-
-/// Through the etcd proxy, each test a tenant of one etcd 3.5.1. The proxy's progress
-/// notifications are etcd's, so etcd sends them at the 1 s the progress tests ask of the
-/// server.
-#[test]
-fn apiserver_storage_suite_on_etcd_proxy() {
-    let etcd = spawn_etcd_with(&[
-        "--max-txn-ops",
-        "256",
-        "--experimental-watch-progress-notify-interval",
-        "1s",
-    ]);
-    run(
-        "the etcd proxy",
-        Some(&format!("etcd://{}", etcd.address)),
-        ETCD_PROXY_DIFFERENCES,
-    );
+suites! {
+    kubernetes_1_36: V0_36;
+    kubernetes_1_37: V0_37;
 }
 
 /// The suite's test binary, checked to be built from this checkout's test server.
-fn suite_binary() -> PathBuf {
+fn suite_binary(suite: &Suite) -> PathBuf {
     let binary = peer_binary(
-        "APISERVER_STORAGE_TEST_BIN",
-        SUITE,
+        suite.variable,
+        &format!("apiserver-storage-{}/etcd3.test", suite.version),
         "Kubernetes' apiserver storage tests",
     );
-    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("apiserver-storage/test_server.go");
-    let built_from = binary.with_file_name("test_server.go");
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("apiserver-storage");
+    let sources = [ours.join("test_server.go"), ours.join(suite.recorder)]
+        .iter()
+        .map(fs::read)
+        .collect::<Result<Vec<_>, _>>()
+        .map(|texts| texts.concat())
+        .ok();
+    let built_from = fs::read(binary.with_file_name("sources")).ok();
     assert!(
-        fs::read(&ours).ok().is_some() && fs::read(&ours).ok() == fs::read(&built_from).ok(),
+        sources.is_some() && sources == built_from,
         "{} was not built from {}: run scripts/peers.sh",
         binary.display(),
         ours.display()
@@ -122,8 +176,9 @@ fn suite_binary() -> PathBuf {
 /// Runs the whole suite against kine-rs on `endpoint` (`{dir}` standing for each test's
 /// directory; a SQLite file there when `None`), and fails unless every listed test passed
 /// except exactly the `expected_failures`, which must fail.
-fn run(label: &str, endpoint: Option<&str>, expected_failures: &[(&str, &str)]) {
-    let binary = suite_binary();
+fn run(suite: &Suite, label: &str, endpoint: Option<&str>, expected_failures: &[(&str, &str)]) {
+    let label = format!("{label} (k8s.io/apiserver {})", suite.version);
+    let binary = suite_binary(suite);
     let dir = tempfile::tempdir().expect("tempdir");
     let listed = Command::new(&binary)
         .args(["-test.list", "^Test"])
