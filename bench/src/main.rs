@@ -132,6 +132,10 @@ pub struct Opts {
     /// Full lists to time in the list workload.
     #[arg(long, default_value_t = 3)]
     pub iterations: u64,
+    /// The list workload reads each page with etcd 3.7's RangeStream instead of Range, as
+    /// kube-apiserver 1.37 does.
+    #[arg(long)]
+    pub stream: bool,
     /// Seconds the list workload may spend loading its keys before it gives up (bounded runs
     /// on slow targets); the report then says how many keys it loaded.
     #[arg(long, default_value_t = 120.0)]

@@ -15,8 +15,8 @@ use kine_proto::etcdserverpb::response_op::Response;
 use kine_proto::etcdserverpb::watch_client::WatchClient;
 use kine_proto::etcdserverpb::watch_request::RequestUnion;
 use kine_proto::etcdserverpb::{
-    Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest,
-    WatchRequest,
+    Compare, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
+    WatchCreateRequest, WatchRequest,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -519,6 +519,7 @@ pub async fn list(opts: &Opts) -> Result<Report> {
     }
     stats.set("keys", json!(n));
     stats.set("page", json!(opts.page));
+    stats.set("stream", json!(opts.stream));
     stats.set(
         "load_s",
         json!((load.as_secs_f64() * 1000.0).round() / 1000.0),
@@ -532,7 +533,7 @@ pub async fn list(opts: &Opts) -> Result<Report> {
             break;
         }
         let t = Instant::now();
-        match list_once(&mut kv, &prefix, &end, opts.page).await {
+        match list_once(&mut kv, &prefix, &end, opts.page, opts.stream).await {
             Ok(count) if count == n as u64 => stats.record(t.elapsed()),
             Ok(count) => stats.error(format!("listed {count} keys of {n}")),
             Err(e) => stats.error(e),
@@ -541,13 +542,15 @@ pub async fn list(opts: &Opts) -> Result<Report> {
     Ok(stats.into_report(start.elapsed()))
 }
 
-/// One paginated list at a fixed revision, as kube-apiserver's reflector does it. Returns the
-/// number of keys, after checking they come in order, each once.
+/// One paginated list at a fixed revision, as kube-apiserver's reflector does it (each page
+/// with RangeStream when `stream`, as kube-apiserver 1.37 does). Returns the number of keys,
+/// after checking they come in order, each once.
 async fn list_once(
     kv: &mut KvClient<Channel>,
     prefix: &str,
     end: &Bytes,
     page: i64,
+    stream: bool,
 ) -> Result<u64> {
     let mut key = Bytes::copy_from_slice(prefix.as_bytes());
     let mut revision = 0;
@@ -556,17 +559,21 @@ async fn list_once(
     let mut expected = None;
     // Bounded by the number of keys the first page announces.
     loop {
-        let r = kv
-            .range(RangeRequest {
-                key: key.clone(),
-                range_end: end.clone(),
-                limit: page,
-                revision,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("list: {}", e.message()))?
-            .into_inner();
+        let request = RangeRequest {
+            key: key.clone(),
+            range_end: end.clone(),
+            limit: page,
+            revision,
+            ..Default::default()
+        };
+        let r = if stream {
+            range_streamed(kv, request).await?
+        } else {
+            kv.range(request)
+                .await
+                .map_err(|e| anyhow::anyhow!("list: {}", e.message()))?
+                .into_inner()
+        };
         if revision == 0 {
             revision = r.header.map_or(0, |h| h.revision);
             expected = Some(u64::try_from(r.count).unwrap_or(0));
@@ -592,6 +599,36 @@ async fn list_once(
         bail!("listed {count} keys, the count said {expected:?}");
     }
     Ok(count)
+}
+
+/// A RangeStream's chunks merged into the RangeResponse they stand for.
+async fn range_streamed(
+    kv: &mut KvClient<Channel>,
+    request: RangeRequest,
+) -> Result<RangeResponse> {
+    let mut chunks = kv
+        .range_stream(request)
+        .await
+        .map_err(|e| anyhow::anyhow!("list: {}", e.message()))?
+        .into_inner();
+    let mut merged = RangeResponse::default();
+    while let Some(chunk) = chunks
+        .message()
+        .await
+        .map_err(|e| anyhow::anyhow!("list: {}", e.message()))?
+    {
+        let chunk = chunk.range_response.unwrap_or_default();
+        merged.kvs.extend(chunk.kvs);
+        if chunk.header.is_some() {
+            merged.header = chunk.header;
+            merged.more = chunk.more;
+            merged.count = chunk.count;
+        }
+    }
+    if merged.header.is_none() {
+        bail!("RangeStream ended without its last chunk");
+    }
+    Ok(merged)
 }
 
 /// Puts through the endpoints at `--rate`, watches through `--watch-endpoint`.
