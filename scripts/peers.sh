@@ -235,26 +235,23 @@ build_tool kine "$KINE_VERSION" github.com/k3s-io/kine "$kine_bin" \
 "$kine_bin" --help >/dev/null 2>&1 || die "$kine_bin --help failed"
 log "$kine_bin ($KINE_VERSION)"
 
-# etcd: the server module's main package.
+# build_etcd VERSION OUT: etcd's server (its module's main package), checked to say VERSION.
+build_etcd() {
+    local version=$1 out=$2 got
+    build_tool etcd "$version" go.etcd.io/etcd/server/v3 "$out" "-s -w"
+    got=$("$out" --version 2>&1) || die "$out --version: $got"
+    case "$got" in
+    *"etcd Version: ${version#v}"*) ;;
+    *) die "$out --version says '$got', expected ${version#v}" ;;
+    esac
+    log "$out ($version)"
+}
+# The newest etcd 3.6, and etcd v3.7: the oracle of RangeStream (etcd 3.7's Range in chunks,
+# which kube-apiserver 1.37 lists with), which etcd 3.5 and 3.6 do not have.
 etcd_bin="$CACHE/etcd-$ETCD_VERSION/etcd"
-build_tool etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$etcd_bin" "-s -w"
-got=$("$etcd_bin" --version 2>&1) || die "$etcd_bin --version: $got"
-case "$got" in
-*"etcd Version: ${ETCD_VERSION#v}"*) ;;
-*) die "$etcd_bin --version says '$got', expected ${ETCD_VERSION#v}" ;;
-esac
-log "$etcd_bin ($ETCD_VERSION)"
-
-# etcd v3.7: the oracle of RangeStream (etcd 3.7's Range in chunks, which kube-apiserver 1.37
-# lists with), which etcd 3.5 and 3.6 do not have.
+build_etcd "$ETCD_VERSION" "$etcd_bin"
 etcd37_bin="$CACHE/etcd-$ETCD37_VERSION/etcd"
-build_tool etcd "$ETCD37_VERSION" go.etcd.io/etcd/server/v3 "$etcd37_bin" "-s -w"
-got=$("$etcd37_bin" --version 2>&1) || die "$etcd37_bin --version: $got"
-case "$got" in
-*"etcd Version: ${ETCD37_VERSION#v}"*) ;;
-*) die "$etcd37_bin --version says '$got', expected ${ETCD37_VERSION#v}" ;;
-esac
-log "$etcd37_bin ($ETCD37_VERSION)"
+build_etcd "$ETCD37_VERSION" "$etcd37_bin"
 
 # Kubernetes' apiserver storage tests (k8s.io/apiserver/pkg/storage/etcd3, the suite kine runs
 # as its conformance test) of two versions (the one of the kube-apiserver above, and v0.37,
