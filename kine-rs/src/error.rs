@@ -17,6 +17,8 @@ pub enum KineError {
     EmptyKey,
     #[error("etcdserver: key not found")]
     KeyNotFound,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
     #[error("etcdserver: value is provided")]
     ValueProvided,
     #[error("etcdserver: lease is provided")]
@@ -123,6 +125,7 @@ impl KineError {
             }
             KineError::EmptyKey
             | KineError::KeyNotFound
+            | KineError::InvalidSortOption
             | KineError::ValueProvided
             | KineError::LeaseProvided
             | KineError::TooManyOps
@@ -294,6 +297,11 @@ mod tests {
                 KineError::KeyNotFound,
                 Code::InvalidArgument,
                 "etcdserver: key not found",
+            ),
+            (
+                KineError::InvalidSortOption,
+                Code::InvalidArgument,
+                "etcdserver: invalid sort option",
             ),
             (
                 KineError::ValueProvided,

@@ -11,10 +11,16 @@ use crate::error::{KineError, Result};
 use crate::model::{KeyRange, KeyValue};
 use crate::storage::{RangeQuery, RangeRows};
 
-/// Rejects what etcd's API layer rejects before a range runs.
+/// Rejects what etcd's API layer rejects before a range runs: no key, then an order or sort
+/// target that is none of the API's values.
 pub fn check(request: &RangeRequest) -> Result<()> {
     if request.key.is_empty() {
         return Err(KineError::EmptyKey);
+    }
+    if SortOrder::try_from(request.sort_order).is_err()
+        || SortTarget::try_from(request.sort_target).is_err()
+    {
+        return Err(KineError::InvalidSortOption);
     }
     Ok(())
 }

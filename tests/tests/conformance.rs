@@ -41,6 +41,7 @@ macro_rules! suite {
             err_leases,
             err_txn_validation,
             err_key_not_provided,
+            err_invalid_sort_option,
             err_put_flags,
             err_request_too_large,
             compact_rpc,

@@ -5,7 +5,8 @@
 //! from a key to the end, values large enough to take several chunks — must merge to the same
 //! answer (keys, values and revisions, and the header revision, `more` and `count` the last
 //! chunk alone carries), and give the same errors for what RangeStream refuses (orders other
-//! than by key, revision filters, no key, compacted and future revisions). Where the chunks
+//! than by key, orders and sort targets that are none of the API's, revision filters, no key,
+//! compacted and future revisions). Where the chunks
 //! break is not compared: kine-rs sizes them for its datastore reads, not as etcd does
 //! (`kine-rs/src/server/range_stream.rs`). On every database backend, the chunks
 //! come from the one gRPC layer over the served tenant; the etcd proxy, whose revisions are the
@@ -231,6 +232,21 @@ fn requests(middle: i64) -> Vec<(&'static str, pb::RangeRequest)> {
             },
         ),
         ("no key", range("", "")),
+        (
+            "an order that is none",
+            pb::RangeRequest {
+                sort_order: 9,
+                ..range("rs/", "rs0")
+            },
+        ),
+        (
+            "a sort target that is none",
+            pb::RangeRequest {
+                sort_order: 1,
+                sort_target: 9,
+                ..range("rs/", "rs0")
+            },
+        ),
         (
             "a future revision",
             pb::RangeRequest {

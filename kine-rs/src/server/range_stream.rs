@@ -38,12 +38,10 @@ const KEY_VALUE_FRAMING: usize = 6;
 /// Where the chunks go.
 pub type Chunks = mpsc::Sender<std::result::Result<RangeStreamResponse, Status>>;
 
-/// Refuses what RangeStream does not serve, in etcd's order: no key, then an order other than
-/// the keys' ascending one, then revision filters.
+/// Refuses what RangeStream does not serve, in etcd's order: what Range refuses, then an order
+/// other than the keys' ascending one, then revision filters.
 pub fn check(request: &RangeRequest) -> Result<()> {
-    if request.key.is_empty() {
-        return Err(KineError::EmptyKey);
-    }
+    crate::range::check(request)?;
     let by_key = request.sort_order == SortOrder::None as i32
         || (request.sort_target == SortTarget::Key as i32
             && request.sort_order == SortOrder::Ascend as i32);

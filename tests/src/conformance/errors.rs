@@ -294,3 +294,66 @@ pub async fn err_request_too_large(target: Target) -> Result<()> {
     anyhow::ensure!(c.get("big", None).await?.kvs().is_empty());
     Ok(())
 }
+
+/// A sort order or target that is none of the API's values: `etcdserver: invalid sort option`
+/// (InvalidArgument), in a Range and in a transaction's range, checked after the key, as etcd
+/// 3.6 and later answer (`tests/tests/range_stream.rs` compares it with etcd 3.7). The one
+/// exception: etcd 3.5.1, the oracle, has no such check: it answers an unknown order as if none
+/// were asked, and an unknown sort target ends its connection (so that is not sent to it).
+pub async fn err_invalid_sort_option(target: Target) -> Result<()> {
+    use kine_proto::etcdserverpb as pb;
+    let server = Server::start(target).await?;
+    let channel = tonic::transport::Channel::from_shared(server.endpoint.clone())?
+        .connect()
+        .await?;
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    const MSG: &str = "etcdserver: invalid sort option";
+    fn check<T: std::fmt::Debug>(
+        result: std::result::Result<T, tonic::Status>,
+        code: Code,
+        message: &str,
+    ) -> Result<()> {
+        match result {
+            Ok(value) => anyhow::bail!("expected {code:?} {message:?}, got {value:?}"),
+            Err(status) if status.code() == code && status.message() == message => Ok(()),
+            Err(status) => anyhow::bail!(
+                "expected {code:?} {message:?}, got {:?} {:?}",
+                status.code(),
+                status.message()
+            ),
+        }
+    }
+    let range = |sort_order: i32, sort_target: i32| pb::RangeRequest {
+        key: "s".into(),
+        sort_order,
+        sort_target,
+        ..Default::default()
+    };
+    if matches!(target, Target::Etcd) {
+        kv.range(range(9, 0)).await?;
+        return Ok(());
+    }
+    check(kv.range(range(9, 0)).await, Code::InvalidArgument, MSG)?;
+    check(kv.range(range(1, 9)).await, Code::InvalidArgument, MSG)?;
+    check(kv.range(range(-1, 0)).await, Code::InvalidArgument, MSG)?;
+    // The key is checked first.
+    check(
+        kv.range(pb::RangeRequest {
+            key: "".into(),
+            ..range(9, 0)
+        })
+        .await,
+        Code::InvalidArgument,
+        "etcdserver: key is not provided",
+    )?;
+    let txn = pb::TxnRequest {
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(range(0, 9))),
+        }],
+        ..Default::default()
+    };
+    check(kv.txn(txn).await, Code::InvalidArgument, MSG)?;
+    // The valid ones still answer.
+    kv.range(range(2, 4)).await?;
+    Ok(())
+}
