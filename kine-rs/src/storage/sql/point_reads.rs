@@ -159,7 +159,7 @@ impl<D: Dialect> PointReads<D> {
         // Key lists padded to a power of two with their last key, so that the few statement
         // shapes stay prepared (a repeated key's row comes back again, the same).
         let values = batch.iter().any(|get| !get.keys_only);
-        let named = if D::HEAD_TABLE || D::KEY_LISTS {
+        let named = if D::HEAD_TABLE || (D::KEY_LISTS && !D::KEYS_JOINED) {
             padded(&keys)
         } else {
             keys
