@@ -204,6 +204,7 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
     let pool: MySqlPool = pool_options(options, connect.get_port())
         .connect_with(connect.clone())
         .await?;
+    require_json_table(&pool).await?;
     MIGRATOR
         .run(&pool)
         .await
@@ -228,6 +229,28 @@ pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBacke
         Box::new(()),
     )
     .with_watch_readers(watch_readers))
+}
+
+/// Refuses a server without `JSON_TABLE` (MariaDB before 10.6, MySQL before 8.0.4), which
+/// write batches and gets need to name their keys ([`Dialect::KEYS_JOINED`]): said once at
+/// start, not as a syntax error at the first write.
+async fn require_json_table(pool: &MySqlPool) -> Result<()> {
+    const PROBE: &str = "SELECT COUNT(*) FROM JSON_TABLE('[\"6b\"]', '$[*]' \
+         COLUMNS (k VARCHAR(8) PATH '$')) AS n";
+    match sqlx::query_scalar::<_, i64>(PROBE).fetch_one(pool).await {
+        Ok(_) => return Ok(()),
+        // 42000: the server does not know the syntax.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42000") => {}
+        Err(error) => return Err(error.into()),
+    }
+    let version: String = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|_| "unknown".into());
+    Err(KineError::Storage(format!(
+        "the MySQL server ({version}) has no JSON_TABLE: kine-rs needs MariaDB 10.6 or later, \
+         or MySQL 8.0.4 or later"
+    )))
 }
 
 /// The pool's options: every connection's transactions are READ COMMITTED unless one says
