@@ -457,9 +457,10 @@ mod tests {
             .expect("drop");
     }
 
-    /// A write batch's lookup and a get name their keys in one JSON parameter, in hex
-    /// (`Dialect::KEYS_JOINED`): keys of every byte value are found as themselves, and a key
-    /// longer than the table stores finds nothing, not even the stored key it begins with.
+    /// A write batch's lookup of more than a few keys names them in one JSON parameter, in
+    /// hex (`Dialect::KEYS_JOINED`), gets of one key in an `IN` list: either way keys of every
+    /// byte value are found as themselves, and a key longer than the table stores finds
+    /// nothing, not even the stored key it begins with.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_of_any_bytes_are_looked_up_by_their_whole_value() {
         use crate::model::{KeyRange, KeyValue};

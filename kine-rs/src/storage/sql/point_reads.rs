@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Arg, Dialect, Driver, MAX_ROWS_PER_STATEMENT, STATE_COLUMN_COUNT, STATE_COLUMNS, acquire,
-    current_rows_sql, fetch_all, kv_from_row, padded, state_from_row,
+    current_rows_sql, fetch_all, kv_from_row, named_keys, padded, state_from_row,
 };
 use crate::error::{KineError, Result};
 use crate::model::KeyValue;
@@ -157,12 +157,13 @@ impl<D: Dialect> PointReads<D> {
         keys.sort_unstable();
         keys.dedup();
         // Key lists padded to a power of two with their last key, so that the few statement
-        // shapes stay prepared (a repeated key's row comes back again, the same).
+        // shapes stay prepared (a repeated key's row comes back again, the same); a JSON
+        // table of keys is one shape ([`named_keys`]).
         let values = batch.iter().any(|get| !get.keys_only);
-        let named = if D::HEAD_TABLE || (D::KEY_LISTS && !D::KEYS_JOINED) {
+        let named = if D::HEAD_TABLE {
             padded(&keys)
         } else {
-            keys
+            named_keys::<D>(&keys)
         };
         let (rows, mut args) = current_rows_sql::<D>(keyspace, &named, false, values);
         let sql = format!(
