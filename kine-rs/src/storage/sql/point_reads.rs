@@ -313,4 +313,105 @@ mod tests {
         assert_eq!(alone.kvs.len(), 1);
         assert_eq!(backend.point_reads.statements() - before, 2);
     }
+
+    /// On MySQL, gets of more keys than an `IN` list names arriving together name them in one
+    /// JSON table (`Dialect::KEYS_JOINED`), inside the statement that reads the keyspace row:
+    /// each get has its own key's row, or none. Against the server at `$KINE_TEST_MYSQL_URL`
+    /// (the test command starts one); a missing server fails the test.
+    #[tokio::test]
+    async fn mysql_gets_of_many_keys_arriving_together_share_one_statement() {
+        use sqlx::MySqlPool;
+
+        use crate::storage::BackendOptions;
+        use crate::storage::mysql;
+
+        let url = std::env::var("KINE_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
+        let server = MySqlPool::connect(&url).await.expect("the test server");
+        sqlx::query("DROP DATABASE IF EXISTS kine_unit_point_reads")
+            .execute(&server)
+            .await
+            .expect("drop a leftover database");
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        let endpoint = format!("{base}/kine_unit_point_reads");
+        let backend = mysql::open(&endpoint, &BackendOptions::default())
+            .await
+            .expect("open");
+        let keyspace = backend
+            .keyspace("gets", true)
+            .await
+            .expect("keyspace")
+            .expect("created");
+        let written: Vec<Bytes> = (0..2 * super::super::LISTED_KEYS)
+            .map(|index| Bytes::from(format!("key/{index:03}")))
+            .collect();
+        let keys = BatchKeys {
+            all: written.clone(),
+            created: Vec::new(),
+        };
+        let mut txn = backend
+            .begin_group_write(keyspace, &keys, false)
+            .await
+            .expect("begin");
+        let revision = txn.state().revision + 1;
+        for (sub, key) in written.iter().enumerate() {
+            let kv = KeyValue {
+                key: key.clone(),
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+                value: Bytes::from(format!("value of {sub}")),
+                lease: 0,
+            };
+            txn.put(&kv, sub as i64).await.expect("put");
+        }
+        txn.commit(revision).await.expect("commit");
+
+        let mut asked: Vec<KeyRange> = written
+            .iter()
+            .map(|key| KeyRange::new(key.clone(), Bytes::new()))
+            .collect();
+        asked.push(KeyRange::new(
+            Bytes::from_static(b"key/never"),
+            Bytes::new(),
+        ));
+        let before = backend.point_reads.statements();
+        let answers: Vec<RangeRows> = join_all(asked.iter().map(|range| {
+            backend.range(
+                keyspace,
+                RangeQuery {
+                    range,
+                    revision: 0,
+                    limit: None,
+                    keys_only: false,
+                    count_only: false,
+                },
+            )
+        }))
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("get"))
+        .collect();
+        assert_eq!(
+            backend.point_reads.statements() - before,
+            1,
+            "one statement"
+        );
+        for (index, answer) in answers.iter().enumerate() {
+            assert_eq!(answer.revision, revision);
+            match written.get(index) {
+                Some(key) => {
+                    assert_eq!(answer.kvs.len(), 1, "{key:?}");
+                    assert_eq!(answer.kvs[0].key, key);
+                    assert_eq!(answer.kvs[0].value, format!("value of {index}").as_bytes());
+                }
+                None => assert!(answer.kvs.is_empty(), "a key never written"),
+            }
+        }
+        drop(backend);
+        sqlx::query("DROP DATABASE kine_unit_point_reads")
+            .execute(&server)
+            .await
+            .expect("drop");
+    }
 }
