@@ -84,6 +84,8 @@ pub mod postgres;
 pub mod row_digest;
 pub mod sql;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::sync::Arc;
 use std::time::Duration;

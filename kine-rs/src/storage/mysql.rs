@@ -463,8 +463,9 @@ mod tests {
     /// nothing, not even the stored key it begins with.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_of_any_bytes_are_looked_up_by_their_whole_value() {
-        use crate::model::{KeyRange, KeyValue};
-        use crate::storage::{Backend, BatchKeys, RangeQuery};
+        use crate::model::KeyRange;
+        use crate::storage::test_support::{put_keys, read};
+        use crate::storage::{Backend, BatchKeys};
         use bytes::Bytes;
 
         let server = MySqlPool::connect_with(parse(&test_database_endpoint("mysql")))
@@ -490,27 +491,10 @@ mod tests {
             .collect();
         written.push(Bytes::from_static(b"quote'\"\\%_?"));
         written.push(Bytes::from(vec![b'x'; MAX_KEY_BYTES]));
-        let keys = BatchKeys {
-            all: written.clone(),
-            created: Vec::new(),
-        };
-        let mut txn = backend
-            .begin_group_write(keyspace, &keys, false)
-            .await
-            .expect("begin");
-        let revision = txn.state().revision + 1;
-        for (sub, key) in written.iter().enumerate() {
-            let kv = KeyValue {
-                key: key.clone(),
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-                value: Bytes::from(format!("value {sub}")),
-                lease: 0,
-            };
-            txn.put(&kv, sub as i64).await.expect("put");
-        }
-        txn.commit(revision).await.expect("commit");
+        put_keys(&backend, keyspace, &written, |index| {
+            Bytes::from(format!("value {index}"))
+        })
+        .await;
 
         let longer = Bytes::from(vec![b'x'; MAX_KEY_BYTES + 1]);
         let never = Bytes::from_static(b"k");
@@ -544,20 +528,12 @@ mod tests {
         drop(txn);
 
         for key in [&written[0], &written[255], &written[256], &longer] {
-            let range = KeyRange::new(key.clone(), Bytes::new());
-            let rows = backend
-                .range(
-                    keyspace,
-                    RangeQuery {
-                        range: &range,
-                        revision: 0,
-                        limit: None,
-                        keys_only: false,
-                        count_only: false,
-                    },
-                )
-                .await
-                .expect("range");
+            let rows = read(
+                &backend,
+                keyspace,
+                &KeyRange::new(key.clone(), Bytes::new()),
+            )
+            .await;
             let expected = usize::from(key != &longer);
             assert_eq!(rows.kvs.len(), expected, "{key:?}");
             assert!(rows.kvs.iter().all(|kv| kv.key == *key), "{key:?}");

@@ -658,19 +658,7 @@ mod unread_batch_tests {
 
     async fn current(backend: &super::SqliteBackend, keyspace: KeyspaceId, key: &[u8]) -> KeyValue {
         let range = crate::model::KeyRange::new(Bytes::copy_from_slice(key), Bytes::new());
-        let read = backend
-            .range(
-                keyspace,
-                crate::storage::RangeQuery {
-                    range: &range,
-                    revision: 0,
-                    limit: None,
-                    keys_only: false,
-                    count_only: false,
-                },
-            )
-            .await
-            .expect("range");
+        let read = crate::storage::test_support::read(backend, keyspace, &range).await;
         read.kvs.into_iter().next().expect("the key is live")
     }
 

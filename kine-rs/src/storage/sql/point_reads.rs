@@ -197,10 +197,10 @@ impl<D: Dialect> PointReads<D> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use futures::future::join_all;
 
-    use crate::model::{KeyRange, KeyValue};
-    use crate::storage::{Backend, BatchKeys, RangeQuery, RangeRows, sqlite};
+    use crate::model::KeyRange;
+    use crate::storage::test_support::{put_keys, read_together};
+    use crate::storage::{Backend, BatchKeys, RangeQuery, sqlite};
 
     fn get(key: &'static str, keys_only: bool) -> (KeyRange, bool) {
         (
@@ -220,27 +220,14 @@ mod tests {
             .iter()
             .map(|key| Bytes::from_static(key.as_bytes()))
             .collect();
+        let first = put_keys(&backend, keyspace, &written, |index| {
+            Bytes::from(format!("value of {:?}", written[index]))
+        })
+        .await;
         let keys = BatchKeys {
             all: written.clone(),
             created: Vec::new(),
         };
-        let mut txn = backend
-            .begin_group_write(keyspace, &keys, false)
-            .await
-            .expect("begin");
-        let first = txn.state().revision + 1;
-        for (sub, key) in written.iter().enumerate() {
-            let kv = KeyValue {
-                key: key.clone(),
-                create_revision: first,
-                mod_revision: first,
-                version: 1,
-                value: Bytes::from(format!("value of {key:?}")),
-                lease: 0,
-            };
-            txn.put(&kv, sub as i64).await.expect("put");
-        }
-        txn.commit(first).await.expect("commit");
         let mut txn = backend
             .begin_group_write(keyspace, &keys, false)
             .await
@@ -256,22 +243,7 @@ mod tests {
             gets.push(get("gone", false));
             gets.push(get("never", round % 3 == 0));
         }
-        let answers: Vec<RangeRows> = join_all(gets.iter().map(|(range, keys_only)| {
-            backend.range(
-                keyspace,
-                RangeQuery {
-                    range,
-                    revision: 0,
-                    limit: None,
-                    keys_only: *keys_only,
-                    count_only: false,
-                },
-            )
-        }))
-        .await
-        .into_iter()
-        .map(|answer| answer.expect("get"))
-        .collect();
+        let answers = read_together(&backend, keyspace, &gets).await;
         assert_eq!(
             backend.point_reads.statements() - before,
             1,
@@ -345,53 +317,21 @@ mod tests {
         let written: Vec<Bytes> = (0..2 * super::super::LISTED_KEYS)
             .map(|index| Bytes::from(format!("key/{index:03}")))
             .collect();
-        let keys = BatchKeys {
-            all: written.clone(),
-            created: Vec::new(),
-        };
-        let mut txn = backend
-            .begin_group_write(keyspace, &keys, false)
-            .await
-            .expect("begin");
-        let revision = txn.state().revision + 1;
-        for (sub, key) in written.iter().enumerate() {
-            let kv = KeyValue {
-                key: key.clone(),
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-                value: Bytes::from(format!("value of {sub}")),
-                lease: 0,
-            };
-            txn.put(&kv, sub as i64).await.expect("put");
-        }
-        txn.commit(revision).await.expect("commit");
+        let revision = put_keys(&backend, keyspace, &written, |index| {
+            Bytes::from(format!("value of {index}"))
+        })
+        .await;
 
-        let mut asked: Vec<KeyRange> = written
+        let mut asked: Vec<(KeyRange, bool)> = written
             .iter()
-            .map(|key| KeyRange::new(key.clone(), Bytes::new()))
+            .map(|key| (KeyRange::new(key.clone(), Bytes::new()), false))
             .collect();
-        asked.push(KeyRange::new(
-            Bytes::from_static(b"key/never"),
-            Bytes::new(),
+        asked.push((
+            KeyRange::new(Bytes::from_static(b"key/never"), Bytes::new()),
+            false,
         ));
         let before = backend.point_reads.statements();
-        let answers: Vec<RangeRows> = join_all(asked.iter().map(|range| {
-            backend.range(
-                keyspace,
-                RangeQuery {
-                    range,
-                    revision: 0,
-                    limit: None,
-                    keys_only: false,
-                    count_only: false,
-                },
-            )
-        }))
-        .await
-        .into_iter()
-        .map(|answer| answer.expect("get"))
-        .collect();
+        let answers = read_together(&backend, keyspace, &asked).await;
         assert_eq!(
             backend.point_reads.statements() - before,
             1,
