@@ -186,7 +186,7 @@ impl Keyspace {
         let (sender, queue) = mpsc::channel(4096);
         let (renewer, renewals) = Renewer::start(backend.clone(), id);
         let tasks = vec![
-            tokio::spawn(writer::run(
+            crate::write_thread::spawn(writer::run(
                 backend.clone(),
                 id,
                 name.to_string(),

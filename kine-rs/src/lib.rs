@@ -28,4 +28,5 @@ pub mod storage;
 pub mod tenants;
 pub mod txn;
 pub mod watch;
+pub mod write_thread;
 pub mod writer;

@@ -201,9 +201,12 @@ fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    let pool: MySqlPool = pool_options(options, connect.get_port())
-        .connect_with(connect.clone())
-        .await?;
+    // Opened on the write threads, whose writers use it most (see `write_thread`).
+    let pool_options = pool_options(options, connect.get_port());
+    let pool_connect = connect.clone();
+    let pool: MySqlPool =
+        crate::write_thread::run(async move { pool_options.connect_with(pool_connect).await })
+            .await?;
     require_json_table(&pool).await?;
     MIGRATOR
         .run(&pool)
