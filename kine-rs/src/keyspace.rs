@@ -186,13 +186,10 @@ impl Keyspace {
         let (sender, queue) = mpsc::channel(4096);
         let (renewer, renewals) = Renewer::start(backend.clone(), id);
         let tasks = vec![
-            crate::write_thread::spawn(writer::run(
-                backend.clone(),
-                id,
-                name.to_string(),
-                hub.clone(),
-                queue,
-            )),
+            crate::write_thread::spawn_on(
+                backend.writes_on_write_thread(),
+                writer::run(backend.clone(), id, name.to_string(), hub.clone(), queue),
+            ),
             renewals,
         ];
         Ok(Arc::new(Keyspace {

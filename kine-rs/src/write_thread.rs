@@ -53,6 +53,19 @@ where
     handle().spawn(task)
 }
 
+/// Runs `task` on the write threads when `on_write_threads`, else on the caller's runtime.
+pub fn spawn_on<F>(on_write_threads: bool, task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if on_write_threads {
+        spawn(task)
+    } else {
+        tokio::spawn(task)
+    }
+}
+
 /// Runs `work` on the write threads and waits for its result: what it opens (a pool's
 /// connections) is driven by their runtime from then on.
 pub async fn run<F>(work: F) -> F::Output
@@ -85,6 +98,15 @@ mod tests {
             run(async { thread_name() }).await.as_deref(),
             Some(THREAD_NAME)
         );
+        let on_write_threads = spawn_on(true, async { thread_name() });
+        assert_eq!(
+            on_write_threads.await.expect("task").as_deref(),
+            Some(THREAD_NAME)
+        );
+        let here = spawn_on(false, async { thread_name() })
+            .await
+            .expect("task");
+        assert_ne!(here.as_deref(), Some(THREAD_NAME));
     }
 
     #[tokio::test]

@@ -2392,6 +2392,10 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         Ok(())
     }
 
+    fn writes_on_write_thread(&self) -> bool {
+        true
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         self.poll
     }
