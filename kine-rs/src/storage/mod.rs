@@ -704,6 +704,15 @@ impl PoolOptions {
     }
 }
 
+/// Opens a server pool on the write threads, whose writers use it most: a connection's socket
+/// is driven by the runtime that opened it (see [`crate::write_thread`]).
+pub(crate) async fn pool_on_write_threads<DB: sqlx::Database>(
+    options: sqlx::pool::PoolOptions<DB>,
+    connect: <DB::Connection as sqlx::Connection>::Options,
+) -> Result<sqlx::Pool<DB>> {
+    Ok(crate::write_thread::run(async move { options.connect_with(connect).await }).await?)
+}
+
 /// `--ca-file`, `--cert-file` and `--key-file`: TLS to the database server.
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {

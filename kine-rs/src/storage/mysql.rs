@@ -201,11 +201,8 @@ fn go_dsn(dsn: &str) -> Result<MySqlConnectOptions> {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<MysqlBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    // Opened on the write threads, whose writers use it most (see `write_thread`).
-    let pool_options = pool_options(options, connect.get_port());
-    let pool_connect = connect.clone();
     let pool: MySqlPool =
-        crate::write_thread::run(async move { pool_options.connect_with(pool_connect).await })
+        super::pool_on_write_threads(pool_options(options, connect.get_port()), connect.clone())
             .await?;
     require_json_table(&pool).await?;
     MIGRATOR

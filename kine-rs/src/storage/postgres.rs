@@ -158,12 +158,11 @@ fn without_query_parameter(url: &str, name: &str) -> (String, bool) {
 pub async fn open(endpoint: &str, options: &BackendOptions) -> Result<PostgresBackend> {
     let connect = connect_options(endpoint, options)?;
     create_database(&connect).await?;
-    // Opened on the write threads, whose writers use it most (see `write_thread`).
-    let pool_options = pool_options(options, connect.get_port(), false);
-    let pool_connect = connect.clone();
-    let pool: PgPool =
-        crate::write_thread::run(async move { pool_options.connect_with(pool_connect).await })
-            .await?;
+    let pool: PgPool = super::pool_on_write_threads(
+        pool_options(options, connect.get_port(), false),
+        connect.clone(),
+    )
+    .await?;
     MIGRATOR
         .run(&pool)
         .await
