@@ -7,6 +7,8 @@
 //! 0.012 ms in the server's slow log. Here the writers have a runtime of their own, and so do
 //! the connections of the server pools they use (a connection's socket is driven by the
 //! runtime that opened it), while the answers they send wake request tasks on the service's.
+//! Only where the backend says so ([`crate::storage::Backend::writes_on_write_thread`]: the
+//! SQL backends); NATS's writers stay beside its client's connection.
 
 use std::future::Future;
 use std::sync::OnceLock;
