@@ -650,6 +650,90 @@ async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
     .await;
 }
 
+/// A MySQL/MariaDB database written by a kine-rs before migration 0007 (current rows marked
+/// in `kv.superseded`, `kv` ordered by key) is served after the upgrade as it was, like
+/// [`postgres_upgrade_keeps_the_data_of_the_superseded_column_model`]: the schema up to 0006
+/// from the repository's migration files, recorded as sqlx records them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_upgrade_keeps_the_data_of_the_superseded_column_model() {
+    use sha2::{Digest, Sha384};
+    use sqlx::{Connection, Executor};
+    let database = TestDatabase::new(Backend::Mysql).expect("mysql");
+    let (server, name) = database
+        .endpoint
+        .rsplit_once('/')
+        .expect("an endpoint with a database");
+    let mut admin = sqlx::MySqlConnection::connect(&format!("{server}/mysql"))
+        .await
+        .expect("mysql");
+    admin
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name}"
+        ))))
+        .await
+        .expect("the database");
+    admin.close().await.expect("closed");
+    let mut db = sqlx::MySqlConnection::connect(&database.endpoint)
+        .await
+        .expect("mysql");
+    db.execute(
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+         installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
+         checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
+    )
+    .await
+    .expect("the migrations' table");
+    for (version, description, text) in migrations_before("mysql", "0007") {
+        db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
+            .await
+            .expect("a migration runs");
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (?, ?, 1, ?, 1)",
+        )
+        .bind(version)
+        .bind(description)
+        .bind(Sha384::digest(text.as_bytes()).to_vec())
+        .execute(&mut db)
+        .await
+        .expect("a migration recorded");
+    }
+    db.execute(
+        "INSERT INTO keyspaces (name, revision, keys_count, bytes_used) \
+         VALUES ('default', 6, 2, 5); \
+         INSERT INTO kv (keyspace, `key`, mod_revision, sub, create_revision, version, lease, \
+         value, deleted, superseded) VALUES \
+         (1, 'a', 2, 0, 2, 1, 0, 'v1', 0, 3), \
+         (1, 'a', 3, 0, 2, 2, 0, 'v2', 0, 9223372036854775807), \
+         (1, 'b', 4, 0, 4, 1, 0, 'b', 0, 9223372036854775807), \
+         (1, 'c', 5, 0, 5, 1, 0, 'c1', 0, 6), \
+         (1, 'c', 6, 0, 0, 0, 0, '', 1, 9223372036854775807)",
+    )
+    .await
+    .expect("rows of the old model");
+    db.close().await.expect("closed");
+    let endpoint = database.endpoint.clone();
+    served_as_written_before_the_upgrade(
+        &database.endpoint,
+        tempfile::tempdir().expect("tempdir"),
+        async || {
+            let mut db = sqlx::MySqlConnection::connect(&endpoint)
+                .await
+                .expect("mysql");
+            let rows: Vec<(Vec<u8>, i64)> =
+                sqlx::query_as("SELECT `key`, mod_revision FROM kv ORDER BY mod_revision")
+                    .fetch_all(&mut db)
+                    .await
+                    .expect("the rows");
+            rows.iter()
+                .map(|(key, revision)| format!("{}{revision}", String::from_utf8_lossy(key)))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    )
+    .await;
+}
+
 /// The repository's migrations of `database` (a directory of `kine-rs/migrations`) before
 /// `version`, in order: each one's version, its description as sqlx records it, and its text.
 fn migrations_before(database: &str, version: &str) -> Vec<(i64, String, String)> {

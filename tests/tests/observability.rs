@@ -1307,7 +1307,7 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
         // The rows statements of that read: the count examines the range, as it must.
         let walks = mariadb.mysql(
             "SELECT rows_examined, LEFT(sql_text, 120) FROM mysql.slow_log \
-             WHERE sql_text LIKE '%superseded <>%' AND sql_text NOT LIKE '%COUNT(%'",
+             WHERE sql_text LIKE '%kv_superseded%' AND sql_text NOT LIKE '%COUNT(%'",
         );
         assert!(
             walks.trim().is_empty(),
@@ -1316,7 +1316,7 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
         // The slow log sees the statements at all (the count's walk is in it).
         let counts = mariadb.mysql(
             "SELECT COUNT(*) FROM mysql.slow_log WHERE sql_text LIKE '%COUNT(%' \
-             AND sql_text LIKE '%superseded <>%'",
+             AND sql_text LIKE '%kv_past%'",
         );
         assert_ne!(counts.trim(), "0", "the slow log recorded nothing");
     });
@@ -1327,8 +1327,9 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
 /// padded to a power of two instead of split into power-of-two pieces (100 keys were three
 /// lookups and three updates, each a round trip under the keyspace's lock).
 /// `lookup` and `supersede` name the statements (or, on SQLite, the calls) that look keys up
-/// and mark superseded rows; `overwrite_lookups`, the lookups of the overwrite (none on SQLite,
-/// where a batch of keys this process committed last starts from the cache).
+/// and name superseded rows (MySQL: its `kv_past` rows); `overwrite_lookups`, the lookups of
+/// the overwrite (none on SQLite, where a batch of keys this process committed last starts
+/// from the cache).
 fn write_batch_statements_per_key_list(
     backend: kine_tests::Backend,
     driver: &str,
@@ -1369,7 +1370,15 @@ fn mysql_write_batch_names_its_keys_in_one_statement_each() {
         kine_tests::Backend::Mysql,
         "mysql",
         "get",
-        "supersede",
+        "insert_past",
+        1.0,
+    );
+    // The heads too, padded the same way.
+    write_batch_statements_per_key_list(
+        kine_tests::Backend::Mysql,
+        "mysql",
+        "get",
+        "place_heads",
         1.0,
     );
 }
@@ -1386,14 +1395,14 @@ fn sqlite_write_batch_names_its_keys_in_one_statement_each() {
     );
 }
 
-/// MySQL finds a write batch's current rows by key whatever InnoDB's statistics say. Once
-/// `kv` has history, the statistics count a distinct `superseded` per superseded row, so the
-/// current marker looks rare; with `superseded = MAX`, MariaDB then chose `ref` access on
-/// `kv_live (keyspace, superseded)` alone and filtered every current row of the keyspace by
-/// key (a lookup of 64 keys: 62.9 ms and 1,535 pages instead of 0.34 ms and 206, measured on
-/// a database a bench run left). The test builds such history, refreshes the statistics,
-/// takes the lookup kine-rs sent from the server's general log, checks how it names current
-/// rows and asks the server for its plan.
+/// MySQL finds a write batch's current rows by key whatever InnoDB's statistics say: each
+/// key's head by `kv_head`'s primary key, then its row by `kv`'s. (Before migration 0007,
+/// current rows were marked in `kv.superseded`; once `kv` had history, MariaDB read them
+/// through `ref` on `(keyspace, superseded)` alone and filtered every current row of the
+/// keyspace by key: a lookup of 64 keys took 62.9 ms. And a JSON table of keys joined to a
+/// small `kv_head` was planned as a read of every head.) The test builds history, refreshes
+/// the statistics, takes the lookups kine-rs sent from the server's general log and asks the
+/// server for their plans.
 #[test]
 fn mysql_current_rows_are_found_by_key_whatever_the_statistics() {
     const KEYS: usize = 5_000;
@@ -1435,7 +1444,9 @@ fn mysql_current_rows_are_found_by_key_whatever_the_statistics() {
             }
         });
         futures::future::join_all(writers).await;
-        mariadb.mysql("ANALYZE TABLE kine.kv; TRUNCATE TABLE mysql.general_log");
+        mariadb.mysql(
+            "ANALYZE TABLE kine.kv, kine.kv_head, kine.kv_past; TRUNCATE TABLE mysql.general_log",
+        );
         let puts: Vec<etcd_client::TxnOp> = (0..64)
             .map(|i| etcd_client::TxnOp::put(key(i * 70), "2", None))
             .collect();
@@ -1448,13 +1459,16 @@ fn mysql_current_rows_are_found_by_key_whatever_the_statistics() {
     });
     mariadb.mysql("SET GLOBAL general_log = 0");
     // The batch's 64 keys come as one JSON table (`Dialect::KEYS_JOINED`), the get's one key
-    // as an `IN` list: both ways must keep `ref` on the marker alone out.
+    // as an `IN` list: both ways must find each key's head, then its row, by primary key.
     let lookups = [
         (
             "the batch's 64 keys",
-            "SELECT %FROM JSON_TABLE(%JOIN kv ON kv.keyspace = %",
+            "SELECT %FROM JSON_TABLE(%JOIN kv_current kv ON kv.keyspace = %",
         ),
-        ("the get's key", "SELECT %FROM kv WHERE keyspace = %IN (%"),
+        (
+            "the get's key",
+            "SELECT %FROM kv_current WHERE keyspace = %IN (%",
+        ),
     ];
     for (what, pattern) in lookups {
         let lookup = mariadb.mysql(&format!(
@@ -1468,19 +1482,16 @@ fn mysql_current_rows_are_found_by_key_whatever_the_statistics() {
             !lookup.is_empty(),
             "the general log holds no lookup of {what}"
         );
-        // The plan depends on statistics InnoDB samples again as the table changes, so a
-        // bad one does not come on demand: the statement itself must leave `ref` on the
-        // marker no way in, and the server's plan for it must not be one.
-        assert!(
-            !lookup.contains("superseded = 9223372036854775807"),
-            "the lookup of {what} names current rows by an equality `ref` access can use: \
-             {lookup}"
-        );
         let plan = mariadb.mysql(&format!("USE kine; EXPLAIN FORMAT=JSON {lookup}"));
         let plan: String = plan.split_whitespace().collect();
         assert!(
-            !plan.contains(r#""used_key_parts":["keyspace","superseded"]"#),
-            "the lookup of {what} reads every current row of the keyspace by its marker:\n{plan}"
+            plan.contains(r#""used_key_parts":["keyspace","key"]"#)
+                && plan.contains(r#""used_key_parts":["keyspace","mod_revision","sub"]"#),
+            "the lookup of {what} does not find heads and rows by primary key:\n{plan}"
+        );
+        assert!(
+            !plan.contains(r#""used_key_parts":["keyspace"],"#),
+            "the lookup of {what} reads every head or row of the keyspace:\n{plan}"
         );
     }
 }

@@ -48,7 +48,7 @@ impl Dialect for Mysql {
          CAST(COALESCE(SUM(data_length + index_length + data_free), 0) AS SIGNED), \
          CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
          FROM information_schema.tables WHERE table_schema = DATABASE()";
-    const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, leases";
+    const DEFRAGMENT: &'static str = "OPTIMIZE TABLE kv, kv_head, kv_past, leases";
     const MAX_KEY_BYTES: Option<usize> = Some(MAX_KEY_BYTES);
     const ONE_STATEMENT_EVENTS: bool = true;
     // An autocommit SELECT reads one InnoDB snapshot, joins included: a get is one round
@@ -59,14 +59,14 @@ impl Dialect for Mysql {
     // A batch's lookup of its keys took as long as its inserts, most of it MariaDB planning
     // the `IN` list (README, "MariaDB at 128 clients").
     const KEYS_JOINED: bool = true;
-    // Not `superseded = MAX`: once `kv` has history, InnoDB's statistics count a distinct
-    // `superseded` per superseded row and estimate a handful of rows for the current marker,
-    // and MariaDB then read current rows through `ref` on `kv_live (keyspace, superseded)`
-    // alone, every current row of the keyspace filtered by key (107,049 rows examined, 2.3 s,
-    // for one key of kube-apiserver's get; txn-update fell to 200/s with a p99 of 2–3 s). A
-    // point interval written as a range is no `ref`, and the range uses the key part too.
-    const CURRENT_ROWS: &'static str =
-        "superseded >= 9223372036854775807 AND superseded <= 9223372036854775807";
+    // A key's current row is named by `kv_head` and each superseded row by `kv_past`
+    // (migration 0007), which the batch writes itself: no trigger (README, "MariaDB's
+    // overwrites").
+    const PAST_TABLE: bool = true;
+    const WRITES_PAST_ROWS: bool = true;
+    const UPSERT_HEAD: &'static str = " ON DUPLICATE KEY UPDATE \
+         mod_revision = VALUES(mod_revision), sub = VALUES(sub), deleted = VALUES(deleted)";
+    const PADDED_INSERT: Option<&'static str> = Some(" ON DUPLICATE KEY UPDATE deleted = deleted");
 
     const ROW_MD5: Option<&'static str> = Some(
         "MD5(CONCAT(UNHEX(LPAD(HEX(LENGTH(`key`)), 16, '0')), `key`, \

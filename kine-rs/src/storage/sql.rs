@@ -349,6 +349,29 @@ pub trait Dialect: Send + Sync + 'static {
     /// `kv_superseded` (kv's columns with `superseded`), and counts from `kv_head` and
     /// `kv_past` alone.
     const PAST_TABLE: bool = false;
+    /// With [`PAST_TABLE`](Dialect::PAST_TABLE): whether a write batch adds the rows of
+    /// `kv_past` itself, from the heads its lookups read (`sub` too) and its own rows, and
+    /// moves each written key's head once, to its newest row (MySQL: creating a trigger needs
+    /// the SUPER privilege, or `log_bin_trust_function_creators`, wherever binary logging is
+    /// on), instead of a trigger on `kv_head` adding them as the heads move (SQLite).
+    const WRITES_PAST_ROWS: bool = false;
+    /// What makes an `INSERT` into `kv_head` move an existing head instead
+    /// ([`PAST_TABLE`](Dialect::PAST_TABLE)).
+    const UPSERT_HEAD: &'static str = " ON CONFLICT (keyspace, `key`) DO UPDATE SET \
+         mod_revision = excluded.mod_revision, sub = excluded.sub, deleted = excluded.deleted";
+    /// Whether a snapshot at an older revision read in pages keeps the rows superseded since
+    /// in a temporary table of its own connection ([`SnapshotPages`], SQLite) instead of
+    /// finding them among every row superseded since at each page.
+    const SNAPSHOT_TABLE: bool = false;
+    /// A clause that makes a multi-row `INSERT` into `kv_past` leave a row that repeats one
+    /// before it alone (MySQL's `ON DUPLICATE KEY UPDATE` of a column to itself), so the
+    /// statement may be padded to a power of two with its last row, as the heads' upsert is:
+    /// one statement per batch where power-of-two pieces were three or four round trips under
+    /// the keyspace's lock ([`Dialect::WRITES_PAST_ROWS`]). A row of `kv_past` is a fact
+    /// about one row of `kv` (its primary key names all but `deleted`, which that row fixes),
+    /// so a repeat changes nothing. Not for `kv` itself: there a repeated key would hide a
+    /// revision written twice, which its primary key refuses.
+    const PADDED_INSERT: Option<&'static str> = None;
     /// Whether a watch's events may be read in one statement outside a transaction (the
     /// keyspace row's compaction revision joined with the events: one snapshot).
     const ONE_STATEMENT_EVENTS: bool = false;
@@ -1381,7 +1404,7 @@ pub struct SqlBackend<D: Dialect> {
     commit_cache: Option<Arc<CommitCache>>,
     /// Gets at the current revision, several in one statement ([`PointReads`]).
     point_reads: Arc<PointReads<D>>,
-    /// Pages of snapshots at older revisions, with [`Dialect::PAST_TABLE`]
+    /// Pages of snapshots at older revisions, with [`Dialect::SNAPSHOT_TABLE`]
     /// ([`SnapshotPages`]): one per snapshot read, up to [`MAX_SNAPSHOTS`].
     snapshot_pages: tokio::sync::Mutex<Vec<SnapshotPages<D>>>,
     _dialect: PhantomData<D>,
@@ -2044,7 +2067,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>> {
         let range = page_range(after);
-        if D::PAST_TABLE && revision > 0 {
+        if D::SNAPSHOT_TABLE && revision > 0 {
             // Snapshots read side by side (tenants migrating at once) each keep their own.
             let mut all = self.snapshot_pages.lock().await;
             let serving = (all.iter())
@@ -2427,7 +2450,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 }
 
 /// One bounded step of a compaction at `revision` where superseded rows are in `kv_past`
-/// ([`Dialect::PAST_TABLE`], SQLite), under the keyspace's lock: at most `batch` rows
+/// ([`Dialect::PAST_TABLE`]: SQLite, MySQL), under the keyspace's lock: at most `batch` rows
 /// superseded at or before `revision` (the first of `kv_past`, which is ordered by
 /// superseding revision), then at most `batch` of the keys' current tombstones below it, each
 /// removed with the row of `kv_past` or `kv_head` naming it. A tombstone superseded after
@@ -2508,6 +2531,32 @@ async fn remove_rows<D: Dialect>(
         ),
     };
     let mut removed = 0;
+    if !D::MULTI_STATEMENT {
+        // Two statements a chunk, each row by its primary key.
+        for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut args = Vec::with_capacity(chunk.len() * 5);
+            for (key, mod_revision, sub, superseded) in chunk {
+                args.push(Arg::Int(keyspace));
+                args.extend(superseded.map(Arg::Int));
+                args.extend([Arg::Bytes(key), Arg::Int(*mod_revision), Arg::Int(*sub)]);
+            }
+            let sql = format!(
+                "DELETE FROM {table} WHERE {}",
+                vec![by_key; chunk.len()].join(" OR ")
+            );
+            execute::<D>(tx, "purge", &sql, &args).await?;
+            let mut args = Vec::with_capacity(chunk.len() * 3);
+            for (_, mod_revision, sub, _) in chunk {
+                args.extend([Arg::Int(keyspace), Arg::Int(*mod_revision), Arg::Int(*sub)]);
+            }
+            let sql = format!(
+                "DELETE FROM kv WHERE {}",
+                vec!["(keyspace = ? AND mod_revision = ? AND sub = ?)"; chunk.len()].join(" OR ")
+            );
+            removed += execute::<D>(tx, "purge", &sql, &args).await?;
+        }
+        return Ok(removed);
+    }
     for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
         let mut args = Vec::new();
         // Each row by its primary key: SQLite searches each term of an `OR` by index (a
@@ -2686,8 +2735,19 @@ struct KnownKey {
     stored_current: bool,
     /// That row's [`Dialect::ROW_ID`], when it was read with it.
     row_id: Option<String>,
+    /// That row's place, where the batch writes `kv_past` itself
+    /// ([`Dialect::WRITES_PAST_ROWS`]).
+    stored_head: Option<Head>,
     /// Index in `pending` of the key's newest unwritten row.
     pending: Option<usize>,
+}
+
+/// Where a key's current row is, as its row of `kv_head` says.
+#[derive(Clone, Copy)]
+struct Head {
+    mod_revision: Revision,
+    sub: i64,
+    deleted: bool,
 }
 
 impl KnownKey {
@@ -2697,6 +2757,7 @@ impl KnownKey {
             live: None,
             stored_current: false,
             row_id: None,
+            stored_head: None,
             pending: None,
         }
     }
@@ -2709,6 +2770,7 @@ impl From<CachedKey> for KnownKey {
             live: cached.live,
             stored_current: cached.stored_current,
             row_id: None,
+            stored_head: None,
             pending: None,
         }
     }
@@ -2718,7 +2780,10 @@ impl From<CachedKey> for KnownKey {
 struct StoredRow {
     key: Bytes,
     row_id: Option<String>,
+    /// The revision superseding it.
     revision: Revision,
+    /// Where it is ([`Dialect::WRITES_PAST_ROWS`]).
+    head: Option<Head>,
 }
 
 /// A row waiting to be inserted.
@@ -2775,14 +2840,21 @@ fn placeholders(n: usize) -> String {
 }
 
 /// The statement reading the current rows (live or tombstones) of `keys`, with its
-/// parameters: columns [`KV_COLUMNS`], `deleted`, then, with `row_id`, the
-/// [`Dialect::ROW_ID`] if any. Without `values`, each value is read as empty.
+/// parameters: columns [`KV_COLUMNS`], `deleted`, then, with `row_id` (a write batch's
+/// lookup), the [`Dialect::ROW_ID`] if any and `sub` where [`Dialect::WRITES_PAST_ROWS`].
+/// Without `values`, each value is read as empty.
 fn current_rows_sql<'a, D: Dialect>(
     keyspace: KeyspaceId,
     keys: &[&'a [u8]],
     row_id: bool,
     values: bool,
 ) -> (String, Vec<Arg<'a>>) {
+    // A write batch's lookups read where each row is ([`Dialect::WRITES_PAST_ROWS`]).
+    let sub = if row_id && D::WRITES_PAST_ROWS {
+        ", sub"
+    } else {
+        ""
+    };
     let row_id = D::ROW_ID
         .filter(|_| row_id)
         .map(|(column, _)| format!(", CAST({column} AS TEXT) AS row_id"))
@@ -2831,14 +2903,22 @@ fn current_rows_sql<'a, D: Dialect>(
     };
     let select = format!(
         "SELECT `key`, create_revision, mod_revision, version, lease, {value} AS value, \
-         deleted{row_id} FROM {current} AND `key`"
+         deleted{row_id}{sub} FROM {current} AND `key`"
     );
     if keys_joined::<D>(keys.len()) {
+        // The keys first, each row then found by key (`STRAIGHT_JOIN`): while `kv_head` is
+        // small, MariaDB read all of it and joined the keys to it instead.
+        let current = if D::PAST_TABLE {
+            Cow::Borrowed("kv_current kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k)")
+        } else {
+            Cow::Owned(format!(
+                "kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k) AND {}",
+                D::CURRENT_ROWS
+            ))
+        };
         let sql = format!(
             "SELECT kv.`key`, create_revision, mod_revision, version, lease, {value} AS value, \
-             deleted{row_id} FROM {KEYS_JSON_TABLE} AS n \
-             JOIN kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k) AND {}",
-            D::CURRENT_ROWS
+             deleted{row_id}{sub} FROM {KEYS_JSON_TABLE} AS n STRAIGHT_JOIN {current}"
         );
         let json = keys_json::<D>(keys.iter().copied());
         return (sql, vec![Arg::OwnedText(json), Arg::Int(keyspace)]);
@@ -2869,7 +2949,7 @@ const LISTED_KEYS: usize = 16;
 
 /// Whether a statement naming `n` keys joins them as a JSON table ([`Dialect::KEYS_JOINED`]).
 fn keys_joined<D: Dialect>(n: usize) -> bool {
-    D::KEYS_JOINED && !D::PAST_TABLE && n > LISTED_KEYS
+    D::KEYS_JOINED && n > LISTED_KEYS
 }
 
 /// `keys` as a statement names them: an `IN` list padded to a power of two with its last
@@ -3062,12 +3142,22 @@ impl<D: Dialect> SqlWriteTxn<D> {
                 Some(_) => Some(D::DB::text(row, offset + 7)?),
                 None => None,
             };
+            let stored_head = if D::WRITES_PAST_ROWS {
+                Some(Head {
+                    mod_revision: kv.mod_revision,
+                    sub: D::DB::int(row, offset + 7 + usize::from(D::ROW_ID.is_some()))?,
+                    deleted,
+                })
+            } else {
+                None
+            };
             self.known.insert(
                 kv.key.clone(),
                 KnownKey {
                     live: (!deleted).then_some(kv),
                     stored_current: true,
                     row_id,
+                    stored_head,
                     pending: None,
                 },
             );
@@ -3325,6 +3415,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         let previous = known.live.as_ref().map(live_size);
         let stored = std::mem::replace(&mut known.stored_current, false);
         let row_id = known.row_id.take();
+        let head = known.stored_head.take();
         let superseded_pending = known.pending.replace(index);
         known.live = (!row.deleted).then(|| row.kv.clone());
         if let Some(previous) = previous {
@@ -3336,10 +3427,16 @@ impl<D: Dialect> SqlWriteTxn<D> {
             self.state.bytes += live_size(&row.kv);
         }
         if stored {
+            if D::WRITES_PAST_ROWS && head.is_none() {
+                return Err(KineError::Storage(
+                    "a superseded row read without its place".into(),
+                ));
+            }
             self.supersede.push(StoredRow {
                 key: row.kv.key.clone(),
                 row_id,
                 revision,
+                head,
             });
         }
         if let Some(earlier) = superseded_pending {
@@ -3374,7 +3471,7 @@ impl<D: Dialect> SqlWriteTxn<D> {
         };
         let begins = prelude.is_some();
         let mut supersede = std::mem::take(&mut self.supersede);
-        if D::HEAD_TABLE || D::PAST_TABLE {
+        if D::HEAD_TABLE || (D::PAST_TABLE && !D::WRITES_PAST_ROWS) {
             // The insert below moves each key's head; nothing is rewritten (with `kv_past`,
             // a trigger of `kv_head` writes each moved head's row there).
             supersede.clear();
@@ -3444,9 +3541,17 @@ impl<D: Dialect> SqlWriteTxn<D> {
             }
         }
         for known in self.known.values_mut() {
-            if known.pending.take().is_some() {
+            if let Some(index) = known.pending.take() {
                 known.stored_current = true;
                 known.row_id = None;
+                known.stored_head = pending
+                    .get(index)
+                    .filter(|_| D::WRITES_PAST_ROWS)
+                    .map(|row| Head {
+                        mod_revision: row.kv.mod_revision,
+                        sub: row.sub,
+                        deleted: row.deleted,
+                    });
             }
         }
         Ok(commit)
@@ -3489,15 +3594,18 @@ struct WriteStatement<'a> {
     changes: Option<u64>,
 }
 
-/// The statements writing a batch: `supersede` marks the stored rows it replaced, then
-/// `pending` are inserted.
+/// The statements writing a batch: `supersede` marks the stored rows it replaced (or, with
+/// `kv_past`, names them there: [`Dialect::WRITES_PAST_ROWS`]), then `pending` are inserted
+/// and, with `kv_head`, become their keys' heads.
 fn write_statements<'a, D: Dialect>(
     keyspace: KeyspaceId,
     supersede: &'a [StoredRow],
     pending: &'a [PendingRow],
 ) -> Vec<WriteStatement<'a>> {
     let mut statements = Vec::new();
-    let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = supersede
+    // Rows marked in `kv.superseded`; with `kv_past`, none.
+    let marked = if D::PAST_TABLE { &[][..] } else { supersede };
+    let (by_row_id, by_key): (Vec<&StoredRow>, Vec<&StoredRow>) = marked
         .iter()
         .partition(|row| row.row_id.is_some() && D::ROW_ID.is_some());
     let per_statement = if D::KEY_LISTS {
@@ -3550,24 +3658,86 @@ fn write_statements<'a, D: Dialect>(
         }
         return statements;
     }
-    for chunk in insert_chunks(pending) {
-        let (sql, args) = insert_rows_values_sql::<D>(keyspace, chunk);
-        statements.push(WriteStatement {
-            query: "insert_kv",
-            sql: Cow::Owned(sql),
-            args,
-            changes: Some(chunk.len() as u64),
-        });
+    for run in insert_runs(pending) {
+        for chunk in padded_or_split(run, false, |row| row.kv.key.len() + row.kv.value.len()) {
+            let (sql, args) = insert_rows_values_sql::<D>(keyspace, &chunk.rows);
+            statements.push(WriteStatement {
+                query: "insert_kv",
+                sql: Cow::Owned(sql),
+                args,
+                changes: Some(chunk.own as u64),
+            });
+        }
     }
-    if D::PAST_TABLE {
+    if D::PAST_TABLE && D::WRITES_PAST_ROWS {
+        let pad = D::PADDED_INSERT.is_some();
+        // The rows this batch supersedes, stored or its own, into `kv_past`; then each
+        // written key's head moves once, to its newest row (the one nothing superseded).
+        let mut past: Vec<PastRow<'_>> = supersede
+            .iter()
+            .filter_map(|row| {
+                row.head.map(|head| PastRow {
+                    key: &row.key,
+                    head,
+                    superseded: row.revision,
+                })
+            })
+            .collect();
+        past.extend(
+            pending
+                .iter()
+                .filter(|row| row.superseded != CURRENT)
+                .map(|row| PastRow {
+                    key: &row.kv.key,
+                    head: Head {
+                        mod_revision: row.kv.mod_revision,
+                        sub: row.sub,
+                        deleted: row.deleted,
+                    },
+                    superseded: row.superseded,
+                }),
+        );
+        for run in past.chunks(MAX_INSERT_ROWS) {
+            for chunk in padded_or_split(run, pad, |row| row.key.len()) {
+                let (sql, args) = insert_past_sql::<D>(keyspace, &chunk.rows);
+                statements.push(WriteStatement {
+                    query: "insert_past",
+                    sql: Cow::Owned(sql),
+                    args,
+                    // A repeat counts as found (the connection's `CLIENT_FOUND_ROWS`).
+                    changes: Some(chunk.rows.len() as u64),
+                });
+            }
+        }
+        let heads: Vec<&PendingRow> = pending
+            .iter()
+            .filter(|row| row.superseded == CURRENT)
+            .collect();
+        // A repeated head moves to where it already is: padding is harmless here.
+        let chunks = heads
+            .chunks(MAX_INSERT_ROWS)
+            .flat_map(|run| padded_or_split(run, pad, |row| row.kv.key.len()));
+        for chunk in chunks {
+            let rows: Vec<&PendingRow> = chunk.rows.into_iter().copied().collect();
+            let (sql, args) = place_heads_sql::<D>(keyspace, &rows);
+            statements.push(WriteStatement {
+                query: "place_heads",
+                sql: Cow::Owned(sql),
+                args,
+                // MySQL counts a moved head twice, a new one once.
+                changes: None,
+            });
+        }
+    } else if D::PAST_TABLE {
         // Each new row becomes its key's head in turn, in the batch's order: the trigger on
         // `kv_head` moves the head each one replaces (stored, or the batch's own earlier row
         // of the key) to `kv_past`, superseded at the new row's revision.
-        let mut rest = pending;
+        let rows: Vec<&PendingRow> = pending.iter().collect();
+        let mut rest = rows.as_slice();
         for size in chunk_sizes(pending.len(), MAX_INSERT_ROWS) {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
-            let (sql, args) = place_heads_sql(keyspace, chunk);
+            let (sql, args) = place_heads_sql::<D>(keyspace, chunk);
             statements.push(WriteStatement {
                 query: "insert_kv",
                 sql: Cow::Owned(sql),
@@ -3581,14 +3751,14 @@ fn write_statements<'a, D: Dialect>(
 
 /// One multi-row statement making each of `rows` (just inserted into `kv`) its key's head in
 /// `kv_head`, one after another ([`Dialect::PAST_TABLE`]).
-fn place_heads_sql<'a>(keyspace: KeyspaceId, rows: &'a [PendingRow]) -> (String, Vec<Arg<'a>>) {
+fn place_heads_sql<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    rows: &[&'a PendingRow],
+) -> (String, Vec<Arg<'a>>) {
     let mut sql =
         String::from("INSERT INTO kv_head (keyspace, `key`, mod_revision, sub, deleted) VALUES ");
     sql.push_str(&vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", "));
-    sql.push_str(
-        " ON CONFLICT (keyspace, `key`) DO UPDATE SET mod_revision = excluded.mod_revision, \
-         sub = excluded.sub, deleted = excluded.deleted",
-    );
+    sql.push_str(D::UPSERT_HEAD);
     let mut args = Vec::with_capacity(rows.len() * 5);
     for row in rows {
         args.extend([
@@ -3602,6 +3772,37 @@ fn place_heads_sql<'a>(keyspace: KeyspaceId, rows: &'a [PendingRow]) -> (String,
     (sql, args)
 }
 
+/// A row a write batch adds to `kv_past` ([`Dialect::WRITES_PAST_ROWS`]).
+struct PastRow<'a> {
+    key: &'a Bytes,
+    head: Head,
+    superseded: Revision,
+}
+
+/// One multi-row `INSERT` of `rows` into `kv_past`.
+fn insert_past_sql<'a, D: Dialect>(
+    keyspace: KeyspaceId,
+    rows: &[&PastRow<'a>],
+) -> (String, Vec<Arg<'a>>) {
+    let mut sql = String::from(
+        "INSERT INTO kv_past (keyspace, superseded, `key`, mod_revision, sub, deleted) VALUES ",
+    );
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", "));
+    sql.push_str(D::PADDED_INSERT.unwrap_or_default());
+    let mut args = Vec::with_capacity(rows.len() * 6);
+    for row in rows {
+        args.extend([
+            Arg::Int(keyspace),
+            Arg::Int(row.superseded),
+            Arg::Bytes(row.key),
+            Arg::Int(row.head.mod_revision),
+            Arg::Int(row.head.sub),
+            Arg::Int(i64::from(row.head.deleted)),
+        ]);
+    }
+    (sql, args)
+}
+
 /// Most rows one multi-row `INSERT` carries (MySQL, SQLite): 512 rows of 10 parameters stay
 /// under every database's parameter limit (SQLite's 32,766), and a migration's page of 1,000
 /// rows goes in a handful of statements.
@@ -3610,10 +3811,48 @@ const MAX_INSERT_ROWS: usize = 512;
 /// `max_allowed_packet` (16 MiB) whatever the values' sizes.
 const MAX_INSERT_BYTES: usize = 4 << 20;
 
-/// `rows` in runs for one `INSERT` each: at most [`MAX_INSERT_BYTES`] (one row always) and
-/// [`MAX_INSERT_ROWS`], each run split again into power-of-two sizes so the statements come
-/// in few shapes.
-fn insert_chunks(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
+/// The rows of one multi-row statement: the batch's own (`own` of them) and, after them,
+/// its last repeated up to a power of two ([`Dialect::PADDED_INSERT`]).
+struct InsertChunk<'a, T> {
+    rows: Vec<&'a T>,
+    own: usize,
+}
+
+/// `run` as statements in few shapes: one padded to a power of two with its last row
+/// (`pad`, where the repeats add at most [`MAX_INSERT_BYTES`] by `size`), else split into
+/// power-of-two pieces.
+fn padded_or_split<'a, T>(
+    run: &'a [T],
+    pad: bool,
+    size: impl Fn(&T) -> usize,
+) -> Vec<InsertChunk<'a, T>> {
+    if let (true, Some(last)) = (pad, run.last()) {
+        let repeats = run.len().next_power_of_two() - run.len();
+        if repeats.saturating_mul(size(last)) <= MAX_INSERT_BYTES {
+            let mut rows: Vec<&T> = run.iter().collect();
+            rows.resize(run.len() + repeats, last);
+            return vec![InsertChunk {
+                rows,
+                own: run.len(),
+            }];
+        }
+    }
+    let mut chunks = Vec::new();
+    let mut rest = run;
+    for n in chunk_sizes(run.len(), MAX_INSERT_ROWS) {
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        chunks.push(InsertChunk {
+            rows: chunk.iter().collect(),
+            own: n,
+        });
+    }
+    chunks
+}
+
+/// `rows` in runs for one `INSERT` each (before [`padded_or_split`]): at most
+/// [`MAX_INSERT_BYTES`] (one row always) and [`MAX_INSERT_ROWS`].
+fn insert_runs(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
     let mut chunks = Vec::new();
     let mut rest = rows;
     while !rest.is_empty() {
@@ -3629,22 +3868,17 @@ fn insert_chunks(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
         }
         let (this, tail) = rest.split_at(run);
         rest = tail;
-        let mut inner = this;
-        for size in chunk_sizes(this.len(), MAX_INSERT_ROWS) {
-            let (chunk, tail) = inner.split_at(size);
-            inner = tail;
-            chunks.push(chunk);
-        }
+        chunks.push(this);
     }
     chunks
 }
 
 /// One multi-row `INSERT` of `chunk` into `kv` (databases without array parameters; with
 /// [`Dialect::PAST_TABLE`], without the `superseded` column).
-fn insert_rows_values_sql<D: Dialect>(
+fn insert_rows_values_sql<'a, D: Dialect>(
     keyspace: KeyspaceId,
-    chunk: &[PendingRow],
-) -> (String, Vec<Arg<'_>>) {
+    chunk: &[&'a PendingRow],
+) -> (String, Vec<Arg<'a>>) {
     let (superseded, row) = if D::PAST_TABLE {
         ("", "(?, ?, ?, ?, ?, ?, ?, ?, ?)")
     } else {
@@ -3756,7 +3990,8 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
         self.flush().await?;
         let (kvs, count) =
             range_on::<D>(held::<D>(&mut self.tx)?, self.keyspace, &query, at, None).await?;
-        if at.is_none() && !query.keys_only && !query.count_only {
+        // Not where the batch needs each row's place, which a range does not read.
+        if at.is_none() && !query.keys_only && !query.count_only && !D::WRITES_PAST_ROWS {
             for kv in &kvs {
                 self.known
                     .entry(kv.key.clone())
@@ -3764,6 +3999,7 @@ impl<D: Dialect> WriteTxn for SqlWriteTxn<D> {
                         live: Some(kv.clone()),
                         stored_current: true,
                         row_id: None,
+                        stored_head: None,
                         pending: None,
                     });
             }

@@ -89,6 +89,7 @@ impl Dialect for Sqlite {
     });
     const ONE_STATEMENT_GETS: bool = true;
     const PAST_TABLE: bool = true;
+    const SNAPSHOT_TABLE: bool = true;
 
     fn sql(text: &str) -> Cow<'_, str> {
         Cow::Borrowed(text)
