@@ -13,7 +13,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlSslMode};
 use sqlx::{ConnectOptions, Connection};
 use tracing::{info, warn};
 
-use super::sql::{Dialect, SqlBackend};
+use super::sql::{Dialect, SnapshotTable, SqlBackend, snapshot_pages};
 use super::{BackendOptions, migration_error};
 use crate::error::{KineError, Result};
 
@@ -67,6 +67,7 @@ impl Dialect for Mysql {
     const UPSERT_HEAD: &'static str = " ON DUPLICATE KEY UPDATE \
          mod_revision = VALUES(mod_revision), sub = VALUES(sub), deleted = VALUES(deleted)";
     const PADDED_INSERT: Option<&'static str> = Some(" ON DUPLICATE KEY UPDATE deleted = deleted");
+    const SNAPSHOT_TABLE: Option<SnapshotTable> = Some(snapshot_pages::MYSQL);
 
     const ROW_MD5: Option<&'static str> = Some(
         "MD5(CONCAT(UNHEX(LPAD(HEX(LENGTH(`key`)), 16, '0')), `key`, \

@@ -37,13 +37,14 @@ use crate::model::{
 
 mod commit_cache;
 mod point_reads;
-mod snapshot_pages;
+pub(crate) mod snapshot_pages;
 mod tenants;
 mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
 use point_reads::PointReads;
 use snapshot_pages::SnapshotPages;
+pub use snapshot_pages::SnapshotTable;
 use write_tx::{BatchConnection, WriteTx};
 
 /// Marks a current row in `kv.superseded`.
@@ -359,10 +360,11 @@ pub trait Dialect: Send + Sync + 'static {
     /// ([`PAST_TABLE`](Dialect::PAST_TABLE)).
     const UPSERT_HEAD: &'static str = " ON CONFLICT (keyspace, `key`) DO UPDATE SET \
          mod_revision = excluded.mod_revision, sub = excluded.sub, deleted = excluded.deleted";
-    /// Whether a snapshot at an older revision read in pages keeps the rows superseded since
-    /// in a temporary table of its own connection ([`SnapshotPages`], SQLite) instead of
-    /// finding them among every row superseded since at each page.
-    const SNAPSHOT_TABLE: bool = false;
+    /// Where a snapshot at an older revision read in pages keeps the rows superseded since in
+    /// a temporary table of its own connection ([`SnapshotPages`]; with
+    /// [`PAST_TABLE`](Dialect::PAST_TABLE)), the statements that keep it; without, each page
+    /// finds them among every row superseded since.
+    const SNAPSHOT_TABLE: Option<SnapshotTable> = None;
     /// A clause that makes a multi-row `INSERT` into `kv_past` leave a row that repeats one
     /// before it alone (MySQL's `ON DUPLICATE KEY UPDATE` of a column to itself), so the
     /// statement may be padded to a power of two with its last row, as the heads' upsert is:
@@ -2067,7 +2069,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>> {
         let range = page_range(after);
-        if D::SNAPSHOT_TABLE && revision > 0 {
+        if let (Some(table), true) = (D::SNAPSHOT_TABLE, revision > 0) {
             // Snapshots read side by side (tenants migrating at once) each keep their own.
             let mut all = self.snapshot_pages.lock().await;
             let serving = (all.iter())
@@ -2078,7 +2080,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
                 None if all.len() < MAX_SNAPSHOTS => {
                     let options = self.readers.connect_options();
                     let conn = sqlx::ConnectOptions::connect(&*options).await?;
-                    all.push(SnapshotPages::new(conn).await?);
+                    all.push(SnapshotPages::new(conn, table).await?);
                     all.len() - 1
                 }
                 // The one read longest ago starts over.

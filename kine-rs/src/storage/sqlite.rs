@@ -40,7 +40,9 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::sql::{ChangedRowsCheck, Dialect, SqlBackend, UnreadBatch};
+use super::sql::{
+    ChangedRowsCheck, Dialect, SnapshotTable, SqlBackend, UnreadBatch, snapshot_pages,
+};
 use super::{BackendOptions, migration_error};
 use crate::error::{KineError, Result};
 
@@ -89,7 +91,7 @@ impl Dialect for Sqlite {
     });
     const ONE_STATEMENT_GETS: bool = true;
     const PAST_TABLE: bool = true;
-    const SNAPSHOT_TABLE: bool = true;
+    const SNAPSHOT_TABLE: Option<SnapshotTable> = Some(snapshot_pages::SQLITE);
 
     fn sql(text: &str) -> Cow<'_, str> {
         Cow::Borrowed(text)

@@ -1,36 +1,81 @@
 //! Pages of a snapshot at an older revision where superseded rows are ordered by the revision
-//! that superseded them ([`Dialect::PAST_TABLE`], SQLite): a tenant migration's copy.
+//! that superseded them ([`Dialect::PAST_TABLE`]: SQLite, MySQL): a tenant migration's copy.
 //!
 //! A read at an older revision R finds the rows that were live at R and superseded since
 //! among every row superseded since R. A snapshot read in a thousand pages would walk them a
 //! thousand times (a migration from SQLite: +27 ms a page at 100,000 overwrites since R). One
 //! connection keeps them instead, in a temporary table ordered by key, adding at each page
 //! only the rows superseded since the page before; each page reads the current rows and that
-//! table by key. The table lives in the connection's temporary database (a file), so memory
-//! stays bounded whatever the number of keys.
+//! table by key. The table lives on disk (SQLite's temporary database file, InnoDB's
+//! temporary tablespace), so memory stays bounded whatever the number of keys.
 
 use super::{
     Arg, Conn, Dialect, KV_COLUMNS, KeyspaceId, RangeBranch, Result, Revision, execute, fetch_all,
-    kv_from_row, older_revision, range_filters, range_rows_sql, read_state, within_budget_sql,
+    kv_from_row, older_revision, range_filters, range_rows_sql, read_state, timed,
+    within_budget_sql,
 };
 use crate::model::{KeyRange, KeyValue};
 
-/// The temporary table and the view of its rows, created once per connection. In a file:
-/// SQLite as built here keeps temporary tables in memory unless told otherwise.
-const SETUP: &str = "PRAGMA temp_store = FILE; \
-     CREATE TEMP TABLE IF NOT EXISTS kine_rs_snapshot_past (\
-     keyspace INTEGER NOT NULL, `key` BLOB NOT NULL, mod_revision INTEGER NOT NULL, \
-     sub INTEGER NOT NULL, PRIMARY KEY (keyspace, `key`)) WITHOUT ROWID; \
-     CREATE TEMP VIEW IF NOT EXISTS kine_rs_snapshot_rows AS SELECT t.keyspace AS keyspace, \
-     t.`key` AS `key`, kv.mod_revision AS mod_revision, kv.sub AS sub, \
-     kv.create_revision AS create_revision, kv.version AS version, kv.lease AS lease, \
-     kv.value AS value, kv.deleted AS deleted FROM temp.kine_rs_snapshot_past t \
-     JOIN main.kv ON kv.keyspace = t.keyspace AND kv.mod_revision = t.mod_revision \
-     AND kv.sub = t.sub";
+/// A database's statements for [`SnapshotPages`] ([`Dialect::SNAPSHOT_TABLE`]).
+#[derive(Clone, Copy)]
+pub struct SnapshotTable {
+    /// Creates the connection's temporary table `kine_rs_snapshot_past` (keyspace, `key`,
+    /// mod_revision, sub; by keyspace and key), once per connection.
+    pub setup: &'static str,
+    /// Empties it.
+    pub reset: &'static str,
+    /// Adds the rows of `kv_past` of a keyspace (first parameter) superseded after the second
+    /// parameter and up to the third, live at the fourth; a key already there stays.
+    pub refresh: &'static str,
+    /// The table's rows with kv's columns, as a table or view name, or a derived table.
+    pub rows: &'static str,
+}
+
+/// SQLite's: the table and a view of its rows. In a file: SQLite as built here keeps
+/// temporary tables in memory unless told otherwise.
+pub const SQLITE: SnapshotTable = SnapshotTable {
+    setup: "PRAGMA temp_store = FILE; \
+         CREATE TEMP TABLE IF NOT EXISTS kine_rs_snapshot_past (\
+         keyspace INTEGER NOT NULL, `key` BLOB NOT NULL, mod_revision INTEGER NOT NULL, \
+         sub INTEGER NOT NULL, PRIMARY KEY (keyspace, `key`)) WITHOUT ROWID; \
+         CREATE TEMP VIEW IF NOT EXISTS kine_rs_snapshot_rows AS SELECT t.keyspace AS keyspace, \
+         t.`key` AS `key`, kv.mod_revision AS mod_revision, kv.sub AS sub, \
+         kv.create_revision AS create_revision, kv.version AS version, kv.lease AS lease, \
+         kv.value AS value, kv.deleted AS deleted FROM temp.kine_rs_snapshot_past t \
+         JOIN main.kv ON kv.keyspace = t.keyspace AND kv.mod_revision = t.mod_revision \
+         AND kv.sub = t.sub",
+    reset: "DELETE FROM temp.kine_rs_snapshot_past",
+    refresh: "INSERT OR IGNORE INTO temp.kine_rs_snapshot_past \
+         (keyspace, `key`, mod_revision, sub) \
+         SELECT keyspace, `key`, mod_revision, sub FROM main.kv_past \
+         WHERE keyspace = ? AND superseded > ? AND superseded <= ? \
+         AND mod_revision <= ? AND deleted = 0",
+    rows: "kine_rs_snapshot_rows",
+};
+
+/// MySQL's: a temporary table (which a READ ONLY transaction may change), its rows as a
+/// derived table (a view cannot name a temporary table).
+pub const MYSQL: SnapshotTable = SnapshotTable {
+    setup: "CREATE TEMPORARY TABLE IF NOT EXISTS kine_rs_snapshot_past (\
+         keyspace BIGINT NOT NULL, `key` VARBINARY(3000) NOT NULL, mod_revision BIGINT NOT NULL, \
+         sub BIGINT NOT NULL, PRIMARY KEY (keyspace, `key`)) ENGINE = InnoDB",
+    reset: "DELETE FROM kine_rs_snapshot_past",
+    refresh: "INSERT INTO kine_rs_snapshot_past (keyspace, `key`, mod_revision, sub) \
+         SELECT p.keyspace, p.`key`, p.mod_revision, p.sub FROM kv_past p \
+         WHERE p.keyspace = ? AND p.superseded > ? AND p.superseded <= ? \
+         AND p.mod_revision <= ? AND p.deleted = 0 \
+         ON DUPLICATE KEY UPDATE kine_rs_snapshot_past.sub = kine_rs_snapshot_past.sub",
+    rows: "(SELECT t.keyspace AS keyspace, t.`key` AS `key`, kv.mod_revision AS mod_revision, \
+         kv.sub AS sub, kv.create_revision AS create_revision, kv.version AS version, \
+         kv.lease AS lease, kv.value AS value, kv.deleted AS deleted \
+         FROM kine_rs_snapshot_past t JOIN kv ON kv.keyspace = t.keyspace \
+         AND kv.mod_revision = t.mod_revision AND kv.sub = t.sub) AS snapshot_rows",
+};
 
 /// The rows live at `revision` of `keyspace` superseded since, up to `refreshed`.
 pub(super) struct SnapshotPages<D: Dialect> {
     conn: Conn<D>,
+    table: SnapshotTable,
     keyspace: KeyspaceId,
     revision: Revision,
     /// The keyspace's revision up to which the table holds the rows superseded since
@@ -41,11 +86,12 @@ pub(super) struct SnapshotPages<D: Dialect> {
 }
 
 impl<D: Dialect> SnapshotPages<D> {
-    /// Takes `conn` (a connection of its own, read-only on the database).
-    pub(super) async fn new(mut conn: Conn<D>) -> Result<Self> {
-        execute::<D>(&mut conn, "snapshot_setup", SETUP, &[]).await?;
+    /// Takes `conn` (a connection of its own, read-only on the database) to keep `table`.
+    pub(super) async fn new(mut conn: Conn<D>, table: SnapshotTable) -> Result<Self> {
+        execute::<D>(&mut conn, "snapshot_setup", table.setup, &[]).await?;
         Ok(SnapshotPages {
             conn,
+            table,
             keyspace: 0,
             revision: 0,
             refreshed: 0,
@@ -82,94 +128,97 @@ impl<D: Dialect> SnapshotPages<D> {
         max_bytes: usize,
     ) -> Result<Vec<KeyValue>> {
         self.last_page = std::time::Instant::now();
-        execute::<D>(&mut self.conn, "begin_read", D::BEGIN_READ, &[]).await?;
-        match self
-            .page_in_transaction(keyspace, revision, range, limit, max_bytes)
-            .await
-        {
+        // Begun as text: MySQL's begin is two statements, which it does not prepare.
+        let begin =
+            sqlx::Connection::begin_with(&mut self.conn, sqlx::AssertSqlSafe(D::BEGIN_READ));
+        let mut tx = timed::<D, _>("begin_read", async { Ok(begin.await?) }).await?;
+        let mut at = (self.keyspace, self.revision, self.refreshed);
+        let page = page_in_transaction::<D>(
+            &mut tx, self.table, &mut at, keyspace, revision, range, limit, max_bytes,
+        )
+        .await;
+        match page {
             Ok((kvs, refreshed)) => {
                 // Keeps the rows the table gained (the database's own were only read).
-                execute::<D>(&mut self.conn, "commit", "COMMIT", &[]).await?;
+                timed::<D, _>("commit", async { Ok(tx.commit().await?) }).await?;
+                (self.keyspace, self.revision, self.refreshed) = at;
                 if let Some(refreshed) = refreshed {
                     self.refreshed = refreshed;
                 }
                 Ok(kvs)
             }
             Err(error) => {
-                // Whatever the table gained goes with the transaction; `refreshed` stays.
-                let _ = execute::<D>(&mut self.conn, "rollback", "ROLLBACK", &[]).await;
+                // Whatever the table gained goes with the transaction; what it holds stays
+                // as it was.
+                let _ = tx.rollback().await;
                 Err(error)
             }
         }
     }
+}
 
-    /// [`Self::page`] inside its read transaction; also returns the revision the table
-    /// was brought up to, if it was.
-    async fn page_in_transaction(
-        &mut self,
-        keyspace: KeyspaceId,
-        revision: Revision,
-        range: &KeyRange,
-        limit: i64,
-        max_bytes: usize,
-    ) -> Result<(Vec<KeyValue>, Option<Revision>)> {
-        let state = read_state::<D>(&mut self.conn, keyspace, false).await?;
-        let at = older_revision(&state, revision)?;
-        let mut branches = range_filters::<D>(keyspace, range, None, at);
-        let mut refreshed = None;
-        if let Some(at) = at {
-            // Another snapshot, or a keyspace whose revision went back (deleted and created
-            // again): start the table over.
-            if (self.keyspace, self.revision) != (keyspace, at) || state.revision < self.refreshed {
-                execute::<D>(
-                    &mut self.conn,
-                    "snapshot_reset",
-                    "DELETE FROM temp.kine_rs_snapshot_past",
-                    &[],
-                )
-                .await?;
-                (self.keyspace, self.revision, self.refreshed) = (keyspace, at, at);
-            }
-            if state.revision > self.refreshed {
-                // Each row live at `at` is superseded once: by the key's first write since.
-                execute::<D>(
-                    &mut self.conn,
-                    "snapshot_refresh",
-                    "INSERT OR IGNORE INTO temp.kine_rs_snapshot_past \
-                     (keyspace, `key`, mod_revision, sub) \
-                     SELECT keyspace, `key`, mod_revision, sub FROM main.kv_past \
-                     WHERE keyspace = ? AND superseded > ? AND superseded <= ? \
-                     AND mod_revision <= ? AND deleted = 0",
-                    &[
-                        Arg::Int(keyspace),
-                        Arg::Int(self.refreshed),
-                        Arg::Int(state.revision),
-                        Arg::Int(at),
-                    ],
-                )
-                .await?;
-                refreshed = Some(state.revision);
-            }
-            // The current rows still live from `at` on, and the table's rows in place of
-            // `kv_past`'s walk.
-            branches.truncate(1);
-            let superseded = snapshot_branch(keyspace, range, None);
-            branches.push(superseded);
+/// [`SnapshotPages::page`] inside its read transaction on `conn`, with `at` the snapshot
+/// the table holds (keyspace, revision, and the keyspace's revision it was brought up to),
+/// changed when the table starts over; also returns the revision the table was brought up
+/// to, if it was.
+#[allow(clippy::too_many_arguments)]
+async fn page_in_transaction<D: Dialect>(
+    conn: &mut Conn<D>,
+    table: SnapshotTable,
+    at_table: &mut (KeyspaceId, Revision, Revision),
+    keyspace: KeyspaceId,
+    revision: Revision,
+    range: &KeyRange,
+    limit: i64,
+    max_bytes: usize,
+) -> Result<(Vec<KeyValue>, Option<Revision>)> {
+    let state = read_state::<D>(conn, keyspace, false).await?;
+    let at = older_revision(&state, revision)?;
+    let mut branches = range_filters::<D>(keyspace, range, None, at);
+    let mut refreshed = None;
+    if let Some(at) = at {
+        // Another snapshot, or a keyspace whose revision went back (deleted and created
+        // again): start the table over.
+        if (at_table.0, at_table.1) != (keyspace, at) || state.revision < at_table.2 {
+            execute::<D>(conn, "snapshot_reset", table.reset, &[]).await?;
+            *at_table = (keyspace, at, at);
         }
-        let (rows, mut args) = range_rows_sql(KV_COLUMNS, &branches, Some(limit.max(1)));
-        let sql = within_budget_sql::<D>(&rows);
-        args.push(Arg::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
-        let rows = fetch_all::<D>(&mut self.conn, "page", &sql, &args).await?;
-        let kvs = rows
-            .iter()
-            .map(|row| kv_from_row::<D>(row, 0))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((kvs, refreshed))
+        if state.revision > at_table.2 {
+            // Each row live at `at` is superseded once: by the key's first write since.
+            execute::<D>(
+                conn,
+                "snapshot_refresh",
+                table.refresh,
+                &[
+                    Arg::Int(keyspace),
+                    Arg::Int(at_table.2),
+                    Arg::Int(state.revision),
+                    Arg::Int(at),
+                ],
+            )
+            .await?;
+            refreshed = Some(state.revision);
+        }
+        // The current rows still live from `at` on, and the table's rows in place of
+        // `kv_past`'s walk.
+        branches.truncate(1);
+        let superseded = snapshot_branch(table, keyspace, range, None);
+        branches.push(superseded);
     }
+    let (rows, mut args) = range_rows_sql(KV_COLUMNS, &branches, Some(limit.max(1)));
+    let sql = within_budget_sql::<D>(&rows);
+    args.push(Arg::Int(i64::try_from(max_bytes).unwrap_or(i64::MAX)));
+    let rows = fetch_all::<D>(conn, "page", &sql, &args).await?;
+    let kvs = rows
+        .iter()
+        .map(|row| kv_from_row::<D>(row, 0))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((kvs, refreshed))
 }
 
 /// The temporary table's rows from `range`'s start, up to `end` (exclusive) if given.
 fn snapshot_branch<'a>(
+    table: SnapshotTable,
     keyspace: KeyspaceId,
     range: &'a KeyRange,
     end: Option<&'a [u8]>,
@@ -181,7 +230,7 @@ fn snapshot_branch<'a>(
         args.push(Arg::Bytes(end));
     }
     RangeBranch {
-        rows: "kine_rs_snapshot_rows",
+        rows: table.rows,
         keys: "kine_rs_snapshot_past",
         filter,
         args,
@@ -239,7 +288,7 @@ mod tests {
         let conn = sqlx::ConnectOptions::connect(&*backend.readers.connect_options())
             .await
             .expect("connect");
-        let mut pages = super::SnapshotPages::<sqlite::Sqlite>::new(conn)
+        let mut pages = super::SnapshotPages::<sqlite::Sqlite>::new(conn, super::SQLITE)
             .await
             .expect("setup");
         let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
@@ -256,20 +305,53 @@ mod tests {
     #[tokio::test]
     async fn pages_at_an_older_revision_see_that_revision_while_keys_change() {
         let (backend, keyspace) = sqlite::open_memory_keyspace("t").await;
+        pages_see_their_revision(&backend, keyspace).await;
+        assert!(backend.snapshot_pages.lock().await.len() > 1);
+    }
+
+    /// The same on MySQL (`$KINE_TEST_MYSQL_URL`, which the test command starts; a missing
+    /// server fails the test), through its temporary tables.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_pages_at_an_older_revision_see_that_revision_while_keys_change() {
+        use crate::storage::{BackendOptions, mysql};
+        let url = std::env::var("KINE_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        let name = "kine_unit_snapshot_pages";
+        let server = sqlx::MySqlPool::connect(&format!("{base}/mysql"))
+            .await
+            .expect("connect to the test server");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&server)
+        .await
+        .expect("drop a leftover database");
+        let backend = mysql::open(&format!("{base}/{name}"), &BackendOptions::default())
+            .await
+            .expect("open");
+        let keyspace = backend
+            .keyspace("t", true)
+            .await
+            .expect("keyspace")
+            .expect("created");
+        pages_see_their_revision(&backend, keyspace).await;
+        assert!(backend.snapshot_pages.lock().await.len() > 1);
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+            .execute(&server)
+            .await
+            .expect("drop the test database");
+    }
+
+    /// Checks [`pages_at_an_older_revision_see_that_revision_while_keys_change`] on `backend`.
+    async fn pages_see_their_revision(backend: &dyn Backend, keyspace: KeyspaceId) {
         let mut live = BTreeMap::new();
         for i in 0..40 {
-            write(
-                &backend,
-                keyspace,
-                &mut live,
-                &format!("k{i:02}"),
-                Some("a"),
-            )
-            .await;
+            write(backend, keyspace, &mut live, &format!("k{i:02}"), Some("a")).await;
         }
-        write(&backend, keyspace, &mut live, "k05", Some("b")).await;
-        write(&backend, keyspace, &mut live, "k07", None).await;
-        let snapshot = write(&backend, keyspace, &mut live, "k09", Some("b")).await;
+        write(backend, keyspace, &mut live, "k05", Some("b")).await;
+        write(backend, keyspace, &mut live, "k07", None).await;
+        let snapshot = write(backend, keyspace, &mut live, "k09", Some("b")).await;
         let expected: Vec<KeyValue> = live.values().cloned().collect();
 
         let mut seen: Vec<KeyValue> = Vec::new();
@@ -289,10 +371,10 @@ mod tests {
             for i in [round, 39 - round, (round * 7) % 40] {
                 let key = format!("k{i:02}");
                 let value = format!("r{round}");
-                write(&backend, keyspace, &mut live, &key, Some(&value)).await;
+                write(backend, keyspace, &mut live, &key, Some(&value)).await;
             }
             write(
-                &backend,
+                backend,
                 keyspace,
                 &mut live,
                 &format!("k{:02}", 20 + round),
@@ -300,7 +382,7 @@ mod tests {
             )
             .await;
             write(
-                &backend,
+                backend,
                 keyspace,
                 &mut live,
                 &format!("n{round:02}"),
@@ -353,7 +435,7 @@ mod tests {
             }
             turn += 1;
             let key = format!("k{:02}", (turn * 11) % 40);
-            write(&backend, keyspace, &mut live, &key, Some("later")).await;
+            write(backend, keyspace, &mut live, &key, Some("later")).await;
         }
         for (revision, seen) in revisions.iter().zip(&cursors) {
             let read = backend
