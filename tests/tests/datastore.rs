@@ -519,6 +519,38 @@ async fn nats_context_file_gives_servers_and_credentials() {
     assert!(stderr.contains("jetstream_domain"), "{stderr}");
 }
 
+/// Runs the repository's migrations of `$database` before `$version` on `$db` (an sqlx
+/// SQLite or MySQL connection, which spell these statements alike) and records them as sqlx
+/// records them, so that kine-rs applies only the later ones.
+macro_rules! apply_migrations_before {
+    ($db:ident, $database:expr, $version:expr) => {{
+        use sha2::{Digest, Sha384};
+        $db.execute(
+            "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, installed_on TIMESTAMP NOT NULL \
+             DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, checksum BLOB NOT NULL, \
+             execution_time BIGINT NOT NULL)",
+        )
+        .await
+        .expect("the migrations' table");
+        for (version, description, text) in migrations_before($database, $version) {
+            $db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
+                .await
+                .expect("a migration runs");
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+                 execution_time) VALUES (?, ?, 1, ?, 1)",
+            )
+            .bind(version)
+            .bind(description)
+            .bind(Sha384::digest(text.as_bytes()).to_vec())
+            .execute(&mut $db)
+            .await
+            .expect("a migration recorded");
+        }
+    }};
+}
+
 /// A PostgreSQL database written by a kine-rs before migration 0008 (current rows marked in
 /// `kv.superseded`) is served after the upgrade as it was: current values, reads at older
 /// revisions, previous values of watch events, and a compaction that purges the old history.
@@ -589,34 +621,12 @@ async fn postgres_upgrade_keeps_the_data_of_the_superseded_column_model() {
 /// from the repository's migration files, recorded as sqlx records them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
-    use sha2::{Digest, Sha384};
     use sqlx::{Connection, Executor};
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("state.db");
     let url = format!("sqlite://{}?mode=rwc", path.display());
     let mut db = sqlx::SqliteConnection::connect(&url).await.expect("sqlite");
-    db.execute(
-        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
-         installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
-         checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
-    )
-    .await
-    .expect("the migrations' table");
-    for (version, description, text) in migrations_before("sqlite", "0007") {
-        db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
-            .await
-            .expect("a migration runs");
-        sqlx::query(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
-             execution_time) VALUES (?, ?, 1, ?, 1)",
-        )
-        .bind(version)
-        .bind(description)
-        .bind(Sha384::digest(text.as_bytes()).to_vec())
-        .execute(&mut db)
-        .await
-        .expect("a migration recorded");
-    }
+    apply_migrations_before!(db, "sqlite", "0007");
     db.execute(
         "INSERT INTO keyspaces (name, revision, keys_count, bytes_used) \
          VALUES ('default', 6, 2, 5); \
@@ -656,7 +666,6 @@ async fn sqlite_upgrade_keeps_the_data_of_the_superseded_column_model() {
 /// from the repository's migration files, recorded as sqlx records them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_upgrade_keeps_the_data_of_the_superseded_column_model() {
-    use sha2::{Digest, Sha384};
     use sqlx::{Connection, Executor};
     let database = TestDatabase::new(Backend::Mysql).expect("mysql");
     let (server, name) = database
@@ -676,28 +685,7 @@ async fn mysql_upgrade_keeps_the_data_of_the_superseded_column_model() {
     let mut db = sqlx::MySqlConnection::connect(&database.endpoint)
         .await
         .expect("mysql");
-    db.execute(
-        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
-         installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
-         checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
-    )
-    .await
-    .expect("the migrations' table");
-    for (version, description, text) in migrations_before("mysql", "0007") {
-        db.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(text.clone())))
-            .await
-            .expect("a migration runs");
-        sqlx::query(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
-             execution_time) VALUES (?, ?, 1, ?, 1)",
-        )
-        .bind(version)
-        .bind(description)
-        .bind(Sha384::digest(text.as_bytes()).to_vec())
-        .execute(&mut db)
-        .await
-        .expect("a migration recorded");
-    }
+    apply_migrations_before!(db, "mysql", "0007");
     db.execute(
         "INSERT INTO keyspaces (name, revision, keys_count, bytes_used) \
          VALUES ('default', 6, 2, 5); \
