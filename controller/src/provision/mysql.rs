@@ -1,9 +1,8 @@
 //! MySQL / MariaDB: a database per tenant and a user `'kine_…'@'%'` with the rights kine-rs
 //! needs on that database only: `SELECT, INSERT, UPDATE, DELETE` for its data, `CREATE,
-//! ALTER, INDEX, CREATE VIEW` for its schema migrations (0007's views of current and
-//! superseded rows) and `CREATE TEMPORARY TABLES` for a migration's snapshot (no `DROP`, no
-//! global rights, no `GRANT OPTION`). Granted again at every reconcile, so tenants provisioned
-//! before a right was added get it before their kine-rs needs it.
+//! ALTER, INDEX` for its schema migrations and `CREATE TEMPORARY TABLES` for a migration's
+//! snapshot (no `DROP`, no global rights, no `GRANT OPTION`). Granted again at every
+//! reconcile, so tenants provisioned before a right was added get it.
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::{ConnectOptions, Connection};
@@ -13,7 +12,7 @@ use crate::provision::{CONNECT_TIMEOUT, TenantLogin, checked_identifier, quote_l
 
 /// The privileges of a tenant's user on its database.
 pub const PRIVILEGES: &str =
-    "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, CREATE VIEW, CREATE TEMPORARY TABLES";
+    "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, CREATE TEMPORARY TABLES";
 
 async fn connect(admin: &AdminLogin) -> Result<MySqlConnection, String> {
     let mut options = MySqlConnectOptions::new()

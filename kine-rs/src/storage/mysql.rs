@@ -60,12 +60,22 @@ impl Dialect for Mysql {
     // the `IN` list (README, "MariaDB at 128 clients").
     const KEYS_JOINED: bool = true;
     // A key's current row is named by `kv_head` and each superseded row by `kv_past`
-    // (migration 0007), which the batch writes itself: no trigger (README, "MariaDB's
-    // overwrites").
+    // (migration 0007), which the batch writes itself: no trigger, and no view either
+    // (README, "MariaDB's overwrites").
     const PAST_TABLE: bool = true;
     const WRITES_PAST_ROWS: bool = true;
     const UPSERT_HEAD: &'static str = " ON DUPLICATE KEY UPDATE \
          mod_revision = VALUES(mod_revision), sub = VALUES(sub), deleted = VALUES(deleted)";
+    const CURRENT_VIEW: &'static str = "(SELECT h.keyspace AS keyspace, h.`key` AS `key`, \
+         h.mod_revision AS mod_revision, h.sub AS sub, kv.create_revision AS create_revision, \
+         kv.version AS version, kv.lease AS lease, kv.value AS value, h.deleted AS deleted, \
+         9223372036854775807 AS superseded FROM kv_head h JOIN kv ON kv.keyspace = h.keyspace \
+         AND kv.mod_revision = h.mod_revision AND kv.sub = h.sub) AS kv_current";
+    const SUPERSEDED_VIEW: &'static str = "(SELECT p.keyspace AS keyspace, p.`key` AS `key`, \
+         p.mod_revision AS mod_revision, p.sub AS sub, kv.create_revision AS create_revision, \
+         kv.version AS version, kv.lease AS lease, kv.value AS value, p.deleted AS deleted, \
+         p.superseded AS superseded FROM kv_past p JOIN kv ON kv.keyspace = p.keyspace \
+         AND kv.mod_revision = p.mod_revision AND kv.sub = p.sub) AS kv_superseded";
     const PADDED_INSERT: Option<&'static str> = Some(" ON DUPLICATE KEY UPDATE deleted = deleted");
     const SNAPSHOT_TABLE: Option<SnapshotTable> = Some(snapshot_pages::MYSQL);
 

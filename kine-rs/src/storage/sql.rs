@@ -346,8 +346,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// a row of `kv_past` with the revision that superseded it (SQLite, migration 0007),
     /// instead of `kv.superseded`: an overwrite appends its row, moves the narrow head in
     /// place and adds a narrow row to `kv_past`, instead of rewriting the row it supersedes.
-    /// Reads take the shapes of the `superseded` model, from the views `kv_current` and
-    /// `kv_superseded` (kv's columns with `superseded`), and counts from `kv_head` and
+    /// Reads take the shapes of the `superseded` model, from `kv_current` and `kv_superseded`
+    /// (kv's columns with `superseded`: [`CURRENT_VIEW`](Dialect::CURRENT_VIEW),
+    /// [`SUPERSEDED_VIEW`](Dialect::SUPERSEDED_VIEW)), and counts from `kv_head` and
     /// `kv_past` alone.
     const PAST_TABLE: bool = false;
     /// With [`PAST_TABLE`](Dialect::PAST_TABLE): whether a write batch adds the rows of
@@ -356,6 +357,15 @@ pub trait Dialect: Send + Sync + 'static {
     /// the SUPER privilege, or `log_bin_trust_function_creators`, wherever binary logging is
     /// on), instead of a trigger on `kv_head` adding them as the heads move (SQLite).
     const WRITES_PAST_ROWS: bool = false;
+    /// With [`PAST_TABLE`](Dialect::PAST_TABLE): the current rows with kv's columns and
+    /// `superseded` (the largest integer), named `kv_current`: a view (SQLite's migration
+    /// 0007), or the same as a derived table where a view would need a right kine-rs's user
+    /// may not have (MySQL's `CREATE VIEW`, which a tenant provisioned before would lack while
+    /// its migration ran: a failed migration leaves a MySQL database marked dirty).
+    const CURRENT_VIEW: &'static str = "kv_current";
+    /// The superseded rows likewise, with the revision that superseded each, named
+    /// `kv_superseded`.
+    const SUPERSEDED_VIEW: &'static str = "kv_superseded";
     /// What makes an `INSERT` into `kv_head` move an existing head instead
     /// ([`PAST_TABLE`](Dialect::PAST_TABLE)).
     const UPSERT_HEAD: &'static str = " ON CONFLICT (keyspace, `key`) DO UPDATE SET \
@@ -689,7 +699,7 @@ fn range_filters<'a, D: Dialect>(
     let current = |rest: &str, args: Vec<Arg<'a>>| {
         if D::PAST_TABLE {
             RangeBranch {
-                rows: "kv_current",
+                rows: D::CURRENT_VIEW,
                 keys: "kv_head",
                 filter: format!("{base}{rest}"),
                 args,
@@ -714,7 +724,7 @@ fn range_filters<'a, D: Dialect>(
                 // `kv_past` is ordered by superseding revision: the rows superseded since
                 // `at`, each kept when it is in the range and was written by then.
                 RangeBranch {
-                    rows: "kv_superseded",
+                    rows: D::SUPERSEDED_VIEW,
                     keys: "kv_past",
                     filter: format!(
                         "{base} AND superseded > ? AND mod_revision <= ? AND deleted = 0"
@@ -2899,9 +2909,9 @@ fn current_rows_sql<'a, D: Dialect>(
         return (sql, args);
     }
     let current = if D::PAST_TABLE {
-        Cow::Borrowed("kv_current WHERE keyspace = ?")
+        format!("{} WHERE keyspace = ?", D::CURRENT_VIEW)
     } else {
-        Cow::Owned(format!("kv WHERE keyspace = ? AND {}", D::CURRENT_ROWS))
+        format!("kv WHERE keyspace = ? AND {}", D::CURRENT_ROWS)
     };
     let select = format!(
         "SELECT `key`, create_revision, mod_revision, version, lease, {value} AS value, \
@@ -2910,17 +2920,27 @@ fn current_rows_sql<'a, D: Dialect>(
     if keys_joined::<D>(keys.len()) {
         // The keys first, each row then found by key (`STRAIGHT_JOIN`): while `kv_head` is
         // small, MariaDB read all of it and joined the keys to it instead.
-        let current = if D::PAST_TABLE {
-            Cow::Borrowed("kv_current kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k)")
+        let (current, rows) = if D::PAST_TABLE {
+            (
+                format!(
+                    "{} ON kv_current.keyspace = ? AND kv_current.`key` = UNHEX(n.k)",
+                    D::CURRENT_VIEW
+                ),
+                "kv_current",
+            )
         } else {
-            Cow::Owned(format!(
-                "kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k) AND {}",
-                D::CURRENT_ROWS
-            ))
+            (
+                format!(
+                    "kv ON kv.keyspace = ? AND kv.`key` = UNHEX(n.k) AND {}",
+                    D::CURRENT_ROWS
+                ),
+                "kv",
+            )
         };
         let sql = format!(
-            "SELECT kv.`key`, create_revision, mod_revision, version, lease, {value} AS value, \
-             deleted{row_id}{sub} FROM {KEYS_JSON_TABLE} AS n STRAIGHT_JOIN {current}"
+            "SELECT {rows}.`key`, create_revision, mod_revision, version, lease, \
+             {value} AS value, deleted{row_id}{sub} FROM {KEYS_JSON_TABLE} AS n \
+             STRAIGHT_JOIN {current}"
         );
         let json = keys_json::<D>(keys.iter().copied());
         return (sql, vec![Arg::OwnedText(json), Arg::Int(keyspace)]);
