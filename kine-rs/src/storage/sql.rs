@@ -36,12 +36,14 @@ use crate::model::{
 };
 
 mod commit_cache;
+mod insert_chunks;
 mod point_reads;
 pub(crate) mod snapshot_pages;
 mod tenants;
 mod write_tx;
 
 use commit_cache::{CachedKey, CommitCache};
+use insert_chunks::{MAX_INSERT_ROWS, insert_runs, padded_or_split};
 use point_reads::PointReads;
 use snapshot_pages::SnapshotPages;
 pub use snapshot_pages::SnapshotTable;
@@ -3823,76 +3825,6 @@ fn insert_past_sql<'a, D: Dialect>(
         ]);
     }
     (sql, args)
-}
-
-/// Most rows one multi-row `INSERT` carries (MySQL, SQLite): 512 rows of 10 parameters stay
-/// under every database's parameter limit (SQLite's 32,766), and a migration's page of 1,000
-/// rows goes in a handful of statements.
-const MAX_INSERT_ROWS: usize = 512;
-/// Most bytes of keys and values one multi-row `INSERT` carries: under MariaDB's default
-/// `max_allowed_packet` (16 MiB) whatever the values' sizes.
-const MAX_INSERT_BYTES: usize = 4 << 20;
-
-/// The rows of one multi-row statement: the batch's own (`own` of them) and, after them,
-/// its last repeated up to a power of two ([`Dialect::PADDED_INSERT`]).
-struct InsertChunk<'a, T> {
-    rows: Vec<&'a T>,
-    own: usize,
-}
-
-/// `run` as statements in few shapes: one padded to a power of two with its last row
-/// (`pad`, where the repeats add at most [`MAX_INSERT_BYTES`] by `size`), else split into
-/// power-of-two pieces.
-fn padded_or_split<'a, T>(
-    run: &'a [T],
-    pad: bool,
-    size: impl Fn(&T) -> usize,
-) -> Vec<InsertChunk<'a, T>> {
-    if let (true, Some(last)) = (pad, run.last()) {
-        let repeats = run.len().next_power_of_two() - run.len();
-        if repeats.saturating_mul(size(last)) <= MAX_INSERT_BYTES {
-            let mut rows: Vec<&T> = run.iter().collect();
-            rows.resize(run.len() + repeats, last);
-            return vec![InsertChunk {
-                rows,
-                own: run.len(),
-            }];
-        }
-    }
-    let mut chunks = Vec::new();
-    let mut rest = run;
-    for n in chunk_sizes(run.len(), MAX_INSERT_ROWS) {
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        chunks.push(InsertChunk {
-            rows: chunk.iter().collect(),
-            own: n,
-        });
-    }
-    chunks
-}
-
-/// `rows` in runs for one `INSERT` each (before [`padded_or_split`]): at most
-/// [`MAX_INSERT_BYTES`] (one row always) and [`MAX_INSERT_ROWS`].
-fn insert_runs(rows: &[PendingRow]) -> Vec<&[PendingRow]> {
-    let mut chunks = Vec::new();
-    let mut rest = rows;
-    while !rest.is_empty() {
-        let mut bytes = 0;
-        let mut run = 0;
-        while run < rest.len() && run < MAX_INSERT_ROWS {
-            let size = rest[run].kv.key.len() + rest[run].kv.value.len();
-            if run > 0 && bytes + size > MAX_INSERT_BYTES {
-                break;
-            }
-            bytes += size;
-            run += 1;
-        }
-        let (this, tail) = rest.split_at(run);
-        rest = tail;
-        chunks.push(this);
-    }
-    chunks
 }
 
 /// One multi-row `INSERT` of `chunk` into `kv` (databases without array parameters; with
