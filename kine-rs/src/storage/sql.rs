@@ -1421,6 +1421,9 @@ pub struct SqlBackend<D: Dialect> {
     /// Pages of snapshots at older revisions, with [`Dialect::SNAPSHOT_TABLE`]
     /// ([`SnapshotPages`]): one per snapshot read, up to [`MAX_SNAPSHOTS`].
     snapshot_pages: tokio::sync::Mutex<Vec<SnapshotPages<D>>>,
+    /// Where this process's compaction walked each keyspace's `kv` for current tombstones
+    /// ([`Dialect::PAST_TABLE`], [`purge_past`]): the last (revision, sub) it passed.
+    tombstone_walks: std::sync::Mutex<HashMap<KeyspaceId, (Revision, i64)>>,
     _dialect: PhantomData<D>,
 }
 
@@ -1452,6 +1455,7 @@ impl<D: Dialect> SqlBackend<D> {
             commit_cache: (D::HEAD_TABLE && D::COMMIT_BATCH.is_some() && D::ROW_VERSION.is_some())
                 .then(|| Arc::new(CommitCache::default())),
             snapshot_pages: tokio::sync::Mutex::new(Vec::new()),
+            tombstone_walks: std::sync::Mutex::new(HashMap::new()),
             _dialect: PhantomData,
         }
     }
@@ -2371,8 +2375,17 @@ impl<D: Dialect> Backend for SqlBackend<D> {
             return Ok(purged);
         }
         if D::PAST_TABLE {
-            let purged = purge_past::<D>(&mut tx, keyspace, revision, batch).await?;
+            let walked = self
+                .tombstone_walks
+                .lock()
+                .ok()
+                .and_then(|walks| walks.get(&keyspace).copied());
+            let (purged, reached) =
+                purge_past::<D>(&mut tx, keyspace, revision, batch, walked).await?;
             commit::<D>(tx).await?;
+            if let (Some(reached), Ok(mut walks)) = (reached, self.tombstone_walks.lock()) {
+                walks.insert(keyspace, reached);
+            }
             return Ok(purged);
         }
         // Rows marked in `kv.superseded`: MySQL's model, whose DELETE takes a LIMIT.
@@ -2466,17 +2479,26 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 /// One bounded step of a compaction at `revision` where superseded rows are in `kv_past`
 /// ([`Dialect::PAST_TABLE`]: SQLite, MySQL), under the keyspace's lock: at most `batch` rows
 /// superseded at or before `revision` (the first of `kv_past`, which is ordered by
-/// superseding revision), then at most `batch` of the keys' current tombstones below it, each
-/// removed with the row of `kv_past` or `kv_head` naming it. A tombstone superseded after
-/// `revision` (its key written again since) stays until a compaction passes that revision:
-/// no read at or after `revision` sees it, and `kv_past` finds it only by that revision.
-/// Returns how many rows of `kv` it removed.
+/// superseding revision); once those are gone, the next `batch` rows of `kv` below `revision`
+/// in revision order from where this process's walk of the keyspace stopped (`walked`), each
+/// a current tombstone removed with its head; also returns where this step's walk stopped,
+/// for the next step once this one commits. A tombstone superseded after `revision` (its
+/// key written again since) stays until a compaction passes that revision: no read at or
+/// after `revision` sees it, and `kv_past` finds it only by that revision. Returns how many
+/// rows of `kv` it removed, at least 1 while rows remain to walk.
+///
+/// The walk goes on from step to step and from one compaction to the next: a row it passed
+/// was a current tombstone and went, or was not one, and rows written later have higher
+/// revisions. Searched from the start of `kv` at every step instead, the tombstones were a
+/// scan of the keyspace's whole history under its lock: with 10,000,000 rows on MariaDB, puts
+/// fell to 17/s (p99 22.7 s) while the compaction ran.
 async fn purge_past<D: Dialect>(
     tx: &mut Conn<D>,
     keyspace: KeyspaceId,
     revision: Revision,
     batch: i64,
-) -> Result<u64> {
+    walked: Option<(Revision, i64)>,
+) -> Result<(u64, Option<(Revision, i64)>)> {
     let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
     let superseded = fetch_all::<D>(
         tx,
@@ -2486,22 +2508,45 @@ async fn purge_past<D: Dialect>(
         &args,
     )
     .await?;
-    let mut removed = remove_rows::<D>(tx, keyspace, &superseded, RowsNamedBy::Past).await?;
-    // Driven by `kv`'s rows below `revision` (those compaction left: current ones), as the
-    // heads are not ordered by revision.
-    let tombstones = fetch_all::<D>(
+    let superseded: Vec<&Row<D>> = superseded.iter().collect();
+    let removed = remove_rows::<D>(tx, keyspace, &superseded, RowsNamedBy::Past).await?;
+    if superseded.len() as i64 >= batch {
+        return Ok((removed.max(1), None));
+    }
+    let from = walked.unwrap_or((0, -1));
+    // Each row with its head where it is a tombstone that is its key's current row.
+    let rows = fetch_all::<D>(
         tx,
         "purge",
-        "SELECT kv.`key`, kv.mod_revision, kv.sub FROM kv CROSS JOIN kv_head h \
-         ON h.keyspace = kv.keyspace AND h.`key` = kv.`key` \
+        "SELECT kv.`key`, kv.mod_revision, kv.sub, h.`key` FROM kv LEFT JOIN kv_head h \
+         ON kv.deleted = 1 AND h.keyspace = kv.keyspace AND h.`key` = kv.`key` \
          AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
-         WHERE kv.keyspace = ? AND kv.mod_revision < ? AND kv.deleted = 1 \
-         ORDER BY kv.mod_revision, kv.sub LIMIT ?",
-        &args,
+         WHERE kv.keyspace = ? AND (kv.mod_revision > ? OR (kv.mod_revision = ? AND kv.sub > ?)) \
+         AND kv.mod_revision < ? ORDER BY kv.mod_revision, kv.sub LIMIT ?",
+        &[
+            Arg::Int(keyspace),
+            Arg::Int(from.0),
+            Arg::Int(from.0),
+            Arg::Int(from.1),
+            Arg::Int(revision),
+            Arg::Int(batch),
+        ],
     )
     .await?;
-    removed += remove_rows::<D>(tx, keyspace, &tombstones, RowsNamedBy::Head).await?;
-    Ok(removed)
+    let mut tombstones = Vec::new();
+    for row in &rows {
+        if D::DB::opt_bytes(row, 3)?.is_some() {
+            tombstones.push(row);
+        }
+    }
+    let removed = removed + remove_rows::<D>(tx, keyspace, &tombstones, RowsNamedBy::Head).await?;
+    let reached = match rows.last() {
+        Some(last) => Some((D::DB::int(last, 1)?, D::DB::int(last, 2)?)),
+        None => None,
+    };
+    // Rows left to walk: one step more, even if this one removed nothing.
+    let more = rows.len() as i64 >= batch;
+    Ok((if more { removed.max(1) } else { removed }, reached))
 }
 
 /// The table naming the rows [`remove_rows`] removes.
@@ -2518,7 +2563,7 @@ enum RowsNamedBy {
 async fn remove_rows<D: Dialect>(
     tx: &mut Conn<D>,
     keyspace: KeyspaceId,
-    rows: &[Row<D>],
+    rows: &[&Row<D>],
     named_by: RowsNamedBy,
 ) -> Result<u64> {
     let mut named = Vec::with_capacity(rows.len());
