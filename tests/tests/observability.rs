@@ -1239,6 +1239,18 @@ fn postgres_lease_renewals_do_not_wait_for_the_log_flush() {
     assert_eq!(lazy, renewals, "every renewal's transaction commits lazily");
 }
 
+/// A MariaDB server of the test's own whose slow log (the table `mysql.slow_log`) records
+/// every statement that examined 2,000 rows or more. Set before kine-rs connects: a
+/// connection keeps the `long_query_time` it started with.
+fn mariadb_logging_walks() -> kine_tests::private_db::PrivateMariadb {
+    let mariadb = kine_tests::private_db::PrivateMariadb::start();
+    mariadb.mysql(
+        "SET GLOBAL log_output = 'TABLE'; SET GLOBAL long_query_time = 0; \
+         SET GLOBAL min_examined_row_limit = 2000; SET GLOBAL slow_query_log = 1",
+    );
+    mariadb
+}
+
 /// A limited read at an older revision on MySQL/MariaDB examines the rows of its page, not
 /// the rest of the range: MariaDB planned the branch of rows superseded after the revision
 /// as a walk of the primary key from the page's first key to the range's end (to spare a
@@ -1250,11 +1262,7 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
     const KEYS: usize = 20_000;
     const PER_TXN: usize = 100;
     const CHANGED: usize = 10;
-    let mariadb = kine_tests::private_db::PrivateMariadb::start();
-    mariadb.mysql(
-        "SET GLOBAL log_output = 'TABLE'; SET GLOBAL long_query_time = 0; \
-         SET GLOBAL min_examined_row_limit = 2000; SET GLOBAL slow_query_log = 1",
-    );
+    let mariadb = mariadb_logging_walks();
     let dir = tempfile::tempdir().expect("tempdir");
     let kine = spawn_kine_on(&mariadb.url("kine"), dir, &[]);
     let key = |i: usize| format!("page/{i:05}");
@@ -1332,12 +1340,7 @@ fn mysql_reads_at_an_older_revision_examine_their_page_only() {
 fn mysql_compaction_steps_examine_a_batch_of_rows_each() {
     const KEYS: usize = 6_000;
     const PER_TXN: usize = 100;
-    let mariadb = kine_tests::private_db::PrivateMariadb::start();
-    // Before kine-rs connects: a connection keeps the `long_query_time` it started with.
-    mariadb.mysql(
-        "SET GLOBAL log_output = 'TABLE'; SET GLOBAL long_query_time = 0; \
-         SET GLOBAL min_examined_row_limit = 2000; SET GLOBAL slow_query_log = 1",
-    );
+    let mariadb = mariadb_logging_walks();
     let dir = tempfile::tempdir().expect("tempdir");
     let kine = spawn_kine_on(&mariadb.url("kine"), dir, &[]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
