@@ -37,6 +37,7 @@ use crate::model::{
 
 mod commit_cache;
 mod insert_chunks;
+mod past_purge;
 mod point_reads;
 pub(crate) mod snapshot_pages;
 mod tenants;
@@ -2363,61 +2364,18 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         revision: Revision,
         batch: i64,
     ) -> Result<u64> {
+        if D::PAST_TABLE {
+            return self.purge_past(keyspace, revision, batch).await;
+        }
         // Under the keyspace's row lock, so a purge never races (or deadlocks with) a writer
         // superseding the same rows; one bounded batch holds it only briefly.
         if let Some(cache) = &self.commit_cache {
             cache.forget(keyspace);
         }
         let (mut tx, _) = self.begin_locked(keyspace).await?;
-        if D::HEAD_TABLE {
-            let purged = purge_after_head::<D>(&mut tx, keyspace, revision, batch).await?;
-            commit::<D>(tx).await?;
-            return Ok(purged);
-        }
-        if D::PAST_TABLE {
-            let walked = self
-                .tombstone_walks
-                .lock()
-                .ok()
-                .and_then(|walks| walks.get(&keyspace).copied());
-            let (purged, reached) =
-                purge_past::<D>(&mut tx, keyspace, revision, batch, walked).await?;
-            commit::<D>(tx).await?;
-            if let (Some(reached), Ok(mut walks)) = (reached, self.tombstone_walks.lock()) {
-                walks.insert(keyspace, reached);
-            }
-            return Ok(purged);
-        }
-        // Rows marked in `kv.superseded`: MySQL's model, whose DELETE takes a LIMIT.
-        let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
-        let superseded = execute::<D>(
-            &mut tx,
-            "purge",
-            "DELETE FROM kv WHERE keyspace = ? AND superseded <= ? \
-             AND superseded <> 9223372036854775807 LIMIT ?",
-            &args,
-        )
-        .await?;
-        let tombstones = execute::<D>(
-            &mut tx,
-            "purge",
-            "DELETE FROM kv WHERE keyspace = ? AND mod_revision < ? AND deleted = 1 LIMIT ?",
-            &args,
-        )
-        .await?;
-        if tombstones > 0 && D::COMMIT_BATCH.is_some() {
-            // A batch that read a purged tombstone as its key's current row without the lock
-            // must not commit: a new version of the keyspace row tells it.
-            execute::<D>(
-                &mut tx,
-                "purge",
-                "UPDATE keyspaces SET revision = revision WHERE id = ?",
-                &[Arg::Int(keyspace)],
-            )
-            .await?;
-        }
+        let purged = purge_after_head::<D>(&mut tx, keyspace, revision, batch).await?;
         commit::<D>(tx).await?;
-        Ok(superseded + tombstones)
+        Ok(purged)
     }
 
     async fn size(&self) -> Result<(i64, i64)> {
@@ -2474,182 +2432,6 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         }
         Ok(revisions)
     }
-}
-
-/// One bounded step of a compaction at `revision` where superseded rows are in `kv_past`
-/// ([`Dialect::PAST_TABLE`]: SQLite, MySQL), under the keyspace's lock: at most `batch` rows
-/// superseded at or before `revision` (the first of `kv_past`, which is ordered by
-/// superseding revision); once those are gone, the next `batch` rows of `kv` below `revision`
-/// in revision order from where this process's walk of the keyspace stopped (`walked`), each
-/// a current tombstone removed with its head; also returns where this step's walk stopped,
-/// for the next step once this one commits. A tombstone superseded after `revision` (its
-/// key written again since) stays until a compaction passes that revision: no read at or
-/// after `revision` sees it, and `kv_past` finds it only by that revision. Returns how many
-/// rows of `kv` it removed, at least 1 while rows remain to walk.
-///
-/// The walk goes on from step to step and from one compaction to the next: a row it passed
-/// was a current tombstone and went, or was not one, and rows written later have higher
-/// revisions. Searched from the start of `kv` at every step instead, the tombstones were a
-/// scan of the keyspace's whole history under its lock: with 10,000,000 rows on MariaDB, puts
-/// fell to 17/s (p99 22.7 s) while the compaction ran.
-async fn purge_past<D: Dialect>(
-    tx: &mut Conn<D>,
-    keyspace: KeyspaceId,
-    revision: Revision,
-    batch: i64,
-    walked: Option<(Revision, i64)>,
-) -> Result<(u64, Option<(Revision, i64)>)> {
-    let args = [Arg::Int(keyspace), Arg::Int(revision), Arg::Int(batch)];
-    let superseded = fetch_all::<D>(
-        tx,
-        "purge",
-        "SELECT `key`, mod_revision, sub, superseded FROM kv_past WHERE keyspace = ? \
-         AND superseded <= ? ORDER BY superseded LIMIT ?",
-        &args,
-    )
-    .await?;
-    let superseded: Vec<&Row<D>> = superseded.iter().collect();
-    let removed = remove_rows::<D>(tx, keyspace, &superseded, RowsNamedBy::Past).await?;
-    if superseded.len() as i64 >= batch {
-        return Ok((removed.max(1), None));
-    }
-    let from = walked.unwrap_or((0, -1));
-    // Each row with its head where it is a tombstone that is its key's current row.
-    let rows = fetch_all::<D>(
-        tx,
-        "purge",
-        "SELECT kv.`key`, kv.mod_revision, kv.sub, h.`key` FROM kv LEFT JOIN kv_head h \
-         ON kv.deleted = 1 AND h.keyspace = kv.keyspace AND h.`key` = kv.`key` \
-         AND h.mod_revision = kv.mod_revision AND h.sub = kv.sub \
-         WHERE kv.keyspace = ? AND (kv.mod_revision > ? OR (kv.mod_revision = ? AND kv.sub > ?)) \
-         AND kv.mod_revision < ? ORDER BY kv.mod_revision, kv.sub LIMIT ?",
-        &[
-            Arg::Int(keyspace),
-            Arg::Int(from.0),
-            Arg::Int(from.0),
-            Arg::Int(from.1),
-            Arg::Int(revision),
-            Arg::Int(batch),
-        ],
-    )
-    .await?;
-    let mut tombstones = Vec::new();
-    for row in &rows {
-        if D::DB::opt_bytes(row, 3)?.is_some() {
-            tombstones.push(row);
-        }
-    }
-    let removed = removed + remove_rows::<D>(tx, keyspace, &tombstones, RowsNamedBy::Head).await?;
-    let reached = match rows.last() {
-        Some(last) => Some((D::DB::int(last, 1)?, D::DB::int(last, 2)?)),
-        None => None,
-    };
-    // Rows left to walk: one step more, even if this one removed nothing.
-    let more = rows.len() as i64 >= batch;
-    Ok((if more { removed.max(1) } else { removed }, reached))
-}
-
-/// The table naming the rows [`remove_rows`] removes.
-#[derive(Clone, Copy)]
-enum RowsNamedBy {
-    /// `kv_head`: current rows, given as `key`, `mod_revision`, `sub`.
-    Head,
-    /// `kv_past`: superseded rows, given as `key`, `mod_revision`, `sub`, `superseded`.
-    Past,
-}
-
-/// Removes the rows of `kv` that `rows` name and the rows of the table naming them
-/// ([`purge_past`]); returns how many rows of `kv` went.
-async fn remove_rows<D: Dialect>(
-    tx: &mut Conn<D>,
-    keyspace: KeyspaceId,
-    rows: &[&Row<D>],
-    named_by: RowsNamedBy,
-) -> Result<u64> {
-    let mut named = Vec::with_capacity(rows.len());
-    for row in rows {
-        let superseded = match named_by {
-            RowsNamedBy::Head => None,
-            RowsNamedBy::Past => Some(D::DB::int(row, 3)?),
-        };
-        named.push((
-            D::DB::bytes(row, 0)?,
-            D::DB::int(row, 1)?,
-            D::DB::int(row, 2)?,
-            superseded,
-        ));
-    }
-    let (table, by_key) = match named_by {
-        RowsNamedBy::Head => (
-            "kv_head",
-            "(keyspace = ? AND `key` = ? AND mod_revision = ? AND sub = ?)",
-        ),
-        RowsNamedBy::Past => (
-            "kv_past",
-            "(keyspace = ? AND superseded = ? AND `key` = ? AND mod_revision = ? AND sub = ?)",
-        ),
-    };
-    let mut removed = 0;
-    if !D::MULTI_STATEMENT {
-        // Two statements a chunk, each row by its primary key.
-        for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
-            let mut args = Vec::with_capacity(chunk.len() * 5);
-            for (key, mod_revision, sub, superseded) in chunk {
-                args.push(Arg::Int(keyspace));
-                args.extend(superseded.map(Arg::Int));
-                args.extend([Arg::Bytes(key), Arg::Int(*mod_revision), Arg::Int(*sub)]);
-            }
-            let sql = format!(
-                "DELETE FROM {table} WHERE {}",
-                vec![by_key; chunk.len()].join(" OR ")
-            );
-            execute::<D>(tx, "purge", &sql, &args).await?;
-            let mut args = Vec::with_capacity(chunk.len() * 3);
-            for (_, mod_revision, sub, _) in chunk {
-                args.extend([Arg::Int(keyspace), Arg::Int(*mod_revision), Arg::Int(*sub)]);
-            }
-            let sql = format!(
-                "DELETE FROM kv WHERE {}",
-                vec!["(keyspace = ? AND mod_revision = ? AND sub = ?)"; chunk.len()].join(" OR ")
-            );
-            removed += execute::<D>(tx, "purge", &sql, &args).await?;
-        }
-        return Ok(removed);
-    }
-    for chunk in named.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut args = Vec::new();
-        // Each row by its primary key: SQLite searches each term of an `OR` by index (a
-        // list of row values it would not).
-        let mut sql = format!(
-            "DELETE FROM {table} WHERE {}; ",
-            vec![by_key; chunk.len()].join(" OR ")
-        );
-        for (key, mod_revision, sub, superseded) in chunk {
-            args.push(Arg::Int(keyspace));
-            args.extend(superseded.map(Arg::Int));
-            args.extend([Arg::Bytes(key), Arg::Int(*mod_revision), Arg::Int(*sub)]);
-        }
-        // The revisions as a list first: a list of row values alone is not searched by index.
-        sql.push_str(&format!(
-            "DELETE FROM kv WHERE keyspace = ? AND mod_revision IN ({}) \
-             AND (mod_revision, sub) IN (VALUES {})",
-            placeholders(chunk.len()),
-            vec!["(?, ?)"; chunk.len()].join(", ")
-        ));
-        args.push(Arg::Int(keyspace));
-        args.extend(
-            chunk
-                .iter()
-                .map(|(_, mod_revision, _, _)| Arg::Int(*mod_revision)),
-        );
-        for (_, mod_revision, sub, _) in chunk {
-            args.extend([Arg::Int(*mod_revision), Arg::Int(*sub)]);
-        }
-        let changed = execute::<D>(tx, "purge", &sql, &args).await?;
-        // Each row of `kv` goes with exactly one row of the table naming it.
-        removed += changed / 2;
-    }
-    Ok(removed)
 }
 
 /// One bounded step of a compaction at `revision` where current rows are in `kv_head`

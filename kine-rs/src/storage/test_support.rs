@@ -73,3 +73,35 @@ pub(crate) async fn read_together(
     .map(|answer| answer.expect("range"))
     .collect()
 }
+
+/// A MySQL backend on database `name` of the test server (`$KINE_TEST_MYSQL_URL`, which the
+/// test command starts; a missing server fails the test), dropped first if a run left it;
+/// and a pool on the server, for [`drop_mysql_database`].
+pub(crate) async fn fresh_mysql_database(
+    name: &str,
+) -> (super::mysql::MysqlBackend, sqlx::MySqlPool) {
+    let url = std::env::var("KINE_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    let server = sqlx::MySqlPool::connect(&format!("{base}/mysql"))
+        .await
+        .expect("connect to the test server");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&server)
+    .await
+    .expect("drop a leftover database");
+    let backend = super::mysql::open(&format!("{base}/{name}"), &super::BackendOptions::default())
+        .await
+        .expect("open");
+    (backend, server)
+}
+
+/// Drops the test database `name` ([`fresh_mysql_database`]).
+pub(crate) async fn drop_mysql_database(server: &sqlx::MySqlPool, name: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+        .execute(server)
+        .await
+        .expect("drop the test database");
+}

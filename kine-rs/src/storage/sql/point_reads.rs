@@ -292,23 +292,10 @@ mod tests {
     /// (the test command starts one); a missing server fails the test.
     #[tokio::test]
     async fn mysql_gets_of_many_keys_arriving_together_share_one_statement() {
-        use sqlx::MySqlPool;
+        use crate::storage::test_support::{drop_mysql_database, fresh_mysql_database};
 
-        use crate::storage::BackendOptions;
-        use crate::storage::mysql;
-
-        let url = std::env::var("KINE_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
-        let server = MySqlPool::connect(&url).await.expect("the test server");
-        sqlx::query("DROP DATABASE IF EXISTS kine_unit_point_reads")
-            .execute(&server)
-            .await
-            .expect("drop a leftover database");
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
-        let endpoint = format!("{base}/kine_unit_point_reads");
-        let backend = mysql::open(&endpoint, &BackendOptions::default())
-            .await
-            .expect("open");
+        let name = "kine_unit_point_reads";
+        let (backend, server) = fresh_mysql_database(name).await;
         let keyspace = backend
             .keyspace("gets", true)
             .await
@@ -349,9 +336,6 @@ mod tests {
             }
         }
         drop(backend);
-        sqlx::query("DROP DATABASE kine_unit_point_reads")
-            .execute(&server)
-            .await
-            .expect("drop");
+        drop_mysql_database(&server, name).await;
     }
 }

@@ -244,6 +244,7 @@ mod tests {
     use bytes::Bytes;
 
     use crate::model::KeyValue;
+    use crate::storage::test_support::{drop_mysql_database, fresh_mysql_database};
     use crate::storage::{Backend, KeyspaceId, Revision, sqlite};
 
     /// Writes `value` to `key` (`None`: deletes it) in a revision of its own; returns it.
@@ -313,23 +314,8 @@ mod tests {
     /// server fails the test), through its temporary tables.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_pages_at_an_older_revision_see_that_revision_while_keys_change() {
-        use crate::storage::{BackendOptions, mysql};
-        let url = std::env::var("KINE_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_string());
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
         let name = "kine_unit_snapshot_pages";
-        let server = sqlx::MySqlPool::connect(&format!("{base}/mysql"))
-            .await
-            .expect("connect to the test server");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name}"
-        )))
-        .execute(&server)
-        .await
-        .expect("drop a leftover database");
-        let backend = mysql::open(&format!("{base}/{name}"), &BackendOptions::default())
-            .await
-            .expect("open");
+        let (backend, server) = fresh_mysql_database(name).await;
         let keyspace = backend
             .keyspace("t", true)
             .await
@@ -337,10 +323,8 @@ mod tests {
             .expect("created");
         pages_see_their_revision(&backend, keyspace).await;
         assert!(backend.snapshot_pages.lock().await.len() > 1);
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
-            .execute(&server)
-            .await
-            .expect("drop the test database");
+        drop(backend);
+        drop_mysql_database(&server, name).await;
     }
 
     /// Checks [`pages_at_an_older_revision_see_that_revision_while_keys_change`] on `backend`.
