@@ -299,24 +299,8 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::storage::test_support::{drop_mysql_database, fresh_mysql_database, put_keys};
+    use crate::storage::test_support::{MysqlTestDatabase, delete_key, put_keys};
     use crate::storage::{Backend, BatchKeys, sqlite};
-
-    /// Deletes `key` in a write batch of its own; returns the batch's revision.
-    async fn delete_key(backend: &dyn Backend, keyspace: KeyspaceId, key: &Bytes) -> Revision {
-        let batch = BatchKeys {
-            all: vec![key.clone()],
-            created: Vec::new(),
-        };
-        let mut txn = backend
-            .begin_group_write(keyspace, &batch, false)
-            .await
-            .expect("begin");
-        let revision = txn.state().revision + 1;
-        txn.delete(key, revision, 0).await.expect("delete");
-        txn.commit(revision).await.expect("commit");
-        revision
-    }
 
     /// How many rows of `kv` the keyspace has.
     async fn kv_rows<D: Dialect>(backend: &SqlBackend<D>, keyspace: KeyspaceId) -> i64 {
@@ -447,16 +431,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_tombstones_written_over_since_the_walk_stay() {
-        let name = "kine_unit_past_purge_tombstones";
-        let (backend, server) = fresh_mysql_database(name).await;
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
-        tombstones_written_over_since_the_walk_stay(&backend, keyspace).await;
-        drop(backend);
-        drop_mysql_database(&server, name).await;
+        let db = MysqlTestDatabase::new("kine_unit_past_purge_tombstones").await;
+        tombstones_written_over_since_the_walk_stay(&db.backend, db.keyspace).await;
+        db.drop_database().await;
     }
 
     /// On MySQL the superseded rows go, and the walk that follows them passes, while a
@@ -464,17 +441,12 @@ mod tests {
     /// (Waiting for the lock, the step would time out; InnoDB gives up after 50 s.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_superseded_rows_go_while_a_writer_holds_the_keyspace() {
-        let name = "kine_unit_past_purge_lock";
-        let (backend, server) = fresh_mysql_database(name).await;
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
+        let db = MysqlTestDatabase::new("kine_unit_past_purge_lock").await;
+        let (backend, keyspace) = (&db.backend, db.keyspace);
         let key = Bytes::from_static(b"a");
         let mut last = 0;
         for round in 0..5u8 {
-            last = put_keys(&backend, keyspace, std::slice::from_ref(&key), |_| {
+            last = put_keys(backend, keyspace, std::slice::from_ref(&key), |_| {
                 Bytes::from(vec![round])
             })
             .await;
@@ -502,8 +474,7 @@ mod tests {
             .expect("purge");
         assert_eq!(walked, 0);
         writer.rollback().await.expect("rollback");
-        assert_eq!(kv_rows(&backend, keyspace).await, 1);
-        drop(backend);
-        drop_mysql_database(&server, name).await;
+        assert_eq!(kv_rows(backend, keyspace).await, 1);
+        db.drop_database().await;
     }
 }

@@ -292,19 +292,14 @@ mod tests {
     /// (the test command starts one); a missing server fails the test.
     #[tokio::test]
     async fn mysql_gets_of_many_keys_arriving_together_share_one_statement() {
-        use crate::storage::test_support::{drop_mysql_database, fresh_mysql_database};
+        use crate::storage::test_support::MysqlTestDatabase;
 
-        let name = "kine_unit_point_reads";
-        let (backend, server) = fresh_mysql_database(name).await;
-        let keyspace = backend
-            .keyspace("gets", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
+        let db = MysqlTestDatabase::new("kine_unit_point_reads").await;
+        let (backend, keyspace) = (&db.backend, db.keyspace);
         let written: Vec<Bytes> = (0..2 * super::super::LISTED_KEYS)
             .map(|index| Bytes::from(format!("key/{index:03}")))
             .collect();
-        let revision = put_keys(&backend, keyspace, &written, |index| {
+        let revision = put_keys(backend, keyspace, &written, |index| {
             Bytes::from(format!("value of {index}"))
         })
         .await;
@@ -318,7 +313,7 @@ mod tests {
             false,
         ));
         let before = backend.point_reads.statements();
-        let answers = read_together(&backend, keyspace, &asked).await;
+        let answers = read_together(backend, keyspace, &asked).await;
         assert_eq!(
             backend.point_reads.statements() - before,
             1,
@@ -335,7 +330,6 @@ mod tests {
                 None => assert!(answer.kvs.is_empty(), "a key never written"),
             }
         }
-        drop(backend);
-        drop_mysql_database(&server, name).await;
+        db.drop_database().await;
     }
 }

@@ -244,7 +244,7 @@ mod tests {
     use bytes::Bytes;
 
     use crate::model::KeyValue;
-    use crate::storage::test_support::{drop_mysql_database, fresh_mysql_database};
+    use crate::storage::test_support::MysqlTestDatabase;
     use crate::storage::{Backend, KeyspaceId, Revision, sqlite};
 
     /// Writes `value` to `key` (`None`: deletes it) in a revision of its own; returns it.
@@ -314,17 +314,10 @@ mod tests {
     /// server fails the test), through its temporary tables.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_pages_at_an_older_revision_see_that_revision_while_keys_change() {
-        let name = "kine_unit_snapshot_pages";
-        let (backend, server) = fresh_mysql_database(name).await;
-        let keyspace = backend
-            .keyspace("t", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
-        pages_see_their_revision(&backend, keyspace).await;
-        assert!(backend.snapshot_pages.lock().await.len() > 1);
-        drop(backend);
-        drop_mysql_database(&server, name).await;
+        let db = MysqlTestDatabase::new("kine_unit_snapshot_pages").await;
+        pages_see_their_revision(&db.backend, db.keyspace).await;
+        assert!(db.backend.snapshot_pages.lock().await.len() > 1);
+        db.drop_database().await;
     }
 
     /// Checks [`pages_at_an_older_revision_see_that_revision_while_keys_change`] on `backend`.
