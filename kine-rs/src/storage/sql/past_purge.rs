@@ -63,6 +63,11 @@ impl<D: Dialect> SqlBackend<D> {
         revision: Revision,
         batch: i64,
     ) -> Result<u64> {
+        // Any commit but the batch connection's own changes SQLite's `data_version`: the next
+        // batch reads first instead of having its cached start refused.
+        if let Some(cache) = &self.commit_cache {
+            cache.forget(keyspace);
+        }
         let (listed, removed) = self.purge_superseded(keyspace, revision, batch).await?;
         if listed >= batch {
             return Ok(removed.max(1));
@@ -78,9 +83,6 @@ impl<D: Dialect> SqlBackend<D> {
             .await?;
         let mut removed = removed;
         if !tombstones.is_empty() {
-            if let Some(cache) = &self.commit_cache {
-                cache.forget(keyspace);
-            }
             let (mut tx, _) = self.begin_locked(keyspace).await?;
             removed += remove_current_tombstones::<D>(&mut tx, keyspace, &tombstones).await?;
             commit::<D>(tx).await?;
