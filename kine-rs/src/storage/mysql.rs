@@ -475,34 +475,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_of_any_bytes_are_looked_up_by_their_whole_value() {
         use crate::model::KeyRange;
-        use crate::storage::test_support::{put_keys, read};
+        use crate::storage::test_support::{MysqlTestDatabase, put_keys, read};
         use crate::storage::{Backend, BatchKeys};
         use bytes::Bytes;
 
-        let server = MySqlPool::connect_with(parse(&test_database_endpoint("mysql")))
-            .await
-            .expect("connect to the test server");
-        sqlx::query("DROP DATABASE IF EXISTS kine_unit_key_lookups")
-            .execute(&server)
-            .await
-            .expect("drop a leftover database");
-        let backend = open(
-            &test_database_endpoint("kine_unit_key_lookups"),
-            &BackendOptions::default(),
-        )
-        .await
-        .expect("open");
-        let keyspace = backend
-            .keyspace("lookups", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
+        let db = MysqlTestDatabase::new("kine_unit_key_lookups").await;
+        let (backend, keyspace) = (&db.backend, db.keyspace);
         let mut written: Vec<Bytes> = (0..=255u8)
             .map(|byte| Bytes::from(vec![b'k', byte]))
             .collect();
         written.push(Bytes::from_static(b"quote'\"\\%_?"));
         written.push(Bytes::from(vec![b'x'; MAX_KEY_BYTES]));
-        put_keys(&backend, keyspace, &written, |index| {
+        put_keys(backend, keyspace, &written, |index| {
             Bytes::from(format!("value {index}"))
         })
         .await;
@@ -539,21 +523,12 @@ mod tests {
         drop(txn);
 
         for key in [&written[0], &written[255], &written[256], &longer] {
-            let rows = read(
-                &backend,
-                keyspace,
-                &KeyRange::new(key.clone(), Bytes::new()),
-            )
-            .await;
+            let rows = read(backend, keyspace, &KeyRange::new(key.clone(), Bytes::new())).await;
             let expected = usize::from(key != &longer);
             assert_eq!(rows.kvs.len(), expected, "{key:?}");
             assert!(rows.kvs.iter().all(|kv| kv.key == *key), "{key:?}");
         }
-        drop(backend);
-        sqlx::query("DROP DATABASE kine_unit_key_lookups")
-            .execute(&server)
-            .await
-            .expect("drop");
+        db.drop_database().await;
     }
 
     #[test]
