@@ -766,15 +766,12 @@ async fn nats_freeze_across_two_processes() {
     .await;
 }
 
-/// Two gateways share a database; a tenant deleted through one is not left half-open in the
-/// other: its next request says the tenant was deleted (not an internal error), the one after
-/// resolves the tenant afresh (unknown now), and once the tenant is created again it works.
-async fn deleted_elsewhere(backend: Backend) -> Result<()> {
-    let database = TestDatabase::new(backend).context("a database server backend")?;
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::write(dir.path(), CLIENTS);
+/// Two gateways on one datastore (`endpoint`: a database server's, or one SQLite file), each
+/// with an admin socket of its own in `dir`.
+async fn two_gateways(endpoint: &str, dir: &std::path::Path) -> Result<(Gateway, Gateway)> {
+    let pki = Pki::write(dir, CLIENTS);
     let start = |socket: String| {
-        let endpoint = database.endpoint.clone();
+        let endpoint = endpoint.to_string();
         let (ca, cert, key) = (
             pki.ca.clone(),
             pki.server_cert.clone(),
@@ -811,16 +808,17 @@ async fn deleted_elsewhere(backend: Backend) -> Result<()> {
         socket,
         _dir: tempfile::tempdir().expect("tempdir"),
     };
-    let socket_a = dir.path().join("a.sock").display().to_string();
-    let socket_b = dir.path().join("b.sock").display().to_string();
+    let socket_a = dir.join("a.sock").display().to_string();
+    let socket_b = dir.join("b.sock").display().to_string();
     let a = gateway(start(socket_a.clone()).await?, socket_a);
     let b = gateway(start(socket_b.clone()).await?, socket_b);
-    ok(a.admin(&["create", "tenant-a"]))?;
-    let mut through_b = b.client("tenant-a").await?;
-    through_b.put("k", "before", None).await?;
+    Ok((a, b))
+}
 
-    ok(a.admin(&["delete", "tenant-a"]))?;
-    let status = match through_b.get("k", None).await {
+/// The first request through another gateway after its tenant was deleted: NotFound, "this
+/// tenant was deleted".
+async fn refused_as_deleted(client: &mut etcd_client::Client) -> Result<()> {
+    let status = match client.get("k", None).await {
         Err(etcd_client::Error::GRpcStatus(status)) => status,
         other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
     };
@@ -828,6 +826,22 @@ async fn deleted_elsewhere(backend: Backend) -> Result<()> {
         status.code() == Code::NotFound && status.message().contains("was deleted"),
         "first request after the delete: {status:?}"
     );
+    Ok(())
+}
+
+/// Two gateways share a database; a tenant deleted through one is not left half-open in the
+/// other: its next request says the tenant was deleted (not an internal error), the one after
+/// resolves the tenant afresh (unknown now), and once the tenant is created again it works.
+async fn deleted_elsewhere(backend: Backend) -> Result<()> {
+    let database = TestDatabase::new(backend).context("a database server backend")?;
+    let dir = tempfile::tempdir()?;
+    let (a, b) = two_gateways(&database.endpoint, dir.path()).await?;
+    ok(a.admin(&["create", "tenant-a"]))?;
+    let mut through_b = b.client("tenant-a").await?;
+    through_b.put("k", "before", None).await?;
+
+    ok(a.admin(&["delete", "tenant-a"]))?;
+    refused_as_deleted(&mut through_b).await?;
     let status = match through_b.get("k", None).await {
         Err(etcd_client::Error::GRpcStatus(status)) => status,
         other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
@@ -842,6 +856,68 @@ async fn deleted_elsewhere(backend: Backend) -> Result<()> {
     ensure!(fresh.kvs().is_empty(), "the re-created tenant starts empty");
     through_b.put("k", "after", None).await?;
     Ok(())
+}
+
+/// Two gateways share a datastore; a tenant deleted through one and another created right
+/// after it: the other gateway, which still had the deleted tenant open, refuses its next
+/// request as deleted and never serves it the new tenant's keys (SQLite gave the new
+/// keyspace the deleted one's id, whose row that gateway then found again).
+async fn replaced_elsewhere(endpoint: &str, dir: &std::path::Path) -> Result<()> {
+    let (a, b) = two_gateways(endpoint, dir).await?;
+    ok(a.admin(&["create", "tenant-a"]))?;
+    let mut through_b = b.client("tenant-a").await?;
+    through_b.put("k", "a's", None).await?;
+
+    ok(a.admin(&["delete", "tenant-a"]))?;
+    ok(a.admin(&["create", "tenant-b"]))?;
+    let mut b_through_a = a.client("tenant-b").await?;
+    b_through_a.put("k", "b's", None).await?;
+    refused_as_deleted(&mut through_b).await?;
+    let resolved_again = through_b.get("k", None).await;
+    ensure!(
+        matches!(&resolved_again, Err(etcd_client::Error::GRpcStatus(status)) if status.code() == Code::PermissionDenied),
+        "tenant-a's client after the delete: {resolved_again:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_tenant_replaced_through_another_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
+    run(
+        "replaced elsewhere",
+        Backend::Sqlite,
+        replaced_elsewhere(&endpoint, dir.path()),
+    )
+    .await;
+}
+
+/// On a database server's fresh database.
+async fn replaced_on_server(backend: Backend) {
+    let database = TestDatabase::new(backend).expect("a database server backend");
+    let dir = tempfile::tempdir().expect("tempdir");
+    run(
+        "replaced elsewhere",
+        backend,
+        replaced_elsewhere(&database.endpoint, dir.path()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tenant_replaced_through_another_gateway() {
+    replaced_on_server(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_tenant_replaced_through_another_gateway() {
+    replaced_on_server(Backend::Mysql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_tenant_replaced_through_another_gateway() {
+    replaced_on_server(Backend::Nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -752,6 +752,38 @@ mod unread_batch_tests {
 }
 
 #[cfg(test)]
+mod keyspace_id_tests {
+    use crate::storage::Backend;
+
+    /// A deleted keyspace's id is not given to the next one: another process that still had
+    /// the deleted tenant open would otherwise find its keyspace row again, another tenant's.
+    #[tokio::test]
+    async fn a_deleted_keyspaces_id_is_not_given_out_again() {
+        let backend = super::open_memory().await.expect("open");
+        let first = backend
+            .keyspace("a", true)
+            .await
+            .expect("a")
+            .expect("created");
+        let highest = backend
+            .keyspace("b", true)
+            .await
+            .expect("b")
+            .expect("created");
+        assert!(backend.delete_keyspace(highest).await.expect("delete"));
+        let next = backend
+            .keyspace("c", true)
+            .await
+            .expect("c")
+            .expect("created");
+        assert!(
+            next > highest && next != first,
+            "keyspace c got id {next}; the deleted b had {highest}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod scratch_tests {
     use super::*;
 
