@@ -832,10 +832,8 @@ async fn refused_as_deleted(client: &mut etcd_client::Client) -> Result<()> {
 /// Two gateways share a database; a tenant deleted through one is not left half-open in the
 /// other: its next request says the tenant was deleted (not an internal error), the one after
 /// resolves the tenant afresh (unknown now), and once the tenant is created again it works.
-async fn deleted_elsewhere(backend: Backend) -> Result<()> {
-    let database = TestDatabase::new(backend).context("a database server backend")?;
-    let dir = tempfile::tempdir()?;
-    let (a, b) = two_gateways(&database.endpoint, dir.path()).await?;
+async fn deleted_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result<()> {
+    let (a, b) = two_gateways(&endpoint, &dir).await?;
     ok(a.admin(&["create", "tenant-a"]))?;
     let mut through_b = b.client("tenant-a").await?;
     through_b.put("k", "before", None).await?;
@@ -862,8 +860,8 @@ async fn deleted_elsewhere(backend: Backend) -> Result<()> {
 /// after it: the other gateway, which still had the deleted tenant open, refuses its next
 /// request as deleted and never serves it the new tenant's keys (SQLite gave the new
 /// keyspace the deleted one's id, whose row that gateway then found again).
-async fn replaced_elsewhere(endpoint: &str, dir: &std::path::Path) -> Result<()> {
-    let (a, b) = two_gateways(endpoint, dir).await?;
+async fn replaced_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result<()> {
+    let (a, b) = two_gateways(&endpoint, &dir).await?;
     ok(a.admin(&["create", "tenant-a"]))?;
     let mut through_b = b.client("tenant-a").await?;
     through_b.put("k", "a's", None).await?;
@@ -881,63 +879,48 @@ async fn replaced_elsewhere(endpoint: &str, dir: &std::path::Path) -> Result<()>
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_tenant_replaced_through_another_gateway() {
+/// Runs `scenario` on a datastore that two processes share: a file of a temporary directory
+/// for SQLite, a fresh database of its server otherwise.
+async fn on_shared_datastore<F, Fut>(what: &str, backend: Backend, scenario: F)
+where
+    F: FnOnce(String, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("sqlite://{}", dir.path().join("state.db").display());
-    run(
-        "replaced elsewhere",
-        Backend::Sqlite,
-        replaced_elsewhere(&endpoint, dir.path()),
-    )
-    .await;
+    let database = (!matches!(backend, Backend::Sqlite))
+        .then(|| TestDatabase::new(backend).expect("a database server backend"));
+    let endpoint = match &database {
+        Some(database) => database.endpoint.clone(),
+        None => format!("sqlite://{}", dir.path().join("state.db").display()),
+    };
+    run(what, backend, scenario(endpoint, dir.path().to_path_buf())).await;
 }
 
-/// On a database server's fresh database.
-async fn replaced_on_server(backend: Backend) {
-    let database = TestDatabase::new(backend).expect("a database server backend");
-    let dir = tempfile::tempdir().expect("tempdir");
-    run(
-        "replaced elsewhere",
-        backend,
-        replaced_elsewhere(&database.endpoint, dir.path()),
-    )
-    .await;
+macro_rules! shared_datastore_tests {
+    ($($deleted:ident, $replaced:ident: $backend:expr),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $deleted() {
+                on_shared_datastore("deleted elsewhere", $backend, deleted_elsewhere).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $replaced() {
+                on_shared_datastore("replaced elsewhere", $backend, replaced_elsewhere).await;
+            }
+        )*
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_tenant_replaced_through_another_gateway() {
-    replaced_on_server(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mysql_tenant_replaced_through_another_gateway() {
-    replaced_on_server(Backend::Mysql).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nats_tenant_replaced_through_another_gateway() {
-    replaced_on_server(Backend::Nats).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_tenant_deleted_through_another_gateway() {
-    run(
-        "deleted elsewhere",
-        Backend::Postgres,
-        deleted_elsewhere(Backend::Postgres),
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nats_tenant_deleted_through_another_gateway() {
-    run(
-        "deleted elsewhere",
-        Backend::Nats,
-        deleted_elsewhere(Backend::Nats),
-    )
-    .await;
+shared_datastore_tests! {
+    sqlite_tenant_deleted_through_another_gateway,
+        sqlite_tenant_replaced_through_another_gateway: Backend::Sqlite,
+    postgres_tenant_deleted_through_another_gateway,
+        postgres_tenant_replaced_through_another_gateway: Backend::Postgres,
+    mysql_tenant_deleted_through_another_gateway,
+        mysql_tenant_replaced_through_another_gateway: Backend::Mysql,
+    nats_tenant_deleted_through_another_gateway,
+        nats_tenant_replaced_through_another_gateway: Backend::Nats,
 }
 
 /// A gateway opens tenants side by side: while one tenant's creation waits on the database
