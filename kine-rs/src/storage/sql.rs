@@ -1788,8 +1788,8 @@ impl<D: Dialect> Backend for SqlBackend<D> {
 
     async fn delete_keyspace(&self, keyspace: KeyspaceId) -> Result<bool> {
         let deleted = tenants::delete_keyspace(self, keyspace).await?;
-        // A new keyspace may get the id again (SQLite reuses the largest rowid): its rows
-        // start again below where this process's walk of the old one stopped.
+        // What this process kept of the keyspace goes with it (ids are never given out
+        // again: SQLite's migration 0009).
         self.page_counts.forget(keyspace);
         if let Ok(mut walks) = self.tombstone_walks.lock() {
             walks.remove(&keyspace);

@@ -372,59 +372,6 @@ mod tests {
         assert_eq!(value.value, Bytes::from_static(b"again"));
     }
 
-    /// Purges every row compaction at `revision` made unreachable, step by step.
-    async fn purge_all<D: Dialect>(
-        backend: &SqlBackend<D>,
-        keyspace: KeyspaceId,
-        revision: Revision,
-    ) {
-        while backend
-            .purge_compacted(keyspace, revision, 500)
-            .await
-            .expect("purge")
-            > 0
-        {}
-    }
-
-    /// A keyspace created again with a deleted one's id (SQLite reuses the largest rowid)
-    /// gets its tombstones purged from its first row, not from where the walk of the deleted
-    /// one stopped.
-    #[tokio::test]
-    async fn a_keyspace_with_a_deleted_ones_id_is_walked_from_its_start() {
-        let (backend, old) = sqlite::open_memory_keyspace("old").await;
-        let key = Bytes::from_static(b"k");
-        for _ in 0..3 {
-            put_keys(&backend, old, std::slice::from_ref(&key), |_| {
-                Bytes::from_static(b"v")
-            })
-            .await;
-        }
-        let deleted = delete_key(&backend, old, &key).await;
-        purge_all(&backend, old, deleted + 1).await;
-        assert_eq!(kv_rows(&backend, old).await, 0);
-        assert!(backend.delete_keyspace(old).await.expect("delete"));
-        let new = backend
-            .keyspace("new", true)
-            .await
-            .expect("keyspace")
-            .expect("created");
-        assert_eq!(
-            new, old,
-            "SQLite gave the new keyspace the deleted one's id"
-        );
-        put_keys(&backend, new, std::slice::from_ref(&key), |_| {
-            Bytes::from_static(b"v")
-        })
-        .await;
-        let deleted = delete_key(&backend, new, &key).await;
-        purge_all(&backend, new, deleted + 1).await;
-        assert_eq!(
-            kv_rows(&backend, new).await,
-            0,
-            "the new keyspace's tombstone stayed"
-        );
-    }
-
     #[tokio::test]
     async fn sqlite_tombstones_written_over_since_the_walk_stay() {
         let (backend, keyspace) = sqlite::open_memory_keyspace("t").await;
