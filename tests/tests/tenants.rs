@@ -815,18 +815,41 @@ async fn two_gateways(endpoint: &str, dir: &std::path::Path) -> Result<(Gateway,
     Ok((a, b))
 }
 
-/// The first request through another gateway after its tenant was deleted: NotFound, "this
-/// tenant was deleted".
-async fn refused_as_deleted(client: &mut etcd_client::Client) -> Result<()> {
+/// A read of `k` through `client` fails with `code` and a message containing `text`.
+async fn refused(
+    client: &mut etcd_client::Client,
+    code: Code,
+    text: &str,
+    when: &str,
+) -> Result<()> {
     let status = match client.get("k", None).await {
         Err(etcd_client::Error::GRpcStatus(status)) => status,
-        other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
+        other => anyhow::bail!("{when}: a read of a deleted tenant answered {other:?}"),
     };
     ensure!(
-        status.code() == Code::NotFound && status.message().contains("was deleted"),
-        "first request after the delete: {status:?}"
+        status.code() == code && status.message().contains(text),
+        "{when}: {status:?}"
     );
     Ok(())
+}
+
+/// A deleted tenant's client: its first request says the tenant was deleted, the next one
+/// resolves the tenant afresh (unknown now).
+async fn refused_as_deleted(client: &mut etcd_client::Client) -> Result<()> {
+    refused(
+        client,
+        Code::NotFound,
+        "was deleted",
+        "first request after the delete",
+    )
+    .await?;
+    refused(
+        client,
+        Code::PermissionDenied,
+        "does not exist",
+        "the tenant must be resolved afresh",
+    )
+    .await
 }
 
 /// Two gateways share a database; a tenant deleted through one is not left half-open in the
@@ -840,14 +863,6 @@ async fn deleted_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result<
 
     ok(a.admin(&["delete", "tenant-a"]))?;
     refused_as_deleted(&mut through_b).await?;
-    let status = match through_b.get("k", None).await {
-        Err(etcd_client::Error::GRpcStatus(status)) => status,
-        other => anyhow::bail!("a read of a deleted tenant answered {other:?}"),
-    };
-    ensure!(
-        status.code() == Code::PermissionDenied && status.message().contains("does not exist"),
-        "the tenant must be resolved afresh: {status:?}"
-    );
 
     ok(a.admin(&["create", "tenant-a"]))?;
     let fresh = through_b.get("k", None).await?;
@@ -870,13 +885,7 @@ async fn replaced_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result
     ok(a.admin(&["create", "tenant-b"]))?;
     let mut b_through_a = a.client("tenant-b").await?;
     b_through_a.put("k", "b's", None).await?;
-    refused_as_deleted(&mut through_b).await?;
-    let resolved_again = through_b.get("k", None).await;
-    ensure!(
-        matches!(&resolved_again, Err(etcd_client::Error::GRpcStatus(status)) if status.code() == Code::PermissionDenied),
-        "tenant-a's client after the delete: {resolved_again:?}"
-    );
-    Ok(())
+    refused_as_deleted(&mut through_b).await
 }
 
 /// Runs `scenario` on a datastore that two processes share: a file of a temporary directory
