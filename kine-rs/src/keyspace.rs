@@ -112,10 +112,8 @@ pub struct Keyspace {
     /// its writes write.
     read_budget: Option<WorkBudget>,
     write_budget: Option<WorkBudget>,
-    /// Set when the keyspace is deleted: its watch and keep-alive streams end. Or when it
-    /// moved to another datastore inside this process: then `successor` serves it, and the
-    /// streams carry on there.
-    closed: tokio::sync::watch::Sender<bool>,
+    /// Where the tenant moved inside this process: its hub is closed then (as when the
+    /// keyspace is deleted, [`WatchHub::close`]), and the streams carry on here.
     successor: std::sync::Mutex<Option<Arc<Keyspace>>>,
     /// When the tenant cache last handed it out.
     last_use: crate::tenants::LastUse,
@@ -208,7 +206,6 @@ impl Keyspace {
             repeated_keep_alive_rate: RateLimit::new(limits.repeated_keepalives_per_second),
             read_budget: WorkBudget::new(limits.read_rows_per_second),
             write_budget: WorkBudget::new(limits.write_bytes_per_second),
-            closed: tokio::sync::watch::Sender::new(false),
             last_use: Default::default(),
             read_ahead: Default::default(),
             successor: std::sync::Mutex::new(None),
@@ -227,12 +224,12 @@ impl Keyspace {
 
     /// Becomes `true` when the keyspace is deleted.
     pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.closed.subscribe()
+        self.hub.closed()
     }
 
     /// Ends every watch and keep-alive stream of this keyspace (it was deleted).
     pub fn close(&self) {
-        self.closed.send_replace(true);
+        self.hub.close();
     }
 
     /// The tenant moved to `next` (another datastore, served by this process): streams of
@@ -252,7 +249,7 @@ impl Keyspace {
 
     /// Whether the keyspace was deleted (here or, as its requests found out, elsewhere).
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        self.hub.is_closed()
     }
 
     /// Closes the keyspace when `result` shows another process deleted it, so the tenant

@@ -888,6 +888,23 @@ async fn replaced_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result
     refused_as_deleted(&mut through_b).await
 }
 
+/// Two gateways share a datastore; a tenant deleted through one ends the watches another
+/// gateway holds on it (as a delete in their own process does), though no request of theirs
+/// came to find out.
+async fn watched_elsewhere(endpoint: String, dir: std::path::PathBuf) -> Result<()> {
+    let (a, b) = two_gateways(&endpoint, &dir).await?;
+    ok(a.admin(&["create", "tenant-a"]))?;
+    let mut through_b = b.client("tenant-a").await?;
+    through_b.put("k", "v", None).await?;
+    let (mut watching, _) = watch(&mut through_b, "k", None).await?;
+    ok(a.admin(&["delete", "tenant-a"]))?;
+    match tokio::time::timeout(Duration::from_secs(20), watching.message()).await {
+        Err(_) => bail!("the watch of a tenant deleted elsewhere is still open after 20 s"),
+        Ok(Err(_) | Ok(None)) => Ok(()),
+        Ok(Ok(Some(response))) => bail!("watch of a deleted tenant goes on: {response:?}"),
+    }
+}
+
 /// Runs `scenario` on a datastore that two processes share: a file of a temporary directory
 /// for SQLite, a fresh database of its server otherwise.
 async fn on_shared_datastore<F, Fut>(what: &str, backend: Backend, scenario: F)
@@ -906,7 +923,7 @@ where
 }
 
 macro_rules! shared_datastore_tests {
-    ($($deleted:ident, $replaced:ident: $backend:expr),* $(,)?) => {
+    ($($deleted:ident, $replaced:ident, $watched:ident: $backend:expr),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $deleted() {
@@ -917,19 +934,28 @@ macro_rules! shared_datastore_tests {
             async fn $replaced() {
                 on_shared_datastore("replaced elsewhere", $backend, replaced_elsewhere).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $watched() {
+                on_shared_datastore("watched elsewhere", $backend, watched_elsewhere).await;
+            }
         )*
     };
 }
 
 shared_datastore_tests! {
     sqlite_tenant_deleted_through_another_gateway,
-        sqlite_tenant_replaced_through_another_gateway: Backend::Sqlite,
+        sqlite_tenant_replaced_through_another_gateway,
+        sqlite_tenant_watched_through_another_gateway: Backend::Sqlite,
     postgres_tenant_deleted_through_another_gateway,
-        postgres_tenant_replaced_through_another_gateway: Backend::Postgres,
+        postgres_tenant_replaced_through_another_gateway,
+        postgres_tenant_watched_through_another_gateway: Backend::Postgres,
     mysql_tenant_deleted_through_another_gateway,
-        mysql_tenant_replaced_through_another_gateway: Backend::Mysql,
+        mysql_tenant_replaced_through_another_gateway,
+        mysql_tenant_watched_through_another_gateway: Backend::Mysql,
     nats_tenant_deleted_through_another_gateway,
-        nats_tenant_replaced_through_another_gateway: Backend::Nats,
+        nats_tenant_replaced_through_another_gateway,
+        nats_tenant_watched_through_another_gateway: Backend::Nats,
 }
 
 /// A gateway opens tenants side by side: while one tenant's creation waits on the database

@@ -49,6 +49,8 @@ struct Waker {
     /// An announcement without a revision came (NATS, an old commit function, a listener
     /// that reconnected): the hub must look.
     unknown: AtomicBool,
+    /// The poll found the keyspace no longer there (deleted, by this process or another).
+    missing: AtomicBool,
 }
 
 /// A hub's subscription; dropping it unsubscribes.
@@ -120,6 +122,15 @@ impl CommitFeed {
         }
     }
 
+    /// `keyspace` was missing from a poll: wakes its hubs to find out whether it was deleted.
+    fn missing(&self, keyspace: KeyspaceId) {
+        let watched = self.lock();
+        for waker in watched.hubs.get(&keyspace).into_iter().flatten() {
+            waker.missing.store(true, Ordering::Release);
+            waker.notify.notify_one();
+        }
+    }
+
     /// Any keyspace may have changed (announcements may have been lost): wakes every hub.
     pub fn announce_all(&self) {
         let watched = self.lock();
@@ -154,6 +165,11 @@ impl Subscription {
     /// Whether an announcement without a revision came since the last call.
     pub fn take_unknown(&self) -> bool {
         self.waker.unknown.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a poll since the last call found the keyspace missing.
+    pub fn take_missing(&self) -> bool {
+        self.waker.missing.swap(false, Ordering::AcqRel)
     }
 
     /// The highest revision announced.
@@ -196,6 +212,14 @@ async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Dura
         match backend.revisions(&ids).await {
             Ok(revisions) => {
                 failing = false;
+                // Deleted keyspaces are left out of the answer: a tenant deleted through
+                // another process ends the watches this one holds on it.
+                for id in ids
+                    .iter()
+                    .filter(|id| !revisions.iter().any(|(found, _)| found == *id))
+                {
+                    feed.missing(*id);
+                }
                 for (id, revision) in revisions {
                     feed.announce(id, Some(revision));
                 }

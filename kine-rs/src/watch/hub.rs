@@ -144,6 +144,10 @@ pub struct WatchHub {
     writing: AtomicI64,
     /// Most bytes of batches held for streams that have not read them.
     buffer_bytes: usize,
+    /// Becomes `true` when the keyspace is deleted (here, or by another process as a request
+    /// or the change feed found out), or moved to another datastore inside this process: its
+    /// watch and keep-alive streams end, or carry on with the keyspace's successor.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 struct HubState {
@@ -210,7 +214,23 @@ impl WatchHub {
             wake: Notify::new(),
             committed: AtomicI64::new(published),
             writing: AtomicI64::new(0),
+            closed: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Becomes `true` when the keyspace is deleted.
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Ends every watch and keep-alive stream of the keyspace (it was deleted).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Whether the keyspace was deleted (as far as this process knows).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
@@ -375,6 +395,14 @@ impl WatchHub {
                 _ = feed.changed() => {}
                 // Only to notice that the last subscriber left.
                 _ = tokio::time::sleep(IDLE_CHECK) => continue,
+            }
+            if feed.take_missing() && !self.is_closed() {
+                // The feed's poll no longer found the keyspace: deleted, if its state says so
+                // too (another process's delete; this process's own closes it anyway).
+                if let Err(KineError::KeyspaceDeleted) = self.backend.state(self.keyspace).await {
+                    self.close();
+                    continue;
+                }
             }
             let published = self.published();
             let unknown = feed.take_unknown();
