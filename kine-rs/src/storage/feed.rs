@@ -10,7 +10,7 @@
 //! commit this process made (its hub is woken by the writer, without a round trip) and
 //! announced back by the database wakes nobody a second time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -214,11 +214,11 @@ async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Dura
                 failing = false;
                 // Deleted keyspaces are left out of the answer: a tenant deleted through
                 // another process ends the watches this one holds on it.
-                for id in ids
-                    .iter()
-                    .filter(|id| !revisions.iter().any(|(found, _)| found == *id))
-                {
-                    feed.missing(*id);
+                if revisions.len() < ids.len() {
+                    let found: HashSet<KeyspaceId> = revisions.iter().map(|(id, _)| *id).collect();
+                    for id in ids.iter().filter(|id| !found.contains(id)) {
+                        feed.missing(*id);
+                    }
                 }
                 for (id, revision) in revisions {
                     feed.announce(id, Some(revision));
