@@ -555,45 +555,118 @@ pub fn spawn_etcd_with(extra_args: &[&str]) -> ChildGuard {
     spawn_etcd_binary(&etcd_binary(), extra_args)
 }
 
-/// Starts `binary` (an etcd server) like [`spawn_etcd_with`].
+/// Starts `binary` (an etcd server) like [`spawn_etcd_with`], once it answers `/health`:
+/// its client port accepts connections before it has elected itself leader, and a test's
+/// first request then failed. An etcd that exits while starting (a port taken between
+/// choosing it and etcd's bind) is started again on other ports, twice at most; its log
+/// (`etcd.log` of its directory) is in the failure message.
 pub fn spawn_etcd_binary(binary: &Path, extra_args: &[&str]) -> ChildGuard {
     let dir = tempfile::tempdir().expect("tempdir");
-    let address = format!("127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let mut child = Command::new(binary)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--name", "oracle"])
-        .arg("--listen-client-urls")
-        .arg(format!("http://{address}"))
-        .arg("--advertise-client-urls")
-        .arg(format!("http://{address}"))
-        .arg("--listen-peer-urls")
-        .arg(&peer)
-        .arg("--initial-advertise-peer-urls")
-        .arg(&peer)
-        .arg("--initial-cluster")
-        .arg(format!("oracle={peer}"))
-        .args(["--log-level", "error"])
-        .args(extra_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("KINE_TEST_LOG").is_some() {
+    let log = dir.path().join("etcd.log");
+    for attempt in 1..=3 {
+        let address = format!("127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let data = dir.path().join("data");
+        let _ = std::fs::remove_dir_all(&data);
+        let stderr = if std::env::var_os("KINE_TEST_LOG").is_some() {
             Stdio::inherit()
         } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("start etcd (is it installed? the README's test command installs it)");
-    wait_for_port(&address, &mut child, "etcd");
-    ChildGuard {
-        child,
-        endpoint: format!("http://{address}"),
-        address,
-        dir: dir.path().to_path_buf(),
-        _dir: dir,
-        database: None,
+            Stdio::from(std::fs::File::create(&log).expect("etcd log file"))
+        };
+        let mut child = Command::new(binary)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--name", "oracle"])
+            .arg("--listen-client-urls")
+            .arg(format!("http://{address}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://{address}"))
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("oracle={peer}"))
+            .args(["--log-level", "error"])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start etcd (is it installed? the README's test command installs it)");
+        match wait_for_etcd_health(&address, &mut child) {
+            EtcdStart::Healthy => {
+                return ChildGuard {
+                    child,
+                    endpoint: format!("http://{address}"),
+                    address,
+                    dir: dir.path().to_path_buf(),
+                    _dir: dir,
+                    database: None,
+                };
+            }
+            EtcdStart::Exited(status) if attempt < 3 => {
+                eprintln!(
+                    "etcd on {address} exited while starting ({status}); starting it again{}",
+                    log_tail(Some(&log))
+                );
+            }
+            EtcdStart::Exited(status) => {
+                panic!(
+                    "etcd on {address} exited while starting, three times: {status}{}",
+                    log_tail(Some(&log))
+                )
+            }
+            EtcdStart::Unhealthy(last) => {
+                let _ = child.kill();
+                panic!(
+                    "etcd on {address} was not healthy within 30s (last answer: {last}){}",
+                    log_tail(Some(&log))
+                )
+            }
+        }
     }
+    unreachable!("the last attempt returns or panics")
+}
+
+/// How an etcd's start ended.
+enum EtcdStart {
+    Healthy,
+    Exited(std::process::ExitStatus),
+    /// Still running after 30 s without a healthy answer; the last answer or error.
+    Unhealthy(String),
+}
+
+/// Polls etcd's `GET /health` on its client address until it says `"health":"true"` (it
+/// does once it has a leader and answers a linearizable read), the process exits, or 30 s
+/// pass.
+fn wait_for_etcd_health(address: &str, child: &mut Child) -> EtcdStart {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::from("no connection");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return EtcdStart::Exited(status);
+        }
+        let answer = (|| -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                stream,
+                "GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })();
+        match answer {
+            Ok(answer) if answer.contains("\"health\":\"true\"") => return EtcdStart::Healthy,
+            Ok(answer) => last = answer.lines().last().unwrap_or_default().to_string(),
+            Err(error) => last = error.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    EtcdStart::Unhealthy(last)
 }
 
 pub mod differential;
