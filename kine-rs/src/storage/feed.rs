@@ -4,8 +4,9 @@
 //! watchers is not subscribed and costs nothing. The feed learns of commits of other
 //! processes from the datastore's announcements (PostgreSQL's LISTEN/NOTIFY, NATS's followers)
 //! and from one poll per process, whatever the number of watched keyspaces: one statement
-//! reading the revisions of all of them ([`Backend::revisions`]) every
-//! [`Backend::poll_interval`] (MySQL's only source; elsewhere a safety net, once a second).
+//! reading the revisions of all of them ([`Backend::revisions`]) at the backend's
+//! [`PollCadence`] (MySQL's only source, often while commits come and seldom once they stop;
+//! elsewhere a safety net, once a second).
 //! It wakes only the hubs whose keyspace moved past what they already published, so a
 //! commit this process made (its hub is woken by the writer, without a round trip) and
 //! announced back by the database wakes nobody a second time.
@@ -13,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tracing::warn;
@@ -24,6 +25,39 @@ use crate::model::Revision;
 /// How often the feed polls when the backend names no interval: the safety net for
 /// announcements that never came (a write by another tool, a listener that was down).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
+
+/// How long the feed keeps polling at [`PollCadence::busy`] after a poll last saw a watched
+/// keyspace's revision move (or a keyspace begin to be watched).
+pub const BUSY_HOLD: Duration = Duration::from_secs(1);
+
+/// How often the feed polls a datastore that announces nothing: every `busy` while commits
+/// come, so that a watch sees another process's writes within a few milliseconds, and every
+/// `quiet` once none came for [`BUSY_HOLD`], so that a process whose watched keyspaces rest
+/// costs the database (and itself) a statement every `quiet` instead of every `busy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollCadence {
+    pub busy: Duration,
+    pub quiet: Duration,
+}
+
+impl PollCadence {
+    /// The same interval whether commits come or not.
+    pub const fn every(interval: Duration) -> Self {
+        PollCadence {
+            busy: interval,
+            quiet: interval,
+        }
+    }
+
+    /// The wait before the next poll, `since_change` after a poll last saw a change.
+    pub fn next_wait(&self, since_change: Duration) -> Duration {
+        if since_change < BUSY_HOLD {
+            self.busy
+        } else {
+            self.quiet
+        }
+    }
+}
 
 /// One process's feed of commits in one datastore.
 #[derive(Default)]
@@ -87,12 +121,10 @@ impl CommitFeed {
             .push(waker.clone());
         if !watched.polling {
             watched.polling = true;
-            let interval = backend.poll_interval().unwrap_or(SAFETY_POLL);
-            tokio::spawn(poll(
-                Arc::downgrade(self),
-                Arc::downgrade(backend),
-                interval,
-            ));
+            let cadence = backend
+                .poll_cadence()
+                .unwrap_or(PollCadence::every(SAFETY_POLL));
+            tokio::spawn(poll(Arc::downgrade(self), Arc::downgrade(backend), cadence));
         }
         Subscription {
             feed: self.clone(),
@@ -195,13 +227,17 @@ impl Drop for Subscription {
     }
 }
 
-/// Reads the revisions of every watched keyspace every `interval`, in one statement per
+/// Reads the revisions of every watched keyspace at `cadence`, in one statement per
 /// [`POLL_CHUNK`] keyspaces, and announces them; ends when nothing is watched any more (the
 /// next subscription starts it again) or the feed or backend is gone.
-async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Duration) {
+async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, cadence: PollCadence) {
     let mut failing = false;
+    // What the last poll read, to tell whether this one saw a keyspace move; a keyspace not
+    // in it (just watched) counts as moved.
+    let mut seen: HashMap<KeyspaceId, Revision> = HashMap::new();
+    let mut changed_at = Instant::now();
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(cadence.next_wait(changed_at.elapsed())).await;
         let Some(feed) = feed.upgrade() else { return };
         let Some(ids) = feed.poll_targets() else {
             return;
@@ -220,8 +256,16 @@ async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Dura
                         feed.missing(*id);
                     }
                 }
+                let mut moved = false;
+                let mut read = HashMap::with_capacity(revisions.len());
                 for (id, revision) in revisions {
+                    moved |= seen.get(&id) != Some(&revision);
+                    read.insert(id, revision);
                     feed.announce(id, Some(revision));
+                }
+                seen = read;
+                if moved {
+                    changed_at = Instant::now();
                 }
             }
             Err(error) => {
@@ -237,3 +281,26 @@ async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, interval: Dura
 
 /// Most keyspaces one poll statement reads.
 pub const POLL_CHUNK: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_waits_its_busy_interval_for_a_second_after_a_change_then_its_quiet_one() {
+        let cadence = PollCadence {
+            busy: Duration::from_millis(5),
+            quiet: Duration::from_millis(30),
+        };
+        assert_eq!(cadence.next_wait(Duration::ZERO), cadence.busy);
+        assert_eq!(
+            cadence.next_wait(BUSY_HOLD - Duration::from_millis(1)),
+            cadence.busy
+        );
+        assert_eq!(cadence.next_wait(BUSY_HOLD), cadence.quiet);
+        assert_eq!(cadence.next_wait(Duration::from_secs(3600)), cadence.quiet);
+        let safety = PollCadence::every(SAFETY_POLL);
+        assert_eq!(safety.next_wait(Duration::ZERO), SAFETY_POLL);
+        assert_eq!(safety.next_wait(BUSY_HOLD), SAFETY_POLL);
+    }
+}

@@ -451,7 +451,7 @@ pub trait Backend: Send + Sync + 'static {
     /// How often this process's change feed looks for commits made by other processes
     /// ([`feed`]); `None` when the datastore announces every commit (or this process is its
     /// only writer), so the feed polls only as a safety net ([`feed::SAFETY_POLL`]).
-    fn poll_interval(&self) -> Option<Duration>;
+    fn poll_cadence(&self) -> Option<feed::PollCadence>;
 
     /// This process's change feed of the datastore: what wakes watch hubs for commits made
     /// by other processes (see [`feed`]).

@@ -16,14 +16,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool, Transaction};
 
-use super::feed::{CommitFeed, POLL_CHUNK};
+use super::feed::{CommitFeed, POLL_CHUNK, PollCadence};
 use super::page_counts::PageCounts;
 use super::{
     Backend, BatchKeys, KeyspaceId, KeyspaceState, MigrationRole, Quota, RangeQuery, RangeRows,
@@ -1401,8 +1401,8 @@ pub struct SqlBackend<D: Dialect> {
     writers: Pool<D::DB>,
     /// SQLite: the connection write batches run on, out of `writers` ([`BatchConnection`]).
     batch_connection: Option<BatchConnection<D>>,
-    /// How often to look for other processes' commits; `None` when there are none.
-    poll: Option<Duration>,
+    /// How often to look for other processes' commits; `None`: only the feed's safety net.
+    poll: Option<PollCadence>,
     /// This process's change feed of the database.
     feed: Arc<CommitFeed>,
     /// A few connections of their own for the watch hubs' reads of new events and the feed's
@@ -1439,7 +1439,7 @@ impl<D: Dialect> SqlBackend<D> {
     pub fn new(
         readers: Pool<D::DB>,
         writers: Pool<D::DB>,
-        poll: Option<Duration>,
+        poll: Option<PollCadence>,
         feed: Arc<CommitFeed>,
         guard: Box<dyn Send + Sync>,
     ) -> Self {
@@ -2408,7 +2408,7 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         true
     }
 
-    fn poll_interval(&self) -> Option<Duration> {
+    fn poll_cadence(&self) -> Option<PollCadence> {
         self.poll
     }
 

@@ -745,7 +745,7 @@ impl Backend for NatsBackend {
         Ok(())
     }
 
-    fn poll_interval(&self) -> Option<Duration> {
+    fn poll_cadence(&self) -> Option<super::feed::PollCadence> {
         // Followers announce every commit of another process through `changes`.
         None
     }
