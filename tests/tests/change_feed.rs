@@ -22,6 +22,9 @@ const IDLE: Duration = Duration::from_secs(3);
 /// begins: it keeps polling at its busy interval for a second after the last one it saw
 /// (`kine::storage::feed::BUSY_HOLD`).
 const SETTLE: Duration = Duration::from_millis(1500);
+/// How long the watching gateway writes to a watched tenant itself while its feed's polls
+/// are counted.
+const OWN_WRITES: Duration = Duration::from_secs(2);
 
 fn http_get(address: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -67,8 +70,10 @@ async fn client_as(kine: &ChildGuard, pki: &Pki, name: &str) -> Result<Client> {
 
 /// Two gateways on one database. The first holds a watch on each of `TENANTS` tenants: while
 /// nobody writes, it reads no keyspace's state or events (only its feed's poll, one
-/// statement for all of them, at most once per `quiet_poll`); then the second gateway writes
-/// each tenant twice, and every watch gets exactly its tenant's two events, in order.
+/// statement for all of them, at most once per `quiet_poll`); while it writes a watched
+/// tenant itself, its feed still polls at most once per `quiet_poll` (its own commits are no
+/// news to it); then the second gateway writes each tenant twice, and every watch gets
+/// exactly its tenant's two events, in order.
 async fn one_feed_for_many_tenants(
     backend: Backend,
     driver: &str,
@@ -129,6 +134,28 @@ async fn one_feed_for_many_tenants(
         idle_polls <= most,
         "the change feed polled {idle_polls} times in {IDLE:?} while nothing changed: more \
          than once every {quiet_poll:?}"
+    );
+
+    // Its own writes to a watched tenant (outside the watched prefix) are no news to its
+    // feed: its hubs get them from its writer.
+    let mut own = client_as(&watching, &pki, &names[0]).await?;
+    let polls = count("feed_poll");
+    let started = std::time::Instant::now();
+    let mut puts = 0;
+    while started.elapsed() < OWN_WRITES {
+        own.put(format!("own/{puts}"), "v", None).await?;
+        puts += 1;
+    }
+    let own_polls = count("feed_poll") - polls;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{driver}: {puts} puts through the watching gateway in {elapsed:?}: {own_polls} feed polls"
+    );
+    let most = (elapsed.as_secs_f64() / quiet_poll.as_secs_f64()).ceil() + 2.0;
+    ensure!(
+        own_polls <= most,
+        "the change feed polled {own_polls} times in {elapsed:?} while only its own process \
+         wrote: more than once every {quiet_poll:?}"
     );
 
     // Writes through the other process reach every watcher, exactly once and in order.

@@ -5,8 +5,8 @@
 //! processes from the datastore's announcements (PostgreSQL's LISTEN/NOTIFY, NATS's followers)
 //! and from one poll per process, whatever the number of watched keyspaces: one statement
 //! reading the revisions of all of them ([`Backend::revisions`]) at the backend's
-//! [`PollCadence`] (MySQL's only source, often while commits come and seldom once they stop;
-//! elsewhere a safety net, once a second).
+//! [`PollCadence`] (MySQL's only source, often while it brings other processes' commits and
+//! seldom once it stops; elsewhere a safety net, once a second).
 //! It wakes only the hubs whose keyspace moved past what they already published, so a
 //! commit this process made (its hub is woken by the writer, without a round trip) and
 //! announced back by the database wakes nobody a second time.
@@ -26,14 +26,15 @@ use crate::model::Revision;
 /// announcements that never came (a write by another tool, a listener that was down).
 pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 
-/// How long the feed keeps polling at [`PollCadence::busy`] after a poll last saw a watched
-/// keyspace's revision move (or a keyspace begin to be watched).
+/// How long the feed keeps polling at [`PollCadence::busy`] after a hub last found news in
+/// what it announced.
 pub const BUSY_HOLD: Duration = Duration::from_secs(1);
 
-/// How often the feed polls a datastore that announces nothing: every `busy` while commits
-/// come, so that a watch sees another process's writes within a few milliseconds, and every
-/// `quiet` once none came for [`BUSY_HOLD`], so that a process whose watched keyspaces rest
-/// costs the database (and itself) a statement every `quiet` instead of every `busy`.
+/// How often the feed polls a datastore that announces nothing: every `busy` while it brings
+/// news (commits of other processes, which a hub then reads), so that a watch sees them
+/// within a few milliseconds, and every `quiet` once it brought none for [`BUSY_HOLD`]. A
+/// process whose watched keyspaces rest, or that is their only writer (its hubs get its own
+/// commits from its writer), costs the database a statement every `quiet`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollCadence {
     pub busy: Duration,
@@ -49,9 +50,9 @@ impl PollCadence {
         }
     }
 
-    /// The wait before the next poll, `since_change` after a poll last saw a change.
-    pub fn next_wait(&self, since_change: Duration) -> Duration {
-        if since_change < BUSY_HOLD {
+    /// The wait before the next poll, `since_news` after a hub last found news.
+    pub fn next_wait(&self, since_news: Duration) -> Duration {
+        if since_news < BUSY_HOLD {
             self.busy
         } else {
             self.quiet
@@ -70,6 +71,8 @@ struct Watched {
     hubs: HashMap<KeyspaceId, Vec<Arc<Waker>>>,
     /// Whether the poll task runs (it ends when nothing is watched).
     polling: bool,
+    /// When a hub last read commits it learned of here ([`Subscription::found_news`]).
+    news: Option<Instant>,
 }
 
 /// What wakes one subscribed hub.
@@ -177,6 +180,13 @@ impl CommitFeed {
         self.lock().hubs.keys().copied().collect()
     }
 
+    /// How long since a hub last found news here (`Duration::MAX`: never).
+    fn since_news(&self) -> Duration {
+        self.lock()
+            .news
+            .map_or(Duration::MAX, |news| news.elapsed())
+    }
+
     /// The watched keyspaces, or `None` (and the poll counts as stopped) when there are none.
     fn poll_targets(&self) -> Option<Vec<KeyspaceId>> {
         let mut watched = self.lock();
@@ -213,6 +223,12 @@ impl Subscription {
     pub fn published(&self, revision: Revision) {
         self.waker.published.fetch_max(revision, Ordering::AcqRel);
     }
+
+    /// An announcement brought the hub commits it had to read (another process's): the poll
+    /// keeps its busy interval for [`BUSY_HOLD`].
+    pub fn found_news(&self) {
+        self.feed.lock().news = Some(Instant::now());
+    }
 }
 
 impl Drop for Subscription {
@@ -232,12 +248,14 @@ impl Drop for Subscription {
 /// next subscription starts it again) or the feed or backend is gone.
 async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, cadence: PollCadence) {
     let mut failing = false;
-    // What the last poll read, to tell whether this one saw a keyspace move; a keyspace not
-    // in it (just watched) counts as moved.
-    let mut seen: HashMap<KeyspaceId, Revision> = HashMap::new();
-    let mut changed_at = Instant::now();
     loop {
-        tokio::time::sleep(cadence.next_wait(changed_at.elapsed())).await;
+        let Some(wait) = feed
+            .upgrade()
+            .map(|feed| cadence.next_wait(feed.since_news()))
+        else {
+            return;
+        };
+        tokio::time::sleep(wait).await;
         let Some(feed) = feed.upgrade() else { return };
         let Some(ids) = feed.poll_targets() else {
             return;
@@ -256,16 +274,8 @@ async fn poll(feed: Weak<CommitFeed>, backend: Weak<dyn Backend>, cadence: PollC
                         feed.missing(*id);
                     }
                 }
-                let mut moved = false;
-                let mut read = HashMap::with_capacity(revisions.len());
                 for (id, revision) in revisions {
-                    moved |= seen.get(&id) != Some(&revision);
-                    read.insert(id, revision);
                     feed.announce(id, Some(revision));
-                }
-                seen = read;
-                if moved {
-                    changed_at = Instant::now();
                 }
             }
             Err(error) => {
@@ -287,7 +297,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_poll_waits_its_busy_interval_for_a_second_after_a_change_then_its_quiet_one() {
+    fn the_poll_waits_its_busy_interval_for_a_second_after_news_then_its_quiet_one() {
         let cadence = PollCadence {
             busy: Duration::from_millis(5),
             quiet: Duration::from_millis(30),
@@ -298,7 +308,7 @@ mod tests {
             cadence.busy
         );
         assert_eq!(cadence.next_wait(BUSY_HOLD), cadence.quiet);
-        assert_eq!(cadence.next_wait(Duration::from_secs(3600)), cadence.quiet);
+        assert_eq!(cadence.next_wait(Duration::MAX), cadence.quiet);
         let safety = PollCadence::every(SAFETY_POLL);
         assert_eq!(safety.next_wait(Duration::ZERO), SAFETY_POLL);
         assert_eq!(safety.next_wait(BUSY_HOLD), SAFETY_POLL);

@@ -419,7 +419,11 @@ impl WatchHub {
                 continue;
             }
             self.tail(&mut sizer, (!unknown).then_some(target)).await;
-            feed.published(self.published());
+            let read = self.published();
+            if read > published {
+                feed.found_news();
+            }
+            feed.published(read);
         }
     }
 
