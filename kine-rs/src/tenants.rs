@@ -210,10 +210,7 @@ impl Tenants {
         }
         let (id, existed) = match self.backend.keyspace(name, false).await? {
             Some(id) => (id, true),
-            None if create => match self.backend.keyspace(name, true).await? {
-                Some(id) => (id, false),
-                None => return Ok(None),
-            },
+            None if create => (self.backend.create_keyspace(name).await?, false),
             None => return Ok(None),
         };
         let keyspace =

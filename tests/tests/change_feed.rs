@@ -68,7 +68,9 @@ async fn client_as(kine: &ChildGuard, pki: &Pki, name: &str) -> Result<Client> {
     Ok(Client::connect([endpoint.as_str()], Some(options)).await?)
 }
 
-/// Two gateways on one database. The first holds a watch on each of `TENANTS` tenants: while
+/// Two gateways on one database. The first holds a watch on each of `TENANTS` tenants, each
+/// created on its first use with one lookup and one insert (`finds_per_new_tenant` lookups in
+/// all, so MySQL's lookup after its insert counts too): while
 /// nobody writes, it reads no keyspace's state or events (only its feed's poll, one
 /// statement for all of them, at most once per `quiet_poll`); while it writes a watched
 /// tenant itself, its feed still polls at most once per `quiet_poll` (its own commits are no
@@ -78,6 +80,7 @@ async fn one_feed_for_many_tenants(
     backend: Backend,
     driver: &str,
     quiet_poll: Duration,
+    finds_per_new_tenant: f64,
 ) -> Result<()> {
     let database = TestDatabase::new(backend).context("a database server backend")?;
     let dir = tempfile::tempdir()?;
@@ -102,17 +105,29 @@ async fn one_feed_for_many_tenants(
     let watching = start(vec!["--metrics-bind-address".into(), metrics.clone()]).await?;
     let writing = start(Vec::new()).await?;
 
+    let count = |query: &str| statements(&metrics, driver, query);
+    let (finds, creates) = (count("keyspace_find"), count("keyspace_create"));
     let mut streams = Vec::new();
     for name in &names {
         let mut client = client_as(&watching, &pki, name).await?;
         let (stream, _) = watch(&mut client, "k/", Some(WatchOptions::new().with_prefix())).await?;
         streams.push((client, stream));
     }
+    // Each tenant was created on its first use: one lookup and one insert answering its id
+    // (MySQL, without `RETURNING`: a lookup after the insert too).
+    let (finds, creates) = (
+        count("keyspace_find") - finds,
+        count("keyspace_create") - creates,
+    );
+    let tenants = TENANTS as f64;
+    ensure!(
+        creates == tenants && finds == tenants * finds_per_new_tenant,
+        "{TENANTS} tenants created on first use cost {finds} lookups and {creates} inserts"
+    );
 
     // Idle: no per-tenant statement at all, whatever the number of watched tenants, and the
     // feed's poll at its quiet interval.
     tokio::time::sleep(SETTLE).await;
-    let count = |query: &str| statements(&metrics, driver, query);
     let (state, events, polls) = (count("state"), count("events"), count("feed_poll"));
     tokio::time::sleep(IDLE).await;
     let idle_state = count("state") - state;
@@ -187,10 +202,10 @@ async fn one_feed_for_many_tenants(
     Ok(())
 }
 
-async fn run(backend: Backend, driver: &str, quiet_poll: Duration) {
+async fn run(backend: Backend, driver: &str, quiet_poll: Duration, finds_per_new_tenant: f64) {
     tokio::time::timeout(
         Duration::from_secs(180),
-        one_feed_for_many_tenants(backend, driver, quiet_poll),
+        one_feed_for_many_tenants(backend, driver, quiet_poll, finds_per_new_tenant),
     )
     .await
     .expect("timed out")
@@ -200,11 +215,11 @@ async fn run(backend: Backend, driver: &str, quiet_poll: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_one_feed_for_many_watched_tenants() {
     // PostgreSQL announces commits; its poll is the safety net, once a second.
-    run(Backend::Postgres, "postgres", Duration::from_secs(1)).await;
+    run(Backend::Postgres, "postgres", Duration::from_secs(1), 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_one_feed_for_many_watched_tenants() {
     // MySQL's only source: every 5 ms while commits come, every 30 ms at rest.
-    run(Backend::Mysql, "mysql", Duration::from_millis(30)).await;
+    run(Backend::Mysql, "mysql", Duration::from_millis(30), 2.0).await;
 }

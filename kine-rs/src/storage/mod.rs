@@ -240,6 +240,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Finds the keyspace named `name`, creating it when `create` is set.
     async fn keyspace(&self, name: &str, create: bool) -> Result<Option<KeyspaceId>>;
 
+    /// Creates the keyspace named `name` unless it exists, for a caller that has just looked
+    /// for it ([`Backend::keyspace`] without `create`) and not found it: its id.
+    async fn create_keyspace(&self, name: &str) -> Result<KeyspaceId> {
+        self.keyspace(name, true)
+            .await?
+            .ok_or_else(|| KineError::Storage(format!("keyspace {name:?} was not created")))
+    }
+
     /// Reads the keyspace's counters.
     async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState>;
 

@@ -49,6 +49,8 @@ impl Dialect for Mysql {
     const LOCK: &'static str = " FOR UPDATE";
     const INSERT_KEYSPACE: &'static str =
         "INSERT INTO keyspaces (name) VALUES (?) ON DUPLICATE KEY UPDATE name = name";
+    // MySQL has no `RETURNING`.
+    const INSERT_KEYSPACE_RETURNS_ID: bool = false;
     const EMPTY_BYTES: &'static str = "X''";
     const SIZE: &'static str = "SELECT \
          CAST(COALESCE(SUM(data_length + index_length + data_free), 0) AS SIGNED), \

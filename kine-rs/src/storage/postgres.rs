@@ -60,7 +60,8 @@ impl Dialect for Postgres {
     const BEGIN_READ: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
     const LOCK: &'static str = " FOR UPDATE";
     const INSERT_KEYSPACE: &'static str =
-        "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING";
+        "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING RETURNING id";
+    const INSERT_KEYSPACE_RETURNS_ID: bool = true;
     const EMPTY_BYTES: &'static str = "''::bytea";
     const SIZE: &'static str = "SELECT pg_database_size(current_database())::bigint, \
          (COALESCE(pg_total_relation_size('kv'), 0) + COALESCE(pg_total_relation_size('kv_head'), 0) \

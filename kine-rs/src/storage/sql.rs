@@ -252,6 +252,9 @@ pub trait Dialect: Send + Sync + 'static {
     const LOCK: &'static str;
     /// Creates a keyspace named `?` unless it exists.
     const INSERT_KEYSPACE: &'static str;
+    /// Whether [`Dialect::INSERT_KEYSPACE`] answers the new keyspace's id (`RETURNING`; no
+    /// row when it existed), saving a lookup after it.
+    const INSERT_KEYSPACE_RETURNS_ID: bool;
     /// An empty byte string, as a literal.
     const EMPTY_BYTES: &'static str;
     /// Allocated and in-use bytes of the datastore, as two integer columns.
@@ -1731,6 +1734,9 @@ impl<D: Dialect> SqlBackend<D> {
     }
 }
 
+/// A keyspace's id by its name.
+const FIND_KEYSPACE: &str = "SELECT id FROM keyspaces WHERE name = ?";
+
 #[async_trait]
 impl<D: Dialect> Backend for SqlBackend<D> {
     fn driver(&self) -> &'static str {
@@ -1738,11 +1744,15 @@ impl<D: Dialect> Backend for SqlBackend<D> {
     }
 
     async fn keyspace(&self, name: &str, create: bool) -> Result<Option<KeyspaceId>> {
-        const FIND: &str = "SELECT id FROM keyspaces WHERE name = ?";
         {
             let mut conn = acquire::<D>(&self.readers).await?;
-            if let Some(row) =
-                fetch_optional::<D>(&mut conn, "keyspace_find", FIND, &[Arg::Text(name)]).await?
+            if let Some(row) = fetch_optional::<D>(
+                &mut conn,
+                "keyspace_find",
+                FIND_KEYSPACE,
+                &[Arg::Text(name)],
+            )
+            .await?
             {
                 return Ok(Some(D::DB::int(&row, 0)?));
             }
@@ -1750,18 +1760,26 @@ impl<D: Dialect> Backend for SqlBackend<D> {
         if !create {
             return Ok(None);
         }
+        self.create_keyspace(name).await.map(Some)
+    }
+
+    async fn create_keyspace(&self, name: &str) -> Result<KeyspaceId> {
         let mut conn = acquire::<D>(&self.writers).await?;
-        execute::<D>(
-            &mut conn,
-            "keyspace_create",
-            D::INSERT_KEYSPACE,
-            &[Arg::Text(name)],
-        )
-        .await?;
-        let row = fetch_optional::<D>(&mut conn, "keyspace_find", FIND, &[Arg::Text(name)])
+        let args = [Arg::Text(name)];
+        if D::INSERT_KEYSPACE_RETURNS_ID {
+            if let Some(row) =
+                fetch_optional::<D>(&mut conn, "keyspace_create", D::INSERT_KEYSPACE, &args).await?
+            {
+                return D::DB::int(&row, 0);
+            }
+            // Created by another process meanwhile: found below.
+        } else {
+            execute::<D>(&mut conn, "keyspace_create", D::INSERT_KEYSPACE, &args).await?;
+        }
+        let row = fetch_optional::<D>(&mut conn, "keyspace_find", FIND_KEYSPACE, &args)
             .await?
             .ok_or_else(|| KineError::Storage(format!("keyspace {name:?} was not created")))?;
-        Ok(Some(D::DB::int(&row, 0)?))
+        D::DB::int(&row, 0)
     }
 
     async fn state(&self, keyspace: KeyspaceId) -> Result<KeyspaceState> {

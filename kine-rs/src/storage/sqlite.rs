@@ -58,7 +58,8 @@ impl Dialect for Sqlite {
     const BEGIN_READ: &'static str = "BEGIN";
     const LOCK: &'static str = "";
     const INSERT_KEYSPACE: &'static str =
-        "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING";
+        "INSERT INTO keyspaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING RETURNING id";
+    const INSERT_KEYSPACE_RETURNS_ID: bool = true;
     const EMPTY_BYTES: &'static str = "X''";
     const SIZE: &'static str = "SELECT p.page_count * s.page_size, \
          (p.page_count - f.freelist_count) * s.page_size \
