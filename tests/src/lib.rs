@@ -358,6 +358,19 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // A failing test shows what its server said (its log goes to its directory).
+        if std::thread::panicking() {
+            for name in ["kine.log", "etcd.log"] {
+                let log = self.dir.join(name);
+                if log.exists() {
+                    eprintln!(
+                        "the server on {} ({name}){}",
+                        self.address,
+                        log_tail(Some(&log))
+                    );
+                }
+            }
+        }
         self.kill();
     }
 }
@@ -372,7 +385,7 @@ pub fn wait_for_port(address: &str, child: &mut Child, what: &str) {
 fn wait_for_port_logged(address: &str, child: &mut Child, what: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(address).is_ok() {
+        if std::net::TcpStream::connect(address).is_ok() && listens_itself(child, address) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -387,6 +400,46 @@ fn wait_for_port_logged(address: &str, child: &mut Child, what: &str, log: Optio
         "{what} did not listen on {address} within 30s{}",
         log_tail(log)
     );
+}
+
+/// Whether the listening socket on `address` (`127.0.0.1:PORT`) is `child`'s own, not another
+/// process's that held the port (a test's first request then met that process, or nothing
+/// once it exited: two CI runs lost a test that way). Read from `/proc`; `true` where it
+/// cannot be read.
+fn listens_itself(child: &Child, address: &str) -> bool {
+    let Some(port) = address
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+    else {
+        return true;
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let table6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    // Lines: `sl local_address rem_address st ... inode`; LISTEN is state 0A.
+    let listening: Vec<String> = table
+        .lines()
+        .skip(1)
+        .chain(table6.lines().skip(1))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            let inode = fields.get(9)?;
+            (u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A")
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", child.id())) else {
+        return true;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            listening
+                .iter()
+                .any(|socket| target.as_os_str() == socket.as_str())
+        })
+    })
 }
 
 /// The last lines of a process's log, for a failure message.
@@ -629,6 +682,21 @@ pub fn spawn_etcd_binary(binary: &Path, extra_args: &[&str]) -> ChildGuard {
     unreachable!("the last attempt returns or panics")
 }
 
+/// `GET path` from the HTTP/1.1 server at `address` (kine-rs's metrics and health
+/// endpoints, etcd's `/health`): the whole answer, status line and headers included.
+pub fn http_get(address: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// How an etcd's start ended.
 enum EtcdStart {
     Healthy,
@@ -641,26 +709,18 @@ enum EtcdStart {
 /// does once it has a leader and answers a linearizable read), the process exits, or 30 s
 /// pass.
 fn wait_for_etcd_health(address: &str, child: &mut Child) -> EtcdStart {
-    use std::io::{Read, Write};
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::from("no connection");
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return EtcdStart::Exited(status);
         }
-        let answer = (|| -> std::io::Result<String> {
-            let mut stream = std::net::TcpStream::connect(address)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(
-                stream,
-                "GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer)?;
+        match http_get(address, "/health") {
             Ok(answer)
-        })();
-        match answer {
-            Ok(answer) if answer.contains("\"health\":\"true\"") => return EtcdStart::Healthy,
+                if answer.contains("\"health\":\"true\"") && listens_itself(child, address) =>
+            {
+                return EtcdStart::Healthy;
+            }
             Ok(answer) => last = answer.lines().last().unwrap_or_default().to_string(),
             Err(error) => last = error.to_string(),
         }

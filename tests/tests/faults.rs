@@ -965,14 +965,7 @@ async fn health_follows_the_datastore() -> Result<()> {
     };
     let readyz = |metrics: String| async move {
         tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let mut stream = std::net::TcpStream::connect(&metrics)?;
-            write!(
-                stream,
-                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
+            let response = kine_tests::http_get(&metrics, "/readyz")?;
             anyhow::Ok(response.lines().next().unwrap_or_default().to_string())
         })
         .await?

@@ -348,13 +348,7 @@ fn a_connection_that_does_not_answer_pings_is_closed() -> Result<()> {
 
 /// The value of metric `name` (without labels) at `address`.
 fn metric(address: &str, name: &str) -> Result<f64> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body)?;
+    let body = kine_tests::http_get(address, "/metrics")?;
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .with_context(|| format!("{name} in the metrics"))

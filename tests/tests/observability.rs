@@ -13,19 +13,6 @@ const WRITERS: usize = 16;
 /// Puts each writer sends.
 const PUTS: usize = 10;
 
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    response
-}
-
 /// The value of the sample line `name` (with its labels, exactly) in a text exposition.
 fn sample(body: &str, name: &str) -> Option<f64> {
     body.lines().find_map(|line| {
@@ -44,7 +31,7 @@ fn spawn_with_metrics(backend: kine_tests::Backend) -> (kine_tests::ChildGuard, 
 /// How many times the server whose metrics listen on `metrics_address` ran statement `query`
 /// of `driver` (0 before its first run).
 fn statements(metrics_address: &str, driver: &str, query: &str) -> f64 {
-    let body = http_get(metrics_address, "/metrics");
+    let body = kine_tests::http_get(metrics_address, "/metrics").expect("GET /metrics");
     sample(
         &body,
         &format!("kine_sql_query_duration_seconds_count{{driver=\"{driver}\",query=\"{query}\"}}"),
@@ -106,7 +93,7 @@ fn metrics_show_sql_queries_by_kind_and_write_batch_sizes() {
         &["--metrics-bind-address", &metrics_address],
     );
     write_load(&kine.endpoint);
-    let body = http_get(&metrics_address, "/metrics");
+    let body = kine_tests::http_get(&metrics_address, "/metrics").expect("GET /metrics");
 
     // SQLite's write batches begin in the call that reads their keys, `batch_read`, and
     // supersede and insert in one call, `write`.
@@ -197,7 +184,7 @@ fn request_metrics_label_unknown_paths_as_one_series() {
             .expect("connect");
         client.put("known", "method", None).await.expect("put");
     });
-    let body = http_get(&metrics_address, "/metrics");
+    let body = kine_tests::http_get(&metrics_address, "/metrics").expect("GET /metrics");
     assert!(
         !body.contains("leaky"),
         "a request path leaked into a label:\n{body}"
@@ -474,7 +461,7 @@ async fn keep_alive_once(
 
 /// Lease renewal statements SQLite ran, from the query metric.
 fn lease_renew_statements(metrics_address: &str) -> f64 {
-    let body = http_get(metrics_address, "/metrics");
+    let body = kine_tests::http_get(metrics_address, "/metrics").expect("GET /metrics");
     sample(
         &body,
         "kine_sql_query_duration_seconds_count{driver=\"sqlite\",query=\"lease_renew\"}",

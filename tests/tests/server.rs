@@ -295,7 +295,7 @@ fn serves_prometheus_metrics() {
     );
     let put = etcdctl(&["--endpoints", &kine.address, "put", "m", "1"]);
     assert!(put.status.success(), "{put:?}");
-    let body = http_get(&metrics_address, "/metrics");
+    let body = kine_tests::http_get(&metrics_address, "/metrics").expect("GET /metrics");
     assert!(
         body.contains("kine_grpc_requests_total{method=\"/etcdserverpb.KV/Put\",code=\"0\"} 1"),
         "{body}"
@@ -304,19 +304,6 @@ fn serves_prometheus_metrics() {
         body.contains("kine_grpc_request_duration_seconds"),
         "{body}"
     );
-}
-
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    response
 }
 
 struct Pki {
