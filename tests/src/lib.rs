@@ -334,6 +334,18 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// `child`, serving plain HTTP/2 on `address` (`127.0.0.1:PORT`) from `dir`.
+    fn serving(child: Child, address: String, dir: tempfile::TempDir) -> Self {
+        ChildGuard {
+            child,
+            endpoint: format!("http://{address}"),
+            address,
+            dir: dir.path().to_path_buf(),
+            _dir: dir,
+            database: None,
+        }
+    }
+
     /// Kills the process with SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -538,14 +550,7 @@ fn spawn_kine_with_stderr(
         .spawn()
         .expect("start kine-rs");
     wait_for_port_logged(&address, &mut child, "kine-rs", log);
-    ChildGuard {
-        child,
-        endpoint: format!("http://{address}"),
-        address,
-        dir: dir.path().to_path_buf(),
-        _dir: dir,
-        database: None,
-    }
+    ChildGuard::serving(child, address, dir)
 }
 
 /// Path of the real etcd used as the oracle: `$ETCD_BIN`, else the first `etcd` on PATH
@@ -648,16 +653,7 @@ pub fn spawn_etcd_binary(binary: &Path, extra_args: &[&str]) -> ChildGuard {
             .spawn()
             .expect("start etcd (is it installed? the README's test command installs it)");
         match wait_for_etcd_health(&address, &mut child) {
-            EtcdStart::Healthy => {
-                return ChildGuard {
-                    child,
-                    endpoint: format!("http://{address}"),
-                    address,
-                    dir: dir.path().to_path_buf(),
-                    _dir: dir,
-                    database: None,
-                };
-            }
+            EtcdStart::Healthy => return ChildGuard::serving(child, address, dir),
             EtcdStart::Exited(status) if attempt < 3 => {
                 eprintln!(
                     "etcd on {address} exited while starting ({status}); starting it again{}",
